@@ -1,0 +1,181 @@
+"""What every m3d detector shares: the base config (with the CT slice transform), one output class,
+the base `PreTrainedModel` with the standard losses, and the Bayar-constrained convolution."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+INPUT_MODES = ("hu_windows", "percentile", "adjacent_slices")
+# (low, high) HU: lung, mediastinum, wide — the default three-channel view of one CT slice.
+DEFAULT_HU_WINDOWS = ((-1350.0, 150.0), (-160.0, 240.0), (-1000.0, 400.0))
+
+
+class M3DDetectorConfig(PreTrainedConfig):
+    """Base config of the m3d detectors; holds how HU become the model's 3-channel slice input.
+
+    Args:
+        input_mode: ``"hu_windows"`` (each channel one HU window), ``"percentile"`` (the official
+            M3Dsynth loader: stored values scaled per scan between two percentiles, repeated on 3
+            channels) or ``"adjacent_slices"`` (2.5-D: slices k-1, k, k+1 in the first HU window).
+        hu_windows: three ``(low, high)`` HU windows for ``"hu_windows"``; the first is also used by
+            ``"adjacent_slices"``.
+        percentiles: ``(low, high)`` percentiles for ``"percentile"``.
+        localization_loss_weight / detection_loss_weight: weights of the two standard losses.
+    """
+
+    model_type = "m3d_detector"
+
+    def __init__(
+        self,
+        input_mode: str = "hu_windows",
+        hu_windows: tuple[tuple[float, float], ...] = DEFAULT_HU_WINDOWS,
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        num_channels: int = 3,
+        localization_loss_weight: float = 1.0,
+        detection_loss_weight: float = 1.0,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ) -> None:
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode must be one of {INPUT_MODES}; got {input_mode!r}")
+        if len(hu_windows) != 3 or any(len(w) != 2 or w[0] >= w[1] for w in hu_windows):
+            raise ValueError(f"hu_windows must be three (low, high) pairs with low < high; got {hu_windows}")
+        if not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100; got {percentiles}")
+        self.input_mode = input_mode
+        self.hu_windows = [list(map(float, w)) for w in hu_windows]
+        self.percentiles = list(map(float, percentiles))
+        self.num_channels = num_channels
+        self.localization_loss_weight = localization_loss_weight
+        self.detection_loss_weight = detection_loss_weight
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+
+@dataclass
+class DetectorOutput(ModelOutput):
+    """Output of every m3d detector.
+
+    Args:
+        loss: total training loss, when ``labels`` and/or ``masks`` are given.
+        logits: ``(batch,)`` image-level logit that the slice is manipulated.
+        localization_logits: ``(batch, 1, H, W)`` per-pixel logits at the input size (localizing models).
+        confidence: ``(batch, 1, H, W)`` TruFor's confidence map (logit-free, in [0, 1] after sigmoid).
+        auxiliary: model-specific extra maps (MVSS-Net's edge logits, ...).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    localization_logits: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
+    auxiliary: torch.Tensor | None = None
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per sample, averaged."""
+    probability = torch.sigmoid(logits.float()).flatten(1)
+    target = target.float().flatten(1)
+    overlap = (probability * target).sum(1)
+    return (1 - (2 * overlap + eps) / (probability.sum(1) + target.sum(1) + eps)).mean()
+
+
+class M3DDetectorPreTrainedModel(PreTrainedModel):
+    """Base of the m3d detectors: weight init and the standard detection + localization losses."""
+
+    config_class = M3DDetectorConfig
+    base_model_prefix = "detector"
+    main_input_name = "pixel_values"
+    localizes: bool = True  # False for image-level classifiers (Xception, the general-purpose ResNet)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, BayarConv2d):
+            nn.init.uniform_(module.weight, 0.0, 1.0)
+            module.apply_constraint()
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def standard_loss(
+        self,
+        logits: torch.Tensor | None,
+        localization_logits: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """BCE on the image logit (``labels``: 1 = manipulated) + BCE and Dice on the map (``masks``)."""
+        terms = []
+        if labels is not None and logits is not None:
+            bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float().view_as(logits))
+            terms.append(self.config.detection_loss_weight * bce)
+        if masks is not None and localization_logits is not None:
+            target = masks.float().view_as(localization_logits)
+            pixel = F.binary_cross_entropy_with_logits(localization_logits.float(), target)
+            terms.append(self.config.localization_loss_weight * (pixel + dice_loss(localization_logits, target)))
+        return torch.stack(terms).sum() if terms else None
+
+
+class BayarConv2d(nn.Conv2d):
+    """Constrained convolution (Bayar & Stamm 2018): each kernel predicts its centre pixel from its
+    neighbours, so it learns prediction-error (noise-residual) filters.
+
+    The constraint — centre tap −1, other taps summing to 1 — is restored by `apply_constraint`, which
+    must run after every optimizer update: call `register_bayar_constraint(optimizer, model)` once.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, **kwargs) -> None:
+        if kernel_size % 2 == 0:
+            raise ValueError("BayarConv2d needs an odd kernel size")
+        kwargs.setdefault("padding", kernel_size // 2)
+        super().__init__(in_channels, out_channels, kernel_size, bias=False, **kwargs)
+        self.apply_constraint()
+
+    @torch.no_grad()
+    def apply_constraint(self) -> None:
+        centre = self.kernel_size[0] // 2, self.kernel_size[1] // 2
+        weight = self.weight
+        weight[:, :, centre[0], centre[1]] = 0
+        total = weight.sum(dim=(2, 3), keepdim=True)
+        total = torch.where(total.abs() < 1e-8, torch.full_like(total, 1e-8), total)
+        weight.div_(total)
+        weight[:, :, centre[0], centre[1]] = -1
+
+
+def apply_bayar_constraint(model: nn.Module) -> None:
+    """Restore the Bayar constraint on every `BayarConv2d` of ``model``."""
+    for module in model.modules():
+        if isinstance(module, BayarConv2d):
+            module.apply_constraint()
+
+
+def register_bayar_constraint(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """Re-apply the Bayar constraint after each ``optimizer.step()``; returns the hook handle."""
+    return optimizer.register_step_post_hook(lambda *_: apply_bayar_constraint(model))
+
+
+def register_detector(config_class: type[M3DDetectorConfig], model_class: type[M3DDetectorPreTrainedModel]) -> None:
+    """Register a detector with transformers' Auto classes (`AutoConfig`, `AutoModel`, and
+    `AutoModelForSemanticSegmentation` for localizing models or `AutoModelForImageClassification`)."""
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForImageClassification,
+        AutoModelForSemanticSegmentation,
+    )
+
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    task_auto = AutoModelForSemanticSegmentation if model_class.localizes else AutoModelForImageClassification
+    task_auto.register(config_class, model_class, exist_ok=True)

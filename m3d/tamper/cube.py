@@ -1,0 +1,176 @@
+"""The 32 mm cube of the attack: cut it from a scan at 1 mm, mask its centre, paste a result back.
+
+A cube is sampled on a 1 mm isotropic grid whose axes follow the scan's own axes, centred on a world
+location (LPS mm). Generators see it scaled to [-1, 1] from a fixed HU window with the centre hole
+(CT-GAN's 20^3 voxels, [6, 26) on each axis) set to zero. `paste_cube` resamples the result back to
+the scan's grid and blends it in with weights that fall smoothly to zero before the cube's faces, adding
+the scan's own noise texture, so that no seam is visible; voxels outside the cube are left untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..data.ct import CTVolume
+from ..data.lungs import segment_lungs
+from ..data.resample import sample_grid
+
+CUBE_SIZE = 32  # voxels at 1 mm
+CUBE_SPACING_MM = 1.0
+HOLE_SIZE = 20  # CT-GAN's centre hole, [6, 26) on each axis
+HU_WINDOW = (-1000.0, 600.0)
+SCAN_HU_RANGE = (-1024, 3071)
+BLEND_FLAT_HALF_MM = HOLE_SIZE / 2  # full weight over the hole ...
+BLEND_ZERO_HALF_MM = CUBE_SIZE / 2 - 1.5  # ... falling to zero 1.5 mm inside the faces
+
+
+class TamperLocationError(ValueError):
+    """A location where a cube cannot be cut or pasted (outside the scan or lungs, too near a nodule)."""
+
+
+@dataclass
+class Cube:
+    """A 1 mm cube cut from a scan: ``hu`` float32 ``(32, 32, 32)``, ``affine`` (cube index z, y, x ->
+    LPS mm), and the centre it was cut around."""
+
+    hu: np.ndarray
+    affine: np.ndarray
+    center_lps_mm: np.ndarray
+
+
+def hu_to_unit(hu):
+    """HU -> [-1, 1] over `HU_WINDOW` (clipped); numpy arrays or torch tensors."""
+    low, high = HU_WINDOW
+    scaled = (hu - low) / (high - low) * 2 - 1
+    return scaled.clamp(-1, 1) if torch.is_tensor(scaled) else np.clip(scaled, -1, 1)
+
+
+def unit_to_hu(unit):
+    """[-1, 1] -> HU over `HU_WINDOW`; the inverse of `hu_to_unit` inside the window."""
+    low, high = HU_WINDOW
+    return (unit + 1) / 2 * (high - low) + low
+
+
+def hole_mask(shape: tuple[int, int, int] = (CUBE_SIZE,) * 3, hole_size: int = HOLE_SIZE) -> np.ndarray:
+    """Boolean mask, True in the centred ``hole_size``^3 hole of a cube of ``shape``."""
+    mask = np.zeros(shape, bool)
+    mask[tuple(slice((n - hole_size) // 2, (n - hole_size) // 2 + hole_size) for n in shape)] = True
+    return mask
+
+
+def cube_affine(volume: CTVolume, center_lps_mm: np.ndarray) -> np.ndarray:
+    """Affine of the 1 mm cube grid centred on ``center_lps_mm`` with the scan's axis directions."""
+    affine = np.eye(4)
+    affine[:3, :3] = volume.direction * CUBE_SPACING_MM
+    half = (CUBE_SIZE - 1) / 2 * CUBE_SPACING_MM
+    affine[:3, 3] = np.asarray(center_lps_mm, float) - volume.direction @ np.full(3, half)
+    return affine
+
+
+def _cube_corners_in_scan(volume: CTVolume, affine: np.ndarray) -> np.ndarray:
+    corners = np.array(np.meshgrid(*[[0, CUBE_SIZE - 1]] * 3, indexing="ij")).reshape(3, -1).T
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    return volume.world_to_voxel(world)
+
+
+def check_location(
+    volume: CTVolume,
+    center_lps_mm: np.ndarray,
+    *,
+    lung_mask: np.ndarray | None = None,
+    allow_outside_lung: bool = False,
+    avoid: Iterable[tuple[np.ndarray, float]] = (),
+) -> None:
+    """Raise `TamperLocationError` unless a cube can be cut and pasted at ``center_lps_mm``.
+
+    ``avoid`` lists other nodules as ``(center_lps_mm, radius_mm)``: none may reach into the hole.
+    """
+    center = np.asarray(center_lps_mm, float)
+    where = f"location {tuple(np.round(center, 1))} mm (LPS x, y, z)"
+    index = volume.world_to_voxel(center)
+    if not volume.contains_voxel(index):
+        raise TamperLocationError(f"{where} is outside the scan (voxel z, y, x {tuple(np.round(index, 1))}, shape {volume.shape})")
+    corners = _cube_corners_in_scan(volume, cube_affine(volume, center))
+    upper = np.asarray(volume.shape) - 0.5
+    overshoot_mm = np.maximum(-0.5 - corners.min(0), corners.max(0) - upper).clip(0) * np.asarray(volume.spacing_mm)
+    if np.any(overshoot_mm > 0):
+        axis = ("z", "y", "x")[int(np.argmax(overshoot_mm))]
+        raise TamperLocationError(
+            f"the {CUBE_SIZE} mm cube around {where} reaches {overshoot_mm.max():.1f} mm beyond the scan along {axis}"
+        )
+    if not allow_outside_lung:
+        lungs = segment_lungs(volume) if lung_mask is None else lung_mask
+        if not lungs[tuple(np.rint(index).astype(int))]:
+            raise TamperLocationError(f"{where} is not inside the lungs (pass allow_outside_lung=True to force)")
+    reach_mm = HOLE_SIZE / 2 * CUBE_SPACING_MM
+    for other_center, radius_mm in avoid:
+        offset = np.abs(volume.direction.T @ (np.asarray(other_center, float) - center))
+        if np.all(offset < reach_mm + radius_mm):
+            raise TamperLocationError(
+                f"{where} overlaps another nodule at {tuple(np.round(other_center, 1))} mm (radius {radius_mm:.1f} mm)"
+            )
+
+
+def extract_cube(
+    volume: CTVolume,
+    center_lps_mm: np.ndarray | tuple[float, float, float],
+    *,
+    lung_mask: np.ndarray | None = None,
+    allow_outside_lung: bool = False,
+    avoid: Iterable[tuple[np.ndarray, float]] = (),
+) -> Cube:
+    """Cut the 32 mm cube (32^3 at 1 mm, HU float32) centred on ``center_lps_mm`` after `check_location`."""
+    center = np.asarray(center_lps_mm, float)
+    check_location(volume, center, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung, avoid=avoid)
+    affine = cube_affine(volume, center)
+    hu = sample_grid(volume.hu, volume.affine, affine, (CUBE_SIZE,) * 3, order=1)
+    return Cube(hu=hu, affine=affine, center_lps_mm=center)
+
+
+def _blend_weights() -> np.ndarray:
+    """Cube-grid weights: 1 over the hole, a cosine ramp to 0 just inside the faces."""
+    distance_mm = np.abs(np.arange(CUBE_SIZE) - (CUBE_SIZE - 1) / 2) * CUBE_SPACING_MM
+    ramp = (distance_mm - BLEND_FLAT_HALF_MM) / (BLEND_ZERO_HALF_MM - BLEND_FLAT_HALF_MM)
+    profile = 0.5 * (1 + np.cos(np.pi * np.clip(ramp, 0, 1)))
+    return (profile[:, None, None] * profile[None, :, None] * profile[None, None, :]).astype(np.float32)
+
+
+def _noise_texture(region_hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """The scan's own high-frequency noise in a region, with structure edges clipped out."""
+    sigma_vox = np.clip(0.8 / np.asarray(spacing_mm), 0.3, 1.5)
+    residual = region_hu - ndimage.gaussian_filter(region_hu, sigma_vox)
+    scale = 1.4826 * np.median(np.abs(residual - np.median(residual))) + 1e-3
+    return np.clip(residual, -3 * scale, 3 * scale)
+
+
+def paste_cube(volume: CTVolume, cube: Cube, generated_hu: np.ndarray) -> tuple[CTVolume, np.ndarray]:
+    """Paste a generated cube (HU, ``(32, 32, 32)``, same grid as ``cube``) back into ``volume``.
+
+    Returns the tampered volume and the boolean ``(z, y, x)`` mask of the voxels that changed. Voxels
+    outside the cube's footprint are bit-identical to the input.
+    """
+    generated = np.asarray(generated_hu, np.float32)
+    if generated.shape != (CUBE_SIZE,) * 3:
+        raise ValueError(f"generated cube must have shape {(CUBE_SIZE,) * 3}; got {generated.shape}")
+    corners = _cube_corners_in_scan(volume, cube.affine)
+    low = np.clip(np.floor(corners.min(0)).astype(int), 0, None)
+    high = np.minimum(np.ceil(corners.max(0)).astype(int) + 1, volume.shape)
+    region = tuple(slice(a, b) for a, b in zip(low, high))
+    region_affine = volume.affine.copy()
+    region_affine[:3, 3] = volume.voxel_to_world(low)
+    shape = tuple(int(n) for n in high - low)
+    weights = sample_grid(_blend_weights(), cube.affine, region_affine, shape, order=1, cval=0.0)
+    content = sample_grid(generated, cube.affine, region_affine, shape, order=1, cval=0.0)
+    original = volume.hu[region].astype(np.float32)
+    textured = content + _noise_texture(original, volume.spacing_mm)
+    blended = np.clip(np.rint((1 - weights) * original + weights * textured), *SCAN_HU_RANGE)
+    blended = np.where(weights > 0, blended, original).astype(np.int16)
+    tampered = volume.hu.copy()
+    tampered[region] = blended
+    changed = np.zeros(volume.shape, bool)
+    changed[region] = blended != volume.hu[region]
+    return volume.with_hu(tampered), changed

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+
+from m3d.data.ct import CTVolume
+from m3d.data.lungs import segment_lungs
+from m3d.tamper.cube import (
+    CUBE_SIZE,
+    HOLE_SIZE,
+    TamperLocationError,
+    extract_cube,
+    hole_mask,
+    hu_to_unit,
+    paste_cube,
+    unit_to_hu,
+)
+
+
+def chest_box(seed: int = 0) -> CTVolume:
+    """Body (+40 HU) in air, with two noisy lungs (-850 HU); 60 x 96 x 96 at 1.25 x 0.8 x 0.8 mm."""
+    rng = np.random.default_rng(seed)
+    hu = np.full((60, 96, 96), -1000.0)
+    hu[:, 8:88, 4:92] = 40
+    hu[2:58, 14:82, 8:46] = -850
+    hu[2:58, 14:82, 50:88] = -850
+    hu += rng.normal(0, 15, hu.shape)
+    return CTVolume(hu, (1.25, 0.8, 0.8), (-38.0, -38.0, -100.0))
+
+
+def lung_center(volume: CTVolume) -> np.ndarray:
+    return volume.voxel_to_world((30, 48, 27))
+
+
+def test_unit_scaling_inverts_inside_window():
+    hu = np.array([-1000.0, -500.0, 0.0, 600.0])
+    np.testing.assert_allclose(unit_to_hu(hu_to_unit(hu)), hu)
+    assert hu_to_unit(np.array([-3000.0, 3000.0])).tolist() == [-1.0, 1.0]
+    assert torch.allclose(hu_to_unit(torch.tensor([600.0])), torch.tensor([1.0]))
+
+
+def test_hole_is_centred():
+    mask = hole_mask()
+    assert mask.sum() == HOLE_SIZE**3
+    start = (CUBE_SIZE - HOLE_SIZE) // 2
+    assert mask[start, start, start] and not mask[start - 1, start, start]
+
+
+def test_lung_segmentation_finds_both_lungs():
+    volume = chest_box()
+    lungs = segment_lungs(volume)
+    assert lungs[30, 48, 27] and lungs[30, 48, 70]
+    assert not lungs[30, 2, 2] and not lungs[30, 48, 48]
+
+
+def test_extract_samples_the_scan_at_1mm():
+    volume = chest_box()
+    cube = extract_cube(volume, lung_center(volume))
+    assert cube.hu.shape == (CUBE_SIZE,) * 3 and cube.hu.dtype == np.float32
+    assert abs(np.median(cube.hu[hole_mask()]) + 850) < 10
+    centre_world = cube.affine[:3, :3] @ np.full(3, (CUBE_SIZE - 1) / 2) + cube.affine[:3, 3]
+    np.testing.assert_allclose(centre_world, lung_center(volume))
+
+
+def test_paste_changes_only_the_cube_and_leaves_no_seam():
+    volume = chest_box()
+    center = lung_center(volume)
+    cube = extract_cube(volume, center)
+    generated = cube.hu.copy()
+    z, y, x = np.indices(generated.shape) - (CUBE_SIZE - 1) / 2
+    generated[z**2 + y**2 + x**2 < 36] = 30  # a 12 mm solid nodule
+    tampered, changed = paste_cube(volume, cube, generated)
+    assert tampered.hu.dtype == np.int16 and tampered.shape == volume.shape
+    assert tampered.hu[30, 48, 27] > -100  # the nodule is there
+    footprint_vox = np.ceil(CUBE_SIZE / 2 / np.asarray(volume.spacing_mm)).astype(int) + 1
+    centre_vox = np.array([30, 48, 27])
+    outside = np.ones(volume.shape, bool)
+    outside[tuple(slice(c - f, c + f + 1) for c, f in zip(centre_vox, footprint_vox))] = False
+    np.testing.assert_array_equal(tampered.hu[outside], volume.hu[outside])
+    assert changed.any() and not changed[outside].any()
+    difference = np.abs(tampered.hu.astype(int) - volume.hu)
+    # Near the cube's faces the blend weight is ~0: changes there stay within the noise level.
+    face = centre_vox[2] + int(13 / volume.spacing_mm[2])
+    assert difference[:, :, face].max() < 60
+    assert difference[changed].max() > 500
+
+
+def test_identity_paste_keeps_noise_texture():
+    volume = chest_box()
+    cube = extract_cube(volume, lung_center(volume))
+    tampered, _ = paste_cube(volume, cube, cube.hu)
+    region = (slice(25, 35), slice(40, 56), slice(20, 34))
+    original_noise = np.std(volume.hu[region])
+    assert 0.6 * original_noise < np.std(tampered.hu[region]) < 1.4 * original_noise
+
+
+@pytest.mark.parametrize(
+    "voxel, kwargs, message",
+    [
+        ((30, 48, 200), {}, "outside the scan"),
+        ((3, 48, 27), {}, "beyond the scan along z"),
+        ((30, 48, 48), {}, "not inside the lungs"),
+        ((30, 48, 27), {"avoid": "near"}, "overlaps another nodule"),
+    ],
+)
+def test_bad_locations_are_refused(voxel, kwargs, message):
+    volume = chest_box()
+    center = volume.voxel_to_world(voxel)
+    if kwargs.get("avoid") == "near":
+        kwargs = {"avoid": [(center + np.array([8.0, 0, 0]), 4.0)]}
+    with pytest.raises(TamperLocationError, match=message):
+        extract_cube(volume, center, **kwargs)
+
+
+def test_outside_lung_can_be_forced():
+    volume = chest_box()
+    extract_cube(volume, volume.voxel_to_world((30, 48, 48)), allow_outside_lung=True)
