@@ -3,8 +3,10 @@
 A cube is sampled on a 1 mm isotropic grid whose axes follow the scan's own axes, centred on a world
 location (LPS mm). Generators see it scaled to [-1, 1] from a fixed HU window with the centre hole
 (CT-GAN's 20^3 voxels, [6, 26) on each axis) set to zero. `paste_cube` resamples the result back to
-the scan's grid and blends it in with weights that fall smoothly to zero before the cube's faces, adding
-the scan's own noise texture, so that no seam is visible; voxels outside the cube are left untouched.
+the scan's grid and blends it in with weights that fall smoothly to zero before the cube's faces. What
+is pasted is the *change* the generator made to the cube, added to the scan at its own resolution, so the
+scan's own noise texture stays in the replaced region and no seam is visible; voxels outside the cube
+are left untouched.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ..data.ct import CTVolume
 from ..data.lungs import segment_lungs
@@ -139,14 +140,6 @@ def _blend_weights() -> np.ndarray:
     return (profile[:, None, None] * profile[None, :, None] * profile[None, None, :]).astype(np.float32)
 
 
-def _noise_texture(region_hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
-    """The scan's own high-frequency noise in a region, with structure edges clipped out."""
-    sigma_vox = np.clip(0.8 / np.asarray(spacing_mm), 0.3, 1.5)
-    residual = region_hu - ndimage.gaussian_filter(region_hu, sigma_vox)
-    scale = 1.4826 * np.median(np.abs(residual - np.median(residual))) + 1e-3
-    return np.clip(residual, -3 * scale, 3 * scale)
-
-
 def paste_cube(volume: CTVolume, cube: Cube, generated_hu: np.ndarray) -> tuple[CTVolume, np.ndarray]:
     """Paste a generated cube (HU, ``(32, 32, 32)``, same grid as ``cube``) back into ``volume``.
 
@@ -164,10 +157,9 @@ def paste_cube(volume: CTVolume, cube: Cube, generated_hu: np.ndarray) -> tuple[
     region_affine[:3, 3] = volume.voxel_to_world(low)
     shape = tuple(int(n) for n in high - low)
     weights = sample_grid(_blend_weights(), cube.affine, region_affine, shape, order=1, cval=0.0)
-    content = sample_grid(generated, cube.affine, region_affine, shape, order=1, cval=0.0)
+    change = sample_grid(generated - cube.hu, cube.affine, region_affine, shape, order=1, cval=0.0)
     original = volume.hu[region].astype(np.float32)
-    textured = content + _noise_texture(original, volume.spacing_mm)
-    blended = np.clip(np.rint((1 - weights) * original + weights * textured), *SCAN_HU_RANGE)
+    blended = np.clip(np.rint(original + weights * change), *SCAN_HU_RANGE)
     blended = np.where(weights > 0, blended, original).astype(np.int16)
     tampered = volume.hu.copy()
     tampered[region] = blended

@@ -1,0 +1,149 @@
+"""3-D CycleGAN: `CycleGAN3DGenerator` (ResNet generator) and `CycleGAN3DDiscriminator` (PatchGAN).
+
+The generator is the CycleGAN ResNet generator (Zhu et al. 2017, "c7s1-64, d128, d256, R256 x n,
+u128, u64, c7s1-3") made volumetric: ``ReflectionPad3d(3)`` + ``Conv3d(7^3)`` -> InstanceNorm ->
+ReLU; ``n_downsampling`` (2) ``Conv3d(3^3, stride 2)`` -> InstanceNorm -> ReLU doubling the width;
+``n_blocks`` residual blocks (reflection pad, conv 3^3, InstanceNorm, ReLU, [dropout], reflection
+pad, conv 3^3, InstanceNorm, + input); ``n_downsampling`` ``ConvTranspose3d(3^3, stride 2)`` ->
+InstanceNorm -> ReLU; ``ReflectionPad3d(3)`` + ``Conv3d(7^3)`` -> tanh. InstanceNorm3d has no affine
+parameters and no running statistics (CycleGAN's default), and convolutions keep their biases.
+
+For a 32^3 cube the residual blocks run at 8^3; ``n_blocks=6`` is CycleGAN's choice for small
+(128 px) images and the default here. ``ngf`` defaults to 32 instead of CycleGAN's 64 so that the demo
+runs on a CPU.
+
+M3Dsynth trains two generators, G: masked cube -> filled cube and F: filled cube -> masked cube, with
+two discriminators and the cycle losses; only G (masked -> tissue) is used at inference, and only G
+is a component of `CycleGAN3DPipeline`. The discriminator is CT-GAN's PatchGAN
+(`PatchDiscriminator3D`) with CycleGAN's settings: unconditional (1 channel), InstanceNorm, norm
+before the activation. Keep the module path stable: saved pipelines record
+``["m3d.models.cyclegan3d", "CycleGAN3DGenerator"]``.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from .pix2pix3d import GeneratorOutput, PatchDiscriminator3D
+
+__all__ = ["CycleGAN3DGenerator", "CycleGAN3DDiscriminator"]
+
+PADDING_MODES = ("reflect", "replicate", "zeros")
+
+
+def _pad(mode: str, size: int) -> nn.Module:
+    if mode == "reflect":
+        return nn.ReflectionPad3d(size)
+    if mode == "replicate":
+        return nn.ReplicationPad3d(size)
+    if mode == "zeros":
+        return nn.ConstantPad3d(size, 0.0)
+    raise ValueError(f"padding_mode must be one of {PADDING_MODES}; got {mode!r}")
+
+
+def _instance_norm(channels: int) -> nn.Module:
+    return nn.InstanceNorm3d(channels, affine=False, track_running_stats=False)
+
+
+class ResnetBlock3D(nn.Module):
+    def __init__(self, channels: int, padding_mode: str, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = [_pad(padding_mode, 1), nn.Conv3d(channels, channels, 3), _instance_norm(channels), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers += [_pad(padding_mode, 1), nn.Conv3d(channels, channels, 3), _instance_norm(channels)]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class CycleGAN3DGenerator(ModelMixin, ConfigMixin):
+    """3-D CycleGAN ResNet generator (see module doc).
+
+    Args:
+        in_channels: 1 (masked cube) or 2 (+ hole mask) for G; 1 for the reverse generator F.
+        out_channels: 1.
+        ngf: filters of the first layer (CycleGAN: 64; default 32 for CPU demos).
+        n_blocks: residual blocks at the lowest resolution (default 6).
+        n_downsampling: stride-2 stages (2: 32^3 -> 8^3).
+        dropout: dropout inside residual blocks (CycleGAN's default: none).
+        padding_mode: ``"reflect"`` (CycleGAN), ``"replicate"`` or ``"zeros"``.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        ngf: int = 32,
+        n_blocks: int = 6,
+        n_downsampling: int = 2,
+        dropout: float = 0.0,
+        padding_mode: str = "reflect",
+    ):
+        super().__init__()
+        stem: list[nn.Module] = [_pad(padding_mode, 3), nn.Conv3d(in_channels, ngf, 7), _instance_norm(ngf), nn.ReLU()]
+        width = ngf
+        for _ in range(n_downsampling):
+            stem += [nn.Conv3d(width, 2 * width, 3, stride=2, padding=1), _instance_norm(2 * width), nn.ReLU()]
+            width *= 2
+        self.encoder = nn.Sequential(*stem)
+        self.blocks = nn.ModuleList(ResnetBlock3D(width, padding_mode, dropout) for _ in range(n_blocks))
+        head: list[nn.Module] = []
+        for _ in range(n_downsampling):
+            head += [
+                nn.ConvTranspose3d(width, width // 2, 3, stride=2, padding=1, output_padding=1),
+                _instance_norm(width // 2),
+                nn.ReLU(),
+            ]
+            width //= 2
+        head += [_pad(padding_mode, 3), nn.Conv3d(width, out_channels, 7), nn.Tanh()]
+        self.decoder = nn.Sequential(*head)
+        self.gradient_checkpointing = False
+
+    def forward(self, sample: torch.Tensor, return_dict: bool = True) -> GeneratorOutput | tuple[torch.Tensor]:
+        """Translate ``sample`` ``(B, in_channels, D, H, W)`` (sizes divisible by ``2 ** n_downsampling``)."""
+        if sample.ndim != 5:
+            raise ValueError(f"sample must be (B, C, D, H, W); got shape {tuple(sample.shape)}")
+        factor = 2**self.config.n_downsampling
+        if any(n % factor for n in sample.shape[2:]):
+            raise ValueError(f"spatial size {tuple(sample.shape[2:])} must be divisible by {factor}")
+        h = self.encoder(sample)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = self._gradient_checkpointing_func(block, h)
+            else:
+                h = block(h)
+        out = self.decoder(h)
+        if not return_dict:
+            return (out,)
+        return GeneratorOutput(sample=out)
+
+
+class CycleGAN3DDiscriminator(PatchDiscriminator3D):
+    """`PatchDiscriminator3D` with CycleGAN's defaults: unconditional, InstanceNorm, norm then
+    LeakyReLU. One per domain in training (D_filled for G's outputs, D_masked for F's)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 1,
+        df: int = 32,
+        n_layers: int = 4,
+        norm_type: str = "instance",
+        activation_before_norm: bool = False,
+        sample_size: int = 32,
+    ):
+        super().__init__(
+            in_channels=in_channels,
+            df=df,
+            n_layers=n_layers,
+            norm_type=norm_type,
+            activation_before_norm=activation_before_norm,
+            sample_size=sample_size,
+        )

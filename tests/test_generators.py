@@ -1,0 +1,327 @@
+"""Generator networks (m3d.models) and tampering pipelines (m3d.pipelines): tiny configs, CPU."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from m3d.data.ct import CTVolume
+from m3d.models import (
+    PRESETS,
+    CycleGAN3DDiscriminator,
+    CycleGAN3DGenerator,
+    PatchDiscriminator3D,
+    Pix2Pix3DGenerator,
+    UNet3DModel,
+)
+from m3d.pipelines import (
+    CycleGAN3DPipeline,
+    M3DInpaintPipeline,
+    M3DPipelineOutput,
+    Pix2Pix3DPipeline,
+    default_scheduler,
+    load_pipeline,
+)
+from m3d.tamper.cube import CUBE_SIZE, TamperLocationError, hole_mask
+
+HOLE = torch.from_numpy(hole_mask())[None, None]
+PIPELINES = {
+    "ddpm": (M3DInpaintPipeline, "unet", ["m3d.models.unet3d", "UNet3DModel"]),
+    "pix2pix": (Pix2Pix3DPipeline, "generator", ["m3d.models.pix2pix3d", "Pix2Pix3DGenerator"]),
+    "cyclegan": (CycleGAN3DPipeline, "generator", ["m3d.models.cyclegan3d", "CycleGAN3DGenerator"]),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Random weights everywhere (the zero-initialised output layers would hide a failed load)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+def tiny_pipeline(kind: str, task: str = "inject"):
+    cls, component, _ = PIPELINES[kind]
+    pipe = cls.from_preset("tiny", task=task)
+    randomize(getattr(pipe, component))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_cubes(count: int = 2, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((count, 1) + (CUBE_SIZE,) * 3, generator=generator) * 2 - 1
+
+
+def phantom() -> CTVolume:
+    """Body (+40 HU) in air with two lungs (-850 HU, mild noise); 40 x 96 x 96 at 1 x 1.5 x 1.5 mm."""
+    rng = np.random.default_rng(0)
+    hu = np.full((40, 96, 96), -1000.0)
+    hu[:, 6:90, 2:94] = 40
+    hu[:, 16:80, 8:44] = -850
+    hu[:, 16:80, 52:88] = -850
+    hu += rng.normal(0, 10, hu.shape)
+    return CTVolume(hu, (1.0, 1.5, 1.5), (-72.0, -72.0, -20.0))
+
+
+def call(pipe, *args, **kwargs):
+    if isinstance(pipe, M3DInpaintPipeline):
+        kwargs.setdefault("num_inference_steps", 3)
+    return pipe(*args, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def saved_folders(tmp_path_factory):
+    """Pipelines saved once, early; later tests reload them with a fresh `from_pretrained`."""
+    root = tmp_path_factory.mktemp("pipelines")
+    folders = {}
+    for kind in PIPELINES:
+        pipe = tiny_pipeline(kind, task="remove")
+        reference = call(pipe, random_cubes(), generator=torch.Generator().manual_seed(3)).cubes
+        pipe.save_pretrained(root / kind)
+        folders[kind] = (root / kind, reference)
+    return folders
+
+
+# -- networks ------------------------------------------------------------------------------------
+def test_unet_shapes_and_timesteps():
+    unet = randomize(UNet3DModel(**PRESETS["UNet3DModel"]["tiny"])).eval()
+    x = torch.randn(2, 3, 32, 32, 32)
+    with torch.no_grad():
+        out = unet(x, 10).sample
+        per_sample = unet(x, torch.tensor([10, 10])).sample
+        other_t = unet(x, torch.tensor([10, 500])).sample
+    assert out.shape == (2, 1, 32, 32, 32) and out.dtype == torch.float32
+    torch.testing.assert_close(out, per_sample)
+    assert not torch.allclose(other_t[1], out[1]) and torch.allclose(other_t[0], out[0], atol=1e-6)
+    assert isinstance(unet(x, 3, return_dict=False), tuple)
+    with pytest.raises(ValueError, match="divisible"):
+        unet(torch.randn(1, 3, 31, 32, 32), 1)
+    assert UNet3DModel().config.block_out_channels == (64, 128, 256)
+
+
+def test_unet_untrained_predicts_zero_noise():
+    unet = UNet3DModel(**PRESETS["UNet3DModel"]["tiny"])  # zero-initialised output convolution
+    assert unet(torch.randn(1, 3, 32, 32, 32), 7).sample.abs().max() == 0
+
+
+def test_unet_bf16_and_channels_last_3d():
+    unet = randomize(UNet3DModel(**PRESETS["UNet3DModel"]["tiny"])).eval()
+    x = torch.randn(1, 3, 32, 32, 32)
+    with torch.no_grad():
+        reference = unet(x, 100).sample
+        channels_last = unet.to(memory_format=torch.channels_last_3d)(x.to(memory_format=torch.channels_last_3d), 100).sample
+        bf16 = unet.to(torch.bfloat16)(x.to(torch.bfloat16), 100).sample
+    torch.testing.assert_close(channels_last, reference, rtol=1e-4, atol=1e-4)
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+    assert (bf16.float() - reference).abs().max() < 0.1 * reference.abs().max() + 0.05
+
+
+def test_unet_gradient_checkpointing_matches():
+    unet = randomize(UNet3DModel(**PRESETS["UNet3DModel"]["tiny"]))
+    x = torch.randn(1, 3, 32, 32, 32)
+    plain = unet(x, 5).sample
+    unet.enable_gradient_checkpointing()
+    checkpointed = unet(x, 5).sample
+    checkpointed.mean().backward()
+    torch.testing.assert_close(plain, checkpointed)
+    assert unet.conv_in.weight.grad is not None
+
+
+@pytest.mark.parametrize("in_channels", [1, 2])
+@pytest.mark.parametrize("norm_type", ["batch", "instance"])
+def test_pix2pix_generator_shapes(in_channels, norm_type):
+    generator = Pix2Pix3DGenerator(in_channels=in_channels, gf=4, norm_type=norm_type)
+    x = torch.randn(2, in_channels, 32, 32, 32)
+    out = generator(x).sample  # training mode (batch statistics, dropout)
+    assert out.shape == (2, 1, 32, 32, 32) and out.abs().max() <= 1
+    generator.eval()
+    with torch.no_grad():
+        assert torch.equal(generator(x).sample, generator(x).sample)  # eval: no dropout
+        seeded = [generator(x, dropout_generator=torch.Generator().manual_seed(1)).sample for _ in range(2)]
+        other = generator(x, dropout_generator=torch.Generator().manual_seed(2)).sample
+    assert torch.equal(*seeded) and not torch.equal(seeded[0], other)
+
+
+def test_discriminators_give_2x2x2_patches():
+    x = torch.randn(2, 1, 32, 32, 32)
+    conditional = PatchDiscriminator3D(df=4)
+    assert conditional(x, x).shape == (2, 1, 2, 2, 2)
+    with pytest.raises(ValueError, match="input channels"):
+        conditional(x)
+    cycle = CycleGAN3DDiscriminator(df=4)
+    assert cycle(x).shape == (2, 1, 2, 2, 2)
+    assert cycle.config.norm_type == "instance" and cycle.config.activation_before_norm is False
+
+
+def test_cyclegan_generator_shapes_and_dtype():
+    generator = CycleGAN3DGenerator(**PRESETS["CycleGAN3DGenerator"]["tiny"])
+    out = generator(torch.randn(1, 1, 32, 32, 32)).sample
+    assert out.shape == (1, 1, 32, 32, 32) and out.dtype == torch.float32 and out.abs().max() <= 1
+    with torch.no_grad():
+        bf16 = generator.to(torch.bfloat16)(torch.randn(1, 1, 32, 32, 32, dtype=torch.bfloat16)).sample
+    assert bf16.dtype == torch.bfloat16
+
+
+def test_network_round_trip(tmp_path):
+    for model in (Pix2Pix3DGenerator(gf=4), PatchDiscriminator3D(df=4), CycleGAN3DDiscriminator(df=4)):
+        randomize(model).eval()
+        model.save_pretrained(tmp_path / type(model).__name__)
+        loaded = type(model).from_pretrained(tmp_path / type(model).__name__).eval()
+        public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+        assert public(loaded.config) == public(model.config)
+        x = torch.randn(2, model.config.in_channels, 32, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(_out(loaded, x), _out(model, x))
+
+
+def _out(model, x):
+    result = model(x)
+    return result.sample if hasattr(result, "sample") else result
+
+
+# -- pipelines -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(PIPELINES))
+def test_pipeline_round_trip_from_saved_folder(kind, saved_folders):
+    cls, component, module_path = PIPELINES[kind]
+    folder, reference = saved_folders[kind]
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == cls.__name__ and index[component] == module_path
+    assert index["task"] == "remove"
+    for loaded in (cls.from_pretrained(folder), load_pipeline(folder)):
+        assert type(loaded) is cls and loaded.config.task == "remove"
+        loaded.set_progress_bar_config(disable=True)
+        again = call(loaded, random_cubes(), generator=torch.Generator().manual_seed(3)).cubes
+        np.testing.assert_array_equal(again, reference)
+
+
+def test_ddpm_same_seed_same_cube_and_batching_invariance():
+    pipe = tiny_pipeline("ddpm")
+    cubes = random_cubes(3)
+    first = call(pipe, cubes, generator=torch.Generator().manual_seed(0)).cubes
+    second = call(pipe, cubes, generator=torch.Generator().manual_seed(0)).cubes
+    other = call(pipe, cubes, generator=torch.Generator().manual_seed(1)).cubes
+    rebatched = call(pipe, cubes, generator=torch.Generator().manual_seed(0), batch_size=1).cubes
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other)
+    np.testing.assert_allclose(rebatched, first, atol=1e-4)
+    per_cube = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    listed = call(pipe, cubes, generator=per_cube).cubes
+    alone = call(pipe, cubes[1:2], generator=[torch.Generator().manual_seed(6)]).cubes
+    np.testing.assert_allclose(listed[1:2], alone, atol=1e-4)
+    with pytest.raises(ValueError, match="generators"):
+        call(pipe, cubes, generator=per_cube[:2])
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        DDPMScheduler.from_config(default_scheduler().config),
+        DDIMScheduler.from_config(default_scheduler().config),
+        DPMSolverMultistepScheduler.from_config(default_scheduler().config, algorithm_type="dpmsolver++"),
+    ],
+    ids=["ddpm", "ddim", "dpmsolver++"],
+)
+def test_every_scheduler_keeps_the_known_region(scheduler):
+    pipe = tiny_pipeline("ddpm")
+    pipe.scheduler = scheduler
+    cubes = random_cubes(2)
+    out = call(pipe, cubes, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
+    filled = out.cubes
+    assert isinstance(filled, torch.Tensor) and filled.shape == cubes.shape and filled.dtype == torch.float32
+    known = ~HOLE.expand_as(cubes)
+    assert torch.equal(filled[known], cubes[known])
+    assert not torch.equal(filled[~known], cubes[~known])
+    assert torch.isfinite(filled).all() and filled.abs().max() <= 1
+    assert all(np.array_equal(mask, hole_mask()) for mask in out.masks)
+
+
+def test_scheduler_swaps_keep_the_task(saved_folders):
+    folder, _ = saved_folders["ddpm"]
+    ddim = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    loaded = M3DInpaintPipeline.from_pretrained(folder, scheduler=ddim)
+    assert isinstance(loaded.scheduler, DDIMScheduler) and loaded.config.task == "remove"
+    piped = M3DInpaintPipeline.from_pipe(loaded, scheduler=DDPMScheduler.from_config(loaded.scheduler.config))
+    assert isinstance(piped.scheduler, DDPMScheduler) and piped.config.task == "remove"
+    assert default_scheduler().config.num_train_timesteps == 2000
+
+
+def test_bf16_pipeline_runs(saved_folders):
+    folder, _ = saved_folders["ddpm"]
+    pipe = M3DInpaintPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    cubes = random_cubes(1)
+    out = call(pipe, cubes, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").cubes
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    known = ~HOLE.expand_as(cubes)
+    assert torch.equal(out[known], cubes[known])
+
+
+def test_gan_pipelines_fill_only_the_hole_unless_asked():
+    cubes = random_cubes(2)
+    for kind in ("pix2pix", "cyclegan"):
+        pipe = tiny_pipeline(kind)
+        kept = call(pipe, cubes).cubes
+        np.testing.assert_array_equal(kept[:, :, ~hole_mask()], cubes.numpy()[:, :, ~hole_mask()])
+        whole = call(pipe, cubes, keep_context=False)
+        np.testing.assert_array_equal(whole.cubes[:, :, hole_mask()], kept[:, :, hole_mask()])
+        assert whole.masks[0].all()
+    pix2pix = tiny_pipeline("pix2pix")
+    a, b = (call(pix2pix, cubes, stochastic=True, generator=torch.Generator().manual_seed(s)).cubes for s in (0, 0))
+    c = call(pix2pix, cubes, stochastic=True, generator=torch.Generator().manual_seed(1)).cubes
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_task_mismatch_and_bad_inputs_fail_clearly():
+    pipe = tiny_pipeline("pix2pix", task="inject")
+    with pytest.raises(ValueError, match="trained for task 'inject'"):
+        call(pipe, random_cubes(1), task="remove")
+    assert isinstance(call(pipe, random_cubes(1), task="inject"), M3DPipelineOutput)
+    with pytest.raises(ValueError, match="task must be one of"):
+        Pix2Pix3DPipeline(generator=Pix2Pix3DGenerator(gf=4), task="delete")
+    with pytest.raises(ValueError, match="either"):
+        call(pipe)
+    with pytest.raises(ValueError, match="volume"):
+        call(pipe, random_cubes(1), output_type="volume")
+    with pytest.raises(ValueError, match=r"\(B, 1, 32"):
+        call(pipe, torch.zeros(1, 1, 16, 16, 16))
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "pix2pix"])
+def test_volume_path_changes_only_the_cube(kind):
+    volume = phantom()
+    location = volume.voxel_to_world((20, 48, 26))  # in the left lung
+    pipe = tiny_pipeline(kind)
+    out = call(pipe, volume=volume, locations_lps_mm=location, output_type="volume",
+               generator=torch.Generator().manual_seed(0))
+    assert out.cubes.shape == (1, 1, 32, 32, 32) and len(out.volumes) == 1 and len(out.masks) == 1
+    tampered, changed = out.volumes[0], out.masks[0]
+    assert isinstance(tampered, CTVolume) and tampered.shape == volume.shape
+    assert tampered.spacing_mm == volume.spacing_mm and tampered.origin_mm == volume.origin_mm
+    assert changed.any() and np.array_equal(changed, tampered.hu != volume.hu)
+    # the 32 mm cube around the location: +-16 voxels in z (1 mm), +-11 in y, x (1.5 mm)
+    footprint = np.zeros(volume.shape, bool)
+    footprint[20 - 17 : 20 + 17, 48 - 12 : 48 + 12, 26 - 12 : 26 + 12] = True
+    np.testing.assert_array_equal(tampered.hu[~footprint], volume.hu[~footprint])
+    assert not changed[~footprint].any()
+
+
+def test_volume_path_two_locations_and_bad_locations():
+    volume = phantom()
+    pipe = tiny_pipeline("cyclegan")
+    locations = [volume.voxel_to_world((20, 48, 26)), volume.voxel_to_world((20, 48, 70))]
+    out = call(pipe, volume=volume, locations_lps_mm=locations, batch_size=1)
+    assert out.cubes.shape[0] == 2 and out.masks[0][:, :, :48].any() and out.masks[0][:, :, 48:].any()
+    with pytest.raises(TamperLocationError, match="outside the scan"):
+        call(pipe, volume=volume, locations_lps_mm=volume.voxel_to_world((20, 48, 200)))
+    with pytest.raises(TamperLocationError, match="beyond the scan"):
+        call(pipe, volume=volume, locations_lps_mm=volume.voxel_to_world((3, 48, 26)))
+    with pytest.raises(TamperLocationError, match="lungs"):
+        call(pipe, volume=volume, locations_lps_mm=volume.voxel_to_world((20, 48, 48)))
+    forced = call(pipe, volume=volume, locations_lps_mm=volume.voxel_to_world((20, 48, 48)), allow_outside_lung=True)
+    assert forced.masks[0].any()
+    with pytest.raises(ValueError, match="locations_lps_mm"):
+        call(pipe, volume=volume)
