@@ -1,0 +1,14 @@
+"""Detection and localization metrics of the M3Dsynth benchmark (NumPy; checked against scikit-learn)."""
+from .detection import balanced_accuracy, detection_metrics, pd_at_fpr, roc_auc, roc_curve
+from .localization import f1_iou, localization_metrics, localization_scores
+
+__all__ = [
+    "balanced_accuracy",
+    "detection_metrics",
+    "f1_iou",
+    "localization_metrics",
+    "localization_scores",
+    "pd_at_fpr",
+    "roc_auc",
+    "roc_curve",
+]

@@ -1,0 +1,71 @@
+"""Detection metrics of the GRIP protocol (M3Dsynth, TruFor): AUC, balanced accuracy at a fixed
+threshold, and Pd@FPR — the detection rate when the threshold gives a chosen false-alarm rate on
+pristine samples, read off the ROC curve by linear interpolation."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"{labels.size} labels but {scores.size} scores")
+    if not np.all(np.isin(labels, (0, 1))):
+        raise ValueError("labels must be 0 (pristine) or 1 (manipulated)")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite")
+    if labels.min(initial=1) == labels.max(initial=0):
+        raise ValueError("detection metrics need both pristine (0) and manipulated (1) samples")
+    return labels.astype(bool), scores
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct score threshold (descending), starting at (0, 0)."""
+    positive, scores = _check(labels, scores)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, positive = scores[order], positive[order]
+    last_of_ties = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    true_positives = np.cumsum(positive)[last_of_ties]
+    false_positives = (last_of_ties + 1) - true_positives
+    fpr = np.r_[0.0, false_positives / (~positive).sum()]
+    tpr = np.r_[0.0, true_positives / positive.sum()]
+    thresholds = np.r_[np.inf, scores[last_of_ties]]
+    return fpr, tpr, thresholds
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def pd_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float = 0.01) -> float:
+    """Probability of detection at a false-alarm rate (Pd@1 % for ``fpr=0.01``): the ROC's TPR
+    linearly interpolated at that FPR; where the ROC is vertical at exactly that FPR, its top."""
+    if not 0 <= fpr <= 1:
+        raise ValueError(f"fpr must be in [0, 1]; got {fpr}")
+    curve_fpr, curve_tpr, _ = roc_curve(labels, scores)
+    at = curve_fpr == fpr
+    if at.any():
+        return float(curve_tpr[at].max())
+    above = int(np.searchsorted(curve_fpr, fpr, side="right"))  # first point with a larger FPR
+    low_fpr, high_fpr = curve_fpr[above - 1], curve_fpr[above]
+    weight = (fpr - low_fpr) / (high_fpr - low_fpr)
+    return float(curve_tpr[above - 1] + weight * (curve_tpr[above] - curve_tpr[above - 1]))
+
+
+def balanced_accuracy(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> float:
+    """Mean of the true-positive and true-negative rates with ``score > threshold`` called manipulated."""
+    positive, scores = _check(labels, scores)
+    predicted = scores > threshold
+    return float(0.5 * (predicted[positive].mean() + (~predicted[~positive]).mean()))
+
+
+def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """AUC, balanced accuracy at ``threshold`` and Pd@1 % of volume scores (probabilities)."""
+    return {
+        "auc": roc_auc(labels, scores),
+        "balanced_accuracy": balanced_accuracy(labels, scores, threshold),
+        "pd_at_1pct": pd_at_fpr(labels, scores, 0.01),
+    }
