@@ -1,1 +1,62 @@
-"""m3d: AI-manipulated 3D CT scans, the M3Dsynth dataset builder and forensic benchmark."""
+"""m3d: AI-manipulated 3D CT scans — CT I/O, LIDC annotations, the synthetic chest CT, tampering
+pipelines (diffusers), forensic detectors (transformers), the M3Dsynth dataset builder and benchmark.
+
+Public names are importable from ``m3d`` directly; submodules are imported on first use so that
+``import m3d`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "CTVolume": "m3d.data.ct",
+    "CTMetadata": "m3d.data.ct",
+    "read_dicom_series": "m3d.data.dicom",
+    "write_dicom_series": "m3d.data.dicom",
+    "list_dicom_series": "m3d.data.dicom",
+    "DicomSeriesError": "m3d.data.dicom",
+    "read_nifti": "m3d.data.nifti",
+    "write_nifti": "m3d.data.nifti",
+    "write_mask_nifti": "m3d.data.nifti",
+    "resample_to_spacing": "m3d.data.resample",
+    "resample_to_reference": "m3d.data.resample",
+    "segment_lungs": "m3d.data.lungs",
+    "LIDCDatabase": "m3d.data.lidc",
+    "read_lidc_xml": "m3d.data.lidc",
+    "write_lidc_xml": "m3d.data.lidc",
+    "group_nodules": "m3d.data.lidc",
+    "make_phantom": "m3d.data.phantom",
+    "generate_phantoms": "m3d.data.phantom",
+    "extract_cube": "m3d.tamper.cube",
+    "paste_cube": "m3d.tamper.cube",
+    "TamperLocationError": "m3d.tamper.cube",
+    "UNet3DModel": "m3d.models",
+    "Pix2Pix3DGenerator": "m3d.models",
+    "PatchDiscriminator3D": "m3d.models",
+    "CycleGAN3DGenerator": "m3d.models",
+    "CycleGAN3DDiscriminator": "m3d.models",
+    "M3DInpaintPipeline": "m3d.pipelines",
+    "Pix2Pix3DPipeline": "m3d.pipelines",
+    "CycleGAN3DPipeline": "m3d.pipelines",
+    "load_pipeline": "m3d.pipelines",
+    "detect_volume": "m3d.detectors.volume",
+    "detection_metrics": "m3d.metrics",
+    "localization_metrics": "m3d.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'm3d' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
