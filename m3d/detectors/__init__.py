@@ -1,0 +1,1 @@
+"""Forensic detectors as transformers models (filled in as the detectors land)."""
