@@ -1,0 +1,94 @@
+"""NIfTI read/write with nibabel. NIfTI world space is RAS, m3d's is DICOM LPS: the two differ by
+flipping x and y, and nibabel indexes voxels ``(i, j, k)`` = our ``(x, y, z)`` array axes reversed."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .ct import CTMetadata, CTVolume
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def nifti_affine(volume: CTVolume) -> np.ndarray:
+    """RAS affine of ``volume`` for a NIfTI data array indexed ``(x, y, z)`` (our array transposed)."""
+    index_zyx_to_lps = volume.affine
+    index_xyz_to_lps = index_zyx_to_lps[:, [2, 1, 0, 3]]
+    return LPS_TO_RAS @ index_xyz_to_lps
+
+
+def _check_path(path: Path) -> None:
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
+
+
+def _save(data_xyz: np.ndarray, affine: np.ndarray, path: Path, description: str = "") -> Path:
+    _check_path(path)
+    image = nib.Nifti1Image(data_xyz, affine)
+    image.set_qform(affine, code=1)  # scanner
+    image.set_sform(affine, code=1)
+    image.header.set_data_dtype(data_xyz.dtype)
+    image.header.set_slope_inter(1.0, 0.0)
+    image.header.set_xyzt_units("mm")
+    image.header["descrip"] = description[:79].encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")
+    nib.save(image, temporary)
+    temporary.replace(path)
+    return path
+
+
+def write_nifti(volume: CTVolume, path: str | Path) -> Path:
+    """Write ``volume`` as int16 HU NIfTI (slope 1, intercept 0) with its RAS affine (qform + sform)."""
+    return _save(volume.hu.transpose(2, 1, 0), nifti_affine(volume), Path(path), volume.metadata.series_instance_uid)
+
+
+def write_mask_nifti(mask: np.ndarray, reference: CTVolume, path: str | Path) -> Path:
+    """Write a boolean ``(z, y, x)`` mask on ``reference``'s grid as uint8 NIfTI."""
+    mask = np.asarray(mask)
+    if mask.shape != reference.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the reference volume's {reference.shape}")
+    return _save(mask.astype(np.uint8).transpose(2, 1, 0), nifti_affine(reference), Path(path), "m3d mask")
+
+
+def read_nifti(path: str | Path) -> CTVolume:
+    """Read a 3-D NIfTI file (any orientation) as a `CTVolume` in HU (scaling applied, rounded to int16)."""
+    path = Path(path)
+    _check_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises several types for corrupt files
+        raise ValueError(f"{path} is not a readable NIfTI file: {error}") from None
+    if len(image.shape) != 3:
+        if len(image.shape) == 4 and image.shape[3] == 1:
+            image = image.slicer[..., 0]
+        else:
+            raise ValueError(f"{path} has shape {image.shape}; m3d reads 3-D volumes")
+    slope, intercept = image.header.get_slope_inter()
+    scaled = slope not in (None, 1.0) or intercept not in (None, 0.0)
+    data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asanyarray(image.dataobj)
+    index_xyz_to_lps = LPS_TO_RAS @ image.affine
+    columns = index_xyz_to_lps[:3, :3]
+    spacing_xyz = np.linalg.norm(columns, axis=0)
+    direction_xyz = columns / spacing_xyz
+    if not np.allclose(direction_xyz.T @ direction_xyz, np.eye(3), atol=1e-4):
+        raise ValueError(f"{path}: the affine has shear; m3d needs orthogonal voxel axes")
+    return CTVolume(
+        hu=np.ascontiguousarray(np.asarray(data_xyz).transpose(2, 1, 0)),
+        spacing_mm=tuple(spacing_xyz[::-1]),
+        origin_mm=tuple(index_xyz_to_lps[:3, 3]),
+        direction=direction_xyz[:, ::-1],
+        metadata=CTMetadata(series_instance_uid=_series_uid(image.header)),
+    )
+
+
+def _series_uid(header) -> str:
+    """The SeriesInstanceUID `write_nifti` keeps in the header's description, if it holds one."""
+    text = header["descrip"].tobytes().decode(errors="ignore").strip("\x00 ")
+    return text if text and all(c.isdigit() or c == "." for c in text) else ""

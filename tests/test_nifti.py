@@ -1,0 +1,78 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from m3d.data.ct import AXIAL_DIRECTION, CTVolume
+from m3d.data.nifti import read_nifti, write_mask_nifti, write_nifti
+
+
+def make_volume(direction=AXIAL_DIRECTION) -> CTVolume:
+    hu = np.random.default_rng(0).integers(-1024, 2000, (5, 12, 16)).astype(np.int16)
+    return CTVolume(hu, (2.0, 0.75, 0.5), (-60.0, -45.5, 110.0), direction)
+
+
+def oblique() -> np.ndarray:
+    a = np.deg2rad(25)
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ AXIAL_DIRECTION
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("direction", [AXIAL_DIRECTION, oblique()])
+def test_round_trip(tmp_path, suffix, direction):
+    volume = make_volume(direction)
+    path = write_nifti(volume, tmp_path / f"scan{suffix}")
+    read = read_nifti(path)
+    np.testing.assert_array_equal(read.hu, volume.hu)
+    np.testing.assert_allclose(read.spacing_mm, volume.spacing_mm, atol=1e-6)
+    np.testing.assert_allclose(read.origin_mm, volume.origin_mm, atol=1e-4)
+    np.testing.assert_allclose(read.direction, volume.direction, atol=1e-6)
+
+
+def test_affine_is_ras_of_the_same_voxel(tmp_path):
+    volume = make_volume(oblique())
+    image = nib.load(write_nifti(volume, tmp_path / "scan.nii.gz"))
+    z, y, x = 3, 7, 11
+    ras = image.affine @ [x, y, z, 1]
+    lps = volume.voxel_to_world((z, y, x))
+    np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-4)
+    assert image.get_data_dtype() == np.int16 and image.dataobj[x, y, z] == volume.hu[z, y, x]
+    assert int(image.header["sform_code"]) == 1 and int(image.header["qform_code"]) == 1
+
+
+def test_simpleitk_sees_the_same_lps_geometry(tmp_path):
+    volume = make_volume(oblique())
+    image = sitk.ReadImage(str(write_nifti(volume, tmp_path / "scan.nii.gz")))
+    np.testing.assert_allclose(image.GetOrigin(), volume.origin_mm, atol=1e-4)
+    np.testing.assert_allclose(np.array(image.GetDirection()).reshape(3, 3), volume.direction[:, ::-1], atol=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), volume.hu)
+
+
+def test_scaled_nifti_is_converted_to_hu(tmp_path):
+    volume = make_volume()
+    data = (volume.hu.transpose(2, 1, 0).astype(np.int32) + 1024).astype(np.uint16)
+    image = nib.Nifti1Image(data, np.diag([-0.5, -0.75, 2.0, 1.0]))
+    image.header.set_slope_inter(1.0, -1024.0)
+    nib.save(image, tmp_path / "scaled.nii")
+    np.testing.assert_array_equal(read_nifti(tmp_path / "scaled.nii").hu, volume.hu)
+
+
+def test_mask_is_written_on_the_reference_grid(tmp_path):
+    volume = make_volume()
+    mask = volume.hu > 500
+    image = nib.load(write_mask_nifti(mask, volume, tmp_path / "mask.nii.gz"))
+    assert image.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(image.dataobj).transpose(2, 1, 0).astype(bool), mask)
+    with pytest.raises(ValueError, match="shape"):
+        write_mask_nifti(mask[:2], volume, tmp_path / "bad.nii.gz")
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match=".nii"):
+        write_nifti(make_volume(), tmp_path / "scan.img")
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match="not a readable NIfTI"):
+        read_nifti(tmp_path / "broken.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16), np.eye(4)), tmp_path / "4d.nii")
+    with pytest.raises(ValueError, match="3-D"):
+        read_nifti(tmp_path / "4d.nii")
