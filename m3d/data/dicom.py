@@ -327,7 +327,7 @@ def write_dicom_series(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DicomSeriesError(f"{out_dir} is not empty; pass overwrite=True to replace it")
+        raise DicomSeriesError(f"{out_dir} is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
     sources = volume.metadata.source_headers
     derived = derived_from_source and sources is not None and len(sources) == volume.shape[0]
     series_uid = _uid(uid_seed, "series")

@@ -1,0 +1,211 @@
+"""Where to tamper: the M3Dsynth sites (removal of real malignant nodules, injection of fake malignant
+ones) chosen from LIDC-IDRI nodules, split by patient, written in the official `data.csv` layout.
+
+Selection (M3Dsynth, ICASSP 2024, section 2; CT-GAN): a *removal* site is a real nodule that matters —
+large and suspicious (median malignancy >= ``removal_min_malignancy`` and diameter >=
+``removal_min_diameter_mm``) — whose cube is replaced by a fake benign nodule < 8 mm. An *injection*
+site is an existing small, benign-looking nodule (diameter < ``injection_max_diameter_mm``, median
+malignancy <= ``injection_max_malignancy`` or unrated), where a fake malignant nodule > 10 mm is grown:
+the paper places new nodules at or near existing benign ones so that the edit does not disturb the
+anatomy. Every site is attempted by each generator; which results are kept is the builder's quality
+check. Sites whose 32 mm cube would leave the scan along z are dropped (``fits_in_scan``).
+"""
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..data.lidc import LIDCScan, group_nodules
+
+TASKS = ("inject", "remove")
+OFFICIAL_TASK = {"inject": "inj", "remove": "rem"}
+OFFICIAL_SPLIT_PATIENTS = {"train": 488, "val": 100, "test": 150}
+GENERATOR_CODES = {"real": "real", "pix2pix": "pix2pix", "cyclegan": "cycle", "ddpm": "diffusion"}
+DATA_CSV_COLUMNS = ("img_id", "ty", "mod", "orig_id", "sdir_id", "coord_z", "coord_y", "coord_x")
+
+
+@dataclass(frozen=True)
+class PlanCriteria:
+    """Nodule selection thresholds (see the module docstring)."""
+
+    removal_min_malignancy: float = 3.0
+    removal_min_diameter_mm: float = 8.0
+    injection_max_diameter_mm: float = 8.0
+    injection_max_malignancy: float = 3.0
+    cube_half_mm: float = 16.0
+
+
+@dataclass
+class Site:
+    """One tampering site: the scan, the task and the location (voxel ``z, y, x`` of the scan grid)."""
+
+    task: str
+    patient_id: str
+    series_instance_uid: str
+    center_zyx: tuple[float, float, float]
+    diameter_mm: float
+    malignancy: float | None
+    n_readers: int
+    split: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def fits_in_scan(scan: LIDCScan, center_zyx: np.ndarray, half_mm: float) -> bool:
+    """Whether a cube of half-size ``half_mm`` around ``center_zyx`` stays inside the scan."""
+    z_positions = np.asarray(scan.z_positions_mm, float)
+    if z_positions.size < 2:
+        return False
+    z_mm = np.interp(center_zyx[0], np.arange(z_positions.size), z_positions)
+    in_plane_mm = np.asarray(center_zyx[1:]) * scan.pixel_spacing_mm
+    fov_mm = np.array([scan.rows, scan.columns]) * scan.pixel_spacing_mm
+    return bool(
+        z_positions.min() <= z_mm - half_mm
+        and z_mm + half_mm <= z_positions.max()
+        and np.all(in_plane_mm - half_mm >= 0)
+        and np.all(in_plane_mm + half_mm <= fov_mm)
+    )
+
+
+def plan_scan(scan: LIDCScan, criteria: PlanCriteria = PlanCriteria()) -> list[Site]:
+    """The removal and injection sites of one scan."""
+    sites = []
+    for nodule in group_nodules(scan):
+        malignancy = nodule.malignancy
+        is_removal = (
+            malignancy is not None
+            and malignancy >= criteria.removal_min_malignancy
+            and nodule.diameter_mm >= criteria.removal_min_diameter_mm
+        )
+        is_injection = nodule.diameter_mm < criteria.injection_max_diameter_mm and (
+            malignancy is None or malignancy <= criteria.injection_max_malignancy
+        )
+        if not (is_removal or is_injection):
+            continue
+        if not fits_in_scan(scan, np.asarray(nodule.centroid_zyx), criteria.cube_half_mm):
+            continue
+        sites.append(
+            Site(
+                task="remove" if is_removal else "inject",
+                patient_id=scan.patient_id,
+                series_instance_uid=scan.series_instance_uid,
+                center_zyx=tuple(float(c) for c in nodule.centroid_zyx),
+                diameter_mm=float(nodule.diameter_mm),
+                malignancy=None if malignancy is None else float(malignancy),
+                n_readers=nodule.n_readers,
+            )
+        )
+    return sites
+
+
+def split_patients(patient_ids: Iterable[str], seed: int = 0) -> dict[str, str]:
+    """Assign each patient to train / val / test in the official proportions (488 / 100 / 150),
+    deterministically from ``seed``; no patient is in two splits."""
+    patients = sorted(set(patient_ids))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    total = sum(OFFICIAL_SPLIT_PATIENTS.values())
+    n_val = int(round(len(patients) * OFFICIAL_SPLIT_PATIENTS["val"] / total))
+    n_test = int(round(len(patients) * OFFICIAL_SPLIT_PATIENTS["test"] / total))
+    if len(patients) >= 3:
+        n_val, n_test = max(n_val, 1), max(n_test, 1)
+    splits = {}
+    for rank, index in enumerate(order):
+        splits[patients[index]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return splits
+
+
+def plan_sites(scans: Iterable[LIDCScan], criteria: PlanCriteria = PlanCriteria(), seed: int = 0) -> list[Site]:
+    """All sites over ``scans``, split by patient."""
+    sites = [site for scan in scans for site in plan_scan(scan, criteria)]
+    splits = split_patients((site.patient_id for site in sites), seed)
+    for site in sites:
+        site.split = splits[site.patient_id]
+    return sites
+
+
+def summarize_plan(sites: list[Site]) -> dict:
+    """Counts per task, series, patients and split."""
+    by_task = Counter(site.task for site in sites)
+    patients_by_split = {
+        split: len({s.patient_id for s in sites if s.split == split}) for split in OFFICIAL_SPLIT_PATIENTS
+    }
+    return {
+        "sites": len(sites),
+        "inject": by_task.get("inject", 0),
+        "remove": by_task.get("remove", 0),
+        "series": len({site.series_instance_uid for site in sites}),
+        "patients": len({site.patient_id for site in sites}),
+        "patients_by_split": patients_by_split,
+        "sites_by_split": dict(Counter(site.split for site in sites)),
+    }
+
+
+def write_plan_csv(sites: list[Site], path: str | Path, generators: Iterable[str] = tuple(GENERATOR_CODES)) -> Path:
+    """Write the plan in the official ``data.csv`` columns: one row per site and generator ("real" =
+    the pristine scan at the same site); ``sdir_id`` is the SeriesInstanceUID."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(DATA_CSV_COLUMNS)
+        for number, site in enumerate(sites):
+            for generator in generators:
+                z, y, x = (int(round(c)) for c in site.center_zyx)
+                img_id = f"{OFFICIAL_TASK[site.task]}{number:05d}_{GENERATOR_CODES[generator]}"
+                writer.writerow(
+                    [img_id, OFFICIAL_TASK[site.task], GENERATOR_CODES[generator], site.patient_id,
+                     site.series_instance_uid, z, y, x]
+                )
+    temporary.replace(path)
+    return path
+
+
+def site_record(site: Site) -> dict:
+    """A flat dict of a site (for tables and JSON)."""
+    record = asdict(site)
+    record.pop("extra")
+    return record
+
+
+OFFICIAL_SETS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def read_official_plan(release_dir: str | Path) -> list[Site]:
+    """The sites of the official M3Dsynth release tables (``data/data.csv`` + ``data/sets.csv``):
+    one `Site` per distinct (task, series, location), with the generators that kept it in
+    ``extra["generators"]`` and the official image ids in ``extra["img_ids"]``."""
+    root = Path(release_dir)
+    data_dir = root / "data" if (root / "data" / "data.csv").is_file() else root
+    data_csv, sets_csv = data_dir / "data.csv", data_dir / "sets.csv"
+    for required in (data_csv, sets_csv):
+        if not required.is_file():
+            raise FileNotFoundError(f"{required} not found: point at the official M3Dsynth release (its data/ folder)")
+    with open(sets_csv, newline="") as handle:
+        splits = {row["orig_id"]: OFFICIAL_SETS.get(row["set"].strip().lower(), row["set"]) for row in csv.DictReader(handle)}
+    sites: dict[tuple, Site] = {}
+    with open(data_csv, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(DATA_CSV_COLUMNS) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{data_csv} lacks the columns {sorted(missing)}")
+        tasks = {code: task for task, code in OFFICIAL_TASK.items()}
+        for row in reader:
+            if row["ty"] not in tasks:
+                raise ValueError(f"{data_csv}: unknown task {row['ty']!r} (expected inj or rem)")
+            center = (float(row["coord_z"]), float(row["coord_y"]), float(row["coord_x"]))
+            key = (row["ty"], row["sdir_id"], center)
+            site = sites.get(key)
+            if site is None:
+                site = sites[key] = Site(
+                    task=tasks[row["ty"]], patient_id=row["orig_id"], series_instance_uid=row["sdir_id"],
+                    center_zyx=center, diameter_mm=float("nan"), malignancy=None, n_readers=0,
+                    split=splits.get(row["orig_id"], ""), extra={"generators": [], "img_ids": []},
+                )
+            site.extra["generators"].append(row["mod"])
+            site.extra["img_ids"].append(row["img_id"])
+    return list(sites.values())

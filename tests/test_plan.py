@@ -1,0 +1,79 @@
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3d.data.lidc import LIDCDatabase
+from m3d.tamper.plan import (
+    DATA_CSV_COLUMNS,
+    PlanCriteria,
+    plan_sites,
+    read_official_plan,
+    split_patients,
+    summarize_plan,
+    write_plan_csv,
+)
+
+OFFICIAL = Path(__file__).parent / "data" / "official"
+
+
+@pytest.fixture(scope="module")
+def db_plan():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scans = list(LIDCDatabase().scans())
+        return plan_sites(scans, PlanCriteria(), seed=0)
+
+
+def test_plan_on_the_real_annotation_database(db_plan):
+    summary = summarize_plan(db_plan)
+    # The official release has 1,016 removal + 2,235 injection sites on 744 series; the README
+    # explains why the database alone gives fewer injection sites.
+    assert 800 <= summary["remove"] <= 1100
+    assert 1000 <= summary["inject"] <= 2300
+    assert 700 <= summary["series"] <= 900
+    criteria = PlanCriteria()
+    for site in db_plan:
+        if site.task == "remove":
+            assert site.malignancy >= criteria.removal_min_malignancy
+            assert site.diameter_mm >= criteria.removal_min_diameter_mm
+        else:
+            assert site.diameter_mm < criteria.injection_max_diameter_mm
+            assert site.malignancy is None or site.malignancy <= criteria.injection_max_malignancy
+
+
+def test_no_patient_in_two_splits_and_official_proportions(db_plan):
+    split_of = {}
+    for site in db_plan:
+        assert split_of.setdefault(site.patient_id, site.split) == site.split
+    counts = summarize_plan(db_plan)["patients_by_split"]
+    total = sum(counts.values())
+    assert counts["val"] / total == pytest.approx(100 / 738, abs=0.01)
+    assert counts["test"] / total == pytest.approx(150 / 738, abs=0.01)
+
+
+def test_split_is_deterministic_by_seed():
+    patients = [f"P{i:03d}" for i in range(50)]
+    assert split_patients(patients, seed=1) == split_patients(list(reversed(patients)), seed=1)
+    assert split_patients(patients, seed=1) != split_patients(patients, seed=2)
+
+
+def test_plan_csv_has_the_official_columns(db_plan, tmp_path):
+    path = write_plan_csv(db_plan[:10], tmp_path / "plan.csv")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == DATA_CSV_COLUMNS
+    assert len(rows) == 10 * 4 and {row["mod"] for row in rows} == {"real", "pix2pix", "cycle", "diffusion"}
+
+
+def test_official_tables_are_read(tmp_path):
+    sites = read_official_plan(OFFICIAL)
+    assert len(sites) == 3
+    first = next(s for s in sites if s.patient_id == "LIDC-IDRI-0001")
+    assert first.task == "inject" and first.split == "train" and first.center_zyx == (60.0, 320.0, 180.0)
+    assert sorted(first.extra["generators"]) == ["cycle", "pix2pix", "real"]
+    assert {s.split for s in sites} == {"train", "val", "test"}
+    with pytest.raises(FileNotFoundError, match="official"):
+        read_official_plan(tmp_path)
