@@ -1,1 +1,59 @@
-"""Forensic detectors as transformers models (filled in as the detectors land)."""
+"""Forensic detectors as transformers models, one folder each (``configuration_*`` + ``modeling_*``).
+
+Importing this package registers every detector with transformers' Auto classes, so a saved detector
+loads with ``AutoModel.from_pretrained(path)``. All share `M3DDetectorConfig` (with the CT slice
+transform), `DetectorOutput` and `detect_volume` (slice-wise inference into a 3-D map).
+"""
+from .hpfcn import HPFCNConfig, HPFCNForForgeryDetection
+from .mantranet import ManTraNetConfig, ManTraNetForForgeryDetection
+from .modeling_utils import (
+    BayarConv2d,
+    DetectorOutput,
+    M3DDetectorConfig,
+    M3DDetectorPreTrainedModel,
+    apply_bayar_constraint,
+    register_bayar_constraint,
+)
+from .mvssnet import MVSSNetConfig, MVSSNetForForgeryDetection
+from .resnet_gp import ResNetGPConfig, ResNetGPForForgeryDetection
+from .trufor import TruForConfig, TruForForForgeryDetection
+from .unet import UNetConfig, UNetForForgeryDetection
+from .volume import VolumeDetection, detect_volume
+from .xception import XceptionConfig, XceptionForForgeryDetection
+
+# name used on the command line and in benchmark tables -> (config class, model class)
+DETECTORS = {
+    "xception": (XceptionConfig, XceptionForForgeryDetection),
+    "unet": (UNetConfig, UNetForForgeryDetection),
+    "hpfcn": (HPFCNConfig, HPFCNForForgeryDetection),
+    "mantranet": (ManTraNetConfig, ManTraNetForForgeryDetection),
+    "mvssnet": (MVSSNetConfig, MVSSNetForForgeryDetection),
+    "trufor": (TruForConfig, TruForForForgeryDetection),
+    "resnet_gp": (ResNetGPConfig, ResNetGPForForgeryDetection),
+}
+
+__all__ = [
+    "DETECTORS",
+    "BayarConv2d",
+    "DetectorOutput",
+    "HPFCNConfig",
+    "HPFCNForForgeryDetection",
+    "M3DDetectorConfig",
+    "M3DDetectorPreTrainedModel",
+    "MVSSNetConfig",
+    "MVSSNetForForgeryDetection",
+    "ManTraNetConfig",
+    "ManTraNetForForgeryDetection",
+    "ResNetGPConfig",
+    "ResNetGPForForgeryDetection",
+    "TruForConfig",
+    "TruForForForgeryDetection",
+    "UNetConfig",
+    "UNetForForgeryDetection",
+    "VolumeDetection",
+    "XceptionConfig",
+    "XceptionForForgeryDetection",
+    "apply_bayar_constraint",
+    "detect_volume",
+    "register_bayar_constraint",
+]
