@@ -143,6 +143,34 @@ def cmd_tamper(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'dicom'} (tampered series) and {out / 'mask.nii.gz'}: {int(result.masks[0].sum())} voxels changed")
 
 
+def cmd_detect(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModel
+
+    import m3d.detectors  # noqa: F401  (registers the detectors with the Auto classes)
+
+    from .detectors import detect_volume
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a saved detector folder (no config.json)")
+    model = AutoModel.from_pretrained(model_dir).to(args.device)
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    volume = load_scan(Path(args.scan), args.series)
+    result = detect_volume(model, volume, batch_size=args.batch_size, progress=True)
+    top = int(result.slice_scores.argmax())
+    print(f"score {result.score:.4f}  (max over {volume.shape[0]} slices, at slice {top})  -> "
+          f"{'MANIPULATED' if result.score > args.threshold else 'pristine'} at threshold {args.threshold}")
+    if args.out:
+        if result.localization is None:
+            raise ValueError(f"{type(model).__name__} does not localize: it has no map to write")
+        from .data.nifti import _save, nifti_affine
+
+        _save(result.localization.transpose(2, 1, 0), nifti_affine(volume), Path(args.out), "m3d detection map")
+        print(f"wrote {args.out}")
+
+
 def cmd_phantom(args: argparse.Namespace) -> None:
     from .data.phantom import generate_phantoms
 
@@ -251,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     tamper.add_argument("--overwrite", action="store_true", help="replace DICOM files already in the output folder")
     _add_scan_options(tamper)
     tamper.set_defaults(func=cmd_tamper)
+
+    detect = commands.add_parser("detect", help="run a saved detector over a scan: volume score and 3-D map")
+    detect.add_argument("--model", required=True, help="a saved detector folder (save_pretrained)")
+    detect.add_argument("--scan", required=True, help="DICOM series folder or NIfTI file")
+    detect.add_argument("--out", default=None, help="write the localization map as NIfTI (.nii.gz)")
+    detect.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    detect.add_argument("--threshold", type=float, default=0.5, help="decision threshold on the volume score")
+    detect.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    detect.add_argument("--bf16", action="store_true", help="run in bfloat16")
+    _add_scan_options(detect)
+    detect.set_defaults(func=cmd_detect)
 
     plan = commands.add_parser("plan", help="the M3Dsynth tampering sites, split by patient (official data.csv columns)")
     source = plan.add_mutually_exclusive_group()

@@ -32,6 +32,7 @@ class CTMetadata:
     series_instance_uid: str = ""
     modality: str = "CT"
     description: str = ""
+    slice_thickness_mm: float | None = None  # nominal reconstruction thickness (may differ from the z step)
     source_headers: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 
 

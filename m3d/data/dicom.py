@@ -256,6 +256,7 @@ def read_dicom_series(
         series_instance_uid=str(first.SeriesInstanceUID),
         modality=str(first.get("Modality", "")),
         description=str(first.get("SeriesDescription", "")),
+        slice_thickness_mm=float(first.SliceThickness) if first.get("SliceThickness") not in (None, "") else None,
         source_headers=tuple(header for _, header in items),
     )
     return CTVolume(
@@ -302,7 +303,7 @@ def _minimal_ct_header(volume: CTVolume, study_uid: str, frame_uid: str) -> Data
     header.PatientPosition = "HFS"
     header.SamplesPerPixel = 1
     header.PhotometricInterpretation = "MONOCHROME2"
-    header.SliceThickness = _ds(volume.spacing_mm[0])
+    header.SliceThickness = _ds(meta.slice_thickness_mm or volume.spacing_mm[0])
     header.WindowCenter = "-600"
     header.WindowWidth = "1500"
     return header
@@ -315,6 +316,7 @@ def write_dicom_series(
     series_description: str = "m3d",
     derived_from_source: bool = True,
     uid_seed: str | None = None,
+    series_instance_uid: str | None = None,
     overwrite: bool = False,
     filename_pattern: str = "{index:04d}.dcm",
 ) -> list[Path]:
@@ -323,20 +325,24 @@ def write_dicom_series(
 
     With ``derived_from_source`` and source headers for every slice, each file keeps its source tags
     (patient, study, acquisition) with new Series/SOP UIDs and ImageType DERIVED; otherwise a minimal
-    CT IOD is written. ``uid_seed`` makes every generated UID (and so every byte) reproducible.
+    CT IOD is written. ``uid_seed`` makes every generated UID (and so every byte) reproducible;
+    ``series_instance_uid`` sets the new series' UID explicitly (never reuse a source series' UID).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DicomSeriesError(f"{out_dir} is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
     sources = volume.metadata.source_headers
     derived = derived_from_source and sources is not None and len(sources) == volume.shape[0]
-    series_uid = _uid(uid_seed, "series")
+    series_uid = series_instance_uid or _uid(uid_seed, "series")
     study_uid = _uid(uid_seed, "study")
     frame_uid = _uid(uid_seed, "frame")
     row_direction, column_direction = volume.direction[:, 2], volume.direction[:, 1]
     orientation = [_ds(v) for v in (*row_direction, *column_direction)]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the series folder gets the usual mode
     names = []
     try:
         template = None if derived else _minimal_ct_header(volume, study_uid, frame_uid)

@@ -616,15 +616,8 @@ def volume_z_positions(volume: CTVolume) -> np.ndarray:
 
 
 def _slice_thickness(volume: CTVolume) -> float:
-    headers = volume.metadata.source_headers
-    if headers:
-        value = getattr(headers[0], "SliceThickness", None)
-        try:
-            if value not in (None, ""):
-                return float(value)
-        except (TypeError, ValueError):
-            pass
-    return float(volume.spacing_mm[0])
+    """The nominal slice thickness the reader recorded (SliceThickness), else the z step."""
+    return volume.metadata.slice_thickness_mm or float(volume.spacing_mm[0])
 
 
 # -- XML --------------------------------------------------------------------------------------------
@@ -880,6 +873,9 @@ def write_lidc_xml(scan: LIDCScan, path: str | Path) -> Path:
     try:
         with os.fdopen(handle, "wb") as stream:
             tree.write(stream, encoding="UTF-8", xml_declaration=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
