@@ -52,22 +52,30 @@ class DicomSeriesInfo:
     patient_id: str
 
 
+_WORKERS = min(8, (os.cpu_count() or 1) + 2)
+
+
+def _try_read(path: Path) -> Dataset | None:
+    """The whole DICOM image file (read once: header and pixel bytes), or None if it is not one."""
+    try:
+        dataset = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError):
+        return None
+    if "SeriesInstanceUID" not in dataset or "Rows" not in dataset:
+        return None  # DICOMDIR, structured reports, presentation states...
+    return dataset
+
+
 def _read_headers(folder: Path) -> tuple[list[tuple[Path, Dataset]], list[Path]]:
     if not folder.exists():
         raise DicomSeriesError(f"{folder} does not exist")
     if not folder.is_dir():
         raise DicomSeriesError(f"{folder} is not a folder (a DICOM series is read from the folder holding its files)")
-    headers, skipped = [], []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError):
-            skipped.append(path)
-            continue
-        if "SeriesInstanceUID" not in header or "Rows" not in header:
-            skipped.append(path)  # DICOMDIR, structured reports, presentation states...
-            continue
-        headers.append((path, header))
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        read = list(pool.map(_try_read, paths))
+    headers = [(path, dataset) for path, dataset in zip(paths, read) if dataset is not None]
+    skipped = [path for path, dataset in zip(paths, read) if dataset is None]
     if skipped:
         shown = ", ".join(p.name for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         warnings.warn(f"{folder}: skipped {len(skipped)} file(s) that are not DICOM images: {shown}", stacklevel=3)
@@ -133,9 +141,8 @@ def _select_series(folder: Path, series_instance_uid: str | None) -> list[tuple[
     return chosen
 
 
-def _decode(path: Path) -> tuple[np.ndarray, Dataset]:
+def _decode(path: Path, dataset: Dataset) -> np.ndarray:
     """Stored pixel values of one slice (no rescale), decoding compressed data with pydicom's plugins."""
-    dataset = pydicom.dcmread(path)
     syntax = str(dataset.file_meta.TransferSyntaxUID)
     if syntax in UNCOMPRESSED_LITTLE_ENDIAN and int(dataset.BitsAllocated) == 16 and int(dataset.get("SamplesPerPixel", 1)) == 1:
         dtype = np.int16 if int(dataset.PixelRepresentation) == 1 else np.uint16
@@ -145,14 +152,32 @@ def _decode(path: Path) -> tuple[np.ndarray, Dataset]:
         if bits_stored < 16:  # sign-extend or mask the unused high bits
             shift = 16 - bits_stored
             pixels = (pixels.astype(np.int32) << shift).astype(dtype) >> shift if dtype == np.int16 else pixels & ((1 << bits_stored) - 1)
-        return pixels, dataset
+        return pixels
     try:
-        return dataset.pixel_array, dataset
+        return dataset.pixel_array
     except Exception as error:  # pydicom raises RuntimeError/NotImplementedError for missing plugins
         hint = next((text for prefix, text in DECODER_HINTS.items() if syntax.startswith(prefix)), None)
         name = getattr(dataset.file_meta.TransferSyntaxUID, "name", syntax)
         install = f"; install a decoder: {hint}" if hint else ""
         raise DicomSeriesError(f"{path.name}: cannot decode '{name}' pixel data{install} ({error})") from None
+
+
+def _slice_to_hu(path: Path, header: Dataset) -> np.ndarray:
+    """One slice in int16 HU: rescale (integer arithmetic when the rescale is integral), padding -> air."""
+    pixels = _decode(path, header)
+    slope = float(header.get("RescaleSlope", 1) or 1)
+    intercept = float(header.get("RescaleIntercept", 0) or 0)
+    if slope == 1 and intercept.is_integer():
+        values = pixels.astype(np.int32) + int(intercept)
+    else:
+        values = np.rint(pixels.astype(np.float64) * slope + intercept)
+    padding = _padding_mask(pixels, header)
+    if padding is not None:
+        values[padding] = PADDING_HU
+    if values.min() < -32768 or values.max() > 32767:
+        warnings.warn(f"{path.name}: HU values outside the int16 range were clipped", stacklevel=2)
+        values = np.clip(values, -32768, 32767)
+    return values.astype(np.int16)
 
 
 def _padding_mask(stored: np.ndarray, header: Dataset) -> np.ndarray | None:
@@ -197,14 +222,15 @@ def read_dicom_series(
     order = np.argsort(positions, kind="stable")
     items, positions = [items[i] for i in order], positions[order]
 
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        decoded = list(pool.map(lambda item: _decode(item[0]), items))
-    stored = [pixels for pixels, _ in decoded]
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        slices = list(pool.map(lambda item: _slice_to_hu(*item), items))
+    for _, header in items:
+        del header.PixelData  # the kept source headers hold no pixels
 
     keep = [0]
     for index in range(1, len(items)):
         if abs(positions[index] - positions[keep[-1]]) < POSITION_TOLERANCE_MM:
-            if not np.array_equal(stored[index], stored[keep[-1]]):
+            if not np.array_equal(slices[index], slices[keep[-1]]):
                 raise DicomSeriesError(
                     f"{items[index][0].name} and {items[keep[-1]][0].name} share position {positions[index]:.2f} mm "
                     "but hold different pixels: the folder mixes acquisitions; separate them"
@@ -212,18 +238,8 @@ def read_dicom_series(
             warnings.warn(f"{items[index][0].name} duplicates {items[keep[-1]][0].name}; dropped", stacklevel=2)
             continue
         keep.append(index)
-    items, positions, stored = [items[i] for i in keep], positions[keep], [stored[i] for i in keep]
-
-    hu_slices = []
-    for (path, header), pixels in zip(items, stored):
-        slope = float(header.get("RescaleSlope", 1) or 1)
-        intercept = float(header.get("RescaleIntercept", 0) or 0)
-        values = pixels.astype(np.float32) * slope + intercept
-        padding = _padding_mask(pixels, header)
-        if padding is not None:
-            values[padding] = PADDING_HU
-        hu_slices.append(values)
-    hu = np.stack(hu_slices)
+    items, positions = [items[i] for i in keep], positions[keep]
+    hu = np.stack([slices[i] for i in keep])
 
     pixel_spacing = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
     if len(items) > 1:
@@ -242,13 +258,11 @@ def read_dicom_series(
             regular = positions[0] + step * np.arange(int(round((positions[-1] - positions[0]) / step)) + 1)
             upper = np.clip(np.searchsorted(positions, regular, side="right"), 1, len(positions) - 1)
             weight = ((regular - positions[upper - 1]) / (positions[upper] - positions[upper - 1]))[:, None, None]
-            hu = (1 - weight) * hu[upper - 1] + weight * hu[upper]
+            hu = np.rint((1 - weight) * hu[upper - 1] + weight * hu[upper]).astype(np.int16)
             items = [items[i] for i in upper - 1]  # nearest-below headers; geometry comes from the grid
     else:
         step = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
 
-    if hu.min() < -32768 or hu.max() > 32767:
-        warnings.warn("HU values outside the int16 range were clipped", stacklevel=2)
     direction = np.column_stack([normal, column_direction, row_direction])
     metadata = CTMetadata(
         patient_id=str(first.get("PatientID", "")),
@@ -260,7 +274,7 @@ def read_dicom_series(
         source_headers=tuple(header for _, header in items),
     )
     return CTVolume(
-        hu=np.clip(np.rint(hu), -32768, 32767).astype(np.int16),
+        hu=hu,
         spacing_mm=(step, pixel_spacing[0], pixel_spacing[1]),
         origin_mm=tuple(float(v) for v in items[0][1].ImagePositionPatient),
         direction=direction,

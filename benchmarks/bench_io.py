@@ -1,0 +1,91 @@
+"""Read speed of a DICOM CT series: m3d's `read_dicom_series` vs SimpleITK's ImageSeriesReader (GDCM)
+on the same files in the same run. Goal: m3d within 1.5x of SimpleITK.
+
+    python benchmarks/bench_io.py [--slices 300] [--size 512] [--repeats 3]
+
+Writes benchmarks/results/io_<machine>.json with the device named.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from m3d.data.ct import CTVolume
+from m3d.data.dicom import read_dicom_series, write_dicom_series
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def best_of(repeats: int, function) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300, help="number of slices (default 300)")
+    parser.add_argument("--size", type=int, default=512, help="rows = columns (default 512)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs, best kept (default 3)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results folder")
+    args = parser.parse_args()
+
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1024, 1500, (args.slices, args.size, args.size), dtype=np.int16)
+    volume = CTVolume(hu, (1.25, 0.7, 0.7), (-180.0, -180.0, -300.0))
+    with tempfile.TemporaryDirectory() as folder:
+        series = Path(folder) / "series"
+        start = time.perf_counter()
+        write_dicom_series(volume, series, uid_seed="bench")
+        write_seconds = time.perf_counter() - start
+        read_dicom_series(series)  # warm the page cache
+
+        def read_simpleitk():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
+            return sitk.GetArrayFromImage(reader.Execute())
+
+        assert np.array_equal(read_simpleitk(), hu)
+        m3d_seconds = best_of(args.repeats, lambda: read_dicom_series(series))
+        sitk_seconds = best_of(args.repeats, read_simpleitk)
+    result = {
+        "benchmark": "read a DICOM CT series",
+        "device": f"{cpu_name()} ({os.cpu_count()} logical cores)",
+        "shape_zyx": [args.slices, args.size, args.size],
+        "repeats": args.repeats,
+        "write_seconds": round(write_seconds, 3),
+        "m3d_seconds": round(m3d_seconds, 3),
+        "simpleitk_seconds": round(sitk_seconds, 3),
+        "ratio_m3d_to_simpleitk": round(m3d_seconds / sitk_seconds, 3),
+        "goal_ratio": 1.5,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"io_{platform.node() or 'machine'}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
