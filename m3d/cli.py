@@ -165,9 +165,9 @@ def cmd_detect(args: argparse.Namespace) -> None:
     if args.out:
         if result.localization is None:
             raise ValueError(f"{type(model).__name__} does not localize: it has no map to write")
-        from .data.nifti import _save, nifti_affine
+        from .data.nifti import write_map_nifti
 
-        _save(result.localization.transpose(2, 1, 0), nifti_affine(volume), Path(args.out), "m3d detection map")
+        write_map_nifti(result.localization, volume, args.out)
         print(f"wrote {args.out}")
 
 

@@ -74,3 +74,23 @@ def test_lidc_summary_prints_the_database(capsys):
     assert main(["lidc", "summary"]) == 0
     text = capsys.readouterr().out
     assert "1,018" in text and "6,859" in text and "grouped nodules" in text
+
+
+def test_detect_prints_a_score_and_writes_the_map(tmp_path, capsys):
+    import torch
+
+    from m3d.data.nifti import write_nifti
+    from m3d.detectors import UNetConfig, UNetForForgeryDetection
+
+    torch.manual_seed(0)
+    UNetForForgeryDetection(UNetConfig(base_channels=4, depth=2)).save_pretrained(tmp_path / "model")
+    hu = np.random.default_rng(0).integers(-1000, 300, (3, 32, 32)).astype(np.int16)
+    scan = write_nifti(CTVolume(hu, (2.0, 1.0, 1.0)), tmp_path / "scan.nii.gz")
+    argv = ["detect", "--model", str(tmp_path / "model"), "--scan", str(scan), "--out", str(tmp_path / "map.nii.gz")]
+    assert main(argv) == 0
+    assert "score" in capsys.readouterr().out
+    import nibabel as nib  # the map is float32, so it is read with nibabel rather than as HU
+
+    data = np.asarray(nib.load(tmp_path / "map.nii.gz").dataobj)
+    assert data.shape == (32, 32, 3) and 0 <= data.min() and data.max() <= 1
+    assert main(["detect", "--model", str(tmp_path), "--scan", str(scan)]) == 2

@@ -155,3 +155,18 @@ def test_slice_input_modes(mode):
     if mode == "hu_windows":
         low, high = config.hu_windows[1]
         assert pixels[0, 1, 0, 0].item() == pytest.approx((0 - low) / (high - low) * 2 - 1)
+
+
+def test_a_config_it_does_not_understand_is_refused(tmp_path):
+    import json
+
+    tiny("unet").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["input_mode"] = "rgb_jpeg"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="input_mode"):
+        AutoModel.from_pretrained(tmp_path)
+    config["input_mode"], config["model_type"] = "hu_windows", "m3d_not_a_detector"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="m3d_not_a_detector"):
+        AutoModel.from_pretrained(tmp_path)

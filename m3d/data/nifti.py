@@ -55,6 +55,14 @@ def write_mask_nifti(mask: np.ndarray, reference: CTVolume, path: str | Path) ->
     return _save(mask.astype(np.uint8).transpose(2, 1, 0), nifti_affine(reference), Path(path), "m3d mask")
 
 
+def write_map_nifti(values: np.ndarray, reference: CTVolume, path: str | Path) -> Path:
+    """Write a float ``(z, y, x)`` map (a detector's probabilities) on ``reference``'s grid as float32 NIfTI."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != reference.shape:
+        raise ValueError(f"map shape {values.shape} differs from the reference volume's {reference.shape}")
+    return _save(values.transpose(2, 1, 0), nifti_affine(reference), Path(path), "m3d map")
+
+
 def read_nifti(path: str | Path) -> CTVolume:
     """Read a 3-D NIfTI file (any orientation) as a `CTVolume` in HU (scaling applied, rounded to int16)."""
     path = Path(path)
