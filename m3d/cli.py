@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 USER_ERRORS = (ValueError, OSError, LookupError)
+DELEGATED_COMMANDS = {"train-generator": "m3d.train.train_generator"}
 
 
 def _is_nifti(path: Path) -> bool:
@@ -291,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan_options(detect)
     detect.set_defaults(func=cmd_detect)
 
+    train_generator = commands.add_parser(
+        "train-generator", add_help=False,
+        help="train a tampering generator (pix2pix | cyclegan | ddpm) with Accelerate; --help for its options",
+    )
+
     plan = commands.add_parser("plan", help="the M3Dsynth tampering sites, split by patient (official data.csv columns)")
     source = plan.add_mutually_exclusive_group()
     source.add_argument("--source", choices=("lidc-db",), default="lidc-db", help="plan from the annotation database")
@@ -317,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED_COMMANDS:  # commands with their own parser (accelerate entry points)
+        import importlib
+
+        return importlib.import_module(DELEGATED_COMMANDS[argv[0]]).main(argv[1:], prog=f"m3d {argv[0]}")
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], None] = args.func
