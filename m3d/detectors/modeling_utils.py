@@ -108,6 +108,13 @@ class M3DDetectorPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Raise a clear ValueError unless ``pixel_values`` is ``(batch, num_channels, H, W)``."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must be (batch, {self.config.num_channels}, H, W); got {tuple(pixel_values.shape)}"
+            )
+
     def standard_loss(
         self,
         logits: torch.Tensor | None,

@@ -278,10 +278,7 @@ class ManTraNetForForgeryDetection(M3DDetectorPreTrainedModel):
         masks: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DetectorOutput | tuple:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must be (batch, {self.config.num_channels}, H, W); got {tuple(pixel_values.shape)}"
-            )
+        self.check_pixel_values(pixel_values)
         localization_logits = self.anomaly(self.featex(pixel_values))
         if self.config.image_pooling == "max":
             logits = localization_logits.flatten(1).amax(dim=1)

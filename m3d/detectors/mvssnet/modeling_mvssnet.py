@@ -249,10 +249,7 @@ class MVSSNetForForgeryDetection(M3DDetectorPreTrainedModel):
         masks: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DetectorOutput | tuple:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must be (batch, {self.config.num_channels}, H, W); got {tuple(pixel_values.shape)}"
-            )
+        self.check_pixel_values(pixel_values)
         if min(pixel_values.shape[-2:]) < 32:
             raise ValueError(f"MVSS-Net needs H, W >= 32; got {tuple(pixel_values.shape[-2:])}")
         size = pixel_values.shape[-2:]

@@ -627,10 +627,7 @@ class TruForForForgeryDetection(M3DDetectorPreTrainedModel):
         masks: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DetectorOutput | tuple:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must be (batch, {self.config.num_channels}, H, W); got {tuple(pixel_values.shape)}"
-            )
+        self.check_pixel_values(pixel_values)
         height, width = pixel_values.shape[-2:]
         multiple = self.config.input_multiple
         if height % multiple or width % multiple:
