@@ -16,6 +16,9 @@ from m3d.detectors import (
     detect_volume,
 )
 from m3d.detectors.hpfcn import HIGH_PASS_KERNELS
+from m3d.detectors.hpfcn.modeling_hpfcn import bilinear_kernel
+from m3d.detectors.resnet_gp import ResNetBackbone
+from m3d.detectors.resnet_gp.modeling_resnet_gp import IMAGENET_MEAN, IMAGENET_STD
 from m3d.detectors.volume import slices_to_input
 
 TINY = {
@@ -25,6 +28,15 @@ TINY = {
     "resnet_gp": (ResNetGPForForgeryDetection, ResNetGPConfig(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8))),
 }
 ORIGINAL_PARAMETERS = {"xception": 20.8e6, "unet": 31.0e6, "hpfcn": 7.7e6, "resnet_gp": 23.5e6}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine threads make them slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny(name):
@@ -75,21 +87,109 @@ def test_default_size_matches_the_original(name):
     assert abs(count / ORIGINAL_PARAMETERS[name] - 1) < 0.15
 
 
-def test_hpfcn_high_pass_filters_survive_save_and_load(tmp_path):
+def test_hpfcn_high_pass_filters_start_as_the_papers_and_trained_ones_survive_save_and_load(tmp_path):
     model = tiny("hpfcn")
     expected = HIGH_PASS_KERNELS.repeat(3, 1, 1).unsqueeze(1)
     torch.testing.assert_close(model.high_pass.weight.detach(), expected)
+    assert model.high_pass.weight.requires_grad
+    # after "training", the loaded model must hold the trained filters, not re-initialised ones
+    with torch.no_grad():
+        model.high_pass.weight.add_(0.25)
+        model.up1.weight.mul_(-3.0)
+    trained_filters, trained_up = model.high_pass.weight.detach().clone(), model.up1.weight.detach().clone()
     model.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path)
-    torch.testing.assert_close(loaded.high_pass.weight.detach(), expected)
+    torch.testing.assert_close(loaded.high_pass.weight.detach(), trained_filters)
+    torch.testing.assert_close(loaded.up1.weight.detach(), trained_up)
     frozen = HPFCNForForgeryDetection(HPFCNConfig(base_depths=(4, 4, 8, 8), units_per_block=1, train_high_pass=False))
     assert not frozen.high_pass.weight.requires_grad
+    torch.testing.assert_close(frozen.high_pass.weight.detach(), expected)
 
 
-def test_resnet_gp_removes_the_first_stride():
+def test_hpfcn_high_pass_layer_computes_first_order_derivatives():
+    model = tiny("hpfcn")
+    image = torch.arange(36.0).view(1, 1, 6, 6).repeat(1, 3, 1, 1)  # value = 6 * row + column
+    residuals = model.high_pass(image)[0, :, 2, 2]  # channel 3c + k: kernel k on input channel c
+    torch.testing.assert_close(residuals, torch.tensor([6.0, 1.0, 7.0]).repeat(3))
+
+
+def test_hpfcn_decoder_is_bilinear_initialised_and_strides_match_the_paper():
+    model = tiny("hpfcn")
+    for up in (model.up1, model.up2):
+        assert up.kernel_size == (8, 8) and up.stride == (4, 4) and up.bias is None
+        torch.testing.assert_close(up.weight.detach(), bilinear_kernel(up.in_channels, up.out_channels, 8))
+    # one channel: a bilinear x4 transposed conv maps a constant image to the same constant (inside)
+    up = torch.nn.functional.conv_transpose2d(torch.ones(1, 1, 6, 6), bilinear_kernel(1, 1, 8), stride=4, padding=2)
+    assert up.shape[-2:] == (24, 24)
+    torch.testing.assert_close(up[..., 4:-4, 4:-4], torch.ones(1, 1, 16, 16))
+    strides = [unit.stride for unit in HPFCNForForgeryDetection(HPFCNConfig(base_depths=(4, 4, 8, 8))).encoder]
+    assert strides == [1, 2] * 4  # stride 2 in each block's last unit: output stride 16
+
+
+def test_hpfcn_focal_loss():
+    model = tiny("hpfcn")
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])
+    masks = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    probability = torch.sigmoid(logits)
+    truth = torch.where(masks > 0, probability, 1 - probability)
+    expected = ((1 - truth) ** 2 * -torch.log(truth)).mean()
+    torch.testing.assert_close(model.focal_loss(logits, masks), expected)
+    model.config.focal_gamma = 0.0
+    torch.testing.assert_close(model.focal_loss(logits, masks), torch.nn.functional.binary_cross_entropy_with_logits(logits, masks))
+
+
+def test_resnet_gp_removes_the_stem_strides_as_the_reference():
     model = tiny("resnet_gp")
-    assert model.backbone.conv1.stride == (1, 1)
-    assert ResNetGPForForgeryDetection(ResNetGPConfig(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8), stem_stride=2)).backbone.conv1.stride == (2, 2)
+    assert model.backbone.conv1.stride == (1, 1) and model.backbone.maxpool.stride == 1
+    sizes = [feature.shape[-1] for feature in model.backbone(torch.randn(1, 3, 64, 64))]
+    assert sizes == [64, 32, 16, 8]  # last stage at 1/8
+    standard = ResNetGPForForgeryDetection(ResNetGPConfig(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8), stem_stride=2, pool_stride=2))
+    assert [feature.shape[-1] for feature in standard.backbone(torch.randn(1, 3, 64, 64))] == [16, 8, 4, 2]
+
+
+def test_resnet_gp_normalises_with_imagenet_statistics():
+    model = tiny("resnet_gp")
+    plain = ResNetGPForForgeryDetection(ResNetGPConfig(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8), imagenet_normalize=False)).eval()
+    plain.load_state_dict(model.state_dict())
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).logits, plain(pixel_values=((pixels + 1) / 2 - mean) / std).logits)
+
+
+def test_resnet_backbone_strides_dilation_and_channels():
+    backbone = ResNetBackbone(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8), expansion=4)
+    assert backbone.out_channels == [16, 16, 32, 32]
+    features = backbone(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1:] for f in features] == [(16, 16, 16), (16, 8, 8), (32, 4, 4), (32, 2, 2)]
+    dilated = ResNetBackbone(layers=(1, 2, 1, 2), widths=(4, 4, 8, 8), replace_stride_with_dilation=(False, False, True))
+    assert [f.shape[-1] for f in dilated(torch.randn(1, 3, 64, 64))] == [16, 8, 4, 4]  # 1/4, 1/8, 1/16, 1/16
+    assert dilated.layer4[1].conv2.dilation == (2, 2) and dilated.layer4[0].conv2.dilation == (1, 1)
+    assert ResNetBackbone(stem_stride=1).conv1.stride == (1, 1)
+    with torch.device("meta"):
+        resnet50 = ResNetBackbone()
+    assert resnet50.out_channels == [256, 512, 1024, 2048]
+    assert sum(p.numel() for p in resnet50.parameters()) == 23_508_032  # torchvision resnet50 without fc
+
+
+def test_xception_layout():
+    with torch.device("meta"):
+        model = XceptionForForgeryDetection(XceptionConfig())
+    assert len(model.blocks) == 3 + 8 + 1
+    assert all(len([m for m in block.rep if isinstance(m, torch.nn.BatchNorm2d)]) == 3 for block in model.blocks[3:11])
+    assert model.classifier.in_features == 2048
+    strides = [block.skip[0].stride for block in model.blocks if not isinstance(block.skip, torch.nn.Identity)]
+    assert strides == [(2, 2)] * 4  # entry 128, 256, 728 and exit 1024 blocks have strided 1x1 shortcuts
+    assert tiny("xception").localizes is False
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+def test_unet_image_logit_pools_the_map(pooling):
+    model = UNetForForgeryDetection(UNetConfig(base_channels=4, depth=3, image_pooling=pooling)).eval()
+    with torch.no_grad():
+        output = model(pixel_values=torch.randn(2, 3, 32, 32))
+    flat = output.localization_logits.flatten(1)
+    torch.testing.assert_close(output.logits, flat.amax(1) if pooling == "max" else flat.mean(1))
 
 
 @pytest.mark.parametrize(
@@ -99,6 +199,10 @@ def test_resnet_gp_removes_the_first_stride():
         (lambda: UNetConfig(image_pooling="median"), "image_pooling"),
         (lambda: HPFCNConfig(base_depths=(1, 2)), "base_depths"),
         (lambda: ResNetGPConfig(stem_stride=3), "stem_stride"),
+        (lambda: ResNetGPConfig(pool_stride=0), "pool_stride"),
+        (lambda: ResNetGPForForgeryDetection(ResNetGPConfig(num_channels=1)), "imagenet_normalize"),
+        (lambda: HPFCNConfig(focal_gamma=-1), "focal_gamma"),
+        (lambda: ResNetBackbone(replace_stride_with_dilation=(True,)), "replace_stride_with_dilation"),
         (lambda: UNetConfig(input_mode="rgb"), "input_mode"),
         (lambda: UNetConfig(hu_windows=((0, 1), (1, 0), (0, 1))), "hu_windows"),
     ],

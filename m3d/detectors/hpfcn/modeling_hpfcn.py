@@ -54,7 +54,11 @@ class PreActBottleneck(nn.Module):
 
 
 def bilinear_kernel(channels_in: int, channels_out: int, size: int) -> torch.Tensor:
-    """Transposed-conv weights that up-sample bilinearly (each output channel from all inputs, averaged)."""
+    """Transposed-conv weights ``(in, out, size, size)`` that up-sample bilinearly: the reference tiles
+    one bilinear kernel over every (input, output) pair; here it is also divided by ``channels_in`` so
+    that an output is the bilinear up-sampling of the inputs' mean rather than of their sum (the same
+    map up to a scale, which the following BatchNorm removes; it keeps activations small enough for
+    half precision)."""
     factor = (size + 1) // 2
     centre = factor - 1 if size % 2 == 1 else factor - 0.5
     grid = torch.arange(size, dtype=torch.float32)
@@ -65,13 +69,26 @@ def bilinear_kernel(channels_in: int, channels_out: int, size: int) -> torch.Ten
 
 class HPFCNForForgeryDetection(M3DDetectorPreTrainedModel):
     """HP-FCN (Li & Huang, "Localization of Deep Inpainting Using High-Pass Fully Convolutional
-    Network", ICCV 2019): a trainable high-pass first layer (three first-order derivative kernels per
-    channel), four blocks of two pre-activation ResNet-v2 bottleneck units (widths 32/64/128/256, out
-    4x, stride 2 in each block's last unit, no root block: output stride 16), then two 8x8 stride-4
-    transposed convs (1024 -> 64 -> 4, bilinear-initialised, trainable, BN + ReLU) and a 5x5 conv to
-    the map. The paper's two-class softmax is one logit here; the image logit is the map's max. Loss:
-    focal loss (gamma 2) on the map plus BCE on the image logit. Inputs must be multiples of 16.
-    Default config: 7,701,104 params (original: about 7.7 M).
+    Network", ICCV 2019; TF1 code lihaod/Deep_inpainting_localization), a per-pixel localizer.
+
+    Key components:
+
+    - **High-pass first layer**: three 3x3 first-order derivative kernels (vertical, horizontal,
+      diagonal; `HIGH_PASS_KERNELS`) applied depthwise to every input channel (3 -> 9 channels),
+      initialised with these kernels and trained (``train_high_pass``, as the reference's default).
+    - **Encoder**: four blocks of two pre-activation ResNet-v2 bottleneck units (widths
+      32/64/128/256, outputs 4x; stride 2 in each block's last unit; identity shortcuts sub-sample,
+      projection shortcuts are biased 1x1 convs on the pre-activation), no root block: output
+      stride 16. As in the reference, the decoder reads block4's output (slim's ``postnorm`` is not
+      on that path and is left out).
+    - **Decoder**: transposed conv x4 (1024 -> 64, 8x8) then x4 (64 -> 4, 8x8), both bias-free,
+      bilinear-initialised and trainable, then BatchNorm + ReLU and a 5x5 conv to the map.
+    - **Output**: the reference's 2-class softmax is one logit here (sigmoid); the image logit is
+      the global max of the map.
+    - **Loss**: focal loss (gamma 2, no alpha, averaged over pixels) on the map, as the reference's
+      ``focal_loss``, plus BCE on the image logit (`standard_loss`'s detection term).
+
+    Inputs must be multiples of 16. Default config: 7,698,928 params (original: about 7.7 M).
     """
 
     config_class = HPFCNConfig
@@ -86,11 +103,12 @@ class HPFCNForForgeryDetection(M3DDetectorPreTrainedModel):
                 stride = 2 if unit == config.units_per_block - 1 else 1
                 units.append(PreActBottleneck(channels, width, stride))
                 channels = 4 * width
-        self.encoder = nn.Sequential(*units, nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.encoder = nn.Sequential(*units)
         middle, last = config.decoder_channels
+        # kernel 8, stride 4, padding 2 = TF's "SAME" transposed conv to exactly 4x the size
         self.up1 = nn.ConvTranspose2d(channels, middle, 8, stride=4, padding=2, bias=False)
         self.up2 = nn.ConvTranspose2d(middle, last, 8, stride=4, padding=2, bias=False)
-        self.decoder_norms = nn.ModuleList([nn.BatchNorm2d(middle), nn.BatchNorm2d(last)])
+        self.decoder_norm = nn.BatchNorm2d(last)
         self.head = nn.Conv2d(last, 1, 5, padding=2)
         self.post_init()
 
@@ -104,6 +122,7 @@ class HPFCNForForgeryDetection(M3DDetectorPreTrainedModel):
             super()._init_weights(module)
 
     def focal_loss(self, localization_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Focal loss (Lin et al. 2017) without alpha: mean over pixels of (1 - p_t)^gamma * BCE."""
         target = masks.float().view_as(localization_logits)
         logits = localization_logits.float()
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -115,8 +134,7 @@ class HPFCNForForgeryDetection(M3DDetectorPreTrainedModel):
         if pixel_values.shape[-1] % 16 or pixel_values.shape[-2] % 16:
             raise ValueError(f"HP-FCN input height and width must be multiples of 16; got {tuple(pixel_values.shape[-2:])}")
         x = self.encoder(self.high_pass(pixel_values))
-        x = F.relu(self.decoder_norms[0](self.up1(x)))
-        x = F.relu(self.decoder_norms[1](self.up2(x)))
+        x = F.relu(self.decoder_norm(self.up2(self.up1(x))))
         localization_logits = self.head(x)
         logits = pool_logits(localization_logits, "max")
         loss = self.standard_loss(logits, None, labels, None)

@@ -9,9 +9,14 @@ class ResNetGPConfig(M3DDetectorConfig):
 
     Args:
         layers / widths: bottleneck blocks and widths per stage (ResNet-50: 3/4/6/3, 64/128/256/512).
-        stem_stride: stride of the 7x7 stem conv; 1 removes the first down-sampling (Corvi et al.).
+        stem_stride: stride of the 7x7 stem conv (reference: 1).
+        pool_stride: stride of the 3x3 stem max-pool (reference: 1). grip-unina/DMimageDetection
+            builds "res50stride1" as ``resnet50(num_classes=1, gap_size=1, stride0=1)`` and its
+            ``stride0`` sets the strides of both the stem conv and the max-pool, so the network
+            down-samples by 8 (layers 2-4) instead of 32. ``stem_stride=pool_stride=2`` is the
+            standard ResNet-50.
         imagenet_normalize: map inputs from [-1, 1] to [0, 1] and normalise with ImageNet statistics
-            inside the model, as the reference implementation expects.
+            inside the model, as the reference (``norm_type="resnet"``) does.
     """
 
     model_type = "m3d_resnet_gp"
@@ -21,6 +26,7 @@ class ResNetGPConfig(M3DDetectorConfig):
         layers: tuple[int, ...] = (3, 4, 6, 3),
         widths: tuple[int, ...] = (64, 128, 256, 512),
         stem_stride: int = 1,
+        pool_stride: int = 1,
         imagenet_normalize: bool = True,
         **kwargs,
     ) -> None:
@@ -28,8 +34,11 @@ class ResNetGPConfig(M3DDetectorConfig):
             raise ValueError(f"layers and widths must be four positive integers; got {layers}, {widths}")
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2; got {stem_stride}")
+        if pool_stride not in (1, 2):
+            raise ValueError(f"pool_stride must be 1 or 2; got {pool_stride}")
         self.layers = list(layers)
         self.widths = list(widths)
         self.stem_stride = stem_stride
-        self.imagenet_normalize = imagenet_normalize
+        self.pool_stride = pool_stride
+        self.imagenet_normalize = bool(imagenet_normalize)
         super().__init__(**kwargs)

@@ -23,11 +23,20 @@ def pool_logits(localization_logits: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 class UNetForForgeryDetection(M3DDetectorPreTrainedModel):
-    """U-Net (Ronneberger, Fischer & Brox, MICCAI 2015): ``depth`` levels of two padded 3x3 conv + BN +
-    ReLU with 2x2 max-pooling, widths 64 -> 1024, 2x2 transposed-conv up-sampling with skip
-    concatenation, a 1x1 conv to one localization logit. The image logit is the global max of the map.
-    Inputs must be multiples of ``2**depth``. Default config: 31,037,633 params (original with padded
-    convs and BN: 31.0 M).
+    """U-Net (Ronneberger, Fischer & Brox, "U-Net: Convolutional Networks for Biomedical Image
+    Segmentation", MICCAI 2015) as a per-pixel manipulation localizer.
+
+    Key components: ``depth`` (4) levels, five resolutions, each two padded 3x3 conv + BN + ReLU
+    (the paper's convs are unpadded and have no BN; padding keeps the map at the input size), 2x2
+    max-pooling, widths ``base_channels * 2**level`` (64 -> 1024), 2x2 stride-2 transposed-conv
+    up-sampling with skip concatenation, a 1x1 conv to one localization logit.
+
+    Image logit: the global **max** of the logit map (``image_pooling="max"``, default: a slice is
+    as manipulated as its most manipulated pixel); ``"mean"`` is the other option; no soft/LSE
+    pooling. Loss: `standard_loss` (BCE on the image logit, BCE + Dice on the map).
+
+    Inputs must be multiples of ``2**depth`` (16 by default). Default config: 31,037,633 params
+    (original at base 64 with padded convs and BN: 31.0 M).
     """
 
     config_class = UNetConfig

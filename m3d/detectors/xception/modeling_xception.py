@@ -32,7 +32,7 @@ class XceptionBlock(nn.Module):
         layers: list[nn.Module] = []
         for index in range(reps):
             if index > 0 or start_with_relu:
-                layers.append(nn.ReLU())
+                layers.append(nn.ReLU(inplace=index > 0))  # the first sees the block input, which the shortcut reuses
             layers += [SeparableConv2d(widths[index], widths[index + 1]), nn.BatchNorm2d(widths[index + 1])]
         if stride != 1:
             layers.append(nn.MaxPool2d(3, stride, 1))
@@ -44,12 +44,18 @@ class XceptionBlock(nn.Module):
 
 class XceptionForForgeryDetection(M3DDetectorPreTrainedModel):
     """Xception (Chollet, "Xception: Deep Learning with Depthwise Separable Convolutions", CVPR 2017)
-    as the detection-only baseline of M3Dsynth: entry flow (stem 3x3/2 32 + 3x3 64, strided blocks
-    128, 256, 728 with 1x1 shortcuts), middle flow (8 blocks of three separable convs at 728), exit
-    flow (728 -> 1024 block, separable 1536 and 2048), global average pooling, one logit.
+    as the detection-only (image-level) baseline of M3Dsynth, in timm's ``legacy_xception`` layout.
 
-    The stem convs are padded (the original's are not) so that any input size works. Default config:
-    20,809,001 params (original, timm ``legacy_xception`` with one output: 20.8 M).
+    Key components: entry flow (stem 3x3/2 conv 32 + 3x3 conv 64, then blocks of separable convs to
+    128, 256 and 728, each ending in a 3x3/2 max-pool with a strided 1x1 conv + BN shortcut), middle
+    flow (8 residual blocks of three ReLU-separable conv-BN at 728), exit flow (block 728 -> 728 ->
+    1024 with a strided shortcut, separable 1536 and 2048 with BN + ReLU), global average pooling,
+    dropout (0 by default) and one linear logit. Loss: BCE on the image logit (`standard_loss`). It
+    does not localize (``localization_logits`` is None).
+
+    The stem convs are padded (the original's are not) so the feature map stays at 1/32 of the
+    input; any input size works. Default config: 20,809,001 params (original, timm
+    ``legacy_xception`` with one output: 20.8 M).
     """
 
     config_class = XceptionConfig
