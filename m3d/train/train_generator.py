@@ -1,0 +1,837 @@
+"""Train one M3Dsynth tampering generator (pix2pix | cyclegan | ddpm) for one task (inject | remove).
+
+    python -m m3d.train.train_generator --model pix2pix --task inject --phantoms 8 --output-dir runs/p2p
+    accelerate launch -m m3d.train.train_generator --model ddpm --task remove --lidc-root /data/LIDC-IDRI ...
+
+Data: ``--data DIR`` (cases in the `m3d phantom` layout), ``--lidc-root DIR`` (a LIDC-IDRI download),
+or neither: ``--phantoms N`` synthetic scans made in memory. Sites and augmentations: `m3d.train.cubes`.
+
+Losses and optimisers:
+
+* pix2pix (CT-GAN): LSGAN (MSE on the PatchGAN scores, 1 = real) + ``--lambda-l1`` (100) x L1 over the
+  whole cube; the discriminator sees ``(candidate, masked)``. Adam(2e-4, beta1 0.5) for G; D's own rate
+  ``--d-learning-rate`` defaults to CT-GAN's 1e-6 (CT-GAN keeps D far slower than G so that the L1
+  term leads and D does not overpower G early). D is updated first, then G, on every batch.
+* cyclegan: G: masked -> full and F: full -> masked, discriminators D_full and D_masked, LSGAN +
+  ``--lambda-cycle`` (10) x cycle L1 (both directions) + 0.5 x lambda x identity L1. Unpaired: the full
+  cubes of a batch are shuffled against the masked ones. Adam(2e-4, 0.5) for G+F and for the Ds
+  (CycleGAN's settings; ``--d-learning-rate`` defaults to the G rate). No image pool (CycleGAN keeps 50
+  past fakes for D); G+F are updated first, then the Ds.
+* ddpm: epsilon-prediction MSE over the cube; the UNet sees ``concat(noisy, masked, mask)``; noise
+  schedule = the pipeline's `default_scheduler` (DDPM, 2,000 linear steps); AdamW(1e-4); gradient
+  norm clipped at 1; an EMA of the UNet (diffusers `EMAModel`, ``--ema-decay``) is what is saved.
+
+Accelerate runs it (devices, processes, ``--mixed-precision``, ``--gradient-accumulation-steps``).
+Checkpoints (`Accelerator.save_state`, every ``--checkpointing-steps``, at the end, and on Ctrl-C /
+SIGTERM) go to ``OUTPUT_DIR/checkpoints/checkpoint_<n>/`` with ``training_state.json`` (written last:
+a checkpoint without it is incomplete and ignored) and, for the DDPM, the EMA weights
+(``ema_unet/ema.safetensors`` + ``ema_state.json``). ``--resume-from-checkpoint latest|PATH`` restores models, optimisers, RNG states,
+the step counter and the data position: all randomness of a step is drawn from ``(seed, step)``, so a
+resumed run continues exactly as an uninterrupted one. Losses go to ``OUTPUT_DIR/logs.jsonl`` (and
+TensorBoard when installed); at the end the pipeline is saved to ``OUTPUT_DIR/pipeline``
+(`Pix2Pix3DPipeline` | `CycleGAN3DPipeline` | `M3DInpaintPipeline`, ``task`` recorded), which
+`m3d.pipelines.load_pipeline` reads.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODELS = ("pix2pix", "cyclegan", "ddpm")
+TASKS = ("inject", "remove")
+PRESET_CHOICES = ("tiny", "demo", "default", "reference")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+# Component classes per model, as named in `m3d.models.PRESETS`.
+COMPONENTS = {
+    "pix2pix": {"generator": "Pix2Pix3DGenerator", "discriminator": "PatchDiscriminator3D"},
+    "cyclegan": {"generator": "CycleGAN3DGenerator", "discriminator": "CycleGAN3DDiscriminator"},
+    "ddpm": {"unet": "UNet3DModel"},
+}
+
+# "demo": sizes that train to plausible nodules in a few minutes on a 2-core CPU (see the report in
+# the module's tests / README); a CLI choice only, not one of `m3d.models.PRESETS`.
+DEMO_PRESETS: dict[str, dict[str, Any]] = {
+    "Pix2Pix3DGenerator": dict(gf=8),
+    "PatchDiscriminator3D": dict(df=8),
+    "CycleGAN3DGenerator": dict(ngf=8, n_blocks=3),
+    "CycleGAN3DDiscriminator": dict(df=8),
+    "UNet3DModel": dict(block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(False, False, True),
+                        norm_num_groups=8, num_head_channels=16),
+}
+
+DEFAULT_LR = {"pix2pix": 2e-4, "cyclegan": 2e-4, "ddpm": 1e-4}
+DEFAULT_D_LR = {"pix2pix": 1e-6, "cyclegan": None}  # None: the generator's rate
+GAN_BETAS = (0.5, 0.999)
+STATE_FILE = "training_state.json"
+EMA_FOLDER = "ema_unet"
+
+logger = logging.getLogger("m3d.train.train_generator")
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m m3d.train.train_generator",
+        description="Train an M3Dsynth tampering generator (CT-GAN pix2pix, CycleGAN or DDPM) on 32 mm nodule "
+        "cubes; saves a diffusers pipeline folder (OUTPUT_DIR/pipeline). Runs under `accelerate launch` too.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--model", choices=MODELS, required=True, help="generator: CT-GAN pix2pix, 3-D CycleGAN or conditional DDPM")
+    what.add_argument("--task", choices=TASKS, required=True,
+                      help="inject: learn malignant nodules (median malignancy >= 4, > 10 mm); "
+                      "remove: learn benign ones (median malignancy <= 2, < 8 mm)")
+    what.add_argument("--preset", choices=PRESET_CHOICES, default="default",
+                      help="network sizes: m3d.models.PRESETS (tiny: tests; default: CPU-sized; reference: the "
+                      "papers'); demo: smaller than default, trains in minutes on a CPU")
+
+    data = parser.add_argument_group("data (one of --data / --lidc-root; else --phantoms synthetic scans)")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="DIR", help="folder of LIDC-style cases: <case>/dicom/ + LIDC XML (m3d phantom's layout)")
+    source.add_argument("--lidc-root", metavar="DIR", help="a LIDC-IDRI download: DICOM series folders with their XML")
+    data.add_argument("--max-scans", type=int, default=None, metavar="N", help="read at most N scans of --data / --lidc-root")
+    data.add_argument("--phantoms", type=int, default=8, metavar="N", help="synthetic scans made in memory when no data folder is given")
+    data.add_argument("--phantom-size", type=int, default=128, help="in-plane matrix of the synthetic scans")
+    data.add_argument("--phantom-max-slices", type=int, default=None, help="cap on the synthetic scans' slices")
+    data.add_argument("--cube-cache", metavar="DIR", default=None,
+                      help="keep the cut training cubes here (an .npz per task and data source) and reuse them")
+
+    run = parser.add_argument_group("training")
+    run.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints, logs.jsonl and pipeline/ go here")
+    run.add_argument("--max-steps", type=int, default=500, help="optimizer steps in all (a resumed run counts on)")
+    run.add_argument("--batch-size", type=int, default=8, help="cubes per process and micro-batch")
+    run.add_argument("--learning-rate", type=float, default=None,
+                     help="generator / UNet rate (default: pix2pix and cyclegan 2e-4, ddpm 1e-4)")
+    run.add_argument("--d-learning-rate", type=float, default=None,
+                     help="discriminator rate (default: pix2pix 1e-6 as CT-GAN; cyclegan = --learning-rate)")
+    run.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    run.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 term")
+    run.add_argument("--lambda-cycle", type=float, default=10.0, help="cyclegan: cycle weight (identity: half of it)")
+    run.add_argument("--ema-decay", type=float, default=0.9999, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
+    run.add_argument("--max-grad-norm", type=float, default=None, help="clip gradient norms (default: ddpm 1.0, GANs off)")
+    run.add_argument("--seed", type=int, default=0, help="seeds the data, the augmentations and every step's randomness")
+    run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
+
+    save = parser.add_argument_group("checkpoints and logs")
+    save.add_argument("--checkpointing-steps", type=int, default=500,
+                      help="save a checkpoint every N steps and at the end (0: only on interrupt)")
+    save.add_argument("--checkpoints-total-limit", type=int, default=3, help="keep at most this many checkpoints")
+    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH", default=None,
+                      help="continue from OUTPUT_DIR's newest complete checkpoint (latest; a fresh start if none) or a folder")
+    save.add_argument("--log-every", type=int, default=10, help="write mean losses to logs.jsonl every N steps")
+    save.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    positive = ["max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+    if args.max_scans is not None and args.max_scans < 1:
+        raise ValueError(f"--max-scans must be positive; got {args.max_scans}")
+    if args.checkpointing_steps < 0 or args.num_workers < 0:
+        raise ValueError("--checkpointing-steps and --num-workers must not be negative")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError("--checkpoints-total-limit must be positive")
+    if args.model == "pix2pix" and args.batch_size < 2:
+        raise ValueError("pix2pix trains BatchNorm down to a 1^3 bottleneck: --batch-size must be at least 2")
+
+
+# -- networks and steps -------------------------------------------------------------------------
+
+
+def component_config(class_name: str, preset: str) -> dict[str, Any]:
+    """Constructor arguments of a generator component for a CLI preset."""
+    from ..models import PRESETS
+
+    if preset == "demo":
+        return dict(DEMO_PRESETS[class_name])
+    return dict(PRESETS[class_name][preset])
+
+
+def _set_requires_grad(modules: Sequence[nn.Module], flag: bool) -> None:
+    for module in modules:
+        for parameter in module.parameters():
+            parameter.requires_grad_(flag)
+
+
+def _lsgan(scores: torch.Tensor, real: bool) -> torch.Tensor:
+    scores = scores.float()
+    return F.mse_loss(scores, torch.ones_like(scores) if real else torch.zeros_like(scores))
+
+
+def _generator_input(network: nn.Module, cube: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return cube if network.config.in_channels == 1 else torch.cat([cube, mask], dim=1)
+
+
+class GeneratorTrainer:
+    """One model's networks, optimisers, training step and pipeline (subclasses per model)."""
+
+    model = ""
+
+    def __init__(self, task: str, preset: str, lr: float, d_lr: float | None, args: argparse.Namespace | None = None):
+        self.task = task
+        self.preset = preset
+        self.lr = lr
+        self.d_lr = d_lr
+        self.args = args
+        self.networks: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.max_grad_norm: float | None = None
+        self.accelerator = None
+
+    def prepare(self, accelerator) -> None:
+        """Wrap the networks and optimisers with Accelerate (call once)."""
+        names, opt_names = list(self.networks), list(self.optimizers)
+        prepared = accelerator.prepare(*[self.networks[n] for n in names], *[self.optimizers[n] for n in opt_names])
+        prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
+        self.networks = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(opt_names, prepared[len(names):]))
+        self.accelerator = accelerator
+
+    def train(self) -> None:
+        for network in self.networks.values():
+            network.train()
+
+    def _update(self, loss: torch.Tensor, optimizer: str, modules: Sequence[nn.Module]) -> None:
+        accelerator = self.accelerator
+        accelerator.backward(loss)
+        if self.max_grad_norm and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(itertools.chain(*[m.parameters() for m in modules]), self.max_grad_norm)
+        self.optimizers[optimizer].step()
+        self.optimizers[optimizer].zero_grad(set_to_none=True)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called once per optimizer step (after gradients were synchronised)."""
+
+    def unwrap(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(self.networks[name]) if self.accelerator else self.networks[name]
+
+    def pipeline(self):
+        raise NotImplementedError
+
+    # checkpoint extras (the EMA)
+    def save_extra(self, folder: Path) -> None:
+        pass
+
+    def load_extra(self, folder: Path) -> None:
+        pass
+
+
+class Pix2PixTrainer(GeneratorTrainer):
+    model = "pix2pix"
+
+    def __init__(self, task, preset, lr, d_lr, args=None, lambda_l1: float = 100.0):
+        super().__init__(task, preset, lr, d_lr, args)
+        from ..models import PatchDiscriminator3D, Pix2Pix3DGenerator
+
+        self.lambda_l1 = lambda_l1
+        generator = Pix2Pix3DGenerator(**component_config("Pix2Pix3DGenerator", preset))
+        discriminator = PatchDiscriminator3D(**component_config("PatchDiscriminator3D", preset))
+        self.networks = {"generator": generator, "discriminator": discriminator}
+        self.optimizers = {
+            "generator": torch.optim.Adam(generator.parameters(), lr=lr, betas=GAN_BETAS),
+            "discriminator": torch.optim.Adam(discriminator.parameters(), lr=d_lr, betas=GAN_BETAS),
+        }
+
+    def step(self, batch):
+        G, D = self.networks["generator"], self.networks["discriminator"]
+        full, masked, mask = batch["full"], batch["masked"], batch["mask"]
+        fake = G(_generator_input(self.unwrap("generator"), masked, mask)).sample.float()
+        # discriminator first (CT-GAN): real (full, masked) -> 1, fake -> 0
+        loss_d = 0.5 * (_lsgan(D(full, masked), True) + _lsgan(D(fake.detach(), masked), False))
+        self._update(loss_d, "discriminator", [D])
+        # generator: fool the (frozen) discriminator + L1 to the real cube
+        _set_requires_grad([D], False)
+        try:
+            loss_gan = _lsgan(D(fake, masked), True)
+            loss_l1 = F.l1_loss(fake, full)
+            loss_g = loss_gan + self.lambda_l1 * loss_l1
+            self._update(loss_g, "generator", [G])
+        finally:
+            _set_requires_grad([D], True)
+        return {"loss": loss_g.detach(), "loss_g_gan": loss_gan.detach(), "loss_l1": loss_l1.detach(), "loss_d": loss_d.detach()}
+
+    def pipeline(self):
+        from ..models import Pix2Pix3DGenerator
+        from ..pipelines import Pix2Pix3DPipeline
+
+        generator = self.unwrap("generator")
+        copy = Pix2Pix3DGenerator.from_config(generator.config)
+        copy.load_state_dict({k: v.detach().float().cpu() for k, v in generator.state_dict().items()})
+        return Pix2Pix3DPipeline(generator=copy.eval(), task=self.task)
+
+
+class CycleGANTrainer(GeneratorTrainer):
+    model = "cyclegan"
+
+    def __init__(self, task, preset, lr, d_lr, args=None, lambda_cycle: float = 10.0):
+        super().__init__(task, preset, lr, d_lr, args)
+        from ..models import CycleGAN3DDiscriminator, CycleGAN3DGenerator
+
+        self.lambda_cycle = lambda_cycle
+        g_config = component_config("CycleGAN3DGenerator", preset)
+        d_config = component_config("CycleGAN3DDiscriminator", preset)
+        G = CycleGAN3DGenerator(**g_config)  # masked -> full (the pipeline's generator)
+        Fr = CycleGAN3DGenerator(**{**g_config, "in_channels": 1})  # full -> masked
+        D_full = CycleGAN3DDiscriminator(**{**d_config, "in_channels": 1})
+        D_masked = CycleGAN3DDiscriminator(**{**d_config, "in_channels": 1})
+        self.networks = {"generator": G, "reverse_generator": Fr, "discriminator_full": D_full, "discriminator_masked": D_masked}
+        self.optimizers = {
+            "generators": torch.optim.Adam(itertools.chain(G.parameters(), Fr.parameters()), lr=lr, betas=GAN_BETAS),
+            "discriminators": torch.optim.Adam(
+                itertools.chain(D_full.parameters(), D_masked.parameters()), lr=d_lr if d_lr is not None else lr, betas=GAN_BETAS
+            ),
+        }
+
+    def step(self, batch):
+        n = self.networks
+        G, Fr, D_full, D_masked = n["generator"], n["reverse_generator"], n["discriminator_full"], n["discriminator_masked"]
+        g_net = self.unwrap("generator")
+        mask = batch["mask"]
+        real_masked = batch["masked"]  # domain A
+        real_full = batch["full"][torch.randperm(batch["full"].shape[0], device="cpu").to(mask.device)]  # domain B, unpaired
+
+        _set_requires_grad([D_full, D_masked], False)
+        try:
+            fake_full = G(_generator_input(g_net, real_masked, mask)).sample.float()
+            rec_masked = Fr(fake_full).sample.float()
+            fake_masked = Fr(real_full).sample.float()
+            rec_full = G(_generator_input(g_net, fake_masked, mask)).sample.float()
+            idt_full = G(_generator_input(g_net, real_full, mask)).sample.float()
+            idt_masked = Fr(real_masked).sample.float()
+            loss_gan = _lsgan(D_full(fake_full), True) + _lsgan(D_masked(fake_masked), True)
+            loss_cycle = F.l1_loss(rec_masked, real_masked) + F.l1_loss(rec_full, real_full)
+            loss_idt = F.l1_loss(idt_full, real_full) + F.l1_loss(idt_masked, real_masked)
+            loss_g = loss_gan + self.lambda_cycle * loss_cycle + 0.5 * self.lambda_cycle * loss_idt
+            self._update(loss_g, "generators", [G, Fr])
+        finally:
+            _set_requires_grad([D_full, D_masked], True)
+        loss_d_full = 0.5 * (_lsgan(D_full(real_full), True) + _lsgan(D_full(fake_full.detach()), False))
+        loss_d_masked = 0.5 * (_lsgan(D_masked(real_masked), True) + _lsgan(D_masked(fake_masked.detach()), False))
+        loss_d = loss_d_full + loss_d_masked
+        self._update(loss_d, "discriminators", [D_full, D_masked])
+        return {
+            "loss": loss_g.detach(),
+            "loss_g_gan": loss_gan.detach(),
+            "loss_cycle": loss_cycle.detach(),
+            "loss_identity": loss_idt.detach(),
+            "loss_d": loss_d.detach(),
+        }
+
+    def pipeline(self):
+        from ..models import CycleGAN3DGenerator
+        from ..pipelines import CycleGAN3DPipeline
+
+        generator = self.unwrap("generator")
+        copy = CycleGAN3DGenerator.from_config(generator.config)
+        copy.load_state_dict({k: v.detach().float().cpu() for k, v in generator.state_dict().items()})
+        return CycleGAN3DPipeline(generator=copy.eval(), task=self.task)
+
+
+class DDPMTrainer(GeneratorTrainer):
+    model = "ddpm"
+
+    def __init__(self, task, preset, lr, d_lr=None, args=None, ema_decay: float = 0.9999):
+        super().__init__(task, preset, lr, None, args)
+        from diffusers.training_utils import EMAModel
+
+        from ..models import UNet3DModel
+        from ..pipelines import default_scheduler
+
+        unet = UNet3DModel(**component_config("UNet3DModel", preset))
+        self.scheduler = default_scheduler()
+        self.networks = {"unet": unet}
+        self.optimizers = {"unet": torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)}
+        self.ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=UNet3DModel, model_config=unet.config)
+        self.max_grad_norm = 1.0
+
+    def prepare(self, accelerator) -> None:
+        super().prepare(accelerator)
+        self.ema.to(accelerator.device)
+
+    def step(self, batch):
+        unet = self.networks["unet"]
+        full, masked, mask = batch["full"], batch["masked"], batch["mask"]
+        noise = torch.randn_like(full)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (full.shape[0],), device=full.device, dtype=torch.long)
+        noisy = self.scheduler.add_noise(full, noise, timesteps)
+        prediction = unet(torch.cat([noisy, masked, mask], dim=1), timesteps).sample.float()
+        loss = F.mse_loss(prediction, noise)
+        self._update(loss, "unet", [unet])
+        return {"loss": loss.detach()}
+
+    def after_optimizer_step(self) -> None:
+        self.ema.step(self.unwrap("unet").parameters())
+
+    def ema_unet(self):
+        from ..models import UNet3DModel
+
+        unet = self.unwrap("unet")
+        copy = UNet3DModel.from_config(unet.config)
+        self.ema.copy_to(copy.parameters())
+        return copy.float().cpu().eval()
+
+    def pipeline(self):
+        from ..pipelines import M3DInpaintPipeline, default_scheduler
+
+        return M3DInpaintPipeline(unet=self.ema_unet(), scheduler=default_scheduler(), task=self.task)
+
+    def save_extra(self, folder: Path) -> None:
+        """The EMA: shadow weights by parameter name (safetensors) + its counters (JSON)."""
+        from safetensors.torch import save_file
+
+        state = self.ema.state_dict()
+        shadow = state.pop("shadow_params")
+        names = [name for name, _ in self.unwrap("unet").named_parameters()]
+        target = folder / EMA_FOLDER
+        target.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, shadow)}, str(target / "ema.safetensors"))
+        _write_json_atomic(target / "ema_state.json", {k: _json_value(v) for k, v in state.items()})
+
+    def load_extra(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        target = folder / EMA_FOLDER
+        if not (target / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"{target / 'ema.safetensors'} missing: not a DDPM checkpoint of this script")
+        weights = load_file(str(target / "ema.safetensors"))
+        names = [name for name, _ in self.unwrap("unet").named_parameters()]
+        if sorted(weights) != sorted(names):
+            raise ValueError(f"{target} holds EMA weights of another UNet configuration")
+        state = json.loads((target / "ema_state.json").read_text())
+        state["shadow_params"] = [weights[n] for n in names]
+        self.ema.load_state_dict(state)
+        self.ema.to(self.accelerator.device if self.accelerator else "cpu")
+
+
+TRAINERS = {"pix2pix": Pix2PixTrainer, "cyclegan": CycleGANTrainer, "ddpm": DDPMTrainer}
+
+
+def make_trainer(
+    model: str,
+    task: str,
+    preset: str = "default",
+    *,
+    learning_rate: float | None = None,
+    d_learning_rate: float | None = None,
+    lambda_l1: float = 100.0,
+    lambda_cycle: float = 10.0,
+    ema_decay: float = 0.9999,
+    max_grad_norm: float | None = None,
+) -> GeneratorTrainer:
+    """A trainer with fresh networks (`prepare` it with an `Accelerator` before `step`)."""
+    if model not in TRAINERS:
+        raise ValueError(f"model must be one of {MODELS}; got {model!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}; got {task!r}")
+    if preset not in PRESET_CHOICES:
+        raise ValueError(f"preset must be one of {PRESET_CHOICES}; got {preset!r}")
+    lr = learning_rate if learning_rate is not None else DEFAULT_LR[model]
+    d_lr = d_learning_rate if d_learning_rate is not None else DEFAULT_D_LR.get(model)
+    if model == "pix2pix":
+        trainer = Pix2PixTrainer(task, preset, lr, d_lr, lambda_l1=lambda_l1)
+    elif model == "cyclegan":
+        trainer = CycleGANTrainer(task, preset, lr, d_lr, lambda_cycle=lambda_cycle)
+    else:
+        trainer = DDPMTrainer(task, preset, lr, ema_decay=ema_decay)
+    if max_grad_norm is not None:
+        trainer.max_grad_norm = max_grad_norm if max_grad_norm > 0 else None
+    return trainer
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
+
+
+def _data_key(args: argparse.Namespace) -> dict[str, Any]:
+    """What the training cubes depend on (the cube cache's key)."""
+    from . import cubes
+
+    rules = [cubes.INJECT_MIN_MALIGNANCY, cubes.INJECT_MIN_DIAMETER_MM, cubes.REMOVE_MAX_MALIGNANCY,
+             cubes.REMOVE_MAX_DIAMETER_MM, cubes.TRAIN_CUBE_SIZE]
+    key: dict[str, Any] = {"task": args.task, "rules": rules, "version": 1}
+    if args.data or args.lidc_root:
+        root = Path(args.data or args.lidc_root).resolve()
+        key.update(kind="data" if args.data else "lidc_root", root=str(root), max_scans=args.max_scans,
+                   entries=sorted(p.name for p in root.iterdir()) if root.is_dir() else [])
+    else:
+        key.update(kind="phantoms", n=args.phantoms, seed=args.seed, size=args.phantom_size,
+                   max_slices=args.phantom_max_slices, nodules=repr(cubes.PHANTOM_NODULES.get(args.task)))
+    return key
+
+
+def _cache_path(args: argparse.Namespace) -> Path | None:
+    if not args.cube_cache:
+        return None
+    digest = hashlib.sha1(json.dumps(_data_key(args), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(args.cube_cache) / f"cubes_{args.task}_{digest}.npz"
+
+
+def build_dataset(args: argparse.Namespace, samples_per_epoch_multiple: int, progress: bool):
+    """The task's training cubes from ``--data`` / ``--lidc-root`` / phantoms (or the cube cache)."""
+    from .cubes import CubeDataset, iter_case_folders, iter_lidc_root, iter_phantom_cases
+
+    dataset = None
+    cache = _cache_path(args)
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            dataset = CubeDataset.from_cubes(stored["cubes_hu"], records=json.loads(str(stored["records"])),
+                                             seed=args.seed, augment=True, shuffle=True)
+        logger.info("training cubes from the cache %s", cache)
+    if dataset is None:
+        if args.data:
+            cases = iter_case_folders(args.data)
+        elif args.lidc_root:
+            cases = iter_lidc_root(args.lidc_root)
+        else:
+            cases = iter_phantom_cases(args.phantoms, seed=args.seed, size=args.phantom_size,
+                                       max_slices=args.phantom_max_slices, task=args.task)
+        if args.max_scans is not None and (args.data or args.lidc_root):
+            cases = itertools.islice(cases, args.max_scans)
+        dataset = CubeDataset.from_cases(cases, args.task, seed=args.seed, augment=True, shuffle=True, progress=progress)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.stem}.tmp-{os.getpid()}.npz")
+            np.savez(tmp, cubes_hu=dataset.cubes_hu, records=np.array(json.dumps(dataset.records)))
+            os.replace(tmp, cache)
+    multiple = samples_per_epoch_multiple
+    dataset.samples_per_epoch = math.ceil(max(len(dataset.cubes_hu), multiple) / multiple) * multiple
+    return dataset
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def _checkpoint_number(path: Path) -> int | None:
+    match = re.fullmatch(r"checkpoint_(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (with ``training_state.json``) under ``OUTPUT_DIR/checkpoints``, oldest first."""
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _checkpoint_number(p) is not None and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_checkpoint_number)
+
+
+def _next_checkpoint_number(output_dir: Path) -> int:
+    folder = output_dir / "checkpoints"
+    numbers = [_checkpoint_number(p) for p in folder.iterdir()] if folder.is_dir() else []
+    numbers = [n for n in numbers if n is not None]
+    return max(numbers) + 1 if numbers else 0
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, micro, rank, 0x6E4]).generate_state(1, np.uint64)[0] % (2**63 - 1))
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+class _StopRequest:
+    """First SIGINT / SIGTERM: finish the step, checkpoint, exit. A second SIGINT: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n[train_generator] {self.signal_name}: finishing this step, saving a checkpoint, then exiting "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no handlers, Ctrl-C raises as usual
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def _json_value(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def _configure_logging(main_process: bool) -> None:
+    """This script's messages on stderr (INFO on the main process); library loggers keep their levels."""
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[train_generator] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def train(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+    from tqdm.auto import tqdm
+
+    _check_args(args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_with = "tensorboard" if is_tensorboard_available() else None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cpu=args.cpu,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(output_dir / "tensorboard"),
+            automatic_checkpoint_naming=True,
+            total_limit=args.checkpoints_total_limit,
+        ),
+    )
+    main_process = accelerator.is_main_process
+    _configure_logging(main_process)
+    set_seed(args.seed)
+
+    # data: every process cuts the same cubes (deterministic); the loader shards the batches
+    total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    dataset = build_dataset(args, total_batch, progress=main_process and not args.no_progress)
+    logger.info("%d %s sites -> %d cubes per epoch (%s)", len(dataset.cubes_hu), args.task, len(dataset),
+                ", ".join(r["source"] for r in dataset.records[:5]) + (" ..." if len(dataset.records) > 5 else ""))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=False,  # the dataset orders each epoch from (seed, epoch)
+        drop_last=True,
+        num_workers=args.num_workers,
+        worker_init_fn=_ignore_sigint if args.num_workers else None,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+
+    trainer = make_trainer(
+        args.model,
+        args.task,
+        args.preset,
+        learning_rate=args.learning_rate,
+        d_learning_rate=args.d_learning_rate,
+        lambda_l1=args.lambda_l1,
+        lambda_cycle=args.lambda_cycle,
+        ema_decay=args.ema_decay,
+        max_grad_norm=args.max_grad_norm,
+    )
+    trainer.args = args
+    trainer.prepare(accelerator)
+    loader = accelerator.prepare(loader)
+    micro_per_epoch = len(loader)
+    if micro_per_epoch < args.gradient_accumulation_steps:
+        raise ValueError("an epoch holds fewer micro-batches than --gradient-accumulation-steps")
+
+    # resume
+    global_step = 0
+    state_path = None
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            found = complete_checkpoints(output_dir)
+            state_path = found[-1] if found else None
+            if state_path is None:
+                logger.info("no complete checkpoint in %s: starting from scratch", output_dir / "checkpoints")
+        else:
+            state_path = Path(args.resume_from_checkpoint)
+            if not (state_path / STATE_FILE).is_file():
+                raise FileNotFoundError(f"{state_path} is not a complete checkpoint (no {STATE_FILE})")
+    if state_path is not None:
+        state = json.loads((state_path / STATE_FILE).read_text())
+        for key in ("model", "task", "preset"):
+            if state.get(key) != getattr(args, key):
+                raise ValueError(f"checkpoint {state_path} was trained with --{key} {state.get(key)}; got {getattr(args, key)}")
+        if state.get("total_batch") != total_batch:
+            logger.warning("checkpoint used %s cubes per step, this run %d: the data order will differ", state.get("total_batch"), total_batch)
+        accelerator.load_state(str(state_path))
+        trainer.load_extra(state_path)
+        global_step = int(state["global_step"])
+        logger.info("resumed from %s at step %d", state_path, global_step)
+    elif complete_checkpoints(output_dir):
+        logger.warning("%s already holds checkpoints; pass --resume-from-checkpoint latest to continue from them", output_dir)
+    accelerator.project_configuration.iteration = _next_checkpoint_number(output_dir)
+
+    if log_with:
+        accelerator.init_trackers("train_generator", config={k: _json_value(v) for k, v in vars(args).items()})
+
+    log_path = output_dir / "logs.jsonl"
+    start_time = time.perf_counter()
+    last_saved = global_step if state_path is not None else -1
+
+    def save_checkpoint() -> Path:
+        nonlocal last_saved
+        accelerator.wait_for_everyone()
+        folder = Path(accelerator.save_state())
+        if main_process:
+            trainer.save_extra(folder)
+            _write_json_atomic(folder / STATE_FILE, {
+                "global_step": global_step,
+                "model": args.model,
+                "task": args.task,
+                "preset": args.preset,
+                "seed": args.seed,
+                "total_batch": total_batch,
+                "micro_batches_per_epoch": micro_per_epoch,
+                "epoch": (global_step * args.gradient_accumulation_steps) // micro_per_epoch,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+        accelerator.wait_for_everyone()
+        last_saved = global_step
+        logger.info("checkpoint at step %d: %s", global_step, folder)
+        return folder
+
+    progress = tqdm(
+        total=args.max_steps,
+        initial=min(global_step, args.max_steps),
+        desc=f"{args.model} {args.task}",
+        unit="step",
+        disable=not main_process or args.no_progress,
+        dynamic_ncols=True,
+    )
+    trainer.train()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    interrupted = False
+    micro = global_step * args.gradient_accumulation_steps
+    window_start, window_step = time.perf_counter(), global_step
+    with _StopRequest() as stop:
+        try:
+            while global_step < args.max_steps and not stop.requested:
+                epoch, skip = divmod(micro, micro_per_epoch)
+                epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+                epoch_loader.set_epoch(epoch)
+                for batch in epoch_loader:
+                    micro_index = micro % args.gradient_accumulation_steps
+                    torch.manual_seed(_step_seed(args.seed, global_step, micro_index, accelerator.process_index))
+                    with accelerator.accumulate(*trainer.networks.values()):
+                        losses = trainer.step(batch)
+                    micro += 1
+                    for key, value in losses.items():
+                        sums[key] = sums.get(key, 0.0) + value.float()
+                    count += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    global_step += 1
+                    trainer.after_optimizer_step()
+                    progress.update(1)
+                    if global_step % args.log_every == 0 or global_step == args.max_steps:
+                        keys = sorted(sums)
+                        means = accelerator.reduce(torch.stack([sums[k] / count for k in keys]), reduction="mean")
+                        record = {k: float(v) for k, v in zip(keys, means.tolist())}
+                        now = time.perf_counter()
+                        record.update(step=global_step, epoch=epoch, lr=trainer.lr,
+                                      steps_per_s=(global_step - window_step) / max(now - window_start, 1e-9),
+                                      elapsed_s=round(now - start_time, 3))
+                        window_start, window_step = now, global_step
+                        if main_process:
+                            with open(log_path, "a") as handle:
+                                handle.write(json.dumps(record) + "\n")
+                            progress.set_postfix(loss=f"{record['loss']:.4f}")
+                        if log_with:
+                            accelerator.log({k: v for k, v in record.items() if k.startswith("loss")}, step=global_step)
+                        sums, count = {}, 0
+                    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                        save_checkpoint()
+                    if global_step >= args.max_steps or stop.requested:
+                        break
+        except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed
+            interrupted = True
+        progress.close()
+        interrupted = interrupted or stop.requested
+        if interrupted:
+            if global_step != last_saved and global_step > 0:
+                save_checkpoint()
+            logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", global_step)
+            accelerator.end_training()
+            return 130
+
+    if args.checkpointing_steps and global_step != last_saved:
+        save_checkpoint()
+    accelerator.wait_for_everyone()
+    if main_process:
+        pipeline_dir = output_dir / "pipeline"
+        tmp = output_dir / f".pipeline.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.pipeline().save_pretrained(str(tmp))
+        old = output_dir / f".pipeline.old-{os.getpid()}"
+        if pipeline_dir.exists():
+            os.replace(pipeline_dir, old)
+        os.replace(tmp, pipeline_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        summary = {
+            "model": args.model,
+            "task": args.task,
+            "preset": args.preset,
+            "steps": global_step,
+            "sites": dataset.records,
+            "wall_s": round(time.perf_counter() - start_time, 3),
+            "args": {k: _json_value(v) for k, v in vars(args).items()},
+        }
+        _write_json_atomic(output_dir / "training_summary.json", summary)
+        logger.info("saved %s pipeline (%s) to %s", args.model, args.task, pipeline_dir)
+    accelerator.end_training()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point (`m3d train-generator` calls it; ``prog`` names it in the usage line): 0 done, 2 bad
+    input, 130 interrupted (a checkpoint was saved)."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return train(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"train_generator: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train_generator: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

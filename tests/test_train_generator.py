@@ -1,0 +1,357 @@
+"""Generator training (m3d.train): site selection, training cubes and augmentations, the three models'
+losses, and the Accelerate entry point (checkpoints, exact resumption, Ctrl-C, the saved pipeline).
+CPU, tiny preset, synthetic scans built here (the synthetic-phantom source is swapped for them)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from m3d.data.ct import CTVolume
+from m3d.tamper.cube import CUBE_SIZE, extract_cube, hole_mask, hu_to_unit
+from m3d.train import cubes as cubes_module
+from m3d.train import train_generator as tg
+from m3d.train.cubes import (
+    Augmentation,
+    CubeDataset,
+    TrainingCase,
+    center_crop,
+    cut_training_cube,
+    lidc_series,
+    site_matches,
+    sites_for_task,
+    xml_series_uid,
+)
+
+SPACING = (1.25, 0.8, 0.8)
+SHAPE = (48, 84, 84)  # 60 x 67 x 67 mm
+ORIGIN = (-33.6, -33.6, -30.0)
+# (voxel z, y, x), diameter mm, median malignancy, selected for
+NODULES = [
+    ((24, 30, 30), 14.0, 4.5, "inject"),
+    ((24, 30, 54), 12.0, 4.0, "inject"),
+    ((24, 54, 30), 12.0, 3.0, None),  # indeterminate
+    ((24, 54, 54), 9.0, 5.0, None),  # malignant but not > 10 mm
+    ((24, 42, 42), 10.0, 4.0, None),  # exactly 10 mm: not > 10
+    ((18, 42, 30), 5.0, 1.5, "remove"),
+    ((30, 42, 54), 6.0, 2.0, "remove"),
+    ((18, 30, 42), 8.0, 1.0, None),  # exactly 8 mm: not < 8
+    ((30, 54, 42), 5.0, 2.5, None),  # not benign enough
+    ((30, 30, 42), 11.0, None, None),  # no rating
+    ((3, 42, 42), 15.0, 5.0, None),  # cube reaches beyond the scan (z)
+]
+
+
+def synthetic_case(seed: int = 0, case_id: str = "synth", nodules=NODULES) -> TrainingCase:
+    """Lung-like noise with a bright sphere per nodule (diameter as given)."""
+    rng = np.random.default_rng(seed)
+    hu = -850 + rng.normal(0, 25, SHAPE)
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(SHAPE, SPACING)], indexing="ij")
+    records = []
+    for (cz, cy, cx), diameter, malignancy, _ in nodules:
+        inside = (z - cz * SPACING[0]) ** 2 + (y - cy * SPACING[1]) ** 2 + (x - cx * SPACING[2]) ** 2 < (diameter / 2) ** 2
+        hu[inside] = 40 + rng.normal(0, 25, int(inside.sum()))
+        records.append(SimpleNamespace(centroid_zyx=(cz, cy, cx), diameter_mm=diameter, malignancy=malignancy))
+    return TrainingCase(case_id, CTVolume(hu, SPACING, ORIGIN), records)
+
+
+def fake_phantoms(n, *, seed=0, size=128, max_slices=None, task=None):
+    for i in range(n):
+        yield synthetic_case(seed + i, f"synth{seed + i}", NODULES[:2] + NODULES[5:7])
+
+
+@pytest.fixture(scope="module")
+def case() -> TrainingCase:
+    return synthetic_case()
+
+
+# -- sites --------------------------------------------------------------------------------------
+
+
+def test_site_rules():
+    assert site_matches("inject", 10.5, 4.0) and not site_matches("inject", 10.0, 5.0)
+    assert not site_matches("inject", 20.0, 3.5) and not site_matches("inject", 20.0, None)
+    assert site_matches("remove", 7.9, 2.0) and not site_matches("remove", 8.0, 1.0)
+    assert not site_matches("remove", 4.0, 2.5) and not site_matches("remove", 4.0, None)
+    with pytest.raises(ValueError):
+        site_matches("swap", 5.0, 1.0)
+
+
+@pytest.mark.parametrize("task", ["inject", "remove"])
+def test_sites_for_task_picks_the_papers_nodules(case, task):
+    sites = sites_for_task([case], task)
+    expected = [f"synth/nodule{i}" for i, spec in enumerate(NODULES) if spec[3] == task]
+    assert [site.source for site in sites] == expected
+    for site in sites:
+        number = int(site.source.rsplit("nodule", 1)[1])
+        assert np.allclose(site.center_lps_mm, case.volume.voxel_to_world(NODULES[number][0]))
+        assert site.volume is case.volume
+
+
+# -- cubes and augmentations --------------------------------------------------------------------
+
+
+def test_training_cube_is_the_tamper_cube_grown_by_4mm(case):
+    center = case.volume.voxel_to_world((24, 30, 30))
+    cube40 = cut_training_cube(case.volume, center)
+    assert cube40.shape == (40, 40, 40) and cube40.dtype == np.float32
+    cube32 = extract_cube(case.volume, center, allow_outside_lung=True).hu
+    np.testing.assert_allclose(center_crop(cube40), cube32, atol=1e-4)
+    # near a face: no NaN / air, the nearest scan voxel is repeated
+    edge = cut_training_cube(case.volume, case.volume.voxel_to_world((13, 42, 42)))
+    assert np.isfinite(edge).all() and edge.min() > -1000
+
+
+def test_augmentation_geometry():
+    cube = np.arange(40**3, dtype=np.float32).reshape(40, 40, 40)
+    np.testing.assert_array_equal(Augmentation(shift=(1, -2, 3)).apply(cube), cube[5:37, 2:34, 7:39])
+    turned = Augmentation(shift=(0, 0, -4), flips=(True, False, True), quarter_turns=1).apply(cube)
+    np.testing.assert_array_equal(turned, np.rot90(np.flip(cube[4:36, 4:36, 0:32], axis=(0, 2)), 1, axes=(1, 2)))
+    with pytest.raises(ValueError):
+        Augmentation(shift=(5, 0, 0)).apply(cube)
+
+
+def test_dataset_items(case):
+    dataset = CubeDataset(sites_for_task([case], "inject"), seed=3)
+    assert len(dataset) == 2 and dataset.cubes_hu.shape == (2, 40, 40, 40)
+    hole = torch.from_numpy(hole_mask())[None]
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert set(item) == {"full", "masked", "mask"}
+        for value in item.values():
+            assert value.shape == (1, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE) and value.dtype == torch.float32
+        assert item["full"].min() >= -1 and item["full"].max() <= 1
+        assert torch.equal(item["mask"], hole.float())
+        assert torch.all(item["masked"][hole] == 0)
+        assert torch.equal(item["masked"][~hole], item["full"][~hole])
+    plain = CubeDataset.from_cubes(dataset.cubes_hu, augment=False)[1]["full"][0].numpy()
+    np.testing.assert_allclose(plain, hu_to_unit(center_crop(dataset.cubes_hu[1])), atol=1e-6)
+
+
+def test_augmentation_is_deterministic_by_seed_epoch_index(case):
+    cubes = CubeDataset(sites_for_task([case], "inject")).cubes_hu
+
+    def draw(seed, epoch, shuffle=True):
+        dataset = CubeDataset.from_cubes(cubes, seed=seed, shuffle=shuffle, samples_per_epoch=6)
+        dataset.set_epoch(epoch)
+        return torch.stack([dataset[i]["full"] for i in range(len(dataset))])
+
+    assert torch.equal(draw(0, 0), draw(0, 0))
+    assert torch.equal(draw(5, 2), draw(5, 2))
+    assert not torch.equal(draw(0, 0), draw(1, 0))
+    assert not torch.equal(draw(0, 0), draw(0, 1))
+    dataset = CubeDataset.from_cubes(cubes, seed=0, shuffle=True, samples_per_epoch=6)
+    assert sorted(dataset.cube_index(i) for i in range(6)) == [0, 0, 0, 1, 1, 1]  # every cube equally often
+    assert dataset.augmentation(2) == dataset.augmentation(2) != Augmentation()
+
+
+# -- case sources -------------------------------------------------------------------------------
+
+
+def test_phantom_sites_sit_on_their_nodules():
+    """The in-memory synthetic scans: sites are the nodules' consensus-mask centroids, in LPS."""
+    pytest.importorskip("m3d.data.phantom")
+    try:
+        (training_case,) = list(cubes_module.iter_phantom_cases(1, seed=0, size=64, max_slices=48, task="inject"))
+    except (LookupError, OSError) as error:  # no LIDC annotation database here
+        pytest.skip(f"no phantom: {error}")
+    volume = training_case.volume
+    sites = sites_for_task([training_case], "inject")
+    assert sites, [(n.diameter_mm, n.malignancy) for n in training_case.nodules]
+    for site in sites:
+        nodule = training_case.nodules[int(site.source.rsplit("nodule", 1)[1])]
+        assert site.diameter_mm > 10 and site.malignancy >= 4
+        mask = nodule.mask_for_volume(volume)
+        centroid = volume.voxel_to_world(np.argwhere(mask).mean(axis=0))
+        assert np.abs(centroid - site.center_lps_mm).max() < max(volume.spacing_mm)
+
+
+def _write_dicom(path: Path, series_uid: str) -> None:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = pydicom.Dataset()
+    dataset.file_meta = meta
+    dataset.SeriesInstanceUID = series_uid
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def _write_xml(path: Path, series_uid: str) -> None:
+    path.write_text(
+        '<?xml version="1.0" encoding="UTF-8"?>\n<LidcReadMessage xmlns="http://www.nih.gov">\n<ResponseHeader>\n'
+        f"<SeriesInstanceUid>{series_uid}</SeriesInstanceUid>\n</ResponseHeader>\n</LidcReadMessage>\n"
+    )
+
+
+def test_lidc_root_pairs_series_with_their_xml(tmp_path):
+    good = tmp_path / "LIDC-IDRI-0001" / "1.2.3" / "1.2.3.4"
+    other = tmp_path / "LIDC-IDRI-0001" / "1.2.3" / "1.2.3.5"  # e.g. the CR series with someone else's XML
+    for folder in (good, other):
+        folder.mkdir(parents=True)
+    _write_dicom(good / "000001.dcm", "1.2.3.4")
+    _write_xml(good / "069.xml", "1.2.3.4")
+    _write_dicom(other / "000001.dcm", "1.2.3.5")
+    _write_xml(other / "070.xml", "9.9.9")
+    assert xml_series_uid(good / "069.xml") == "1.2.3.4"
+    assert lidc_series(tmp_path) == [(good, good / "069.xml", "1.2.3.4")]
+    with pytest.raises(FileNotFoundError):
+        lidc_series(other.parent.parent.parent / "nothing-here")
+
+
+# -- losses ------------------------------------------------------------------------------------
+
+
+def _fixed_batch(case, size: int, count: int) -> dict[str, torch.Tensor]:
+    dataset = CubeDataset(sites_for_task([case], "inject") + sites_for_task([case], "remove"), augment=False)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(count)])
+    if size == CUBE_SIZE:
+        return batch
+    window = slice(4, 4 + size)  # 16^3 corner of the cube: some context, mostly hole
+    return {k: v[:, :, window, window, window].contiguous() for k, v in batch.items()}
+
+
+@pytest.mark.parametrize(
+    "model, size, count, steps",
+    [("pix2pix", 32, 4, 30), ("cyclegan", 32, 2, 10), ("ddpm", 16, 4, 30)],
+)
+def test_a_tiny_models_loss_falls(case, model, size, count, steps):
+    """A few steps on a fixed batch (fixed dropout, noise and timesteps too) make the loss fall. The
+    CycleGAN's discriminators need 32^3 cubes, so it takes fewer, smaller steps (CPU time)."""
+    from accelerate import Accelerator
+
+    trainer = tg.make_trainer(model, "inject", "tiny", learning_rate=2e-3)
+    trainer.prepare(Accelerator(cpu=True))
+    trainer.train()
+    batch = _fixed_batch(case, size, count)
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(0)
+        losses.append(float(trainer.step(batch)["loss"]))
+        trainer.after_optimizer_step()
+    assert all(np.isfinite(losses))
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.8 * first, f"{model}: loss {first:.4f} -> {last:.4f}"
+
+
+# -- the entry point ----------------------------------------------------------------------------
+
+
+def _argv(model: str, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--model", model, "--task", "inject", "--preset", "tiny", "--phantoms", "2", "--output-dir", str(out),
+        "--max-steps", str(steps), "--checkpointing-steps", "2", "--batch-size", "2", "--log-every", "1",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "logs.jsonl").read_text().splitlines()]
+
+
+def _weights(out: Path, model: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    component = "unet" if model == "ddpm" else "generator"
+    return load_file(str(out / "pipeline" / component / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("model", ["pix2pix", "cyclegan", "ddpm"])
+def test_checkpoints_resume_and_pipeline(tmp_path, monkeypatch, model):
+    from m3d.pipelines import PIPELINE_CLASSES, load_pipeline
+
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    run = tmp_path / "run"
+    assert tg.main(_argv(model, run, 2)) == 0  # "interrupted" after step 2 ...
+    assert tg.main(_argv(model, run, 4, "--resume-from-checkpoint", "latest")) == 0  # ... and resumed
+    checkpoints = tg.complete_checkpoints(run)
+    assert [p.name for p in checkpoints] == ["checkpoint_0", "checkpoint_1"]
+    assert [json.loads((p / tg.STATE_FILE).read_text())["global_step"] for p in checkpoints] == [2, 4]
+    assert _steps(run) == [1, 2, 3, 4]
+    if model == "ddpm":
+        assert (checkpoints[0] / tg.EMA_FOLDER / "ema.safetensors").is_file()
+
+    if model != "cyclegan":  # the resumed run ends exactly where an uninterrupted one does
+        straight = tmp_path / "straight"
+        assert tg.main(_argv(model, straight, 4, "--checkpointing-steps", "0")) == 0
+        assert not (straight / "checkpoints").exists()
+        resumed, reference = _weights(run, model), _weights(straight, model)
+        assert resumed.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(resumed[key], reference[key]), key
+
+    pipe = load_pipeline(run / "pipeline")
+    expected = {"pix2pix": "Pix2Pix3DPipeline", "cyclegan": "CycleGAN3DPipeline", "ddpm": "M3DInpaintPipeline"}[model]
+    assert isinstance(pipe, PIPELINE_CLASSES[expected]) and pipe.config.task == "inject"
+    cube = torch.rand((1, 1, 32, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    kwargs = {"num_inference_steps": 2} if model == "ddpm" else {}
+    out = pipe(cube, progress=False, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).cubes
+    hole = torch.from_numpy(hole_mask())
+    assert out.shape == cube.shape and torch.isfinite(out).all()
+    assert torch.equal(out[0, 0][~hole], cube[0, 0][~hole])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    calls = []
+
+    def interrupt_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(tg.Pix2PixTrainer, "after_optimizer_step", interrupt_once)
+        assert tg.main(_argv("pix2pix", out, 3, "--checkpointing-steps", "0")) == 130
+    assert [json.loads((p / tg.STATE_FILE).read_text())["global_step"] for p in tg.complete_checkpoints(out)] == [1]
+    assert not (out / "pipeline").exists()
+    assert tg.main(_argv("pix2pix", out, 3, "--checkpointing-steps", "0", "--resume-from-checkpoint", "latest")) == 0
+    assert _steps(out) == [1, 2, 3] and (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_cube_cache_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    cache = tmp_path / "cache"
+    assert tg.main(_argv("pix2pix", tmp_path / "a", 1, "--cube-cache", str(cache))) == 0
+    (stored,) = cache.glob("cubes_inject_*.npz")
+
+    def no_phantoms(*args, **kwargs):
+        raise AssertionError("the cached cubes should have been used")
+
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", no_phantoms)
+    assert tg.main(_argv("pix2pix", tmp_path / "b", 1, "--cube-cache", str(cache))) == 0
+    assert _weights(tmp_path / "a", "pix2pix").keys() == _weights(tmp_path / "b", "pix2pix").keys()
+    for key, value in _weights(tmp_path / "a", "pix2pix").items():
+        assert torch.equal(value, _weights(tmp_path / "b", "pix2pix")[key])
+    assert json.loads((tmp_path / "b" / "training_summary.json").read_text())["sites"][0]["source"] == "synth0/nodule0"
+
+
+def test_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", lambda n, **_: iter([synthetic_case(nodules=NODULES[2:5])]))
+    assert tg.main(_argv("pix2pix", tmp_path / "run", 2)) == 2
+    assert "no inject training sites" in capsys.readouterr().err
+    assert tg.main(_argv("pix2pix", tmp_path / "run", 2, "--batch-size", "1")) == 2
+
+
+def test_help_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "m3d.train.train_generator", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--model", "--task", "--lidc-root", "--phantoms", "--resume-from-checkpoint", "--mixed-precision"):
+        assert flag in result.stdout
+    parser = tg.build_parser()
+    args = parser.parse_args(["--model", "ddpm", "--task", "remove", "--output-dir", "x"])
+    assert args.preset == "default" and args.phantoms >= 1 and args.phantom_size == 128
