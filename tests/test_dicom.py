@@ -27,6 +27,13 @@ def oblique() -> np.ndarray:
     return rotation @ AXIAL_DIRECTION
 
 
+# slices stacked towards the feet, rows towards anterior: right-handed, so the slice normal of the files
+# (row x column) is the stacking direction and the array comes back as it was written
+DESCENDING = np.array([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
+# slices stacked towards the feet with the usual rows and columns: left-handed, read back reversed
+DESCENDING_LEFT_HANDED = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
+
+
 def assert_same(read: CTVolume, written: CTVolume) -> None:
     np.testing.assert_array_equal(read.hu, written.hu)
     np.testing.assert_allclose(read.spacing_mm, written.spacing_mm, atol=1e-5)
@@ -34,12 +41,26 @@ def assert_same(read: CTVolume, written: CTVolume) -> None:
     np.testing.assert_allclose(read.direction, written.direction, atol=1e-5)
 
 
-@pytest.mark.parametrize("direction", [AXIAL_DIRECTION, oblique(), AXIAL_DIRECTION * [[1], [1], [-1]] * [-1, 1, 1]])
+@pytest.mark.parametrize("direction", [AXIAL_DIRECTION, oblique(), DESCENDING], ids=["axial", "oblique", "descending"])
 def test_write_read_exact_round_trip(tmp_path, direction):
     volume = make_volume(direction=direction)
     files = write_dicom_series(volume, tmp_path / "series", uid_seed="t")
     assert len(files) == volume.shape[0]
-    assert_same(read_dicom_series(tmp_path / "series"), volume)
+    read = read_dicom_series(tmp_path / "series")
+    assert_same(read, volume)
+    headers = read.metadata.source_headers
+    assert len(headers) == volume.shape[0] and all("PixelData" not in h for h in headers)
+    assert [h.InstanceNumber for h in headers] == list(range(1, volume.shape[0] + 1))
+
+
+def test_left_handed_stack_reads_back_in_normal_order_at_the_same_place(tmp_path):
+    volume = make_volume(direction=DESCENDING_LEFT_HANDED)
+    write_dicom_series(volume, tmp_path / "series")
+    read = read_dicom_series(tmp_path / "series")
+    np.testing.assert_array_equal(read.hu, volume.hu[::-1])
+    np.testing.assert_allclose(read.origin_mm, volume.voxel_to_world((volume.shape[0] - 1, 0, 0)), atol=1e-4)
+    np.testing.assert_allclose(read.direction, volume.direction * [-1, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(read.voxel_to_world((2, 5, 7)), volume.voxel_to_world((volume.shape[0] - 3, 5, 7)), atol=1e-4)
 
 
 def test_file_names_and_instance_numbers_do_not_decide_the_order(tmp_path):
@@ -55,8 +76,9 @@ def test_file_names_and_instance_numbers_do_not_decide_the_order(tmp_path):
     assert_same(read_dicom_series(tmp_path / "series"), volume)
 
 
-def test_standard_reader_agrees(tmp_path):
-    volume = make_volume(direction=oblique())
+@pytest.mark.parametrize("direction", [oblique(), DESCENDING], ids=["oblique", "descending"])
+def test_standard_reader_agrees(tmp_path, direction):
+    volume = make_volume(direction=direction)
     write_dicom_series(volume, tmp_path / "series")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
@@ -98,6 +120,21 @@ def test_derived_series_keeps_source_tags_with_new_uids(tmp_path):
     source_sops = {h.SOPInstanceUID for h in original.metadata.source_headers}
     assert not source_sops & {h.SOPInstanceUID for h in derived.metadata.source_headers}
     assert "DERIVED" in derived.metadata.source_headers[0].ImageType
+    assert derived.metadata.source_headers[0].FrameOfReferenceUID == original.metadata.source_headers[0].FrameOfReferenceUID
+    assert derived.metadata.description == "tampered"
+
+
+def test_source_headers_outlive_the_source_files(tmp_path):
+    files = write_dicom_series(make_volume(), tmp_path / "source")
+    for path in files:  # a large private element: the header scan defers it like the pixel data
+        dataset = pydicom.dcmread(path)
+        dataset.add_new(0x00291010, "OB", bytes(200_000))
+        dataset.save_as(path)
+    original = read_dicom_series(tmp_path / "source")
+    shutil.rmtree(tmp_path / "source")
+    write_dicom_series(original, tmp_path / "derived")
+    derived = pydicom.dcmread(tmp_path / "derived" / "0000.dcm")
+    assert derived[0x00291010].value == bytes(200_000)
 
 
 def test_same_uid_seed_gives_same_bytes(tmp_path):
@@ -108,10 +145,19 @@ def test_same_uid_seed_gives_same_bytes(tmp_path):
 
 
 def test_refuses_to_overwrite(tmp_path):
-    write_dicom_series(make_volume(), tmp_path / "series")
-    with pytest.raises(DicomSeriesError, match="not empty"):
+    write_dicom_series(make_volume(), tmp_path / "series", filename_pattern="old{index}.dcm")
+    with pytest.raises(DicomSeriesError, match="overwrite=True"):
         write_dicom_series(make_volume(), tmp_path / "series")
-    write_dicom_series(make_volume(seed=1), tmp_path / "series", overwrite=True)
+    replacement = make_volume(seed=1)
+    write_dicom_series(replacement, tmp_path / "series", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "series").iterdir()) == [f"{i:04d}.dcm" for i in range(8)]
+    assert_same(read_dicom_series(tmp_path / "series"), replacement)
+    assert [p.name for p in tmp_path.iterdir()] == ["series"]  # no staging or old folders left behind
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    with pytest.raises(DicomSeriesError, match="notes.txt"):  # never deletes what is not a DICOM file
+        write_dicom_series(replacement, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "notes.txt").read_text() == "mine"
 
 
 def test_pydicom_ct_small_reads_with_rescale(tmp_path):
@@ -135,12 +181,29 @@ def test_rle_compressed_series_is_decoded(tmp_path):
     np.testing.assert_array_equal(volume.hu[0], expected * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept))
 
 
-def test_missing_decoder_names_the_plugin(tmp_path):
-    dataset = pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+def test_jpeg2000_ct_with_padding_is_decoded(tmp_path):
+    path = Path(get_testdata_file("693_J2KI.dcm"))  # a real CT slice: JPEG 2000, 14 bits, padding -2000
+    shutil.copy(path, tmp_path / "j2k.dcm")
+    volume = read_dicom_series(tmp_path)
+    dataset = pydicom.dcmread(path)
+    stored = dataset.pixel_array
+    expected = np.where(stored == dataset.PixelPaddingValue, -1024, stored * int(dataset.RescaleSlope) + int(dataset.RescaleIntercept))
+    assert (stored == dataset.PixelPaddingValue).any()
+    np.testing.assert_array_equal(volume.hu[0], expected)
+
+
+@pytest.mark.parametrize(
+    "name", ["MR_small_jpeg_ls_lossless.dcm", "JPEG-lossy.dcm"], ids=["jpeg-ls (no plugin)", "12-bit jpeg (pillow cannot)"]
+)
+def test_missing_decoder_names_the_plugin(tmp_path, name):
+    dataset = pydicom.dcmread(get_testdata_file(name))
     dataset.Modality = "CT"
-    dataset.save_as(tmp_path / "jls.dcm")
-    with pytest.raises(DicomSeriesError, match="pip install pylibjpeg"):
+    dataset.ImagePositionPatient = [0, 0, 0]
+    dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    dataset.save_as(tmp_path / "compressed.dcm")
+    with pytest.raises(DicomSeriesError, match="pip install pylibjpeg pylibjpeg-libjpeg") as error:
         read_dicom_series(tmp_path)
+    assert dataset.file_meta.TransferSyntaxUID.name in str(error.value)
 
 
 def test_non_ct_and_non_dicom_files(tmp_path):
@@ -164,6 +227,7 @@ def test_several_series_are_listed_then_chosen(tmp_path):
     write_dicom_series(make_volume(seed=1), tmp_path / "both" / "b")
     series = list_dicom_series(tmp_path / "both")
     assert len(series) == 2
+    assert all((s.modality, s.n_files, s.description, s.patient_id) == ("CT", 8, "m3d", "P1") for s in series)
     with pytest.raises(DicomSeriesError, match=series[0].series_instance_uid):
         read_dicom_series(tmp_path / "both")
     chosen = read_dicom_series(tmp_path / "both", series[1].series_instance_uid)
@@ -197,11 +261,77 @@ def test_padding_value_becomes_air(tmp_path):
     dataset = pydicom.dcmread(path)
     pixels = dataset.pixel_array.copy()
     pixels[0, :5] = -2000
+    pixels[1, :3] = -1990
     dataset.PixelData = pixels.tobytes()
     dataset.add_new(0x00280120, "SS", -2000)  # PixelPaddingValue
+    dataset.add_new(0x00280121, "SS", -1990)  # PixelPaddingRangeLimit
     dataset.save_as(path)
     volume = read_dicom_series(tmp_path / "series")
-    assert (volume.hu[0, 0, :5] == -1024).all()
+    assert (volume.hu[0, 0, :5] == -1024).all() and (volume.hu[0, 1, :3] == -1024).all()
+    np.testing.assert_array_equal(volume.hu[0, 2:], pixels[2:])
+
+
+def _rewrite(path: Path, **tags) -> None:
+    dataset = pydicom.dcmread(path)
+    for keyword, value in tags.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(path)
+
+
+def test_unsigned_12_bit_and_fractional_rescale(tmp_path):
+    volume = make_volume()
+    files = write_dicom_series(volume, tmp_path / "series")
+    stored = (volume.hu.astype(np.int32) + 1024).astype(np.uint16) | 0xF000  # garbage in the 4 unused bits
+    for index, path in enumerate(files):
+        _rewrite(path, PixelRepresentation=0, BitsStored=12, HighBit=11, RescaleIntercept="-1024",
+                 PixelData=stored[index].tobytes())
+    np.testing.assert_array_equal(read_dicom_series(tmp_path / "series").hu, volume.hu)
+    for index, path in enumerate(files):
+        _rewrite(path, RescaleSlope="0.5", RescaleIntercept="-1000.25")
+    expected = np.rint((stored & 0x0FFF) * 0.5 - 1000.25)
+    np.testing.assert_array_equal(read_dicom_series(tmp_path / "series").hu, expected)
+    _rewrite(files[0], RescaleSlope="100")
+    with pytest.warns(UserWarning, match="clipped in 1 slice"):
+        assert read_dicom_series(tmp_path / "series").hu[0].max() == 32767
+
+
+def test_files_without_preamble_or_file_meta_are_read(tmp_path):
+    volume = make_volume()
+    for path in write_dicom_series(volume, tmp_path / "series"):
+        dataset = pydicom.dcmread(path)
+        dataset.preamble = None
+        dataset.file_meta = pydicom.dataset.FileMetaDataset()
+        dataset.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        assert path.read_bytes()[128:132] != b"DICM"
+    assert_same(read_dicom_series(tmp_path / "series"), volume)
+
+
+def test_gantry_tilt_errors_or_is_unsheared(tmp_path):
+    volume = make_volume()
+    files = write_dicom_series(volume, tmp_path / "series")
+    for index, path in enumerate(files):  # slice k was acquired k rows further along the column direction
+        dataset = pydicom.dcmread(path)
+        shifted = np.full_like(volume.hu[index], -1024)
+        shifted[: volume.shape[1] - index] = volume.hu[index, index:]
+        dataset.PixelData = shifted.tobytes()
+        dataset.ImagePositionPatient = [float(v) for v in volume.voxel_to_world((index, index, 0))]
+        dataset.save_as(path)
+    with pytest.raises(DicomSeriesError, match="gantry tilt.*on_uneven='resample'"):
+        read_dicom_series(tmp_path / "series")
+    with pytest.warns(UserWarning, match="tilt"):
+        untilted = read_dicom_series(tmp_path / "series", on_uneven="resample")
+    np.testing.assert_allclose(untilted.origin_mm, volume.origin_mm, atol=1e-4)
+    np.testing.assert_allclose(untilted.spacing_mm, volume.spacing_mm, atol=1e-5)
+    for index in range(volume.shape[0]):
+        np.testing.assert_array_equal(untilted.hu[index, index:], volume.hu[index, index:])
+        assert (untilted.hu[index, :index] == -1024).all()
+
+
+def test_multi_frame_is_refused(tmp_path):
+    files = write_dicom_series(make_volume(), tmp_path / "series")
+    _rewrite(files[0], NumberOfFrames=2)
+    with pytest.raises(DicomSeriesError, match="multi-frame"):
+        read_dicom_series(tmp_path / "series")
 
 
 @pytest.mark.parametrize("make", ["missing", "file", "empty"])
@@ -213,3 +343,11 @@ def test_bad_folders(tmp_path, make):
         target.mkdir()
     with pytest.raises(DicomSeriesError):
         read_dicom_series(target)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(DicomSeriesError, match="on_uneven"):
+        read_dicom_series(tmp_path, on_uneven="ignore")
+    with pytest.raises(DicomSeriesError, match="filename_pattern"):
+        write_dicom_series(make_volume(), tmp_path / "series", filename_pattern="same.dcm")
+    assert not (tmp_path / "series").exists()

@@ -17,8 +17,11 @@ def oblique() -> np.ndarray:
     return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ AXIAL_DIRECTION
 
 
+DESCENDING_LEFT_HANDED = AXIAL_DIRECTION * [-1, 1, 1]  # slices towards the feet, usual rows and columns
+
+
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-@pytest.mark.parametrize("direction", [AXIAL_DIRECTION, oblique()])
+@pytest.mark.parametrize("direction", [AXIAL_DIRECTION, oblique(), DESCENDING_LEFT_HANDED], ids=["axial", "oblique", "left-handed"])
 def test_round_trip(tmp_path, suffix, direction):
     volume = make_volume(direction)
     path = write_nifti(volume, tmp_path / f"scan{suffix}")
@@ -40,10 +43,33 @@ def test_affine_is_ras_of_the_same_voxel(tmp_path):
     assert int(image.header["sform_code"]) == 1 and int(image.header["qform_code"]) == 1
 
 
-def test_simpleitk_sees_the_same_lps_geometry(tmp_path):
-    volume = make_volume(oblique())
+def test_any_axis_order_is_read_from_the_affine(tmp_path):
+    data = np.random.default_rng(1).integers(-1000, 1000, (6, 7, 8)).astype(np.int16)
+    # i runs inferior (z down), j runs left-right reversed, k runs anterior: a sagittal-like storage order
+    affine = np.array([[0.0, -0.8, 0.0, 40.0], [0.0, 0.0, 1.5, -20.0], [-2.5, 0.0, 0.0, 70.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "sagittal.nii.gz")
+    volume = read_nifti(tmp_path / "sagittal.nii.gz")
+    assert volume.shape == (8, 7, 6)
+    np.testing.assert_allclose(volume.spacing_mm, (1.5, 0.8, 2.5))
+    for i, j, k in [(0, 0, 0), (5, 6, 7), (2, 3, 4)]:
+        ras = affine @ [i, j, k, 1]
+        np.testing.assert_allclose(volume.voxel_to_world((k, j, i)), [-ras[0], -ras[1], ras[2]], atol=1e-5)
+        assert volume.hu[k, j, i] == data[i, j, k]
+
+
+def test_out_of_range_values_are_clipped_with_a_warning(tmp_path):
+    data = np.full((4, 4, 4), 40000, np.int32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "big.nii")
+    with pytest.warns(UserWarning, match="clipped"):
+        assert read_nifti(tmp_path / "big.nii").hu.max() == 32767
+
+
+@pytest.mark.parametrize("direction", [oblique(), DESCENDING_LEFT_HANDED], ids=["oblique", "left-handed"])
+def test_simpleitk_sees_the_same_lps_geometry(tmp_path, direction):
+    volume = make_volume(direction)
     image = sitk.ReadImage(str(write_nifti(volume, tmp_path / "scan.nii.gz")))
     np.testing.assert_allclose(image.GetOrigin(), volume.origin_mm, atol=1e-4)
+    np.testing.assert_allclose(image.GetSpacing(), volume.spacing_mm[::-1], atol=1e-6)
     np.testing.assert_allclose(np.array(image.GetDirection()).reshape(3, 3), volume.direction[:, ::-1], atol=1e-5)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), volume.hu)
 

@@ -1,17 +1,23 @@
 """DICOM CT series <-> `CTVolume` with pydicom.
 
 Reading sorts slices by their position along the slice normal (never by file name or InstanceNumber),
-applies RescaleSlope/Intercept and pixel padding, and refuses — with a message saying what to do —
-series with several candidates, gaps, duplicates, uneven spacing, non-CT modalities or compressed
-pixel data whose decoder is not installed. Writing produces a CT Image Storage series: derived from
-the volume's source headers when it has them (new Series/SOP UIDs, geometry and pixels updated), else
-a complete minimal CT IOD.
+applies RescaleSlope/Intercept and pixel padding (PixelPaddingValue, PixelPaddingRangeLimit -> -1024 HU,
+air), and refuses — with a message saying what to do — folders with several series, gaps, uneven
+spacing, gantry tilt, conflicting duplicates, non-CT data or compressed pixel data whose decoder is not
+installed. The folder is scanned header-only (pixel data deferred); the chosen series' pixels are then
+read in a thread pool straight into the volume (uncompressed data) or through pydicom's decoders.
+
+Writing produces a CT Image Storage series (Explicit VR Little Endian, int16 HU with slope 1 and
+intercept 0, so HU round-trip exactly): derived from the volume's source headers when it has them (new
+Series/SOP UIDs, ImageType DERIVED, geometry and pixels updated), else a complete minimal CT IOD.
 """
 from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections import defaultdict
@@ -21,22 +27,30 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from scipy import ndimage
 
-from .ct import CTMetadata, CTVolume
+from .ct import HU_MAX, HU_MIN, CTMetadata, CTVolume
 
 PADDING_HU = -1024  # value given to padding pixels (air)
-UNCOMPRESSED_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
-DECODER_HINTS = {  # transfer syntax UID prefix -> what to install
-    "1.2.840.10008.1.2.4.8": "pip install pylibjpeg pylibjpeg-libjpeg  (JPEG-LS)",
-    "1.2.840.10008.1.2.4.9": "pip install pylibjpeg pylibjpeg-openjpeg  (JPEG 2000)",
-    "1.2.840.10008.1.2.4.20": "pip install pylibjpeg pylibjpeg-openjpeg  (HTJ2K)",
-    "1.2.840.10008.1.2.4.": "pip install pylibjpeg pylibjpeg-libjpeg  (JPEG)",
-}
-POSITION_TOLERANCE_MM = 0.01
-SPACING_TOLERANCE = 0.01  # relative
+POSITION_TOLERANCE_MM = 0.01  # slices closer than this along the normal are at the same position
+SPACING_TOLERANCE = 0.01  # relative deviation of a slice step from the median step that counts as uneven
+TILT_TOLERANCE_PIXELS = 0.1  # in-plane drift of the slice origins (gantry tilt) that counts as a shear
+DEFER_SIZE = 64 * 1024  # the header scan leaves pixel data (and any element above 64 KiB) in the file
+_PIXEL_DATA = 0x7FE00010
+_NATIVE_LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+_PIP_NAMES = {"gdcm": "python-gdcm"}  # pydicom's dependency names that differ from the PyPI name
+_WORKERS = min(8, (os.cpu_count() or 1) + 2)
 
 
 class DicomSeriesError(ValueError):
@@ -45,6 +59,8 @@ class DicomSeriesError(ValueError):
 
 @dataclass(frozen=True)
 class DicomSeriesInfo:
+    """One image series found in a folder."""
+
     series_instance_uid: str
     modality: str
     n_files: int
@@ -52,71 +68,91 @@ class DicomSeriesInfo:
     patient_id: str
 
 
-_WORKERS = min(8, (os.cpu_count() or 1) + 2)
+Item = tuple[Path, Dataset]  # a file and its header
+
+
+def _warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside this module."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+# -- scanning a folder ---------------------------------------------------------------------------------
+def _starts_with_dicom_tag(path: Path) -> bool:
+    """Whether a file without the 'DICM' preamble starts like a raw DICOM data set (group 0002 or 0008)."""
+    with open(path, "rb") as file:
+        start = file.read(2)
+    return len(start) == 2 and int.from_bytes(start, "little") in (0x0002, 0x0008)
 
 
 def _try_read(path: Path) -> Dataset | None:
-    """The whole DICOM image file (read once: header and pixel bytes), or None if it is not one."""
+    """The header of a DICOM image file (pixel data deferred), or None if the file is not one."""
     try:
-        dataset = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError):
+        try:
+            dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+        except pydicom.errors.InvalidDicomError:
+            if not _starts_with_dicom_tag(path):
+                return None
+            dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)  # legacy file, no preamble
+    except Exception:  # pydicom raises many types on files that are not DICOM
         return None
     if "SeriesInstanceUID" not in dataset or "Rows" not in dataset:
         return None  # DICOMDIR, structured reports, presentation states...
+    if "TransferSyntaxUID" not in dataset.file_meta:  # no file meta: the encoding it was read with
+        implicit, little = dataset.original_encoding
+        dataset.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
     return dataset
 
 
-def _read_headers(folder: Path) -> tuple[list[tuple[Path, Dataset]], list[Path]]:
+def _read_headers(folder: Path) -> list[Item]:
+    """Headers of every DICOM image file under ``folder``; one warning lists the files skipped."""
     if not folder.exists():
         raise DicomSeriesError(f"{folder} does not exist")
     if not folder.is_dir():
         raise DicomSeriesError(f"{folder} is not a folder (a DICOM series is read from the folder holding its files)")
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        read = list(pool.map(_try_read, paths))
-    headers = [(path, dataset) for path, dataset in zip(paths, read) if dataset is not None]
-    skipped = [path for path, dataset in zip(paths, read) if dataset is None]
+        headers = list(pool.map(_try_read, paths))
+    skipped = [path.name for path, header in zip(paths, headers) if header is None]
     if skipped:
-        shown = ", ".join(p.name for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        warnings.warn(f"{folder}: skipped {len(skipped)} file(s) that are not DICOM images: {shown}", stacklevel=3)
-    return headers, skipped
+        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        _warn(f"{folder}: skipped {len(skipped)} file(s) that are not DICOM images: {shown}")
+    return [(path, header) for path, header in zip(paths, headers) if header is not None]
 
 
-def _series_table(headers: list[tuple[Path, Dataset]]) -> dict[str, list[tuple[Path, Dataset]]]:
-    table: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
-    for path, header in headers:
+def _series_table(items: list[Item]) -> dict[str, list[Item]]:
+    table: dict[str, list[Item]] = defaultdict(list)
+    for path, header in items:
         table[str(header.SeriesInstanceUID)].append((path, header))
-    return table
+    return dict(sorted(table.items()))
+
+
+def _info(uid: str, items: list[Item]) -> DicomSeriesInfo:
+    header = items[0][1]
+    return DicomSeriesInfo(
+        uid, str(header.get("Modality", "")), len(items), str(header.get("SeriesDescription", "")),
+        str(header.get("PatientID", "")),
+    )
 
 
 def list_dicom_series(folder: str | Path) -> list[DicomSeriesInfo]:
-    """The image series found (recursively) in ``folder``."""
-    headers, _ = _read_headers(Path(folder))
-    return [
-        DicomSeriesInfo(
-            uid,
-            str(items[0][1].get("Modality", "")),
-            len(items),
-            str(items[0][1].get("SeriesDescription", "")),
-            str(items[0][1].get("PatientID", "")),
-        )
-        for uid, items in sorted(_series_table(headers).items())
-    ]
+    """The image series found (recursively) in ``folder``, sorted by SeriesInstanceUID (headers only)."""
+    return [_info(uid, items) for uid, items in _series_table(_read_headers(Path(folder))).items()]
 
 
 def _describe(infos: list[DicomSeriesInfo]) -> str:
     return "; ".join(f"{i.series_instance_uid} ({i.modality}, {i.n_files} files, '{i.description}')" for i in infos)
 
 
-def _select_series(folder: Path, series_instance_uid: str | None) -> list[tuple[Path, Dataset]]:
-    headers, _ = _read_headers(folder)
-    if not headers:
+def _select_series(folder: Path, series_instance_uid: str | None) -> list[Item]:
+    table = _series_table(_read_headers(folder))
+    if not table:
         raise DicomSeriesError(f"{folder} holds no DICOM image files")
-    table = _series_table(headers)
-    infos = [
-        DicomSeriesInfo(uid, str(items[0][1].get("Modality", "")), len(items), str(items[0][1].get("SeriesDescription", "")), "")
-        for uid, items in sorted(table.items())
-    ]
+    infos = [_info(uid, items) for uid, items in table.items()]
     if series_instance_uid is not None:
         if series_instance_uid not in table:
             raise DicomSeriesError(f"{folder} has no series {series_instance_uid}; it holds: {_describe(infos)}")
@@ -127,73 +163,191 @@ def _select_series(folder: Path, series_instance_uid: str | None) -> list[tuple[
         if not ct:
             raise DicomSeriesError(f"{folder} holds no CT series; found: {_describe(infos)}")
         if others:
-            warnings.warn(f"{folder}: skipped non-CT series: {_describe(others)}", stacklevel=3)
+            _warn(f"{folder}: skipped non-CT series: {_describe(others)}")
         if len(ct) > 1:
-            raise DicomSeriesError(
-                f"{folder} holds {len(ct)} CT series; choose one by SeriesInstanceUID: {_describe(ct)}"
-            )
+            raise DicomSeriesError(f"{folder} holds {len(ct)} CT series; choose one by SeriesInstanceUID: {_describe(ct)}")
         chosen = table[ct[0].series_instance_uid]
-    modality = str(chosen[0][1].get("Modality", ""))
-    if modality != "CT":
-        raise DicomSeriesError(f"series {chosen[0][1].SeriesInstanceUID} is {modality or 'of unknown modality'}, not CT")
-    if int(chosen[0][1].get("NumberOfFrames", 1) or 1) > 1:
+    info = _info(str(chosen[0][1].SeriesInstanceUID), chosen)
+    if info.modality != "CT":
+        raise DicomSeriesError(f"series {info.series_instance_uid} is {info.modality or 'of unknown modality'}, not CT")
+    if any(int(header.get("NumberOfFrames", 1) or 1) > 1 for _, header in chosen):
         raise DicomSeriesError("multi-frame (enhanced) CT objects are not supported; convert them to single-frame slices")
     return chosen
 
 
-def _decode(path: Path, dataset: Dataset) -> np.ndarray:
-    """Stored pixel values of one slice (no rescale), decoding compressed data with pydicom's plugins."""
-    syntax = str(dataset.file_meta.TransferSyntaxUID)
-    if syntax in UNCOMPRESSED_LITTLE_ENDIAN and int(dataset.BitsAllocated) == 16 and int(dataset.get("SamplesPerPixel", 1)) == 1:
-        dtype = np.int16 if int(dataset.PixelRepresentation) == 1 else np.uint16
-        pixels = np.frombuffer(dataset.PixelData, dtype=dtype, count=int(dataset.Rows) * int(dataset.Columns))
-        pixels = pixels.reshape(int(dataset.Rows), int(dataset.Columns))
-        bits_stored = int(dataset.get("BitsStored", 16))
-        if bits_stored < 16:  # sign-extend or mask the unused high bits
-            shift = 16 - bits_stored
-            pixels = (pixels.astype(np.int32) << shift).astype(dtype) >> shift if dtype == np.int16 else pixels & ((1 << bits_stored) - 1)
-        return pixels
+# -- geometry --------------------------------------------------------------------------------------------
+def _require(items: list[Item], keyword: str) -> np.ndarray:
+    """``keyword``'s numeric value in every header, as rows of an array."""
+    missing = [path.name for path, header in items if keyword not in header]
+    if missing:
+        raise DicomSeriesError(f"{missing[0]} has no {keyword}: the series geometry is unknown")
+    return np.array([[float(v) for v in header[keyword].value] for _, header in items])
+
+
+def _frame(items: list[Item]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row direction, column direction and slice normal (orthonormal, LPS) shared by every slice."""
+    orientations = _require(items, "ImageOrientationPatient")
+    differs = np.flatnonzero(np.abs(orientations - orientations[0]).max(axis=1) > 1e-4)
+    if differs.size:
+        raise DicomSeriesError(f"{items[differs[0]][0].name}: ImageOrientationPatient differs from the rest of the series")
+    row, column = orientations[0, :3], orientations[0, 3:]
+    if min(np.linalg.norm(row), np.linalg.norm(column)) < 0.5 or abs(np.dot(row, column)) > 1e-3:
+        raise DicomSeriesError(f"ImageOrientationPatient {orientations[0].tolist()} is not two orthogonal unit vectors")
+    row = row / np.linalg.norm(row)
+    column = column - np.dot(column, row) * row
+    column = column / np.linalg.norm(column)
+    return row, column, np.cross(row, column)
+
+
+# -- pixels ----------------------------------------------------------------------------------------------
+def _decoder_advice(syntax: UID, error: Exception) -> str:
+    """Why pydicom could not decode ``syntax`` and what to pip-install (from pydicom's missing plugins)."""
     try:
-        return dataset.pixel_array
-    except Exception as error:  # pydicom raises RuntimeError/NotImplementedError for missing plugins
-        hint = next((text for prefix, text in DECODER_HINTS.items() if syntax.startswith(prefix)), None)
-        name = getattr(dataset.file_meta.TransferSyntaxUID, "name", syntax)
-        install = f"; install a decoder: {hint}" if hint else ""
-        raise DicomSeriesError(f"{path.name}: cannot decode '{name}' pixel data{install} ({error})") from None
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return "pydicom has no decoder for this transfer syntax"
+    reason = str(error).strip().splitlines()[-1].strip() if decoder.is_available else "no decoder plugin is installed"
+    missing = decoder.missing_dependencies  # e.g. "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"
+    if not missing:
+        return f"{reason}; every decoder plugin pydicom knows for it is installed: the data may be corrupt"
+    preferred = sorted(missing, key=lambda entry: not entry.startswith("pylibjpeg"))[0]
+    requirements = preferred.partition(" - requires ")[2].split(" and ")
+    packages = [_PIP_NAMES.get(name, name) for name in (re.split(r"[<>=!~ ]", r)[0] for r in requirements) if name != "numpy"]
+    plugins = ", ".join(entry.partition(" - ")[0] for entry in missing)
+    return f"{reason}; install a decoder, e.g. `pip install {' '.join(packages)}` (missing pydicom plugins: {plugins})"
 
 
-def _slice_to_hu(path: Path, header: Dataset) -> np.ndarray:
-    """One slice in int16 HU: rescale (integer arithmetic when the rescale is integral), padding -> air."""
-    pixels = _decode(path, header)
-    slope = float(header.get("RescaleSlope", 1) or 1)
-    intercept = float(header.get("RescaleIntercept", 0) or 0)
-    if slope == 1 and intercept.is_integer():
-        values = pixels.astype(np.int32) + int(intercept)
+def _decode(path: Path, header: Dataset) -> np.ndarray:
+    """Stored pixel values of a slice through pydicom's pixel handlers (compressed or unusual encodings)."""
+    try:
+        return header.pixel_array
+    except Exception as error:  # pydicom raises RuntimeError/NotImplementedError/ValueError
+        syntax = header.file_meta.TransferSyntaxUID
+        raise DicomSeriesError(
+            f"{path.name}: cannot decode '{syntax.name}' pixel data: {_decoder_advice(syntax, error)}"
+        ) from None
+
+
+def _native_dtype(header: Dataset) -> np.dtype | None:
+    """int16/uint16 when the slice is uncompressed 16-bit little-endian grey (read without pydicom)."""
+    if (
+        header.file_meta.TransferSyntaxUID not in _NATIVE_LITTLE_ENDIAN
+        or sys.byteorder != "little"
+        or int(header.get("BitsAllocated", 0)) != 16
+        or int(header.get("SamplesPerPixel", 1)) != 1
+    ):
+        return None
+    return np.dtype(np.int16 if int(header.get("PixelRepresentation", 0)) == 1 else np.uint16)
+
+
+def _read_native(path: Path, header: Dataset, buffer: np.ndarray) -> None:
+    """Fill ``buffer`` with the slice's uncompressed pixel bytes (from the file when deferred)."""
+    element = header.get_item(_PIXEL_DATA, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None:
+        with open(path, "rb") as file:
+            file.seek(element.value_tell)
+            read = file.readinto(buffer)
     else:
-        values = np.rint(pixels.astype(np.float64) * slope + intercept)
-    padding = _padding_mask(pixels, header)
-    if padding is not None:
-        values[padding] = PADDING_HU
-    if values.min() < -32768 or values.max() > 32767:
-        warnings.warn(f"{path.name}: HU values outside the int16 range were clipped", stacklevel=2)
-        values = np.clip(values, -32768, 32767)
-    return values.astype(np.int16)
+        data = np.frombuffer(header.PixelData, np.uint8)[: buffer.nbytes]
+        read = data.size
+        buffer.view(np.uint8).reshape(-1)[:read] = data
+    if read < buffer.nbytes:
+        raise DicomSeriesError(f"{path.name}: pixel data is truncated ({read} of {buffer.nbytes} bytes)")
+
+
+def _stored_pixels(path: Path, header: Dataset) -> np.ndarray:
+    """Stored values of one slice (before rescale)."""
+    dtype = _native_dtype(header)
+    if dtype is None:
+        return _decode(path, header)
+    pixels = np.empty((int(header.Rows), int(header.Columns)), dtype)
+    _read_native(path, header, pixels)
+    bits_stored = int(header.get("BitsStored", 16))
+    if bits_stored < 16:  # sign-extend or mask away the unused high bits
+        shift = 16 - bits_stored
+        pixels = (pixels << shift) >> shift if dtype == np.int16 else pixels & ((1 << bits_stored) - 1)
+    return pixels
+
+
+def _rescale(header: Dataset) -> tuple[float, float]:
+    return float(header.get("RescaleSlope", 1) or 1), float(header.get("RescaleIntercept", 0) or 0)
 
 
 def _padding_mask(stored: np.ndarray, header: Dataset) -> np.ndarray | None:
+    """Pixels whose stored value is PixelPaddingValue (or within PixelPaddingRangeLimit of it)."""
     if "PixelPaddingValue" not in header:
         return None
     value = int(header.PixelPaddingValue)
     limit = int(header.get("PixelPaddingRangeLimit", value))
-    low, high = min(value, limit), max(value, limit)
-    return (stored >= low) & (stored <= high)
+    return (stored >= min(value, limit)) & (stored <= max(value, limit))
 
 
-def _geometry(header: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    orientation = np.asarray(header.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
-    row_direction, column_direction = orientation[:3], orientation[3:]
-    normal = np.cross(row_direction, column_direction)
-    return row_direction, column_direction, normal / np.linalg.norm(normal)
+def _fill_slice(out: np.ndarray, path: Path, header: Dataset) -> bool:
+    """Write one slice in int16 HU into ``out`` and drop its pixel data; True if values had to be clipped."""
+    if "PixelData" not in header:
+        raise DicomSeriesError(f"{path.name} has no pixel data")
+    if int(header.Rows) != out.shape[0] or int(header.Columns) != out.shape[1]:
+        raise DicomSeriesError(f"{path.name}: image size differs from the rest of the series")
+    slope, intercept = _rescale(header)
+    identity = slope == 1 and intercept == 0 and "PixelPaddingValue" not in header
+    if identity and _native_dtype(header) == np.int16 and int(header.get("BitsStored", 16)) == 16:
+        _read_native(path, header, out)  # stored values are HU already: straight into the volume
+        clipped = False
+    else:
+        pixels = _stored_pixels(path, header)
+        shift = int(intercept) if slope == 1 and intercept.is_integer() else None
+        exact = shift is not None and pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2
+        if exact and HU_MIN <= int(pixels.min()) + shift and int(pixels.max()) + shift <= HU_MAX:
+            np.add(pixels, shift, out=out, dtype=np.int32, casting="unsafe")  # exact integer HU, no temporaries
+            clipped = False
+        else:
+            values = np.rint(pixels.astype(np.float64) * slope + intercept)
+            clipped = bool(values.min() < HU_MIN or values.max() > HU_MAX)
+            out[...] = np.clip(values, HU_MIN, HU_MAX)
+        padding = _padding_mask(pixels, header)
+        if padding is not None:
+            out[padding] = PADDING_HU
+    del header.PixelData  # the kept source headers hold no pixels
+    for element in list(header.values()):  # load other deferred values now: the files may go away
+        if isinstance(element, RawDataElement) and element.value is None and element.length:
+            header[element.tag]
+    return clipped
+
+
+# -- irregular stacks ---------------------------------------------------------------------------------------
+def _drop_duplicates(items: list[Item], positions: np.ndarray, hu: np.ndarray) -> list[int]:
+    """Indices of the slices to keep: a repeat of a slice (same position, same pixels) is dropped."""
+    keep = [0]
+    for index in range(1, len(items)):
+        if abs(positions[index] - positions[keep[-1]]) >= POSITION_TOLERANCE_MM:
+            keep.append(index)
+        elif np.array_equal(hu[index], hu[keep[-1]]):
+            _warn(f"{items[index][0].name} duplicates {items[keep[-1]][0].name}; dropped")
+        else:
+            raise DicomSeriesError(
+                f"{items[index][0].name} and {items[keep[-1]][0].name} share position {positions[index]:.2f} mm "
+                "but hold different pixels: the folder mixes acquisitions; separate them"
+            )
+    return keep
+
+
+def _untilt(hu: np.ndarray, offsets_pixels: np.ndarray) -> np.ndarray:
+    """Shift each slice in-plane by its (row, column) offset (linear interpolation; air outside)."""
+    out = np.empty_like(hu)
+    offsets_pixels = np.round(offsets_pixels, 3)  # so that a whole-pixel shift keeps its edge row/column
+    for index, (image, offset) in enumerate(zip(hu, offsets_pixels)):
+        shifted = ndimage.shift(image.astype(np.float32), offset, order=1, mode="constant", cval=PADDING_HU)
+        out[index] = np.rint(shifted)
+    return out
+
+
+def _regularise_steps(hu: np.ndarray, positions: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation along the normal onto a regular grid of ``step`` from the first slice;
+    also the index of the acquired slice just below each new one."""
+    regular = positions[0] + step * np.arange(int(round((positions[-1] - positions[0]) / step)) + 1)
+    upper = np.clip(np.searchsorted(positions, regular, side="right"), 1, len(positions) - 1)
+    weight = ((regular - positions[upper - 1]) / (positions[upper] - positions[upper - 1]))[:, None, None]
+    return np.rint((1 - weight) * hu[upper - 1] + weight * hu[upper]).astype(np.int16), upper - 1
 
 
 def read_dicom_series(
@@ -201,69 +355,62 @@ def read_dicom_series(
 ) -> CTVolume:
     """Read a CT series from ``folder`` (searched recursively) as an int16 HU `CTVolume`.
 
-    ``on_uneven``: what to do with missing slices or uneven slice spacing — ``"error"`` (default) or
-    ``"resample"`` (linear interpolation onto a regular grid at the median step, with a warning).
-    Padding pixels (PixelPaddingValue) become -1024 HU.
+    Several series in the folder: pass ``series_instance_uid`` (the error lists them). ``on_uneven``:
+    what to do with missing slices, uneven slice steps or gantry tilt (sheared stacks) — ``"error"``
+    (default) or ``"resample"`` (linear interpolation onto a regular, unsheared grid at the median step,
+    with a warning). Padding pixels (PixelPaddingValue/RangeLimit) become -1024 HU; HU beyond int16 are
+    clipped with a warning. A single slice gets SpacingBetweenSlices, else SliceThickness, else 1 mm.
     """
     if on_uneven not in ("error", "resample"):
-        raise ValueError(f"on_uneven must be 'error' or 'resample'; got {on_uneven!r}")
+        raise DicomSeriesError(f"on_uneven must be 'error' or 'resample'; got {on_uneven!r}")
     folder = Path(folder)
     items = _select_series(folder, series_instance_uid)
+    row, column, normal = _frame(items)
+    pixel_spacing = _require(items[:1], "PixelSpacing")[0]
+    origins = _require(items, "ImagePositionPatient")
+    order = np.argsort(origins @ normal, kind="stable")
+    items, origins = [items[i] for i in order], origins[order]
+    positions = origins @ normal
+
     first = items[0][1]
-    row_direction, column_direction, normal = _geometry(first)
-    for path, header in items:
-        if not np.allclose(_geometry(header)[2], normal, atol=1e-3):
-            raise DicomSeriesError(f"{path.name}: ImageOrientationPatient differs from the rest of the series")
-        if (int(header.Rows), int(header.Columns)) != (int(first.Rows), int(first.Columns)):
-            raise DicomSeriesError(f"{path.name}: image size differs from the rest of the series")
-    if any("ImagePositionPatient" not in header for _, header in items):
-        raise DicomSeriesError("a slice has no ImagePositionPatient: the series geometry is unknown")
-    positions = np.array([np.dot(np.asarray(h.ImagePositionPatient, float), normal) for _, h in items])
-    order = np.argsort(positions, kind="stable")
-    items, positions = [items[i] for i in order], positions[order]
-
+    hu = np.empty((len(items), int(first.Rows), int(first.Columns)), np.int16)
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        slices = list(pool.map(lambda item: _slice_to_hu(*item), items))
-    for _, header in items:
-        del header.PixelData  # the kept source headers hold no pixels
+        clipped = list(pool.map(_fill_slice, hu, *zip(*items)))
+    if any(clipped):
+        _warn(f"{folder}: HU values outside the int16 range were clipped in {sum(clipped)} slice(s)")
 
-    keep = [0]
-    for index in range(1, len(items)):
-        if abs(positions[index] - positions[keep[-1]]) < POSITION_TOLERANCE_MM:
-            if not np.array_equal(slices[index], slices[keep[-1]]):
-                raise DicomSeriesError(
-                    f"{items[index][0].name} and {items[keep[-1]][0].name} share position {positions[index]:.2f} mm "
-                    "but hold different pixels: the folder mixes acquisitions; separate them"
-                )
-            warnings.warn(f"{items[index][0].name} duplicates {items[keep[-1]][0].name}; dropped", stacklevel=2)
-            continue
-        keep.append(index)
-    items, positions = [items[i] for i in keep], positions[keep]
-    hu = np.stack([slices[i] for i in keep])
+    keep = _drop_duplicates(items, positions, hu)
+    if len(keep) < len(items):
+        items, positions, origins, hu = [items[i] for i in keep], positions[keep], origins[keep], hu[keep]
 
-    pixel_spacing = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
+    step = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
     if len(items) > 1:
+        drift = origins - origins[0] - np.outer(positions - positions[0], normal)  # in-plane drift (tilt)
+        drift_pixels = np.column_stack([drift @ column / pixel_spacing[0], drift @ row / pixel_spacing[1]])
         steps = np.diff(positions)
         step = float(np.median(steps))
         uneven = np.abs(steps - step) > max(POSITION_TOLERANCE_MM, SPACING_TOLERANCE * step)
-        if uneven.any():
-            where = int(np.flatnonzero(uneven)[0])
-            message = (
-                f"{folder}: uneven slice spacing ({steps.min():.3f} to {steps.max():.3f} mm, median {step:.3f}); "
-                f"first irregular step {steps[where]:.3f} mm after slice at {positions[where]:.2f} mm"
-            )
+        tilted = np.abs(drift_pixels).max() > TILT_TOLERANCE_PIXELS
+        if tilted or uneven.any():
+            if tilted:
+                angle = np.degrees(np.arctan2(np.linalg.norm(drift[-1]), positions[-1] - positions[0]))
+                problem = f"slices are sheared by gantry tilt (about {angle:.1f} degrees)"
+            else:
+                where = int(np.flatnonzero(uneven)[0])
+                problem = (
+                    f"uneven slice spacing ({steps.min():.3f} to {steps.max():.3f} mm, median {step:.3f}); first "
+                    f"irregular step {steps[where]:.3f} mm after the slice at {positions[where]:.2f} mm"
+                )
             if on_uneven == "error":
-                raise DicomSeriesError(message + " — missing slices? read with on_uneven='resample' to interpolate")
-            warnings.warn(message + f"; resampled to a regular {step:.3f} mm grid", stacklevel=2)
-            regular = positions[0] + step * np.arange(int(round((positions[-1] - positions[0]) / step)) + 1)
-            upper = np.clip(np.searchsorted(positions, regular, side="right"), 1, len(positions) - 1)
-            weight = ((regular - positions[upper - 1]) / (positions[upper] - positions[upper - 1]))[:, None, None]
-            hu = np.rint((1 - weight) * hu[upper - 1] + weight * hu[upper]).astype(np.int16)
-            items = [items[i] for i in upper - 1]  # nearest-below headers; geometry comes from the grid
-    else:
-        step = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
+                raise DicomSeriesError(
+                    f"{folder}: {problem} — missing slices? read with on_uneven='resample' to interpolate"
+                )
+            _warn(f"{folder}: {problem}; resampled to a regular {step:.3f} mm grid")
+            if tilted:
+                hu = _untilt(hu, drift_pixels)
+            hu, below = _regularise_steps(hu, positions, step)
+            items = [items[i] for i in below]  # nearest-below headers; the geometry comes from the grid
 
-    direction = np.column_stack([normal, column_direction, row_direction])
     metadata = CTMetadata(
         patient_id=str(first.get("PatientID", "")),
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
@@ -275,13 +422,14 @@ def read_dicom_series(
     )
     return CTVolume(
         hu=hu,
-        spacing_mm=(step, pixel_spacing[0], pixel_spacing[1]),
-        origin_mm=tuple(float(v) for v in items[0][1].ImagePositionPatient),
-        direction=direction,
+        spacing_mm=(step, float(pixel_spacing[0]), float(pixel_spacing[1])),
+        origin_mm=tuple(origins[0]),
+        direction=np.column_stack([normal, column, row]),
         metadata=metadata,
     )
 
 
+# -- writing ------------------------------------------------------------------------------------------------
 def _uid(seed: str | None, *parts: object) -> str:
     return generate_uid(entropy_srcs=[seed, *map(str, parts)]) if seed is not None else generate_uid()
 
@@ -289,10 +437,39 @@ def _uid(seed: str | None, *parts: object) -> str:
 def _ds(value: float) -> str:
     """A DICOM decimal string (at most 16 characters)."""
     text = f"{value:.6f}".rstrip("0").rstrip(".")
+    text = "0" if text == "-0" else text
     return text if len(text) <= 16 else f"{value:.10g}"[:16]
 
 
+def _is_dicom_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as file:
+        head = file.read(132)
+    return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder whose contents the write would destroy: anything but DICOM files, always;
+    DICOM files unless ``overwrite``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DicomSeriesError(f"{out_dir} exists and is not a folder")
+    entries = sorted(out_dir.iterdir()) if out_dir.exists() else []
+    others = [entry.name for entry in entries if not _is_dicom_file(entry)]
+    if others:
+        raise DicomSeriesError(
+            f"{out_dir} holds other things than DICOM files ({', '.join(others[:3])}); write the series into a new "
+            "or empty folder"
+        )
+    if entries and not overwrite:
+        raise DicomSeriesError(
+            f"{out_dir} is not empty ({len(entries)} DICOM files); pass overwrite=True (--overwrite on the command "
+            "line) to replace them"
+        )
+
+
 def _minimal_ct_header(volume: CTVolume, study_uid: str, frame_uid: str) -> Dataset:
+    """The series-level tags of a minimal CT Image IOD (Type 1 filled, Type 2 present)."""
     meta = volume.metadata
     header = Dataset()
     header.SOPClassUID = CTImageStorage
@@ -318,9 +495,63 @@ def _minimal_ct_header(volume: CTVolume, study_uid: str, frame_uid: str) -> Data
     header.SamplesPerPixel = 1
     header.PhotometricInterpretation = "MONOCHROME2"
     header.SliceThickness = _ds(meta.slice_thickness_mm or volume.spacing_mm[0])
-    header.WindowCenter = "-600"
+    header.WindowCenter = "-600"  # lung window
     header.WindowWidth = "1500"
     return header
+
+
+def _slice_header(
+    volume: CTVolume, index: int, base: Dataset, *, derived: bool, series_uid: str, sop_uid: str, description: str
+) -> Dataset:
+    """A copy of ``base`` made into slice ``index`` of the new series: UIDs, geometry and pixels set."""
+    header = copy.deepcopy(base)
+    for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit", "SmallestImagePixelValue",
+                    "LargestImagePixelValue", "PixelData"):
+        if keyword in header:
+            delattr(header, keyword)
+    header.SOPClassUID = CTImageStorage
+    header.SOPInstanceUID = sop_uid
+    header.SeriesInstanceUID = series_uid
+    header.SeriesDescription = description[:64]
+    if derived:
+        image_type = header.get("ImageType", [])
+        image_type = [image_type] if isinstance(image_type, str) else list(image_type)
+        header.ImageType = ["DERIVED", "SECONDARY", *(image_type[2:] or ["AXIAL"])]
+        header.DerivationDescription = f"m3d: {description}"[:1024]
+        if "SpacingBetweenSlices" in header:
+            header.SpacingBetweenSlices = _ds(volume.spacing_mm[0])
+    position = volume.voxel_to_world((index, 0, 0))
+    header.InstanceNumber = index + 1
+    header.ImagePositionPatient = [_ds(v) for v in position]
+    header.ImageOrientationPatient = [_ds(v) for v in (*volume.direction[:, 2], *volume.direction[:, 1])]
+    header.SliceLocation = _ds(float(np.dot(position, volume.slice_normal)))
+    header.PixelSpacing = [_ds(volume.spacing_mm[1]), _ds(volume.spacing_mm[2])]
+    header.Rows, header.Columns = volume.shape[1], volume.shape[2]
+    header.BitsAllocated, header.BitsStored, header.HighBit = 16, 16, 15
+    header.PixelRepresentation = 1
+    header.RescaleSlope, header.RescaleIntercept, header.RescaleType = "1", "0", "HU"
+    header.PixelData = np.ascontiguousarray(volume.hu[index], dtype="<i2").tobytes()
+    header["PixelData"].VR = "OW"
+    header.file_meta = FileMetaDataset()
+    header.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    header.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    header.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return header
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the finished ``staging`` folder to ``out_dir``, replacing (checked) old contents."""
+    if not out_dir.exists():
+        staging.replace(out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    out_dir.replace(old)
+    try:
+        staging.replace(out_dir)
+    except BaseException:
+        old.replace(out_dir)
+        raise
+    shutil.rmtree(old)
 
 
 def write_dicom_series(
@@ -335,68 +566,37 @@ def write_dicom_series(
     filename_pattern: str = "{index:04d}.dcm",
 ) -> list[Path]:
     """Write ``volume`` as a CT Image Storage series (Explicit VR Little Endian, int16 HU with slope 1
-    and intercept 0) into ``out_dir``, atomically. Returns the written files in slice order.
+    and intercept 0) into ``out_dir``, atomically (built in a hidden sibling folder, then renamed).
+    Returns the written files in slice order.
 
     With ``derived_from_source`` and source headers for every slice, each file keeps its source tags
-    (patient, study, acquisition) with new Series/SOP UIDs and ImageType DERIVED; otherwise a minimal
-    CT IOD is written. ``uid_seed`` makes every generated UID (and so every byte) reproducible;
-    ``series_instance_uid`` sets the new series' UID explicitly (never reuse a source series' UID).
+    (patient, study, frame of reference, acquisition) with new Series/SOP UIDs and ImageType DERIVED;
+    otherwise a minimal CT IOD is written. ``uid_seed`` makes every generated UID (and so every byte)
+    reproducible; ``series_instance_uid`` sets the new series' UID (never reuse a source series' UID).
+    ``out_dir`` must be new or empty, or hold only DICOM files and ``overwrite=True`` (they are replaced).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DicomSeriesError(f"{out_dir} is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
+    _check_out_dir(out_dir, overwrite)
+    names = [filename_pattern.format(index=index) for index in range(volume.shape[0])]
+    if len(set(names)) != len(names) or any(Path(name).name != name for name in names):
+        raise DicomSeriesError(f"filename_pattern {filename_pattern!r} must give a distinct plain file name per slice")
     sources = volume.metadata.source_headers
     derived = derived_from_source and sources is not None and len(sources) == volume.shape[0]
     series_uid = series_instance_uid or _uid(uid_seed, "series")
-    study_uid = _uid(uid_seed, "study")
-    frame_uid = _uid(uid_seed, "frame")
-    row_direction, column_direction = volume.direction[:, 2], volume.direction[:, 1]
-    orientation = [_ds(v) for v in (*row_direction, *column_direction)]
+    template = None if derived else _minimal_ct_header(volume, _uid(uid_seed, "study"), _uid(uid_seed, "frame"))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the series folder gets the usual mode
-    names = []
     try:
-        template = None if derived else _minimal_ct_header(volume, study_uid, frame_uid)
-        for index in range(volume.shape[0]):
-            header = copy.deepcopy(sources[index] if derived else template)
-            for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit", "SmallestImagePixelValue",
-                            "LargestImagePixelValue", "PixelData"):
-                if keyword in header:
-                    delattr(header, keyword)
-            sop_uid = _uid(uid_seed, "sop", index)
-            header.SOPClassUID = CTImageStorage
-            header.SOPInstanceUID = sop_uid
-            header.SeriesInstanceUID = series_uid
-            header.SeriesDescription = series_description[:64]
-            if derived:
-                header.ImageType = ["DERIVED", "SECONDARY", *list(header.get("ImageType", ["", "", "AXIAL"]))[2:]]
-                header.DerivationDescription = f"m3d: {series_description}"[:1024]
-            header.InstanceNumber = index + 1
-            position = volume.voxel_to_world((index, 0, 0))
-            header.ImagePositionPatient = [_ds(v) for v in position]
-            header.ImageOrientationPatient = orientation
-            header.SliceLocation = _ds(float(np.dot(position, volume.slice_normal)))
-            header.PixelSpacing = [_ds(volume.spacing_mm[1]), _ds(volume.spacing_mm[2])]
-            header.Rows, header.Columns = volume.shape[1], volume.shape[2]
-            header.BitsAllocated, header.BitsStored, header.HighBit = 16, 16, 15
-            header.PixelRepresentation = 1
-            header.RescaleSlope, header.RescaleIntercept, header.RescaleType = "1", "0", "HU"
-            header.PixelData = np.ascontiguousarray(volume.hu[index]).astype("<i2").tobytes()
-            header["PixelData"].VR = "OW"
-            file_meta = FileMetaDataset()
-            file_meta.MediaStorageSOPClassUID = CTImageStorage
-            file_meta.MediaStorageSOPInstanceUID = sop_uid
-            file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            header.file_meta = file_meta
-            name = filename_pattern.format(index=index)
+        for index, name in enumerate(names):
+            header = _slice_header(
+                volume, index, sources[index] if derived else template, derived=derived, series_uid=series_uid,
+                sop_uid=_uid(uid_seed, series_uid, "sop", index), description=series_description,
+            )
             header.save_as(staging / name, enforce_file_format=True)
-            names.append(name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.replace(out_dir)
+        _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

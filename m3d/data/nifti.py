@@ -3,12 +3,13 @@ flipping x and y, and nibabel indexes voxels ``(i, j, k)`` = our ``(x, y, z)`` a
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from .ct import CTMetadata, CTVolume
+from .ct import HU_MAX, HU_MIN, CTMetadata, CTVolume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -36,9 +37,13 @@ def _save(data_xyz: np.ndarray, affine: np.ndarray, path: Path, description: str
     image.header.set_xyzt_units("mm")
     image.header["descrip"] = description[:79].encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")
-    nib.save(image, temporary)
-    temporary.replace(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")  # same suffix: same format
+    try:
+        nib.save(image, temporary)
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -64,7 +69,9 @@ def write_map_nifti(values: np.ndarray, reference: CTVolume, path: str | Path) -
 
 
 def read_nifti(path: str | Path) -> CTVolume:
-    """Read a 3-D NIfTI file (any orientation) as a `CTVolume` in HU (scaling applied, rounded to int16)."""
+    """Read a 3-D NIfTI file (any orientation, any axis order) as a `CTVolume` in HU: scl_slope/inter
+    applied, rounded to int16 (values beyond int16 clipped with a warning). Spacing and direction come
+    from the affine's columns (sform, else qform), converted from RAS to LPS."""
     path = Path(path)
     _check_path(path)
     if not path.is_file():
@@ -80,7 +87,12 @@ def read_nifti(path: str | Path) -> CTVolume:
             raise ValueError(f"{path} has shape {image.shape}; m3d reads 3-D volumes")
     slope, intercept = image.header.get_slope_inter()
     scaled = slope not in (None, 1.0) or intercept not in (None, 0.0)
-    data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asanyarray(image.dataobj)
+    data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asarray(image.dataobj)
+    if data_xyz.dtype != np.int16:
+        data_xyz = np.rint(data_xyz) if data_xyz.dtype.kind == "f" else data_xyz
+        if data_xyz.size and (data_xyz.min() < HU_MIN or data_xyz.max() > HU_MAX):
+            warnings.warn(f"{path}: values outside the int16 range were clipped", UserWarning, stacklevel=2)
+            data_xyz = np.clip(data_xyz, HU_MIN, HU_MAX)
     index_xyz_to_lps = LPS_TO_RAS @ image.affine
     columns = index_xyz_to_lps[:3, :3]
     spacing_xyz = np.linalg.norm(columns, axis=0)
@@ -88,7 +100,7 @@ def read_nifti(path: str | Path) -> CTVolume:
     if not np.allclose(direction_xyz.T @ direction_xyz, np.eye(3), atol=1e-4):
         raise ValueError(f"{path}: the affine has shear; m3d needs orthogonal voxel axes")
     return CTVolume(
-        hu=np.ascontiguousarray(np.asarray(data_xyz).transpose(2, 1, 0)),
+        hu=np.array(data_xyz.transpose(2, 1, 0), dtype=np.int16, order="C"),  # a copy, never nibabel's memmap
         spacing_mm=tuple(spacing_xyz[::-1]),
         origin_mm=tuple(index_xyz_to_lps[:3, 3]),
         direction=direction_xyz[:, ::-1],
