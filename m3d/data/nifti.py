@@ -80,25 +80,30 @@ def read_nifti(path: str | Path) -> CTVolume:
         image = nib.load(path)
     except Exception as error:  # nibabel raises several types for corrupt files
         raise ValueError(f"{path} is not a readable NIfTI file: {error}") from None
+    return volume_from_nifti_image(image, source=str(path))
+
+
+def volume_from_nifti_image(image: nib.spatialimages.SpatialImage, source: str = "NIfTI image") -> CTVolume:
+    """A `CTVolume` from an in-memory nibabel image (as `datasets.Nifti` decodes one); see `read_nifti`."""
     if len(image.shape) != 3:
         if len(image.shape) == 4 and image.shape[3] == 1:
             image = image.slicer[..., 0]
         else:
-            raise ValueError(f"{path} has shape {image.shape}; m3d reads 3-D volumes")
+            raise ValueError(f"{source} has shape {image.shape}; m3d reads 3-D volumes")
     slope, intercept = image.header.get_slope_inter()
     scaled = slope not in (None, 1.0) or intercept not in (None, 0.0)
     data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asarray(image.dataobj)
     if data_xyz.dtype != np.int16:
         data_xyz = np.rint(data_xyz) if data_xyz.dtype.kind == "f" else data_xyz
         if data_xyz.size and (data_xyz.min() < HU_MIN or data_xyz.max() > HU_MAX):
-            warnings.warn(f"{path}: values outside the int16 range were clipped", UserWarning, stacklevel=2)
+            warnings.warn(f"{source}: values outside the int16 range were clipped", UserWarning, stacklevel=2)
             data_xyz = np.clip(data_xyz, HU_MIN, HU_MAX)
     index_xyz_to_lps = LPS_TO_RAS @ image.affine
     columns = index_xyz_to_lps[:3, :3]
     spacing_xyz = np.linalg.norm(columns, axis=0)
     direction_xyz = columns / spacing_xyz
     if not np.allclose(direction_xyz.T @ direction_xyz, np.eye(3), atol=1e-4):
-        raise ValueError(f"{path}: the affine has shear; m3d needs orthogonal voxel axes")
+        raise ValueError(f"{source}: the affine has shear; m3d needs orthogonal voxel axes")
     return CTVolume(
         hu=np.array(data_xyz.transpose(2, 1, 0), dtype=np.int16, order="C"),  # a copy, never nibabel's memmap
         spacing_mm=tuple(spacing_xyz[::-1]),
