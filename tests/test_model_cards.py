@@ -1,0 +1,87 @@
+import pytest
+import yaml
+
+from m3d.cli import main
+from m3d.detectors import UNetConfig, UNetForForgeryDetection, XceptionConfig, XceptionForForgeryDetection
+from m3d.model_cards import CardResult, folder_kind, render_model_card, write_model_card
+from m3d.pipelines import Pix2Pix3DPipeline
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cards")
+    pipeline = Pix2Pix3DPipeline.from_preset("tiny", task="remove")
+    pipeline.save_pretrained(root / "pix2pix-remove")
+    unet = UNetForForgeryDetection(UNetConfig(base_channels=4, depth=3))
+    unet.save_pretrained(root / "unet")
+    xception = XceptionForForgeryDetection(
+        XceptionConfig(stem_channels=(4, 8), entry_channels=(8, 8, 16), middle_blocks=1, exit_channels=(16, 16, 16))
+    )
+    xception.save_pretrained(root / "xception")
+    return root, sum(p.numel() for p in pipeline.generator.parameters()), unet.num_parameters()
+
+
+def test_pipeline_card_metadata_and_facts(folders):
+    root, pipeline_parameters, _ = folders
+    text = render_model_card(root / "pix2pix-remove")
+    metadata = front_matter(text)
+    assert metadata["library_name"] == "diffusers" and "remove" in metadata["tags"]
+    assert "model-index" not in metadata  # no results given: no empty evaluation entries
+    assert f"{pipeline_parameters:,}" in text
+    assert "Dual use" in text and "Demonstration weights" in text and "zingarini2024m3dsynth" in text
+
+
+def test_detector_card_results_become_model_index(folders):
+    root, _, unet_parameters = folders
+    results = [
+        CardResult("image-classification", "Tampering detection", "M3Dsynth", "test", {"pd_at_1pct": 0.25, "balanced_accuracy": 0.75}, "train pix2pix / test ddpm"),
+        CardResult("image-segmentation", "Tampering localization", "M3Dsynth", "test", {"f1": 0.5}),
+    ]
+    card = write_model_card(root / "unet", results, name="m3d-unet", phantom_trained=False)
+    text = card.read_text()
+    metadata = front_matter(text)
+    assert metadata["pipeline_tag"] == "image-segmentation"
+    index = metadata["model-index"][0]
+    assert index["name"] == "m3d-unet" and len(index["results"]) == 2
+    detection = index["results"][0]
+    assert detection["task"]["type"] == "image-classification" and detection["dataset"]["split"] == "test"
+    assert {m["type"]: m["value"] for m in detection["metrics"]} == {"pd_at_1pct": 0.25, "balanced_accuracy": 0.75}
+    assert "| Tampering detection | M3Dsynth | test | train pix2pix / test ddpm | pd_at_1pct | 0.2500 |" in text
+    assert "Demonstration weights" not in text
+    assert f"{unet_parameters:,}" in text
+
+
+def test_classifier_card_is_image_classification(folders):
+    root, _, _ = folders
+    assert front_matter(render_model_card(root / "xception"))["pipeline_tag"] == "image-classification"
+
+
+def test_folder_kind_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        folder_kind(tmp_path / "missing")
+    with pytest.raises(ValueError, match="neither a saved pipeline"):
+        folder_kind(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="not an m3d model"):
+        folder_kind(tmp_path)
+
+
+def test_dataset_folder_is_refused(tmp_path):
+    (tmp_path / "data" / "real").mkdir(parents=True)
+    (tmp_path / "data" / "real" / "train-00000-00000.parquet").write_bytes(b"")
+    assert folder_kind(tmp_path) == "dataset"
+    with pytest.raises(ValueError, match="dataset folder"):
+        render_model_card(tmp_path)
+
+
+def test_cli_card(folders, capsys):
+    root, _, _ = folders
+    assert main(["card", str(root / "pix2pix-remove"), "--name", "demo-remover"]) == 0
+    assert "# demo-remover" in (root / "pix2pix-remove" / "README.md").read_text()
+    assert main(["card", str(root / "nothing-here")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
