@@ -213,6 +213,13 @@ def cmd_lidc_summary(args: argparse.Namespace) -> None:
     print(format_summary(summarize(LIDCDatabase(args.db))))
 
 
+def cmd_card(args: argparse.Namespace) -> None:
+    from .model_cards import write_model_card
+
+    card = write_model_card(args.path, name=args.name, phantom_trained=not args.real_data)
+    print(f"wrote {card}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .data.phantom import generate_phantoms
 
@@ -305,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default=None, help="write the plan as CSV (official data.csv columns)")
     plan.add_argument("--seed", type=int, default=0, help="seed of the patient split")
     plan.set_defaults(func=cmd_plan)
+
+    card = commands.add_parser("card", help="write the model card (README.md) of a saved pipeline, detector or CAD folder")
+    card.add_argument("path", help="the saved folder")
+    card.add_argument("--name", default=None, help="model name in the card and its model-index (default: the folder name)")
+    card.add_argument("--real-data", action="store_true", help="trained on real scans: drop the phantom-weights caveat")
+    card.set_defaults(func=cmd_card)
 
     lidc = commands.add_parser("lidc", help="LIDC-IDRI annotation database")
     lidc_commands = lidc.add_subparsers(dest="lidc_command", required=True, metavar="COMMAND")
