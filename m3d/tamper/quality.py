@@ -1,0 +1,100 @@
+"""The builder's quality check: measure the nodule at the centre of a generated 1 mm cube and decide
+whether the tampering result is kept.
+
+Measurement (`measure_nodule`): voxels above ``threshold_hu`` (-400 HU: solid tissue, not lung
+parenchyma) inside the generator's centre hole (the 20^3 region it filled), opened with a 6-connected
+structuring element so that thin vessels touching the nodule are cut off, then the 26-connected
+component(s) reaching the central ball of radius ``center_radius_mm``. Its size is the equivalent
+diameter ``(6 V / pi)^(1/3)`` (the sphere of the same volume, V in mm^3), with its mean HU.
+
+Rule (`QualityCriteria`, the M3Dsynth targets): an **injection** is kept if the grown nodule is larger
+than 10 mm (a fake malignant nodule); a **removal** is kept if what remains at the site is smaller than
+8 mm (nothing, or a fake benign nodule). Results that fail are dropped from the dataset; the pristine
+scan of the site is kept either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .cube import CUBE_SPACING_MM, HOLE_SIZE, hole_mask
+
+_OPENING = ndimage.generate_binary_structure(3, 1)
+_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+
+
+@dataclass(frozen=True)
+class QualityCriteria:
+    """Thresholds of the keep/drop rule (see the module docstring)."""
+
+    threshold_hu: float = -400.0
+    center_radius_mm: float = 3.0
+    inject_min_diameter_mm: float = 10.0
+    remove_max_diameter_mm: float = 8.0
+
+
+@dataclass(frozen=True)
+class NoduleMeasurement:
+    """The nodule at a cube's centre: equivalent diameter (mm; 0 if none), volume (mm^3) and mean HU
+    (NaN if none)."""
+
+    diameter_mm: float
+    volume_mm3: float
+    mean_hu: float
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    """The measurement, whether the result is kept, and why (one line)."""
+
+    measurement: NoduleMeasurement
+    kept: bool
+    reason: str
+
+
+def measure_nodule(
+    cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
+) -> NoduleMeasurement:
+    """Measure the nodule at the centre of a cube of HU (any cubic shape, isotropic ``spacing_mm``;
+    the generator's centre hole is ``HOLE_SIZE``^3 voxels when the cube is the 32^3 tamper cube)."""
+    hu = np.asarray(cube_hu, np.float32)
+    if hu.ndim != 3 or len(set(hu.shape)) != 1:
+        raise ValueError(f"cube_hu must be a cubic 3-D array; got shape {hu.shape}")
+    solid = (hu > criteria.threshold_hu) & hole_mask(hu.shape, min(HOLE_SIZE, hu.shape[0]))
+    solid = ndimage.binary_opening(solid, structure=_OPENING)
+    labels, _ = ndimage.label(solid, structure=_CONNECTIVITY)
+    grid = np.indices(hu.shape).astype(np.float32)
+    centre = (np.asarray(hu.shape, np.float32) - 1) / 2
+    distance_mm = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) * spacing_mm
+    central = np.unique(labels[(distance_mm <= criteria.center_radius_mm) & (labels > 0)])
+    nodule = np.isin(labels, central) if central.size else np.zeros(hu.shape, bool)
+    volume_mm3 = float(nodule.sum()) * spacing_mm**3
+    return NoduleMeasurement(
+        diameter_mm=float((6 * volume_mm3 / np.pi) ** (1 / 3)),
+        volume_mm3=volume_mm3,
+        mean_hu=float(hu[nodule].mean()) if nodule.any() else float("nan"),
+    )
+
+
+def check_quality(
+    cube_hu: np.ndarray, task: str, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
+) -> QualityResult:
+    """Measure the generated cube and apply the keep/drop rule of ``task`` ("inject" | "remove")."""
+    measurement = measure_nodule(cube_hu, criteria, spacing_mm)
+    diameter = measurement.diameter_mm
+    if task == "inject":
+        limit = criteria.inject_min_diameter_mm
+        kept = diameter > limit
+        reason = f"grown nodule {diameter:.1f} mm {'>' if kept else '<='} {limit:g} mm"
+    elif task == "remove":
+        limit = criteria.remove_max_diameter_mm
+        kept = diameter < limit
+        reason = f"remaining nodule {diameter:.1f} mm {'<' if kept else '>='} {limit:g} mm"
+    else:
+        raise ValueError(f"task must be 'inject' or 'remove'; got {task!r}")
+    return QualityResult(measurement=measurement, kept=kept, reason=reason)
+
+
+__all__ = ["NoduleMeasurement", "QualityCriteria", "QualityResult", "check_quality", "measure_nodule"]
