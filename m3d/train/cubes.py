@@ -9,6 +9,8 @@ Sites (as M3Dsynth / CT-GAN):
 * ``task="remove"``: the remover learns to paint a *small benign* nodule (or nothing much) in place of
   a real one: it trains on nodules with a median rating <= 2 ("highly" or "moderately unlikely") and a
   diameter < 8 mm (the paper removes nodules < 8 mm by pasting such a benign look-alike).
+* ``task="cad"``: the malignancy scorer (`m3d.cad`) learns from every rated nodule, any size; which
+  ratings are classification targets is the scorer's rule (`m3d.cad.malignancy_labels`).
 
 Nodules without a malignancy rating (LIDC readers rate only nodules >= 3 mm) are never selected; a site
 whose 32 mm cube would reach beyond the scan (the rule `m3d.tamper.cube.check_location` applies at
@@ -51,6 +53,7 @@ from ..tamper.cube import CUBE_SIZE, TamperLocationError, check_location, cube_a
 logger = logging.getLogger(__name__)
 
 TASKS = ("inject", "remove")
+SELECTIONS = TASKS + ("cad",)  # site selections: the generator tasks and the CAD scorer's
 INJECT_MIN_MALIGNANCY = 4.0  # median rating >= 4: moderately / highly suspicious
 INJECT_MIN_DIAMETER_MM = 10.0  # strictly greater
 REMOVE_MAX_MALIGNANCY = 2.0  # median rating <= 2: highly / moderately unlikely
@@ -94,10 +97,12 @@ class NoduleSite:
 
 def site_matches(task: str, diameter_mm: float, malignancy: float | None) -> bool:
     """Whether a nodule of this size and median malignancy is a training site for ``task``."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}; got {task!r}")
+    if task not in SELECTIONS:
+        raise ValueError(f"task must be one of {SELECTIONS}; got {task!r}")
     if malignancy is None or not np.isfinite(malignancy):
         return False
+    if task == "cad":
+        return True
     if task == "inject":
         return malignancy >= INJECT_MIN_MALIGNANCY and diameter_mm > INJECT_MIN_DIAMETER_MM
     return malignancy <= REMOVE_MAX_MALIGNANCY and diameter_mm < REMOVE_MAX_DIAMETER_MM
@@ -118,8 +123,8 @@ def _nodule_center_lps(volume: CTVolume, nodule: Any) -> np.ndarray:
 def sites_for_task(cases: Iterable[TrainingCase], task: str) -> list[NoduleSite]:
     """The training sites of ``task`` in ``cases`` (selection rules in the module doc), in case order
     then nodule order. Sites whose 32 mm cube does not fit in the scan are skipped (logged)."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}; got {task!r}")
+    if task not in SELECTIONS:
+        raise ValueError(f"task must be one of {SELECTIONS}; got {task!r}")
     sites: list[NoduleSite] = []
     for case in cases:
         for number, nodule in enumerate(case.nodules):
@@ -261,6 +266,7 @@ PHANTOM_NODULES: dict[str | None, dict[str, Any]] = {
     None: {},
     "inject": dict(n_nodules=(2, 5), min_diameter_mm=10.0),
     "remove": dict(n_nodules=(3, 6), min_diameter_mm=3.0),
+    "cad": dict(n_nodules=(3, 6), min_diameter_mm=3.0),
 }
 
 
@@ -356,6 +362,10 @@ class CubeDataset(Dataset):
         shuffle: visit the samples of each epoch in an order drawn from ``(seed, epoch)``.
         samples_per_epoch: length of an epoch (default: one sample per site); a longer epoch visits
             every site about equally often (``position % n_sites``).
+        crop_size: side of the crops (voxels at 1 mm; 32, the generators' cube).
+        cut_size: side of the cubes cut around ``sites`` (40: crops shift by up to +-4 voxels).
+
+    Subclasses with other items (the CAD scorer's) build them from `crop`, the augmented HU crop.
 
     Call `set_epoch` (Accelerate's prepared DataLoader does, from its own ``set_epoch``) before each
     epoch. `from_cases` streams cases (the volumes are not kept); `from_cubes` takes cut cubes.
@@ -371,14 +381,16 @@ class CubeDataset(Dataset):
         samples_per_epoch: int | None = None,
         cubes_hu: np.ndarray | None = None,
         records: Sequence[dict[str, Any]] | None = None,
+        crop_size: int = CUBE_SIZE,
+        cut_size: int = TRAIN_CUBE_SIZE,
     ):
         if cubes_hu is None:
-            cubes = [cut_training_cube(site.volume, site.center_lps_mm) for site in sites]
-            cubes_hu = np.stack(cubes) if cubes else np.zeros((0,) + (TRAIN_CUBE_SIZE,) * 3, np.float32)
+            cubes = [cut_training_cube(site.volume, site.center_lps_mm, cut_size) for site in sites]
+            cubes_hu = np.stack(cubes) if cubes else np.zeros((0,) + (cut_size,) * 3, np.float32)
             records = [site.describe() for site in sites]
         cubes_hu = np.asarray(cubes_hu, dtype=np.float32)
-        if cubes_hu.ndim != 4 or min(cubes_hu.shape[1:]) < CUBE_SIZE:
-            raise ValueError(f"cubes must be (N, >=32, >=32, >=32); got shape {cubes_hu.shape}")
+        if cubes_hu.ndim != 4 or min(cubes_hu.shape[1:]) < crop_size:
+            raise ValueError(f"cubes must be (N, >={crop_size}, >={crop_size}, >={crop_size}); got shape {cubes_hu.shape}")
         if len(cubes_hu) == 0:
             raise ValueError("no training cubes: no nodule site matched (see m3d.train.cubes for the rules)")
         self.cubes_hu = cubes_hu
@@ -389,7 +401,8 @@ class CubeDataset(Dataset):
         self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch else len(cubes_hu)
         if self.samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be positive; got {samples_per_epoch}")
-        self.max_shift = min(MAX_SHIFT, *[(n - CUBE_SIZE) // 2 for n in cubes_hu.shape[1:]])
+        self.crop_size = int(crop_size)
+        self.max_shift = min(MAX_SHIFT, *[(n - self.crop_size) // 2 for n in cubes_hu.shape[1:]])
         self.epoch = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._mask = torch.from_numpy(hole_mask()).to(torch.float32)[None]
@@ -397,7 +410,8 @@ class CubeDataset(Dataset):
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_cases(
-        cls, cases: Iterable[TrainingCase], task: str, *, progress: bool = False, **kwargs
+        cls, cases: Iterable[TrainingCase], task: str, *, progress: bool = False, cut_size: int = TRAIN_CUBE_SIZE,
+        **kwargs,
     ) -> "CubeDataset":
         """Cut the cubes of ``task``'s sites case by case (each volume is released after its cubes)."""
         from tqdm.auto import tqdm
@@ -405,15 +419,16 @@ class CubeDataset(Dataset):
         cubes, records = [], []
         for case in tqdm(cases, desc=f"cutting {task} cubes", unit="scan", disable=not progress):
             for site in sites_for_task([case], task):
-                cubes.append(cut_training_cube(site.volume, site.center_lps_mm))
+                cubes.append(cut_training_cube(site.volume, site.center_lps_mm, cut_size))
                 records.append(site.describe())
         if not cubes:
-            raise ValueError(
-                f"no {task} training sites in these cases: "
-                + ("malignant (median rating >= 4) nodules > 10 mm" if task == "inject" else "benign (median rating <= 2) nodules < 8 mm")
-                + " whose 32 mm cube fits in the scan; use more or other scans"
-            )
-        return cls(cubes_hu=np.stack(cubes), records=records, **kwargs)
+            wanted = {
+                "inject": "malignant (median rating >= 4) nodules > 10 mm",
+                "remove": "benign (median rating <= 2) nodules < 8 mm",
+                "cad": "rated nodules",
+            }[task]
+            raise ValueError(f"no {task} training sites in these cases: {wanted} whose 32 mm cube fits in the scan; use more or other scans")
+        return cls(cubes_hu=np.stack(cubes), records=records, cut_size=cut_size, **kwargs)
 
     @classmethod
     def from_cubes(cls, cubes_hu: np.ndarray, **kwargs) -> "CubeDataset":
@@ -444,14 +459,17 @@ class CubeDataset(Dataset):
         position = int(self._order()[index]) if self.shuffle else int(index)
         return position % len(self.cubes_hu)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def crop(self, index: int) -> np.ndarray:
+        """The augmented ``crop_size``^3 HU crop of sample ``index`` in the current epoch."""
         index = int(index)
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        crop = self.augmentation(index).apply(self.cubes_hu[self.cube_index(index)])
-        full = torch.from_numpy(hu_to_unit(crop).astype(np.float32))[None]
+        return self.augmentation(index).apply(self.cubes_hu[self.cube_index(index)], self.crop_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        full = torch.from_numpy(hu_to_unit(self.crop(index)).astype(np.float32))[None]
         return {"full": full, "masked": full.masked_fill(self._mask.bool(), 0.0), "mask": self._mask.clone()}
 
 
