@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 USER_ERRORS = (ValueError, OSError, LookupError)
-DELEGATED_COMMANDS = {"train-generator": "m3d.train.train_generator"}
+DELEGATED_COMMANDS = {"train-generator": "m3d.train.train_generator", "train-cad": "m3d.train.train_cad"}
 
 
 def _is_nifti(path: Path) -> bool:
@@ -172,6 +172,31 @@ def cmd_detect(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_cad(args: argparse.Namespace) -> None:
+    import math
+
+    from .cad import load_cad, score_locations
+
+    model = load_cad(args.model, args.device)
+    volume = load_scan(Path(args.scan), args.series)
+    locations = [parse_location(text, volume, args.mm) for text in args.at]
+    for text, score in zip(args.at, score_locations(model, volume, locations)):
+        rating = "" if math.isnan(score.rating) else f"  rating {score.rating:.2f}/5"
+        print(f"{text}: malignancy {score.probability:.4f}{rating}  -> "
+              f"{'MALIGNANT' if score.probability >= args.threshold else 'benign'} at threshold {args.threshold}")
+
+
+def cmd_cad_analysis(args: argparse.Namespace) -> None:
+    from .cad.analysis import run_cad_analysis
+
+    result = run_cad_analysis(args.model, args.data, args.out, threshold=args.threshold, device=args.device)
+    groups = result.summary["groups"]
+    for group, stats in groups.items():
+        if stats["n"]:
+            print(f"  {group:<24} n={stats['n']:<5} mean {stats['mean']:.3f}  malignant {stats['fraction_malignant']:.1%}")
+    print(f"wrote {result.folder} ({', '.join(sorted(p.name for p in result.files.values()))})")
+
+
 def cmd_phantom(args: argparse.Namespace) -> None:
     from .data.phantom import generate_phantoms
 
@@ -303,6 +328,32 @@ def build_parser() -> argparse.ArgumentParser:
         "train-generator", add_help=False,
         help="train a tampering generator (pix2pix | cyclegan | ddpm) with Accelerate; --help for its options",
     )
+    commands.add_parser(
+        "train-cad", add_help=False, help="train the CAD malignancy scorer with Accelerate; --help for its options",
+    )
+
+    cad = commands.add_parser("cad", help="malignancy probability of the nodule at a location (the CAD scorer)")
+    cad.add_argument("--model", required=True, help="a saved CAD scorer folder (m3d train-cad's OUTPUT_DIR/model)")
+    cad.add_argument("--scan", required=True, help="DICOM series folder or NIfTI file")
+    cad.add_argument(
+        "--at", required=True, action="append", metavar="X,Y,Z",
+        help="location: voxel indices (column, row, slice) or, with --mm, LPS mm; repeat for several",
+    )
+    cad.add_argument("--mm", action="store_true", help="--at is in LPS world mm rather than voxel indices")
+    cad.add_argument("--threshold", type=float, default=0.5, help="probability from which the verdict is malignant")
+    cad.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    _add_scan_options(cad)
+    cad.set_defaults(func=cmd_cad)
+
+    cad_analysis = commands.add_parser(
+        "cad-analysis", help="CAD scores at every tampered and pristine site of an M3Dsynth dataset, with histograms"
+    )
+    cad_analysis.add_argument("--model", required=True, help="a saved CAD scorer folder")
+    cad_analysis.add_argument("--data", required=True, help="an M3Dsynth dataset folder (data/<generator>/<task>/*.parquet)")
+    cad_analysis.add_argument("--out", required=True, help="results folder; writes OUT/cad/ (cad_scores.csv/json, hist_*.png)")
+    cad_analysis.add_argument("--threshold", type=float, default=0.5, help="probability from which the verdict is malignant")
+    cad_analysis.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    cad_analysis.set_defaults(func=cmd_cad_analysis)
 
     plan = commands.add_parser("plan", help="the M3Dsynth tampering sites, split by patient (official data.csv columns)")
     source = plan.add_mutually_exclusive_group()

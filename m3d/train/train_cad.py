@@ -1,0 +1,490 @@
+"""Train the CAD malignancy scorer (`m3d.cad.CADForMalignancyScoring`) on LIDC nodules.
+
+    python -m m3d.train.train_cad --phantoms 24 --output-dir runs/cad
+    accelerate launch -m m3d.train.train_cad --lidc-root /data/LIDC-IDRI --output-dir runs/cad
+
+Data: ``--lidc-root DIR`` (a LIDC-IDRI download), ``--data DIR`` (cases in the `m3d phantom` layout), or
+neither: ``--phantoms N`` synthetic scans made in memory, which carry real LIDC nodule contours and
+their readers' ratings. Every nodule with a median malignancy rating is a site (`m3d.train.cubes`,
+selection ``"cad"``); a (cube_size + 8) mm cube is cut around each and CT-GAN's augmentations (shifts of
+up to +-4 voxels, flips, axial quarter turns) are drawn per sample from ``(seed, epoch, index)``.
+Targets: malignant (median rating >= 4) vs benign (<= 2) for the BCE; every rated nodule, 3s included,
+for the rating regression (`m3d.cad.malignancy_labels`). Sites are split by patient: a seeded
+``--validation-fraction`` of the patients is held out and scored on centred cubes every ``--eval-every``
+steps and at the end (ROC AUC malignant vs benign, rating MAE).
+
+Optimiser: AdamW (``--learning-rate`` 1e-3, weight decay 1e-4), cosine decay after a 5 % warm-up,
+gradient norm clipped at 1. Accelerate runs it (devices, processes, ``--mixed-precision``,
+``--gradient-accumulation-steps``). Checkpoints (`Accelerator.save_state`, every ``--checkpointing-steps``,
+at the end and on Ctrl-C / SIGTERM) go to ``OUTPUT_DIR/checkpoints/checkpoint_<n>/`` with
+``training_state.json`` written last; ``--resume-from-checkpoint latest|PATH`` continues exactly (every
+step's randomness is drawn from ``(seed, step)``). Losses and validation metrics go to
+``OUTPUT_DIR/logs.jsonl`` (and TensorBoard when installed); the model is saved with ``save_pretrained`` to
+``OUTPUT_DIR/model`` and the run described in ``OUTPUT_DIR/training_summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..cad.configuration_cad import CAD_PRESETS, CADConfig
+from ..cad.modeling_cad import IGNORE_INDEX, CADForMalignancyScoring, malignancy_labels
+from ..tamper.cube import hu_to_unit
+from .cubes import MAX_SHIFT, CubeDataset
+from .train_generator import (
+    MIXED_PRECISION,
+    STATE_FILE,
+    _ignore_sigint,
+    _json_value,
+    _next_checkpoint_number,
+    _step_seed,
+    _StopRequest,
+    _write_json_atomic,
+    complete_checkpoints,
+)
+
+CUT_MARGIN = MAX_SHIFT  # voxels cut beyond the input cube on each side, room for the crop shifts
+WARMUP_FRACTION = 0.05
+MAX_GRAD_NORM = 1.0
+
+logger = logging.getLogger("m3d.train.train_cad")
+
+
+class CADCubeDataset(CubeDataset):
+    """`CubeDataset` whose items are the scorer's inputs: ``pixel_values`` ``(1, S, S, S)`` in [-1, 1],
+    ``labels`` (1 malignant, 0 benign, `IGNORE_INDEX`) and ``ratings`` (median rating) of the site."""
+
+    def __init__(self, *args, config: CADConfig, **kwargs) -> None:
+        super().__init__(*args, crop_size=config.cube_size, **kwargs)
+        ratings = [r.get("malignancy") for r in self.records]
+        self.ratings = np.array([np.nan if r is None else float(r) for r in ratings], np.float32)
+        self.labels = malignancy_labels(self.ratings, config)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        cube = self.cube_index(int(index) % len(self))
+        return {
+            "pixel_values": torch.from_numpy(hu_to_unit(self.crop(index)).astype(np.float32))[None],
+            "labels": torch.tensor(self.labels[cube]),
+            "ratings": torch.tensor(self.ratings[cube]),
+        }
+
+
+def patient_of(record: dict[str, Any]) -> str:
+    """The case id of a site record (``source`` is ``"<case id>/nodule<k>"``)."""
+    return record["source"].rsplit("/", 1)[0]
+
+
+def split_by_patient(records: Sequence[dict[str, Any]], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and validation sites: a seeded ``fraction`` of the patients (at least one
+    when ``fraction`` > 0 and there are two or more) is held out with all its nodules."""
+    patients = sorted({patient_of(r) for r in records})
+    n_val = min(len(patients) - 1, max(1, round(fraction * len(patients)))) if fraction > 0 else 0
+    order = np.random.default_rng([seed, 0xCAD]).permutation(len(patients))
+    held_out = {patients[i] for i in order[:n_val]}
+    is_val = np.array([patient_of(r) in held_out for r in records], bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m m3d.train.train_cad",
+        description="Train the CAD malignancy scorer (3-D CNN on 1 mm nodule cubes) on LIDC nodules rated by the "
+        "readers; saves a transformers model folder (OUTPUT_DIR/model). Runs under `accelerate launch` too.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=tuple(CAD_PRESETS), default="default",
+                        help="network size (m3d.cad.CAD_PRESETS; tiny: tests; default: 48 mm cubes, widths 16-128)")
+
+    data = parser.add_argument_group("data (one of --data / --lidc-root; else --phantoms synthetic scans)")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="DIR", help="folder of LIDC-style cases: <case>/dicom/ + LIDC XML (m3d phantom's layout)")
+    source.add_argument("--lidc-root", metavar="DIR", help="a LIDC-IDRI download: DICOM series folders with their XML")
+    data.add_argument("--max-scans", type=int, default=None, metavar="N", help="read at most N scans of --data / --lidc-root")
+    data.add_argument("--phantoms", type=int, default=24, metavar="N", help="synthetic scans made in memory when no data folder is given")
+    data.add_argument("--phantom-size", type=int, default=128, help="in-plane matrix of the synthetic scans")
+    data.add_argument("--phantom-max-slices", type=int, default=None, help="cap on the synthetic scans' slices")
+    data.add_argument("--cube-cache", metavar="DIR", default=None, help="keep the cut cubes here (an .npz per data source) and reuse them")
+    data.add_argument("--validation-fraction", type=float, default=0.25, help="fraction of the patients held out for validation")
+
+    run = parser.add_argument_group("training")
+    run.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints, logs.jsonl and model/ go here")
+    run.add_argument("--max-steps", type=int, default=300, help="optimizer steps in all (a resumed run counts on)")
+    run.add_argument("--batch-size", type=int, default=8, help="cubes per process and micro-batch")
+    run.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW peak rate (5%% warm-up, cosine decay)")
+    run.add_argument("--weight-decay", type=float, default=1e-4)
+    run.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    run.add_argument("--seed", type=int, default=0, help="seeds the data, the split, the augmentations and every step's randomness")
+    run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
+
+    save = parser.add_argument_group("checkpoints, validation and logs")
+    save.add_argument("--checkpointing-steps", type=int, default=100,
+                      help="save a checkpoint every N steps and at the end (0: only on interrupt)")
+    save.add_argument("--checkpoints-total-limit", type=int, default=3, help="keep at most this many checkpoints")
+    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH", default=None,
+                      help="continue from OUTPUT_DIR's newest complete checkpoint (latest; a fresh start if none) or a folder")
+    save.add_argument("--eval-every", type=int, default=50, help="validate every N steps (and at the end; 0: only at the end)")
+    save.add_argument("--log-every", type=int, default=10, help="write mean losses to logs.jsonl every N steps")
+    save.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+    if args.max_scans is not None and args.max_scans < 1:
+        raise ValueError(f"--max-scans must be positive; got {args.max_scans}")
+    if min(args.checkpointing_steps, args.eval_every, args.num_workers) < 0:
+        raise ValueError("--checkpointing-steps, --eval-every and --num-workers must not be negative")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError("--checkpoints-total-limit must be positive")
+    if not 0 <= args.validation_fraction < 1:
+        raise ValueError(f"--validation-fraction must be in [0, 1); got {args.validation_fraction}")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def _data_key(args: argparse.Namespace, cut_size: int) -> dict[str, Any]:
+    """What the cut cubes depend on (the cube cache's key)."""
+    from . import cubes
+
+    key: dict[str, Any] = {"selection": "cad", "cut_size": cut_size, "version": 1}
+    if args.data or args.lidc_root:
+        root = Path(args.data or args.lidc_root).resolve()
+        key.update(kind="data" if args.data else "lidc_root", root=str(root), max_scans=args.max_scans,
+                   entries=sorted(p.name for p in root.iterdir()) if root.is_dir() else [])
+    else:
+        key.update(kind="phantoms", n=args.phantoms, seed=args.seed, size=args.phantom_size,
+                   max_slices=args.phantom_max_slices, nodules=repr(cubes.PHANTOM_NODULES["cad"]))
+    return key
+
+
+def load_cubes(args: argparse.Namespace, cut_size: int, progress: bool) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """HU cubes (``(N, cut, cut, cut)``) and site records of every rated nodule of the data source."""
+    from .cubes import iter_case_folders, iter_lidc_root, iter_phantom_cases
+
+    cache = None
+    if args.cube_cache:
+        digest = hashlib.sha1(json.dumps(_data_key(args, cut_size), sort_keys=True).encode()).hexdigest()[:16]
+        cache = Path(args.cube_cache) / f"cubes_cad_{digest}.npz"
+        if cache.is_file():
+            with np.load(cache, allow_pickle=False) as stored:
+                logger.info("cubes from the cache %s", cache)
+                return stored["cubes_hu"], json.loads(str(stored["records"]))
+    if args.data:
+        cases = iter_case_folders(args.data)
+    elif args.lidc_root:
+        cases = iter_lidc_root(args.lidc_root)
+    else:
+        cases = iter_phantom_cases(args.phantoms, seed=args.seed, size=args.phantom_size,
+                                   max_slices=args.phantom_max_slices, task="cad")
+    if args.max_scans is not None and (args.data or args.lidc_root):
+        cases = itertools.islice(cases, args.max_scans)
+    dataset = CubeDataset.from_cases(cases, "cad", progress=progress, cut_size=cut_size, crop_size=cut_size)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, cubes_hu=dataset.cubes_hu, records=np.array(json.dumps(dataset.records)))
+        os.replace(tmp, cache)
+    return dataset.cubes_hu, dataset.records
+
+
+def _class_counts(labels: np.ndarray) -> dict[str, int]:
+    return {"benign": int((labels == 0).sum()), "malignant": int((labels == 1).sum()),
+            "unlabelled": int((labels == IGNORE_INDEX).sum())}
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: CADForMalignancyScoring, dataset: CADCubeDataset, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Centred-cube scores of ``dataset`` (no augmentation): ``val_auc`` (malignant vs benign; NaN
+    unless both occur), ``val_loss`` and ``val_rating_mae`` (NaN without the rating head)."""
+    from ..metrics.detection import roc_auc
+
+    was_training = model.training
+    model.eval()
+    logits, ratings, losses = [], [], []
+    try:
+        for start in range(0, len(dataset.cubes_hu), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset.cubes_hu)))]
+            batch = {k: torch.stack([item[k] for item in items]).to(device) for k in items[0]}
+            output = model(**batch)
+            logits.append(output.logits.float().cpu())
+            if output.rating is not None:
+                ratings.append(output.rating.float().cpu())
+            if output.loss is not None:
+                losses.append(float(output.loss) * len(items))
+    finally:
+        model.train(was_training)
+    scores = torch.cat(logits).numpy()
+    labelled = dataset.labels != IGNORE_INDEX
+    labels = dataset.labels[labelled]
+    auc = roc_auc(labels, scores[labelled]) if len(np.unique(labels)) == 2 else float("nan")
+    mae = float("nan")
+    if ratings:
+        rated = np.isfinite(dataset.ratings)
+        mae = float(np.abs(torch.cat(ratings).numpy()[rated] - dataset.ratings[rated]).mean())
+    return {"val_auc": float(auc), "val_loss": sum(losses) / len(scores) if losses else float("nan"), "val_rating_mae": mae}
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def _configure_logging(main_process: bool) -> None:
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[train_cad] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _resume_path(args: argparse.Namespace, output_dir: Path) -> Path | None:
+    if not args.resume_from_checkpoint:
+        if complete_checkpoints(output_dir):
+            logger.warning("%s already holds checkpoints; pass --resume-from-checkpoint latest to continue from them", output_dir)
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            logger.info("no complete checkpoint in %s: starting from scratch", output_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(args.resume_from_checkpoint)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def _save_model_atomic(model: CADForMalignancyScoring, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    _check_args(args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_with = "tensorboard" if is_tensorboard_available() else None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cpu=args.cpu,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(output_dir / "tensorboard"),
+            automatic_checkpoint_naming=True,
+            total_limit=args.checkpoints_total_limit,
+        ),
+    )
+    main_process = accelerator.is_main_process
+    _configure_logging(main_process)
+    set_seed(args.seed)
+    config = CADConfig.from_preset(args.preset)
+
+    # data: every process cuts the same cubes (deterministic); the loader shards the batches
+    cut_size = config.cube_size + 2 * CUT_MARGIN
+    cubes_hu, records = load_cubes(args, cut_size, progress=main_process and not args.no_progress)
+    train_idx, val_idx = split_by_patient(records, args.validation_fraction, args.seed)
+    if not config.rating_head:  # without the rating head only classification targets train
+        keep = malignancy_labels([r["malignancy"] for r in records], config) != IGNORE_INDEX
+        train_idx = train_idx[keep[train_idx]]
+    if len(train_idx) == 0:
+        raise ValueError("no training sites left after the validation split; use more scans")
+    total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    samples = math.ceil(max(len(train_idx), total_batch) / total_batch) * total_batch
+    train_set = CADCubeDataset(cubes_hu=cubes_hu[train_idx], records=[records[i] for i in train_idx], config=config,
+                               seed=args.seed, augment=True, shuffle=True, samples_per_epoch=samples)
+    val_set = (CADCubeDataset(cubes_hu=cubes_hu[val_idx], records=[records[i] for i in val_idx], config=config,
+                              augment=False) if len(val_idx) else None)
+    counts = {"train": _class_counts(train_set.labels), "validation": _class_counts(val_set.labels) if val_set else {}}
+    logger.info("%d rated nodules of %d patients: train %s, validation %s", len(records),
+                len({patient_of(r) for r in records}), counts["train"], counts["validation"] or "none")
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=args.num_workers,
+        worker_init_fn=_ignore_sigint if args.num_workers else None, pin_memory=accelerator.device.type == "cuda",
+    )
+
+    model = CADForMalignancyScoring(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.max_steps), args.max_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    micro_per_epoch = len(loader)
+    if micro_per_epoch < args.gradient_accumulation_steps:
+        raise ValueError("an epoch holds fewer micro-batches than --gradient-accumulation-steps")
+
+    global_step = 0
+    state_path = _resume_path(args, output_dir)
+    if state_path is not None:
+        state = json.loads((state_path / STATE_FILE).read_text())
+        if state.get("preset") != args.preset or state.get("model") != "cad":
+            raise ValueError(f"checkpoint {state_path} is not a CAD checkpoint of --preset {args.preset}")
+        if state.get("total_batch") != total_batch:
+            logger.warning("checkpoint used %s cubes per step, this run %d: the data order will differ", state.get("total_batch"), total_batch)
+        accelerator.load_state(str(state_path))
+        global_step = int(state["global_step"])
+        logger.info("resumed from %s at step %d", state_path, global_step)
+    accelerator.project_configuration.iteration = _next_checkpoint_number(output_dir)
+    if log_with:
+        accelerator.init_trackers("train_cad", config={k: _json_value(v) for k, v in vars(args).items()})
+
+    log_path = output_dir / "logs.jsonl"
+    start_time = time.perf_counter()
+    last_saved = global_step if state_path is not None else -1
+
+    def write_log(record: dict[str, Any]) -> None:
+        finite = {k: v for k, v in record.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        if main_process:
+            with open(log_path, "a") as handle:  # an undefined metric (AUC of one class) is null
+                handle.write(json.dumps({k: finite.get(k) for k in record}) + "\n")
+        if log_with:
+            accelerator.log({k: v for k, v in finite.items() if k.startswith(("loss", "val_"))}, step=global_step)
+
+    def validate() -> dict[str, float]:
+        if val_set is None or not main_process:
+            return {}
+        metrics = evaluate(accelerator.unwrap_model(model), val_set, args.batch_size, accelerator.device)
+        write_log({"step": global_step, **metrics})
+        logger.info("step %d: validation AUC %.3f, rating MAE %.3f", global_step, metrics["val_auc"], metrics["val_rating_mae"])
+        return metrics
+
+    def save_checkpoint() -> None:
+        nonlocal last_saved
+        accelerator.wait_for_everyone()
+        folder = Path(accelerator.save_state())
+        if main_process:
+            _write_json_atomic(folder / STATE_FILE, {
+                "global_step": global_step, "model": "cad", "preset": args.preset, "seed": args.seed,
+                "total_batch": total_batch, "micro_batches_per_epoch": micro_per_epoch,
+                "epoch": (global_step * args.gradient_accumulation_steps) // micro_per_epoch,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+        accelerator.wait_for_everyone()
+        last_saved = global_step
+        logger.info("checkpoint at step %d: %s", global_step, folder)
+
+    progress = tqdm(total=args.max_steps, initial=min(global_step, args.max_steps), desc="cad", unit="step",
+                    disable=not main_process or args.no_progress, dynamic_ncols=True)
+    model.train()
+    loss_sum, count = torch.zeros((), device=accelerator.device), 0
+    micro = global_step * args.gradient_accumulation_steps
+    window_start, window_step = time.perf_counter(), global_step
+    interrupted = False
+    with _StopRequest() as stop:
+        try:
+            while global_step < args.max_steps and not stop.requested:
+                epoch, skip = divmod(micro, micro_per_epoch)
+                epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+                epoch_loader.set_epoch(epoch)
+                for batch in epoch_loader:
+                    micro_index = micro % args.gradient_accumulation_steps
+                    torch.manual_seed(_step_seed(args.seed, global_step, micro_index, accelerator.process_index))
+                    with accelerator.accumulate(model):
+                        loss = model(**batch).loss
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    micro += 1
+                    loss_sum += loss.detach().float()
+                    count += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    global_step += 1
+                    progress.update(1)
+                    if global_step % args.log_every == 0 or global_step == args.max_steps:
+                        mean = float(accelerator.reduce(loss_sum / count, reduction="mean"))
+                        now = time.perf_counter()
+                        write_log({"step": global_step, "epoch": epoch, "loss": mean, "lr": scheduler.get_last_lr()[0],
+                                   "steps_per_s": (global_step - window_step) / max(now - window_start, 1e-9),
+                                   "elapsed_s": round(now - start_time, 3)})
+                        progress.set_postfix(loss=f"{mean:.4f}")
+                        window_start, window_step = now, global_step
+                        loss_sum, count = torch.zeros((), device=accelerator.device), 0
+                    if args.eval_every and global_step % args.eval_every == 0 and global_step < args.max_steps:
+                        validate()
+                    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                        save_checkpoint()
+                    if global_step >= args.max_steps or stop.requested:
+                        break
+        except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed
+            interrupted = True
+        progress.close()
+        if interrupted or stop.requested:
+            if global_step != last_saved and global_step > 0:
+                save_checkpoint()
+            logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", global_step)
+            accelerator.end_training()
+            return 130
+
+    if args.checkpointing_steps and global_step != last_saved:
+        save_checkpoint()
+    accelerator.wait_for_everyone()
+    if main_process:
+        final = validate()
+        unwrapped = accelerator.unwrap_model(model)
+        copy = CADForMalignancyScoring(unwrapped.config)
+        copy.load_state_dict({k: v.detach().float().cpu() for k, v in unwrapped.state_dict().items()})
+        _save_model_atomic(copy.eval(), output_dir / "model")
+        data = "lidc_root" if args.lidc_root else "data" if args.data else "phantom"
+        _write_json_atomic(output_dir / "training_summary.json", {
+            "model": "cad", "preset": args.preset, "steps": global_step, "training_data": data,
+            "sites": counts,
+            "validation": {k: v if math.isfinite(v) else None for k, v in final.items()}, "wall_s": round(time.perf_counter() - start_time, 3),
+            "args": {k: _json_value(v) for k, v in vars(args).items()},
+        })
+        logger.info("saved the CAD scorer to %s", output_dir / "model")
+    accelerator.end_training()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point (`m3d train-cad` calls it; ``prog`` names it in the usage line): 0 done, 2 bad input,
+    130 interrupted (a checkpoint was saved)."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return train(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, LookupError) as error:
+        print(f"train_cad: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train_cad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
