@@ -27,8 +27,7 @@ def _check_path(path: Path) -> None:
         raise ValueError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
 
 
-def _save(data_xyz: np.ndarray, affine: np.ndarray, path: Path, description: str = "") -> Path:
-    _check_path(path)
+def _image(data_xyz: np.ndarray, affine: np.ndarray, description: str = "") -> nib.Nifti1Image:
     image = nib.Nifti1Image(data_xyz, affine)
     image.set_qform(affine, code=1)  # scanner
     image.set_sform(affine, code=1)
@@ -36,6 +35,12 @@ def _save(data_xyz: np.ndarray, affine: np.ndarray, path: Path, description: str
     image.header.set_slope_inter(1.0, 0.0)
     image.header.set_xyzt_units("mm")
     image.header["descrip"] = description[:79].encode()
+    return image
+
+
+def _save(data_xyz: np.ndarray, affine: np.ndarray, path: Path, description: str = "") -> Path:
+    _check_path(path)
+    image = _image(data_xyz, affine, description)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}{''.join(path.suffixes)}")  # same suffix: same format
     try:
@@ -47,6 +52,19 @@ def _save(data_xyz: np.ndarray, affine: np.ndarray, path: Path, description: str
     return path
 
 
+def nifti_image(volume: CTVolume) -> nib.Nifti1Image:
+    """``volume`` as an in-memory int16 HU NIfTI image, as `write_nifti` writes it."""
+    return _image(volume.hu.transpose(2, 1, 0), nifti_affine(volume), volume.metadata.series_instance_uid)
+
+
+def mask_nifti_image(mask: np.ndarray, reference: CTVolume) -> nib.Nifti1Image:
+    """A boolean ``(z, y, x)`` mask on ``reference``'s grid as an in-memory uint8 NIfTI image."""
+    mask = np.asarray(mask)
+    if mask.shape != reference.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the reference volume's {reference.shape}")
+    return _image(mask.astype(np.uint8).transpose(2, 1, 0), nifti_affine(reference), "m3d mask")
+
+
 def write_nifti(volume: CTVolume, path: str | Path) -> Path:
     """Write ``volume`` as int16 HU NIfTI (slope 1, intercept 0) with its RAS affine (qform + sform)."""
     return _save(volume.hu.transpose(2, 1, 0), nifti_affine(volume), Path(path), volume.metadata.series_instance_uid)
@@ -54,10 +72,8 @@ def write_nifti(volume: CTVolume, path: str | Path) -> Path:
 
 def write_mask_nifti(mask: np.ndarray, reference: CTVolume, path: str | Path) -> Path:
     """Write a boolean ``(z, y, x)`` mask on ``reference``'s grid as uint8 NIfTI."""
-    mask = np.asarray(mask)
-    if mask.shape != reference.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from the reference volume's {reference.shape}")
-    return _save(mask.astype(np.uint8).transpose(2, 1, 0), nifti_affine(reference), Path(path), "m3d mask")
+    image = mask_nifti_image(mask, reference)
+    return _save(np.asarray(image.dataobj), image.affine, Path(path), "m3d mask")
 
 
 def write_map_nifti(values: np.ndarray, reference: CTVolume, path: str | Path) -> Path:
