@@ -22,7 +22,7 @@ from .tamper.quality import QualityCriteria
 USER_ERRORS = (ValueError, OSError, LookupError)
 
 
-def build(
+def build_dataset(
     out: str | Path,
     *,
     lidc_root: str | Path | None = None,
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
     """Build from parsed arguments and print the summary table (main process)."""
     from accelerate import PartialState
 
-    state = build(
+    state = build_dataset(
         args.out, lidc_root=args.lidc_root, generators=args.generators, tasks=args.tasks, limit=args.limit,
         pipelines_dir=args.pipelines, seed=args.seed, device=args.device, phantoms=args.phantoms, size=args.size,
         max_slices=args.max_slices, scans_per_shard=args.scans_per_shard, num_inference_steps=args.steps,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 USER_ERRORS = (ValueError, OSError, LookupError)
-DELEGATED_COMMANDS = {"train-generator": "m3d.train.train_generator", "train-cad": "m3d.train.train_cad"}
+DELEGATED_COMMANDS = {"train-generator": "m3d.train.train_generator", "train-cad": "m3d.train.train_cad", "build": "m3d.build"}
 
 
 def _is_nifti(path: Path) -> bool:
@@ -232,6 +232,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"wrote {write_plan_csv(sites, args.out)}")
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    from .hub import push_folder
+
+    print(f"uploaded {args.path}: {push_folder(args.path, args.repo_id, private=args.private, token=args.token)}")
+
+
 def cmd_lidc_summary(args: argparse.Namespace) -> None:
     from .data.lidc import LIDCDatabase, format_summary, summarize
 
@@ -363,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default=None, help="write the plan as CSV (official data.csv columns)")
     plan.add_argument("--seed", type=int, default=0, help="seed of the patient split")
     plan.set_defaults(func=cmd_plan)
+
+    commands.add_parser(
+        "build", add_help=False,
+        help="build the M3Dsynth dataset folder (phantom default or --lidc-root); --help for its options",
+    )
+
+    push = commands.add_parser("push", help="upload an m3d dataset, pipeline or model folder to the Hugging Face Hub")
+    push.add_argument("path", help="the folder (an m3d build, a saved pipeline or a saved model, with its README.md)")
+    push.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the Hub repository (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    push.set_defaults(func=cmd_push)
 
     card = commands.add_parser("card", help="write the model card (README.md) of a saved pipeline, detector or CAD folder")
     card.add_argument("path", help="the saved folder")

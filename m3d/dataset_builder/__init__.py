@@ -1,4 +1,11 @@
-"""The M3Dsynth dataset: the example schema, the builder (`m3d build`) and the official-release import."""
-from .features import FEATURES, GENERATORS, LABELS, SPLITS, TASKS, example_mask, example_volume
+"""The M3Dsynth dataset: the example schema, the builder (`m3d build`) and the official-release import.
 
-__all__ = ["FEATURES", "GENERATORS", "LABELS", "SPLITS", "TASKS", "example_mask", "example_volume"]
+The Hub-facing files (the dataset card template) live here too, in ``templates/``."""
+from .builder import M3Dsynth, M3DsynthConfig
+from .features import FEATURES, GENERATORS, LABELS, SPLITS, TASKS, example_mask, example_volume
+from .writer import CONFIGS
+
+__all__ = [
+    "CONFIGS", "FEATURES", "GENERATORS", "LABELS", "SPLITS", "TASKS", "M3Dsynth", "M3DsynthConfig",
+    "example_mask", "example_volume",
+]

@@ -1,0 +1,181 @@
+"""The M3Dsynth builder on tiny phantoms with tiny random pipelines (never the shipped demo weights)."""
+import json
+import re
+from fnmatch import fnmatch
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from m3d.build import build_dataset, main as build_main
+from m3d.dataset_builder import CONFIGS, FEATURES, M3Dsynth, example_mask, example_volume
+from m3d.dataset_builder import writer as writer_module
+from m3d.dataset_builder.generate import phantom_jobs, scan_examples
+from m3d.dataset_builder.writer import finalize, prepare_folder, read_state, write_shards
+from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline
+from m3d.tamper.quality import QualityCriteria
+
+PHANTOMS = dict(size=64, max_slices=40)
+SHARD = re.compile(r"data/(real|pix2pix|cyclegan|ddpm)/(inject|remove)/(train|validation|test)-\d{5}-\d{5}\.parquet")
+
+
+@pytest.fixture(scope="module")
+def pipelines_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    torch.manual_seed(0)
+    for name, cls in (("pix2pix", Pix2Pix3DPipeline), ("cyclegan", CycleGAN3DPipeline), ("ddpm", M3DInpaintPipeline)):
+        for task in ("inject", "remove"):
+            cls.from_preset("tiny", task=task).save_pretrained(root / f"{name}-{task}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, pipelines_dir):
+    """All generators, quality check off (tiny random networks would fail it), one scan per shard."""
+    out = tmp_path_factory.mktemp("build") / "m3dsynth"
+    build_dataset(
+        out, pipelines_dir=pipelines_dir, phantoms=3, **PHANTOMS, num_inference_steps=1, scans_per_shard=1,
+        quality=None, progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(built, tmp_path_factory):
+    return datasets.load_dataset(str(built), cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+def test_layout_manifest_and_card(built):
+    state = read_state(built)
+    files = sorted(p.relative_to(built).as_posix() for p in (built / "data").rglob("*") if p.is_file())
+    assert files == sorted(state.shards) and all(SHARD.fullmatch(f) for f in files)
+    for relative, entry in state.shards.items():
+        assert writer_module.sha256_file(built / relative) == entry["sha256"]
+    assert not (built / ".build").exists()
+    metadata = yaml.safe_load((built / "README.md").read_text().split("---")[1])
+    configs = {c["config_name"]: c for c in metadata["configs"]}
+    assert set(configs) == set(CONFIGS) and configs["all"]["default"] is True
+
+
+def test_every_field_and_masks_exactly_where_tampered(loaded):
+    assert set(loaded) == {"train", "validation", "test"}
+    img_ids = []
+    for split in loaded.values():
+        assert split.features == FEATURES
+        for example in split:
+            img_ids.append(example["img_id"])
+            volume, mask = example_volume(example), example_mask(example)
+            assert volume.shape == mask.shape and volume.hu.dtype == np.int16
+            fake = example["label"] == 1
+            assert mask.any() == fake
+            assert (example["generator"] == 0) == (not fake)
+            assert example["img_id"] == f"{example['site_id']}_{FEATURES['generator'].int2str(example['generator'])}"
+            assert example["test_crop_center_zyx"] == example["site_voxel_zyx"]
+            assert np.allclose(volume.voxel_to_world(example["site_voxel_zyx"]), example["site_lps_mm"], atol=max(volume.spacing_mm))
+            assert example["spacing_mm"] == pytest.approx(volume.spacing_mm)
+            assert example["nodule_diameter_mm"] > 0 and example["malignancy_after"] is None
+    assert len(img_ids) == len(set(img_ids))
+    generators = {g for split in loaded.values() for g in split["generator"]}
+    assert generators == {0, 1, 2, 3}
+
+
+def test_configs_select_the_right_rows(built, tmp_path):
+    state = read_state(built)
+    for name, (generators, tasks) in CONFIGS.items():
+        ds = datasets.load_dataset(str(built), name, cache_dir=str(tmp_path))
+        for split, rows in ds.items():
+            assert {FEATURES["generator"].int2str(g) for g in rows["generator"]} <= set(generators)
+            assert {FEATURES["task"].int2str(t) for t in rows["task"]} <= set(tasks)
+            expected = sum(
+                e["rows"] for r, e in state.shards.items()
+                if r.split("/")[1] in generators and r.split("/")[2] in tasks and r.split("/")[3].startswith(split + "-")
+            )
+            assert len(rows) == expected
+
+
+def test_load_by_name_from_parent_folder(built, tmp_path, monkeypatch):
+    monkeypatch.chdir(built.parent)
+    ds = datasets.load_dataset("m3dsynth", "pristine", split="test", cache_dir=str(tmp_path))
+    assert len(ds) and set(ds["label"]) == {0} and not any(example_mask(e).any() for e in ds)
+
+
+def test_a_patient_is_never_in_two_splits(loaded):
+    patients = {split: set(rows["patient_id"]) for split, rows in loaded.items()}
+    assert not (patients["train"] & patients["validation"]) and not (patients["train"] & patients["test"])
+    assert not (patients["validation"] & patients["test"])
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    return phantom_jobs(3, seed=0, **PHANTOMS, progress=False)
+
+
+def _build(out: Path, jobs, pipelines_dir) -> dict:
+    """pix2pix only, quality check on; returns the manifest's shards."""
+    from m3d.dataset_builder.generate import load_pipelines
+
+    pipelines = load_pipelines(pipelines_dir, ["pix2pix"], ["inject", "remove"])
+    config = {"test": True}
+    state = prepare_folder(out, config)
+
+    def examples(job):
+        return scan_examples(job, job.load(), generators=["pix2pix"], tasks=["inject", "remove"], pipelines=pipelines)
+
+    write_shards(out, jobs, examples, config, scans_per_shard=1, progress=False, state=state)
+    return finalize(out)
+
+
+@pytest.mark.parametrize("fail_in", ["_ShardWriter.close", "write_json_atomic"])
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, jobs, pipelines_dir, monkeypatch, fail_in):
+    reference = _build(tmp_path / "reference", jobs, pipelines_dir)
+    assert any(c["outcomes"].get("pix2pix/remove/dropped") for c in reference.chunks.values())  # the quality check ran
+    assert not any("/pix2pix/remove/" in r for r in reference.shards)
+
+    owner, _, name = fail_in.rpartition(".")
+    target = getattr(writer_module, owner) if owner else writer_module
+    original, calls = getattr(target, name), []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies in the middle of the second chunk's bookkeeping
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, killed)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path / "resumed", jobs, pipelines_dir)
+    monkeypatch.setattr(target, name, original)
+    resumed = _build(tmp_path / "resumed", jobs, pipelines_dir)
+    assert resumed.shards == reference.shards  # same files, rows, img_ids and SHA-256: nothing lost or duplicated
+    files = sorted(p.relative_to(tmp_path / "resumed").as_posix() for p in (tmp_path / "resumed").rglob("*") if p.is_file())
+    assert files == sorted(["README.md", "manifest.json", *reference.shards])
+
+
+def test_other_options_are_refused_on_resume(tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    writer_module.write_json_atomic(out / "manifest.json", {"format": 1, "config": {"seed": 0}, "chunks": {}, "shards": {}})
+    with pytest.raises(ValueError, match="seed differ"):
+        prepare_folder(out, {"seed": 1})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not an m3d dataset folder"):
+        prepare_folder(tmp_path / "other", {"seed": 0}, overwrite=True)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert build_main(["--out", str(tmp_path / "ds"), "--pipelines", str(tmp_path / "none")], prog="m3d build") == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--pipelines DIR" in error and "pix2pix-inject" in error
+    assert not (tmp_path / "ds").exists()
+
+
+def test_generator_based_builder_pristine_config(tmp_path):
+    builder = M3Dsynth(config_name="pristine", cache_dir=str(tmp_path), phantoms=1, **PHANTOMS)
+    builder.download_and_prepare()
+    ds = builder.as_dataset(split="train")
+    assert len(ds) >= 1 and set(ds["label"]) == {0} and ds.features == FEATURES
+    assert all(fnmatch(i, "*_real") for i in ds["img_id"])
