@@ -1,0 +1,64 @@
+"""`m3d push`: the folder checks and the upload call, offline (HfApi replaced)."""
+import json
+
+import pytest
+
+from m3d.cli import main
+from m3d.hub import folder_kind
+
+
+class FakeApi:
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeApi.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        FakeApi.calls.append(("upload_folder", kwargs))
+        return type("Commit", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/0"})()
+
+
+@pytest.fixture
+def dataset_folder(tmp_path):
+    folder = tmp_path / "m3dsynth"
+    (folder / "data").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"format": 1}))
+    (folder / "README.md").write_text("---\nconfigs: []\n---\n")
+    return folder
+
+
+def test_kinds_and_card_required(tmp_path, dataset_folder):
+    assert folder_kind(dataset_folder) == "dataset"
+    pipeline = tmp_path / "pipe"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="m3d card"):
+        folder_kind(pipeline)
+    (pipeline / "README.md").write_text("card")
+    assert folder_kind(pipeline) == "pipeline"
+    with pytest.raises(ValueError, match="not an m3d dataset"):
+        folder_kind(tmp_path)
+    (dataset_folder / ".build").mkdir()
+    with pytest.raises(ValueError, match="unfinished build"):
+        folder_kind(dataset_folder)
+
+
+def test_push_uploads_the_folder_as_a_dataset_repo(dataset_folder, monkeypatch, capsys):
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    FakeApi.calls = []
+    assert main(["push", str(dataset_folder), "--repo-id", "org/m3dsynth", "--private", "--token", "hf_x"]) == 0
+    (_, repo_id, create), (_, upload) = FakeApi.calls
+    assert repo_id == "org/m3dsynth" and create == {"repo_type": "dataset", "private": True, "exist_ok": True}
+    assert upload["folder_path"] == str(dataset_folder) and upload["repo_type"] == "dataset"
+    assert "commit/0" in capsys.readouterr().out
+
+
+def test_push_errors_are_one_line(tmp_path, dataset_folder, monkeypatch, capsys):
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    assert main(["push", str(tmp_path / "missing"), "--repo-id", "org/x"]) == 2
+    assert main(["push", str(dataset_folder), "--repo-id", "no-slash"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and "is not a folder" in errors[0] and "ORG/NAME" in errors[1]
