@@ -177,9 +177,9 @@ def cmd_cad(args: argparse.Namespace) -> None:
 
     from .cad import load_cad, score_locations
 
-    model = load_cad(args.model, args.device)
     volume = load_scan(Path(args.scan), args.series)
     locations = [parse_location(text, volume, args.mm) for text in args.at]
+    model = load_cad(args.model, args.device)
     for text, score in zip(args.at, score_locations(model, volume, locations)):
         rating = "" if math.isnan(score.rating) else f"  rating {score.rating:.2f}/5"
         print(f"{text}: malignancy {score.probability:.4f}{rating}  -> "

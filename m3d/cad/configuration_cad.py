@@ -22,7 +22,7 @@ class CADConfig(PreTrainedConfig):
             LIDC nodules (up to ~30 mm) with >= 9 mm of surrounding lung on every side, and the whole
             32 mm cube a generator rewrites plus 8 mm around it, so the scorer judges a tampered site in
             its context rather than through the generator's own window.
-        block_out_channels: widths of the stages; every stage after the first halves the resolution.
+        block_out_channels: widths of the stages; every stage halves the resolution.
         layers_per_block: residual blocks (two 3x3x3 convs each) per stage.
         norm_num_groups: GroupNorm groups (must divide every width); GroupNorm, not BatchNorm, so a
             score does not depend on the batch it was computed in.

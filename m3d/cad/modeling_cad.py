@@ -58,18 +58,15 @@ class CADResidualBlock(nn.Module):
 
 
 class CADStage(nn.Sequential):
-    """An optional stride-2 conv (width change and downsampling) followed by residual blocks."""
+    """A stride-2 3x3x3 conv (halves the resolution, sets the width), GroupNorm, ReLU, residual blocks."""
 
-    def __init__(self, in_channels: int, out_channels: int, blocks: int, groups: int, downsample: bool) -> None:
-        layers: list[nn.Module] = []
-        if downsample or in_channels != out_channels:
-            layers += [
-                nn.Conv3d(in_channels, out_channels, 3, stride=2 if downsample else 1, padding=1, bias=False),
-                nn.GroupNorm(groups, out_channels),
-                nn.ReLU(),
-            ]
-        layers += [CADResidualBlock(out_channels, groups) for _ in range(blocks)]
-        super().__init__(*layers)
+    def __init__(self, in_channels: int, out_channels: int, blocks: int, groups: int) -> None:
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.ReLU(),
+            *[CADResidualBlock(out_channels, groups) for _ in range(blocks)],
+        )
 
 
 class CADPreTrainedModel(PreTrainedModel):
@@ -98,10 +95,12 @@ class CADForMalignancyScoring(CADPreTrainedModel):
 
     Input: ``pixel_values`` ``(batch, 1, S, S, S)``, the ``S = cube_size`` mm cube around the location at
     1 mm, HU scaled to [-1, 1] by `m3d.tamper.cube.hu_to_unit` (`m3d.cad.scoring` cuts and scales it).
-    Layers: a 3x3x3 stem at the first width, stages of residual blocks (each later stage opens with a
-    stride-2 conv), GroupNorm + ReLU throughout, global average pooling, dropout, then a linear
-    malignancy logit and, with ``rating_head``, a linear rating squashed to [1, 5]
-    (``1 + 4 * sigmoid``). Default config: 48^3 input, widths 16-32-64-128 (6^3 at the last stage).
+    Layers: a 3x3x3 stem at full resolution and the first width, then one stage per width (a stride-2
+    conv, then residual blocks), GroupNorm + ReLU throughout, global average pooling, dropout, then a
+    linear malignancy logit and, with ``rating_head``, a linear rating squashed to [1, 5]
+    (``1 + 4 * sigmoid``). Default config: 48^3 input, stages at 24^3, 12^3, 6^3 and 3^3 with widths
+    16-32-64-128 (1.47 M parameters); downsampling before the first residual block keeps a training
+    step on a CPU affordable.
 
     ``labels``: ``(batch,)`` 1 malignant / 0 benign / `IGNORE_INDEX` (`malignancy_labels`);
     ``ratings``: ``(batch,)`` median reader ratings, NaN where unrated.
@@ -112,8 +111,7 @@ class CADForMalignancyScoring(CADPreTrainedModel):
         widths, groups = config.block_out_channels, config.norm_num_groups
         self.stem = nn.Sequential(nn.Conv3d(1, widths[0], 3, padding=1, bias=False), nn.GroupNorm(groups, widths[0]), nn.ReLU())
         self.stages = nn.ModuleList(
-            CADStage(widths[max(i - 1, 0)], width, config.layers_per_block, groups, downsample=i > 0)
-            for i, width in enumerate(widths)
+            CADStage(widths[max(i - 1, 0)], width, config.layers_per_block, groups) for i, width in enumerate(widths)
         )
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(widths[-1], 1)
