@@ -51,6 +51,10 @@ _EXPORTS: dict[str, str] = {
     "detect_volume": "m3d.detectors.volume",
     "detection_metrics": "m3d.metrics",
     "localization_metrics": "m3d.metrics",
+    "CADConfig": "m3d.cad",
+    "CADForMalignancyScoring": "m3d.cad",
+    "load_cad": "m3d.cad",
+    "run_cad_analysis": "m3d.cad.analysis",
 }
 
 __all__ = sorted(_EXPORTS)
