@@ -570,7 +570,8 @@ def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 class _StopRequest:
     """First SIGINT / SIGTERM: finish the step, checkpoint, exit. A second SIGINT: stop at once."""
 
-    def __init__(self):
+    def __init__(self, prog: str = "train_generator"):
+        self.prog = prog
         self.requested = False
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
@@ -580,7 +581,7 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        print(f"\n[train_generator] {self.signal_name}: finishing this step, saving a checkpoint, then exiting "
+        print(f"\n[{self.prog}] {self.signal_name}: finishing this step, saving a checkpoint, then exiting "
               "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self):

@@ -1,0 +1,152 @@
+"""The evaluation protocol of the M3Dsynth benchmark, shared by training validation and `m3d bench`.
+
+Each test sample is a fixed crop of a scan around its site (``test_crop_center_zyx``; the pristine scan
+of the same site gives the real sample) or the whole scan (``crop_size=None``). The detector runs over
+every axial slice of the crop: the volume score is the maximum of the slice probabilities, the 3-D map
+the stack of slice maps. Detection (`m3d.metrics.detection_metrics`): AUC, balanced accuracy at 0.5,
+Pd@1 % (ROC interpolated at 1 % FPR). Localization (`m3d.metrics.localization_scores`), per fake sample
+then averaged: F1 / IoU of the map binarised at 0.5 and at each sample's best threshold. Metrics are
+given for every test generator (its fakes against all pristine samples) and task, and for all together.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from m3d.dataset_builder.features import GENERATORS, TASKS
+from m3d.detectors.volume import slices_to_input
+from m3d.metrics import detection_metrics, localization_scores
+
+from .detector_data import DEFAULT_CROP_SIZE, Crop, CropCache, CropSize, evaluation_crops
+
+DETECTION_KEYS = ("auc", "balanced_accuracy", "pd_at_1pct")
+LOCALIZATION_KEYS = ("f1", "iou", "f1_best", "iou_best")
+ALL = "all"
+
+
+@torch.no_grad()
+def predict_crop(model: torch.nn.Module, crop: Crop, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+    """Slice probabilities ``(z,)`` and probability map ``(z, y, x)`` (None if the model does not
+    localize) of one crop, over its unpadded extent."""
+    parameter = next(model.parameters())
+    depth = crop.valid[0]
+    scores = np.empty(depth, np.float32)
+    maps: np.ndarray | None = None
+    for start in range(0, depth, batch_size):
+        indices = np.arange(start, min(start + batch_size, depth))
+        pixel_values = slices_to_input(crop.hu, indices, model.config, crop.statistics)
+        output = model(pixel_values=pixel_values.to(parameter.device, parameter.dtype))
+        scores[indices] = torch.sigmoid(output.logits.float()).view(-1).cpu().numpy()
+        if output.localization_logits is not None:
+            if maps is None:
+                maps = np.zeros(crop.valid, np.float32)
+            probability = torch.sigmoid(output.localization_logits.float())[:, 0].cpu().numpy()
+            maps[indices] = probability[:, : crop.valid[1], : crop.valid[2]]
+    return scores, maps
+
+
+def predict_samples(
+    model: torch.nn.Module,
+    crops: CropCache | Sequence[Crop],
+    indices: Iterable[int] | None = None,
+    *,
+    batch_size: int = 16,
+    threshold: float = 0.5,
+    keep_maps: int = 0,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-sample records (metadata, ``score``, and for fakes of a localizing model ``f1``, ``iou``,
+    ``f1_best``, ``iou_best``) and up to ``keep_maps`` fake examples with their crop, mask and map."""
+    was_training = model.training
+    model.eval()
+    records, examples = [], []
+    indices = list(range(len(crops))) if indices is None else list(indices)
+    try:
+        for index in tqdm(indices, desc="evaluating", unit="scan", disable=not progress):
+            crop = crops[index]
+            slice_scores, maps = predict_crop(model, crop, batch_size)
+            record = dict(crop.info, score=float(slice_scores.max()))
+            truth = crop.mask[: crop.valid[0], : crop.valid[1], : crop.valid[2]]
+            if maps is not None and record["label"] == "fake" and truth.any():
+                record.update(localization_scores(maps, truth, threshold))
+                if len(examples) < keep_maps:
+                    examples.append({"info": record, "hu": crop.hu[: crop.valid[0], : crop.valid[1], : crop.valid[2]],
+                                     "mask": truth, "map": maps})
+            records.append(record)
+    finally:
+        model.train(was_training)
+    return records, examples
+
+
+def _metrics_of(records: list[dict[str, Any]], threshold: float) -> dict[str, float | int | None]:
+    labels = np.array([r["label"] == "fake" for r in records], dtype=int)
+    scores = np.array([r["score"] for r in records], dtype=np.float64)
+    result: dict[str, float | int | None] = {"n_fake": int(labels.sum()), "n_pristine": int((1 - labels).sum())}
+    both = 0 < labels.sum() < len(labels)
+    result.update(detection_metrics(labels, scores, threshold) if both else dict.fromkeys(DETECTION_KEYS))
+    localized = [r for r in records if "f1" in r]
+    for key in LOCALIZATION_KEYS:
+        result[key] = float(np.mean([r[key] for r in localized])) if localized else None
+    return result
+
+
+def summarize(records: list[dict[str, Any]], threshold: float = 0.5) -> dict[str, dict[str, dict]]:
+    """``metrics[test_generator][task]`` for ``"all"`` and each generator / task present; a generator's
+    set is its fakes plus every pristine sample (of that task). Undefined metrics are None."""
+    generators = [g for g in GENERATORS if any(r["label"] == "fake" and r["generator"] == g for r in records)]
+    tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+    summary: dict[str, dict[str, dict]] = {}
+    for generator in [ALL, *generators]:
+        summary[generator] = {}
+        for task in [ALL, *(tasks if len(tasks) > 1 else [])]:
+            chosen = [
+                r for r in records
+                if (task == ALL or r["task"] == task) and (generator == ALL or r["label"] == "pristine" or r["generator"] == generator)
+            ]
+            summary[generator][task] = _metrics_of(chosen, threshold)
+    return summary
+
+
+def evaluate_detector(
+    model: torch.nn.Module,
+    dataset,
+    crop_size: CropSize = DEFAULT_CROP_SIZE,
+    *,
+    batch_size: int = 16,
+    threshold: float = 0.5,
+    keep_maps: int = 0,
+    max_cache_bytes: int = 4 << 30,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on an M3Dsynth split (a `datasets.Dataset`, or a `CropCache` of its test
+    crops to reuse decoded scans) with the protocol of this module.
+
+    Returns ``{"samples": [per-sample records], "metrics": summarize(...), "examples": [kept maps],
+    "crop_size": [z, y, x] | "full", "threshold": threshold}``.
+    """
+    crops = dataset if isinstance(dataset, CropCache) else evaluation_crops(dataset, crop_size, model.config, max_cache_bytes)
+    crop_size = crops.crop_size
+    records, examples = predict_samples(model, crops, batch_size=batch_size, threshold=threshold,
+                                        keep_maps=keep_maps, progress=progress)
+    return {
+        "samples": records,
+        "metrics": summarize(records, threshold),
+        "examples": examples,
+        "crop_size": list(crop_size) if crop_size is not None else "full",
+        "threshold": threshold,
+    }
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON-safe: NaN / inf -> None, recursively through dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value

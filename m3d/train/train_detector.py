@@ -1,0 +1,534 @@
+"""Fine-tune one forensic detector on M3Dsynth (or on a folder of non-medical real/fake images).
+
+    m3d train-detector --detector unet --preset tiny --data m3dsynth --generators pix2pix --output-dir runs/unet
+    accelerate launch -m m3d.train.train_detector --detector trufor --data m3dsynth --mixed-precision bf16 ...
+    accelerate launch m3d/train/train_detector.py --model runs/unet/best --data m3dsynth ...   # continue from weights
+
+Data (`m3d.train.detector_data`): ``--data DIR`` is an M3Dsynth folder (``datasets.load_dataset(DIR)``),
+restricted to ``--generators`` (their fakes + every pristine scan) and ``--tasks``. Every epoch each
+training scan gets a random crop around its site (``--crop-size Z,Y,X`` voxels, or ``full``) and the
+epoch's slices are drawn half tampered, half pristine. ``--train-images DIR`` trains instead on an
+``imagefolder`` of real/fake pictures (class folders named real|pristine|authentic and
+fake|manipulated|tampered|synthetic), random ``Y x X`` patches, detection loss only.
+
+Loss: the detector's own (``model(pixel_values, labels, masks).loss``: BCE on the slice label and its
+localization loss on the mask slice). AdamW, a transformers LR schedule, Accelerate for devices,
+processes, ``--mixed-precision`` and ``--gradient-accumulation-steps``.
+
+Each epoch ends with validation on the ``--validation-split`` (`m3d.train.evaluation.evaluate_detector`:
+fixed test crops, volume score = max over slices, AUC / balanced accuracy / Pd@1 %, F1 / IoU of the 3-D
+maps), sharded over the processes. Outputs in ``OUTPUT_DIR``: ``best/`` (`save_pretrained` of the best
+validation ``--metric-for-best-model``; the last model without validation) with ``validation.json``
+and a model card, ``checkpoints/checkpoint_<n>/`` (`Accelerator.save_state` at each epoch end, every
+``--checkpointing-steps`` and on Ctrl-C / SIGTERM; ``--resume-from-checkpoint latest|PATH`` continues
+exactly), ``logs.jsonl`` (training losses and validation metrics), ``tensorboard/`` and
+``training_summary.json``. ``--push-to-hub`` uploads ``best/`` with huggingface_hub.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from m3d.dataset_builder.features import GENERATORS, TASKS
+from m3d.detectors import DETECTORS, M3DDetectorConfig, register_bayar_constraint
+from m3d.train.detector_data import (
+    DEFAULT_CROP_SIZE,
+    CropSize,
+    TrainingSlices,
+    evaluation_crops,
+    filter_examples,
+    load_split,
+    parse_crop_size,
+)
+from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, finite_or_none, predict_samples, summarize
+from m3d.train.train_generator import (
+    STATE_FILE,
+    _json_value,
+    _next_checkpoint_number,
+    _step_seed,
+    _StopRequest,
+    _write_json_atomic,
+    complete_checkpoints,
+)
+
+PRESET_CHOICES = ("tiny", "default")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+BEST_METRICS = (*DETECTION_KEYS, *LOCALIZATION_KEYS)
+# "tiny": a few thousand parameters, for tests and the CPU demo; "default": each config's defaults (the papers' sizes).
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "xception": dict(stem_channels=(4, 8), entry_channels=(8, 8, 16), middle_blocks=1, exit_channels=(16, 16, 16)),
+    "unet": dict(base_channels=4, depth=3),
+    "hpfcn": dict(base_depths=(4, 4, 8, 8), units_per_block=1, decoder_channels=(8, 4)),
+    "resnet_gp": dict(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8)),
+}
+REAL_NAMES = ("real", "pristine", "authentic", "0")
+FAKE_NAMES = ("fake", "manipulated", "tampered", "synthetic", "1")
+BEST_FOLDER = "best"
+
+logger = logging.getLogger("m3d.train.train_detector")
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def detector_config(name: str, preset: str = "default", **overrides: Any) -> M3DDetectorConfig:
+    """The config of detector ``name`` at a size preset (``tiny`` | ``default``), with overrides."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
+    if preset not in PRESET_CHOICES:
+        raise ValueError(f"preset must be one of {PRESET_CHOICES}; got {preset!r}")
+    config_class = DETECTORS[name][0]
+    if preset == "tiny":
+        if hasattr(config_class, "tiny"):
+            return config_class.tiny(**overrides)
+        return config_class(**{**TINY_CONFIGS[name], **overrides})
+    return config_class(**overrides)
+
+
+def build_detector(name: str | None = None, preset: str = "default", model_path: str | None = None, seed: int = 0, **overrides):
+    """A new detector (``name`` + ``preset``, weights initialised from ``seed``) or one loaded from
+    ``model_path`` (a `save_pretrained` folder)."""
+    from transformers import AutoModel
+
+    if model_path is not None:
+        if not (Path(model_path) / "config.json").is_file():
+            raise FileNotFoundError(f"{model_path} is not a saved detector (no config.json)")
+        model = AutoModel.from_pretrained(model_path, **overrides)
+        if not isinstance(model.config, M3DDetectorConfig):
+            raise ValueError(f"{model_path} holds a {type(model).__name__}, not an m3d detector")
+        return model
+    torch.manual_seed(seed)
+    return DETECTORS[name][1](detector_config(name, preset, **overrides))
+
+
+def detector_name(model) -> str:
+    """The `DETECTORS` name of a model instance."""
+    return next((name for name, (_, cls) in DETECTORS.items() if isinstance(model, cls)), type(model).__name__)
+
+
+# -- non-medical images -------------------------------------------------------------------------
+
+
+class ImagePatches(torch.utils.data.Dataset):
+    """Random ``size`` patches of an ``imagefolder`` of real/fake images, as 3-channel [-1, 1] inputs
+    (smaller images are resized up); patch positions are drawn from ``(seed, epoch, index)``."""
+
+    def __init__(self, folder: str | Path, size: tuple[int, int], seed: int = 0, multiple: int = 1, cache_dir: str | None = None):
+        import datasets
+
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder} is not an image folder")
+        self.images = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=cache_dir)
+        names = [n.lower() for n in self.images.features["label"].names]
+        unknown = [n for n in names if n not in REAL_NAMES + FAKE_NAMES]
+        if unknown:
+            raise ValueError(f"{folder}: class folders must be named {REAL_NAMES} or {FAKE_NAMES}; got {unknown}")
+        self.is_fake = np.array([n in FAKE_NAMES for n in names])
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.samples_per_epoch = -(-max(len(self.images), multiple) // multiple) * multiple
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        rng = np.random.default_rng([self.seed, self.epoch, index, 0x1A])
+        example = self.images[int(rng.permutation(len(self.images))[0]) if index >= len(self.images) else index]
+        image = example["image"].convert("RGB")
+        height, width = self.size
+        if image.height < height or image.width < width:
+            scale = max(height / image.height, width / image.width)
+            image = image.resize((math.ceil(image.width * scale), math.ceil(image.height * scale)), Image.BILINEAR)
+        top = int(rng.integers(0, image.height - height + 1))
+        left = int(rng.integers(0, image.width - width + 1))
+        pixels = np.asarray(image.crop((left, top, left + width, top + height)), np.float32) / 127.5 - 1
+        label = float(self.is_fake[example["label"]])
+        return {"pixel_values": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), "labels": torch.tensor(label)}
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m m3d.train.train_detector",
+        description="Fine-tune an m3d forensic detector on M3Dsynth slices (balanced tampered / pristine) with "
+        "validation each epoch; saves OUTPUT_DIR/best with save_pretrained. Runs under `accelerate launch` too.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    what = parser.add_argument_group("what to train (--detector or --model)")
+    source = what.add_mutually_exclusive_group(required=True)
+    source.add_argument("--detector", choices=list(DETECTORS), help="a new detector of this architecture")
+    source.add_argument("--model", metavar="PATH", help="start from a saved detector (save_pretrained folder)")
+    what.add_argument("--preset", choices=PRESET_CHOICES, default="default",
+                      help="size of a new detector: tiny (tests, CPU demo) or default (the papers')")
+    what.add_argument("--input-mode", choices=("hu_windows", "percentile", "adjacent_slices"), default=None,
+                      help="how HU become the 3-channel input (new detectors; default: the config's hu_windows)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR", help="M3Dsynth folder (datasets.load_dataset); needed unless --train-images")
+    data.add_argument("--train-images", metavar="DIR",
+                      help="train on this imagefolder of real/fake images instead of M3Dsynth (--data then only validates)")
+    data.add_argument("--generators", nargs="+", choices=[g for g in GENERATORS if g != "real"], default=None,
+                      help="keep these generators' fakes (pristine scans always kept); default all")
+    data.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="keep these tasks; default both")
+    data.add_argument("--train-split", default="train")
+    data.add_argument("--validation-split", default="validation", help="'none' to skip validation")
+    data.add_argument("--crop-size", type=parse_crop_size, default=DEFAULT_CROP_SIZE, metavar="Z,Y,X|full",
+                      help="crop around the site in voxels (Y, X multiples of 32), or 'full' for whole scans")
+    data.add_argument("--slices-per-epoch", type=int, default=None,
+                      help="training slices per epoch (default: twice the tampered slices of the training crops)")
+    data.add_argument("--cache-mb", type=int, default=4096, help="memory for decoded crops (least recently used dropped)")
+    data.add_argument("--dataset-cache-dir", default=None, help="datasets' cache folder (default: HF_DATASETS_CACHE)")
+
+    run = parser.add_argument_group("training")
+    run.add_argument("--output-dir", required=True, metavar="DIR")
+    run.add_argument("--num-epochs", type=int, default=10)
+    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
+    run.add_argument("--batch-size", type=int, default=16, help="slices per process and micro-batch")
+    run.add_argument("--eval-batch-size", type=int, default=32, help="slices per forward pass in validation")
+    run.add_argument("--learning-rate", type=float, default=1e-4)
+    run.add_argument("--weight-decay", type=float, default=1e-4)
+    run.add_argument("--lr-scheduler", choices=SCHEDULERS, default="constant")
+    run.add_argument("--warmup-steps", type=int, default=0)
+    run.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradient norms (0: off)")
+    run.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    run.add_argument("--metric-for-best-model", choices=BEST_METRICS, default="auc",
+                     help="validation metric (all generators, all tasks) that picks best/; higher is better")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
+
+    save = parser.add_argument_group("checkpoints, logs, Hub")
+    save.add_argument("--checkpointing-steps", type=int, default=0,
+                      help="also checkpoint every N steps (checkpoints are always written at epoch ends and on interrupt)")
+    save.add_argument("--checkpoints-total-limit", type=int, default=2)
+    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH", default=None)
+    save.add_argument("--log-every", type=int, default=10, help="write mean losses to logs.jsonl every N steps")
+    save.add_argument("--no-progress", action="store_true")
+    save.add_argument("--push-to-hub", action="store_true", help="upload best/ to the Hub at the end")
+    save.add_argument("--hub-model-id", default=None, help="repository id (default: the output folder's name)")
+    save.add_argument("--hub-private", action="store_true")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every", "cache_mb"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+    for name in ("max_steps", "slices_per_epoch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+    if args.checkpointing_steps < 0 or args.num_workers < 0 or args.warmup_steps < 0:
+        raise ValueError("--checkpointing-steps, --num-workers and --warmup-steps must not be negative")
+    if args.data is None and args.train_images is None:
+        raise ValueError("give --data (an M3Dsynth folder) or --train-images (an image folder)")
+    if args.train_images is not None and args.crop_size is None:
+        raise ValueError("--train-images needs an explicit --crop-size (its Y, X are the patch size)")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def save_model_atomic(model, folder: Path, extra: dict[str, Any] | None = None) -> Path:
+    """`save_pretrained` into a temporary folder, then swap it in (``extra`` -> ``validation.json``)."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if extra is not None:
+        (tmp / "validation.json").write_text(json.dumps(finite_or_none(extra), indent=2, sort_keys=True))
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload ``folder`` to the Hub model repository ``repo_id`` (created if needed); returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=url.repo_id, repo_type="model",
+                      commit_message="Upload m3d detector (train_detector best checkpoint)")
+    return str(url)
+
+
+def _configure_logging(main_process: bool) -> None:
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[train_detector] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(finite_or_none(record)) + "\n")
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace, dataset=None) -> int:
+    """Run training as the command line describes; ``dataset`` (a `DatasetDict`) replaces ``--data``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, gather_object, is_tensorboard_available, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    if dataset is not None:
+        args.data = args.data or "<in-memory dataset>"
+    _check_args(args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_with = "tensorboard" if is_tensorboard_available() else None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cpu=args.cpu,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(output_dir / "tensorboard"),
+            automatic_checkpoint_naming=True,
+            total_limit=args.checkpoints_total_limit,
+        ),
+    )
+    main_process = accelerator.is_main_process
+    progress_on = main_process and not args.no_progress
+    _configure_logging(main_process)
+    set_seed(args.seed)
+
+    overrides = {"input_mode": args.input_mode} if args.input_mode and not args.model else {}
+    model = build_detector(args.detector, args.preset, args.model, seed=args.seed, **overrides)
+    name = detector_name(model)
+    source = dataset if dataset is not None else args.data
+    total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    cache_bytes = args.cache_mb << 20
+
+    if args.train_images:
+        train_set = ImagePatches(args.train_images, tuple(args.crop_size[1:]), seed=args.seed, multiple=total_batch,
+                                 cache_dir=args.dataset_cache_dir)
+        described = f"{len(train_set.images)} images of {args.train_images}"
+    else:
+        split = filter_examples(load_split(source, args.train_split, args.dataset_cache_dir), args.generators, args.tasks)
+        train_set = TrainingSlices(split, args.crop_size, model.config, seed=args.seed, samples_per_epoch=args.slices_per_epoch,
+                                   multiple=total_batch, max_cache_bytes=cache_bytes, progress=progress_on)
+        described = f"{len(split)} scans of {args.data}"
+    logger.info("%s (%s preset=%s): %s -> %d slices per epoch", name, "loaded" if args.model else "new", args.preset,
+                described, len(train_set))
+
+    validation = None
+    if args.validation_split.lower() != "none" and args.data is not None:
+        split = filter_examples(load_split(source, args.validation_split, args.dataset_cache_dir), args.generators, args.tasks)
+        validation = evaluation_crops(split, args.crop_size, model.config, cache_bytes)
+
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=False, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    register_bayar_constraint(optimizer, model)
+    steps_per_epoch = len(train_set) // total_batch
+    total_steps = min(args.max_steps or math.inf, args.num_epochs * steps_per_epoch)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+                              num_training_steps=int(total_steps) * accelerator.num_processes)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    micro_per_epoch = len(loader)
+
+    # resume
+    global_step, best, history = 0, {"value": None, "step": None, "epoch": None}, []
+    state_path = None
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            found = complete_checkpoints(output_dir)
+            state_path = found[-1] if found else None
+            if state_path is None:
+                logger.info("no complete checkpoint in %s: starting from scratch", output_dir / "checkpoints")
+        else:
+            state_path = Path(args.resume_from_checkpoint)
+            if not (state_path / STATE_FILE).is_file():
+                raise FileNotFoundError(f"{state_path} is not a complete checkpoint (no {STATE_FILE})")
+    if state_path is not None:
+        state = json.loads((state_path / STATE_FILE).read_text())
+        if state.get("detector") != name:
+            raise ValueError(f"checkpoint {state_path} holds a {state.get('detector')} detector; this run builds {name}")
+        if state.get("total_batch") != total_batch:
+            logger.warning("checkpoint used %s slices per step, this run %d: the data order will differ", state.get("total_batch"), total_batch)
+        accelerator.load_state(str(state_path))
+        global_step, best, history = int(state["global_step"]), state["best"], state.get("history", [])
+        logger.info("resumed from %s at step %d", state_path, global_step)
+    elif complete_checkpoints(output_dir):
+        logger.warning("%s already holds checkpoints; pass --resume-from-checkpoint latest to continue from them", output_dir)
+    accelerator.project_configuration.iteration = _next_checkpoint_number(output_dir)
+    if log_with:
+        accelerator.init_trackers("train_detector", config={k: _json_value(v) for k, v in vars(args).items()})
+
+    log_path = output_dir / "logs.jsonl"
+    start_time = time.perf_counter()
+    last_saved = global_step if state_path is not None else -1
+    validated_at = history[-1]["step"] if history else -1
+    best_dir = output_dir / BEST_FOLDER
+
+    def save_checkpoint() -> None:
+        nonlocal last_saved
+        accelerator.wait_for_everyone()
+        folder = Path(accelerator.save_state())
+        if main_process:
+            _write_json_atomic(folder / STATE_FILE, {
+                "global_step": global_step, "detector": name, "preset": args.preset, "seed": args.seed,
+                "total_batch": total_batch, "best": best, "history": finite_or_none(history),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+        accelerator.wait_for_everyone()
+        last_saved = global_step
+        logger.info("checkpoint at step %d: %s", global_step, folder)
+
+    def validate(epoch: int) -> None:
+        nonlocal validated_at
+        validated_at = global_step
+        if validation is None:
+            return
+        unwrapped = accelerator.unwrap_model(model)
+        mine = list(range(accelerator.process_index, len(validation), accelerator.num_processes))
+        with accelerator.autocast():
+            records, _ = predict_samples(unwrapped, validation, mine, batch_size=args.eval_batch_size,
+                                         progress=progress_on)
+        records = gather_object(records) if accelerator.num_processes > 1 else records
+        metrics = summarize(records)["all"]["all"]
+        entry = {"step": global_step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
+        history.append(finite_or_none(entry))
+        value = metrics.get(args.metric_for_best_model)
+        improved = value is not None and math.isfinite(value) and (best["value"] is None or value > best["value"])
+        if improved:
+            best.update(value=float(value), step=global_step, epoch=epoch)
+        if main_process:
+            _append_jsonl(log_path, entry)
+            if improved:
+                save_model_atomic(unwrapped, best_dir, {"metric": args.metric_for_best_model, **entry})
+        if log_with:
+            accelerator.log({k: v for k, v in entry.items() if k.startswith("val/") and v is not None}, step=global_step)
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("auc", "pd_at_1pct", "f1") if metrics.get(k) is not None)
+        logger.info("validation at step %d (epoch %d): %s%s", global_step, epoch, shown or "undefined", " (best)" if improved else "")
+
+    progress = tqdm(total=int(total_steps), initial=min(global_step, int(total_steps)), desc=f"train {name}", unit="step",
+                    disable=not progress_on, dynamic_ncols=True)
+    model.train()
+    loss_sum, count, interrupted = torch.zeros((), device=accelerator.device), 0, False
+    micro = global_step * args.gradient_accumulation_steps
+    with _StopRequest("train_detector") as stop:
+        try:
+            while global_step < total_steps and not stop.requested:
+                epoch, skip = divmod(micro, micro_per_epoch)
+                epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+                epoch_loader.set_epoch(epoch)
+                for batch in epoch_loader:
+                    torch.manual_seed(_step_seed(args.seed, global_step, micro % args.gradient_accumulation_steps,
+                                                 accelerator.process_index))
+                    with accelerator.accumulate(model):
+                        loss = model(**batch).loss
+                        accelerator.backward(loss)
+                        if args.max_grad_norm and accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    micro += 1
+                    loss_sum += loss.detach().float()
+                    count += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    global_step += 1
+                    progress.update(1)
+                    if global_step % args.log_every == 0 or global_step == total_steps:
+                        mean = float(accelerator.reduce(loss_sum / count, reduction="mean"))
+                        record = {"step": global_step, "epoch": epoch, "loss": mean, "lr": scheduler.get_last_lr()[0],
+                                  "elapsed_s": round(time.perf_counter() - start_time, 3)}
+                        if main_process:
+                            _append_jsonl(log_path, record)
+                            progress.set_postfix(loss=f"{mean:.4f}")
+                        if log_with:
+                            accelerator.log({"train/loss": mean, "train/lr": record["lr"]}, step=global_step)
+                        loss_sum, count = torch.zeros((), device=accelerator.device), 0
+                    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                        save_checkpoint()
+                    if global_step >= total_steps or stop.requested:
+                        break
+                else:  # the epoch ran to its end
+                    validate(epoch)
+                    save_checkpoint()
+        except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed
+            interrupted = True
+        progress.close()
+        if interrupted or stop.requested:
+            if global_step != last_saved and global_step > 0:
+                save_checkpoint()
+            logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", global_step)
+            accelerator.end_training()
+            return 130
+
+    if validated_at != global_step:
+        validate(max(micro - 1, 0) // micro_per_epoch)
+    if global_step != last_saved:
+        save_checkpoint()
+    accelerator.wait_for_everyone()
+    if main_process:
+        if best["value"] is None:  # no (defined) validation: the last model is the one kept
+            save_model_atomic(accelerator.unwrap_model(model), best_dir, history[-1] if history else {})
+        _write_card(best_dir, name, args)
+        summary = {
+            "detector": name, "preset": args.preset, "steps": global_step, "best": best, "history": history,
+            "wall_s": round(time.perf_counter() - start_time, 3), "args": {k: _json_value(v) for k, v in vars(args).items()},
+        }
+        _write_json_atomic(output_dir / "training_summary.json", finite_or_none(summary))
+        logger.info("saved %s to %s (best %s: %s at step %s)", name, best_dir, args.metric_for_best_model, best["value"], best["step"])
+        if args.push_to_hub:
+            url = push_to_hub(best_dir, args.hub_model_id or output_dir.name, private=args.hub_private)
+            logger.info("pushed %s to %s", best_dir, url)
+    accelerator.end_training()
+    return 0
+
+
+def _write_card(folder: Path, name: str, args: argparse.Namespace) -> None:
+    from m3d.model_cards import write_model_card
+
+    data = f"images {args.train_images}" if args.train_images else f"M3Dsynth {args.data}"
+    scope = f"generators {', '.join(args.generators or ['all'])}, tasks {', '.join(args.tasks or ['all'])}"
+    crop = "full scans" if args.crop_size is None else "crops " + "x".join(map(str, args.crop_size))
+    write_model_card(folder, name=f"m3d-{name}", provenance=f"Trained with `m3d train-detector` on {data} ({scope}; {crop}).")
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point (`m3d train-detector` calls it): 0 done, 2 bad input, 130 interrupted (checkpoint saved)."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return train(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"train_detector: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train_detector: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
