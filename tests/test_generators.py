@@ -21,6 +21,7 @@ from m3d.pipelines import (
     M3DPipelineOutput,
     Pix2Pix3DPipeline,
     default_scheduler,
+    inference_scheduler,
     load_pipeline,
 )
 from m3d.tamper.cube import CUBE_SIZE, TamperLocationError, hole_mask
@@ -325,3 +326,20 @@ def test_volume_path_two_locations_and_bad_locations():
     assert forced.masks[0].any()
     with pytest.raises(ValueError, match="locations_lps_mm"):
         call(pipe, volume=volume)
+
+
+def test_saved_sampler_and_default_steps(tmp_path):
+    for name, cls in (("ddpm", DDPMScheduler), ("ddim", DDIMScheduler), ("dpmsolver++", DPMSolverMultistepScheduler)):
+        scheduler = inference_scheduler(name)
+        assert type(scheduler) is cls and scheduler.config.num_train_timesteps == 2000
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        inference_scheduler("euler")
+    pipe = tiny_pipeline("ddpm")
+    pipe = M3DInpaintPipeline(unet=pipe.unet, scheduler=inference_scheduler("dpmsolver++"), num_inference_steps=4)
+    pipe.save_pretrained(tmp_path)
+    loaded = load_pipeline(tmp_path)
+    assert isinstance(loaded.scheduler, DPMSolverMultistepScheduler) and loaded.config.num_inference_steps == 4
+    loaded(random_cubes(1), progress=False)  # no steps named: the saved default
+    assert len(loaded.scheduler.timesteps) == 4
+    with pytest.raises(ValueError, match="num_inference_steps must be positive"):
+        M3DInpaintPipeline(unet=pipe.unet, scheduler=default_scheduler(), num_inference_steps=0)

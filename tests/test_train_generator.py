@@ -304,6 +304,21 @@ def test_checkpoints_resume_and_pipeline(tmp_path, monkeypatch, model):
     assert torch.equal(out[0, 0][~hole], cube[0, 0][~hole])
 
 
+def test_saved_pipeline_dtype_and_sampler(tmp_path, monkeypatch):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from m3d.pipelines import load_pipeline
+
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    out = tmp_path / "run"
+    extra = ("--checkpointing-steps", "0", "--save-dtype", "fp16", "--sampler", "dpmsolver++", "--inference-steps", "3")
+    assert tg.main(_argv("ddpm", out, 1, *extra)) == 0
+    assert {v.dtype for v in _weights(out, "ddpm").values()} == {torch.float16}
+    pipe = load_pipeline(out / "pipeline")
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and pipe.config.num_inference_steps == 3
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     calls = []

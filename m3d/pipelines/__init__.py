@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .common import TASKS, M3DPipelineOutput, M3DTamperPipeline
 from .pipeline_cyclegan3d import CycleGAN3DPipeline
-from .pipeline_m3d_inpaint import NUM_TRAIN_TIMESTEPS, M3DInpaintPipeline, default_scheduler
+from .pipeline_m3d_inpaint import NUM_TRAIN_TIMESTEPS, SAMPLERS, M3DInpaintPipeline, default_scheduler, inference_scheduler
 from .pipeline_pix2pix3d import Pix2Pix3DPipeline
 
 PIPELINE_CLASSES: dict[str, type[M3DTamperPipeline]] = {
@@ -40,6 +40,7 @@ def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "PIPELINE_CLASSES",
+    "SAMPLERS",
     "TASKS",
     "CycleGAN3DPipeline",
     "M3DInpaintPipeline",
@@ -47,5 +48,6 @@ __all__ = [
     "M3DTamperPipeline",
     "Pix2Pix3DPipeline",
     "default_scheduler",
+    "inference_scheduler",
     "load_pipeline",
 ]

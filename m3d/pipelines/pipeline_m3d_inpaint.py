@@ -34,9 +34,10 @@ from ..data.ct import CTVolume
 from ..models.unet3d import UNet3DModel
 from .common import GeneratorArg, M3DTamperPipeline, check_task_name
 
-__all__ = ["M3DInpaintPipeline", "default_scheduler", "NUM_TRAIN_TIMESTEPS"]
+__all__ = ["M3DInpaintPipeline", "default_scheduler", "inference_scheduler", "NUM_TRAIN_TIMESTEPS", "SAMPLERS"]
 
 NUM_TRAIN_TIMESTEPS = 2000  # M3Dsynth's DDPM: 2,000-step linear schedule
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 
 
 def default_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPMScheduler:
@@ -53,6 +54,21 @@ def default_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPMSch
     )
 
 
+def inference_scheduler(name: str = "ddpm", num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> SchedulerMixin:
+    """A sampler on the training schedule: ``"ddpm"`` (`default_scheduler`), ``"ddim"`` or
+    ``"dpmsolver++"`` (`DPMSolverMultistepScheduler`, 20-50 steps)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    config = default_scheduler(num_train_timesteps).config
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    raise ValueError(f"sampler must be one of {SAMPLERS}; got {name!r}")
+
+
 class M3DInpaintPipeline(M3DTamperPipeline):
     """Fill the centre hole of 32^3 CT cubes with a conditional 3-D DDPM (see module doc).
 
@@ -60,16 +76,22 @@ class M3DInpaintPipeline(M3DTamperPipeline):
         unet: the `UNet3DModel` denoiser (``in_channels=3``: noisy cube, masked cube, mask).
         scheduler: a diffusers scheduler (default training schedule: `default_scheduler`).
         task: ``"inject"`` or ``"remove"``: what the weights were trained for.
+        num_inference_steps: the sampling steps a call uses when it names none: what these weights
+            and this scheduler were checked with (saved in ``model_index.json``).
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet3DModel, scheduler: SchedulerMixin, task: str = "inject"):
+    def __init__(
+        self, unet: UNet3DModel, scheduler: SchedulerMixin, task: str = "inject", num_inference_steps: int = 50
+    ):
         super().__init__()
         if unet.config.in_channels != 3:
             raise ValueError(f"the inpainting UNet takes 3 channels (noisy, masked, mask); got {unet.config.in_channels}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(task=check_task_name(task))
+        self.register_to_config(task=check_task_name(task), num_inference_steps=int(num_inference_steps))
 
     @classmethod
     def from_preset(cls, preset: str = "default", task: str = "inject", **unet_overrides) -> "M3DInpaintPipeline":
@@ -87,7 +109,7 @@ class M3DInpaintPipeline(M3DTamperPipeline):
         volume: CTVolume | None = None,
         locations_lps_mm=None,
         task: str | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         eta: float = 0.0,
         generator: GeneratorArg = None,
         output_type: str = "np",
@@ -107,7 +129,8 @@ class M3DInpaintPipeline(M3DTamperPipeline):
                 `TamperLocationError` before anything is generated), filled in batches and pasted
                 back one after another.
             task: optional check that the weights were trained for this task.
-            num_inference_steps: scheduler steps (DDPM needs many; DDIM / DPM-Solver++ 20-50).
+            num_inference_steps: scheduler steps (DDPM needs many; DDIM / DPM-Solver++ 20-50); None:
+                the pipeline's own ``config.num_inference_steps``.
             eta: DDIM's eta (ignored by schedulers without it).
             generator: a `torch.Generator` (seeds one generator per cube: same seed -> same cubes,
                 whatever ``batch_size``), a list of one per cube, or None (torch's global RNG).
@@ -118,6 +141,8 @@ class M3DInpaintPipeline(M3DTamperPipeline):
                 when no mask is given).
             return_dict: return `M3DPipelineOutput` (else a tuple ``(cubes, volumes, masks)``).
         """
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("num_inference_steps", 50)  # folders saved before the key
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
         scheduler = self.scheduler

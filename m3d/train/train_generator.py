@@ -58,6 +58,8 @@ MODELS = ("pix2pix", "cyclegan", "ddpm")
 TASKS = ("inject", "remove")
 PRESET_CHOICES = ("tiny", "demo", "default", "reference")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # as m3d.pipelines.SAMPLERS (not imported here: a light parser)
 
 # Component classes per model, as named in `m3d.models.PRESETS`.
 COMPONENTS = {
@@ -142,11 +144,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       help="continue from OUTPUT_DIR's newest complete checkpoint (latest; a fresh start if none) or a folder")
     save.add_argument("--log-every", type=int, default=10, help="write mean losses to logs.jsonl every N steps")
     save.add_argument("--no-progress", action="store_true", help="no progress bar")
+    save.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp32",
+                      help="dtype of the saved pipeline's weights (from_pretrained loads them as fp32)")
+    save.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                      help="ddpm: the scheduler saved with the pipeline (the training schedule, sampled with ddpm, ddim or dpmsolver++)")
+    save.add_argument("--inference-steps", type=int, default=50,
+                      help="ddpm: the pipeline's default num_inference_steps (saved in model_index.json)")
     return parser
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    positive = ["max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size"]
+    positive = ["max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size",
+                "inference_steps"]
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
@@ -400,9 +409,12 @@ class DDPMTrainer(GeneratorTrainer):
         return copy.float().cpu().eval()
 
     def pipeline(self):
-        from ..pipelines import M3DInpaintPipeline, default_scheduler
+        from ..pipelines import M3DInpaintPipeline, inference_scheduler
 
-        return M3DInpaintPipeline(unet=self.ema_unet(), scheduler=default_scheduler(), task=self.task)
+        sampler = getattr(self.args, "sampler", "ddpm")
+        steps = getattr(self.args, "inference_steps", 50)
+        return M3DInpaintPipeline(unet=self.ema_unet(), scheduler=inference_scheduler(sampler), task=self.task,
+                                  num_inference_steps=steps)
 
     def save_extra(self, folder: Path) -> None:
         """The EMA: shadow weights by parameter name (safetensors) + its counters (JSON)."""
@@ -799,7 +811,12 @@ def train(args: argparse.Namespace) -> int:
         pipeline_dir = output_dir / "pipeline"
         tmp = output_dir / f".pipeline.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.pipeline().save_pretrained(str(tmp))
+        pipeline = trainer.pipeline()
+        if args.save_dtype != "fp32":
+            for module in pipeline.components.values():
+                if isinstance(module, nn.Module):
+                    module.to(dtype=SAVE_DTYPES[args.save_dtype])
+        pipeline.save_pretrained(str(tmp))
         old = output_dir / f".pipeline.old-{os.getpid()}"
         if pipeline_dir.exists():
             os.replace(pipeline_dir, old)
