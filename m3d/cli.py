@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 USER_ERRORS = (ValueError, OSError, LookupError)
-DELEGATED_COMMANDS = {"train-generator": "m3d.train.train_generator", "train-cad": "m3d.train.train_cad", "build": "m3d.build"}
+DELEGATED_COMMANDS = {"train-generator": "m3d.train.train_generator", "train-cad": "m3d.train.train_cad", "build": "m3d.build",
+                      "train-detector": "m3d.train.train_detector", "bench": "m3d.train.benchmark"}
 
 
 def _is_nifti(path: Path) -> bool:

@@ -1,0 +1,490 @@
+"""The M3Dsynth benchmark: every detector x train generator x test generator, and the preliminary
+experiment (a general-purpose detector trained on non-medical real/fake images vs on M3Dsynth).
+
+    m3d bench --data m3dsynth --out results --preset demo
+    accelerate launch -m m3d.train.benchmark --data m3dsynth --out results --preset default --mixed-precision bf16
+
+Each *cell* trains one detector (`m3d.train.train_detector`) on one training set — one generator's
+fakes plus the pristine scans (``cross_generator``), or for ``preliminary`` the ``resnet_gp`` detector on
+the non-medical images or on every generator of M3Dsynth — then evaluates its best checkpoint on the
+test split with `m3d.train.evaluation.evaluate_detector`'s protocol (fixed test crops, volume score =
+max over slices; AUC, balanced accuracy at 0.5, Pd@1 %; F1 / IoU at 0.5 and best threshold) for every
+test generator. A finished cell's file is written atomically and never recomputed: re-running the
+command (after an interruption, or with more detectors) does only what is missing; an interrupted
+training resumes from its last checkpoint. The non-medical side reads ``--nonmedical DIR`` (any
+``imagefolder`` with real/fake class folders); without it a procedural stand-in is generated
+(`m3d.train.nonmedical`) and every output says so.
+
+Results folder (what ``m3d report`` reads)::
+
+    OUT/
+      bench_config.json        settings of this folder (a re-run with other settings is refused)
+      results.csv              one row per experiment x detector x train_data x test_generator x task
+      results.json             {"meta": {...}, "rows": [as results.csv], "samples": {cell: [per-sample records]}}
+      tables.md                the paper's tables: F1 / IoU (0.5 and best threshold), Acc / Pd@1 %, AUC,
+                               and the preliminary experiment
+      plots/roc_<detector>.png         ROC per train generator (a curve per test generator)
+      plots/roc_preliminary.png        ROC of resnet_gp trained on non-medical images vs on M3Dsynth
+      plots/hist_<cell>.png            volume-score histograms, pristine vs each test generator
+      plots/examples/<cell>.png        axial slices through the site: scan, ground truth, detector map
+      cells/<cell>.json        one finished cell (metrics, per-sample records, training steps, timings)
+      cells/<cell>_examples.npz        crops, masks and maps of a few fakes (the example plots)
+      runs/<cell>/             the cell's training folder (best/, checkpoints/, logs.jsonl, tensorboard/)
+      nonmedical_standin/      the generated stand-in images (only without --nonmedical)
+
+``<cell>`` = ``<experiment>__<detector>__<train_data>``; ``experiment`` is ``cross_generator`` or
+``preliminary``; ``train_data`` a generator name, ``m3dsynth`` (all generators) or ``nonmedical``.
+CSV columns: experiment, detector, train_data, test_generator (a generator or ``all``), task (``all``,
+``inject``, ``remove``), n_fake, n_pristine, auc, balanced_accuracy, pd_at_1pct, f1, iou, f1_best,
+iou_best (empty when undefined, e.g. F1 of non-localizing detectors), crop_size, steps, preset.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from m3d.dataset_builder.features import GENERATORS, TASKS
+from m3d.detectors import DETECTORS
+from m3d.train.detector_data import DEFAULT_CROP_SIZE, CropCache, evaluation_crops, filter_examples, generators_present, load_split, parse_crop_size
+from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, finite_or_none, predict_samples, summarize
+from m3d.train.nonmedical import STANDIN_NOTE, make_standin_images
+
+EXPERIMENTS = ("cross_generator", "preliminary")
+PRELIMINARY_DETECTOR = "resnet_gp"
+BENCH_PRESETS: dict[str, dict[str, Any]] = {
+    # tiny detectors, few steps, small crops: the whole grid on 2 CPU cores in minutes (numbers are a smoke test)
+    "demo": dict(detector_preset="tiny", crop_size=(16, 64, 64), num_epochs=100, max_steps=12, batch_size=8,
+                 learning_rate=1e-3, validation=False, standin_per_class=32),
+    # the papers' detector sizes, validation-picked checkpoints (a GPU job)
+    "default": dict(detector_preset="default", crop_size=DEFAULT_CROP_SIZE, num_epochs=10, max_steps=None, batch_size=16,
+                    learning_rate=1e-4, validation=True, standin_per_class=1000),
+}
+CSV_COLUMNS = ("experiment", "detector", "train_data", "test_generator", "task", "n_fake", "n_pristine",
+               *DETECTION_KEYS, *LOCALIZATION_KEYS, "crop_size", "steps", "preset")
+SETTINGS_KEYS = ("data", "preset", "crop_size", "num_epochs", "max_steps", "batch_size", "learning_rate", "validation",
+                 "tasks", "seed", "nonmedical")
+
+logger = logging.getLogger("m3d.train.benchmark")
+
+
+@dataclass(frozen=True)
+class Cell:
+    experiment: str
+    detector: str
+    train_data: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.experiment}__{self.detector}__{self.train_data}"
+
+
+# -- small helpers ------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def _crop_text(crop_size) -> str:
+    return "full" if crop_size is None else ",".join(map(str, crop_size))
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m m3d.train.benchmark",
+        description="The M3Dsynth benchmark: train every detector on each generator, test on every generator "
+        "(the paper's F1/IoU and Acc/Pd@1%% tables), plus the preliminary non-medical experiment. Writes one "
+        "results folder; re-running skips finished cells.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", required=True, metavar="DIR", help="M3Dsynth folder (train and test splits)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
+    parser.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="demo",
+                        help="demo: tiny detectors, a few steps (CPU minutes); default: the papers' sizes (GPU)")
+    parser.add_argument("--detectors", nargs="+", choices=list(DETECTORS), default=list(DETECTORS))
+    parser.add_argument("--train-generators", nargs="+", choices=[g for g in GENERATORS if g != "real"], default=None,
+                        help="default: every generator of the train split")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: both")
+    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    parser.add_argument("--nonmedical", metavar="DIR", default=None,
+                        help="imagefolder of non-medical real/fake images (default: a generated, labelled stand-in)")
+    parser.add_argument("--crop-size", type=parse_crop_size, default=None, metavar="Z,Y,X|full", help="override the preset")
+    parser.add_argument("--num-epochs", type=int, default=None, help="override the preset")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the preset")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the preset")
+    parser.add_argument("--learning-rate", type=float, default=None, help="override the preset")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--example-maps", type=int, default=2, help="fakes per cell kept for the example plots")
+    parser.add_argument("--cache-mb", type=int, default=4096, help="memory for decoded crops")
+    parser.add_argument("--dataset-cache-dir", default=None, help="datasets' cache folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that define a results folder: preset values with the command line's overrides."""
+    preset = dict(BENCH_PRESETS[args.preset])
+    for key in ("crop_size", "num_epochs", "max_steps", "batch_size", "learning_rate"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    return {
+        "data": str(Path(args.data).resolve()), "preset": args.preset, **preset,
+        "crop_size": _crop_text(preset["crop_size"]), "tasks": sorted(args.tasks or TASKS), "seed": args.seed,
+        "nonmedical": str(Path(args.nonmedical).resolve()) if args.nonmedical else None,
+    }
+
+
+def plan_cells(args: argparse.Namespace, train_generators: Sequence[str]) -> list[Cell]:
+    cells = []
+    if "cross_generator" in args.experiments:
+        cells += [Cell("cross_generator", d, g) for d in args.detectors for g in train_generators]
+    if "preliminary" in args.experiments:
+        cells += [Cell("preliminary", PRELIMINARY_DETECTOR, source) for source in ("nonmedical", "m3dsynth")]
+    return cells
+
+
+# -- one cell -----------------------------------------------------------------------------------
+
+
+def train_argv(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, images: Path | None) -> list[str]:
+    """The `train_detector` command line of a cell."""
+    argv = [
+        "--detector", cell.detector, "--preset", settings["detector_preset"], "--data", args.data,
+        "--crop-size", settings["crop_size"], "--output-dir", str(out / "runs" / cell.key),
+        "--num-epochs", str(settings["num_epochs"]), "--batch-size", str(settings["batch_size"]),
+        "--learning-rate", str(settings["learning_rate"]), "--seed", str(args.seed),
+        "--mixed-precision", args.mixed_precision, "--eval-batch-size", str(args.eval_batch_size),
+        "--cache-mb", str(args.cache_mb), "--resume-from-checkpoint", "latest", "--log-every", "5",
+    ]
+    if settings["max_steps"]:
+        argv += ["--max-steps", str(settings["max_steps"])]
+    if not settings["validation"]:
+        argv += ["--validation-split", "none"]
+    if args.tasks:
+        argv += ["--tasks", *args.tasks]
+    if cell.train_data == "nonmedical":
+        argv += ["--train-images", str(images)]
+    elif cell.train_data != "m3dsynth":
+        argv += ["--generators", cell.train_data]
+    for flag, on in (("--cpu", args.cpu), ("--no-progress", args.no_progress)):
+        if on:
+            argv.append(flag)
+    if args.dataset_cache_dir:
+        argv += ["--dataset-cache-dir", args.dataset_cache_dir]
+    return argv
+
+
+def run_cell(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, test_crops: dict, images: Path | None) -> None:
+    """Train (or resume) the cell's detector, evaluate its best checkpoint, write ``cells/<key>.json``."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from m3d.train import train_detector
+
+    state = PartialState()
+    start = time.perf_counter()
+    training_args = train_detector.build_parser().parse_args(train_argv(cell, settings, args, out, images))
+    status = train_detector.train(training_args)
+    if status == 130:
+        raise KeyboardInterrupt
+    if status != 0:
+        raise RuntimeError(f"training of {cell.key} failed (exit status {status})")
+    train_s = time.perf_counter() - start
+    run_dir = out / "runs" / cell.key
+    model = train_detector.build_detector(model_path=str(run_dir / train_detector.BEST_FOLDER))
+    if not args.cpu:
+        model.to(state.device)
+    config = model.config
+    key = ("percentile", tuple(config.percentiles)) if config.input_mode == "percentile" else "shared"
+    if key not in test_crops:
+        test_crops[key] = evaluation_crops(test_crops["split"], test_crops["crop_size"], config, args.cache_mb << 20)
+    crops: CropCache = test_crops[key]
+    mine = range(state.process_index, len(crops), state.num_processes)
+    records, examples = predict_samples(model, crops, mine, batch_size=args.eval_batch_size,
+                                        keep_maps=args.example_maps, progress=state.is_main_process and not args.no_progress)
+    if state.num_processes > 1:
+        records = gather_object(records)
+    if state.is_main_process:
+        summary = json.loads((run_dir / "training_summary.json").read_text())
+        result = {
+            "cell": cell.key, "experiment": cell.experiment, "detector": cell.detector, "train_data": cell.train_data,
+            "localizes": bool(type(model).localizes), "steps": summary["steps"], "best": summary["best"],
+            "train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - start - train_s, 2),
+            "crop_size": settings["crop_size"], "preset": settings["preset"],
+            "metrics": summarize(records), "samples": records,
+        }
+        if examples:
+            buffer = io.BytesIO()
+            arrays = {f"{name}_{i}": example[name] for i, example in enumerate(examples) for name in ("hu", "mask", "map")}
+            np.savez_compressed(buffer, ids=np.array([e["info"]["img_id"] for e in examples]), **arrays)
+            _write_atomic(out / "cells" / f"{cell.key}_examples.npz", buffer.getvalue())
+        _write_atomic(out / "cells" / f"{cell.key}.json", json.dumps(finite_or_none(result), indent=1))
+    state.wait_for_everyone()
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+def load_cells(out: Path) -> list[dict[str, Any]]:
+    """Every finished cell of a results folder, in a stable order."""
+    order = {e: i for i, e in enumerate(EXPERIMENTS)}
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    return sorted(cells, key=lambda c: (order[c["experiment"]], list(DETECTORS).index(c["detector"]),
+                                        GENERATORS.index(c["train_data"]) if c["train_data"] in GENERATORS else 9, c["train_data"]))
+
+
+def result_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for cell in cells:
+        for test_generator, by_task in cell["metrics"].items():
+            for task, metrics in by_task.items():
+                row = {"experiment": cell["experiment"], "detector": cell["detector"], "train_data": cell["train_data"],
+                       "test_generator": test_generator, "task": task}
+                row.update({k: metrics.get(k) for k in ("n_fake", "n_pristine", *DETECTION_KEYS, *LOCALIZATION_KEYS)})
+                row.update(crop_size=cell["crop_size"], steps=cell["steps"], preset=cell["preset"])
+                rows.append(row)
+    return rows
+
+
+def _table(cells: list[dict], test_generators: list[str], cell_text) -> list[str]:
+    lines = ["| Detector | Train \\ Test | " + " | ".join(test_generators) + " |",
+             "|---|---|" + "---|" * len(test_generators)]
+    for cell in cells:
+        texts = [cell_text(cell, cell["metrics"].get(g, {}).get("all", {})) for g in test_generators]
+        lines.append(f"| {cell['detector']} | {cell['train_data']} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def tables_markdown(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The paper's tables (test generators as columns, detector x train generator as rows)."""
+    cross = [c for c in cells if c["experiment"] == "cross_generator"]
+    preliminary = [c for c in cells if c["experiment"] == "preliminary"]
+    test_generators = [g for g in GENERATORS if any(g in c["metrics"] for c in cells)] + ["all"]
+    lines = ["# M3Dsynth benchmark", "",
+             f"Preset `{meta['settings']['preset']}`, crops {meta['settings']['crop_size']} (z,y,x voxels), "
+             f"tasks {', '.join(meta['settings']['tasks'])}, device {meta['device']}. Volume score = max over the "
+             "crop's slices; Acc = balanced accuracy at 0.5; Pd@1% = TPR at 1% FPR (ROC linearly interpolated); "
+             "F1 / IoU of the 3-D map per fake, averaged; each column = that generator's fakes vs all pristine crops.", ""]
+    if meta["settings"]["preset"] == "demo":
+        lines += ["> `demo` preset: tiny detectors trained for a few steps — a smoke test of the pipeline, not the "
+                  "paper's numbers.", ""]
+
+    def localization(key_f1, key_iou):
+        return lambda cell, m: "–" if not cell["localizes"] else f"{_fmt(m.get(key_f1))} / {_fmt(m.get(key_iou))}"
+
+    if cross:
+        lines += ["## Localization: F1 / IoU (threshold 0.5)", "", *_table(cross, test_generators, localization("f1", "iou")), ""]
+        lines += ["## Localization: F1 / IoU (best threshold per scan)", "",
+                  *_table(cross, test_generators, localization("f1_best", "iou_best")), ""]
+        lines += ["## Detection: Acc / Pd@1%", "",
+                  *_table(cross, test_generators, lambda c, m: f"{_fmt(m.get('balanced_accuracy'))} / {_fmt(m.get('pd_at_1pct'))}"), ""]
+        lines += ["## Detection: AUC", "", *_table(cross, test_generators, lambda c, m: _fmt(m.get("auc"), 3)), ""]
+    if preliminary:
+        lines += ["## Preliminary experiment: general-purpose detector (resnet_gp), Acc / Pd@1% / AUC", "",
+                  f"Non-medical training images: {meta['nonmedical']}.", "",
+                  *_table(preliminary, test_generators, lambda c, m: " / ".join(
+                      _fmt(m.get(k), 2) for k in ("balanced_accuracy", "pd_at_1pct", "auc"))), ""]
+    return "\n".join(lines)
+
+
+def write_plots(out: Path, cells: list[dict[str, Any]]) -> list[Path]:
+    """ROC curves, score histograms and example slices (matplotlib, Agg) under ``out/plots``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from m3d.metrics import roc_curve
+    from m3d.report.figures import LUNG_WINDOW_HU, save_figure
+
+    written = []
+
+    def curve(samples, generator):
+        chosen = [s for s in samples if s["label"] == "pristine" or s["generator"] == generator or generator == "all"]
+        labels = np.array([s["label"] == "fake" for s in chosen], int)
+        if labels.min(initial=1) == labels.max(initial=0):
+            return None
+        fpr, tpr, _ = roc_curve(labels, np.array([s["score"] for s in chosen]))
+        return fpr, tpr
+
+    groups: dict[str, list[dict]] = {}
+    for cell in cells:
+        name = "preliminary" if cell["experiment"] == "preliminary" else cell["detector"]
+        groups.setdefault(name, []).append(cell)
+    for name, group in groups.items():
+        figure, axes = plt.subplots(1, len(group), figsize=(3.6 * len(group), 3.4), squeeze=False)
+        for axis, cell in zip(axes[0], group):
+            for generator in [g for g in cell["metrics"] if g != "all"] + ["all"]:
+                points = curve(cell["samples"], generator)
+                if points is not None:
+                    axis.plot(*points, label=generator, lw=1.4, ls="--" if generator == "all" else "-")
+            axis.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+            axis.axvline(0.01, color="0.6", lw=0.6, ls=":")
+            axis.set(title=f"{cell['detector']} trained on {cell['train_data']}", xlabel="FPR", ylabel="TPR", xlim=(0, 1), ylim=(0, 1.01))
+            axis.legend(fontsize=7, loc="lower right")
+        written.append(save_figure(figure, out / "plots" / f"roc_{name}.png"))
+    for cell in cells:
+        figure, axis = plt.subplots(figsize=(4.2, 3.0))
+        bins = np.linspace(0, 1, 21)
+        for generator in ["real", *[g for g in GENERATORS[1:] if g in cell["metrics"]]]:
+            scores = [s["score"] for s in cell["samples"] if s["generator"] == generator]
+            if scores:
+                axis.hist(scores, bins=bins, alpha=0.5, label="pristine" if generator == "real" else generator)
+        axis.set(title=f"{cell['detector']} / {cell['train_data']}: volume scores", xlabel="score", ylabel="crops")
+        axis.legend(fontsize=7)
+        written.append(save_figure(figure, out / "plots" / f"hist_{cell['cell']}.png"))
+        examples_path = out / "cells" / f"{cell['cell']}_examples.npz"
+        if not examples_path.is_file():
+            continue
+        with np.load(examples_path) as stored:
+            ids = list(stored["ids"])
+            figure, axes = plt.subplots(len(ids), 3, figsize=(7.5, 2.6 * len(ids)), squeeze=False)
+            for row, img_id in enumerate(ids):
+                hu, mask, heat = (stored[f"{k}_{row}"] for k in ("hu", "mask", "map"))
+                z = int(np.argmax(mask.sum(axis=(1, 2))))
+                for axis, title in zip(axes[row], ("scan", "ground truth", "detector map")):
+                    axis.imshow(hu[z], cmap="gray", vmin=LUNG_WINDOW_HU[0], vmax=LUNG_WINDOW_HU[1])
+                    if title == "ground truth":
+                        axis.contour(mask[z], levels=[0.5], colors="lime", linewidths=0.8)
+                    if title == "detector map":
+                        axis.imshow(heat[z], cmap="inferno", vmin=0, vmax=1, alpha=0.55)
+                    axis.set_title(f"{img_id} z={z}: {title}" if title == "scan" else title, fontsize=7)
+                    axis.axis("off")
+        written.append(save_figure(figure, out / "plots" / "examples" / f"{cell['cell']}.png"))
+    return written
+
+
+def write_outputs(out: str | Path, meta: dict[str, Any] | None = None) -> dict[str, Path]:
+    """(Re)write results.csv, results.json, tables.md and plots/ from the finished cells of ``out``."""
+    out = Path(out)
+    cells = load_cells(out)
+    if not cells:
+        raise ValueError(f"{out} holds no finished benchmark cell")
+    meta = meta or json.loads((out / "results.json").read_text())["meta"]
+    meta = {**meta, "cells": [c["cell"] for c in cells]}
+    rows = result_rows(cells)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "tables": out / "tables.md"}
+    _write_atomic(paths["csv"], buffer.getvalue())
+    results = {"meta": meta, "rows": rows, "samples": {c["cell"]: c["samples"] for c in cells}}
+    _write_atomic(paths["json"], json.dumps(finite_or_none(results), indent=1))
+    _write_atomic(paths["tables"], tables_markdown(cells, meta))
+    write_plots(out, cells)
+    return paths
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState(cpu=args.cpu)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings_of(args)
+    config_path = out / "bench_config.json"
+    if config_path.is_file():
+        previous = json.loads(config_path.read_text())
+        changed = sorted(k for k in SETTINGS_KEYS if previous.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out} holds results made with other settings ({', '.join(changed)}); use another --out")
+    elif state.is_main_process:
+        _write_atomic(config_path, json.dumps(settings, indent=2))
+
+    train_split = filter_examples(load_split(args.data, "train", args.dataset_cache_dir), tasks=args.tasks)
+    available = generators_present(train_split)
+    train_generators = args.train_generators or available
+    missing = sorted(set(train_generators) - set(available))
+    if missing:
+        raise ValueError(f"the train split holds no fakes of {', '.join(missing)} (has {', '.join(available) or 'none'})")
+    test_split = filter_examples(load_split(args.data, "test", args.dataset_cache_dir), tasks=args.tasks)
+    crop_size = parse_crop_size(settings["crop_size"])
+    test_crops: dict[str, Any] = {"split": test_split, "crop_size": crop_size,
+                                  "shared": evaluation_crops(test_split, crop_size, None, args.cache_mb << 20)}
+
+    cells = plan_cells(args, train_generators)
+    images = None
+    nonmedical = "none (preliminary experiment not run)"
+    if any(c.train_data == "nonmedical" for c in cells):
+        if args.nonmedical:
+            images, nonmedical = Path(args.nonmedical), f"imagefolder {args.nonmedical}"
+        else:
+            images, nonmedical = out / "nonmedical_standin", STANDIN_NOTE
+            if state.is_main_process:
+                size = crop_size[1] if crop_size is not None else 256
+                make_standin_images(images, settings["standin_per_class"], size, seed=args.seed)
+            state.wait_for_everyone()
+    meta = {"settings": settings, "nonmedical": nonmedical, "device": _device(), "num_processes": state.num_processes,
+            "train_generators": train_generators, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": sys.version.split()[0]}
+
+    todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").is_file()]
+    logger.info("%d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    start = time.perf_counter()
+    for cell in tqdm(todo, desc="benchmark cells", unit="cell", disable=not state.is_main_process or args.no_progress):
+        run_cell(cell, settings, args, out, test_crops, images)
+    if state.is_main_process:
+        paths = write_outputs(out, meta)
+        logger.info("%d cells in %.1f s; wrote %s", len(todo), time.perf_counter() - start, ", ".join(map(str, paths.values())))
+        print(paths["tables"].read_text())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point (`m3d bench`): 0 done, 2 bad input, 130 interrupted (finished cells are kept)."""
+    args = build_parser(prog).parse_args(argv)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[benchmark] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"benchmark: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("benchmark: interrupted; finished cells are kept, re-run the same command to go on", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
