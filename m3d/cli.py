@@ -338,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "train-cad", add_help=False, help="train the CAD malignancy scorer with Accelerate; --help for its options",
     )
+    commands.add_parser(
+        "train-detector", add_help=False, help="fine-tune a forensic detector on M3Dsynth with Accelerate; --help for its options",
+    )
+    commands.add_parser(
+        "bench", add_help=False, help="the M3Dsynth benchmark: detectors x train x test generators -> results folder",
+    )
 
     cad = commands.add_parser("cad", help="malignancy probability of the nodule at a location (the CAD scorer)")
     cad.add_argument("--model", required=True, help="a saved CAD scorer folder (m3d train-cad's OUTPUT_DIR/model)")
