@@ -66,10 +66,10 @@ PRELIMINARY_DETECTOR = "resnet_gp"
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # tiny detectors, few steps, small crops: the whole grid on 2 CPU cores in minutes (numbers are a smoke test)
     "demo": dict(detector_preset="tiny", crop_size=(16, 64, 64), num_epochs=100, max_steps=12, batch_size=8,
-                 learning_rate=1e-3, validation=False, standin_per_class=32),
+                 learning_rate=1e-3, validation=False, standin_per_class=32, num_threads=1),
     # the papers' detector sizes, validation-picked checkpoints (a GPU job)
     "default": dict(detector_preset="default", crop_size=DEFAULT_CROP_SIZE, num_epochs=10, max_steps=None, batch_size=16,
-                    learning_rate=1e-4, validation=True, standin_per_class=1000),
+                    learning_rate=1e-4, validation=True, standin_per_class=1000, num_threads=None),
 }
 CSV_COLUMNS = ("experiment", "detector", "train_data", "test_generator", "task", "n_fake", "n_pristine",
                *DETECTION_KEYS, *LOCALIZATION_KEYS, "crop_size", "steps", "preset")
@@ -413,10 +413,13 @@ def write_outputs(out: str | Path, meta: dict[str, Any] | None = None) -> dict[s
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     state = PartialState(cpu=args.cpu)
+    if BENCH_PRESETS[args.preset]["num_threads"]:  # tiny models: intra-op threads only add contention
+        torch.set_num_threads(BENCH_PRESETS[args.preset]["num_threads"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of(args)
