@@ -402,7 +402,7 @@ def train(args: argparse.Namespace) -> int:
     micro = global_step * args.gradient_accumulation_steps
     window_start, window_step = time.perf_counter(), global_step
     interrupted = False
-    with _StopRequest() as stop:
+    with _StopRequest("train_cad") as stop:
         try:
             while global_step < args.max_steps and not stop.requested:
                 epoch, skip = divmod(micro, micro_per_epoch)
