@@ -252,6 +252,13 @@ def cmd_card(args: argparse.Namespace) -> None:
     print(f"wrote {card}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    html_path, markdown_path = build_report(args.results_dir, args.out, args.data, device=args.device)
+    print(f"report: {html_path}\n        {markdown_path}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .data.phantom import generate_phantoms
 
@@ -388,6 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     push.set_defaults(func=cmd_push)
+
+    report = commands.add_parser(
+        "report", help="a self-contained HTML (and Markdown) report of a results folder: tables, ROC, CAD, example scans",
+        description="Reads the benchmark (m3d bench) and CAD (m3d cad-analysis) outputs in RESULTS_DIR and the M3Dsynth "
+        "folder the benchmark used; writes report.html (opens from disk, figures embedded) and report.md.",
+    )
+    report.add_argument("results_dir", metavar="RESULTS_DIR", help="the folder m3d bench (and m3d cad-analysis) wrote")
+    report.add_argument("--out", default=None, help="where to write the report (default: RESULTS_DIR)")
+    report.add_argument("--data", default=None, help="M3Dsynth folder for the example scans (default: the benchmark's)")
+    report.add_argument("--device", default="cpu", help="device for the example detector maps (cpu, cuda)")
+    report.set_defaults(func=cmd_report)
 
     card = commands.add_parser("card", help="write the model card (README.md) of a saved pipeline, detector or CAD folder")
     card.add_argument("path", help="the saved folder")
