@@ -1,4 +1,5 @@
 import base64
+import json
 import re
 
 import numpy as np
@@ -60,3 +61,31 @@ def test_write_report_is_self_contained(tmp_path):
     assert "![a scan](../figures/scan.png)" in md_path.read_text()
     with pytest.raises(FileNotFoundError):
         write_report([Section("x", "", [Figure(tmp_path / "missing.png", "gone")])], tmp_path / "out", "t")
+
+
+def test_build_report_from_a_results_folder(tmp_path):
+    from m3d.cli import main
+    from m3d.detectors import UNetConfig, UNetForForgeryDetection
+    from m3dsynth_mini import make_mini_m3dsynth
+
+    data = make_mini_m3dsynth(tmp_path / "m3dsynth", sites={"train": 1, "test": 1}, generators=("pix2pix",))
+    results = tmp_path / "results"
+    (results / "plots" / "examples").mkdir(parents=True)
+    (results / "tables.md").write_text("# M3Dsynth benchmark\n\n## Detection: AUC\n\n| Detector | pix2pix |\n|---|---|\n| unet | 0.875 |\n")
+    (results / "bench_config.json").write_text(json.dumps({"data": str(data), "preset": "demo", "seed": 0}))
+    save_figure(triplanar_figure(small_volume(), (10, 15, 20)), results / "plots" / "roc_unet.png")
+    cell = "cross_generator__unet__pix2pix"
+    (results / "cells").mkdir()
+    (results / "cells" / f"{cell}.json").write_text(json.dumps({"detector": "unet", "train_data": "pix2pix"}))
+    UNetForForgeryDetection(UNetConfig(base_channels=4, depth=3)).save_pretrained(results / "runs" / cell / "best")
+
+    assert main(["report", str(results)]) == 0
+    page = (results / "report.html").read_text()
+    markdown = (results / "report.md").read_text()
+    assert "<td>0.875</td>" in page and "### Detection: AUC" in markdown  # tables nested under their section
+    assert "ROC: unet" in page
+    triplanar = sorted((results / "report_figures").glob("triplanar_*.png"))
+    assert [p.name for p in triplanar] == ["triplanar_test-inject-0_pix2pix.png", "triplanar_test-remove-0_pix2pix.png"]
+    assert Image.open(triplanar[0]).size[0] > 700  # three columns: scan, ground truth, the unet map (two: ~570 px)
+    assert "No CAD analysis" in page  # a missing step is said, not silently skipped
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 3

@@ -61,6 +61,7 @@ def benchmark_sections(results_dir: Path) -> list[Section]:
     plots = results_dir / "plots"
     text = tables.read_text()
     text = text.split("\n", 1)[1] if text.startswith("# ") else text  # the report has its own title
+    text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())  # under the section
     return [
         Section("Benchmark: train generator x test generator", text),
         Section("ROC curves", "Volume-score ROC of each detector, one curve per test generator.",
@@ -116,6 +117,7 @@ def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per
         return Section("Tampered scans", "No M3Dsynth folder given or named in bench_config.json.")
     import datasets
     from transformers import AutoModel
+    from transformers.utils import logging as transformers_logging
 
     from .. import detectors  # noqa: F401  (registers the detectors with the Auto classes)
     from ..dataset_builder import TASKS, example_mask, example_volume
@@ -129,6 +131,7 @@ def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per
                    if labels.int2str(label) == "fake" and tasks.int2str(t) == task]
         chosen += matches[:per_task]
     figures = []
+    transformers_logging.disable_progress_bar()  # one bar per weight file is noise here
     for index in chosen:
         example = split[index]
         volume, mask = example_volume(example), example_mask(example)
