@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,24 @@ def _model_index(name: str, results: Iterable[CardResult]) -> list[dict]:
     return [{"name": name, "results": entries}] if entries else []
 
 
+def benchmark_card_results(cell: dict, dataset_name: str = "M3Dsynth") -> list[CardResult]:
+    """`CardResult`s of one finished benchmark cell (``RESULTS_DIR/cells/<cell>.json`` of `m3d bench`):
+    detection (AUC, balanced accuracy, Pd@1%) and, for localizing detectors, F1 / IoU, per test
+    generator over both tasks; undefined values are left out."""
+    results = []
+    for test_generator, by_task in cell["metrics"].items():
+        metrics = by_task.get("all", {})
+        setting = f"train {cell['train_data']} / test {test_generator}"
+        groups = [("image-classification", "Tampering detection", ("auc", "balanced_accuracy", "pd_at_1pct"))]
+        if cell.get("localizes"):
+            groups.append(("image-segmentation", "Tampering localization", ("f1", "iou", "f1_best", "iou_best")))
+        for task_type, task_name, keys in groups:
+            values = {k: float(metrics[k]) for k in keys if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])}
+            if values:
+                results.append(CardResult(task_type, task_name, dataset_name, "test", values, setting))
+    return results
+
+
 def render_model_card(
     path: str | Path,
     results: Iterable[CardResult] = (),
@@ -190,4 +209,4 @@ def write_model_card(path: str | Path, results: Iterable[CardResult] = (), **kwa
     return card
 
 
-__all__ = ["CardResult", "folder_kind", "render_model_card", "write_model_card", "count_parameters"]
+__all__ = ["CardResult", "benchmark_card_results", "count_parameters", "folder_kind", "render_model_card", "write_model_card"]
