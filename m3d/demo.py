@@ -1,0 +1,125 @@
+"""`m3d demo` (what `make demo` runs): the whole mission on the synthetic default, end to end.
+
+1. ``dataset``: a mini M3Dsynth from phantom scans, tampered by the shipped phantom-trained generators
+   (`m3d.build.build_dataset`) -> ``OUT/m3dsynth``;
+2. ``benchmark``: every detector x train generator x test generator, plus the preliminary experiment
+   (`m3d.train.benchmark`, preset ``demo``) -> ``OUT/results``;
+3. ``cad``: the CAD malignancy scorer trained on phantom nodules (`m3d.train.train_cad`) ->
+   ``OUT/cad_model``, then applied at every site (`m3d.cad.analysis`) -> ``OUT/results/cad``;
+4. ``cards``: model cards of the trained detectors (with their benchmark results) and the CAD scorer;
+5. ``report``: ``OUT/results/report.html`` (`m3d.report`).
+
+Every step resumes: the builder and the benchmark skip what they finished, a trained CAD model is kept.
+Timings and settings go to ``OUT/results/run.json``. ``--device cuda`` runs the same steps on a GPU
+with larger settings (`SCALES`).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+SCALES: dict[str, dict[str, Any]] = {
+    # 2 CPU cores: about 10-15 minutes in all (README, "Two commands")
+    "cpu": dict(build=dict(phantoms=6, size=128, max_slices=96), bench_preset="demo", bench_args=[], cad_preset="tiny",
+                cad_phantoms=16, cad_steps=150),
+    # one GPU: more scans, the papers' detector sizes, a longer CAD run
+    "cuda": dict(build=dict(phantoms=48, size=256, max_slices=160), bench_preset="default",
+                 bench_args=["--mixed-precision", "bf16"], cad_preset="default", cad_phantoms=96, cad_steps=2000),
+}
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible to torch")
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _step(name: str, timings: dict[str, float], action: Callable[[], Any]) -> Any:
+    print(f"[m3d demo] {name} ...", flush=True)
+    start = time.perf_counter()
+    result = action()
+    timings[name] = round(time.perf_counter() - start, 1)
+    print(f"[m3d demo] {name} done in {timings[name]:.0f} s", flush=True)
+    return result
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"{what} failed (exit status {code}); its messages are above")
+
+
+def run_demo(
+    out: str | Path = "demo_output",
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    pipelines_dir: str | Path | None = None,
+    scale: dict[str, Any] | None = None,
+) -> Path:
+    """Run the five steps into ``out``; returns the report's path. ``pipelines_dir``: generators to use
+    instead of the shipped ones (`m3d build --pipelines`); ``scale``: keys that replace ``SCALES[device]``'s
+    (``build``: `build_dataset` keywords; ``bench_args``: extra `m3d bench` arguments; ``cad_*``: training)."""
+    if device not in SCALES:
+        raise ValueError(f"device must be one of {sorted(SCALES)}; got {device!r}")
+    out = Path(out)
+    scale = {**SCALES[device], **(scale or {})}
+    data, results, cad_model = out / "m3dsynth", out / "results", out / "cad_model"
+    device_name = _device_name(device)
+    cpu_flag = ["--cpu"] if device == "cpu" else []
+    quiet = [] if progress else ["--no-progress"]
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    from .build import build_dataset
+
+    _step("dataset", timings, lambda: build_dataset(
+        data, **scale["build"], seed=seed, pipelines_dir=pipelines_dir, device=device, progress=progress, command="m3d demo"))
+
+    from .train import benchmark
+
+    _step("benchmark", timings, lambda: _check(benchmark.main(
+        ["--data", str(data), "--out", str(results), "--preset", scale["bench_preset"], "--seed", str(seed),
+         *scale["bench_args"], *cpu_flag, *quiet], prog="m3d bench"), "the benchmark"))
+
+    def cad() -> None:
+        if not (cad_model / "model" / "config.json").is_file():
+            from .train import train_cad
+
+            _check(train_cad.main(
+                ["--output-dir", str(cad_model), "--preset", scale["cad_preset"], "--phantoms", str(scale["cad_phantoms"]),
+                 "--max-steps", str(scale["cad_steps"]), "--seed", str(seed), "--resume-from-checkpoint", "latest",
+                 *cpu_flag, *quiet], prog="m3d train-cad"), "CAD training")
+        from .cad.analysis import run_cad_analysis
+
+        run_cad_analysis(cad_model / "model", data, results, device=device, progress=progress)
+
+    _step("cad", timings, cad)
+
+    def cards() -> None:
+        from .model_cards import benchmark_card_results, write_model_card
+
+        for cell_file in sorted((results / "cells").glob("*.json")):
+            best = results / "runs" / cell_file.stem / "best"
+            if best.is_dir():
+                cell = json.loads(cell_file.read_text())
+                write_model_card(best, benchmark_card_results(cell, "M3Dsynth (phantom mini)"), name=f"m3d-demo-{cell_file.stem}")
+        write_model_card(cad_model / "model", name="m3d-demo-cad")
+
+    _step("cards", timings, cards)
+
+    from .report import build_report
+
+    run = {"device": device_name, "seed": seed, "scale": scale, "steps": timings, "phantom": True,
+           "seconds": round(time.perf_counter() - started, 1)}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "run.json").write_text(json.dumps(run, indent=2))
+    html_path, _ = _step("report", timings, lambda: build_report(results, device=device))
+    return html_path
