@@ -319,6 +319,18 @@ def test_saved_pipeline_dtype_and_sampler(tmp_path, monkeypatch):
     assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
 
 
+def test_hole_only_losses_ignore_the_generated_context(case):
+    from accelerate import Accelerator
+
+    trainer = tg.make_trainer("pix2pix", "inject", "tiny", hole_only=True)
+    trainer.prepare(Accelerator(cpu=True))
+    batch = next(iter(torch.utils.data.DataLoader(CubeDataset(sites_for_task([case], "inject")), batch_size=2)))
+    generator = trainer.networks["generator"]
+    perfect_hole = torch.where(batch["mask"].bool(), batch["full"], -1.0).requires_grad_()  # garbage context
+    generator.forward = lambda sample, **_: SimpleNamespace(sample=perfect_hole)
+    assert float(trainer.step(batch)["loss_l1"]) == 0.0
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     calls = []

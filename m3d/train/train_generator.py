@@ -11,7 +11,10 @@ Losses and optimisers:
 * pix2pix (CT-GAN): LSGAN (MSE on the PatchGAN scores, 1 = real) + ``--lambda-l1`` (100) x L1 over the
   whole cube; the discriminator sees ``(candidate, masked)``. Adam(2e-4, beta1 0.5) for G; D's own rate
   ``--d-learning-rate`` defaults to CT-GAN's 1e-6 (CT-GAN keeps D far slower than G so that the L1
-  term leads and D does not overpower G early). D is updated first, then G, on every batch.
+  term leads and D does not overpower G early). D is updated first, then G, on every batch. With
+  ``--hole-only`` the candidate is the generated hole pasted into the real context (what the pipeline
+  returns with ``keep_context=True``) and L1 is averaged over the hole: G spends nothing on copying the
+  context and D learns to spot seams.
 * cyclegan: G: masked -> full and F: full -> masked, discriminators D_full and D_masked, LSGAN +
   ``--lambda-cycle`` (10) x cycle L1 (both directions) + 0.5 x lambda x identity L1. Unpaired: the full
   cubes of a batch are shuffled against the masked ones. Adam(2e-4, 0.5) for G+F and for the Ds
@@ -129,6 +132,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--gradient-accumulation-steps", type=int, default=1)
     run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     run.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 term")
+    run.add_argument("--hole-only", action="store_true",
+                     help="pix2pix: L1 and D on the generated hole pasted into the real context (as at inference)")
     run.add_argument("--lambda-cycle", type=float, default=10.0, help="cyclegan: cycle weight (identity: half of it)")
     run.add_argument("--ema-decay", type=float, default=0.9999, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
     run.add_argument("--max-grad-norm", type=float, default=None, help="clip gradient norms (default: ddpm 1.0, GANs off)")
@@ -256,11 +261,12 @@ class GeneratorTrainer:
 class Pix2PixTrainer(GeneratorTrainer):
     model = "pix2pix"
 
-    def __init__(self, task, preset, lr, d_lr, args=None, lambda_l1: float = 100.0):
+    def __init__(self, task, preset, lr, d_lr, args=None, lambda_l1: float = 100.0, hole_only: bool = False):
         super().__init__(task, preset, lr, d_lr, args)
         from ..models import PatchDiscriminator3D, Pix2Pix3DGenerator
 
         self.lambda_l1 = lambda_l1
+        self.hole_only = hole_only
         generator = Pix2Pix3DGenerator(**component_config("Pix2Pix3DGenerator", preset))
         discriminator = PatchDiscriminator3D(**component_config("PatchDiscriminator3D", preset))
         self.networks = {"generator": generator, "discriminator": discriminator}
@@ -273,6 +279,10 @@ class Pix2PixTrainer(GeneratorTrainer):
         G, D = self.networks["generator"], self.networks["discriminator"]
         full, masked, mask = batch["full"], batch["masked"], batch["mask"]
         fake = G(_generator_input(self.unwrap("generator"), masked, mask)).sample.float()
+        l1_weights = torch.ones_like(mask)
+        if self.hole_only:  # the candidate the pipeline returns: generated hole, real context
+            fake = mask * fake + (1 - mask) * full
+            l1_weights = mask
         # discriminator first (CT-GAN): real (full, masked) -> 1, fake -> 0
         loss_d = 0.5 * (_lsgan(D(full, masked), True) + _lsgan(D(fake.detach(), masked), False))
         self._update(loss_d, "discriminator", [D])
@@ -280,7 +290,7 @@ class Pix2PixTrainer(GeneratorTrainer):
         _set_requires_grad([D], False)
         try:
             loss_gan = _lsgan(D(fake, masked), True)
-            loss_l1 = F.l1_loss(fake, full)
+            loss_l1 = ((fake - full).abs() * l1_weights).sum() / l1_weights.sum()
             loss_g = loss_gan + self.lambda_l1 * loss_l1
             self._update(loss_g, "generator", [G])
         finally:
@@ -455,6 +465,7 @@ def make_trainer(
     learning_rate: float | None = None,
     d_learning_rate: float | None = None,
     lambda_l1: float = 100.0,
+    hole_only: bool = False,
     lambda_cycle: float = 10.0,
     ema_decay: float = 0.9999,
     max_grad_norm: float | None = None,
@@ -469,7 +480,7 @@ def make_trainer(
     lr = learning_rate if learning_rate is not None else DEFAULT_LR[model]
     d_lr = d_learning_rate if d_learning_rate is not None else DEFAULT_D_LR.get(model)
     if model == "pix2pix":
-        trainer = Pix2PixTrainer(task, preset, lr, d_lr, lambda_l1=lambda_l1)
+        trainer = Pix2PixTrainer(task, preset, lr, d_lr, lambda_l1=lambda_l1, hole_only=hole_only)
     elif model == "cyclegan":
         trainer = CycleGANTrainer(task, preset, lr, d_lr, lambda_cycle=lambda_cycle)
     else:
@@ -671,6 +682,7 @@ def train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         d_learning_rate=args.d_learning_rate,
         lambda_l1=args.lambda_l1,
+        hole_only=args.hole_only,
         lambda_cycle=args.lambda_cycle,
         ema_decay=args.ema_decay,
         max_grad_norm=args.max_grad_norm,
