@@ -19,7 +19,8 @@ Losses and optimisers:
   ``--lambda-cycle`` (10) x cycle L1 (both directions) + 0.5 x lambda x identity L1. Unpaired: the full
   cubes of a batch are shuffled against the masked ones. Adam(2e-4, 0.5) for G+F and for the Ds
   (CycleGAN's settings; ``--d-learning-rate`` defaults to the G rate). No image pool (CycleGAN keeps 50
-  past fakes for D); G+F are updated first, then the Ds.
+  past fakes for D); G+F are updated first, then the Ds. ``--hole-only`` as for pix2pix: each of G's
+  outputs (translation, cycle, identity) is its hole pasted into the real context.
 * ddpm: epsilon-prediction MSE over the cube; the UNet sees ``concat(noisy, masked, mask)``; noise
   schedule = the pipeline's `default_scheduler` (DDPM, 2,000 linear steps); AdamW(1e-4); gradient
   norm clipped at 1; an EMA of the UNet (diffusers `EMAModel`, ``--ema-decay``) is what is saved.
@@ -133,7 +134,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     run.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 term")
     run.add_argument("--hole-only", action="store_true",
-                     help="pix2pix: L1 and D on the generated hole pasted into the real context (as at inference)")
+                     help="pix2pix, cyclegan: losses and D on G's hole pasted into the real context (as at inference)")
     run.add_argument("--lambda-cycle", type=float, default=10.0, help="cyclegan: cycle weight (identity: half of it)")
     run.add_argument("--ema-decay", type=float, default=0.9999, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
     run.add_argument("--max-grad-norm", type=float, default=None, help="clip gradient norms (default: ddpm 1.0, GANs off)")
@@ -310,11 +311,12 @@ class Pix2PixTrainer(GeneratorTrainer):
 class CycleGANTrainer(GeneratorTrainer):
     model = "cyclegan"
 
-    def __init__(self, task, preset, lr, d_lr, args=None, lambda_cycle: float = 10.0):
+    def __init__(self, task, preset, lr, d_lr, args=None, lambda_cycle: float = 10.0, hole_only: bool = False):
         super().__init__(task, preset, lr, d_lr, args)
         from ..models import CycleGAN3DDiscriminator, CycleGAN3DGenerator
 
         self.lambda_cycle = lambda_cycle
+        self.hole_only = hole_only
         g_config = component_config("CycleGAN3DGenerator", preset)
         d_config = component_config("CycleGAN3DDiscriminator", preset)
         G = CycleGAN3DGenerator(**g_config)  # masked -> full (the pipeline's generator)
@@ -337,13 +339,18 @@ class CycleGANTrainer(GeneratorTrainer):
         real_masked = batch["masked"]  # domain A
         real_full = batch["full"][torch.randperm(batch["full"].shape[0], device="cpu").to(mask.device)]  # domain B, unpaired
 
+        def to_full(cube: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            """G's output; with ``hole_only`` its hole pasted into ``context`` (as the pipeline does)."""
+            out = G(_generator_input(g_net, cube, mask)).sample.float()
+            return mask * out + (1 - mask) * context if self.hole_only else out
+
         _set_requires_grad([D_full, D_masked], False)
         try:
-            fake_full = G(_generator_input(g_net, real_masked, mask)).sample.float()
+            fake_full = to_full(real_masked, real_masked)
             rec_masked = Fr(fake_full).sample.float()
             fake_masked = Fr(real_full).sample.float()
-            rec_full = G(_generator_input(g_net, fake_masked, mask)).sample.float()
-            idt_full = G(_generator_input(g_net, real_full, mask)).sample.float()
+            rec_full = to_full(fake_masked, real_full)
+            idt_full = to_full(real_full, real_full)
             idt_masked = Fr(real_masked).sample.float()
             loss_gan = _lsgan(D_full(fake_full), True) + _lsgan(D_masked(fake_masked), True)
             loss_cycle = F.l1_loss(rec_masked, real_masked) + F.l1_loss(rec_full, real_full)
@@ -482,7 +489,7 @@ def make_trainer(
     if model == "pix2pix":
         trainer = Pix2PixTrainer(task, preset, lr, d_lr, lambda_l1=lambda_l1, hole_only=hole_only)
     elif model == "cyclegan":
-        trainer = CycleGANTrainer(task, preset, lr, d_lr, lambda_cycle=lambda_cycle)
+        trainer = CycleGANTrainer(task, preset, lr, d_lr, lambda_cycle=lambda_cycle, hole_only=hole_only)
     else:
         trainer = DDPMTrainer(task, preset, lr, ema_decay=ema_decay)
     if max_grad_norm is not None:
