@@ -331,10 +331,11 @@ def test_hole_only_losses_ignore_the_generated_context(case):
     assert float(trainer.step(batch)["loss_l1"]) == 0.0
 
 
-def test_hole_only_cyclegan_trains(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["cyclegan", "ddpm"])
+def test_hole_only_trains(tmp_path, monkeypatch, model):
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
-    assert tg.main(_argv("cyclegan", tmp_path / "run", 2, "--checkpointing-steps", "0", "--hole-only")) == 0
-    losses = [json.loads(line)["loss_cycle"] for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    assert tg.main(_argv(model, tmp_path / "run", 2, "--checkpointing-steps", "0", "--hole-only")) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 

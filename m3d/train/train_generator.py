@@ -21,9 +21,11 @@ Losses and optimisers:
   (CycleGAN's settings; ``--d-learning-rate`` defaults to the G rate). No image pool (CycleGAN keeps 50
   past fakes for D); G+F are updated first, then the Ds. ``--hole-only`` as for pix2pix: each of G's
   outputs (translation, cycle, identity) is its hole pasted into the real context.
-* ddpm: epsilon-prediction MSE over the cube; the UNet sees ``concat(noisy, masked, mask)``; noise
-  schedule = the pipeline's `default_scheduler` (DDPM, 2,000 linear steps); AdamW(1e-4); gradient
-  norm clipped at 1; an EMA of the UNet (diffusers `EMAModel`, ``--ema-decay``) is what is saved.
+* ddpm: epsilon-prediction MSE over the cube (over the hole with ``--hole-only``: sampling replaces the
+  known region anyway); the UNet sees ``concat(noisy, masked, mask)``; noise schedule = the pipeline's
+  `default_scheduler` (DDPM, 2,000 linear steps); AdamW(1e-4); gradient norm clipped at 1; an EMA of
+  the UNet (diffusers `EMAModel`, ``--ema-decay``) is what is saved, with ``--sampler`` (ddpm, ddim or
+  dpmsolver++ on the same schedule) as its scheduler and ``--inference-steps`` as its default steps.
 
 Accelerate runs it (devices, processes, ``--mixed-precision``, ``--gradient-accumulation-steps``).
 Checkpoints (`Accelerator.save_state`, every ``--checkpointing-steps``, at the end, and on Ctrl-C /
@@ -134,7 +136,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     run.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 term")
     run.add_argument("--hole-only", action="store_true",
-                     help="pix2pix, cyclegan: losses and D on G's hole pasted into the real context (as at inference)")
+                     help="pix2pix, cyclegan: losses and D on G's hole pasted into the real context (as at inference); "
+                     "ddpm: the noise MSE over the hole only")
     run.add_argument("--lambda-cycle", type=float, default=10.0, help="cyclegan: cycle weight (identity: half of it)")
     run.add_argument("--ema-decay", type=float, default=0.9999, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
     run.add_argument("--max-grad-norm", type=float, default=None, help="clip gradient norms (default: ddpm 1.0, GANs off)")
@@ -384,8 +387,9 @@ class CycleGANTrainer(GeneratorTrainer):
 class DDPMTrainer(GeneratorTrainer):
     model = "ddpm"
 
-    def __init__(self, task, preset, lr, d_lr=None, args=None, ema_decay: float = 0.9999):
+    def __init__(self, task, preset, lr, d_lr=None, args=None, ema_decay: float = 0.9999, hole_only: bool = False):
         super().__init__(task, preset, lr, None, args)
+        self.hole_only = hole_only
         from diffusers.training_utils import EMAModel
 
         from ..models import UNet3DModel
@@ -410,7 +414,8 @@ class DDPMTrainer(GeneratorTrainer):
         timesteps = torch.randint(0, steps, (full.shape[0],), device=full.device, dtype=torch.long)
         noisy = self.scheduler.add_noise(full, noise, timesteps)
         prediction = unet(torch.cat([noisy, masked, mask], dim=1), timesteps).sample.float()
-        loss = F.mse_loss(prediction, noise)
+        weights = mask if self.hole_only else torch.ones_like(mask)  # sampling keeps the known region anyway
+        loss = ((prediction - noise) ** 2 * weights).sum() / weights.sum()
         self._update(loss, "unet", [unet])
         return {"loss": loss.detach()}
 
@@ -491,7 +496,7 @@ def make_trainer(
     elif model == "cyclegan":
         trainer = CycleGANTrainer(task, preset, lr, d_lr, lambda_cycle=lambda_cycle, hole_only=hole_only)
     else:
-        trainer = DDPMTrainer(task, preset, lr, ema_decay=ema_decay)
+        trainer = DDPMTrainer(task, preset, lr, ema_decay=ema_decay, hole_only=hole_only)
     if max_grad_norm is not None:
         trainer.max_grad_norm = max_grad_norm if max_grad_norm > 0 else None
     return trainer
