@@ -4,7 +4,7 @@ import json
 import pytest
 
 from m3d.cli import main
-from m3d.hub import folder_kind
+from m3d.hub import check_uploadable
 
 
 class FakeApi:
@@ -31,19 +31,19 @@ def dataset_folder(tmp_path):
 
 
 def test_kinds_and_card_required(tmp_path, dataset_folder):
-    assert folder_kind(dataset_folder) == "dataset"
+    assert check_uploadable(dataset_folder) == "dataset"
     pipeline = tmp_path / "pipe"
     pipeline.mkdir()
     (pipeline / "model_index.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="m3d card"):
-        folder_kind(pipeline)
+        check_uploadable(pipeline)
     (pipeline / "README.md").write_text("card")
-    assert folder_kind(pipeline) == "pipeline"
+    assert check_uploadable(pipeline) == "pipeline"
     with pytest.raises(ValueError, match="not an m3d dataset"):
-        folder_kind(tmp_path)
+        check_uploadable(tmp_path)
     (dataset_folder / ".build").mkdir()
     with pytest.raises(ValueError, match="unfinished build"):
-        folder_kind(dataset_folder)
+        check_uploadable(dataset_folder)
 
 
 def test_push_uploads_the_folder_as_a_dataset_repo(dataset_folder, monkeypatch, capsys):
@@ -59,6 +59,6 @@ def test_push_uploads_the_folder_as_a_dataset_repo(dataset_folder, monkeypatch, 
 def test_push_errors_are_one_line(tmp_path, dataset_folder, monkeypatch, capsys):
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     assert main(["push", str(tmp_path / "missing"), "--repo-id", "org/x"]) == 2
-    assert main(["push", str(dataset_folder), "--repo-id", "no-slash"]) == 2
+    assert main(["push", str(dataset_folder), "--repo-id", "a/b/c"]) == 2
     errors = capsys.readouterr().err.splitlines()
-    assert len(errors) == 2 and "is not a folder" in errors[0] and "ORG/NAME" in errors[1]
+    assert len(errors) == 2 and "is not a folder" in errors[0] and "ORG/NAME or NAME" in errors[1]

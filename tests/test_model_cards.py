@@ -64,7 +64,7 @@ def test_classifier_card_is_image_classification(folders):
 def test_folder_kind_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         folder_kind(tmp_path / "missing")
-    with pytest.raises(ValueError, match="neither a saved pipeline"):
+    with pytest.raises(ValueError, match="not an m3d dataset"):
         folder_kind(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="not an m3d model"):
@@ -72,8 +72,8 @@ def test_folder_kind_errors(tmp_path):
 
 
 def test_dataset_folder_is_refused(tmp_path):
-    (tmp_path / "data" / "real").mkdir(parents=True)
-    (tmp_path / "data" / "real" / "train-00000-00000.parquet").write_bytes(b"")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "manifest.json").write_text("{}")
     assert folder_kind(tmp_path) == "dataset"
     with pytest.raises(ValueError, match="dataset folder"):
         render_model_card(tmp_path)

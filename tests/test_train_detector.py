@@ -173,6 +173,9 @@ def test_train_validates_saves_best_and_pushes(mini_m3dsynth, hf_cache, tmp_path
     pushed = {}
 
     class FakeApi:
+        def __init__(self, token=None):
+            pushed["token"] = token
+
         def create_repo(self, repo_id, **kwargs):
             pushed["repo"] = repo_id
             return type("Url", (str,), {"repo_id": f"user/{repo_id}"})(f"https://hub/user/{repo_id}")

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterable
 
 import jinja2
-import torch
 import yaml
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -57,7 +56,8 @@ class FolderInfo:
 
 def folder_kind(path: str | Path) -> str:
     """"pipeline" (diffusers ``model_index.json``), "detector" or "cad" (transformers ``config.json``
-    with an m3d ``model_type``), or "dataset" (an M3Dsynth folder); a clear error for anything else."""
+    with an m3d ``model_type``), or "dataset" (an M3Dsynth folder: ``manifest.json`` + ``data/``); a
+    clear error for anything else."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder")
@@ -71,11 +71,10 @@ def folder_kind(path: str | Path) -> str:
         if model_type.startswith("m3d_"):
             return "detector"
         raise ValueError(f"{config} has model_type {model_type!r}, not an m3d model")
-    if (path / "data").is_dir() and any((path / "data").rglob("*.parquet")):
+    if (path / "manifest.json").is_file() and (path / "data").is_dir():
         return "dataset"
     raise ValueError(
-        f"{path} holds neither a saved pipeline (model_index.json), an m3d model (config.json) nor a "
-        "dataset (data/**/*.parquet)"
+        f"{path} is not an m3d dataset (manifest.json + data/), pipeline (model_index.json) or model (config.json) folder"
     )
 
 
@@ -84,6 +83,8 @@ def count_parameters(path: str | Path) -> int:
     path = Path(path)
     kind = folder_kind(path)
     if kind == "pipeline":
+        import torch
+
         from ..pipelines import load_pipeline
 
         pipeline = load_pipeline(path)

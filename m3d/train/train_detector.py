@@ -262,17 +262,6 @@ def save_model_atomic(model, folder: Path, extra: dict[str, Any] | None = None) 
     return folder
 
 
-def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Upload ``folder`` to the Hub model repository ``repo_id`` (created if needed); returns its URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=url.repo_id, repo_type="model",
-                      commit_message="Upload m3d detector (train_detector best checkpoint)")
-    return str(url)
-
-
 def _configure_logging(main_process: bool) -> None:
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
     if not logger.handlers:
@@ -502,7 +491,9 @@ def train(args: argparse.Namespace, dataset=None) -> int:
         _write_json_atomic(output_dir / "training_summary.json", finite_or_none(summary))
         logger.info("saved %s to %s (best %s: %s at step %s)", name, best_dir, args.metric_for_best_model, best["value"], best["step"])
         if args.push_to_hub:
-            url = push_to_hub(best_dir, args.hub_model_id or output_dir.name, private=args.hub_private)
+            from m3d.hub import push_folder
+
+            url = push_folder(best_dir, args.hub_model_id or output_dir.name, private=args.hub_private)
             logger.info("pushed %s to %s", best_dir, url)
     accelerator.end_training()
     return 0
