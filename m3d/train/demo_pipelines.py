@@ -1,0 +1,142 @@
+"""Train and ship the six demo pipelines, ``m3d/pipelines/demo/<generator>-<task>/``, on phantom data.
+
+    python -m m3d.train.demo_pipelines --runs-dir runs/demo              # train the six (CPU) and ship them
+    python -m m3d.train.demo_pipelines --runs-dir runs/demo --only pix2pix-inject
+    python benchmarks/eval_demo_pipelines.py                             # measure them (quality JSON, montage)
+    python -m m3d.train.demo_pipelines --runs-dir runs/demo --ship-only  # rewrite the cards with the figures
+
+Each recipe is an `m3d train-generator` command line (`RECIPES`, `command_line`): the "demo" network
+sizes, synthetic scans of the demo's size (256^2 in-plane, 96 slices) seeded 0, weights saved as
+fp16 safetensors (`load_pipeline` gives fp32). Shipping copies ``RUNS/<name>/pipeline`` into the
+package and writes its model card (`m3d.model_cards.write_model_card`): the exact command, the steps,
+the seed, the first and last logged losses, and, when ``benchmarks/results/demo_pipelines_quality.json``
+exists, the measured quality on held-out phantoms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "demo"
+QUALITY_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo_pipelines_quality.json"
+
+COMMON = ["--preset", "demo", "--phantom-size", "256", "--phantom-max-slices", "96", "--seed", "0",
+          "--checkpointing-steps", "0", "--save-dtype", "fp16"]  # fmt: skip
+# What each demo pipeline was trained with (see the README's "Demo pipelines" for why).
+_GAN = ["--d-learning-rate", "2e-4", "--lambda-l1", "10", "--hole-only"]
+_DDPM = ["--learning-rate", "2e-4", "--hole-only", "--sampler", "dpmsolver++", "--inference-steps", "25"]
+RECIPES: dict[str, list[str]] = {
+    "pix2pix-inject": ["--model", "pix2pix", "--task", "inject", "--phantoms", "40", "--max-steps", "1200", "--batch-size", "8", *_GAN],
+    "pix2pix-remove": ["--model", "pix2pix", "--task", "remove", "--phantoms", "60", "--max-steps", "1200", "--batch-size", "8", *_GAN],
+    "cyclegan-inject": ["--model", "cyclegan", "--task", "inject", "--phantoms", "40", "--max-steps", "300", "--batch-size", "4", "--hole-only"],
+    "cyclegan-remove": ["--model", "cyclegan", "--task", "remove", "--phantoms", "60", "--max-steps", "300", "--batch-size", "4", "--hole-only"],
+    "ddpm-inject": ["--model", "ddpm", "--task", "inject", "--phantoms", "40", "--max-steps", "600", "--batch-size", "4", *_DDPM],
+    "ddpm-remove": ["--model", "ddpm", "--task", "remove", "--phantoms", "60", "--max-steps", "600", "--batch-size", "4", *_DDPM],
+}  # fmt: skip
+
+
+def command_line(name: str, runs_dir: str | Path, cube_cache: str | Path) -> list[str]:
+    """The `m3d train-generator` arguments of recipe ``name``, writing to ``runs_dir/name``."""
+    return [*RECIPES[name], *COMMON, "--cube-cache", str(cube_cache), "--output-dir", str(Path(runs_dir) / name)]
+
+
+def _losses(run_dir: Path) -> tuple[dict, dict]:
+    records = [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
+    keep = lambda r: {k: round(v, 4) for k, v in r.items() if k.startswith("loss")} | {"step": r["step"]}  # noqa: E731
+    return keep(records[0]), keep(records[-1])
+
+
+def provenance(name: str, run_dir: Path, quality: dict | None) -> str:
+    """The card's "How it was made": command, steps, seed, losses, measured quality."""
+    summary = json.loads((run_dir / "training_summary.json").read_text())
+    first, last = _losses(run_dir)
+    argv = " ".join(command_line(name, "runs/demo", "runs/demo/cache"))
+    lines = [
+        "Trained on m3d's synthetic chest CT only (phantoms on real LIDC-IDRI geometry with real LIDC nodule",
+        "contours and ratings; no patient images), on a CPU:",
+        "",
+        "```bash",
+        f"m3d train-generator {argv}",
+        "```",
+        "",
+        f"- {summary['steps']} optimizer steps, seed {summary['args']['seed']}, {len(summary['sites'])} training "
+        f"nodule sites, {summary['wall_s'] / 60:.1f} min wall-clock;",
+        f"- losses (mean over the logging window): step {first['step']}: "
+        + ", ".join(f"{k} {v}" for k, v in first.items() if k != "step")
+        + f"; step {last['step']}: " + ", ".join(f"{k} {v}" for k, v in last.items() if k != "step") + ".",
+    ]
+    entry = (quality or {}).get("pipelines", {}).get(name)
+    if entry:
+        held_out = quality["held_out"]
+        lines += [
+            "",
+            f"Measured on held-out phantom sites (`benchmarks/eval_demo_pipelines.py`: {held_out['phantoms']} "
+            f"phantoms, seed {held_out['seed']}; {entry['n']} {entry['task']} sites):",
+            "",
+            "| figure | value |",
+            "|---|---|",
+        ]
+        if entry["task"] == "inject":
+            low, high = quality["real_nodule_mean_hu_range"]
+            lines += [
+                f"| grown nodule > 10 mm | {entry['kept_fraction']:.0%} |",
+                f"| ... and mean HU within real nodules' [{low:g}, {high:g}] | {entry['real_looking_fraction']:.0%} |",
+            ]
+        else:
+            lines.append(f"| left < 8 mm | {entry['kept_fraction']:.0%} |")
+        lines += [
+            f"| nodule diameter at the site, median (IQR) | {entry['diameter_mm_median']} mm "
+            f"({entry['diameter_mm_iqr'][0]}-{entry['diameter_mm_iqr'][1]}) |",
+            f"| seam ratio (across the hole's faces / elsewhere; pristine "
+            f"{quality['pristine'][entry['task']]['seam_ratio_mean']}) | {entry['seam_ratio_mean']} |",
+        ]
+        if "num_inference_steps" in entry:
+            lines.append(f"| sampler | {entry['scheduler']}, {entry['num_inference_steps']} steps (the folder's default) |")
+    return "\n".join(lines)
+
+
+def ship(name: str, runs_dir: str | Path, quality: dict | None = None) -> Path:
+    """Copy ``runs_dir/name/pipeline`` to ``m3d/pipelines/demo/name`` (replacing it) with its model card."""
+    from ..model_cards import write_model_card
+
+    run_dir = Path(runs_dir) / name
+    source = run_dir / "pipeline"
+    if not (source / "model_index.json").is_file():
+        raise FileNotFoundError(f"{source} is not a saved pipeline: train {name} first")
+    target = DEMO_DIR / name
+    temporary = DEMO_DIR / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.copytree(source, temporary)
+    for path in temporary.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(target, ignore_errors=True)
+    temporary.replace(target)
+    write_model_card(target, name=f"m3d demo {name}", provenance=provenance(name, run_dir, quality))
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .train_generator import main as train_generator
+
+    parser = argparse.ArgumentParser(prog="python -m m3d.train.demo_pipelines", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs-dir", default="runs/demo", help="training outputs (and the cube cache) go here")
+    parser.add_argument("--only", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--ship-only", action="store_true", help="do not train: ship the runs already there")
+    args = parser.parse_args(argv)
+    quality = json.loads(QUALITY_JSON.read_text()) if QUALITY_JSON.is_file() else None
+    for name in args.only:
+        if not args.ship_only:
+            code = train_generator(command_line(name, args.runs_dir, Path(args.runs_dir) / "cache"))
+            if code:
+                return code
+        print(f"shipped {ship(name, args.runs_dir, quality)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
