@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan_options(detect)
     detect.set_defaults(func=cmd_detect)
 
-    train_generator = commands.add_parser(
+    commands.add_parser(
         "train-generator", add_help=False,
         help="train a tampering generator (pix2pix | cyclegan | ddpm) with Accelerate; --help for its options",
     )

@@ -4,19 +4,13 @@ import math
 
 import datasets
 import pytest
-import torch
 
 from m3d.cli import main as cli_main
 from m3d.train import benchmark, train_detector
 from m3dsynth_mini import make_mini_m3dsynth
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The M3Dsynth builder on tiny phantoms with tiny random pipelines (never the shipped demo weights)."""
-import json
 import re
 from fnmatch import fnmatch
 from pathlib import Path
@@ -7,7 +6,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from m3d.build import build_dataset, main as build_main
@@ -15,29 +13,17 @@ from m3d.dataset_builder import CONFIGS, FEATURES, M3Dsynth, example_mask, examp
 from m3d.dataset_builder import writer as writer_module
 from m3d.dataset_builder.generate import phantom_jobs, scan_examples
 from m3d.dataset_builder.writer import finalize, prepare_folder, read_state, write_shards
-from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline
-from m3d.tamper.quality import QualityCriteria
 
 PHANTOMS = dict(size=64, max_slices=40)
 SHARD = re.compile(r"data/(real|pix2pix|cyclegan|ddpm)/(inject|remove)/(train|validation|test)-\d{5}-\d{5}\.parquet")
 
 
 @pytest.fixture(scope="module")
-def pipelines_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    torch.manual_seed(0)
-    for name, cls in (("pix2pix", Pix2Pix3DPipeline), ("cyclegan", CycleGAN3DPipeline), ("ddpm", M3DInpaintPipeline)):
-        for task in ("inject", "remove"):
-            cls.from_preset("tiny", task=task).save_pretrained(root / f"{name}-{task}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, pipelines_dir):
+def built(tmp_path_factory, tiny_pipelines_dir):
     """All generators, quality check off (tiny random networks would fail it), one scan per shard."""
     out = tmp_path_factory.mktemp("build") / "m3dsynth"
     build_dataset(
-        out, pipelines_dir=pipelines_dir, phantoms=3, **PHANTOMS, num_inference_steps=1, scans_per_shard=1,
+        out, pipelines_dir=tiny_pipelines_dir, phantoms=3, **PHANTOMS, num_inference_steps=1, scans_per_shard=1,
         quality=None, progress=False,
     )
     return out
@@ -113,11 +99,11 @@ def jobs():
     return phantom_jobs(3, seed=0, **PHANTOMS, progress=False)
 
 
-def _build(out: Path, jobs, pipelines_dir) -> dict:
+def _build(out: Path, jobs, tiny_pipelines_dir) -> dict:
     """pix2pix only, quality check on; returns the manifest's shards."""
     from m3d.dataset_builder.generate import load_pipelines
 
-    pipelines = load_pipelines(pipelines_dir, ["pix2pix"], ["inject", "remove"])
+    pipelines = load_pipelines(tiny_pipelines_dir, ["pix2pix"], ["inject", "remove"])
     config = {"test": True}
     state = prepare_folder(out, config)
 
@@ -129,8 +115,8 @@ def _build(out: Path, jobs, pipelines_dir) -> dict:
 
 
 @pytest.mark.parametrize("fail_in", ["_ShardWriter.close", "write_json_atomic"])
-def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, jobs, pipelines_dir, monkeypatch, fail_in):
-    reference = _build(tmp_path / "reference", jobs, pipelines_dir)
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, jobs, tiny_pipelines_dir, monkeypatch, fail_in):
+    reference = _build(tmp_path / "reference", jobs, tiny_pipelines_dir)
     assert any(c["outcomes"].get("pix2pix/remove/dropped") for c in reference.chunks.values())  # the quality check ran
     assert not any("/pix2pix/remove/" in r for r in reference.shards)
 
@@ -146,9 +132,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, jobs, pipe
 
     monkeypatch.setattr(target, name, killed)
     with pytest.raises(KeyboardInterrupt):
-        _build(tmp_path / "resumed", jobs, pipelines_dir)
+        _build(tmp_path / "resumed", jobs, tiny_pipelines_dir)
     monkeypatch.setattr(target, name, original)
-    resumed = _build(tmp_path / "resumed", jobs, pipelines_dir)
+    resumed = _build(tmp_path / "resumed", jobs, tiny_pipelines_dir)
     assert resumed.shards == reference.shards  # same files, rows, img_ids and SHA-256: nothing lost or duplicated
     files = sorted(p.relative_to(tmp_path / "resumed").as_posix() for p in (tmp_path / "resumed").rglob("*") if p.is_file())
     assert files == sorted(["README.md", "manifest.json", *reference.shards])

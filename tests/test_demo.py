@@ -1,12 +1,9 @@
 """`m3d demo` end to end at toy sizes: every step runs, writes its outputs, and a re-run resumes."""
 import json
 
-import pytest
-import torch
 
 from m3d.cli import main
 from m3d.demo import run_demo
-from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline
 
 TOY_SCALE = dict(
     build=dict(phantoms=3, size=64, max_slices=40, quality=None, num_inference_steps=1),  # random nets fail the quality check
@@ -16,19 +13,9 @@ TOY_SCALE = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def toy_pipelines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    torch.manual_seed(0)
-    for name, cls in (("pix2pix", Pix2Pix3DPipeline), ("cyclegan", CycleGAN3DPipeline), ("ddpm", M3DInpaintPipeline)):
-        for task in ("inject", "remove"):
-            cls.from_preset("tiny", task=task).save_pretrained(root / f"{name}-{task}")
-    return root
-
-
-def test_demo_runs_every_step_and_resumes(tmp_path, toy_pipelines, capsys):
+def test_demo_runs_every_step_and_resumes(tmp_path, tiny_pipelines_dir, capsys):
     out = tmp_path / "demo"
-    report = run_demo(out, pipelines_dir=toy_pipelines, scale=TOY_SCALE, progress=False)
+    report = run_demo(out, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False)
     assert report == out / "results" / "report.html" and report.is_file()
     run = json.loads((out / "results" / "run.json").read_text())
     assert list(run["steps"]) == ["dataset", "benchmark", "cad", "cards"]  # the report's own time is printed
@@ -43,7 +30,7 @@ def test_demo_runs_every_step_and_resumes(tmp_path, toy_pipelines, capsys):
     kept = [out / "cad_model" / "model" / "model.safetensors", *sorted((out / "results" / "cells").glob("*.json")),
             *sorted((out / "m3dsynth" / "data").rglob("*.parquet"))]
     before = [path.stat().st_mtime_ns for path in kept]
-    run_demo(out, pipelines_dir=toy_pipelines, scale=TOY_SCALE, progress=False)
+    run_demo(out, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False)
     assert [path.stat().st_mtime_ns for path in kept] == before  # resumed: nothing finished was redone
 
 

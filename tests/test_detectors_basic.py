@@ -30,13 +30,7 @@ TINY = {
 ORIGINAL_PARAMETERS = {"xception": 20.8e6, "unet": 31.0e6, "hpfcn": 7.7e6, "resnet_gp": 23.5e6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine threads make them slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name):

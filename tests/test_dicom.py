@@ -1,7 +1,5 @@
-import os
 import random
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np

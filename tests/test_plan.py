@@ -2,7 +2,6 @@ import csv
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from m3d.data.lidc import LIDCDatabase

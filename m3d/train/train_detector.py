@@ -44,7 +44,6 @@ from m3d.dataset_builder.features import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, register_bayar_constraint
 from m3d.train.detector_data import (
     DEFAULT_CROP_SIZE,
-    CropSize,
     TrainingSlices,
     evaluation_crops,
     filter_examples,
