@@ -29,7 +29,7 @@ COMMON = ["--preset", "demo", "--phantom-size", "256", "--phantom-max-slices", "
           "--checkpointing-steps", "0", "--save-dtype", "fp16"]  # fmt: skip
 # What each demo pipeline was trained with (see the README's "Demo pipelines" for why).
 _GAN = ["--d-learning-rate", "2e-4", "--lambda-l1", "10", "--hole-only"]
-_DDPM = ["--learning-rate", "2e-4", "--hole-only", "--sampler", "dpmsolver++", "--inference-steps", "25"]
+_DDPM = ["--learning-rate", "2e-4", "--hole-only", "--sampler", "ddim", "--inference-steps", "25"]
 RECIPES: dict[str, list[str]] = {
     "pix2pix-inject": ["--model", "pix2pix", "--task", "inject", "--phantoms", "40", "--max-steps", "1200", "--batch-size", "8", *_GAN],
     "pix2pix-remove": ["--model", "pix2pix", "--task", "remove", "--phantoms", "60", "--max-steps", "1200", "--batch-size", "8", *_GAN],

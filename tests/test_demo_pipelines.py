@@ -1,0 +1,61 @@
+"""The demo pipelines shipped in `m3d/pipelines/demo/`: each folder loads offline, holds the weights of
+its task, and tampers a small phantom at a nodule site (one cube, a few sampler steps)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from m3d.data.lidc import group_nodules
+from m3d.data.phantom import make_phantom
+from m3d.pipelines import PIPELINE_CLASSES, load_pipeline
+from m3d.tamper.cube import TamperLocationError, check_location
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "m3d" / "pipelines" / "demo"
+CLASSES = {"pix2pix": "Pix2Pix3DPipeline", "cyclegan": "CycleGAN3DPipeline", "ddpm": "M3DInpaintPipeline"}
+FOLDERS = [f"{generator}-{task}" for generator in CLASSES for task in ("inject", "remove")]
+MAX_TOTAL_MB = 15.0
+
+
+@pytest.fixture(scope="module")
+def phantom_site():
+    """A small phantom and the centre (LPS mm) of a nodule whose cube fits inside the scan and lungs."""
+    case = make_phantom(3, size=96, max_slices=64, n_nodules=(3, 4))
+    for nodule in group_nodules(case.lidc):
+        location = case.volume.voxel_to_world(nodule.centroid_zyx)
+        try:
+            check_location(case.volume, location, lung_mask=case.lung_mask)
+        except TamperLocationError:
+            continue
+        return case, location
+    pytest.fail("the test phantom has no nodule whose cube fits in its lungs")
+
+
+def test_every_demo_folder_is_shipped_and_small():
+    assert sorted(p.name for p in DEMO_DIR.iterdir() if p.is_dir()) == sorted(FOLDERS)
+    total = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
+    assert total / 2**20 < MAX_TOTAL_MB
+    for name in FOLDERS:
+        assert (DEMO_DIR / name / "README.md").is_file()
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_demo_pipeline_tampers_a_phantom(name, phantom_site, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    generator, task = name.split("-")
+    pipe = load_pipeline(DEMO_DIR / name)
+    assert type(pipe) is PIPELINE_CLASSES[CLASSES[generator]] and pipe.config.task == task
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            assert all(p.dtype == torch.float32 for p in module.parameters())  # stored fp16, loaded fp32
+
+    case, location = phantom_site
+    steps = {"num_inference_steps": 3} if generator == "ddpm" else {}
+    out = pipe(volume=case.volume, locations_lps_mm=[location], task=task, output_type="volume",
+               lung_mask=case.lung_mask, generator=torch.Generator().manual_seed(0), progress=False, **steps)
+    assert np.isfinite(out.cubes).all()
+    tampered, changed = out.volumes[0], out.masks[0]
+    assert tampered.shape == case.volume.shape and changed.any()
+    assert np.array_equal(tampered.hu != case.volume.hu, changed)
