@@ -233,6 +233,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"wrote {write_plan_csv(sites, args.out)}")
 
 
+def cmd_import_official(args: argparse.Namespace) -> None:
+    from .dataset_builder.official import import_official
+    from .dataset_builder.writer import format_summary, summarize
+
+    state = import_official(
+        args.release, args.lidc_root, args.out, tables=args.tables, generators=args.generators, tasks=args.tasks,
+        limit=args.limit, scans_per_shard=args.scans_per_shard, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    print(format_summary(summarize(state)))
+    print(f"wrote {Path(args.out) / 'README.md'}: load it with datasets.load_dataset({str(args.out)!r})")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push_folder
 
@@ -380,6 +392,25 @@ def build_parser() -> argparse.ArgumentParser:
         "build", add_help=False,
         help="build the M3Dsynth dataset folder (phantom default or --lidc-root); --help for its options",
     )
+
+    official = commands.add_parser(
+        "import-official", help="turn a downloaded official M3Dsynth release into the same dataset folder as m3d build",
+        description="Reads the release's TIFF stacks (<mod>/scan|label/<img_id>/slide%%04d.tiff) and tables (data.csv, "
+        "sets.csv, centers.csv, LIDC.csv) and the LIDC-IDRI series they come from; writes the Hub-ready folder of "
+        "m3d build (Parquet shards, card), resumable. See m3d.dataset_builder.official.",
+    )
+    official.add_argument("--release", required=True, metavar="DIR", help="the downloaded release (get_M3Dsynth.sh's output)")
+    official.add_argument("--lidc-root", required=True, metavar="DIR", help="the LIDC-IDRI download (LIDC.csv's dicom folders)")
+    official.add_argument("--out", required=True, help="output dataset folder")
+    official.add_argument("--tables", default=None, metavar="DIR",
+                          help="folder of data.csv, sets.csv, centers.csv, LIDC.csv (default: RELEASE/data or RELEASE)")
+    official.add_argument("--generators", nargs="+", default=["pix2pix", "cyclegan", "ddpm"], choices=("pix2pix", "cyclegan", "ddpm"))
+    official.add_argument("--tasks", nargs="+", default=["inject", "remove"], choices=("inject", "remove"))
+    official.add_argument("--limit", type=int, default=None, help="only the first N series")
+    official.add_argument("--scans-per-shard", type=int, default=4, help="series per Parquet shard")
+    official.add_argument("--overwrite", action="store_true", help="delete a previous build in --out first")
+    official.add_argument("--no-progress", action="store_true", help="no progress bar")
+    official.set_defaults(func=cmd_import_official)
 
     push = commands.add_parser("push", help="upload an m3d dataset, pipeline or model folder to the Hugging Face Hub")
     push.add_argument("path", help="the folder (an m3d build, a saved pipeline or a saved model, with its README.md)")

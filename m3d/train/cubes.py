@@ -147,7 +147,7 @@ def sites_for_task(cases: Iterable[TrainingCase], task: str) -> list[NoduleSite]
 # -- case sources -------------------------------------------------------------------------------
 
 
-def _is_lidc_xml(path: Path) -> bool:
+def is_lidc_xml(path: Path) -> bool:
     try:
         with open(path, "rb") as handle:
             return b"LidcReadMessage" in handle.read(8192)
@@ -176,7 +176,7 @@ def _read_case(case_id: str, series_folder: Path, xml: Path, series_uid: str | N
 
 def _case_xml(folder: Path) -> Path | None:
     for candidate in sorted(folder.glob("*.xml")) + sorted(folder.glob("*/*.xml")):
-        if _is_lidc_xml(candidate):
+        if is_lidc_xml(candidate):
             return candidate
     return None
 
@@ -237,7 +237,7 @@ def lidc_series(root: str | Path) -> list[tuple[Path, Path, str]]:
         series_uid = _dicom_series_uid(folder, dicoms)
         for name in xmls:
             path = folder / name
-            if _is_lidc_xml(path) and series_uid is not None and xml_series_uid(path) == series_uid:
+            if is_lidc_xml(path) and series_uid is not None and xml_series_uid(path) == series_uid:
                 found.append((folder, path, series_uid))
                 break
         else:
