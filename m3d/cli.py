@@ -258,9 +258,12 @@ def cmd_lidc_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_card(args: argparse.Namespace) -> None:
-    from .model_cards import write_model_card
+    import json
 
-    card = write_model_card(args.path, name=args.name, phantom_trained=not args.real_data)
+    from .model_cards import benchmark_card_results, write_model_card
+
+    results = benchmark_card_results(json.loads(Path(args.results).read_text())) if args.results else ()
+    card = write_model_card(args.path, results, name=args.name, phantom_trained=not args.real_data)
     print(f"wrote {card}")
 
 
@@ -434,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("path", help="the saved folder")
     card.add_argument("--name", default=None, help="model name in the card and its model-index (default: the folder name)")
     card.add_argument("--real-data", action="store_true", help="trained on real scans: drop the phantom-weights caveat")
+    card.add_argument("--results", default=None, metavar="CELL_JSON",
+                      help="a finished benchmark cell (RESULTS/cells/<cell>.json of m3d bench): its test metrics go in the card")
     card.set_defaults(func=cmd_card)
 
     lidc = commands.add_parser("lidc", help="LIDC-IDRI annotation database")

@@ -101,3 +101,15 @@ def test_benchmark_cell_becomes_card_results():
     assert len(results) == 2  # the "all" column holds only NaN: no entry
     cell["localizes"] = False
     assert all(r.task_type == "image-classification" for r in benchmark_card_results(cell))
+
+
+def test_cli_card_with_benchmark_cell(folders, tmp_path):
+    import json
+
+    root, _, _ = folders
+    cell = {"train_data": "cyclegan", "localizes": True, "metrics": {"pix2pix": {"all": {"auc": 0.875, "f1": 0.5}}}}
+    (tmp_path / "cell.json").write_text(json.dumps(cell))
+    assert main(["card", str(root / "unet"), "--results", str(tmp_path / "cell.json")]) == 0
+    index = front_matter((root / "unet" / "README.md").read_text())["model-index"][0]["results"]
+    values = {m["type"]: m["value"] for r in index for m in r["metrics"]}
+    assert values == {"auc": 0.875, "f1": 0.5}

@@ -4,7 +4,7 @@ the CAD scorer, filled from the folder's own config and, when given, benchmark r
 (`m3d.dataset_builder`).
 
 `write_model_card(path, results=...)` writes ``<path>/README.md``; `folder_kind(path)` says what a
-folder holds; `m3d card PATH [--results DIR]` is the command line.
+folder holds; `m3d card PATH [--results RESULTS/cells/<cell>.json]` is the command line.
 """
 from __future__ import annotations
 
