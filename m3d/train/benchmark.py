@@ -64,8 +64,8 @@ from m3d.train.nonmedical import STANDIN_NOTE, make_standin_images
 EXPERIMENTS = ("cross_generator", "preliminary")
 PRELIMINARY_DETECTOR = "resnet_gp"
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
-    # tiny detectors, 50 steps, small crops: the whole grid on 2 CPU cores in minutes (a smoke test, not the paper's numbers)
-    "demo": dict(detector_preset="tiny", crop_size=(16, 64, 64), num_epochs=100, max_steps=50, batch_size=8,
+    # tiny detectors, 200 steps, small crops: the whole grid on 2 CPU cores in minutes (a smoke test, not the paper's numbers)
+    "demo": dict(detector_preset="tiny", crop_size=(16, 64, 64), num_epochs=100, max_steps=200, batch_size=8,
                  learning_rate=1e-3, validation=False, standin_per_class=32, num_threads=1),
     # the papers' detector sizes, validation-picked checkpoints (a GPU job)
     "default": dict(detector_preset="default", crop_size=DEFAULT_CROP_SIZE, num_epochs=10, max_steps=None, batch_size=16,
