@@ -19,6 +19,7 @@ from m3d.data.ct import CTVolume
 from m3d.tamper.cube import CUBE_SIZE, extract_cube, hole_mask, hu_to_unit
 from m3d.train import cubes as cubes_module
 from m3d.train import train_generator as tg
+from m3d.train.common import STATE_FILE, complete_checkpoints
 from m3d.train.cubes import (
     Augmentation,
     CubeDataset,
@@ -277,9 +278,9 @@ def test_checkpoints_resume_and_pipeline(tmp_path, monkeypatch, model):
     run = tmp_path / "run"
     assert tg.main(_argv(model, run, 2)) == 0  # "interrupted" after step 2 ...
     assert tg.main(_argv(model, run, 4, "--resume-from-checkpoint", "latest")) == 0  # ... and resumed
-    checkpoints = tg.complete_checkpoints(run)
+    checkpoints = complete_checkpoints(run)
     assert [p.name for p in checkpoints] == ["checkpoint_0", "checkpoint_1"]
-    assert [json.loads((p / tg.STATE_FILE).read_text())["global_step"] for p in checkpoints] == [2, 4]
+    assert [json.loads((p / STATE_FILE).read_text())["global_step"] for p in checkpoints] == [2, 4]
     assert _steps(run) == [1, 2, 3, 4]
     if model == "ddpm":
         assert (checkpoints[0] / tg.EMA_FOLDER / "ema.safetensors").is_file()
@@ -352,7 +353,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(tg.Pix2PixTrainer, "after_optimizer_step", interrupt_once)
         assert tg.main(_argv("pix2pix", out, 3, "--checkpointing-steps", "0")) == 130
-    assert [json.loads((p / tg.STATE_FILE).read_text())["global_step"] for p in tg.complete_checkpoints(out)] == [1]
+    assert [json.loads((p / STATE_FILE).read_text())["global_step"] for p in complete_checkpoints(out)] == [1]
     assert not (out / "pipeline").exists()
     assert tg.main(_argv("pix2pix", out, 3, "--checkpointing-steps", "0", "--resume-from-checkpoint", "latest")) == 0
     assert _steps(out) == [1, 2, 3] and (out / "pipeline" / "model_index.json").is_file()

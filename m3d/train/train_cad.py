@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,18 +42,21 @@ import torch
 from ..cad.configuration_cad import CAD_PRESETS, CADConfig
 from ..cad.modeling_cad import IGNORE_INDEX, CADForMalignancyScoring, malignancy_labels
 from ..tamper.cube import hu_to_unit
-from .cubes import MAX_SHIFT, CubeDataset
-from .train_generator import (
+from .common import (
     MIXED_PRECISION,
     STATE_FILE,
-    _ignore_sigint,
-    _json_value,
-    _next_checkpoint_number,
-    _step_seed,
-    _StopRequest,
-    _write_json_atomic,
-    complete_checkpoints,
+    StopRequest,
+    configure_logging,
+    ignore_sigint,
+    json_value,
+    make_accelerator,
+    next_checkpoint_number,
+    resume_checkpoint,
+    save_pretrained_atomic,
+    step_seed,
+    write_json_atomic,
 )
+from .cubes import MAX_SHIFT, CubeDataset
 
 CUT_MARGIN = MAX_SHIFT  # voxels cut beyond the input cube on each side, room for the crop shifts
 WARMUP_FRACTION = 0.05
@@ -251,66 +253,16 @@ def evaluate(model: CADForMalignancyScoring, dataset: CADCubeDataset, batch_size
 # -- main ---------------------------------------------------------------------------------------
 
 
-def _configure_logging(main_process: bool) -> None:
-    logger.setLevel(logging.INFO if main_process else logging.WARNING)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[train_cad] %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-
-
-def _resume_path(args: argparse.Namespace, output_dir: Path) -> Path | None:
-    if not args.resume_from_checkpoint:
-        if complete_checkpoints(output_dir):
-            logger.warning("%s already holds checkpoints; pass --resume-from-checkpoint latest to continue from them", output_dir)
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = complete_checkpoints(output_dir)
-        if not found:
-            logger.info("no complete checkpoint in %s: starting from scratch", output_dir / "checkpoints")
-        return found[-1] if found else None
-    path = Path(args.resume_from_checkpoint)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-    return path
-
-
-def _save_model_atomic(model: CADForMalignancyScoring, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def train(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     _check_args(args)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_with = "tensorboard" if is_tensorboard_available() else None
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        cpu=args.cpu,
-        log_with=log_with,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir),
-            logging_dir=str(output_dir / "tensorboard"),
-            automatic_checkpoint_naming=True,
-            total_limit=args.checkpoints_total_limit,
-        ),
-    )
+    accelerator, log_with = make_accelerator(args, output_dir)
     main_process = accelerator.is_main_process
-    _configure_logging(main_process)
+    configure_logging(logger, "train_cad", main_process)
     set_seed(args.seed)
     config = CADConfig.from_preset(args.preset)
 
@@ -334,7 +286,7 @@ def train(args: argparse.Namespace) -> int:
                 len({patient_of(r) for r in records}), counts["train"], counts["validation"] or "none")
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=args.num_workers,
-        worker_init_fn=_ignore_sigint if args.num_workers else None, pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=ignore_sigint if args.num_workers else None, pin_memory=accelerator.device.type == "cuda",
     )
 
     model = CADForMalignancyScoring(config)
@@ -346,7 +298,7 @@ def train(args: argparse.Namespace) -> int:
         raise ValueError("an epoch holds fewer micro-batches than --gradient-accumulation-steps")
 
     global_step = 0
-    state_path = _resume_path(args, output_dir)
+    state_path = resume_checkpoint(args.resume_from_checkpoint, output_dir, logger)
     if state_path is not None:
         state = json.loads((state_path / STATE_FILE).read_text())
         if state.get("preset") != args.preset or state.get("model") != "cad":
@@ -356,9 +308,9 @@ def train(args: argparse.Namespace) -> int:
         accelerator.load_state(str(state_path))
         global_step = int(state["global_step"])
         logger.info("resumed from %s at step %d", state_path, global_step)
-    accelerator.project_configuration.iteration = _next_checkpoint_number(output_dir)
+    accelerator.project_configuration.iteration = next_checkpoint_number(output_dir)
     if log_with:
-        accelerator.init_trackers("train_cad", config={k: _json_value(v) for k, v in vars(args).items()})
+        accelerator.init_trackers("train_cad", config={k: json_value(v) for k, v in vars(args).items()})
 
     log_path = output_dir / "logs.jsonl"
     start_time = time.perf_counter()
@@ -385,7 +337,7 @@ def train(args: argparse.Namespace) -> int:
         accelerator.wait_for_everyone()
         folder = Path(accelerator.save_state())
         if main_process:
-            _write_json_atomic(folder / STATE_FILE, {
+            write_json_atomic(folder / STATE_FILE, {
                 "global_step": global_step, "model": "cad", "preset": args.preset, "seed": args.seed,
                 "total_batch": total_batch, "micro_batches_per_epoch": micro_per_epoch,
                 "epoch": (global_step * args.gradient_accumulation_steps) // micro_per_epoch,
@@ -402,7 +354,7 @@ def train(args: argparse.Namespace) -> int:
     micro = global_step * args.gradient_accumulation_steps
     window_start, window_step = time.perf_counter(), global_step
     interrupted = False
-    with _StopRequest("train_cad") as stop:
+    with StopRequest("train_cad") as stop:
         try:
             while global_step < args.max_steps and not stop.requested:
                 epoch, skip = divmod(micro, micro_per_epoch)
@@ -410,7 +362,7 @@ def train(args: argparse.Namespace) -> int:
                 epoch_loader.set_epoch(epoch)
                 for batch in epoch_loader:
                     micro_index = micro % args.gradient_accumulation_steps
-                    torch.manual_seed(_step_seed(args.seed, global_step, micro_index, accelerator.process_index))
+                    torch.manual_seed(step_seed(args.seed, global_step, micro_index, accelerator.process_index))
                     with accelerator.accumulate(model):
                         loss = model(**batch).loss
                         accelerator.backward(loss)
@@ -459,13 +411,13 @@ def train(args: argparse.Namespace) -> int:
         unwrapped = accelerator.unwrap_model(model)
         copy = CADForMalignancyScoring(unwrapped.config)
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in unwrapped.state_dict().items()})
-        _save_model_atomic(copy.eval(), output_dir / "model")
+        save_pretrained_atomic(copy.eval(), output_dir / "model")
         data = "lidc_root" if args.lidc_root else "data" if args.data else "phantom"
-        _write_json_atomic(output_dir / "training_summary.json", {
+        write_json_atomic(output_dir / "training_summary.json", {
             "model": "cad", "preset": args.preset, "steps": global_step, "training_data": data,
             "sites": counts,
             "validation": {k: v if math.isfinite(v) else None for k, v in final.items()}, "wall_s": round(time.perf_counter() - start_time, 3),
-            "args": {k: _json_value(v) for k, v in vars(args).items()},
+            "args": {k: json_value(v) for k, v in vars(args).items()},
         })
         logger.info("saved the CAD scorer to %s", output_dir / "model")
     accelerator.end_training()

@@ -30,8 +30,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,19 @@ import torch
 
 from m3d.dataset_builder.features import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, register_bayar_constraint
+from m3d.train.common import (
+    MIXED_PRECISION,
+    STATE_FILE,
+    StopRequest,
+    configure_logging,
+    json_value,
+    make_accelerator,
+    next_checkpoint_number,
+    resume_checkpoint,
+    save_pretrained_atomic,
+    step_seed,
+    write_json_atomic,
+)
 from m3d.train.detector_data import (
     DEFAULT_CROP_SIZE,
     TrainingSlices,
@@ -51,18 +62,8 @@ from m3d.train.detector_data import (
     parse_crop_size,
 )
 from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, finite_or_none, predict_samples, summarize
-from m3d.train.train_generator import (
-    STATE_FILE,
-    _json_value,
-    _next_checkpoint_number,
-    _step_seed,
-    _StopRequest,
-    _write_json_atomic,
-    complete_checkpoints,
-)
 
 PRESET_CHOICES = ("tiny", "default")
-MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 BEST_METRICS = (*DETECTION_KEYS, *LOCALIZATION_KEYS)
 # "tiny": a few thousand parameters, for tests and the CPU demo; "default": each config's defaults (the papers' sizes).
@@ -246,28 +247,9 @@ def _check_args(args: argparse.Namespace) -> None:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def save_model_atomic(model, folder: Path, extra: dict[str, Any] | None = None) -> Path:
-    """`save_pretrained` into a temporary folder, then swap it in (``extra`` -> ``validation.json``)."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    if extra is not None:
-        (tmp / "validation.json").write_text(json.dumps(finite_or_none(extra), indent=2, sort_keys=True))
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def _configure_logging(main_process: bool) -> None:
-    logger.setLevel(logging.INFO if main_process else logging.WARNING)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[train_detector] %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+def _validation_file(entry: dict[str, Any]) -> dict[str, str]:
+    """``validation.json`` (the validation ``entry``, non-finite values as null) for `save_pretrained_atomic`."""
+    return {"validation.json": json.dumps(finite_or_none(entry), indent=2, sort_keys=True)}
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -280,8 +262,7 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 def train(args: argparse.Namespace, dataset=None) -> int:
     """Run training as the command line describes; ``dataset`` (a `DatasetDict`) replaces ``--data``."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, gather_object, is_tensorboard_available, set_seed
+    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -289,23 +270,10 @@ def train(args: argparse.Namespace, dataset=None) -> int:
         args.data = args.data or "<in-memory dataset>"
     _check_args(args)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_with = "tensorboard" if is_tensorboard_available() else None
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        cpu=args.cpu,
-        log_with=log_with,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir),
-            logging_dir=str(output_dir / "tensorboard"),
-            automatic_checkpoint_naming=True,
-            total_limit=args.checkpoints_total_limit,
-        ),
-    )
+    accelerator, log_with = make_accelerator(args, output_dir)
     main_process = accelerator.is_main_process
     progress_on = main_process and not args.no_progress
-    _configure_logging(main_process)
+    configure_logging(logger, "train_detector", main_process)
     set_seed(args.seed)
 
     overrides = {"input_mode": args.input_mode} if args.input_mode and not args.model else {}
@@ -345,17 +313,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
 
     # resume
     global_step, best, history = 0, {"value": None, "step": None, "epoch": None}, []
-    state_path = None
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            found = complete_checkpoints(output_dir)
-            state_path = found[-1] if found else None
-            if state_path is None:
-                logger.info("no complete checkpoint in %s: starting from scratch", output_dir / "checkpoints")
-        else:
-            state_path = Path(args.resume_from_checkpoint)
-            if not (state_path / STATE_FILE).is_file():
-                raise FileNotFoundError(f"{state_path} is not a complete checkpoint (no {STATE_FILE})")
+    state_path = resume_checkpoint(args.resume_from_checkpoint, output_dir, logger)
     if state_path is not None:
         state = json.loads((state_path / STATE_FILE).read_text())
         if state.get("detector") != name:
@@ -365,11 +323,9 @@ def train(args: argparse.Namespace, dataset=None) -> int:
         accelerator.load_state(str(state_path))
         global_step, best, history = int(state["global_step"]), state["best"], state.get("history", [])
         logger.info("resumed from %s at step %d", state_path, global_step)
-    elif complete_checkpoints(output_dir):
-        logger.warning("%s already holds checkpoints; pass --resume-from-checkpoint latest to continue from them", output_dir)
-    accelerator.project_configuration.iteration = _next_checkpoint_number(output_dir)
+    accelerator.project_configuration.iteration = next_checkpoint_number(output_dir)
     if log_with:
-        accelerator.init_trackers("train_detector", config={k: _json_value(v) for k, v in vars(args).items()})
+        accelerator.init_trackers("train_detector", config={k: json_value(v) for k, v in vars(args).items()})
 
     log_path = output_dir / "logs.jsonl"
     start_time = time.perf_counter()
@@ -382,7 +338,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
         accelerator.wait_for_everyone()
         folder = Path(accelerator.save_state())
         if main_process:
-            _write_json_atomic(folder / STATE_FILE, {
+            write_json_atomic(folder / STATE_FILE, {
                 "global_step": global_step, "detector": name, "preset": args.preset, "seed": args.seed,
                 "total_batch": total_batch, "best": best, "history": finite_or_none(history),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -412,7 +368,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
         if main_process:
             _append_jsonl(log_path, entry)
             if improved:
-                save_model_atomic(unwrapped, best_dir, {"metric": args.metric_for_best_model, **entry})
+                save_pretrained_atomic(unwrapped, best_dir, _validation_file({"metric": args.metric_for_best_model, **entry}))
         if log_with:
             accelerator.log({k: v for k, v in entry.items() if k.startswith("val/") and v is not None}, step=global_step)
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("auc", "pd_at_1pct", "f1") if metrics.get(k) is not None)
@@ -423,15 +379,15 @@ def train(args: argparse.Namespace, dataset=None) -> int:
     model.train()
     loss_sum, count, interrupted = torch.zeros((), device=accelerator.device), 0, False
     micro = global_step * args.gradient_accumulation_steps
-    with _StopRequest("train_detector") as stop:
+    with StopRequest("train_detector") as stop:
         try:
             while global_step < total_steps and not stop.requested:
                 epoch, skip = divmod(micro, micro_per_epoch)
                 epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
                 epoch_loader.set_epoch(epoch)
                 for batch in epoch_loader:
-                    torch.manual_seed(_step_seed(args.seed, global_step, micro % args.gradient_accumulation_steps,
-                                                 accelerator.process_index))
+                    torch.manual_seed(step_seed(args.seed, global_step, micro % args.gradient_accumulation_steps,
+                                                accelerator.process_index))
                     with accelerator.accumulate(model):
                         loss = model(**batch).loss
                         accelerator.backward(loss)
@@ -481,13 +437,13 @@ def train(args: argparse.Namespace, dataset=None) -> int:
     accelerator.wait_for_everyone()
     if main_process:
         if best["value"] is None:  # no (defined) validation: the last model is the one kept
-            save_model_atomic(accelerator.unwrap_model(model), best_dir, history[-1] if history else {})
+            save_pretrained_atomic(accelerator.unwrap_model(model), best_dir, _validation_file(history[-1] if history else {}))
         _write_card(best_dir, name, args)
         summary = {
             "detector": name, "preset": args.preset, "steps": global_step, "best": best, "history": history,
-            "wall_s": round(time.perf_counter() - start_time, 3), "args": {k: _json_value(v) for k, v in vars(args).items()},
+            "wall_s": round(time.perf_counter() - start_time, 3), "args": {k: json_value(v) for k, v in vars(args).items()},
         }
-        _write_json_atomic(output_dir / "training_summary.json", finite_or_none(summary))
+        write_json_atomic(output_dir / "training_summary.json", finite_or_none(summary))
         logger.info("saved %s to %s (best %s: %s at step %s)", name, best_dir, args.metric_for_best_model, best["value"], best["step"])
         if args.push_to_hub:
             from m3d.hub import push_folder

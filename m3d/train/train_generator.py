@@ -47,9 +47,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -60,10 +57,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import (
+    MIXED_PRECISION,
+    STATE_FILE,
+    StopRequest,
+    configure_logging,
+    ignore_sigint,
+    json_value,
+    make_accelerator,
+    next_checkpoint_number,
+    resume_checkpoint,
+    save_pretrained_atomic,
+    step_seed,
+    write_json_atomic,
+)
+
 MODELS = ("pix2pix", "cyclegan", "ddpm")
 TASKS = ("inject", "remove")
 PRESET_CHOICES = ("tiny", "demo", "default", "reference")
-MIXED_PRECISION = ("no", "bf16", "fp16")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # as m3d.pipelines.SAMPLERS (not imported here: a light parser)
 
@@ -88,7 +99,6 @@ DEMO_PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_LR = {"pix2pix": 2e-4, "cyclegan": 2e-4, "ddpm": 1e-4}
 DEFAULT_D_LR = {"pix2pix": 1e-6, "cyclegan": None}  # None: the generator's rate
 GAN_BETAS = (0.5, 0.999)
-STATE_FILE = "training_state.json"
 EMA_FOLDER = "ema_unet"
 
 logger = logging.getLogger("m3d.train.train_generator")
@@ -448,7 +458,7 @@ class DDPMTrainer(GeneratorTrainer):
         target = folder / EMA_FOLDER
         target.mkdir(parents=True, exist_ok=True)
         save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, shadow)}, str(target / "ema.safetensors"))
-        _write_json_atomic(target / "ema_state.json", {k: _json_value(v) for k, v in state.items()})
+        write_json_atomic(target / "ema_state.json", {k: json_value(v) for k, v in state.items()})
 
     def load_extra(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -503,10 +513,6 @@ def make_trainer(
 
 
 # -- data ---------------------------------------------------------------------------------------
-
-
-def _ignore_sigint(_worker_id: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
 
 
 def _data_key(args: argparse.Namespace) -> dict[str, Any]:
@@ -565,111 +571,18 @@ def build_dataset(args: argparse.Namespace, samples_per_epoch_multiple: int, pro
     return dataset
 
 
-# -- checkpoints --------------------------------------------------------------------------------
-
-
-def _checkpoint_number(path: Path) -> int | None:
-    match = re.fullmatch(r"checkpoint_(\d+)", path.name)
-    return int(match.group(1)) if match else None
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (with ``training_state.json``) under ``OUTPUT_DIR/checkpoints``, oldest first."""
-    folder = Path(output_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if _checkpoint_number(p) is not None and (p / STATE_FILE).is_file()]
-    return sorted(found, key=_checkpoint_number)
-
-
-def _next_checkpoint_number(output_dir: Path) -> int:
-    folder = output_dir / "checkpoints"
-    numbers = [_checkpoint_number(p) for p in folder.iterdir()] if folder.is_dir() else []
-    numbers = [n for n in numbers if n is not None]
-    return max(numbers) + 1 if numbers else 0
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, micro, rank, 0x6E4]).generate_state(1, np.uint64)[0] % (2**63 - 1))
-
-
 # -- main ---------------------------------------------------------------------------------------
 
 
-class _StopRequest:
-    """First SIGINT / SIGTERM: finish the step, checkpoint, exit. A second SIGINT: stop at once."""
-
-    def __init__(self, prog: str = "train_generator"):
-        self.prog = prog
-        self.requested = False
-        self.signal_name = ""
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, _frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n[{self.prog}] {self.signal_name}: finishing this step, saving a checkpoint, then exiting "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: no handlers, Ctrl-C raises as usual
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False
-
-
-def _json_value(value: Any) -> Any:
-    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-
-
-def _configure_logging(main_process: bool) -> None:
-    """This script's messages on stderr (INFO on the main process); library loggers keep their levels."""
-    logger.setLevel(logging.INFO if main_process else logging.WARNING)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[train_generator] %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
-
-
 def train(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     _check_args(args)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_with = "tensorboard" if is_tensorboard_available() else None
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        cpu=args.cpu,
-        log_with=log_with,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir),
-            logging_dir=str(output_dir / "tensorboard"),
-            automatic_checkpoint_naming=True,
-            total_limit=args.checkpoints_total_limit,
-        ),
-    )
+    accelerator, log_with = make_accelerator(args, output_dir)
     main_process = accelerator.is_main_process
-    _configure_logging(main_process)
+    configure_logging(logger, "train_generator", main_process)
     set_seed(args.seed)
 
     # data: every process cuts the same cubes (deterministic); the loader shards the batches
@@ -683,7 +596,7 @@ def train(args: argparse.Namespace) -> int:
         shuffle=False,  # the dataset orders each epoch from (seed, epoch)
         drop_last=True,
         num_workers=args.num_workers,
-        worker_init_fn=_ignore_sigint if args.num_workers else None,
+        worker_init_fn=ignore_sigint if args.num_workers else None,
         pin_memory=accelerator.device.type == "cuda",
     )
 
@@ -708,17 +621,7 @@ def train(args: argparse.Namespace) -> int:
 
     # resume
     global_step = 0
-    state_path = None
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            found = complete_checkpoints(output_dir)
-            state_path = found[-1] if found else None
-            if state_path is None:
-                logger.info("no complete checkpoint in %s: starting from scratch", output_dir / "checkpoints")
-        else:
-            state_path = Path(args.resume_from_checkpoint)
-            if not (state_path / STATE_FILE).is_file():
-                raise FileNotFoundError(f"{state_path} is not a complete checkpoint (no {STATE_FILE})")
+    state_path = resume_checkpoint(args.resume_from_checkpoint, output_dir, logger)
     if state_path is not None:
         state = json.loads((state_path / STATE_FILE).read_text())
         for key in ("model", "task", "preset"):
@@ -730,12 +633,10 @@ def train(args: argparse.Namespace) -> int:
         trainer.load_extra(state_path)
         global_step = int(state["global_step"])
         logger.info("resumed from %s at step %d", state_path, global_step)
-    elif complete_checkpoints(output_dir):
-        logger.warning("%s already holds checkpoints; pass --resume-from-checkpoint latest to continue from them", output_dir)
-    accelerator.project_configuration.iteration = _next_checkpoint_number(output_dir)
+    accelerator.project_configuration.iteration = next_checkpoint_number(output_dir)
 
     if log_with:
-        accelerator.init_trackers("train_generator", config={k: _json_value(v) for k, v in vars(args).items()})
+        accelerator.init_trackers("train_generator", config={k: json_value(v) for k, v in vars(args).items()})
 
     log_path = output_dir / "logs.jsonl"
     start_time = time.perf_counter()
@@ -747,7 +648,7 @@ def train(args: argparse.Namespace) -> int:
         folder = Path(accelerator.save_state())
         if main_process:
             trainer.save_extra(folder)
-            _write_json_atomic(folder / STATE_FILE, {
+            write_json_atomic(folder / STATE_FILE, {
                 "global_step": global_step,
                 "model": args.model,
                 "task": args.task,
@@ -777,7 +678,7 @@ def train(args: argparse.Namespace) -> int:
     interrupted = False
     micro = global_step * args.gradient_accumulation_steps
     window_start, window_step = time.perf_counter(), global_step
-    with _StopRequest() as stop:
+    with StopRequest("train_generator") as stop:
         try:
             while global_step < args.max_steps and not stop.requested:
                 epoch, skip = divmod(micro, micro_per_epoch)
@@ -785,7 +686,7 @@ def train(args: argparse.Namespace) -> int:
                 epoch_loader.set_epoch(epoch)
                 for batch in epoch_loader:
                     micro_index = micro % args.gradient_accumulation_steps
-                    torch.manual_seed(_step_seed(args.seed, global_step, micro_index, accelerator.process_index))
+                    torch.manual_seed(step_seed(args.seed, global_step, micro_index, accelerator.process_index))
                     with accelerator.accumulate(*trainer.networks.values()):
                         losses = trainer.step(batch)
                     micro += 1
@@ -832,20 +733,12 @@ def train(args: argparse.Namespace) -> int:
         save_checkpoint()
     accelerator.wait_for_everyone()
     if main_process:
-        pipeline_dir = output_dir / "pipeline"
-        tmp = output_dir / f".pipeline.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         pipeline = trainer.pipeline()
         if args.save_dtype != "fp32":
             for module in pipeline.components.values():
                 if isinstance(module, nn.Module):
                     module.to(dtype=SAVE_DTYPES[args.save_dtype])
-        pipeline.save_pretrained(str(tmp))
-        old = output_dir / f".pipeline.old-{os.getpid()}"
-        if pipeline_dir.exists():
-            os.replace(pipeline_dir, old)
-        os.replace(tmp, pipeline_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        pipeline_dir = save_pretrained_atomic(pipeline, output_dir / "pipeline")
         summary = {
             "model": args.model,
             "task": args.task,
@@ -853,9 +746,9 @@ def train(args: argparse.Namespace) -> int:
             "steps": global_step,
             "sites": dataset.records,
             "wall_s": round(time.perf_counter() - start_time, 3),
-            "args": {k: _json_value(v) for k, v in vars(args).items()},
+            "args": {k: json_value(v) for k, v in vars(args).items()},
         }
-        _write_json_atomic(output_dir / "training_summary.json", summary)
+        write_json_atomic(output_dir / "training_summary.json", summary)
         logger.info("saved %s pipeline (%s) to %s", args.model, args.task, pipeline_dir)
     accelerator.end_training()
     return 0

@@ -1,0 +1,205 @@
+"""Helpers shared by the Accelerate training scripts (`m3d.train.train_generator`, `m3d.train.train_cad`,
+`m3d.train.train_detector`): the Accelerator and its project folder, logging, checkpoint lookup and
+resumption, per-step seeds, Ctrl-C / SIGTERM handling and atomic writes of JSON files and
+``save_pretrained`` folders.
+
+Light to import: Accelerate is imported inside `make_accelerator` only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = [
+    "MIXED_PRECISION",
+    "STATE_FILE",
+    "StopRequest",
+    "complete_checkpoints",
+    "configure_logging",
+    "ignore_sigint",
+    "json_value",
+    "make_accelerator",
+    "next_checkpoint_number",
+    "resume_checkpoint",
+    "save_pretrained_atomic",
+    "step_seed",
+    "write_json_atomic",
+]
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+STATE_FILE = "training_state.json"  # written last into a checkpoint: without it the checkpoint is incomplete
+
+
+# -- Accelerate and logging ---------------------------------------------------------------------
+
+
+def make_accelerator(args: argparse.Namespace, output_dir: str | Path) -> tuple[Accelerator, str | None]:
+    """Create ``output_dir`` and an `Accelerator` from the CLI's ``--mixed-precision``,
+    ``--gradient-accumulation-steps``, ``--cpu`` and ``--checkpoints-total-limit``, with checkpoints
+    under ``OUTPUT_DIR/checkpoints`` and TensorBoard logs under ``OUTPUT_DIR/tensorboard``; returns it
+    and the tracker it logs with (``"tensorboard"`` when installed, else None)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_with = "tensorboard" if is_tensorboard_available() else None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cpu=args.cpu,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(output_dir / "tensorboard"),
+            automatic_checkpoint_naming=True,
+            total_limit=args.checkpoints_total_limit,
+        ),
+    )
+    return accelerator, log_with
+
+
+def configure_logging(logger: logging.Logger, prog: str, main_process: bool) -> None:
+    """Send ``logger``'s messages to stderr prefixed ``[prog]`` (INFO on the main process, WARNING on the
+    others); library loggers keep their levels."""
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[{prog}] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def json_value(value: Any) -> Any:
+    """``value`` if JSON writes it as is (int, float, str, bool, None), else ``str(value)``."""
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write ``payload`` as indented, key-sorted JSON to a temporary file beside ``path``, then rename it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def save_pretrained_atomic(model_or_pipeline: Any, folder: Path, extra_files: dict[str, str] | None = None) -> Path:
+    """``save_pretrained`` into a temporary folder beside ``folder`` (plus ``extra_files``: file name ->
+    text), then swap it in for ``folder``; returns ``folder``."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_or_pipeline.save_pretrained(str(tmp))
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def _checkpoint_number(path: Path) -> int | None:
+    match = re.fullmatch(r"checkpoint_(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (with ``training_state.json``) under ``OUTPUT_DIR/checkpoints``, oldest first."""
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _checkpoint_number(p) is not None and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_checkpoint_number)
+
+
+def next_checkpoint_number(output_dir: str | Path) -> int:
+    """The number after the highest ``checkpoint_<n>`` under ``OUTPUT_DIR/checkpoints``, complete or not
+    (0 when there is none): Accelerate's next automatic checkpoint name."""
+    folder = Path(output_dir) / "checkpoints"
+    numbers = [_checkpoint_number(p) for p in folder.iterdir()] if folder.is_dir() else []
+    numbers = [n for n in numbers if n is not None]
+    return max(numbers) + 1 if numbers else 0
+
+
+def resume_checkpoint(resume_from: str | None, output_dir: str | Path, logger: logging.Logger) -> Path | None:
+    """The checkpoint ``--resume-from-checkpoint`` names: ``"latest"`` -> the newest complete one under
+    ``output_dir`` (None, logged, when there is none); a path -> that folder, which must hold
+    ``training_state.json`` (else FileNotFoundError). Without it: None, with a warning if ``output_dir``
+    already holds checkpoints."""
+    output_dir = Path(output_dir)
+    if not resume_from:
+        if complete_checkpoints(output_dir):
+            logger.warning("%s already holds checkpoints; pass --resume-from-checkpoint latest to continue from them", output_dir)
+        return None
+    if resume_from == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            logger.info("no complete checkpoint in %s: starting from scratch", output_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+# -- randomness and signals ---------------------------------------------------------------------
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The torch seed of one micro-batch, drawn from ``(seed, step, micro, rank)``: a resumed run draws what
+    an uninterrupted one would."""
+    return int(np.random.SeedSequence([seed, step, micro, rank, 0x6E4]).generate_state(1, np.uint64)[0] % (2**63 - 1))
+
+
+def ignore_sigint(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore Ctrl-C (the main process decides when to stop)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Context manager: the first SIGINT / SIGTERM sets ``requested`` (finish the step, checkpoint, exit);
+    a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __init__(self, prog: str):
+        self.prog = prog
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n[{self.prog}] {self.signal_name}: finishing this step, saving a checkpoint, then exiting "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopRequest:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no handlers, Ctrl-C raises as usual
+                pass
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
