@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the whole mission on the synthetic default: dataset, benchmark, CAD, cards, report",
         description="Phantom scans -> mini M3Dsynth (shipped phantom-trained generators) -> detectors trained briefly -> "
-        "benchmark tables -> CAD check -> model cards -> report.html. Resumes where it stopped; about 8-10 minutes "
+        "benchmark tables -> CAD check -> model cards -> report.html. Resumes where it stopped; about 10 minutes "
         "on 2 CPU cores. See m3d.demo for the steps and their settings.",
     )
     demo.add_argument("--out", default="demo_output", help="output folder (default demo_output)")

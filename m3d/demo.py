@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 SCALES: dict[str, dict[str, Any]] = {
-    # 2 CPU cores: about 8 minutes in all (README, "make demo")
-    "cpu": dict(build=dict(phantoms=16, size=128, max_slices=96), bench_preset="demo", bench_args=[], cad_preset="tiny",
+    # 2 CPU cores: about 10 minutes in all (README, "make demo")
+    "cpu": dict(build=dict(phantoms=16, size=128, max_slices=96), bench_preset="demo", bench_args=[], cad_preset="default",
                 cad_phantoms=16, cad_steps=400),
     # one GPU: more scans, the papers' detector sizes, a longer CAD run
     "cuda": dict(build=dict(phantoms=48, size=256, max_slices=160), bench_preset="default",
