@@ -1,5 +1,6 @@
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +213,13 @@ def test_non_ct_and_non_dicom_files(tmp_path):
         volume = read_dicom_series(tmp_path / "scan")
     messages = " ".join(str(w.message) for w in record)
     assert "not DICOM" in messages and "non-CT" in messages
-    assert volume.shape == (8, 24, 32)
+    assert volume.shape == (8, 24, 32) and "notes.txt" in messages
+    (tmp_path / "scan" / "notes.txt").unlink()
+    (tmp_path / "scan" / "069.xml").write_text("<LidcReadMessage/>")  # LIDC-IDRI's annotations beside the slices
+    (tmp_path / "scan" / "mr.dcm").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_dicom_series(tmp_path / "scan").shape == (8, 24, 32)
     only_mr = tmp_path / "mr"
     only_mr.mkdir()
     shutil.copy(get_testdata_file("MR_small.dcm"), only_mr / "mr.dcm")

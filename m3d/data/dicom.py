@@ -117,7 +117,8 @@ def _read_headers(folder: Path) -> list[Item]:
     paths = sorted(p for p in folder.rglob("*") if p.is_file())
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         headers = list(pool.map(_try_read, paths))
-    skipped = [path.name for path, header in zip(paths, headers) if header is None]
+    # LIDC-IDRI keeps its annotation XML beside the slices: expected there, so skipped without a warning
+    skipped = [path.name for path, header in zip(paths, headers) if header is None and path.suffix.lower() != ".xml"]
     if skipped:
         shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         _warn(f"{folder}: skipped {len(skipped)} file(s) that are not DICOM images: {shown}")
