@@ -38,12 +38,15 @@ def build_dataset(
     scans_per_shard: int = 4,
     num_inference_steps: int | None = None,
     quality: QualityCriteria | None = QualityCriteria(),
+    cad_model: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
     command: str = "m3d build",
 ) -> BuildState:
     """Build (or resume) the folder ``out`` from this process's share of the scans; the main process
-    then writes ``manifest.json`` and the card. Returns the folder's final state (on every process)."""
+    then writes ``manifest.json`` and the card. ``cad_model``: a saved CAD scorer (`m3d train-cad`) whose
+    rating at the site fills every example's ``malignancy_after``. Returns the folder's final state (on
+    every process)."""
     from accelerate import PartialState
 
     from .dataset_builder.generate import lidc_jobs, load_pipelines, phantom_jobs, scan_examples
@@ -59,6 +62,11 @@ def build_dataset(
     process = PartialState()
     pipelines_root = Path(pipelines_dir) if pipelines_dir is not None else DEMO_PIPELINES_DIR
     pipelines = load_pipelines(pipelines_root, generators, tasks, device=device or str(process.device))
+    cad = None
+    if cad_model is not None:
+        from .cad.scoring import load_cad
+
+        cad = load_cad(cad_model, device=device or str(process.device))
     config = {
         "source": "phantom" if lidc_root is None else "lidc",
         "lidc_root": None if lidc_root is None else str(Path(lidc_root).resolve()),
@@ -71,6 +79,7 @@ def build_dataset(
         "num_inference_steps": num_inference_steps,
         "quality": None if quality is None else vars(quality),
         "pipelines": str(pipelines_root.resolve()),
+        "cad_model": None if cad_model is None else str(Path(cad_model).resolve()),
         "command": command,
     }
     out = Path(out)
@@ -88,7 +97,7 @@ def build_dataset(
     def examples(job):
         return scan_examples(
             job, job.load(), generators=generators, tasks=tasks, pipelines=pipelines, seed=seed,
-            quality=quality, num_inference_steps=num_inference_steps,
+            quality=quality, num_inference_steps=num_inference_steps, cad_model=cad,
         )
 
     write_shards(
@@ -120,6 +129,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scans-per-shard", type=int, default=4, help="scans per Parquet shard")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps of the diffusion pipelines")
     parser.add_argument("--keep-all", action="store_true", help="skip the quality check: keep every generated sample")
+    parser.add_argument("--cad-model", default=None, metavar="DIR",
+                        help="a saved CAD scorer (m3d train-cad): its rating at the site fills malignancy_after")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous build in --out first")
 
 
@@ -131,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
         args.out, lidc_root=args.lidc_root, generators=args.generators, tasks=args.tasks, limit=args.limit,
         pipelines_dir=args.pipelines, seed=args.seed, device=args.device, phantoms=args.phantoms, size=args.size,
         max_slices=args.max_slices, scans_per_shard=args.scans_per_shard, num_inference_steps=args.steps,
-        quality=None if args.keep_all else QualityCriteria(), overwrite=args.overwrite,
+        quality=None if args.keep_all else QualityCriteria(), cad_model=args.cad_model, overwrite=args.overwrite,
     )
     if PartialState().is_main_process:
         print(format_summary(summarize(state)))

@@ -1,13 +1,14 @@
 """`m3d demo` (what `make demo` runs): the whole mission on the synthetic default, end to end.
 
-1. ``dataset``: a mini M3Dsynth from phantom scans, tampered by the shipped phantom-trained generators
-   (`m3d.build.build_dataset`) -> ``OUT/m3dsynth``;
-2. ``benchmark``: every detector x train generator x test generator, plus the preliminary experiment
+1. ``cad_training``: the CAD malignancy scorer trained on phantom nodules (`m3d.train.train_cad`) ->
+   ``OUT/cad_model``;
+2. ``dataset``: a mini M3Dsynth from phantom scans, tampered by the shipped phantom-trained generators,
+   every example's ``malignancy_after`` rated by the scorer (`m3d.build.build_dataset`) -> ``OUT/m3dsynth``;
+3. ``benchmark``: every detector x train generator x test generator, plus the preliminary experiment
    (`m3d.train.benchmark`, preset ``demo``) -> ``OUT/results``;
-3. ``cad``: the CAD malignancy scorer trained on phantom nodules (`m3d.train.train_cad`) ->
-   ``OUT/cad_model``, then applied at every site (`m3d.cad.analysis`) -> ``OUT/results/cad``;
-4. ``cards``: model cards of the trained detectors (with their benchmark results) and the CAD scorer;
-5. ``report``: ``OUT/results/report.html`` (`m3d.report`).
+4. ``cad_analysis``: the scorer at every site, pristine and tampered (`m3d.cad.analysis`) -> ``OUT/results/cad``;
+5. ``cards``: model cards of the trained detectors (with their benchmark results) and the CAD scorer;
+6. ``report``: ``OUT/results/report.html`` (`m3d.report`).
 
 Every step resumes: the builder and the benchmark skip what they finished, a trained CAD model is kept.
 Timings and settings go to ``OUT/results/run.json``. ``--device cuda`` runs the same steps on a GPU
@@ -64,7 +65,7 @@ def run_demo(
     pipelines_dir: str | Path | None = None,
     scale: dict[str, Any] | None = None,
 ) -> Path:
-    """Run the five steps into ``out``; returns the report's path. ``pipelines_dir``: generators to use
+    """Run the six steps into ``out``; returns the report's path. ``pipelines_dir``: generators to use
     instead of the shipped ones (`m3d build --pipelines`); ``scale``: keys that replace ``SCALES[device]``'s
     (``build``: `build_dataset` keywords; ``bench_args``: extra `m3d bench` arguments; ``cad_*``: training)."""
     if device not in SCALES:
@@ -84,18 +85,12 @@ def run_demo(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    from .build import build_dataset
+    from .dataset_builder.features import TASKS
+    from .dataset_builder.generate import FAKE_GENERATORS, check_pipelines
 
-    _step("dataset", timings, lambda: build_dataset(
-        data, **scale["build"], seed=seed, pipelines_dir=pipelines_dir, device=device, progress=progress, command="m3d demo"))
+    check_pipelines(pipelines_dir, FAKE_GENERATORS, TASKS)  # before any step: a wrong --pipelines fails at once
 
-    from .train import benchmark
-
-    _step("benchmark", timings, lambda: _check(benchmark.main(
-        ["--data", str(data), "--out", str(results), "--preset", scale["bench_preset"], "--seed", str(seed),
-         *scale["bench_args"], *cpu_flag, *quiet], prog="m3d bench"), "the benchmark"))
-
-    def cad() -> None:
+    def train_scorer() -> None:
         if not (cad_model / "model" / "config.json").is_file():
             from .train import train_cad
 
@@ -103,11 +98,27 @@ def run_demo(
                 ["--output-dir", str(cad_model), "--preset", scale["cad_preset"], "--phantoms", str(scale["cad_phantoms"]),
                  "--max-steps", str(scale["cad_steps"]), "--seed", str(seed), "--resume-from-checkpoint", "latest",
                  *cpu_flag, *quiet], prog="m3d train-cad"), "CAD training")
+
+    _step("cad_training", timings, train_scorer)
+
+    from .build import build_dataset
+
+    _step("dataset", timings, lambda: build_dataset(
+        data, **scale["build"], seed=seed, pipelines_dir=pipelines_dir, device=device, cad_model=cad_model / "model",
+        progress=progress, command="m3d demo"))
+
+    from .train import benchmark
+
+    _step("benchmark", timings, lambda: _check(benchmark.main(
+        ["--data", str(data), "--out", str(results), "--preset", scale["bench_preset"], "--seed", str(seed),
+         *scale["bench_args"], *cpu_flag, *quiet], prog="m3d bench"), "the benchmark"))
+
+    def cad_analysis() -> None:
         from .cad.analysis import run_cad_analysis
 
         run_cad_analysis(cad_model / "model", data, results, device=device, progress=progress)
 
-    _step("cad", timings, cad)
+    _step("cad_analysis", timings, cad_analysis)
 
     def cards() -> None:
         from .model_cards import benchmark_card_results, write_model_card

@@ -165,3 +165,23 @@ def test_generator_based_builder_pristine_config(tmp_path):
     ds = builder.as_dataset(split="train")
     assert len(ds) >= 1 and set(ds["label"]) == {0} and ds.features == FEATURES
     assert all(fnmatch(i, "*_real") for i in ds["img_id"])
+
+
+def test_cad_model_fills_malignancy_after(tmp_path, tiny_pipelines_dir):
+    from m3d.cad.configuration_cad import CADConfig
+    from m3d.cad.modeling_cad import CADForMalignancyScoring
+    from m3d.cad.scoring import load_cad, score_locations
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    CADForMalignancyScoring(CADConfig.from_preset("tiny")).save_pretrained(tmp_path / "cad")
+    out = tmp_path / "m3dsynth"
+    build_dataset(out, pipelines_dir=tiny_pipelines_dir, generators=["pix2pix"], phantoms=2, **PHANTOMS,
+                  quality=None, cad_model=tmp_path / "cad", progress=False)
+    assert read_state(out).config["cad_model"] == str((tmp_path / "cad").resolve())
+    rows = [row for split in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).values() for row in split]
+    assert rows and {row["generator"] for row in rows} == {0, 1}  # pristine and pix2pix examples
+    cad = load_cad(tmp_path / "cad")
+    for row in rows[:4]:
+        expected = score_locations(cad, example_volume(row), [row["site_lps_mm"]])[0].rating
+        assert row["malignancy_after"] == pytest.approx(expected, abs=1e-3)  # the scorer at the site of that scan

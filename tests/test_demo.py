@@ -18,8 +18,12 @@ def test_demo_runs_every_step_and_resumes(tmp_path, tiny_pipelines_dir, capsys):
     report = run_demo(out, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False)
     assert report == out / "results" / "report.html" and report.is_file()
     run = json.loads((out / "results" / "run.json").read_text())
-    assert list(run["steps"]) == ["dataset", "benchmark", "cad", "cards"]  # the report's own time is printed
+    assert list(run["steps"]) == ["cad_training", "dataset", "benchmark", "cad_analysis", "cards"]  # the report's own time is printed
     assert (out / "m3dsynth" / "manifest.json").is_file()
+    import datasets
+
+    rows = datasets.load_dataset(str(out / "m3dsynth"), cache_dir=str(tmp_path / "cache"))["train"]
+    assert all(value is not None for value in rows["malignancy_after"])  # rated by the demo's CAD scorer
     assert (out / "results" / "tables.md").is_file() and (out / "results" / "cad" / "cad_scores.json").is_file()
     card = (out / "results" / "runs" / "cross_generator__unet__pix2pix" / "best" / "README.md").read_text()
     assert "model-index" in card and "train pix2pix / test" in card

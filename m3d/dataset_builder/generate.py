@@ -147,13 +147,9 @@ def pipeline_folder(pipelines_dir: str | Path, generator: str, task: str) -> Pat
     return Path(pipelines_dir) / f"{generator}-{task}"
 
 
-def load_pipelines(
-    pipelines_dir: str | Path | None, generators: Sequence[str], tasks: Sequence[str], device: str | None = None
-) -> dict[tuple[str, str], Any]:
-    """The saved pipelines ``<pipelines_dir>/<generator>-<task>/`` (default `DEMO_PIPELINES_DIR`, the
-    shipped phantom-trained demo pipelines), moved to ``device``."""
-    from ..pipelines import load_pipeline
-
+def check_pipelines(pipelines_dir: str | Path | None, generators: Sequence[str], tasks: Sequence[str]) -> Path:
+    """The folder of saved pipelines (default `DEMO_PIPELINES_DIR`) once every ``<generator>-<task>/``
+    needed is there; a FileNotFoundError that says how to make the missing ones otherwise."""
     root = Path(pipelines_dir) if pipelines_dir is not None else DEMO_PIPELINES_DIR
     missing = [
         str(pipeline_folder(root, g, t)) for g in generators for t in tasks
@@ -164,6 +160,17 @@ def load_pipelines(
             f"no saved pipeline in {', '.join(missing)}: train them with `m3d train-generator --model <generator> "
             f"--task <task>` and pass --pipelines DIR holding <generator>-<task>/ folders (pix2pix|cyclegan|ddpm x inject|remove)"
         )
+    return root
+
+
+def load_pipelines(
+    pipelines_dir: str | Path | None, generators: Sequence[str], tasks: Sequence[str], device: str | None = None
+) -> dict[tuple[str, str], Any]:
+    """The saved pipelines ``<pipelines_dir>/<generator>-<task>/`` (default `DEMO_PIPELINES_DIR`, the
+    shipped phantom-trained demo pipelines), moved to ``device``."""
+    from ..pipelines import load_pipeline
+
+    root = check_pipelines(pipelines_dir, generators, tasks)
     pipelines = {}
     for generator in generators:
         for task in tasks:
@@ -240,13 +247,21 @@ def scan_examples(
     seed: int = 0,
     quality: QualityCriteria | None = QualityCriteria(),
     num_inference_steps: int | None = None,
+    cad_model: Any | None = None,
 ) -> Iterator[tuple[dict[str, Any] | None, Outcome]]:
     """The examples of one scan, in site order: per site of a selected task, the pristine scan, then one
     tampered scan per generator whose result passes ``quality`` (None: keep all). Yields ``(example or
-    None, outcome)`` per (site, generator)."""
+    None, outcome)`` per (site, generator). With ``cad_model`` (a loaded `m3d.cad` scorer) every example's
+    ``malignancy_after`` is the scorer's rating (1-5) at the site of that scan, tampered or not."""
     import torch
 
+    from ..cad.scoring import score_locations
     from ..tamper.cube import TamperLocationError, check_location, unit_to_hu
+
+    def scored(example: dict[str, Any], scan: CTVolume) -> dict[str, Any]:
+        if cad_model is not None:
+            example["malignancy_after"] = score_locations(cad_model, scan, [location])[0].rating
+        return example
 
     for site_job in job.sites:
         task = site_job.site.task
@@ -261,7 +276,7 @@ def scan_examples(
                 yield None, Outcome(f"{site_job.site_id}_{generator}", generator, task, "skipped", str(error))
             continue
         empty = np.zeros(volume.shape, bool)
-        real = make_example(job, site_job, "real", volume, empty, diameter_mm=site_job.site.diameter_mm)
+        real = scored(make_example(job, site_job, "real", volume, empty, diameter_mm=site_job.site.diameter_mm), volume)
         yield real, Outcome(real["img_id"], "real", task, "kept")
         for generator in generators:
             img_id = f"{site_job.site_id}_{generator}"
@@ -276,4 +291,5 @@ def scan_examples(
                 yield None, Outcome(img_id, generator, task, "dropped", verdict.reason)
                 continue
             diameter = verdict.measurement.diameter_mm if task == "inject" else site_job.site.diameter_mm
-            yield make_example(job, site_job, generator, tampered, mask, diameter_mm=diameter), Outcome(img_id, generator, task, "kept")
+            example = scored(make_example(job, site_job, generator, tampered, mask, diameter_mm=diameter), tampered)
+            yield example, Outcome(img_id, generator, task, "kept")
