@@ -24,6 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..data.ct import CTVolume
+from ..data.lidc import Nodule, group_nodules, read_lidc_xml, volume_z_positions
 from ..tamper.plan import GENERATOR_CODES, Site, read_official_plan
 from .features import TASKS
 from .generate import FAKE_GENERATORS, PLAN_SPLITS, Outcome, ScanJob, SiteJob, make_example, site_voxel
@@ -90,12 +91,6 @@ def read_tiff_stack(folder: Path) -> np.ndarray:
     return np.stack(slices)
 
 
-def descending_z_order(volume: CTVolume) -> np.ndarray:
-    """``order[k]``: the volume slice that is the release's slice ``k`` (slices by descending LPS z)."""
-    z_mm = np.array([volume.voxel_to_world((float(k), 0.0, 0.0))[2] for k in range(volume.shape[0])])
-    return np.argsort(-z_mm, kind="stable")
-
-
 def stored_to_hu_map(stored: np.ndarray, hu: np.ndarray, where: np.ndarray) -> tuple[float, float]:
     """``(slope, intercept)`` with ``hu = slope * stored + intercept`` on the voxels ``where`` (a least-squares
     fit of the release's shifted stored values to the source series' HU, checked to be exact)."""
@@ -126,18 +121,20 @@ def tampered_volume(source: CTVolume, stored_zyx: np.ndarray, label_zyx: np.ndar
     return source.with_hu(hu)
 
 
-def _site_nodule(folder: Path, volume: CTVolume, site_zyx: np.ndarray) -> tuple[float | None, float | None]:
-    """Diameter (mm) and median malignancy of the grouped LIDC nodule at a site (volume voxel), from the
-    series' LIDC XML; ``(None, None)`` without an XML or a nodule within `SITE_NODULE_TOLERANCE_MM`."""
-    from ..data.lidc import group_nodules, read_lidc_xml
+def series_nodules(folder: Path, volume: CTVolume) -> list[Nodule]:
+    """The grouped LIDC nodules of the series in ``folder`` (from its LIDC XML; none without one)."""
     from ..train.cubes import is_lidc_xml
 
     xmls = [path for path in sorted(folder.glob("*.xml")) if is_lidc_xml(path)]
-    if not xmls:
-        return None, None
+    return group_nodules(read_lidc_xml(xmls[0], volume)) if xmls else []
+
+
+def site_nodule(nodules: Sequence[Nodule], volume: CTVolume, site_zyx: np.ndarray) -> tuple[float | None, float | None]:
+    """Diameter (mm) and median malignancy of the nodule at a site (volume voxel); ``(None, None)`` when
+    no nodule's centroid lies within `SITE_NODULE_TOLERANCE_MM`."""
     site_mm = volume.voxel_to_world(site_zyx)
     best, best_distance = None, SITE_NODULE_TOLERANCE_MM
-    for nodule in group_nodules(read_lidc_xml(xmls[0], volume)):
+    for nodule in nodules:
         distance = float(np.linalg.norm(volume.voxel_to_world(nodule.centroid_zyx) - site_mm))
         if distance <= best_distance:
             best, best_distance = nodule, distance
@@ -176,16 +173,16 @@ def official_examples(
     """The examples of one series: per site, the pristine scan, then each selected generator's sample
     that the release holds (a sample the release lacks is "skipped")."""
     release = Path(release)
-    order = descending_z_order(volume)
-    z_mm = np.array([volume.voxel_to_world((float(k), 0.0, 0.0))[2] for k in order])
+    z_volume_mm = volume_z_positions(volume)
+    order = np.argsort(-z_volume_mm, kind="stable")  # order[k]: the volume slice that is the release's slice k
+    z_mm = z_volume_mm[order]
     job = replace(job, z_positions_mm=z_mm)  # the release's slice k lies at z_mm[k]: sites and crops go through it
+    nodules = series_nodules(lidc_folder, volume) if lidc_folder is not None else []
     series_uid = volume.metadata.series_instance_uid or job.series_instance_uid
     empty = np.zeros(volume.shape, bool)
     for site_job in job.sites:
         site_id = site_job.site_id
-        diameter, malignancy = None, None
-        if lidc_folder is not None:
-            diameter, malignancy = _site_nodule(lidc_folder, volume, site_voxel(volume, site_job.site.center_zyx, z_mm))
+        diameter, malignancy = site_nodule(nodules, volume, site_voxel(volume, site_job.site.center_zyx, z_mm))
         site = replace(site_job.site, diameter_mm=float("nan") if diameter is None else diameter, malignancy=malignancy)
         for generator in ("real", *generators):
             mod, img_id = GENERATOR_CODES[generator], f"{site_id}_{generator}"
