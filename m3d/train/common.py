@@ -33,6 +33,7 @@ __all__ = [
     "json_value",
     "make_accelerator",
     "next_checkpoint_number",
+    "optimizer_micro_step",
     "resume_checkpoint",
     "save_pretrained_atomic",
     "step_seed",
@@ -81,6 +82,21 @@ def configure_logging(logger: logging.Logger, prog: str, main_process: bool) -> 
         handler.setFormatter(logging.Formatter(f"[{prog}] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def optimizer_micro_step(accelerator: Accelerator, model, batch: dict, optimizer, scheduler, max_grad_norm: float | None):
+    """One micro-batch of a model that returns its own ``loss``: forward and backward under
+    ``accelerator.accumulate``, gradient clipping at ``max_grad_norm`` (None: off) when gradients sync,
+    optimizer and scheduler steps; returns the loss."""
+    with accelerator.accumulate(model):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        if max_grad_norm and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def json_value(value: Any) -> Any:

@@ -51,6 +51,7 @@ from .common import (
     json_value,
     make_accelerator,
     next_checkpoint_number,
+    optimizer_micro_step,
     resume_checkpoint,
     save_pretrained_atomic,
     step_seed,
@@ -363,14 +364,7 @@ def train(args: argparse.Namespace) -> int:
                 for batch in epoch_loader:
                     micro_index = micro % args.gradient_accumulation_steps
                     torch.manual_seed(step_seed(args.seed, global_step, micro_index, accelerator.process_index))
-                    with accelerator.accumulate(model):
-                        loss = model(**batch).loss
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                    loss = optimizer_micro_step(accelerator, model, batch, optimizer, scheduler, MAX_GRAD_NORM)
                     micro += 1
                     loss_sum += loss.detach().float()
                     count += 1

@@ -48,6 +48,7 @@ from m3d.train.common import (
     json_value,
     make_accelerator,
     next_checkpoint_number,
+    optimizer_micro_step,
     resume_checkpoint,
     save_pretrained_atomic,
     step_seed,
@@ -388,14 +389,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
                 for batch in epoch_loader:
                     torch.manual_seed(step_seed(args.seed, global_step, micro % args.gradient_accumulation_steps,
                                                 accelerator.process_index))
-                    with accelerator.accumulate(model):
-                        loss = model(**batch).loss
-                        accelerator.backward(loss)
-                        if args.max_grad_norm and accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                    loss = optimizer_micro_step(accelerator, model, batch, optimizer, scheduler, args.max_grad_norm)
                     micro += 1
                     loss_sum += loss.detach().float()
                     count += 1
