@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .cli import run_guarded
 from .dataset_builder.features import TASKS
 from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, FAKE_GENERATORS
 from .dataset_builder.writer import BuildState, finalize, format_summary, prepare_folder, summarize, write_shards
 from .tamper.quality import QualityCriteria
-
-USER_ERRORS = (ValueError, OSError, LookupError)
 
 
 def build_dataset(
@@ -154,15 +153,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "m3d.build", description=__doc__.split("\n\n")[0])
     add_build_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except USER_ERRORS as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_guarded(parser.prog, lambda: run(args), on_interrupt="run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from m3d.cli import run_guarded
 from m3d.dataset_builder.features import GENERATORS, TASKS
 from m3d.detectors import DETECTORS
+from m3d.train.common import configure_logging
 from m3d.train.detector_data import DEFAULT_CROP_SIZE, CropCache, evaluation_crops, filter_examples, generators_present, load_split, parse_crop_size
 from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, finite_or_none, predict_samples, summarize
 from m3d.train.nonmedical import STANDIN_NOTE, make_standin_images
@@ -473,20 +475,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d bench`): 0 done, 2 bad input, 130 interrupted (finished cells are kept)."""
     args = build_parser(prog).parse_args(argv)
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[benchmark] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"benchmark: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("benchmark: interrupted; finished cells are kept, re-run the same command to go on", file=sys.stderr)
-        return 130
+    configure_logging(logger, "benchmark", main_process=True)
+    return run_guarded("benchmark", lambda: run(args), (ValueError, FileNotFoundError, NotADirectoryError),
+                       on_interrupt="finished cells are kept, re-run the same command to go on")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import torch
 from ..cad.configuration_cad import CAD_PRESETS, CADConfig
 from ..cad.modeling_cad import IGNORE_INDEX, CADForMalignancyScoring, malignancy_labels
 from ..tamper.cube import hu_to_unit
+from ..cli import run_guarded
 from .common import (
     MIXED_PRECISION,
     STATE_FILE,
@@ -422,14 +423,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d train-cad` calls it; ``prog`` names it in the usage line): 0 done, 2 bad input,
     130 interrupted (a checkpoint was saved)."""
     args = build_parser(prog).parse_args(argv)
-    try:
-        return train(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, LookupError) as error:
-        print(f"train_cad: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train_cad: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded("train_cad", lambda: train(args), (ValueError, FileNotFoundError, NotADirectoryError, LookupError))
 
 
 if __name__ == "__main__":

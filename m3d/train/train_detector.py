@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from m3d.cli import run_guarded
 from m3d.dataset_builder.features import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, register_bayar_constraint
 from m3d.train.common import (
@@ -460,14 +461,7 @@ def _write_card(folder: Path, name: str, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d train-detector` calls it): 0 done, 2 bad input, 130 interrupted (checkpoint saved)."""
     args = build_parser(prog).parse_args(argv)
-    try:
-        return train(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"train_detector: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train_detector: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded("train_detector", lambda: train(args), (ValueError, FileNotFoundError, NotADirectoryError))
 
 
 if __name__ == "__main__":

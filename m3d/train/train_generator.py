@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cli import run_guarded
 from .common import (
     MIXED_PRECISION,
     STATE_FILE,
@@ -758,14 +759,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d train-generator` calls it; ``prog`` names it in the usage line): 0 done, 2 bad
     input, 130 interrupted (a checkpoint was saved)."""
     args = build_parser(prog).parse_args(argv)
-    try:
-        return train(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"train_generator: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train_generator: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded("train_generator", lambda: train(args), (ValueError, FileNotFoundError, NotADirectoryError))
 
 
 if __name__ == "__main__":
