@@ -16,7 +16,7 @@ import csv
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -102,26 +102,34 @@ def plan_scan(scan: LIDCScan, criteria: PlanCriteria = PlanCriteria()) -> list[S
     return sites
 
 
-def split_patients(patient_ids: Iterable[str], seed: int = 0) -> dict[str, str]:
-    """Assign each patient to train / val / test in the official proportions (488 / 100 / 150),
-    deterministically from ``seed``; no patient is in two splits."""
+def split_patients(
+    patient_ids: Iterable[str], seed: int = 0, proportions: Mapping[str, int] = OFFICIAL_SPLIT_PATIENTS
+) -> dict[str, str]:
+    """Assign each patient to train / val / test in ``proportions`` (default the official 488 / 100 /
+    150), deterministically from ``seed``; no patient is in two splits, and a split with a share gets
+    at least one patient when there are three or more."""
+    if set(proportions) != set(OFFICIAL_SPLIT_PATIENTS) or min(proportions.values()) < 0 or not proportions["train"]:
+        raise ValueError(f"split proportions must give train (> 0), val and test (>= 0); got {dict(proportions)}")
     patients = sorted(set(patient_ids))
     order = np.random.default_rng(seed).permutation(len(patients))
-    total = sum(OFFICIAL_SPLIT_PATIENTS.values())
-    n_val = int(round(len(patients) * OFFICIAL_SPLIT_PATIENTS["val"] / total))
-    n_test = int(round(len(patients) * OFFICIAL_SPLIT_PATIENTS["test"] / total))
+    total = sum(proportions.values())
+    n_val = int(round(len(patients) * proportions["val"] / total))
+    n_test = int(round(len(patients) * proportions["test"] / total))
     if len(patients) >= 3:
-        n_val, n_test = max(n_val, 1), max(n_test, 1)
+        n_val, n_test = (max(n, 1) if proportions[name] else 0 for n, name in ((n_val, "val"), (n_test, "test")))
     splits = {}
     for rank, index in enumerate(order):
         splits[patients[index]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
     return splits
 
 
-def plan_sites(scans: Iterable[LIDCScan], criteria: PlanCriteria = PlanCriteria(), seed: int = 0) -> list[Site]:
-    """All sites over ``scans``, split by patient."""
+def plan_sites(
+    scans: Iterable[LIDCScan], criteria: PlanCriteria = PlanCriteria(), seed: int = 0,
+    proportions: Mapping[str, int] = OFFICIAL_SPLIT_PATIENTS,
+) -> list[Site]:
+    """All sites over ``scans``, split by patient (`split_patients`)."""
     sites = [site for scan in scans for site in plan_scan(scan, criteria)]
-    splits = split_patients((site.patient_id for site in sites), seed)
+    splits = split_patients((site.patient_id for site in sites), seed, proportions)
     for site in sites:
         site.split = splits[site.patient_id]
     return sites
