@@ -1,5 +1,6 @@
 """A tiny M3Dsynth-format folder for detector tests, in the builder's layout:
-``<root>/README.md`` (YAML ``configs``, default ``all``) + ``<root>/data/<generator>/<task>/<split>-00000-00000.parquet``.
+``<root>/README.md`` (YAML ``configs``, default ``all``) + ``<root>/data/<generator>/<task>/<split>-00000-00000.parquet``;
+a fake is stored as the box it changed over the pristine scan of its site, as the builder stores it.
 
 Scans are small synthetic chests (body, two lungs, CT-like noise). A fake changes a blob at the site:
 injection adds a bright nodule, removal flattens an existing one to lung; each generator leaves its own
@@ -16,7 +17,7 @@ import numpy as np
 
 from m3d.data.ct import CTVolume
 from m3d.data.nifti import nifti_affine
-from m3d.dataset_builder.features import FEATURES
+from m3d.dataset_builder.features import FEATURES, box_fields, changed_box
 
 SHAPE = (24, 64, 64)
 SPACING = (2.5, 0.7, 0.7)
@@ -86,11 +87,17 @@ def make_mini_m3dsynth(
                     fake, mask = _fake(hu, site, task, generator, rng)
                     scans[generator] = (np.clip(np.rint(fake), -1024, 3000).astype(np.int16), mask)
                 for generator, (data, mask) in scans.items():
+                    stored, placement = volume.with_hu(data), box_fields((0, 0, 0), SHAPE, None)
+                    if generator != "real":
+                        start, stop = changed_box(volume, stored, mask)
+                        stored, mask = stored.region(start, stop), mask[tuple(slice(a, b) for a, b in zip(start, stop))]
+                        placement = box_fields(start, SHAPE, f"{site_id}_real")
                     rows.setdefault((generator, task, split), []).append({
                         "img_id": f"{site_id}_{generator}",
                         "site_id": site_id,
-                        "volume": _nifti_bytes(data, volume),
-                        "mask": _nifti_bytes(mask.astype(np.uint8), volume),
+                        "volume": _nifti_bytes(stored.hu, stored),
+                        "mask": _nifti_bytes(mask.astype(np.uint8), stored),
+                        **placement,
                         "label": "pristine" if generator == "real" else "fake",
                         "task": task,
                         "generator": generator,

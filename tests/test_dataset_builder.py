@@ -9,12 +9,13 @@ import pytest
 import yaml
 
 from m3d.build import build_dataset, main as build_main
-from m3d.dataset_builder import CONFIGS, FEATURES, M3Dsynth, example_mask, example_volume
+from m3d.dataset_builder import CONFIGS, FEATURES, M3Dsynth, ScanResolver, example_mask, example_volume
 from m3d.dataset_builder import writer as writer_module
 from m3d.dataset_builder.generate import phantom_jobs, scan_examples
 from m3d.dataset_builder.writer import finalize, prepare_folder, read_state, write_shards
 
-PHANTOMS = dict(size=64, max_slices=40)
+PHANTOMS = dict(size=64, max_slices=40, phantom_spacing="scaled")  # tiny scans: the real field of view on 64 pixels
+JOB_PHANTOMS = dict(size=64, max_slices=40, spacing="scaled")
 SHARD = re.compile(r"data/(real|pix2pix|cyclegan|ddpm)/(inject|remove)/(train|validation|test)-\d{5}-\d{5}\.parquet")
 
 
@@ -23,7 +24,7 @@ def built(tmp_path_factory, tiny_pipelines_dir):
     """All generators, quality check off (tiny random networks would fail it), one scan per shard."""
     out = tmp_path_factory.mktemp("build") / "m3dsynth"
     build_dataset(
-        out, pipelines_dir=tiny_pipelines_dir, phantoms=3, **PHANTOMS, num_inference_steps=1, scans_per_shard=1,
+        out, pipelines_dir=tiny_pipelines_dir, phantoms=4, **PHANTOMS, num_inference_steps=1, scans_per_shard=1,
         quality=None, progress=False,
     )
     return out
@@ -51,12 +52,22 @@ def test_every_field_and_masks_exactly_where_tampered(loaded):
     img_ids = []
     for split in loaded.values():
         assert split.features == FEATURES
+        scans = ScanResolver(split)
         for example in split:
             img_ids.append(example["img_id"])
-            volume, mask = example_volume(example), example_mask(example)
-            assert volume.shape == mask.shape and volume.hu.dtype == np.int16
+            volume, mask = scans.volume(example), example_mask(example)
+            assert volume.shape == mask.shape == tuple(example["scan_shape_zyx"]) and volume.hu.dtype == np.int16
             fake = example["label"] == 1
             assert mask.any() == fake
+            if fake:  # stored as the changed box over the site's pristine scan: the two differ only there
+                assert example["base_img_id"] == f"{example['site_id']}_real"
+                pristine = scans.base(example["base_img_id"])
+                assert not np.any((volume.hu != pristine.hu) & ~mask)
+                assert example_volume(example, pristine).hu.tobytes() == volume.hu.tobytes()
+                with pytest.raises(ValueError, match="pass base="):
+                    example_volume(example)
+            else:
+                assert example["base_img_id"] is None and example["box_start_zyx"] == [0, 0, 0]
             assert (example["generator"] == 0) == (not fake)
             assert example["img_id"] == f"{example['site_id']}_{FEATURES['generator'].int2str(example['generator'])}"
             assert example["test_crop_center_zyx"] == example["site_voxel_zyx"]
@@ -96,7 +107,7 @@ def test_a_patient_is_never_in_two_splits(loaded):
 
 @pytest.fixture(scope="module")
 def jobs():
-    return phantom_jobs(3, seed=0, **PHANTOMS, progress=False)
+    return phantom_jobs(3, seed=0, **JOB_PHANTOMS, progress=False)
 
 
 def _build(out: Path, jobs, tiny_pipelines_dir) -> dict:
@@ -160,7 +171,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_generator_based_builder_pristine_config(tmp_path):
-    builder = M3Dsynth(config_name="pristine", cache_dir=str(tmp_path), phantoms=1, **PHANTOMS)
+    builder = M3Dsynth(config_name="pristine", cache_dir=str(tmp_path), phantoms=2, **PHANTOMS)
     builder.download_and_prepare()
     ds = builder.as_dataset(split="train")
     assert len(ds) >= 1 and set(ds["label"]) == {0} and ds.features == FEATURES
@@ -182,6 +193,9 @@ def test_cad_model_fills_malignancy_after(tmp_path, tiny_pipelines_dir):
     rows = [row for split in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).values() for row in split]
     assert rows and {row["generator"] for row in rows} == {0, 1}  # pristine and pix2pix examples
     cad = load_cad(tmp_path / "cad")
+    scans = {split: ScanResolver(rows_) for split, rows_ in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).items()}
+    by_id = {row["img_id"]: split for split, rows_ in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).items()
+             for row in rows_}
     for row in rows[:4]:
-        expected = score_locations(cad, example_volume(row), [row["site_lps_mm"]])[0].rating
+        expected = score_locations(cad, scans[by_id[row["img_id"]]].volume(row), [row["site_lps_mm"]])[0].rating
         assert row["malignancy_after"] == pytest.approx(expected, abs=1e-3)  # the scorer at the site of that scan

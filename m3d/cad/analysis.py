@@ -55,7 +55,7 @@ COLUMNS = (
     "site_z_mm", "nodule_diameter_mm", "malignancy_before", "cad_probability", "cad_logit", "cad_rating", "cad_malignant",
 )
 READ_COLUMNS = ("img_id", "site_id", "volume", "label", "task", "generator", "patient_id", "site_lps_mm",
-                "nodule_diameter_mm", "malignancy_before")
+                "nodule_diameter_mm", "malignancy_before", "base_img_id", "box_start_zyx", "scan_shape_zyx")
 ATTACK_VERDICT = {"inject": True, "remove": False}  # the verdict the attacker wants: malignant after an injection
 
 
@@ -89,27 +89,46 @@ def _normalise(example: dict[str, Any], features, split: str) -> dict[str, Any]:
 
 
 def iter_folder_examples(folder: str | Path) -> Iterator[dict[str, Any]]:
-    """Examples of an M3Dsynth folder (``data/<generator>/<task>/<split>-*.parquet``), one row at a time,
-    decoded with each file's own features (the mask column is not read)."""
+    """Examples of an M3Dsynth folder (``data/<generator>/<task>/<split>-*.parquet``), one row at a time
+    in site order (each site's pristine scan first), decoded with each file's own features (the mask
+    column is not read). A fake stored as its box comes with its whole scan in ``"scan"``."""
     import datasets
     import pyarrow.parquet as pq
+
+    from ..dataset_builder.features import example_volume, is_box
 
     files = sorted(Path(folder, "data").glob("*/*/*.parquet"))
     if not files:
         raise FileNotFoundError(f"{folder} is not an M3Dsynth folder: no data/<generator>/<task>/<split>-*.parquet files")
+    order = []  # (site_id, pristine last-sorted flag, img_id, file, row group): one row group per example
     for path in files:
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=["img_id", "site_id"])
+            for img_id, site_id in zip(table["img_id"].to_pylist(), table["site_id"].to_pylist()):
+                order.append((site_id, not img_id.endswith("_real"), img_id, path, group))
+    order.sort(key=lambda entry: entry[:3])
+    pristine: dict[str, Any] = {}  # the current site's decoded pristine scan
+    for site_id, _, img_id, path, group in order:
         parquet = pq.ParquetFile(path)
         features = datasets.Features.from_arrow_schema(parquet.schema_arrow)
         columns = [c for c in READ_COLUMNS if c in features]
-        split = path.name.split("-", 1)[0]
-        for batch in parquet.iter_batches(batch_size=1, columns=columns):
-            for example in batch.to_pylist():
-                yield _normalise(features.decode_example(example), features, split)
+        raw = features.decode_example(parquet.read_row_group(group, columns=columns).to_pylist()[0])
+        example = _normalise(raw, features, path.name.split("-", 1)[0])
+        if is_box(raw):
+            base = pristine.get(raw["base_img_id"])
+            if base is None:
+                raise ValueError(f"{folder}: the fake {img_id} is stored over {raw['base_img_id']}, which the folder lacks")
+            example["scan"] = example_volume(raw, base)
+        else:
+            example["scan"] = example_volume(raw)
+            pristine = {img_id: example["scan"]}
+        yield example
 
 
 def iter_examples(data: Any) -> Iterator[dict[str, Any]]:
-    """Normalised examples (class names, ``split``) of a folder path, a `DatasetDict`, a `Dataset` /
-    `IterableDataset` or an iterable of M3Dsynth example dicts."""
+    """Normalised examples (class names, ``split``, the whole ``scan``) of a folder path, a `DatasetDict`,
+    a `Dataset` / `IterableDataset` or an iterable of M3Dsynth example dicts."""
     if isinstance(data, (str, os.PathLike)):
         yield from iter_folder_examples(data)
         return
@@ -121,12 +140,20 @@ def iter_examples(data: Any) -> Iterator[dict[str, Any]]:
 
 
 def _iter_dataset(dataset: Any, split: str) -> Iterator[dict[str, Any]]:
+    from ..dataset_builder.features import ScanResolver, example_volume
+
     features = getattr(dataset, "features", None)
+    split = split or str(getattr(dataset, "split", "") or "")
     if features is not None and hasattr(dataset, "select_columns"):
         dataset = dataset.select_columns([c for c in READ_COLUMNS if c in features])  # masks are not decoded
-    split = split or str(getattr(dataset, "split", "") or "")
-    for example in dataset:
-        yield _normalise(example, features, split)
+        scans = ScanResolver(dataset)
+        sites = dataset.select_columns(["site_id"])["site_id"] if len(dataset) else []
+        for index in sorted(range(len(sites)), key=lambda i: sites[i]):  # a site's examples together: one decode
+            example = dataset[index]
+            yield {**_normalise(example, features, split), "scan": scans.volume(example)}
+        return
+    for example in dataset:  # plain dicts or an IterableDataset: whole scans only
+        yield {**_normalise(example, features, split), "scan": example_volume(example)}
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -155,13 +182,11 @@ def score_examples(
     """One row (`COLUMNS`) per normalised example: the scorer's verdict at its site."""
     from tqdm.auto import tqdm
 
-    from ..dataset_builder.features import example_volume
-
     rows = []
     for example in tqdm(examples, desc="CAD scores", unit="scan", disable=not progress, total=total):
         site = np.asarray(example["site_lps_mm"], float)
         malignancy = example.get("malignancy_before")
-        (score,) = score_locations(model, example_volume(example), [site])
+        (score,) = score_locations(model, example["scan"], [site])
         rows.append({
             "img_id": example["img_id"], "site_id": example["site_id"], "split": example["split"],
             "generator": example["generator"], "task": example["task"], "label": example["label"],

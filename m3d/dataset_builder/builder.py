@@ -25,13 +25,14 @@ _CITATION = """@inproceedings{zingarini2024m3dsynth,
 class M3DsynthConfig(datasets.BuilderConfig):
     """A config (which generators and tasks, `writer.CONFIGS`) and where the scans and pipelines come
     from: ``lidc_root`` (default: ``phantoms`` synthetic scans), ``pipelines_dir`` (default: the demo
-    pipelines), ``limit`` scans, ``seed``, ``num_inference_steps``, ``keep_all`` (no quality check)."""
+    pipelines; phantoms of ``size`` pixels, ``max_slices``, ``phantom_spacing``), ``limit`` scans, ``seed``, ``num_inference_steps``, ``keep_all`` (no quality check)."""
 
     lidc_root: str | None = None
     pipelines_dir: str | None = None
     phantoms: int = DEFAULT_PHANTOMS["n"]
     size: int = DEFAULT_PHANTOMS["size"]
     max_slices: int | None = DEFAULT_PHANTOMS["max_slices"]
+    phantom_spacing: str = DEFAULT_PHANTOMS["spacing"]
     limit: int | None = None
     seed: int = 0
     num_inference_steps: int | None = None
@@ -55,7 +56,8 @@ class M3Dsynth(datasets.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         config = self.config
         if config.lidc_root is None:
-            jobs = phantom_jobs(config.phantoms, seed=config.seed, size=config.size, max_slices=config.max_slices)
+            jobs = phantom_jobs(config.phantoms, seed=config.seed, size=config.size, max_slices=config.max_slices,
+                                spacing=config.phantom_spacing)
         else:
             jobs = lidc_jobs(config.lidc_root, seed=config.seed)
         jobs = jobs[: config.limit] if config.limit is not None else jobs

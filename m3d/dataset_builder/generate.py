@@ -15,17 +15,20 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..data.ct import CTVolume
-from ..tamper.plan import OFFICIAL_TASK, Site, plan_sites
+from ..tamper.plan import OFFICIAL_SPLIT_PATIENTS, OFFICIAL_TASK, Site, plan_sites
 from ..tamper.quality import QualityCriteria, check_quality
 
 logger = logging.getLogger(__name__)
 
 FAKE_GENERATORS = ("pix2pix", "cyclegan", "ddpm")
 DEMO_PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "demo"  # <generator>-<task>/
-NIFTI_GZIP_LEVEL = 6
+NIFTI_GZIP_LEVEL = 1  # noise-filled CT barely compresses: level 6 saves 2 % of the bytes at 3x the time
 PLAN_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # m3d.tamper.plan -> FEATURES splits
-DEFAULT_PHANTOMS = dict(n=8, size=128, max_slices=96)
-PHANTOM_NODULES = dict(n_nodules=(2, 4), min_diameter_mm=3.0)  # small and large nodules: both tasks get sites
+# Phantoms at the real LIDC series' pixel spacing (0.46-0.98 mm) and slice spacing, a 320-pixel field of
+# view and a 48-slice slab through the lungs: where a generator's traces are (they vanish at 2-4 mm).
+DEFAULT_PHANTOMS = dict(n=8, size=320, max_slices=48, spacing="native")
+PHANTOM_SPACINGS = ("native", "scaled")  # scaled: the real field of view on `size` pixels (coarser pixels)
+PHANTOM_NODULES = dict(n_nodules=(4, 7), min_diameter_mm=3.0)  # small and large nodules: both tasks get sites
 
 
 @dataclass
@@ -90,25 +93,43 @@ def jobs_from_sites(
     return jobs
 
 
-def phantom_jobs(n: int, *, seed: int = 0, size: int = 128, max_slices: int | None = 96, progress: bool = True) -> list[ScanJob]:
+def phantom_jobs(
+    n: int, *, seed: int = 0, size: int = DEFAULT_PHANTOMS["size"], max_slices: int | None = DEFAULT_PHANTOMS["max_slices"],
+    spacing: str = DEFAULT_PHANTOMS["spacing"], split_proportions: Mapping[str, int] = OFFICIAL_SPLIT_PATIENTS,
+    workers: int = 1, progress: bool = True,
+) -> list[ScanJob]:
     """``n`` synthetic scans (`make_phantom`, case ``i`` seeded ``SeedSequence([seed, i])``, patient
-    ``M3D-PHANTOM-<i>``) planned with `m3d.tamper.plan` and split by patient with ``seed``."""
+    ``M3D-PHANTOM-<i>``) planned with `m3d.tamper.plan` and split by patient with ``seed``. ``spacing``
+    "native": the real series' pixel spacing on a ``size``-pixel field of view; "scaled": the real field
+    of view on ``size`` pixels. ``split_proportions``: train / val / test patients (`split_patients`);
+    ``workers``: processes making the scans."""
     from tqdm.auto import tqdm
-
-    from ..data.phantom import make_phantom
 
     if n < 1:
         raise ValueError(f"the number of phantom scans must be positive; got {n}")
-    cases = [
-        make_phantom(
-            np.random.SeedSequence([int(seed), i]), size=size, max_slices=max_slices,
-            patient_id=f"M3D-PHANTOM-{i:04d}", **PHANTOM_NODULES,
-        )
-        for i in tqdm(range(n), desc="phantom scans", unit="scan", disable=not progress)
-    ]
-    sites = plan_sites([case.lidc for case in cases], seed=seed)
+    if spacing not in PHANTOM_SPACINGS:
+        raise ValueError(f"phantom spacing must be one of {PHANTOM_SPACINGS}; got {spacing!r}")
+    settings = dict(size=size, max_slices=max_slices, native_spacing=spacing == "native", **PHANTOM_NODULES)
+    workers = max(1, min(n, workers))
+    if workers == 1:
+        cases = [_phantom_case(seed, i, settings) for i in tqdm(range(n), desc="phantom scans", unit="scan", disable=not progress)]
+    else:  # each case depends only on (seed, i): the same scans on any number of workers
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            made = pool.map(_phantom_case, [seed] * n, range(n), [settings] * n)
+            cases = list(tqdm(made, total=n, desc=f"phantom scans ({workers} workers)", unit="scan", disable=not progress))
+    sites = plan_sites([case.lidc for case in cases], seed=seed, proportions=split_proportions)
     volumes = {case.lidc.series_instance_uid: case.volume for case in cases}
     return jobs_from_sites(sites, number_sites(sites), lambda uid: (lambda: volumes[uid]))
+
+
+def _phantom_case(seed: int, index: int, settings: dict[str, Any]):
+    """Phantom case ``index`` of a build (``SeedSequence([seed, index])``, patient ``M3D-PHANTOM-<index>``)."""
+    from ..data.phantom import make_phantom
+
+    return make_phantom(np.random.SeedSequence([int(seed), index]), patient_id=f"M3D-PHANTOM-{index:04d}", **settings)
 
 
 def lidc_jobs(root: str | Path, *, seed: int = 0, scans: Iterable[Any] | None = None) -> list[ScanJob]:
@@ -208,20 +229,37 @@ def _optional(value: float | None) -> float | None:
 
 
 def make_example(
-    job: ScanJob, site_job: SiteJob, generator: str, volume: CTVolume, mask: np.ndarray, *, diameter_mm: float | None
+    job: ScanJob,
+    site_job: SiteJob,
+    generator: str,
+    volume: CTVolume,
+    mask: np.ndarray,
+    *,
+    diameter_mm: float | None,
+    pristine: CTVolume | None = None,
 ) -> dict[str, Any]:
-    """One example in the `FEATURES` schema (``generator`` "real": the pristine scan, ``mask`` empty)."""
+    """One example in the `FEATURES` schema (``generator`` "real": the pristine scan, ``mask`` empty).
+    A fake given its site's ``pristine`` scan is stored as the box it changed over that example."""
     from ..data.nifti import mask_nifti_image, nifti_image
+    from .features import box_fields, changed_box
 
     site = site_job.site
     voxel = site_voxel(volume, site.center_zyx, job.z_positions_mm)
     crop = voxel if site_job.test_crop_zyx is None else site_voxel(volume, site_job.test_crop_zyx, job.z_positions_mm)
     img_id = f"{site_job.site_id}_{generator}"
+    placement = box_fields((0, 0, 0), volume.shape, None)
+    stored, stored_mask = volume, mask
+    if generator != "real" and pristine is not None:
+        start, stop = changed_box(pristine, volume, mask)
+        stored = volume.region(start, stop)
+        stored_mask = mask[tuple(slice(a, b) for a, b in zip(start, stop))]
+        placement = box_fields(start, volume.shape, f"{site_job.site_id}_real")
     return {
         "img_id": img_id,
         "site_id": site_job.site_id,
-        "volume": {"bytes": nifti_bytes(nifti_image(volume)), "path": f"{img_id}.nii.gz"},
-        "mask": {"bytes": nifti_bytes(mask_nifti_image(mask, volume)), "path": f"{img_id}_mask.nii.gz"},
+        "volume": {"bytes": nifti_bytes(nifti_image(stored)), "path": f"{img_id}.nii.gz"},
+        "mask": {"bytes": nifti_bytes(mask_nifti_image(stored_mask, stored)), "path": f"{img_id}_mask.nii.gz"},
+        **placement,
         "label": "pristine" if generator == "real" else "fake",
         "task": site.task,
         "generator": generator,
@@ -291,5 +329,5 @@ def scan_examples(
                 yield None, Outcome(img_id, generator, task, "dropped", verdict.reason)
                 continue
             diameter = verdict.measurement.diameter_mm if task == "inject" else site_job.site.diameter_mm
-            example = scored(make_example(job, site_job, generator, tampered, mask, diameter_mm=diameter), tampered)
+            example = scored(make_example(job, site_job, generator, tampered, mask, diameter_mm=diameter, pristine=volume), tampered)
             yield example, Outcome(img_id, generator, task, "kept")

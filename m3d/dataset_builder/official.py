@@ -199,7 +199,8 @@ def official_examples(
                     raise ValueError(f"{scan_folder} and {label_folder} hold stacks of different shapes")
                 stored[order], label[order] = stored.copy(), label.copy()  # release order -> volume order
                 tampered = tampered_volume(volume, stored, label)
-                example = make_example(job, with_crop, generator, tampered, label, diameter_mm=diameter if site.task == "remove" else None)
+                example = make_example(job, with_crop, generator, tampered, label, diameter_mm=diameter if site.task == "remove" else None,
+                                       pristine=volume)
             example["series_instance_uid"] = series_uid
             yield example, Outcome(img_id, generator, site.task, "kept")
 

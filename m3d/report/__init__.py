@@ -48,9 +48,11 @@ def overview_section(results_dir: Path, data_dir: Path | None) -> Section:
     for step, seconds in run.get("steps", {}).items():
         lines.append(f"- step `{step}`: {seconds:.0f} s")
     if run.get("phantom", True):
-        lines += ["", "> Synthetic data: the scans are m3d phantoms (real LIDC-IDRI geometry and nodule contours) and the "
-                  "generators, detectors and CAD scorer were trained on them for minutes. The figures show the "
-                  "pipeline end to end; they are not the paper's numbers."]
+        lines += ["", "> Synthetic data: the scans are m3d phantoms (real LIDC-IDRI geometry, pixel and slice spacing, and "
+                  "nodule contours) and the generators, detectors and CAD scorer were trained on them on a CPU. The "
+                  "figures show the method end to end on phantoms; they are not the paper's numbers on LIDC-IDRI."]
+    for note in run.get("notes", []):
+        lines += ["", f"> Note: {note}."]
     return Section("Overview", "\n".join(lines))
 
 
@@ -120,10 +122,11 @@ def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per
     from transformers.utils import logging as transformers_logging
 
     from .. import detectors  # noqa: F401  (registers the detectors with the Auto classes)
-    from ..dataset_builder import TASKS, example_mask, example_volume
+    from ..dataset_builder import TASKS, ScanResolver, example_mask
     from ..detectors.volume import detect_volume
 
     split = datasets.load_dataset(str(data_dir), split="test")
+    scans = ScanResolver(split)
     labels, tasks, generators = (split.features[c] for c in ("label", "task", "generator"))
     chosen: list[int] = []
     for task in TASKS:
@@ -134,7 +137,7 @@ def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per
     transformers_logging.disable_progress_bar()  # one bar per weight file is noise here
     for index in chosen:
         example = split[index]
-        volume, mask = example_volume(example), example_mask(example)
+        volume, mask = scans.volume(example), example_mask(example)
         generator = generators.int2str(example["generator"])
         maps = {}
         for name, folder in _trained_detectors(results_dir, generator).items():

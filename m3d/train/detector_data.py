@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from m3d.dataset_builder.features import GENERATORS, LABELS, TASKS, example_mask, example_volume
+from m3d.dataset_builder.features import GENERATORS, LABELS, TASKS, ScanResolver, example_mask, example_volume
 from m3d.detectors.modeling_utils import M3DDetectorConfig
 from m3d.detectors.volume import slices_to_input, volume_statistics
 
@@ -184,10 +184,12 @@ def decode_crop(
     config: M3DDetectorConfig | None = None,
     center_key: str = "test_crop_center_zyx",
     margin: Sequence[int] = (0, 0, 0),
+    scans: ScanResolver | None = None,
 ) -> Crop:
     """Decode one example and cut its crop around ``example[center_key]``, enlarged by ``margin`` per
-    side (room for random training crops); ``crop_size`` None: the whole scan, padded in-plane."""
-    volume = example_volume(example)
+    side (room for random training crops); ``crop_size`` None: the whole scan, padded in-plane.
+    ``scans`` (the dataset's `ScanResolver`) is needed for a fake stored as its box."""
+    volume = scans.volume(example) if scans is not None else example_volume(example)
     mask = example_mask(example)
     if mask.shape != volume.shape:
         raise ValueError(f"example {example.get('img_id')}: mask {mask.shape} and volume {volume.shape} differ")
@@ -208,10 +210,12 @@ def decode_crop(
 
 class CropCache:
     """Decoded crops of a dataset, computed on first use and kept in memory up to ``max_bytes``
-    (least recently used dropped first, re-decoded when needed again)."""
+    (least recently used dropped first, re-decoded when needed again). ``make(example, scans)`` cuts
+    one crop; ``scans`` (a `ScanResolver` of the dataset) gives whole scans, fakes pasted over their base."""
 
-    def __init__(self, dataset, make: Callable[[dict[str, Any]], Crop], max_bytes: int, crop_size: CropSize = None) -> None:
+    def __init__(self, dataset, make: Callable[[dict[str, Any], ScanResolver], Crop], max_bytes: int, crop_size: CropSize = None) -> None:
         self.dataset = dataset
+        self.scans = ScanResolver(dataset)
         self.make = make
         self.max_bytes = max_bytes
         self.crop_size = crop_size
@@ -226,7 +230,7 @@ class CropCache:
         if crop is not None:
             self._crops.move_to_end(index)
             return crop
-        crop = self.make(self.dataset[int(index)])
+        crop = self.make(self.dataset[int(index)], self.scans)
         self._crops[index] = crop
         self._bytes += crop.nbytes
         while self._bytes > self.max_bytes and len(self._crops) > 1:
@@ -244,7 +248,8 @@ def evaluation_crops(dataset, crop_size: CropSize, config: M3DDetectorConfig | N
     ``config`` is needed only for input_mode "percentile" (per-scan bounds)."""
     crop_size = check_crop_size(crop_size)
     needs_statistics = config is not None and config.input_mode == "percentile"
-    return CropCache(dataset, lambda ex: decode_crop(ex, crop_size, config if needs_statistics else None), max_bytes, crop_size)
+    return CropCache(dataset, lambda ex, scans: decode_crop(ex, crop_size, config if needs_statistics else None, scans=scans),
+                     max_bytes, crop_size)
 
 
 # -- training slices ----------------------------------------------------------------------------
@@ -296,7 +301,7 @@ class TrainingSlices(torch.utils.data.Dataset):
         self.margin = jitter_of(crop_size) if crop_size is not None else (0, 0, 0)
         center_key = "site_voxel_zyx"
         self.cache = CropCache(
-            dataset, lambda ex: decode_crop(ex, crop_size, config, center_key=center_key, margin=self.margin),
+            dataset, lambda ex, scans: decode_crop(ex, crop_size, config, center_key=center_key, margin=self.margin, scans=scans),
             max_cache_bytes, crop_size,
         )
         self.sites: list[_Site] = []
