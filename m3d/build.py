@@ -10,14 +10,16 @@ dealt to the processes; each writes its own shards; a killed build resumes where
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .cli import run_guarded
 from .dataset_builder.features import TASKS
-from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, FAKE_GENERATORS
+from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, FAKE_GENERATORS, PHANTOM_SPACINGS
 from .dataset_builder.writer import BuildState, finalize, format_summary, prepare_folder, summarize, write_shards
+from .tamper.plan import OFFICIAL_SPLIT_PATIENTS
 from .tamper.quality import QualityCriteria
 
 
@@ -34,6 +36,8 @@ def build_dataset(
     phantoms: int = DEFAULT_PHANTOMS["n"],
     size: int = DEFAULT_PHANTOMS["size"],
     max_slices: int | None = DEFAULT_PHANTOMS["max_slices"],
+    phantom_spacing: str = DEFAULT_PHANTOMS["spacing"],
+    split_proportions: Mapping[str, int] = OFFICIAL_SPLIT_PATIENTS,
     scans_per_shard: int = 4,
     num_inference_steps: int | None = None,
     quality: QualityCriteria | None = QualityCriteria(),
@@ -69,7 +73,8 @@ def build_dataset(
     config = {
         "source": "phantom" if lidc_root is None else "lidc",
         "lidc_root": None if lidc_root is None else str(Path(lidc_root).resolve()),
-        "phantoms": None if lidc_root is not None else {"n": phantoms, "size": size, "max_slices": max_slices},
+        "phantoms": None if lidc_root is not None else {"n": phantoms, "size": size, "max_slices": max_slices,
+                                                         "spacing": phantom_spacing, "split_patients": dict(split_proportions)},
         "generators": generators,
         "tasks": tasks,
         "limit": limit,
@@ -88,7 +93,9 @@ def build_dataset(
     process.wait_for_everyone()
     state = prepare_folder(out, config)
     if lidc_root is None:
-        jobs = phantom_jobs(phantoms, seed=seed, size=size, max_slices=max_slices, progress=progress and process.is_main_process)
+        jobs = phantom_jobs(phantoms, seed=seed, size=size, max_slices=max_slices, spacing=phantom_spacing,
+                            split_proportions=split_proportions, workers=_phantom_workers(phantoms, process.num_processes),
+                            progress=progress and process.is_main_process)
     else:
         jobs = lidc_jobs(lidc_root, seed=seed)
     jobs = jobs[:limit] if limit is not None else jobs
@@ -110,6 +117,20 @@ def build_dataset(
     return read_state(out)
 
 
+def _phantom_workers(phantoms: int, num_processes: int) -> int:
+    """Processes that make the phantoms: this process's share of the cores, when there are enough scans to
+    pay for starting them."""
+    return 1 if phantoms < 8 else max(1, (os.cpu_count() or 1) // num_processes)
+
+
+def _split_proportions(text: str) -> dict[str, int]:
+    try:
+        train, val, test = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three whole numbers TRAIN,VAL,TEST; got {text!r}") from None
+    return {"train": train, "val": val, "test": test}
+
+
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (Hub-ready: README.md, data/, manifest.json)")
     parser.add_argument("--lidc-root", default=None, help="a LIDC-IDRI download (DICOM + XML); default: phantom scans")
@@ -123,8 +144,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms, the split and the generation")
     parser.add_argument("--device", default=None, help="torch device (default: this process's accelerator device)")
     parser.add_argument("--phantoms", type=int, default=DEFAULT_PHANTOMS["n"], help="number of phantom scans")
-    parser.add_argument("--size", type=int, default=DEFAULT_PHANTOMS["size"], help="phantom in-plane size")
-    parser.add_argument("--max-slices", type=int, default=DEFAULT_PHANTOMS["max_slices"], help="phantom slice cap")
+    parser.add_argument("--size", type=int, default=DEFAULT_PHANTOMS["size"], help="phantom in-plane matrix (pixels)")
+    parser.add_argument("--max-slices", type=int, default=DEFAULT_PHANTOMS["max_slices"],
+                        help="phantom slab: at most this many consecutive slices through the lungs")
+    parser.add_argument("--phantom-spacing", choices=PHANTOM_SPACINGS, default=DEFAULT_PHANTOMS["spacing"],
+                        help="native: the real LIDC series' pixel spacing (0.46-0.98 mm) on --size pixels; "
+                        "scaled: the real field of view on --size pixels (coarser pixels)")
+    parser.add_argument("--split-patients", type=_split_proportions, default=OFFICIAL_SPLIT_PATIENTS, metavar="TRAIN,VAL,TEST",
+                        help="phantom patients per split, as proportions (default: the official 488,100,150)")
     parser.add_argument("--scans-per-shard", type=int, default=4, help="scans per Parquet shard")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps of the diffusion pipelines")
     parser.add_argument("--keep-all", action="store_true", help="skip the quality check: keep every generated sample")
@@ -140,7 +167,8 @@ def run(args: argparse.Namespace) -> None:
     state = build_dataset(
         args.out, lidc_root=args.lidc_root, generators=args.generators, tasks=args.tasks, limit=args.limit,
         pipelines_dir=args.pipelines, seed=args.seed, device=args.device, phantoms=args.phantoms, size=args.size,
-        max_slices=args.max_slices, scans_per_shard=args.scans_per_shard, num_inference_steps=args.steps,
+        max_slices=args.max_slices, phantom_spacing=args.phantom_spacing,
+        split_proportions=args.split_patients, scans_per_shard=args.scans_per_shard, num_inference_steps=args.steps,
         quality=None if args.keep_all else QualityCriteria(), cad_model=args.cad_model, overwrite=args.overwrite,
     )
     if PartialState().is_main_process:
