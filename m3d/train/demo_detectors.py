@@ -1,0 +1,117 @@
+"""Train and ship the starting weights of the demo benchmark's detectors,
+``m3d/detectors/demo/<detector>-<train_data>/``, on phantom data that the demo never tests on.
+
+    m3d build --out runs/detector-pretraining --phantoms 30 --seed 1 --generators pix2pix cyclegan --split-patients 1,0,0
+    python -m m3d.train.demo_detectors --data runs/detector-pretraining --runs-dir runs/demo-detectors
+    python -m m3d.train.demo_detectors --data runs/detector-pretraining --runs-dir runs/demo-detectors --only hpfcn-pix2pix
+
+Why: on 2 CPU cores the demo has about 20 s per benchmark cell, a few hundred steps of a tiny detector,
+which is not enough for the slower architectures (TruFor, MVSS-Net, ManTraNet) to learn from scratch.
+So, as the generators ship phantom-trained weights, each demo cell starts from weights pre-trained on
+the fakes of its own training generator only (``pix2pix``, ``cyclegan``, or ``m3dsynth`` = both for the
+preliminary experiment's general-purpose detector), made from other synthetic patients (build seed 1;
+the demo builds seed 0), and fine-tunes them on the demo's training split. Nothing a cell is tested on
+was seen in pre-training, and no cell starts from weights that saw another generator's fakes, so the
+cross-generator table keeps its meaning. Each recipe is an `m3d train-detector` command line
+(`command_line`); shipping copies ``RUNS/<name>/best`` into the package with its model card.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "detectors" / "demo"
+TRAIN_DATA = ("pix2pix", "cyclegan")
+# (detector, steps, learning rate): tiny detectors, 16 slices per step, 16x64x64 crops.
+SCHEDULE = {"xception": (800, 1e-2), "unet": (800, 1e-2), "hpfcn": (800, 1e-2), "mantranet": (600, 1e-2),
+            "mvssnet": (600, 1e-2), "trufor": (600, 1e-2), "resnet_gp": (800, 1e-2)}
+RECIPES: dict[str, tuple[str, str]] = {
+    **{f"{detector}-{data}": (detector, data) for detector in SCHEDULE if detector != "resnet_gp" for data in TRAIN_DATA},
+    "resnet_gp-m3dsynth": ("resnet_gp", "m3dsynth"),
+}
+
+
+def starting_weights(detector: str, train_data: str) -> Path | None:
+    """The shipped starting weights of a demo cell, or None."""
+    folder = DEMO_DIR / f"{detector}-{train_data}"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def command_line(name: str, data: str | Path, runs_dir: str | Path) -> list[str]:
+    """The `m3d train-detector` arguments of recipe ``name``, writing to ``runs_dir/name``."""
+    detector, train_data = RECIPES[name]
+    steps, learning_rate = SCHEDULE[detector]
+    argv = ["--detector", detector, "--preset", "tiny", "--data", str(data), "--crop-size", "16,64,64",
+            "--batch-size", "16", "--learning-rate", str(learning_rate), "--lr-scheduler", "cosine", "--warmup-steps", "20",
+            "--num-epochs", "1000", "--max-steps", str(steps), "--validation-split", "none", "--seed", "1",
+            "--resume-from-checkpoint", "latest", "--log-every", "20", "--output-dir", str(Path(runs_dir) / name), "--cpu"]
+    return argv if train_data == "m3dsynth" else [*argv, "--generators", train_data]
+
+
+def provenance(name: str, run_dir: Path, data: str | Path) -> str:
+    summary = json.loads((run_dir / "training_summary.json").read_text())
+    losses = [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
+    losses = [r for r in losses if "loss" in r]
+    argv = " ".join(command_line(name, "runs/detector-pretraining", "runs/demo-detectors"))
+    return "\n".join([
+        "Starting weights of the `m3d demo` benchmark cell of this detector and training set, trained on m3d's",
+        "synthetic chest CT only (phantoms on real LIDC-IDRI geometry with real nodule contours; build seed 1,",
+        "patients the demo never tests on), on a CPU:",
+        "",
+        "```bash",
+        "m3d build --out runs/detector-pretraining --phantoms 30 --seed 1 --generators pix2pix cyclegan --split-patients 1,0,0",
+        f"m3d train-detector {argv}",
+        "```",
+        "",
+        f"- {summary['steps']} optimizer steps of 16 slices, {summary['wall_s'] / 60:.1f} min wall-clock; loss "
+        f"{losses[0]['loss']:.3f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.3f} (step {losses[-1]['step']}).",
+        "- Fine-tuned and measured by `m3d demo` / `m3d bench --preset demo`; not a detector to use on real scans.",
+    ])
+
+
+def ship(name: str, runs_dir: str | Path, data: str | Path) -> Path:
+    """Copy ``runs_dir/name/best`` to ``m3d/detectors/demo/name`` (replacing it) with its model card."""
+    from ..model_cards import write_model_card
+
+    run_dir = Path(runs_dir) / name
+    source = run_dir / "best"
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} is not a saved detector: train {name} first")
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    target = DEMO_DIR / name
+    temporary = DEMO_DIR / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        shutil.copy(source / file, temporary / file)
+    shutil.rmtree(target, ignore_errors=True)
+    temporary.replace(target)
+    write_model_card(target, name=f"m3d demo {name}", provenance=provenance(name, run_dir, data))
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .train_detector import main as train_detector
+
+    parser = argparse.ArgumentParser(prog="python -m m3d.train.demo_detectors", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="the pre-training M3Dsynth folder (build seed 1, see above)")
+    parser.add_argument("--runs-dir", default="runs/demo-detectors", help="training outputs go here")
+    parser.add_argument("--only", nargs="+", choices=list(RECIPES), default=list(RECIPES), help="recipes to run")
+    parser.add_argument("--ship-only", action="store_true", help="do not train: ship the runs already there")
+    args = parser.parse_args(argv)
+    for name in args.only:
+        if not args.ship_only:
+            code = train_detector([*command_line(name, args.data, args.runs_dir), "--no-progress"])
+            if code:
+                return code
+        print(f"shipped {ship(name, args.runs_dir, args.data)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
