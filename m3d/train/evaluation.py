@@ -3,8 +3,9 @@
 Each test sample is a fixed crop of a scan around its site (``test_crop_center_zyx``; the pristine scan
 of the same site gives the real sample) or the whole scan (``crop_size=None``). The detector runs over
 every axial slice of the crop: the volume score is the maximum of the slice probabilities, the 3-D map
-the stack of slice maps. Detection (`m3d.metrics.detection_metrics`): AUC, balanced accuracy at 0.5,
-Pd@1 % (ROC interpolated at 1 % FPR). Localization (`m3d.metrics.localization_scores`), per fake sample
+the stack of slice maps. Detection (`m3d.metrics.detection_metrics`): AUC with its 95 % interval
+(stratified bootstrap, `m3d.metrics.auc_interval`), balanced accuracy at 0.5, Pd@1 % (ROC interpolated
+at 1 % FPR). Localization (`m3d.metrics.localization_scores`), per fake sample
 then averaged: F1 / IoU of the map binarised at 0.5 and at each sample's best threshold. Metrics are
 given for every test generator (its fakes against all pristine samples) and task, and for all together.
 """
@@ -19,11 +20,11 @@ from tqdm.auto import tqdm
 
 from m3d.dataset_builder.features import GENERATORS, TASKS
 from m3d.detectors.volume import slices_to_input
-from m3d.metrics import detection_metrics, localization_scores
+from m3d.metrics import auc_interval, detection_metrics, localization_scores
 
 from .detector_data import DEFAULT_CROP_SIZE, Crop, CropCache, CropSize, evaluation_crops
 
-DETECTION_KEYS = ("auc", "balanced_accuracy", "pd_at_1pct")
+DETECTION_KEYS = ("auc", "auc_low", "auc_high", "balanced_accuracy", "pd_at_1pct")  # auc_low/high: its 95 % interval
 LOCALIZATION_KEYS = ("f1", "iou", "f1_best", "iou_best")
 ALL = "all"
 
@@ -87,7 +88,10 @@ def _metrics_of(records: list[dict[str, Any]], threshold: float) -> dict[str, fl
     scores = np.array([r["score"] for r in records], dtype=np.float64)
     result: dict[str, float | int | None] = {"n_fake": int(labels.sum()), "n_pristine": int((1 - labels).sum())}
     both = 0 < labels.sum() < len(labels)
-    result.update(detection_metrics(labels, scores, threshold) if both else dict.fromkeys(DETECTION_KEYS))
+    result.update(dict.fromkeys(DETECTION_KEYS))
+    if both:
+        result.update(detection_metrics(labels, scores, threshold))
+        result["auc_low"], result["auc_high"] = auc_interval(labels, scores)
     localized = [r for r in records if "f1" in r]
     for key in LOCALIZATION_KEYS:
         result[key] = float(np.mean([r[key] for r in localized])) if localized else None
