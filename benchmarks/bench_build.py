@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.pipelines) if args.pipelines else DEMO_PIPELINES_DIR
     pipelines, origin = pipelines_for(root, args.device)
-    jobs = phantom_jobs(args.repeats + 1, seed=0, size=128, max_slices=96, progress=False)
+    jobs = phantom_jobs(args.repeats + 1, seed=0, size=128, max_slices=96, spacing="scaled", progress=False)
     volumes = {job.series_instance_uid: job.load() for job in jobs}
     per_generator = {}
     for generator in FAKE_GENERATORS:

@@ -1903,6 +1903,25 @@ def _json_default(value):
     raise TypeError(type(value).__name__)
 
 
+def _numbered_phantom(seed: int, index: int, settings: dict[str, Any]) -> PhantomCase:
+    return make_phantom(np.random.SeedSequence([int(seed), index]), patient_id=f"M3D-PHANTOM-{index:04d}", **settings)
+
+
+def make_phantoms(n: int, seed: int = 0, *, workers: int = 1, **settings: Any) -> Iterator[PhantomCase]:
+    """Cases ``0 .. n-1`` in order, case ``i`` seeded ``SeedSequence([seed, i])`` with patient id
+    ``M3D-PHANTOM-<i>`` (as `generate_phantoms` names them); ``settings`` go to `make_phantom`. With
+    ``workers`` > 1 that many processes make them: each case depends only on ``(seed, i)``, so the
+    cases are the same on any number of workers."""
+    if workers <= 1 or n <= 1:
+        yield from (_numbered_phantom(seed, i, settings) for i in range(n))
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(min(workers, n), mp_context=get_context("spawn")) as pool:
+        yield from pool.map(_numbered_phantom, [seed] * n, range(n), [settings] * n)
+
+
 def _case_complete(folder) -> bool:
     return (folder / "annotations.xml").is_file() and (folder / "phantom.json").is_file() and (folder / "dicom").is_dir()
 

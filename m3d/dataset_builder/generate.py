@@ -109,27 +109,14 @@ def phantom_jobs(
         raise ValueError(f"the number of phantom scans must be positive; got {n}")
     if spacing not in PHANTOM_SPACINGS:
         raise ValueError(f"phantom spacing must be one of {PHANTOM_SPACINGS}; got {spacing!r}")
-    settings = dict(size=size, max_slices=max_slices, native_spacing=spacing == "native", **PHANTOM_NODULES)
-    workers = max(1, min(n, workers))
-    if workers == 1:
-        cases = [_phantom_case(seed, i, settings) for i in tqdm(range(n), desc="phantom scans", unit="scan", disable=not progress)]
-    else:  # each case depends only on (seed, i): the same scans on any number of workers
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
+    from ..data.phantom import make_phantoms
 
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            made = pool.map(_phantom_case, [seed] * n, range(n), [settings] * n)
-            cases = list(tqdm(made, total=n, desc=f"phantom scans ({workers} workers)", unit="scan", disable=not progress))
+    settings = dict(size=size, max_slices=max_slices, native_spacing=spacing == "native", **PHANTOM_NODULES)
+    made = make_phantoms(n, seed, workers=workers, **settings)
+    cases = list(tqdm(made, total=n, desc="phantom scans", unit="scan", disable=not progress))
     sites = plan_sites([case.lidc for case in cases], seed=seed, proportions=split_proportions)
     volumes = {case.lidc.series_instance_uid: case.volume for case in cases}
     return jobs_from_sites(sites, number_sites(sites), lambda uid: (lambda: volumes[uid]))
-
-
-def _phantom_case(seed: int, index: int, settings: dict[str, Any]):
-    """Phantom case ``index`` of a build (``SeedSequence([seed, index])``, patient ``M3D-PHANTOM-<index>``)."""
-    from ..data.phantom import make_phantom
-
-    return make_phantom(np.random.SeedSequence([int(seed), index]), patient_id=f"M3D-PHANTOM-{index:04d}", **settings)
 
 
 def lidc_jobs(root: str | Path, *, seed: int = 0, scans: Iterable[Any] | None = None) -> list[ScanJob]:

@@ -271,23 +271,18 @@ PHANTOM_NODULES: dict[str | None, dict[str, Any]] = {
 
 
 def iter_phantom_cases(
-    n: int, *, seed: int = 0, size: int = 128, max_slices: int | None = None, task: str | None = None
+    n: int, *, seed: int = 0, size: int = 128, max_slices: int | None = None, task: str | None = None, workers: int = 1
 ) -> Iterator[TrainingCase]:
-    """``n`` synthetic scans made in memory with `m3d.data.phantom.make_phantom`, case ``i`` seeded
+    """``n`` synthetic scans made in memory with `m3d.data.phantom.make_phantoms`, case ``i`` seeded
     with ``SeedSequence([seed, i])`` as `generate_phantoms` does (same anatomy as ``m3d phantom --seed``);
-    with a ``task`` the nodules are drawn for it (`PHANTOM_NODULES`)."""
+    with a ``task`` the nodules are drawn for it (`PHANTOM_NODULES`); ``workers`` processes make them."""
     from ..data.lidc import group_nodules
-    from ..data.phantom import make_phantom
+    from ..data.phantom import make_phantoms
 
     if n < 1:
         raise ValueError(f"the number of phantoms must be positive; got {n}")
-    for i in range(n):
-        patient_id = f"M3D-PHANTOM-{i:04d}"
-        case = make_phantom(
-            np.random.SeedSequence([int(seed), i]), size=size, max_slices=max_slices, patient_id=patient_id,
-            **PHANTOM_NODULES[task],
-        )
-        yield TrainingCase(case_id=patient_id, volume=case.volume, nodules=list(group_nodules(case.lidc)))
+    for case in make_phantoms(n, seed, workers=workers, size=size, max_slices=max_slices, **PHANTOM_NODULES[task]):
+        yield TrainingCase(case_id=case.volume.metadata.patient_id, volume=case.volume, nodules=list(group_nodules(case.lidc)))
 
 
 # -- cubes --------------------------------------------------------------------------------------

@@ -182,8 +182,9 @@ def _data_key(args: argparse.Namespace, cut_size: int) -> dict[str, Any]:
     return key
 
 
-def load_cubes(args: argparse.Namespace, cut_size: int, progress: bool) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """HU cubes (``(N, cut, cut, cut)``) and site records of every rated nodule of the data source."""
+def load_cubes(args: argparse.Namespace, cut_size: int, progress: bool, workers: int = 1) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """HU cubes (``(N, cut, cut, cut)``) and site records of every rated nodule of the data source;
+    ``workers`` processes make phantoms."""
     from .cubes import iter_case_folders, iter_lidc_root, iter_phantom_cases
 
     cache = None
@@ -200,7 +201,7 @@ def load_cubes(args: argparse.Namespace, cut_size: int, progress: bool) -> tuple
         cases = iter_lidc_root(args.lidc_root)
     else:
         cases = iter_phantom_cases(args.phantoms, seed=args.seed, size=args.phantom_size,
-                                   max_slices=args.phantom_max_slices, task="cad")
+                                   max_slices=args.phantom_max_slices, task="cad", workers=workers)
     if args.max_scans is not None and (args.data or args.lidc_root):
         cases = itertools.islice(cases, args.max_scans)
     dataset = CubeDataset.from_cases(cases, "cad", progress=progress, cut_size=cut_size, crop_size=cut_size)
@@ -270,7 +271,8 @@ def train(args: argparse.Namespace) -> int:
 
     # data: every process cuts the same cubes (deterministic); the loader shards the batches
     cut_size = config.cube_size + 2 * CUT_MARGIN
-    cubes_hu, records = load_cubes(args, cut_size, progress=main_process and not args.no_progress)
+    workers = max(1, (os.cpu_count() or 1) // accelerator.num_processes) if args.phantoms >= 8 else 1
+    cubes_hu, records = load_cubes(args, cut_size, progress=main_process and not args.no_progress, workers=workers)
     train_idx, val_idx = split_by_patient(records, args.validation_fraction, args.seed)
     if not config.rating_head:  # without the rating head only classification targets train
         keep = malignancy_labels([r["malignancy"] for r in records], config) != IGNORE_INDEX
