@@ -92,7 +92,7 @@ def test_interrupted_bench_keeps_finished_cells(mini_m3dsynth, tmp_path, monkeyp
     original = train_detector.train
     monkeypatch.setattr(train_detector, "train", interrupted_train)
     argv = bench_argv(mini_m3dsynth, tmp_path / "out", cache, "--experiments", "cross_generator", "--train-generators",
-                      "pix2pix", "cyclegan")
+                      "pix2pix", "cyclegan", "--cell-workers", "1")  # the patched train() runs in this process
     assert benchmark.main(argv) == 130
     assert "re-run the same command" in capsys.readouterr().err
     assert [p.stem for p in (tmp_path / "out" / "cells").glob("*.json")] == ["cross_generator__unet__pix2pix"]

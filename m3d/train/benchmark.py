@@ -66,6 +66,8 @@ from m3d.train.nonmedical import STANDIN_NOTE, make_standin_images
 
 EXPERIMENTS = ("cross_generator", "preliminary")
 PRELIMINARY_DETECTOR = "resnet_gp"
+# the paper's cross-generator grid: the six forensic methods (the general-purpose detector is the preliminary experiment's)
+FORENSIC_DETECTORS = tuple(name for name in DETECTORS if name != PRELIMINARY_DETECTOR)
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # tiny detectors on 16x64x64 crops at the scans' native resolution, each cell fine-tuned for 100 steps from
     # its shipped phantom-trained starting weights (`m3d.train.demo_detectors`): the grid on 2 CPU cores in minutes
@@ -135,7 +137,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
     parser.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="default",
                         help="demo: tiny detectors, a few steps (CPU minutes); default: the papers' sizes (GPU)")
-    parser.add_argument("--detectors", nargs="+", choices=list(DETECTORS), default=list(DETECTORS))
+    parser.add_argument("--detectors", nargs="+", choices=list(DETECTORS), default=list(FORENSIC_DETECTORS),
+                        help="detectors of the train x test generator grid (default: the paper's six forensic methods; "
+                        f"{PRELIMINARY_DETECTOR} is the preliminary experiment's)")
     parser.add_argument("--train-generators", nargs="+", choices=[g for g in GENERATORS if g != "real"], default=None,
                         help="default: every generator of the train split")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: both")
@@ -152,9 +156,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--example-maps", type=int, default=2, help="fakes per cell kept for the example plots")
     parser.add_argument("--cache-mb", type=int, default=4096, help="memory for decoded crops")
     parser.add_argument("--dataset-cache-dir", default=None, help="datasets' cache folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--cell-workers", type=int, default=None, metavar="N",
+                        help="cells trained at once in N processes of one thread each (default: one per CPU core for "
+                        "the demo preset's single-thread cells in a single-process run, else 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every cell's training")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when an accelerator is present")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -263,6 +270,23 @@ def run_cell(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out
     state.wait_for_everyone()
 
 
+_WORKER: dict[str, Any] = {}  # a cell worker process's arguments and decoded test crops
+
+
+def _start_cell_worker(args: argparse.Namespace, crop_size) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    test_split = filter_examples(load_split(args.data, "test", args.dataset_cache_dir), tasks=args.tasks)
+    _WORKER.update(args=args, test_crops={"split": test_split, "crop_size": crop_size,
+                                          "shared": evaluation_crops(test_split, crop_size, None, args.cache_mb << 20)})
+
+
+def _run_cell_in_worker(cell: Cell, settings: dict[str, Any], out: Path, images: Path | None) -> str:
+    run_cell(cell, settings, _WORKER["args"], out, _WORKER["test_crops"], images)
+    return cell.key
+
+
 # -- outputs ------------------------------------------------------------------------------------
 
 
@@ -320,13 +344,62 @@ def tables_markdown(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                   *_table(cross, test_generators, localization("f1_best", "iou_best")), ""]
         lines += ["## Detection: Acc / Pd@1%", "",
                   *_table(cross, test_generators, lambda c, m: f"{_fmt(m.get('balanced_accuracy'))} / {_fmt(m.get('pd_at_1pct'))}"), ""]
-        lines += ["## Detection: AUC", "", *_table(cross, test_generators, lambda c, m: _fmt(m.get("auc"), 3)), ""]
+        lines += ["## Detection: AUC (95 % interval)", "", *_table(cross, test_generators, _auc_text), ""]
     if preliminary:
         lines += ["## Preliminary experiment: general-purpose detector (resnet_gp), Acc / Pd@1% / AUC", "",
                   f"Non-medical training images: {meta['nonmedical']}.", "",
                   *_table(preliminary, test_generators, lambda c, m: " / ".join(
-                      _fmt(m.get(k), 2) for k in ("balanced_accuracy", "pd_at_1pct", "auc"))), ""]
+                      _fmt(m.get(k), 2) for k in ("balanced_accuracy", "pd_at_1pct")) + " / " + _auc_text(c, m)), ""]
+    lines += findings_markdown(cells)
     return "\n".join(lines)
+
+
+def _auc_text(cell: dict, metrics: dict) -> str:
+    if metrics.get("auc") is None:
+        return "–"
+    return f"{metrics['auc']:.3f} ({_fmt(metrics.get('auc_low'))}–{_fmt(metrics.get('auc_high'))})"
+
+
+def _metric(cell: dict, generator: str, key: str = "auc") -> float | None:
+    return cell["metrics"].get(generator, {}).get("all", {}).get(key)
+
+
+def findings_markdown(cells: list[dict[str, Any]]) -> list[str]:
+    """What the tables show, in words, read from the numbers: detection on the training generator,
+    the drop on the others, and the preliminary experiment."""
+    cross = [c for c in cells if c["experiment"] == "cross_generator"]
+    lines = ["## What the tables show", ""]
+    same = [(c, _metric(c, c["train_data"]), _metric(c, c["train_data"], "balanced_accuracy")) for c in cross]
+    same = [(c, auc, acc) for c, auc, acc in same if auc is not None]
+    if same:
+        strong = [f"{c['detector']}/{c['train_data']}" for c, auc, acc in same if auc >= 0.9 and (acc or 0) >= 0.8]
+        lines.append(f"- **Same generator** (train = test): AUC {min(a for _, a, _ in same):.2f}–{max(a for _, a, _ in same):.2f}; "
+                     f"{len(strong)} of {len(same)} cells reach AUC >= 0.90 with balanced accuracy >= 0.80"
+                     f"{' (' + ', '.join(strong) + ')' if strong else ''}.")
+    drops = []
+    for cell in cross:
+        own = _metric(cell, cell["train_data"])
+        for generator in cell["metrics"]:
+            other = _metric(cell, generator)
+            if generator not in ("all", cell["train_data"]) and own is not None and other is not None:
+                drops.append((own - other, cell, generator, own, other))
+    if drops:
+        mean_drop = float(np.mean([d[0] for d in drops]))
+        worst = max(drops, key=lambda d: d[0])
+        lines.append(f"- **Across generators** (train != test): AUC falls by {mean_drop:+.2f} on average against the training "
+                     f"generator (a negative number is a gain); the largest drop is {worst[1]['detector']} trained on "
+                     f"{worst[1]['train_data']}: {worst[3]:.2f} on {worst[1]['train_data']} -> {worst[4]:.2f} on {worst[2]}.")
+        for train_data in sorted({d[1]["train_data"] for d in drops}):
+            chosen = [d for d in drops if d[1]["train_data"] == train_data]
+            lines.append(f"  - trained on {train_data}: mean AUC {np.mean([d[3] for d in chosen]):.2f} on {train_data}, "
+                         + ", ".join(f"{np.mean([d[4] for d in chosen if d[2] == g]):.2f} on {g}" for g in sorted({d[2] for d in chosen}))
+                         + ".")
+    preliminary = {c["train_data"]: _metric(c, "all") for c in cells if c["experiment"] == "preliminary"}
+    if preliminary.get("nonmedical") is not None and preliminary.get("m3dsynth") is not None:
+        lines.append(f"- **Preliminary experiment**: the general-purpose detector trained on non-medical real/fake images "
+                     f"scores AUC {preliminary['nonmedical']:.2f} on M3Dsynth; the same architecture trained on M3Dsynth "
+                     f"{preliminary['m3dsynth']:.2f}.")
+    return [*lines, ""] if len(lines) > 2 else []
 
 
 def write_plots(out: Path, cells: list[dict[str, Any]]) -> list[Path]:
@@ -470,8 +543,23 @@ def run(args: argparse.Namespace) -> int:
     todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").is_file()]
     logger.info("%d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     start = time.perf_counter()
-    for cell in tqdm(todo, desc="benchmark cells", unit="cell", disable=not state.is_main_process or args.no_progress):
-        run_cell(cell, settings, args, out, test_crops, images)
+    workers = args.cell_workers or (os.cpu_count() or 1 if BENCH_PRESETS[args.preset]["num_threads"] == 1 else 1)
+    workers = min(workers, len(todo)) if state.num_processes == 1 else 1
+    bar = tqdm(total=len(todo), desc="benchmark cells", unit="cell", disable=not state.is_main_process or args.no_progress)
+    if workers > 1:  # independent cells, each in a one-thread process: the cores stay busy with tiny models
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_cell_worker,
+                                 initargs=(args, crop_size)) as pool:
+            for finished in as_completed([pool.submit(_run_cell_in_worker, cell, settings, out, images) for cell in todo]):
+                finished.result()
+                bar.update()
+    else:
+        for cell in todo:
+            run_cell(cell, settings, args, out, test_crops, images)
+            bar.update()
+    bar.close()
     if state.is_main_process:
         paths = write_outputs(out, meta)
         logger.info("%d cells in %.1f s; wrote %s", len(todo), time.perf_counter() - start, ", ".join(map(str, paths.values())))
