@@ -110,7 +110,8 @@ def test_fakes_are_the_release_values_in_hu_on_the_series_grid(imported, release
     volume = release["volume"]
     for img_id, row in rows.items():
         site = release["expected"][row["site_id"]]
-        scan, mask = example_volume(row), example_mask(row)
+        base = rows[row["base_img_id"]] if row["base_img_id"] else None  # a fake is its box over the site's pristine scan
+        scan, mask = example_volume(row, base), example_mask(row)
         assert scan.shape == volume.shape and np.allclose(scan.affine, volume.affine, atol=1e-4)
         if img_id.endswith("_real"):
             assert np.array_equal(scan.hu, volume.hu) and not mask.any() and row["label"] == 0 and row["generator"] == 0

@@ -28,11 +28,11 @@ from typing import Sequence
 DEMO_DIR = Path(__file__).resolve().parents[1] / "detectors" / "demo"
 TRAIN_DATA = ("pix2pix", "cyclegan")
 # (detector, steps, learning rate): tiny detectors, 16 slices per step, 16x64x64 crops.
-SCHEDULE = {"xception": (800, 1e-2), "unet": (800, 1e-2), "hpfcn": (800, 1e-2), "mantranet": (600, 1e-2),
-            "mvssnet": (600, 1e-2), "trufor": (600, 1e-2), "resnet_gp": (800, 1e-2)}
+SCHEDULE = {"xception": (1600, 1e-2), "unet": (800, 1e-2), "hpfcn": (800, 1e-2), "mantranet": (1200, 1e-2),
+            "mvssnet": (1200, 1e-2), "trufor": (600, 1e-2), "resnet_gp": (1600, 1e-2)}
 RECIPES: dict[str, tuple[str, str]] = {
-    **{f"{detector}-{data}": (detector, data) for detector in SCHEDULE if detector != "resnet_gp" for data in TRAIN_DATA},
-    "resnet_gp-m3dsynth": ("resnet_gp", "m3dsynth"),
+    **{f"{detector}-{data}": (detector, data) for detector in SCHEDULE for data in TRAIN_DATA},
+    "resnet_gp-m3dsynth": ("resnet_gp", "m3dsynth"),  # the preliminary experiment's detector trained on M3Dsynth
 }
 
 
@@ -57,6 +57,8 @@ def provenance(name: str, run_dir: Path, data: str | Path) -> str:
     summary = json.loads((run_dir / "training_summary.json").read_text())
     losses = [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
     losses = [r for r in losses if "loss" in r]
+    # elapsed_s restarts with each resumed run: add up the last value of every run
+    segments = [a["elapsed_s"] for a, b in zip(losses, losses[1:]) if b["elapsed_s"] < a["elapsed_s"]] + [losses[-1]["elapsed_s"]]
     argv = " ".join(command_line(name, "runs/detector-pretraining", "runs/demo-detectors"))
     return "\n".join([
         "Starting weights of the `m3d demo` benchmark cell of this detector and training set, trained on m3d's",
@@ -68,7 +70,7 @@ def provenance(name: str, run_dir: Path, data: str | Path) -> str:
         f"m3d train-detector {argv}",
         "```",
         "",
-        f"- {summary['steps']} optimizer steps of 16 slices, {summary['wall_s'] / 60:.1f} min wall-clock; loss "
+        f"- {summary['steps']} optimizer steps of 16 slices, {sum(segments) / 60:.1f} min of training on one CPU thread; loss "
         f"{losses[0]['loss']:.3f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.3f} (step {losses[-1]['step']}).",
         "- Fine-tuned and measured by `m3d demo` / `m3d bench --preset demo`; not a detector to use on real scans.",
     ])
