@@ -112,6 +112,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "readers; saves a transformers model folder (OUTPUT_DIR/model). Runs under `accelerate launch` too.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="start from a saved CAD scorer (save_pretrained folder) instead of a new --preset model")
     parser.add_argument("--preset", choices=tuple(CAD_PRESETS), default="default",
                         help="network size (m3d.cad.CAD_PRESETS; tiny: tests; default: 48 mm cubes, widths 16-128)")
 
@@ -267,7 +269,9 @@ def train(args: argparse.Namespace) -> int:
     main_process = accelerator.is_main_process
     configure_logging(logger, "train_cad", main_process)
     set_seed(args.seed)
-    config = CADConfig.from_preset(args.preset)
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {args.model} is not a saved CAD scorer (no config.json)")
+    config = CADConfig.from_pretrained(args.model) if args.model else CADConfig.from_preset(args.preset)
 
     # data: every process cuts the same cubes (deterministic); the loader shards the batches
     cut_size = config.cube_size + 2 * CUT_MARGIN
@@ -293,7 +297,7 @@ def train(args: argparse.Namespace) -> int:
         worker_init_fn=ignore_sigint if args.num_workers else None, pin_memory=accelerator.device.type == "cuda",
     )
 
-    model = CADForMalignancyScoring(config)
+    model = CADForMalignancyScoring.from_pretrained(args.model) if args.model else CADForMalignancyScoring(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.max_steps), args.max_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
