@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from m3d.cad import IGNORE_INDEX, CADConfig, CADForMalignancyScoring, malignancy_labels, score_locations
+from m3d.dataset_builder.features import box_fields
 from m3d.train.cubes import iter_phantom_cases, sites_for_task
 
 
@@ -204,6 +205,7 @@ def _m3dsynth_folder(root, cases, tmp_path):
             site_lps_mm=volume.voxel_to_world(centre_zyx).tolist(),
             test_crop_center_zyx=np.rint(centre_zyx).astype(int).tolist(), spacing_mm=list(volume.spacing_mm),
             nodule_diameter_mm=nodule.diameter_mm, malignancy_before=nodule.malignancy, malignancy_after=None,
+            **box_fields((0, 0, 0), volume.shape, None),  # whole scans, fakes included (the schema allows both)
         )
         for generator, label, scan, changed in (("real", "pristine", volume, np.zeros_like(mask)), ("pix2pix", "fake", tampered, mask)):
             name = f"{site_id}_{generator}"

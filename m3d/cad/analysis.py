@@ -100,29 +100,34 @@ def iter_folder_examples(folder: str | Path) -> Iterator[dict[str, Any]]:
     files = sorted(Path(folder, "data").glob("*/*/*.parquet"))
     if not files:
         raise FileNotFoundError(f"{folder} is not an M3Dsynth folder: no data/<generator>/<task>/<split>-*.parquet files")
-    order = []  # (site_id, pristine last-sorted flag, img_id, file, row group): one row group per example
+    order = []  # (site_id, not pristine, img_id, file, row group, row): each site's pristine example first
     for path in files:
         parquet = pq.ParquetFile(path)
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=["img_id", "site_id"])
-            for img_id, site_id in zip(table["img_id"].to_pylist(), table["site_id"].to_pylist()):
-                order.append((site_id, not img_id.endswith("_real"), img_id, path, group))
+            for row, (img_id, site_id) in enumerate(zip(table["img_id"].to_pylist(), table["site_id"].to_pylist())):
+                order.append((site_id, not img_id.endswith("_real"), img_id, path, group, row))
     order.sort(key=lambda entry: entry[:3])
-    pristine: dict[str, Any] = {}  # the current site's decoded pristine scan
-    for site_id, _, img_id, path, group in order:
+    site_scans: dict[str, Any] = {}  # the current site's whole scans, the bases of its boxes
+    group_rows: dict[tuple, list] = {}  # the last row group read (the builder writes one example per group)
+    for site_id, _, img_id, path, group, row in order:
         parquet = pq.ParquetFile(path)
         features = datasets.Features.from_arrow_schema(parquet.schema_arrow)
-        columns = [c for c in READ_COLUMNS if c in features]
-        raw = features.decode_example(parquet.read_row_group(group, columns=columns).to_pylist()[0])
+        if (path, group) not in group_rows:
+            columns = [c for c in READ_COLUMNS if c in features]
+            group_rows = {(path, group): parquet.read_row_group(group, columns=columns).to_pylist()}
+        raw = features.decode_example(group_rows[path, group][row])
         example = _normalise(raw, features, path.name.split("-", 1)[0])
+        if site_scans and next(iter(site_scans.values()))[0] != site_id:
+            site_scans = {}
         if is_box(raw):
-            base = pristine.get(raw["base_img_id"])
+            base = site_scans.get(raw["base_img_id"])
             if base is None:
                 raise ValueError(f"{folder}: the fake {img_id} is stored over {raw['base_img_id']}, which the folder lacks")
-            example["scan"] = example_volume(raw, base)
+            example["scan"] = example_volume(raw, base[1])
         else:
             example["scan"] = example_volume(raw)
-            pristine = {img_id: example["scan"]}
+            site_scans[img_id] = (site_id, example["scan"])
         yield example
 
 
