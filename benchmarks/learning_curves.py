@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_detectors import device_name  # this folder's scripts share it
 from m3d.detectors import DETECTORS
 from m3d.metrics import detection_metrics
 from m3d.train import train_detector
@@ -32,16 +32,6 @@ from m3d.train.detector_data import evaluation_crops, filter_examples, load_spli
 from m3d.train.evaluation import predict_samples
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def volume_scores(model, crops) -> dict[str, float | None]:
@@ -115,7 +105,7 @@ def main() -> None:
         for name, data in folders.items():
             for detector in args.detectors:
                 rows += curve(name, data, detector, args, Path(work))
-    device = device_name()
+    device = device_name(torch.device("cpu"))
     out = args.out or RESULTS / f"learning_curves_{device.split('(')[0].strip().lower().replace(' ', '_')[:40]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}

@@ -131,6 +131,24 @@ def save_pretrained_atomic(model_or_pipeline: Any, folder: Path, extra_files: di
 # -- checkpoints --------------------------------------------------------------------------------
 
 
+def replace_folder(source: Path, target: Path, files: tuple[str, ...] | None = None) -> Path:
+    """Copy ``source`` (or only its ``files``) to ``target``, replacing it whole: copied under a temporary
+    name beside it, made world-readable, then renamed, so ``target`` is never half-written."""
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    if files is None:
+        shutil.copytree(source, temporary)
+    else:
+        temporary.mkdir(parents=True)
+        for file in files:
+            shutil.copy(source / file, temporary / file)
+    for path in [temporary, *temporary.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(target, ignore_errors=True)
+    temporary.replace(target)
+    return target
+
+
 def _checkpoint_number(path: Path) -> int | None:
     match = re.fullmatch(r"checkpoint_(\d+)", path.name)
     return int(match.group(1)) if match else None

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -79,20 +77,14 @@ def provenance(name: str, run_dir: Path, data: str | Path) -> str:
 def ship(name: str, runs_dir: str | Path, data: str | Path) -> Path:
     """Copy ``runs_dir/name/best`` to ``m3d/detectors/demo/name`` (replacing it) with its model card."""
     from ..model_cards import write_model_card
+    from .common import replace_folder
 
     run_dir = Path(runs_dir) / name
     source = run_dir / "best"
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a saved detector: train {name} first")
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    target = DEMO_DIR / name
-    temporary = DEMO_DIR / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    for file in ("config.json", "model.safetensors"):
-        shutil.copy(source / file, temporary / file)
-    shutil.rmtree(target, ignore_errors=True)
-    temporary.replace(target)
+    target = replace_folder(source, DEMO_DIR / name, files=("config.json", "model.safetensors"))
     write_model_card(target, name=f"m3d demo {name}", provenance=provenance(name, run_dir, data))
     return target
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -103,19 +101,13 @@ def provenance(name: str, run_dir: Path, quality: dict | None) -> str:
 def ship(name: str, runs_dir: str | Path, quality: dict | None = None) -> Path:
     """Copy ``runs_dir/name/pipeline`` to ``m3d/pipelines/demo/name`` (replacing it) with its model card."""
     from ..model_cards import write_model_card
+    from .common import replace_folder
 
     run_dir = Path(runs_dir) / name
     source = run_dir / "pipeline"
     if not (source / "model_index.json").is_file():
         raise FileNotFoundError(f"{source} is not a saved pipeline: train {name} first")
-    target = DEMO_DIR / name
-    temporary = DEMO_DIR / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    shutil.copytree(source, temporary)
-    for path in temporary.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    shutil.rmtree(target, ignore_errors=True)
-    temporary.replace(target)
+    target = replace_folder(source, DEMO_DIR / name)
     write_model_card(target, name=f"m3d demo {name}", provenance=provenance(name, run_dir, quality))
     return target
 
