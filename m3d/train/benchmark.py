@@ -273,13 +273,18 @@ def run_cell(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out
 _WORKER: dict[str, Any] = {}  # a cell worker process's arguments and decoded test crops
 
 
+def _test_crops(args: argparse.Namespace, crop_size) -> dict[str, Any]:
+    """The test split and its evaluation crops, decoded on first use and shared by the cells of a process
+    (`run_cell` adds per-scan variants for detectors that need them)."""
+    test_split = filter_examples(load_split(args.data, "test", args.dataset_cache_dir), tasks=args.tasks)
+    return {"split": test_split, "crop_size": crop_size, "shared": evaluation_crops(test_split, crop_size, None, args.cache_mb << 20)}
+
+
 def _start_cell_worker(args: argparse.Namespace, crop_size) -> None:
     import torch
 
     torch.set_num_threads(1)
-    test_split = filter_examples(load_split(args.data, "test", args.dataset_cache_dir), tasks=args.tasks)
-    _WORKER.update(args=args, test_crops={"split": test_split, "crop_size": crop_size,
-                                          "shared": evaluation_crops(test_split, crop_size, None, args.cache_mb << 20)})
+    _WORKER.update(args=args, test_crops=_test_crops(args, crop_size))
 
 
 def _run_cell_in_worker(cell: Cell, settings: dict[str, Any], out: Path, images: Path | None) -> str:
@@ -520,10 +525,8 @@ def run(args: argparse.Namespace) -> int:
     missing = sorted(set(train_generators) - set(available))
     if missing:
         raise ValueError(f"the train split holds no fakes of {', '.join(missing)} (has {', '.join(available) or 'none'})")
-    test_split = filter_examples(load_split(args.data, "test", args.dataset_cache_dir), tasks=args.tasks)
     crop_size = parse_crop_size(settings["crop_size"])
-    test_crops: dict[str, Any] = {"split": test_split, "crop_size": crop_size,
-                                  "shared": evaluation_crops(test_split, crop_size, None, args.cache_mb << 20)}
+    test_crops = _test_crops(args, crop_size)
 
     cells = plan_cells(args, train_generators)
     images = None
