@@ -10,12 +10,12 @@ dealt to the processes; each writes its own shards; a killed build resumes where
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from .cli import run_guarded
+from .data.phantom import phantom_workers
 from .dataset_builder.features import TASKS
 from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, FAKE_GENERATORS, PHANTOM_SPACINGS
 from .dataset_builder.writer import BuildState, finalize, format_summary, prepare_folder, summarize, write_shards
@@ -94,7 +94,7 @@ def build_dataset(
     state = prepare_folder(out, config)
     if lidc_root is None:
         jobs = phantom_jobs(phantoms, seed=seed, size=size, max_slices=max_slices, spacing=phantom_spacing,
-                            split_proportions=split_proportions, workers=_phantom_workers(phantoms, process.num_processes),
+                            split_proportions=split_proportions, workers=phantom_workers(phantoms, process.num_processes),
                             progress=progress and process.is_main_process)
     else:
         jobs = lidc_jobs(lidc_root, seed=seed)
@@ -115,12 +115,6 @@ def build_dataset(
         finalize(out)
     process.wait_for_everyone()
     return read_state(out)
-
-
-def _phantom_workers(phantoms: int, num_processes: int) -> int:
-    """Processes that make the phantoms: this process's share of the cores, when there are enough scans to
-    pay for starting them."""
-    return 1 if phantoms < 8 else max(1, (os.cpu_count() or 1) // num_processes)
 
 
 def _split_proportions(text: str) -> dict[str, int]:

@@ -1907,6 +1907,14 @@ def _numbered_phantom(seed: int, index: int, settings: dict[str, Any]) -> Phanto
     return make_phantom(np.random.SeedSequence([int(seed), index]), patient_id=f"M3D-PHANTOM-{index:04d}", **settings)
 
 
+def phantom_workers(n: int, num_processes: int = 1) -> int:
+    """Processes to make ``n`` phantoms with: this process's share of the CPU cores, when there are enough
+    scans (8) to pay for starting them."""
+    import os
+
+    return 1 if n < 8 else max(1, (os.cpu_count() or 1) // num_processes)
+
+
 def make_phantoms(n: int, seed: int = 0, *, workers: int = 1, **settings: Any) -> Iterator[PhantomCase]:
     """Cases ``0 .. n-1`` in order, case ``i`` seeded ``SeedSequence([seed, i])`` with patient id
     ``M3D-PHANTOM-<i>`` (as `generate_phantoms` names them); ``settings`` go to `make_phantom`. With

@@ -42,6 +42,7 @@ import torch
 from ..cad.configuration_cad import CAD_PRESETS, CADConfig
 from ..cad.modeling_cad import IGNORE_INDEX, CADForMalignancyScoring, malignancy_labels
 from ..tamper.cube import hu_to_unit
+from ..data.phantom import phantom_workers
 from ..cli import run_guarded
 from .common import (
     MIXED_PRECISION,
@@ -275,8 +276,8 @@ def train(args: argparse.Namespace) -> int:
 
     # data: every process cuts the same cubes (deterministic); the loader shards the batches
     cut_size = config.cube_size + 2 * CUT_MARGIN
-    workers = max(1, (os.cpu_count() or 1) // accelerator.num_processes) if args.phantoms >= 8 else 1
-    cubes_hu, records = load_cubes(args, cut_size, progress=main_process and not args.no_progress, workers=workers)
+    cubes_hu, records = load_cubes(args, cut_size, progress=main_process and not args.no_progress,
+                                   workers=phantom_workers(args.phantoms, accelerator.num_processes))
     train_idx, val_idx = split_by_patient(records, args.validation_fraction, args.seed)
     if not config.rating_head:  # without the rating head only classification targets train
         keep = malignancy_labels([r["malignancy"] for r in records], config) != IGNORE_INDEX
