@@ -108,26 +108,28 @@ def iter_folder_examples(folder: str | Path) -> Iterator[dict[str, Any]]:
             for row, (img_id, site_id) in enumerate(zip(table["img_id"].to_pylist(), table["site_id"].to_pylist())):
                 order.append((site_id, not img_id.endswith("_real"), img_id, path, group, row))
     order.sort(key=lambda entry: entry[:3])
-    site_scans: dict[str, Any] = {}  # the current site's whole scans, the bases of its boxes
+    features_of: dict[Path, Any] = {}  # each file's features, parsed once
     group_rows: dict[tuple, list] = {}  # the last row group read (the builder writes one example per group)
+    current_site, site_scans = None, {}  # the current site's whole scans, the bases of its boxes
     for site_id, _, img_id, path, group, row in order:
-        parquet = pq.ParquetFile(path)
-        features = datasets.Features.from_arrow_schema(parquet.schema_arrow)
         if (path, group) not in group_rows:
-            columns = [c for c in READ_COLUMNS if c in features]
+            parquet = pq.ParquetFile(path)
+            if path not in features_of:
+                features_of[path] = datasets.Features.from_arrow_schema(parquet.schema_arrow)
+            columns = [c for c in READ_COLUMNS if c in features_of[path]]
             group_rows = {(path, group): parquet.read_row_group(group, columns=columns).to_pylist()}
+        features = features_of[path]
         raw = features.decode_example(group_rows[path, group][row])
         example = _normalise(raw, features, path.name.split("-", 1)[0])
-        if site_scans and next(iter(site_scans.values()))[0] != site_id:
-            site_scans = {}
+        if site_id != current_site:
+            current_site, site_scans = site_id, {}
         if is_box(raw):
             base = site_scans.get(raw["base_img_id"])
             if base is None:
                 raise ValueError(f"{folder}: the fake {img_id} is stored over {raw['base_img_id']}, which the folder lacks")
-            example["scan"] = example_volume(raw, base[1])
+            example["scan"] = example_volume(raw, base)
         else:
-            example["scan"] = example_volume(raw)
-            site_scans[img_id] = (site_id, example["scan"])
+            example["scan"] = site_scans[img_id] = example_volume(raw)
         yield example
 
 
