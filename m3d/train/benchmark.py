@@ -72,10 +72,12 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # tiny detectors on 16x64x64 crops at the scans' native resolution, each cell fine-tuned for 100 steps from
     # its shipped phantom-trained starting weights (`m3d.train.demo_detectors`): the grid on 2 CPU cores in minutes
     "demo": dict(detector_preset="tiny", crop_size=(16, 64, 64), num_epochs=100, max_steps=100, batch_size=16,
-                 learning_rate=3e-3, validation=False, standin_per_class=32, num_threads=1, starting_weights="demo"),
+                 learning_rate=2e-3, lr_scheduler="cosine", validation=False, standin_per_class=32, num_threads=1,
+                 starting_weights="demo"),
     # the papers' detector sizes, validation-picked checkpoints (a GPU job)
     "default": dict(detector_preset="default", crop_size=DEFAULT_CROP_SIZE, num_epochs=10, max_steps=None, batch_size=16,
-                    learning_rate=1e-4, validation=True, standin_per_class=1000, num_threads=None, starting_weights=None),
+                    learning_rate=1e-4, lr_scheduler="constant", validation=True, standin_per_class=1000, num_threads=None,
+                    starting_weights=None),
 }
 CSV_COLUMNS = ("experiment", "detector", "train_data", "test_generator", "task", "n_fake", "n_pristine",
                *DETECTION_KEYS, *LOCALIZATION_KEYS, "crop_size", "steps", "preset")
@@ -199,7 +201,7 @@ def train_argv(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, o
         *source, "--data", args.data,
         "--crop-size", settings["crop_size"], "--output-dir", str(out / "runs" / cell.key),
         "--num-epochs", str(settings["num_epochs"]), "--batch-size", str(settings["batch_size"]),
-        "--learning-rate", str(settings["learning_rate"]), "--seed", str(args.seed),
+        "--learning-rate", str(settings["learning_rate"]), "--lr-scheduler", settings["lr_scheduler"], "--seed", str(args.seed),
         "--mixed-precision", args.mixed_precision, "--eval-batch-size", str(args.eval_batch_size),
         "--cache-mb", str(args.cache_mb), "--resume-from-checkpoint", "latest", "--log-every", "5",
     ]
