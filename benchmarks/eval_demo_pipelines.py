@@ -5,21 +5,45 @@
 
 Held-out scans: ``--phantoms`` synthetic chest CTs made with `make_phantom` from ``SeedSequence([seed,
 i])`` (default seed 2024; the demo pipelines were trained on seed 0, so the anatomy, the noise and the
-sites differ; the nodule *contours* are drawn from the same LIDC database). Sites as the dataset plan
+sites differ; the nodule *contours* are drawn from the same LIDC database), by default as the dataset
+builder makes them (`m3d.dataset_builder.generate.DEFAULT_PHANTOMS` and ``PHANTOM_NODULES``: the real
+series' pixel and slice spacing, a 320-pixel field of view, 48 slices; ``--phantom-spacing scaled``
+puts the real field of view on ``--size`` pixels instead). Sites as the dataset plan
 (`m3d.tamper.plan.plan_scan`): injections at small benign nodules (< 8 mm), removals at real nodules
->= 8 mm with malignancy >= 3; sites whose cube leaves the scan or the lungs are skipped.
+>= 8 mm with malignancy >= 3; sites whose cube leaves the scan or the lungs are skipped. Every pipeline
+of a task sees the same sites.
 
-Per pipeline, on the generated 32^3 cube (1 mm; the hole generated, the rest the scan's own voxels):
+Per pipeline, on the generated 32^3 cube (1 mm; the hole generated, the rest the scan's own voxels),
+and for the pristine cubes of each task as the reference:
 
 * the nodule at the centre, measured by `m3d.tamper.quality.measure_nodule` (component above -400 HU
-  reaching the centre): injections count as *real-looking* when it is > 10 mm (the builder's keep
-  rule) **and** its mean HU lies in the range of real nodules > 10 mm measured the same way on the
-  same held-out scans (5th-95th percentile); removals count when what is left is < 8 mm;
-* the seam: mean |HU difference| of neighbouring voxels across the hole's faces divided by the same
-  mean over all other neighbouring pairs of the cube (1 = no seam; the pristine cubes give the
-  reference value);
+  reaching the centre): ``kept_fraction`` passes the builder's keep rule; injections count as
+  *real-looking* when the nodule is > 10 mm (the keep rule) **and** its mean HU lies in the range of
+  real nodules > 10 mm measured the same way on the same held-out scans (5th-95th percentile);
+* the seam (``seam_ratio_mean``): mean |HU difference| of neighbouring voxels across the hole's faces
+  divided by the same mean over all other neighbouring pairs of the cube (1 = no seam);
+* periodic artefacts (`spectral_peak_ratio`, `nyquist_power_fraction`): the mean power spectrum of the
+  hole's high-pass residual (Hann-windowed); its sharpest peak beyond the lowest frequencies (a bin's
+  power over the median of its neighbouring bins), and the share of its power at the Nyquist frequency
+  of any axis, where the checkerboard of a strided transposed convolution lands;
+* vessels (`vessel_continuity`, `vessel_faces_continuity`): how much bright tubular tissue (> -500 HU,
+  the central nodule left out) the hole's shell around the nodule holds relative to the pristine cube
+  of the site (1 = kept, 0 = cut), and the share of vessel voxels just outside the hole's faces that
+  continue just inside;
+* a classifier two-sample test (``two_sample_accuracy``, `two_sample_test.two_sample_accuracy`): the
+  held-out balanced accuracy of a small 3-D CNN telling the generated holes from *real* holes of the
+  class the generator is meant to produce (chance 0.5). Injections are generated at the injection sites
+  (small benign nodules), so their real counterparts are the pristine cubes of the *removal* sites (real
+  nodules >= 8 mm); removals are compared with the pristine cubes of the injection sites (real nodules
+  < 8 mm); ``two_sample`` holds the fold accuracies and ``n_a`` (generated) / ``n_b`` (real) cubes.
+  ``two_sample_control``: the same test on two random halves of each task's pristine cubes, which must
+  come out at chance;
 * speed: cubes/s of the generator on the batch of all sites (``cubes_per_s``) and of full generation
   on whole scans, scan by scan: cut, fill, paste back (``scan_cubes_per_s``).
+
+The targets of issue 13: ``kept_fraction`` >= 0.90; injections ``real_looking_fraction`` >= 0.80; seam
+ratio <= 1.20; no spectral peak (``spectral_peak_ratio``, ``nyquist_power_fraction``) above the pristine
+cubes' of the task; ``two_sample_accuracy`` <= 0.75.
 
 Writes ``benchmarks/results/demo_pipelines_quality.json`` (device named) and, unless
 ``--no-montage``, ``benchmarks/results/demo_pipelines_montage.png`` (central axial slice of four sites
@@ -35,18 +59,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from m3d.data.phantom import make_phantom
+from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, PHANTOM_NODULES, PHANTOM_SPACINGS
 from m3d.pipelines import M3DTamperPipeline, load_pipeline
-from m3d.tamper.cube import TamperLocationError, extract_cube, hole_mask, hu_to_unit, unit_to_hu
+from m3d.tamper.cube import HOLE_SIZE, TamperLocationError, extract_cube, hole_mask, hu_to_unit, unit_to_hu
 from m3d.tamper.plan import plan_scan
 from m3d.tamper.quality import QualityCriteria, check_quality, measure_nodule
+from two_sample_test import two_sample_accuracy  # the script beside this one (its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "m3d" / "pipelines" / "demo"
 GENERATORS = ("pix2pix", "cyclegan", "ddpm")
 TASKS = ("inject", "remove")
 MONTAGE_SITES = 4
+SPECTRUM_HIGHPASS_SIGMA_MM = 1.0  # residual = cube - Gaussian blur: keeps >= 70 % of a period-4 pattern
+SPECTRUM_MIN_RADIUS = 2.0  # frequency bins nearer DC than this (index units of the 20-voxel hole) are ignored
+SPECTRUM_BACKGROUND_BINS = 5  # a spectral peak is measured against the median of its 5^3 neighbouring bins
+VESSEL_MIN_HU = -500.0  # phantom vessels are blood (35-260 HU) in lung (about -850 HU), with partial volume
+SHELL_INNER_RADIUS_MM = 5.0  # the vessel shell: the hole minus the central 10 mm ball
+MIN_SHELL_VESSEL_VOXELS = 10  # sites whose pristine shell holds fewer vessel voxels give no continuity ratio
 
 
 def demo_folders() -> list[Path]:
@@ -54,14 +87,19 @@ def demo_folders() -> list[Path]:
     return [DEMO_DIR / f"{generator}-{task}" for task in TASKS for generator in GENERATORS]
 
 
-def held_out_cubes(n_phantoms: int, seed: int, size: int, max_slices: int) -> tuple[dict[str, np.ndarray], list]:
-    """Pristine 32^3 HU cubes at the plan's injection and removal sites of ``n_phantoms`` new phantoms,
-    and the scans as ``(case, {task: [LPS locations]})``."""
+def held_out_cubes(
+    n_phantoms: int, seed: int, size: int = DEFAULT_PHANTOMS["size"], max_slices: int | None = DEFAULT_PHANTOMS["max_slices"],
+    spacing: str = DEFAULT_PHANTOMS["spacing"],
+) -> tuple[dict[str, np.ndarray], list]:
+    """Pristine 32^3 HU cubes at the plan's injection and removal sites of ``n_phantoms`` new phantoms
+    (the builder's nodule settings; ``spacing`` "native" | "scaled" as `phantom_jobs`), and the scans as
+    ``(case, {task: [LPS locations]})``."""
     cubes: dict[str, list[np.ndarray]] = {task: [] for task in TASKS}
     scans = []
     for i in range(n_phantoms):
         case = make_phantom(
-            np.random.SeedSequence([seed, i]), size=size, max_slices=max_slices, n_nodules=(3, 6), min_diameter_mm=3.0
+            np.random.SeedSequence([seed, i]), size=size, max_slices=max_slices, native_spacing=spacing == "native",
+            **PHANTOM_NODULES,
         )
         locations: dict[str, list[np.ndarray]] = {task: [] for task in TASKS}
         for site in plan_scan(case.lidc):
@@ -98,6 +136,108 @@ def seam_ratio(cube_hu: np.ndarray) -> float:
     return float(np.concatenate(across).mean() / np.concatenate(elsewhere).mean())
 
 
+def _hole_power_spectrum(cubes_hu: np.ndarray) -> np.ndarray:
+    """Mean power spectrum (``np.fft`` order, ``HOLE_SIZE``^3) of the holes' high-pass residual: cube
+    minus its Gaussian blur (sigma `SPECTRUM_HIGHPASS_SIGMA_MM`, so the nodule and vessels, which differ
+    between pristine and generated cubes by design, do not dominate), hole cut out, its mean removed,
+    3-D Hann window, |FFT|^2, averaged over the cubes."""
+    cubes = np.asarray(cubes_hu, np.float32)
+    residual = cubes - ndimage.gaussian_filter(cubes, (0,) + (SPECTRUM_HIGHPASS_SIGMA_MM,) * 3)
+    holes = residual[:, hole_mask(cubes.shape[1:])].reshape((len(cubes),) + (HOLE_SIZE,) * 3)
+    holes -= holes.mean(axis=(1, 2, 3), keepdims=True)
+    hann = np.hanning(HOLE_SIZE)
+    window = hann[:, None, None] * hann[None, :, None] * hann[None, None, :]
+    return (np.abs(np.fft.fftn(holes * window, axes=(1, 2, 3))) ** 2).mean(0)
+
+
+def _frequency_index() -> np.ndarray:
+    """Integer frequency index (-HOLE_SIZE/2 .. HOLE_SIZE/2 - 1) of each spectrum bin, ``(3, n, n, n)``."""
+    k = np.rint(np.fft.fftfreq(HOLE_SIZE) * HOLE_SIZE)
+    return np.stack(np.meshgrid(k, k, k, indexing="ij"))
+
+
+def spectral_peak_ratio(cubes_hu: np.ndarray) -> float:
+    """The sharpest peak of the holes' mean high-pass power spectrum (`_hole_power_spectrum`): the
+    largest ratio of a bin's power to the median power of its `SPECTRUM_BACKGROUND_BINS`^3 neighbourhood
+    (the spectrum is periodic, so the neighbourhood wraps), over the bins at least `SPECTRUM_MIN_RADIUS`
+    index units from DC. A periodic pattern (a checkerboard of period 2 or 4 voxels, even of +-10 HU)
+    fills a few bins and stands far above its neighbours; noise gives a few units. The median is taken
+    locally, not over the whole spectrum, because the spectrum falls steeply with frequency and a global
+    ratio mostly measures how much nodule and vessel a hole holds (a generated 15 mm nodule scores far
+    above a pristine 4 mm one without any artefact)."""
+    power = _hole_power_spectrum(cubes_hu)
+    prominence = power / ndimage.median_filter(power, size=SPECTRUM_BACKGROUND_BINS, mode="wrap")
+    beyond = np.sqrt((_frequency_index() ** 2).sum(0)) >= SPECTRUM_MIN_RADIUS
+    return float(prominence[beyond].max())
+
+
+def nyquist_power_fraction(cubes_hu: np.ndarray) -> float:
+    """Share of the holes' mean high-pass power spectrum in the bins at the Nyquist frequency (index
+    HOLE_SIZE/2, period 2 voxels) of any axis, where a checkerboard concentrates."""
+    power = _hole_power_spectrum(cubes_hu)
+    at_nyquist = (np.abs(_frequency_index()) == HOLE_SIZE // 2).any(0)
+    return float(power[at_nyquist].sum() / power.sum())
+
+
+def central_nodule_mask(cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria()) -> np.ndarray:
+    """The nodule at the centre at the vessel threshold: voxels > `VESSEL_MIN_HU` opened with the
+    6-connected cross (cuts thin vessels off, as `measure_nodule`), the 26-connected components reaching
+    the central ball of radius ``criteria.center_radius_mm``, dilated back by one voxel within the solid
+    voxels (the rim the opening took)."""
+    solid = cube_hu > VESSEL_MIN_HU
+    opened = ndimage.binary_opening(solid, structure=ndimage.generate_binary_structure(3, 1))
+    labels, _ = ndimage.label(opened, structure=ndimage.generate_binary_structure(3, 3))
+    central = np.unique(labels[(_radius_mm(cube_hu.shape) <= criteria.center_radius_mm) & (labels > 0)])
+    nodule = np.isin(labels, central[central > 0])
+    return ndimage.binary_dilation(nodule, ndimage.generate_binary_structure(3, 3)) & solid
+
+
+def _radius_mm(shape: tuple[int, ...]) -> np.ndarray:
+    """Distance (mm, 1 mm voxels) of each voxel from the cube's centre."""
+    centre = (np.asarray(shape) - 1) / 2
+    return np.sqrt(((np.indices(shape) - centre[:, None, None, None]) ** 2).sum(0))
+
+
+def vessel_continuity(cubes_hu: np.ndarray, pristine_hu: np.ndarray) -> float | None:
+    """Vessel voxels (> `VESSEL_MIN_HU`) in the hole's shell (the hole minus its central ball of radius
+    `SHELL_INNER_RADIUS_MM`, where vessels pass by the nodule), leaving out the central nodule of either
+    cube (`central_nodule_mask`), in each generated cube over those in its pristine cube: the mean of
+    that ratio over the sites whose pristine shell holds at least `MIN_SHELL_VESSEL_VOXELS` (None if
+    none). 1 = as much vessel as before, 0 = the vessels were cut; above 1: spurious bright tissue."""
+    shell = hole_mask(cubes_hu.shape[1:]) & (_radius_mm(cubes_hu.shape[1:]) > SHELL_INNER_RADIUS_MM)
+    ratios = []
+    for cube, pristine in zip(cubes_hu, pristine_hu):
+        region = shell & ~central_nodule_mask(cube) & ~central_nodule_mask(pristine)
+        before = int((pristine[region] > VESSEL_MIN_HU).sum())
+        if before >= MIN_SHELL_VESSEL_VOXELS:
+            ratios.append((cube[region] > VESSEL_MIN_HU).sum() / before)
+    return round(float(np.mean(ratios)), 3) if ratios else None
+
+
+def vessel_faces_continuity(cubes_hu: np.ndarray) -> float | None:
+    """Of the vessel voxels (> `VESSEL_MIN_HU`) in the layer just outside each of the hole's six faces
+    (over the face's extent), the share whose neighbour just inside the face, or one of that voxel's 8
+    neighbours in the same layer (vessels cross faces obliquely), is a vessel voxel too; pooled over
+    all cubes and faces (None if there are none). Pristine cubes give nearly 1; a hole that cuts the
+    vessels gives 0."""
+    solid = np.asarray(cubes_hu) > VESSEL_MIN_HU
+    span = np.flatnonzero(hole_mask(solid.shape[1:])[:, solid.shape[2] // 2, solid.shape[3] // 2])
+    first, last = int(span[0]), int(span[-1])
+    face = slice(first, last + 1)
+    crossing = continuing = 0
+    for axis in (1, 2, 3):
+        size = [1, 3, 3, 3]
+        size[axis] = 1
+        spread = ndimage.maximum_filter(solid, size=size)  # any vessel among a voxel's 3x3 in-layer neighbours
+        for outside, inside in ((first - 1, first), (last + 1, last)):
+            out_index, in_index = [slice(None), face, face, face], [slice(None), face, face, face]
+            out_index[axis], in_index[axis] = outside, inside
+            vessels = solid[tuple(out_index)]
+            crossing += int(vessels.sum())
+            continuing += int((vessels & spread[tuple(in_index)]).sum())
+    return round(continuing / crossing, 3) if crossing else None
+
+
 def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
     """The pipeline's cubes (HU) for pristine ``cubes_hu`` and the seconds it took."""
     start = time.perf_counter()
@@ -107,8 +247,9 @@ def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int) -> tuple[
     return np.where(hole_mask(), generated, cubes_hu).astype(np.float32), seconds
 
 
-def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float]) -> dict:
-    """Quality figures of a set of (generated or pristine) cubes for ``task``."""
+def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float], pristine_hu: np.ndarray) -> dict:
+    """Quality figures of a set of (generated or pristine) cubes for ``task``; ``pristine_hu``: the
+    pristine cubes of the same sites (the cubes themselves for the reference)."""
     results = [check_quality(cube, task) for cube in cubes_hu]
     diameters = np.array([r.measurement.diameter_mm for r in results])
     mean_hu = np.array([r.measurement.mean_hu for r in results])
@@ -119,12 +260,22 @@ def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float]) ->
         "diameter_mm_iqr": [round(float(v), 2) for v in np.percentile(diameters, [25, 75])],
         "kept_fraction": round(float(kept.mean()), 3),
         "seam_ratio_mean": round(float(np.mean([seam_ratio(cube) for cube in cubes_hu])), 3),
+        "spectral_peak_ratio": round(spectral_peak_ratio(cubes_hu), 2),
+        "nyquist_power_fraction": round(nyquist_power_fraction(cubes_hu), 4),
+        "vessel_continuity": vessel_continuity(cubes_hu, pristine_hu),
+        "vessel_faces_continuity": vessel_faces_continuity(cubes_hu),
     }
     if task == "inject":
         plausible = kept & (mean_hu >= hu_range[0]) & (mean_hu <= hu_range[1])
         summary["nodule_mean_hu_median"] = round(float(np.nanmedian(mean_hu)), 1) if np.isfinite(mean_hu).any() else None
         summary["real_looking_fraction"] = round(float(plausible.mean()), 3)
     return summary
+
+
+def halves(cubes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two random halves of ``cubes`` (the two-sample control)."""
+    first, second = np.array_split(np.random.default_rng(seed).permutation(len(cubes)), 2)
+    return cubes[first], cubes[second]
 
 
 def montage(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
@@ -157,33 +308,41 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pipelines", nargs="+", type=Path, default=None, help="pipeline folders (default: the demo folders)")
     parser.add_argument("--phantoms", type=int, default=12, help="held-out phantoms")
     parser.add_argument("--seed", type=int, default=2024, help="held-out phantom seed (training used 0)")
-    parser.add_argument("--size", type=int, default=256, help="phantom matrix (the demo's)")
-    parser.add_argument("--max-slices", type=int, default=96, help="phantom slices (the demo's)")
+    parser.add_argument("--size", type=int, default=DEFAULT_PHANTOMS["size"], help="phantom in-plane matrix (the builder's)")
+    parser.add_argument("--max-slices", type=int, default=DEFAULT_PHANTOMS["max_slices"], help="phantom slices (the builder's)")
+    parser.add_argument("--phantom-spacing", choices=PHANTOM_SPACINGS, default=DEFAULT_PHANTOMS["spacing"],
+                        help="native: the real series' pixel spacing; scaled: the real field of view on --size pixels")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-montage", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
-    pristine, scans = held_out_cubes(args.phantoms, args.seed, args.size, args.max_slices)
+    pristine, scans = held_out_cubes(args.phantoms, args.seed, args.size, args.max_slices, args.phantom_spacing)
     real = [measure_nodule(cube) for cube in pristine["remove"]]
     real_hu = [m.mean_hu for m in real if m.diameter_mm > QualityCriteria().inject_min_diameter_mm]
     hu_range = tuple(round(float(v), 1) for v in np.percentile(real_hu, [5, 95]))
     report: dict = {
         "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "held_out": {"phantoms": args.phantoms, "seed": args.seed, "size": args.size, "max_slices": args.max_slices},
+        "held_out": {"phantoms": args.phantoms, "seed": args.seed, "size": args.size, "max_slices": args.max_slices,
+                     "spacing": args.phantom_spacing, **PHANTOM_NODULES},
         "real_nodule_mean_hu_range": list(hu_range),
-        "pristine": {task: summarize(pristine[task], task, hu_range) for task in TASKS},
+        "pristine": {task: summarize(pristine[task], task, hu_range, pristine[task]) for task in TASKS},
+        "two_sample_control": {task: two_sample_accuracy(*halves(pristine[task], args.seed), seed=0) for task in TASKS},
         "pipelines": {},
     }
+    print(json.dumps({"pristine": report["pristine"], "two_sample_control": report["two_sample_control"]}))
+    real_targets = {"inject": pristine["remove"], "remove": pristine["inject"]}  # real nodules of each task's result
     rows = {task: [(f"{task} site: pristine", pristine[task][:MONTAGE_SITES])] for task in TASKS}
     for folder in args.pipelines or demo_folders():
         pipe = load_pipeline(folder)
         task = pipe.config.task
         generated, seconds = generate(pipe, pristine[task], seed=0)
-        entry = {"folder": str(folder.relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder),
-                 "class": type(pipe).__name__, "task": task, **summarize(generated, task, hu_range),
-                 "cubes_per_s": round(len(generated) / seconds, 2), "scan_cubes_per_s": round(scan_cubes_per_s(pipe, scans), 2)}
+        entry = {"folder": str(folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder),
+                 "class": type(pipe).__name__, "task": task, **summarize(generated, task, hu_range, pristine[task])}
+        two_sample = two_sample_accuracy(generated, real_targets[task], seed=0)
+        entry.update(two_sample_accuracy=two_sample.pop("accuracy"), two_sample=two_sample,
+                     cubes_per_s=round(len(generated) / seconds, 2), scan_cubes_per_s=round(scan_cubes_per_s(pipe, scans), 2))
         if "num_inference_steps" in pipe.config:
             entry.update(scheduler=type(pipe.scheduler).__name__, num_inference_steps=pipe.config.num_inference_steps)
         report["pipelines"][folder.name] = entry
