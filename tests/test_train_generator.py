@@ -64,7 +64,7 @@ def synthetic_case(seed: int = 0, case_id: str = "synth", nodules=NODULES) -> Tr
     return TrainingCase(case_id, CTVolume(hu, SPACING, ORIGIN), records)
 
 
-def fake_phantoms(n, *, seed=0, size=128, max_slices=None, task=None):
+def fake_phantoms(n, *, seed=0, size=128, max_slices=None, task=None, workers=1, native_spacing=False):
     for i in range(n):
         yield synthetic_case(seed + i, f"synth{seed + i}", NODULES[:2] + NODULES[5:7])
 
@@ -225,16 +225,22 @@ def _fixed_batch(case, size: int, count: int) -> dict[str, torch.Tensor]:
     return {k: v[:, :, window, window, window].contiguous() for k, v in batch.items()}
 
 
+# the demo DDPM's recipe: v-prediction on a 1,000-step cosine schedule, min-SNR-5, hole-only loss
+DDPM_CPU_RECIPE = dict(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000,
+                       snr_gamma=5.0, hole_only=True)
+
+
 @pytest.mark.parametrize(
-    "model, size, count, steps",
-    [("pix2pix", 32, 4, 30), ("cyclegan", 32, 2, 10), ("ddpm", 16, 4, 30)],
+    "model, size, count, steps, options",
+    [("pix2pix", 32, 4, 30, {}), ("cyclegan", 32, 2, 10, {}), ("ddpm", 16, 4, 30, {}), ("ddpm", 16, 4, 30, DDPM_CPU_RECIPE)],
+    ids=["pix2pix", "cyclegan", "ddpm", "ddpm-v-min-snr"],
 )
-def test_a_tiny_models_loss_falls(case, model, size, count, steps):
+def test_a_tiny_models_loss_falls(case, model, size, count, steps, options):
     """A few steps on a fixed batch (fixed dropout, noise and timesteps too) make the loss fall. The
     CycleGAN's discriminators need 32^3 cubes, so it takes fewer, smaller steps (CPU time)."""
     from accelerate import Accelerator
 
-    trainer = tg.make_trainer(model, "inject", "tiny", learning_rate=2e-3)
+    trainer = tg.make_trainer(model, "inject", "tiny", learning_rate=2e-3, **options)
     trainer.prepare(Accelerator(cpu=True))
     trainer.train()
     batch = _fixed_batch(case, size, count)

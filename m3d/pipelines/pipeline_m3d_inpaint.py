@@ -14,7 +14,10 @@ Schedulers: any diffusers scheduler with ``set_timesteps`` / ``step`` / ``add_no
 scheduler=...)`` or ``M3DInpaintPipeline.from_pipe(pipe, scheduler=...)``.
 
 The default training schedule (`default_scheduler`) is the paper's: 2,000 linear steps
-(beta 1e-4 -> 0.02), epsilon prediction, samples clipped to [-1, 1].
+(beta 1e-4 -> 0.02), epsilon prediction, samples clipped to [-1, 1]. The scheduler saved with a
+pipeline carries its own schedule and ``prediction_type`` (the demo weights: v-prediction on a
+1,000-step cosine schedule), and the loop below works for any of them: the UNet's output is handed to
+``scheduler.step``, which reads it as the schedule says.
 
 One task per pipeline folder: injection weights are trained on malignant nodules > 10 mm, removal
 weights on benign nodules < 8 mm (as the paper); the folder records ``task`` in ``model_index.json``
@@ -34,38 +37,52 @@ from ..data.ct import CTVolume
 from ..models.unet3d import UNet3DModel
 from .common import GeneratorArg, M3DTamperPipeline, check_task_name
 
-__all__ = ["M3DInpaintPipeline", "default_scheduler", "inference_scheduler", "NUM_TRAIN_TIMESTEPS", "SAMPLERS"]
+__all__ = [
+    "M3DInpaintPipeline", "default_scheduler", "inference_scheduler", "NUM_TRAIN_TIMESTEPS", "SAMPLERS", "PREDICTION_TYPES",
+    "BETA_SCHEDULES",
+]
 
 NUM_TRAIN_TIMESTEPS = 2000  # M3Dsynth's DDPM: 2,000-step linear schedule
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
 
-def default_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> DDPMScheduler:
-    """The training/noising schedule of the M3Dsynth DDPM: linear betas 1e-4 -> 0.02."""
+def default_scheduler(
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, prediction_type: str = "epsilon", beta_schedule: str = "linear"
+) -> DDPMScheduler:
+    """The training/noising schedule. Defaults: the M3Dsynth DDPM's, linear betas 1e-4 -> 0.02 over
+    2,000 steps, epsilon prediction. ``prediction_type`` ``"v_prediction"`` or ``"sample"`` and
+    ``beta_schedule="squaredcos_cap_v2"`` (the cosine schedule of Nichol & Dhariwal 2021) are what
+    converges in a CPU budget (see `m3d.train.train_generator`)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}; got {beta_schedule!r}")
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
-        beta_schedule="linear",
+        beta_schedule=beta_schedule,
         beta_start=1e-4,
         beta_end=0.02,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=True,
         clip_sample_range=1.0,
         variance_type="fixed_small",
     )
 
 
-def inference_scheduler(name: str = "ddpm", num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> SchedulerMixin:
-    """A sampler on the training schedule: ``"ddpm"`` (`default_scheduler`), ``"ddim"`` or
-    ``"dpmsolver++"`` (`DPMSolverMultistepScheduler`, 20-50 steps)."""
+def inference_scheduler(name: str = "ddpm", training_scheduler: SchedulerMixin | None = None) -> SchedulerMixin:
+    """A sampler on ``training_scheduler``'s schedule (default: `default_scheduler`): ``"ddpm"``,
+    ``"ddim"`` or ``"dpmsolver++"`` (`DPMSolverMultistepScheduler`, 20-50 steps)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    config = default_scheduler(num_train_timesteps).config
+    config = (training_scheduler or default_scheduler()).config
     if name == "ddpm":
         return DDPMScheduler.from_config(config)
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing")
     if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", timestep_spacing="trailing")
     raise ValueError(f"sampler must be one of {SAMPLERS}; got {name!r}")
 
 
@@ -168,11 +185,11 @@ class M3DInpaintPipeline(M3DTamperPipeline):
             sample = mask * sample + known_mask * noised_original(0)
             for index, t in enumerate(timesteps):
                 model_input = torch.cat([scheduler.scale_model_input(sample, t), condition], dim=1)
-                noise_pred = self.unet(model_input.to(dtype), t.expand(batch)).sample.to(torch.float32)
+                model_output = self.unet(model_input.to(dtype), t.expand(batch)).sample.to(torch.float32)
                 extra = dict(step_kwargs)
                 if "generator" in step_parameters:
                     extra["generator"] = generators
-                sample = scheduler.step(noise_pred, t, sample, **extra).prev_sample
+                sample = scheduler.step(model_output, t, sample, **extra).prev_sample
                 known = noised_original(index + 1) if index + 1 < len(timesteps) else original
                 sample = mask * sample + known_mask * known
                 on_step()

@@ -271,17 +271,20 @@ PHANTOM_NODULES: dict[str | None, dict[str, Any]] = {
 
 
 def iter_phantom_cases(
-    n: int, *, seed: int = 0, size: int = 128, max_slices: int | None = None, task: str | None = None, workers: int = 1
+    n: int, *, seed: int = 0, size: int = 128, max_slices: int | None = None, task: str | None = None, workers: int = 1,
+    native_spacing: bool = False,
 ) -> Iterator[TrainingCase]:
     """``n`` synthetic scans made in memory with `m3d.data.phantom.make_phantoms`, case ``i`` seeded
     with ``SeedSequence([seed, i])`` as `generate_phantoms` does (same anatomy as ``m3d phantom --seed``);
-    with a ``task`` the nodules are drawn for it (`PHANTOM_NODULES`); ``workers`` processes make them."""
+    with a ``task`` the nodules are drawn for it (`PHANTOM_NODULES`); ``workers`` processes make them;
+    ``native_spacing``: the real series' pixel and slice spacing (else its field of view on ``size`` pixels)."""
     from ..data.lidc import group_nodules
     from ..data.phantom import make_phantoms
 
     if n < 1:
         raise ValueError(f"the number of phantoms must be positive; got {n}")
-    for case in make_phantoms(n, seed, workers=workers, size=size, max_slices=max_slices, **PHANTOM_NODULES[task]):
+    for case in make_phantoms(n, seed, workers=workers, size=size, max_slices=max_slices, native_spacing=native_spacing,
+                              **PHANTOM_NODULES[task]):
         yield TrainingCase(case_id=case.volume.metadata.patient_id, volume=case.volume, nodules=list(group_nodules(case.lidc)))
 
 

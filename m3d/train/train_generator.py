@@ -21,9 +21,13 @@ Losses and optimisers:
   (CycleGAN's settings; ``--d-learning-rate`` defaults to the G rate). No image pool (CycleGAN keeps 50
   past fakes for D); G+F are updated first, then the Ds. ``--hole-only`` as for pix2pix: each of G's
   outputs (translation, cycle, identity) is its hole pasted into the real context.
-* ddpm: epsilon-prediction MSE over the cube (over the hole with ``--hole-only``: sampling replaces the
-  known region anyway); the UNet sees ``concat(noisy, masked, mask)``; noise schedule = the pipeline's
-  `default_scheduler` (DDPM, 2,000 linear steps); AdamW(1e-4); gradient norm clipped at 1; an EMA of
+* ddpm: MSE of the UNet's prediction over the cube (over the hole with ``--hole-only``: sampling replaces
+  the known region anyway); the UNet sees ``concat(noisy, masked, mask)``. Defaults are the paper's:
+  epsilon prediction on 2,000 linear steps (`default_scheduler`). What converges on a CPU budget (the
+  demo weights): ``--prediction-type v_prediction --noise-schedule squaredcos_cap_v2
+  --num-train-timesteps 1000 --snr-gamma 5`` (v-prediction on the cosine schedule with min-SNR-5
+  weighting: the high-noise steps, where the epsilon loss says little about the cube, get an x0-like
+  weight, and the low-noise ones stop dominating). AdamW(1e-4); gradient norm clipped at 1; an EMA of
   the UNet (diffusers `EMAModel`, ``--ema-decay``) is what is saved, with ``--sampler`` (ddpm, ddim or
   dpmsolver++ on the same schedule) as its scheduler and ``--inference-steps`` as its default steps.
 
@@ -77,7 +81,11 @@ MODELS = ("pix2pix", "cyclegan", "ddpm")
 TASKS = ("inject", "remove")
 PRESET_CHOICES = ("tiny", "demo", "default", "reference")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++")  # as m3d.pipelines.SAMPLERS (not imported here: a light parser)
+# as m3d.pipelines' SAMPLERS, PREDICTION_TYPES and BETA_SCHEDULES (not imported here: a light parser)
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+PHANTOM_SPACINGS = ("native", "scaled")  # as m3d.dataset_builder.generate.PHANTOM_SPACINGS
 
 # Component classes per model, as named in `m3d.models.PRESETS`.
 COMPONENTS = {
@@ -132,6 +140,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--phantoms", type=int, default=8, metavar="N", help="synthetic scans made in memory when no data folder is given")
     data.add_argument("--phantom-size", type=int, default=128, help="in-plane matrix of the synthetic scans")
     data.add_argument("--phantom-max-slices", type=int, default=None, help="cap on the synthetic scans' slices")
+    data.add_argument("--phantom-spacing", choices=PHANTOM_SPACINGS, default="native",
+                      help="native: the real series' pixel and slice spacing (as the dataset builder); scaled: the real "
+                      "field of view on --phantom-size pixels (coarser: the cubes are upsampled to 1 mm)")
     data.add_argument("--cube-cache", metavar="DIR", default=None,
                       help="keep the cut training cubes here (an .npz per task and data source) and reuse them")
 
@@ -151,6 +162,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      "ddpm: the noise MSE over the hole only")
     run.add_argument("--lambda-cycle", type=float, default=10.0, help="cyclegan: cycle weight (identity: half of it)")
     run.add_argument("--ema-decay", type=float, default=0.9999, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
+    run.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon",
+                     help="ddpm: what the UNet predicts: the noise (the paper), the velocity v or the clean cube")
+    run.add_argument("--noise-schedule", choices=BETA_SCHEDULES, default="linear",
+                     help="ddpm: linear betas 1e-4 -> 0.02 (the paper) or the cosine schedule (squaredcos_cap_v2)")
+    run.add_argument("--num-train-timesteps", type=int, default=2000, help="ddpm: diffusion steps of the schedule (the paper: 2000)")
+    run.add_argument("--snr-gamma", type=float, default=None,
+                     help="ddpm: min-SNR-gamma loss weighting (5 is the paper's choice); default: unweighted")
     run.add_argument("--max-grad-norm", type=float, default=None, help="clip gradient norms (default: ddpm 1.0, GANs off)")
     run.add_argument("--seed", type=int, default=0, help="seeds the data, the augmentations and every step's randomness")
     run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
@@ -175,7 +193,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     positive = ["max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size",
-                "inference_steps"]
+                "inference_steps", "num_train_timesteps"]
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
@@ -185,6 +203,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--checkpointing-steps and --num-workers must not be negative")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError("--checkpoints-total-limit must be positive")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise ValueError(f"--snr-gamma must be positive; got {args.snr_gamma}")
     if args.model == "pix2pix" and args.batch_size < 2:
         raise ValueError("pix2pix trains BatchNorm down to a 1^3 bottleneck: --batch-size must be at least 2")
 
@@ -398,16 +418,21 @@ class CycleGANTrainer(GeneratorTrainer):
 class DDPMTrainer(GeneratorTrainer):
     model = "ddpm"
 
-    def __init__(self, task, preset, lr, d_lr=None, args=None, ema_decay: float = 0.9999, hole_only: bool = False):
+    def __init__(
+        self, task, preset, lr, d_lr=None, args=None, ema_decay: float = 0.9999, hole_only: bool = False,
+        prediction_type: str = "epsilon", beta_schedule: str = "linear", num_train_timesteps: int = 2000,
+        snr_gamma: float | None = None,
+    ):
         super().__init__(task, preset, lr, None, args)
         self.hole_only = hole_only
+        self.snr_gamma = snr_gamma
         from diffusers.training_utils import EMAModel
 
         from ..models import UNet3DModel
         from ..pipelines import default_scheduler
 
         unet = UNet3DModel(**component_config("UNet3DModel", preset))
-        self.scheduler = default_scheduler()
+        self.scheduler = default_scheduler(num_train_timesteps, prediction_type, beta_schedule)
         self.networks = {"unet": unet}
         self.optimizers = {"unet": torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)}
         self.ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=UNet3DModel, model_config=unet.config)
@@ -426,9 +451,35 @@ class DDPMTrainer(GeneratorTrainer):
         noisy = self.scheduler.add_noise(full, noise, timesteps)
         prediction = unet(torch.cat([noisy, masked, mask], dim=1), timesteps).sample.float()
         weights = mask if self.hole_only else torch.ones_like(mask)  # sampling keeps the known region anyway
-        loss = ((prediction - noise) ** 2 * weights).sum() / weights.sum()
+        error = ((prediction - self.target(full, noise, timesteps)) ** 2 * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
+        loss = (error * self.timestep_weights(timesteps)).mean()
         self._update(loss, "unet", [unet])
         return {"loss": loss.detach()}
+
+    def target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet learns to output: the noise, the velocity or the clean cube."""
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(clean, noise, timesteps)
+        return clean
+
+    def timestep_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+        Weighting Strategy"), written for the prediction type: each timestep's weight is as if the loss
+        were on x0 with the SNR clipped at gamma; ones without ``snr_gamma``."""
+        if not self.snr_gamma:
+            return torch.ones(timesteps.shape, device=timesteps.device)
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.snr_gamma)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return clipped / snr
+        if kind == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped
 
     def after_optimizer_step(self) -> None:
         self.ema.step(self.unwrap("unet").parameters())
@@ -446,7 +497,7 @@ class DDPMTrainer(GeneratorTrainer):
 
         sampler = getattr(self.args, "sampler", "ddpm")
         steps = getattr(self.args, "inference_steps", 50)
-        return M3DInpaintPipeline(unet=self.ema_unet(), scheduler=inference_scheduler(sampler), task=self.task,
+        return M3DInpaintPipeline(unet=self.ema_unet(), scheduler=inference_scheduler(sampler, self.scheduler), task=self.task,
                                   num_inference_steps=steps)
 
     def save_extra(self, folder: Path) -> None:
@@ -492,6 +543,10 @@ def make_trainer(
     lambda_cycle: float = 10.0,
     ema_decay: float = 0.9999,
     max_grad_norm: float | None = None,
+    prediction_type: str = "epsilon",
+    beta_schedule: str = "linear",
+    num_train_timesteps: int = 2000,
+    snr_gamma: float | None = None,
 ) -> GeneratorTrainer:
     """A trainer with fresh networks (`prepare` it with an `Accelerator` before `step`)."""
     if model not in TRAINERS:
@@ -507,7 +562,8 @@ def make_trainer(
     elif model == "cyclegan":
         trainer = CycleGANTrainer(task, preset, lr, d_lr, lambda_cycle=lambda_cycle, hole_only=hole_only)
     else:
-        trainer = DDPMTrainer(task, preset, lr, ema_decay=ema_decay, hole_only=hole_only)
+        trainer = DDPMTrainer(task, preset, lr, ema_decay=ema_decay, hole_only=hole_only, prediction_type=prediction_type,
+                              beta_schedule=beta_schedule, num_train_timesteps=num_train_timesteps, snr_gamma=snr_gamma)
     if max_grad_norm is not None:
         trainer.max_grad_norm = max_grad_norm if max_grad_norm > 0 else None
     return trainer
@@ -529,7 +585,8 @@ def _data_key(args: argparse.Namespace) -> dict[str, Any]:
                    entries=sorted(p.name for p in root.iterdir()) if root.is_dir() else [])
     else:
         key.update(kind="phantoms", n=args.phantoms, seed=args.seed, size=args.phantom_size,
-                   max_slices=args.phantom_max_slices, nodules=repr(cubes.PHANTOM_NODULES.get(args.task)))
+                   max_slices=args.phantom_max_slices, nodules=repr(cubes.PHANTOM_NODULES.get(args.task)),
+                   spacing=args.phantom_spacing)
     return key
 
 
@@ -540,8 +597,9 @@ def _cache_path(args: argparse.Namespace) -> Path | None:
     return Path(args.cube_cache) / f"cubes_{args.task}_{digest}.npz"
 
 
-def build_dataset(args: argparse.Namespace, samples_per_epoch_multiple: int, progress: bool):
-    """The task's training cubes from ``--data`` / ``--lidc-root`` / phantoms (or the cube cache)."""
+def build_dataset(args: argparse.Namespace, samples_per_epoch_multiple: int, progress: bool, workers: int = 1):
+    """The task's training cubes from ``--data`` / ``--lidc-root`` / phantoms (made by ``workers``
+    processes), or the cube cache."""
     from .cubes import CubeDataset, iter_case_folders, iter_lidc_root, iter_phantom_cases
 
     dataset = None
@@ -558,7 +616,9 @@ def build_dataset(args: argparse.Namespace, samples_per_epoch_multiple: int, pro
             cases = iter_lidc_root(args.lidc_root)
         else:
             cases = iter_phantom_cases(args.phantoms, seed=args.seed, size=args.phantom_size,
-                                       max_slices=args.phantom_max_slices, task=args.task)
+                                       max_slices=args.phantom_max_slices, task=args.task,
+                                       workers=workers,
+                                       native_spacing=args.phantom_spacing == "native")
         if args.max_scans is not None and (args.data or args.lidc_root):
             cases = itertools.islice(cases, args.max_scans)
         dataset = CubeDataset.from_cases(cases, args.task, seed=args.seed, augment=True, shuffle=True, progress=progress)
@@ -588,7 +648,10 @@ def train(args: argparse.Namespace) -> int:
 
     # data: every process cuts the same cubes (deterministic); the loader shards the batches
     total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    dataset = build_dataset(args, total_batch, progress=main_process and not args.no_progress)
+    from ..data.phantom import phantom_workers
+
+    dataset = build_dataset(args, total_batch, progress=main_process and not args.no_progress,
+                            workers=phantom_workers(args.phantoms, accelerator.num_processes))
     logger.info("%d %s sites -> %d cubes per epoch (%s)", len(dataset.cubes_hu), args.task, len(dataset),
                 ", ".join(r["source"] for r in dataset.records[:5]) + (" ..." if len(dataset.records) > 5 else ""))
     loader = torch.utils.data.DataLoader(
@@ -612,6 +675,10 @@ def train(args: argparse.Namespace) -> int:
         lambda_cycle=args.lambda_cycle,
         ema_decay=args.ema_decay,
         max_grad_norm=args.max_grad_norm,
+        prediction_type=args.prediction_type,
+        beta_schedule=args.noise_schedule,
+        num_train_timesteps=args.num_train_timesteps,
+        snr_gamma=args.snr_gamma,
     )
     trainer.args = args
     trainer.prepare(accelerator)
@@ -625,9 +692,10 @@ def train(args: argparse.Namespace) -> int:
     state_path = resume_checkpoint(args.resume_from_checkpoint, output_dir, logger)
     if state_path is not None:
         state = json.loads((state_path / STATE_FILE).read_text())
-        for key in ("model", "task", "preset"):
-            if state.get(key) != getattr(args, key):
-                raise ValueError(f"checkpoint {state_path} was trained with --{key} {state.get(key)}; got {getattr(args, key)}")
+        for key in ("model", "task", "preset", "prediction_type", "noise_schedule", "num_train_timesteps"):
+            if key in state and state[key] != getattr(args, key):
+                flag = key.replace("_", "-")
+                raise ValueError(f"checkpoint {state_path} was trained with --{flag} {state[key]}; got {getattr(args, key)}")
         if state.get("total_batch") != total_batch:
             logger.warning("checkpoint used %s cubes per step, this run %d: the data order will differ", state.get("total_batch"), total_batch)
         accelerator.load_state(str(state_path))
@@ -654,6 +722,9 @@ def train(args: argparse.Namespace) -> int:
                 "model": args.model,
                 "task": args.task,
                 "preset": args.preset,
+                "prediction_type": args.prediction_type,
+                "noise_schedule": args.noise_schedule,
+                "num_train_timesteps": args.num_train_timesteps,
                 "seed": args.seed,
                 "total_batch": total_batch,
                 "micro_batches_per_epoch": micro_per_epoch,
