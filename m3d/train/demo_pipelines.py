@@ -6,11 +6,13 @@
     python -m m3d.train.demo_pipelines --runs-dir runs/demo --ship-only  # rewrite the cards with the figures
 
 Each recipe is an `m3d train-generator` command line (`RECIPES`, `command_line`): the "demo" network
-sizes, synthetic scans of the demo's size (256^2 in-plane, 96 slices) seeded 0, weights saved as
-fp16 safetensors (`load_pipeline` gives fp32). Shipping copies ``RUNS/<name>/pipeline`` into the
-package and writes its model card (`m3d.model_cards.write_model_card`): the exact command, the steps,
-the seed, the first and last logged losses, and, when ``benchmarks/results/demo_pipelines_quality.json``
-exists, the measured quality on held-out phantoms.
+sizes, synthetic scans made as the dataset builder makes them (the real series' pixel and slice
+spacing, 320^2 in-plane, 48 slices) seeded 0, weights saved as fp16 safetensors (`load_pipeline` gives
+fp32). A run checkpoints every 200 steps and a repeated command resumes it (raise ``--max-steps`` in
+the recipe to train on). Shipping copies ``RUNS/<name>/pipeline`` into the package and writes its model
+card (`m3d.model_cards.write_model_card`): the exact command, the steps, the seed, the first and last
+logged losses, and, when ``benchmarks/results/demo_pipelines_quality.json`` exists, the measured quality
+on held-out phantoms.
 """
 from __future__ import annotations
 
@@ -23,18 +25,20 @@ from typing import Sequence
 DEMO_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "demo"
 QUALITY_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo_pipelines_quality.json"
 
-COMMON = ["--preset", "demo", "--phantom-size", "256", "--phantom-max-slices", "96", "--seed", "0",
-          "--checkpointing-steps", "0", "--save-dtype", "fp16"]  # fmt: skip
-# What each demo pipeline was trained with (see the README's "Demo pipelines" for why).
+COMMON = ["--preset", "demo", "--phantom-size", "320", "--phantom-max-slices", "48", "--phantom-spacing", "native", "--seed", "0",
+          "--checkpointing-steps", "200", "--resume-from-checkpoint", "latest", "--save-dtype", "fp16"]  # fmt: skip
+# What each demo pipeline is trained with (see the README's "Demo pipelines" for why). The shipped folders
+# whose cards show another command were made by an earlier recipe: their card is what made them.
 _GAN = ["--d-learning-rate", "2e-4", "--lambda-l1", "10", "--hole-only"]
-_DDPM = ["--learning-rate", "2e-4", "--hole-only", "--sampler", "ddim", "--inference-steps", "25"]
+_DDPM = ["--learning-rate", "5e-4", "--hole-only", "--prediction-type", "v_prediction", "--noise-schedule", "squaredcos_cap_v2",
+         "--num-train-timesteps", "1000", "--snr-gamma", "5", "--sampler", "dpmsolver++", "--inference-steps", "25"]
 RECIPES: dict[str, list[str]] = {
     "pix2pix-inject": ["--model", "pix2pix", "--task", "inject", "--phantoms", "40", "--max-steps", "1200", "--batch-size", "8", *_GAN],
     "pix2pix-remove": ["--model", "pix2pix", "--task", "remove", "--phantoms", "60", "--max-steps", "1200", "--batch-size", "8", *_GAN],
     "cyclegan-inject": ["--model", "cyclegan", "--task", "inject", "--phantoms", "40", "--max-steps", "300", "--batch-size", "4", "--hole-only"],
     "cyclegan-remove": ["--model", "cyclegan", "--task", "remove", "--phantoms", "60", "--max-steps", "300", "--batch-size", "4", "--hole-only"],
-    "ddpm-inject": ["--model", "ddpm", "--task", "inject", "--phantoms", "40", "--max-steps", "600", "--batch-size", "4", *_DDPM],
-    "ddpm-remove": ["--model", "ddpm", "--task", "remove", "--phantoms", "60", "--max-steps", "600", "--batch-size", "4", *_DDPM],
+    "ddpm-inject": ["--model", "ddpm", "--task", "inject", "--phantoms", "40", "--max-steps", "4000", "--batch-size", "4", *_DDPM],
+    "ddpm-remove": ["--model", "ddpm", "--task", "remove", "--phantoms", "60", "--max-steps", "4000", "--batch-size", "4", *_DDPM],
 }  # fmt: skip
 
 
