@@ -396,4 +396,4 @@ def test_help_runs_as_a_module():
         assert flag in result.stdout
     parser = tg.build_parser()
     args = parser.parse_args(["--model", "ddpm", "--task", "remove", "--output-dir", "x"])
-    assert args.preset == "default" and args.phantoms >= 1 and args.phantom_size == 128
+    assert args.preset == "default" and args.phantoms >= 1 and args.phantom_size == 320 and args.phantom_spacing == "native"

@@ -138,8 +138,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     source.add_argument("--lidc-root", metavar="DIR", help="a LIDC-IDRI download: DICOM series folders with their XML")
     data.add_argument("--max-scans", type=int, default=None, metavar="N", help="read at most N scans of --data / --lidc-root")
     data.add_argument("--phantoms", type=int, default=8, metavar="N", help="synthetic scans made in memory when no data folder is given")
-    data.add_argument("--phantom-size", type=int, default=128, help="in-plane matrix of the synthetic scans")
-    data.add_argument("--phantom-max-slices", type=int, default=None, help="cap on the synthetic scans' slices")
+    data.add_argument("--phantom-size", type=int, default=320, help="in-plane matrix of the synthetic scans (the builder's)")
+    data.add_argument("--phantom-max-slices", type=int, default=48, help="cap on the synthetic scans' slices (the builder's)")
     data.add_argument("--phantom-spacing", choices=PHANTOM_SPACINGS, default="native",
                       help="native: the real series' pixel and slice spacing (as the dataset builder); scaled: the real "
                       "field of view on --phantom-size pixels (coarser: the cubes are upsampled to 1 mm)")
