@@ -66,7 +66,7 @@ from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, PHANTOM_NODULES, PHAN
 from m3d.pipelines import M3DTamperPipeline, load_pipeline
 from m3d.tamper.cube import HOLE_SIZE, TamperLocationError, extract_cube, hole_mask, hu_to_unit, unit_to_hu
 from m3d.tamper.plan import plan_scan
-from m3d.tamper.quality import QualityCriteria, check_quality, measure_nodule
+from m3d.tamper.quality import QualityCriteria, central_component, check_quality, distance_from_centre_mm, measure_nodule
 from two_sample_test import two_sample_accuracy  # the script beside this one (its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,22 +180,12 @@ def nyquist_power_fraction(cubes_hu: np.ndarray) -> float:
 
 
 def central_nodule_mask(cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria()) -> np.ndarray:
-    """The nodule at the centre at the vessel threshold: voxels > `VESSEL_MIN_HU` opened with the
-    6-connected cross (cuts thin vessels off, as `measure_nodule`), the 26-connected components reaching
-    the central ball of radius ``criteria.center_radius_mm``, dilated back by one voxel within the solid
-    voxels (the rim the opening took)."""
+    """The nodule at the centre at the vessel threshold: `m3d.tamper.quality.central_component` of the
+    voxels > `VESSEL_MIN_HU` (as `measure_nodule`, over the whole cube), dilated back by one voxel within
+    the solid voxels (the rim the opening took)."""
     solid = cube_hu > VESSEL_MIN_HU
-    opened = ndimage.binary_opening(solid, structure=ndimage.generate_binary_structure(3, 1))
-    labels, _ = ndimage.label(opened, structure=ndimage.generate_binary_structure(3, 3))
-    central = np.unique(labels[(_radius_mm(cube_hu.shape) <= criteria.center_radius_mm) & (labels > 0)])
-    nodule = np.isin(labels, central[central > 0])
+    nodule = central_component(solid, criteria.center_radius_mm)
     return ndimage.binary_dilation(nodule, ndimage.generate_binary_structure(3, 3)) & solid
-
-
-def _radius_mm(shape: tuple[int, ...]) -> np.ndarray:
-    """Distance (mm, 1 mm voxels) of each voxel from the cube's centre."""
-    centre = (np.asarray(shape) - 1) / 2
-    return np.sqrt(((np.indices(shape) - centre[:, None, None, None]) ** 2).sum(0))
 
 
 def vessel_continuity(cubes_hu: np.ndarray, pristine_hu: np.ndarray) -> float | None:
@@ -204,7 +194,7 @@ def vessel_continuity(cubes_hu: np.ndarray, pristine_hu: np.ndarray) -> float | 
     cube (`central_nodule_mask`), in each generated cube over those in its pristine cube: the mean of
     that ratio over the sites whose pristine shell holds at least `MIN_SHELL_VESSEL_VOXELS` (None if
     none). 1 = as much vessel as before, 0 = the vessels were cut; above 1: spurious bright tissue."""
-    shell = hole_mask(cubes_hu.shape[1:]) & (_radius_mm(cubes_hu.shape[1:]) > SHELL_INNER_RADIUS_MM)
+    shell = hole_mask(cubes_hu.shape[1:]) & (distance_from_centre_mm(cubes_hu.shape[1:]) > SHELL_INNER_RADIUS_MM)
     ratios = []
     for cube, pristine in zip(cubes_hu, pristine_hu):
         region = shell & ~central_nodule_mask(cube) & ~central_nodule_mask(pristine)

@@ -54,6 +54,21 @@ class QualityResult:
     reason: str
 
 
+def distance_from_centre_mm(shape: tuple[int, ...], spacing_mm: float = CUBE_SPACING_MM) -> np.ndarray:
+    """Distance (mm) of each voxel of an isotropic grid of ``shape`` from the grid's centre."""
+    grid = np.indices(shape).astype(np.float32)
+    centre = (np.asarray(shape, np.float32) - 1) / 2
+    return np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) * spacing_mm
+
+
+def central_component(solid: np.ndarray, center_radius_mm: float, spacing_mm: float = CUBE_SPACING_MM) -> np.ndarray:
+    """The nodule in a bool mask of solid voxels: ``solid`` opened with the 6-connected cross (cuts thin
+    vessels off), then its 26-connected components that reach the central ball of ``center_radius_mm``."""
+    labels, _ = ndimage.label(ndimage.binary_opening(solid, structure=_OPENING), structure=_CONNECTIVITY)
+    central = np.unique(labels[(distance_from_centre_mm(solid.shape, spacing_mm) <= center_radius_mm) & (labels > 0)])
+    return np.isin(labels, central) if central.size else np.zeros(solid.shape, bool)
+
+
 def measure_nodule(
     cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
 ) -> NoduleMeasurement:
@@ -63,13 +78,7 @@ def measure_nodule(
     if hu.ndim != 3 or len(set(hu.shape)) != 1:
         raise ValueError(f"cube_hu must be a cubic 3-D array; got shape {hu.shape}")
     solid = (hu > criteria.threshold_hu) & hole_mask(hu.shape, min(HOLE_SIZE, hu.shape[0]))
-    solid = ndimage.binary_opening(solid, structure=_OPENING)
-    labels, _ = ndimage.label(solid, structure=_CONNECTIVITY)
-    grid = np.indices(hu.shape).astype(np.float32)
-    centre = (np.asarray(hu.shape, np.float32) - 1) / 2
-    distance_mm = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) * spacing_mm
-    central = np.unique(labels[(distance_mm <= criteria.center_radius_mm) & (labels > 0)])
-    nodule = np.isin(labels, central) if central.size else np.zeros(hu.shape, bool)
+    nodule = central_component(solid, criteria.center_radius_mm, spacing_mm)
     volume_mm3 = float(nodule.sum()) * spacing_mm**3
     return NoduleMeasurement(
         diameter_mm=float((6 * volume_mm3 / np.pi) ** (1 / 3)),
