@@ -15,8 +15,9 @@ scheduler=...)`` or ``M3DInpaintPipeline.from_pipe(pipe, scheduler=...)``.
 
 The default training schedule (`default_scheduler`) is the paper's: 2,000 linear steps
 (beta 1e-4 -> 0.02), epsilon prediction, samples clipped to [-1, 1]. The scheduler saved with a
-pipeline carries its own schedule and ``prediction_type`` (the demo weights: v-prediction on a
-1,000-step cosine schedule), and the loop below works for any of them: the UNet's output is handed to
+pipeline carries its own schedule and ``prediction_type`` (the demo recipe of
+`m3d.train.demo_pipelines` trains v-prediction on a 1,000-step cosine schedule), and the loop below
+works for any of them: the UNet's output is handed to
 ``scheduler.step``, which reads it as the schedule says.
 
 One task per pipeline folder: injection weights are trained on malignant nodules > 10 mm, removal
@@ -53,8 +54,8 @@ def default_scheduler(
 ) -> DDPMScheduler:
     """The training/noising schedule. Defaults: the M3Dsynth DDPM's, linear betas 1e-4 -> 0.02 over
     2,000 steps, epsilon prediction. ``prediction_type`` ``"v_prediction"`` or ``"sample"`` and
-    ``beta_schedule="squaredcos_cap_v2"`` (the cosine schedule of Nichol & Dhariwal 2021) are what
-    converges in a CPU budget (see `m3d.train.train_generator`)."""
+    ``beta_schedule="squaredcos_cap_v2"`` (the cosine schedule of Nichol & Dhariwal 2021) are the
+    demo's CPU recipe (see `m3d.train.train_generator`)."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
     if beta_schedule not in BETA_SCHEDULES:

@@ -23,8 +23,8 @@ Losses and optimisers:
   outputs (translation, cycle, identity) is its hole pasted into the real context.
 * ddpm: MSE of the UNet's prediction over the cube (over the hole with ``--hole-only``: sampling replaces
   the known region anyway); the UNet sees ``concat(noisy, masked, mask)``. Defaults are the paper's:
-  epsilon prediction on 2,000 linear steps (`default_scheduler`). What converges on a CPU budget (the
-  demo weights): ``--prediction-type v_prediction --noise-schedule squaredcos_cap_v2
+  epsilon prediction on 2,000 linear steps (`default_scheduler`). The demo recipe, chosen to converge
+  on a CPU budget (`m3d.train.demo_pipelines`; the shipped demo weights predate it): ``--prediction-type v_prediction --noise-schedule squaredcos_cap_v2
   --num-train-timesteps 1000 --snr-gamma 5`` (v-prediction on the cosine schedule with min-SNR-5
   weighting: the high-noise steps, where the epsilon loss says little about the cube, get an x0-like
   weight, and the low-noise ones stop dominating). AdamW(1e-4); gradient norm clipped at 1; an EMA of
@@ -168,7 +168,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="ddpm: linear betas 1e-4 -> 0.02 (the paper) or the cosine schedule (squaredcos_cap_v2)")
     run.add_argument("--num-train-timesteps", type=int, default=2000, help="ddpm: diffusion steps of the schedule (the paper: 2000)")
     run.add_argument("--snr-gamma", type=float, default=None,
-                     help="ddpm: min-SNR-gamma loss weighting (5 is the paper's choice); default: unweighted")
+                     help="ddpm: min-SNR-gamma loss weighting (Hang et al. 2023 use 5); default: unweighted")
     run.add_argument("--max-grad-norm", type=float, default=None, help="clip gradient norms (default: ddpm 1.0, GANs off)")
     run.add_argument("--seed", type=int, default=0, help="seeds the data, the augmentations and every step's randomness")
     run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
