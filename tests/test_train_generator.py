@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from m3d.data.ct import CTVolume
-from m3d.tamper.cube import CUBE_SIZE, extract_cube, hole_mask, hu_to_unit
+from m3d.tamper.cube import CUBE_SIZE, extract_cube, hole_mask, hu_to_unit, unit_to_hu
 from m3d.train import cubes as cubes_module
 from m3d.train import train_generator as tg
 from m3d.train.common import STATE_FILE, complete_checkpoints
@@ -252,6 +252,44 @@ def test_a_tiny_models_loss_falls(case, model, size, count, steps, options):
     assert all(np.isfinite(losses))
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.8 * first, f"{model}: loss {first:.4f} -> {last:.4f}"
+
+
+def test_a_tiny_ddpms_samples_move_toward_its_training_nodules(case, monkeypatch):
+    """The demo recipe (v-prediction, cosine schedule, min-SNR-5, hole-only loss) trained 40 steps on the
+    two injection cubes; its EMA pipeline, sampled with DPM-Solver++ in 10 steps on the same contexts,
+    fills the hole closer to the training nodules than the untrained one does (HU, voxel by voxel). A
+    UNet without attention and at half the tiny width keeps it to seconds at 32^3."""
+    from accelerate import Accelerator
+
+    from m3d.models import PRESETS
+    from m3d.pipelines import inference_scheduler
+
+    monkeypatch.setitem(PRESETS["UNet3DModel"], "tiny", dict(block_out_channels=(4, 8), layers_per_block=1,
+                        attention_levels=(False, False), norm_num_groups=4, num_head_channels=8))
+    torch.manual_seed(0)
+    trainer = tg.make_trainer("ddpm", "inject", "tiny", learning_rate=5e-3, ema_decay=0.9, **DDPM_CPU_RECIPE)
+    trainer.prepare(Accelerator(cpu=True))
+    trainer.train()
+    batch = _fixed_batch(case, CUBE_SIZE, 2)
+    hole = torch.from_numpy(hole_mask())
+    nodules_hu = unit_to_hu(batch["full"][:, 0][:, hole].numpy())
+
+    def sampled_hole_hu() -> np.ndarray:
+        pipe = trainer.pipeline()
+        pipe.scheduler = inference_scheduler("dpmsolver++", trainer.scheduler)
+        out = pipe(batch["full"], num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="pt",
+                   progress=False)
+        return unit_to_hu(out.cubes[:, 0][:, hole].numpy())
+
+    before = sampled_hole_hu()
+    for _ in range(40):
+        trainer.step(batch)
+        trainer.after_optimizer_step()
+    after = sampled_hole_hu()
+    error_before, error_after = np.abs(before - nodules_hu).mean(), np.abs(after - nodules_hu).mean()
+    assert error_after < 0.7 * error_before, f"hole HU error {error_before:.0f} -> {error_after:.0f}"
+    gap_before, gap_after = abs(before.mean() - nodules_hu.mean()), abs(after.mean() - nodules_hu.mean())
+    assert gap_after < 0.5 * gap_before, f"hole mean HU gap {gap_before:.0f} -> {gap_after:.0f}"
 
 
 # -- the entry point ----------------------------------------------------------------------------
