@@ -24,7 +24,7 @@ from m3d.pipelines import (
     inference_scheduler,
     load_pipeline,
 )
-from m3d.tamper.cube import CUBE_SIZE, TamperLocationError, hole_mask
+from m3d.tamper.cube import CUBE_SIZE, TamperLocationError, hole_mask, hu_to_unit
 
 HOLE = torch.from_numpy(hole_mask())[None, None]
 PIPELINES = {
@@ -264,16 +264,38 @@ def test_gan_pipelines_fill_only_the_hole_unless_asked():
     cubes = random_cubes(2)
     for kind in ("pix2pix", "cyclegan"):
         pipe = tiny_pipeline(kind)
-        kept = call(pipe, cubes).cubes
+        kept = call(pipe, cubes, touch_up=False).cubes
         np.testing.assert_array_equal(kept[:, :, ~hole_mask()], cubes.numpy()[:, :, ~hole_mask()])
         whole = call(pipe, cubes, keep_context=False)
         np.testing.assert_array_equal(whole.cubes[:, :, hole_mask()], kept[:, :, hole_mask()])
         assert whole.masks[0].all()
+        with pytest.raises(ValueError, match="keep_context"):
+            call(pipe, cubes, keep_context=False, touch_up=True)
     pix2pix = tiny_pipeline("pix2pix")
     a, b = (call(pix2pix, cubes, stochastic=True, generator=torch.Generator().manual_seed(s)).cubes for s in (0, 0))
     c = call(pix2pix, cubes, stochastic=True, generator=torch.Generator().manual_seed(1)).cubes
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_gan_pipelines_touch_up_by_default_seeded_per_cube():
+    """CT-GAN's touch-ups are on by default for the GANs: the hole changes, the context does not, the
+    noise follows each cube's seed whatever the batching, and the DDPM leaves them off."""
+    lung_hu = -850 + 20 * torch.randn((3, 1) + (CUBE_SIZE,) * 3, generator=torch.Generator().manual_seed(0))
+    cubes = hu_to_unit(lung_hu)
+    pipe = tiny_pipeline("pix2pix")
+    plain = call(pipe, cubes, touch_up=False, generator=torch.Generator().manual_seed(0)).cubes
+    touched = call(pipe, cubes, generator=torch.Generator().manual_seed(0)).cubes
+    again = call(pipe, cubes, generator=torch.Generator().manual_seed(0), batch_size=1).cubes
+    other = call(pipe, cubes, generator=torch.Generator().manual_seed(1)).cubes
+    np.testing.assert_array_equal(touched[:, :, ~hole_mask()], cubes.numpy()[:, :, ~hole_mask()])
+    assert not np.array_equal(touched, plain)
+    np.testing.assert_allclose(again, touched, atol=1e-6)
+    assert not np.array_equal(other, touched)
+    ddpm = tiny_pipeline("ddpm")
+    default = call(ddpm, cubes, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).cubes
+    off = call(ddpm, cubes, num_inference_steps=2, generator=torch.Generator().manual_seed(0), touch_up=False).cubes
+    np.testing.assert_array_equal(default, off)
 
 
 def test_task_mismatch_and_bad_inputs_fail_clearly():

@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 from ..data.ct import CTVolume
 from ..data.lungs import segment_lungs
 from ..tamper.cube import CUBE_SIZE, extract_cube, hole_mask, hu_to_unit, paste_cube, unit_to_hu
+from ..tamper.touch_up import touch_up as touch_up_cube
 
 TASKS = ("inject", "remove")
 OUTPUT_TYPES = ("np", "pt", "volume")
@@ -71,6 +72,11 @@ def per_sample_generators(generator: GeneratorArg, count: int) -> list[torch.Gen
     return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds.tolist()]
 
 
+def _seed_from(generator: torch.Generator) -> int:
+    """A numpy seed drawn from a cube's own torch generator (after its fill: same seed, same draw)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
 def as_cube_batch(cubes: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``(32,)*3``, ``(B, 32, 32, 32)`` or ``(B, 1, 32, 32, 32)`` array/tensor -> float32 CPU
     ``(B, 1, 32, 32, 32)`` clamped to [-1, 1]."""
@@ -122,8 +128,11 @@ class M3DTamperPipeline(DiffusionPipeline):
         allow_outside_lung: bool,
         return_dict: bool,
         keep_context: bool = True,
+        touch_up: bool = False,
     ):
         self._check_call_task(task)
+        if touch_up and not keep_context:
+            raise ValueError("touch_up=True blends the generated hole into the original cube: it needs keep_context=True")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         if batch_size < 1:
@@ -179,6 +188,14 @@ class M3DTamperPipeline(DiffusionPipeline):
         out = torch.cat(outputs).clamp(-1, 1)
         if keep_context:  # the known region is exactly the input
             out = torch.where(hole, out, unit)
+        if touch_up:
+            originals_hu = [cube.hu for cube in extracted] if extracted is not None else unit_to_hu(unit[:, 0].numpy())
+            touched = [
+                touch_up_cube(unit_to_hu(cube), original, self.config.task, np.random.default_rng(_seed_from(stream)))
+                for cube, original, stream in zip(out[:, 0].numpy(), originals_hu, generators)
+            ]
+            out = torch.from_numpy(np.stack(touched))[:, None].float()
+            out = torch.where(hole, hu_to_unit(out).clamp(-1, 1), unit)
 
         volumes = masks = None
         if extracted is not None:

@@ -4,8 +4,8 @@ cube with the masked -> tissue generator G (`CycleGAN3DGenerator`), in one forwa
 Training uses both directions (G: masked -> filled, F: filled -> masked, two PatchGAN discriminators,
 cycle-consistency losses); as in the paper only G is used at inference, so only G is a component.
 The generator sees the cube with its centre hole set to 0 (``in_channels=1``) or that plus the hole
-mask (``in_channels=2``). Inference is deterministic (no dropout, InstanceNorm); ``generator`` is
-accepted for a uniform API. ``keep_context`` as in `Pix2Pix3DPipeline`.
+mask (``in_channels=2``). The network is deterministic (no dropout, InstanceNorm); ``generator`` seeds
+the touch-ups' noise. ``keep_context`` and the touch-ups as in `Pix2Pix3DPipeline`.
 
 One task per folder: ``task`` ("inject" | "remove") is recorded in ``model_index.json``.
 """
@@ -59,9 +59,10 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         allow_outside_lung: bool = False,
         return_dict: bool = True,
         keep_context: bool = True,
+        touch_up: bool | None = None,
     ):
         """Same arguments as `M3DInpaintPipeline.__call__` (``num_inference_steps`` is accepted for a
-        uniform API and ignored), plus ``keep_context``."""
+        uniform API and ignored), plus ``keep_context`` and ``touch_up`` as in `Pix2Pix3DPipeline`."""
         network = self.generator
 
         def fill(original: torch.Tensor, mask: torch.Tensor, generators: list, on_step) -> torch.Tensor:
@@ -86,4 +87,5 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
             allow_outside_lung=allow_outside_lung,
             return_dict=return_dict,
             keep_context=keep_context,
+            touch_up=keep_context if touch_up is None else touch_up,
         )

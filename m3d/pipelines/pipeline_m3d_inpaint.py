@@ -136,6 +136,7 @@ class M3DInpaintPipeline(M3DTamperPipeline):
         lung_mask: np.ndarray | None = None,
         allow_outside_lung: bool = False,
         return_dict: bool = True,
+        touch_up: bool = False,
     ):
         """Inpaint the centre hole of ``cubes`` or of 32 mm cubes cut from ``volume``.
 
@@ -158,6 +159,8 @@ class M3DInpaintPipeline(M3DTamperPipeline):
             lung_mask, allow_outside_lung: passed to `extract_cube` (the lungs are segmented once
                 when no mask is given).
             return_dict: return `M3DPipelineOutput` (else a tuple ``(cubes, volumes, masks)``).
+            touch_up: CT-GAN's touch-ups (`m3d.tamper.touch_up`), on by default for the GAN pipelines;
+                off here: the sampler already fits the hole to the known region at every step.
         """
         if num_inference_steps is None:
             num_inference_steps = self.config.get("num_inference_steps", 50)  # folders saved before the key
@@ -212,4 +215,5 @@ class M3DInpaintPipeline(M3DTamperPipeline):
             allow_outside_lung=allow_outside_lung,
             return_dict=return_dict,
             keep_context=True,
+            touch_up=touch_up,
         )

@@ -6,7 +6,9 @@ plus the hole mask (``in_channels=2``). Inference is deterministic by default (C
 ``predict``, dropout off); ``stochastic=True`` turns on pix2pix's test-time dropout, seeded by
 ``generator`` (one stream per cube). By default only the hole is replaced (``keep_context=True``):
 the rest of the cube stays the scan's own voxels; ``keep_context=False`` keeps the whole generated
-cube, as CT-GAN pastes it (the paste then blends it in).
+cube, as CT-GAN pastes it (the paste then blends it in). With the context kept, CT-GAN's touch-ups
+(`m3d.tamper.touch_up`) are applied by default: noise with the grain of the cube's own scanner noise on
+the generated hole, seeded by ``generator``, and a blend into the original instead of a hard paste.
 
 One task per folder: ``task`` ("inject" | "remove") is recorded in ``model_index.json``; the
 injector is trained on malignant nodules > 10 mm, the remover on benign nodules < 8 mm.
@@ -62,10 +64,13 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
         return_dict: bool = True,
         stochastic: bool = False,
         keep_context: bool = True,
+        touch_up: bool | None = None,
     ):
         """Same arguments as `M3DInpaintPipeline.__call__` (``num_inference_steps`` is accepted for a
         uniform API and ignored: one forward pass), plus ``stochastic`` (seeded test-time dropout) and
-        ``keep_context`` (replace only the hole)."""
+        ``keep_context`` (replace only the hole) and ``touch_up`` (CT-GAN's touch-ups,
+        `m3d.tamper.touch_up`: the scan's noise on the generated hole and a blend into the original; None,
+        the default, = ``keep_context``)."""
         network = self.generator
 
         def fill(original: torch.Tensor, mask: torch.Tensor, generators: list, on_step) -> torch.Tensor:
@@ -90,4 +95,5 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
             allow_outside_lung=allow_outside_lung,
             return_dict=return_dict,
             keep_context=keep_context,
+            touch_up=keep_context if touch_up is None else touch_up,
         )
