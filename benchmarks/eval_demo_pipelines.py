@@ -13,8 +13,9 @@ puts the real field of view on ``--size`` pixels instead). Sites as the dataset 
 >= 8 mm with malignancy >= 3; sites whose cube leaves the scan or the lungs are skipped. Every pipeline
 of a task sees the same sites.
 
-Per pipeline, on the generated 32^3 cube (1 mm; the hole generated, the rest the scan's own voxels),
-and for the pristine cubes of each task as the reference:
+Per pipeline, on the generated 32^3 cube (1 mm; the hole generated, the rest the scan's own voxels) as
+the pipeline returns it by default (the GAN pipelines with CT-GAN's touch-ups, `m3d.tamper.touch_up`;
+``seam_ratio_raw``: the seam without them), and for the pristine cubes of each task as the reference:
 
 * the nodule at the centre, measured by `m3d.tamper.quality.measure_nodule` (component above -400 HU
   reaching the centre): ``kept_fraction`` passes the builder's keep rule; injections count as
@@ -52,6 +53,7 @@ per task: the pristine cube, then each generator).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import time
@@ -228,10 +230,11 @@ def vessel_faces_continuity(cubes_hu: np.ndarray) -> float | None:
     return round(continuing / crossing, 3) if crossing else None
 
 
-def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
-    """The pipeline's cubes (HU) for pristine ``cubes_hu`` and the seconds it took."""
+def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int, **options) -> tuple[np.ndarray, float]:
+    """The pipeline's cubes (HU) for pristine ``cubes_hu`` and the seconds it took (``options``: call
+    arguments such as ``touch_up=False``)."""
     start = time.perf_counter()
-    out = pipe(cubes=hu_to_unit(cubes_hu)[:, None], generator=torch.Generator().manual_seed(seed), progress=False)
+    out = pipe(cubes=hu_to_unit(cubes_hu)[:, None], generator=torch.Generator().manual_seed(seed), progress=False, **options)
     seconds = time.perf_counter() - start
     generated = unit_to_hu(out.cubes[:, 0])
     return np.where(hole_mask(), generated, cubes_hu).astype(np.float32), seconds
@@ -333,6 +336,10 @@ def main(argv: list[str] | None = None) -> dict:
         two_sample = two_sample_accuracy(generated, real_targets[task], seed=0)
         entry.update(two_sample_accuracy=two_sample.pop("accuracy"), two_sample=two_sample,
                      cubes_per_s=round(len(generated) / seconds, 2), scan_cubes_per_s=round(scan_cubes_per_s(pipe, scans), 2))
+        touch_up = inspect.signature(pipe.__call__).parameters.get("touch_up")
+        if touch_up is not None and touch_up.default is not False:  # on by default: the seam without it too
+            raw, _ = generate(pipe, pristine[task], seed=0, touch_up=False)
+            entry["seam_ratio_raw"] = round(float(np.mean([seam_ratio(cube) for cube in raw])), 3)
         if "num_inference_steps" in pipe.config:
             entry.update(scheduler=type(pipe.scheduler).__name__, num_inference_steps=pipe.config.num_inference_steps)
         report["pipelines"][folder.name] = entry

@@ -59,3 +59,26 @@ def test_demo_pipeline_tampers_a_phantom(name, phantom_site, monkeypatch):
     tampered, changed = out.volumes[0], out.masks[0]
     assert tampered.shape == case.volume.shape and changed.any()
     assert np.array_equal(tampered.hu != case.volume.hu, changed)
+
+
+def test_cards_get_the_measured_quality_section(tmp_path):
+    """`update_quality_section` writes the measured figures before the citation, once, replacing an older
+    section; a pipeline the JSON does not hold is left alone."""
+    from m3d.train.demo_pipelines import QUALITY_HEADING, update_quality_section
+
+    card = tmp_path / "README.md"
+    card.write_text("# card\n\n## How it was made\ntext\n\n## Citation\nbib\n")
+    entry = {"task": "remove", "n": 12, "kept_fraction": 0.92, "diameter_mm_median": 0.0, "diameter_mm_iqr": [0.0, 1.0],
+             "seam_ratio_mean": 1.1, "seam_ratio_raw": 1.8, "spectral_peak_ratio": 9.0, "vessel_continuity": 0.9,
+             "two_sample_accuracy": 0.6}
+    pristine = {"seam_ratio_mean": 1.0, "spectral_peak_ratio": 10.0}
+    quality = {"held_out": {"phantoms": 20, "seed": 2024}, "pristine": {"remove": pristine},
+               "pipelines": {"pix2pix-remove": entry}}
+    assert update_quality_section(tmp_path, "pix2pix-remove", quality)
+    entry["seam_ratio_mean"] = 1.05
+    assert update_quality_section(tmp_path, "pix2pix-remove", quality)
+    text = card.read_text()
+    assert text.count(QUALITY_HEADING) == 1 and "| 1.05 |" in text and "| 1.1 |" not in text
+    assert text.index("## How it was made") < text.index(QUALITY_HEADING) < text.index("## Citation")
+    assert "| left < 8 mm | 92% |" in text and "touch_up=False" in text
+    assert not update_quality_section(tmp_path, "ddpm-remove", quality)

@@ -4,9 +4,15 @@ The generator is the CycleGAN ResNet generator (Zhu et al. 2017, "c7s1-64, d128,
 u128, u64, c7s1-3") made volumetric: ``ReflectionPad3d(3)`` + ``Conv3d(7^3)`` -> InstanceNorm ->
 ReLU; ``n_downsampling`` (2) ``Conv3d(3^3, stride 2)`` -> InstanceNorm -> ReLU doubling the width;
 ``n_blocks`` residual blocks (reflection pad, conv 3^3, InstanceNorm, ReLU, [dropout], reflection
-pad, conv 3^3, InstanceNorm, + input); ``n_downsampling`` ``ConvTranspose3d(3^3, stride 2)`` ->
-InstanceNorm -> ReLU; ``ReflectionPad3d(3)`` + ``Conv3d(7^3)`` -> tanh. InstanceNorm3d has no affine
-parameters and no running statistics (CycleGAN's default), and convolutions keep their biases.
+pad, conv 3^3, InstanceNorm, + input); ``n_downsampling`` x (trilinear upsample x2, pad 1, ``Conv3d(3^3)``)
+-> InstanceNorm -> ReLU; ``ReflectionPad3d(3)`` + ``Conv3d(7^3)`` -> tanh.
+
+Upsampling is resize + convolution rather than CycleGAN's ``ConvTranspose3d(3^3, stride 2)``: a strided
+transposed convolution whose kernel is not divisible by its stride covers the output unevenly, which
+prints a period-2 grid on every generated cube (Odena, Dumoulin & Olah 2016, "Deconvolution and
+Checkerboard Artifacts"; the first demo CycleGAN showed it, seam 2.7 vs 1.02 pristine). InstanceNorm3d
+has no affine parameters and no running statistics (CycleGAN's default), and convolutions keep their
+biases.
 
 For a 32^3 cube the residual blocks run at 8^3; ``n_blocks=6`` is CycleGAN's choice for small
 (128 px) images and the default here. ``ngf`` defaults to 32 instead of CycleGAN's 64 so that the demo
@@ -97,7 +103,9 @@ class CycleGAN3DGenerator(ModelMixin, ConfigMixin):
         head: list[nn.Module] = []
         for _ in range(n_downsampling):
             head += [
-                nn.ConvTranspose3d(width, width // 2, 3, stride=2, padding=1, output_padding=1),
+                nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+                _pad(padding_mode, 1),
+                nn.Conv3d(width, width // 2, 3),
                 _instance_norm(width // 2),
                 nn.ReLU(),
             ]
