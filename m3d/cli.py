@@ -179,8 +179,9 @@ def cmd_detect(args: argparse.Namespace) -> None:
     volume = load_scan(Path(args.scan), args.series)
     result = detect_volume(model, volume, batch_size=args.batch_size, progress=True)
     top = int(result.slice_scores.argmax())
+    threshold = model.config.volume_threshold if args.threshold is None else args.threshold
     print(f"score {result.score:.4f}  (max over {volume.shape[0]} slices, at slice {top})  -> "
-          f"{'MANIPULATED' if result.score > args.threshold else 'pristine'} at threshold {args.threshold}")
+          f"{'MANIPULATED' if result.score > threshold else 'pristine'} at threshold {threshold:.4g}")
     if args.out:
         if result.localization is None:
             raise ValueError(f"{type(model).__name__} does not localize: it has no map to write")
@@ -359,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--scan", required=True, help="DICOM series folder or NIfTI file")
     detect.add_argument("--out", default=None, help="write the localization map as NIfTI (.nii.gz)")
     detect.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
-    detect.add_argument("--threshold", type=float, default=0.5, help="decision threshold on the volume score")
+    detect.add_argument("--threshold", type=float, default=None,
+                        help="decision threshold on the volume score (default: the model's volume_threshold, calibrated "
+                        "by m3d train-detector on crops of its training crop size; a whole scan's max over more slices runs higher)")
     detect.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     detect.add_argument("--bf16", action="store_true", help="run in bfloat16")
     _add_scan_options(detect)

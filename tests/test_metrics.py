@@ -4,6 +4,7 @@ from sklearn import metrics as skm
 
 from m3d.metrics import (
     balanced_accuracy,
+    balanced_threshold,
     detection_metrics,
     f1_iou,
     localization_metrics,
@@ -35,6 +36,18 @@ def test_balanced_accuracy_matches_scikit_learn(scored):
     labels, scores = scored
     expected = skm.balanced_accuracy_score(labels, scores > 0.5)
     assert balanced_accuracy(labels, scores) == pytest.approx(expected)
+
+
+def test_balanced_threshold_is_the_best_cut(scored):
+    labels, scores = scored
+    threshold = balanced_threshold(labels, scores)
+    every_cut = [balanced_accuracy(labels, scores, t) for t in np.r_[-1.0, np.unique(scores)]]
+    assert balanced_accuracy(labels, scores, threshold) == pytest.approx(max(every_cut))
+    assert threshold not in set(scores)  # between two scores, not on one
+    # separable probabilities: the cut sits between the classes, at their midpoint in logit space
+    assert balanced_threshold([0, 0, 1, 1], [0.5, 0.8, 0.95, 0.99]) == pytest.approx(1 / (1 + np.exp(-(np.log(4) + np.log(19)) / 2)))
+    assert balanced_threshold([0, 1], [1.0, 1.0]) == 1.0  # no cut helps: nothing called manipulated
+    assert balanced_threshold([0, 1], [0.0, 1.0]) == 0.5  # saturated: the plain midpoint
 
 
 def test_pd_at_1pct_by_hand():

@@ -195,7 +195,12 @@ def test_train_validates_saves_best_and_pushes(mini_m3dsynth, hf_cache, tmp_path
     assert type(model).__name__ == "UNetForForgeryDetection"
     assert (best / "README.md").is_file() and json.loads((best / "validation.json").read_text())["step"] == 3
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
-    assert json.loads((out / "training_summary.json").read_text())["steps"] == 3
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 3
+    calibration = summary["calibration"]  # the validation split set the saved volume threshold
+    assert calibration["split"] == "validation" and calibration["n_fake"] > 0 and calibration["n_pristine"] > 0
+    assert model.config.volume_threshold == pytest.approx(calibration["threshold"])
+    assert calibration["balanced_accuracy"] >= calibration["balanced_accuracy_before"]
     assert pushed["to"] == "user/m3d-unet-test" and "model.safetensors" in pushed["files"]
 
 
@@ -253,3 +258,7 @@ def test_every_detector_learns_a_tiny_training_set(detector, mini_m3dsynth, hf_c
     labels = np.array([int(i["labels"]) for i in items])
     auc = detection_metrics(labels, scores.numpy())["auc"]
     assert auc >= 0.9, auc
+    # without validation the training scans set the volume threshold; on them it separates at least as well as 0.5
+    calibration = json.loads((tmp_path / "run" / "training_summary.json").read_text())["calibration"]
+    assert calibration["split"] == "train" and model.config.volume_threshold == pytest.approx(calibration["threshold"])
+    assert calibration["balanced_accuracy"] >= max(calibration["balanced_accuracy_before"], 0.75), calibration

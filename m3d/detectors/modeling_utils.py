@@ -26,6 +26,11 @@ class M3DDetectorConfig(PreTrainedConfig):
             ``"adjacent_slices"``.
         percentiles: ``(low, high)`` percentiles for ``"percentile"``.
         localization_loss_weight / detection_loss_weight: weights of the two standard losses.
+        volume_threshold: the volume score (max of the slice probabilities) above which a scan is called
+            manipulated. A slice classifier trained on balanced slices puts its 0.5 at the slice level;
+            the max over many pristine slices sits higher, so `m3d train-detector` sets this to the
+            threshold of best balanced accuracy on its calibration scans (crops of its training crop
+            size; its ``training_summary.json`` says which). 0.5 when uncalibrated.
     """
 
     model_type = "m3d_detector"
@@ -39,8 +44,11 @@ class M3DDetectorConfig(PreTrainedConfig):
         localization_loss_weight: float = 1.0,
         detection_loss_weight: float = 1.0,
         initializer_range: float = 0.02,
+        volume_threshold: float = 0.5,
         **kwargs,
     ) -> None:
+        if not 0 <= volume_threshold <= 1:
+            raise ValueError(f"volume_threshold must be a probability in [0, 1]; got {volume_threshold}")
         if input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode must be one of {INPUT_MODES}; got {input_mode!r}")
         if len(hu_windows) != 3 or any(len(w) != 2 or w[0] >= w[1] for w in hu_windows):
@@ -54,6 +62,7 @@ class M3DDetectorConfig(PreTrainedConfig):
         self.localization_loss_weight = localization_loss_weight
         self.detection_loss_weight = detection_loss_weight
         self.initializer_range = initializer_range
+        self.volume_threshold = float(volume_threshold)
         super().__init__(**kwargs)
 
 

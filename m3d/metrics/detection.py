@@ -62,6 +62,28 @@ def balanced_accuracy(labels: np.ndarray, scores: np.ndarray, threshold: float =
     return float(0.5 * (predicted[positive].mean() + (~predicted[~positive]).mean()))
 
 
+def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold of probability ``scores`` with the highest balanced accuracy (``score > threshold``
+    called manipulated): a cut between two consecutive distinct scores, placed at their midpoint in
+    logit space (probabilities pile up near 0 and 1); of several best cuts, the middle one."""
+    positive, scores = _check(labels, scores)
+    distinct = np.unique(scores)
+    cuts = np.r_[-np.inf, distinct]  # cut k calls manipulated every score > cuts[k]
+    below = np.searchsorted(np.sort(scores[positive]), cuts, side="right")  # fakes at or under the cut
+    pristine_below = np.searchsorted(np.sort(scores[~positive]), cuts, side="right")
+    accuracy = 0.5 * (1 - below / positive.sum() + pristine_below / (~positive).sum())
+    best = np.flatnonzero(accuracy == accuracy.max())
+    k = int(best[len(best) // 2])
+    if k == 0:  # every sample called manipulated: just under the lowest score
+        return float(np.nextafter(distinct[0], -np.inf))
+    if k == distinct.size:  # none called manipulated
+        return float(distinct[-1])
+    pair = distinct[k - 1 : k + 1]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        middle = 1 / (1 + np.exp(-np.mean(np.log(pair) - np.log1p(-pair))))
+    return float(middle) if pair[0] <= middle < pair[1] else float(pair.mean())  # saturated scores: the plain midpoint
+
+
 def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """AUC, balanced accuracy at ``threshold`` and Pd@1 % of volume scores (probabilities)."""
     return {

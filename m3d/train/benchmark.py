@@ -8,7 +8,7 @@ Each *cell* trains one detector (`m3d.train.train_detector`) on one training set
 fakes plus the pristine scans (``cross_generator``), or for ``preliminary`` the ``resnet_gp`` detector on
 the non-medical images or on every generator of M3Dsynth — then evaluates its best checkpoint on the
 test split with `m3d.train.evaluation.evaluate_detector`'s protocol (fixed test crops, volume score =
-max over slices; AUC, balanced accuracy at 0.5, Pd@1 %; F1 / IoU at 0.5 and best threshold) for every
+max over slices; AUC, balanced accuracy at the detector's calibrated volume threshold, Pd@1 %; F1 / IoU at 0.5 and best threshold) for every
 test generator. A finished cell's file is written atomically and never recomputed: re-running the
 command (after an interruption, or with more detectors) does only what is missing; an interrupted
 training resumes from its last checkpoint. The non-medical side reads ``--nonmedical DIR`` (any
@@ -36,7 +36,8 @@ Results folder (what ``m3d report`` reads)::
 ``preliminary``; ``train_data`` a generator name, ``m3dsynth`` (all generators) or ``nonmedical``.
 CSV columns: experiment, detector, train_data, test_generator (a generator or ``all``), task (``all``,
 ``inject``, ``remove``), n_fake, n_pristine, auc, balanced_accuracy, pd_at_1pct, f1, iou, f1_best,
-iou_best (empty when undefined, e.g. F1 of non-localizing detectors), crop_size, steps, preset.
+iou_best (empty when undefined, e.g. F1 of non-localizing detectors), volume_threshold (the detector's
+decision threshold, set on its training scans by `train_detector`), crop_size, steps, preset.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
                     starting_weights=None),
 }
 CSV_COLUMNS = ("experiment", "detector", "train_data", "test_generator", "task", "n_fake", "n_pristine",
-               *DETECTION_KEYS, *LOCALIZATION_KEYS, "crop_size", "steps", "preset")
+               *DETECTION_KEYS, *LOCALIZATION_KEYS, "volume_threshold", "crop_size", "steps", "preset")
 SETTINGS_KEYS = ("data", "preset", "crop_size", "num_epochs", "max_steps", "batch_size", "learning_rate", "validation",
                  "tasks", "seed", "nonmedical", "starting_weights")
 
@@ -261,7 +262,8 @@ def run_cell(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out
             "starting_weights": training_args.model,
             "train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - start - train_s, 2),
             "crop_size": settings["crop_size"], "preset": settings["preset"],
-            "metrics": summarize(records), "samples": records,
+            "volume_threshold": config.volume_threshold, "calibration": summary.get("calibration"),
+            "metrics": summarize(records, config.volume_threshold), "samples": records,
         }
         if examples:
             buffer = io.BytesIO()
@@ -313,7 +315,8 @@ def result_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row = {"experiment": cell["experiment"], "detector": cell["detector"], "train_data": cell["train_data"],
                        "test_generator": test_generator, "task": task}
                 row.update({k: metrics.get(k) for k in ("n_fake", "n_pristine", *DETECTION_KEYS, *LOCALIZATION_KEYS)})
-                row.update(crop_size=cell["crop_size"], steps=cell["steps"], preset=cell["preset"])
+                row.update(volume_threshold=cell.get("volume_threshold", 0.5), crop_size=cell["crop_size"], steps=cell["steps"],
+                           preset=cell["preset"])
                 rows.append(row)
     return rows
 
@@ -335,7 +338,9 @@ def tables_markdown(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["# M3Dsynth benchmark", "",
              f"Preset `{meta['settings']['preset']}`, crops {meta['settings']['crop_size']} (z,y,x voxels), "
              f"tasks {', '.join(meta['settings']['tasks'])}, device {meta['device']}. Volume score = max over the "
-             "crop's slices; Acc = balanced accuracy at 0.5; Pd@1% = TPR at 1% FPR (ROC linearly interpolated); "
+             "crop's slices; Acc = balanced accuracy at the detector's volume threshold (the best balanced accuracy on "
+             "its own training scans' crops: the max over slices of a slice classifier sits above 0.5 on pristine scans; "
+             "results.csv gives each threshold); Pd@1% = TPR at 1% FPR (ROC linearly interpolated); "
              "F1 / IoU of the 3-D map per fake, averaged; each column = that generator's fakes vs all pristine crops.", ""]
     if meta["settings"]["preset"] == "demo":
         lines += ["> `demo` preset: tiny detectors on 16x64x64 crops at the scans' native resolution, each fine-tuned "

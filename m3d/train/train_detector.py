@@ -22,7 +22,11 @@ validation ``--metric-for-best-model``; the last model without validation) with 
 and a model card, ``checkpoints/checkpoint_<n>/`` (`Accelerator.save_state` at each epoch end, every
 ``--checkpointing-steps`` and on Ctrl-C / SIGTERM; ``--resume-from-checkpoint latest|PATH`` continues
 exactly), ``logs.jsonl`` (training losses and validation metrics), ``tensorboard/`` and
-``training_summary.json``. ``--push-to-hub`` uploads ``best/`` with huggingface_hub.
+``training_summary.json``. At the end the kept model's ``volume_threshold`` (the volume score above which
+a scan is called manipulated) is set on the ``--calibration-split``'s fixed crops to the threshold of best
+balanced accuracy (`m3d.metrics.balanced_threshold`), recorded in ``training_summary.json``: a slice
+classifier's 0.5 is not the right cut for the max over a crop's slices. ``--push-to-hub`` uploads
+``best/`` with huggingface_hub.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import torch
 from m3d.cli import run_guarded
 from m3d.dataset_builder.features import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, register_bayar_constraint
+from m3d.metrics import balanced_accuracy, balanced_threshold
 from m3d.train.common import (
     MIXED_PRECISION,
     STATE_FILE,
@@ -192,6 +197,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="keep these tasks; default both")
     data.add_argument("--train-split", default="train")
     data.add_argument("--validation-split", default="validation", help="'none' to skip validation")
+    data.add_argument("--calibration-split", default="auto",
+                      help="scans whose crops set the saved model's volume_threshold (best balanced accuracy of the "
+                      "volume score): 'auto' = the validation split when validating, else the training split; "
+                      "'none' keeps the model's threshold")
     data.add_argument("--crop-size", type=parse_crop_size, default=DEFAULT_CROP_SIZE, metavar="Z,Y,X|full",
                       help="crop around the site in voxels (Y, X multiples of 32), or 'full' for whole scans")
     data.add_argument("--slices-per-epoch", type=int, default=None,
@@ -257,6 +266,32 @@ def _validation_file(entry: dict[str, Any]) -> dict[str, str]:
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(finite_or_none(record)) + "\n")
+
+
+def calibration_split_name(args: argparse.Namespace) -> str | None:
+    """The split that calibrates ``volume_threshold`` (None: keep the model's)."""
+    chosen = args.calibration_split.lower()
+    if chosen == "none" or args.data is None or (chosen == "auto" and args.train_images):
+        return None
+    if chosen != "auto":
+        return args.calibration_split
+    return args.validation_split if args.validation_split.lower() != "none" else args.train_split
+
+
+def calibrate_volume_threshold(model, crops, batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
+    """Set ``model.config.volume_threshold`` to the best-balanced-accuracy threshold of its volume scores
+    on ``crops`` (kept when they lack fakes or pristine scans); returns what was measured."""
+    records, _ = predict_samples(model, crops, batch_size=batch_size, progress=progress)
+    labels = np.array([r["label"] == "fake" for r in records], dtype=int)
+    scores = np.array([r["score"] for r in records])
+    result: dict[str, Any] = {"n_fake": int(labels.sum()), "n_pristine": int(len(labels) - labels.sum()),
+                              "threshold_before": model.config.volume_threshold}
+    if 0 < labels.sum() < len(labels):
+        model.config.volume_threshold = balanced_threshold(labels, scores)
+        result["balanced_accuracy_before"] = balanced_accuracy(labels, scores, result["threshold_before"])
+    result["threshold"] = model.config.volume_threshold
+    result["balanced_accuracy"] = balanced_accuracy(labels, scores, model.config.volume_threshold) if 0 < labels.sum() < len(labels) else None
+    return result
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -360,7 +395,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
             records, _ = predict_samples(unwrapped, validation, mine, batch_size=args.eval_batch_size,
                                          progress=progress_on)
         records = gather_object(records) if accelerator.num_processes > 1 else records
-        metrics = summarize(records)["all"]["all"]
+        metrics = summarize(records, unwrapped.config.volume_threshold)["all"]["all"]
         entry = {"step": global_step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
         history.append(finite_or_none(entry))
         value = metrics.get(args.metric_for_best_model)
@@ -433,9 +468,21 @@ def train(args: argparse.Namespace, dataset=None) -> int:
     if main_process:
         if best["value"] is None:  # no (defined) validation: the last model is the one kept
             save_pretrained_atomic(accelerator.unwrap_model(model), best_dir, _validation_file(history[-1] if history else {}))
+        calibration = None
+        calibration_split = calibration_split_name(args)
+        if calibration_split is not None:
+            kept = build_detector(model_path=str(best_dir)).to(accelerator.device)
+            split = filter_examples(load_split(source, calibration_split, args.dataset_cache_dir), args.generators, args.tasks)
+            crops = evaluation_crops(split, args.crop_size, kept.config, cache_bytes)
+            calibration = {"split": calibration_split, **calibrate_volume_threshold(kept, crops, args.eval_batch_size, progress_on)}
+            write_json_atomic(best_dir / "config.json", kept.config.to_dict())
+            logger.info("volume_threshold %.4f from the %s split (%d fakes, %d pristine): balanced accuracy %s",
+                        calibration["threshold"], calibration_split, calibration["n_fake"], calibration["n_pristine"],
+                        calibration["balanced_accuracy"])
         _write_card(best_dir, name, args)
         summary = {
             "detector": name, "preset": args.preset, "steps": global_step, "best": best, "history": history,
+            "calibration": calibration,
             "wall_s": round(time.perf_counter() - start_time, 3), "args": {k: json_value(v) for k, v in vars(args).items()},
         }
         write_json_atomic(output_dir / "training_summary.json", finite_or_none(summary))
