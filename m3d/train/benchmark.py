@@ -398,8 +398,9 @@ def findings_markdown(cells: list[dict[str, Any]]) -> list[str]:
     if drops:
         mean_drop = float(np.mean([d[0] for d in drops]))
         worst = max(drops, key=lambda d: d[0])
-        lines.append(f"- **Across generators** (train != test): AUC falls by {mean_drop:+.2f} on average against the training "
-                     f"generator (a negative number is a gain); the largest drop is {worst[1]['detector']} trained on "
+        change = f"falls by {mean_drop:.2f}" if mean_drop > 0 else f"rises by {-mean_drop:.2f}"
+        lines.append(f"- **Across generators** (train != test): AUC {change} on average against the training "
+                     f"generator; the largest drop is {worst[1]['detector']} trained on "
                      f"{worst[1]['train_data']}: {worst[3]:.2f} on {worst[1]['train_data']} -> {worst[4]:.2f} on {worst[2]}.")
         for train_data in sorted({d[1]["train_data"] for d in drops}):
             chosen = [d for d in drops if d[1]["train_data"] == train_data]
