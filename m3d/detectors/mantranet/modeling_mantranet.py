@@ -152,12 +152,12 @@ def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return (0.2 * x + 0.5).clamp(0.0, 1.0)
 
 
-class ConvLSTMGateConv(nn.Conv2d):
+class ConvLSTMGateConv(ManTraNetPaddedConv):
     """The gate convolution of `ConvLSTMCell` (its own type so that `_init_weights` can set the forget
     bias: transformers only initialises modules that hold parameters themselves)."""
 
-    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int) -> None:
-        super().__init__(in_channels + hidden_channels, 4 * hidden_channels, kernel_size, padding=kernel_size // 2)
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int, padding_mode: str = "zeros") -> None:
+        super().__init__(in_channels + hidden_channels, 4 * hidden_channels, kernel_size, padding_mode)
         self.hidden_channels = hidden_channels
 
     def reset_forget_bias(self) -> None:
@@ -168,13 +168,13 @@ class ConvLSTMGateConv(nn.Conv2d):
 
 class ConvLSTMCell(nn.Module):
     """A ConvLSTM cell as Keras' ``ConvLSTM2D`` (gates i, f, c, o; tanh activation; hard-sigmoid
-    recurrent activation; 'same' zero padding; bias on the input path only, forget bias initialised
-    to 1). The input and recurrent convolutions are computed as one conv over ``[x, h]``."""
+    recurrent activation; 'same' zero padding (or symmetric); bias on the input path only, forget bias
+    initialised to 1). The input and recurrent convolutions are computed as one conv over ``[x, h]``."""
 
-    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int) -> None:
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int, padding_mode: str = "zeros") -> None:
         super().__init__()
         self.hidden_channels = hidden_channels
-        self.conv = ConvLSTMGateConv(in_channels, hidden_channels, kernel_size)
+        self.conv = ConvLSTMGateConv(in_channels, hidden_channels, kernel_size, padding_mode)
 
     def forward(
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -187,6 +187,16 @@ class ConvLSTMCell(nn.Module):
         cell = hard_sigmoid(gate_f) * cell + hard_sigmoid(gate_i) * torch.tanh(candidate)
         hidden = hard_sigmoid(gate_o) * torch.tanh(cell)
         return hidden, cell
+
+
+def window_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean over the ``size x size`` window around each pixel, of the pixels inside the image only
+    (``avg_pool2d(..., count_include_pad=False)``), computed as two 1-D means: the window inside the
+    image is a rectangle, so the mean of its row means is its mean; 2 ``size`` instead of ``size**2``
+    operations per pixel (the released windows reach 31)."""
+    half = size // 2
+    rows = F.avg_pool2d(x, (size, 1), stride=1, padding=(half, 0), count_include_pad=False)
+    return F.avg_pool2d(rows, (1, size), stride=1, padding=(0, half), count_include_pad=False)
 
 
 class ManTraNetAnomalyNetwork(nn.Module):
@@ -203,18 +213,14 @@ class ManTraNetAnomalyNetwork(nn.Module):
             config.anomaly_channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum, affine=False
         )
         self.global_std = ManTraNetGlobalStd(config.anomaly_channels, config.min_std_init)
-        self.lstm = ConvLSTMCell(config.anomaly_channels, config.lstm_channels, config.lstm_kernel_size)
-        self.prediction = nn.Conv2d(
-            config.lstm_channels, 1, config.prediction_kernel_size, padding=config.prediction_kernel_size // 2
-        )
+        self.lstm = ConvLSTMCell(config.anomaly_channels, config.lstm_channels, config.lstm_kernel_size,
+                                 config.anomaly_padding_mode)
+        self.prediction = ManTraNetPaddedConv(config.lstm_channels, 1, config.prediction_kernel_size, config.anomaly_padding_mode)
 
     def deviations(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``window mean - x`` for each window (means over the pixels inside the image only), then
         ``global mean - x``."""
-        steps = [
-            F.avg_pool2d(x, size, stride=1, padding=size // 2, count_include_pad=False) - x
-            for size in self.window_sizes
-        ]
+        steps = [window_mean(x, size) - x for size in self.window_sizes]
         if self.include_global_mean:
             steps.append(x.mean(dim=(2, 3), keepdim=True) - x)
         return steps
