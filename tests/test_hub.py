@@ -1,5 +1,6 @@
 """`m3d push`: the folder checks and the upload call, offline (HfApi replaced)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,20 @@ def test_push_errors_are_one_line(tmp_path, dataset_folder, monkeypatch, capsys)
     assert main(["push", str(dataset_folder), "--repo-id", "a/b/c"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and "is not a folder" in errors[0] and "ORG/NAME or NAME" in errors[1]
+
+
+def test_shipped_configs_name_no_local_path(tmp_path):
+    """Shipped folders load anywhere: no config.json records where it was loaded from on the machine
+    that made it, and the shipping copy drops that key."""
+    import m3d
+    from m3d.train.common import replace_folder
+
+    package = Path(m3d.__file__).parent
+    configs = sorted(package.rglob("config.json"))
+    assert len(configs) > 20  # detectors, pipelines' models, the CAD scorer
+    assert not [str(c) for c in configs if "_name_or_path" in json.loads(c.read_text())]
+    source = tmp_path / "run"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"_name_or_path": "/home/someone/run", "model_type": "x"}))
+    shipped = replace_folder(source, tmp_path / "shipped")
+    assert json.loads((shipped / "config.json").read_text()) == {"model_type": "x"}

@@ -195,7 +195,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--generators", nargs="+", choices=[g for g in GENERATORS if g != "real"], default=None,
                       help="keep these generators' fakes (pristine scans always kept); default all")
     data.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="keep these tasks; default both")
-    data.add_argument("--train-split", default="train")
+    data.add_argument("--train-split", default="train", help="the split to train on")
     data.add_argument("--validation-split", default="validation", help="'none' to skip validation")
     data.add_argument("--calibration-split", default="auto",
                       help="scans whose crops set the saved model's volume_threshold (best balanced accuracy of the "
@@ -209,34 +209,35 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--dataset-cache-dir", default=None, help="datasets' cache folder (default: HF_DATASETS_CACHE)")
 
     run = parser.add_argument_group("training")
-    run.add_argument("--output-dir", required=True, metavar="DIR")
-    run.add_argument("--num-epochs", type=int, default=10)
+    run.add_argument("--output-dir", required=True, metavar="DIR", help="best/, checkpoints/, logs and the summary go here")
+    run.add_argument("--num-epochs", type=int, default=10, help="passes over the training slices (see --max-steps)")
     run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
     run.add_argument("--batch-size", type=int, default=16, help="slices per process and micro-batch")
     run.add_argument("--eval-batch-size", type=int, default=32, help="slices per forward pass in validation")
-    run.add_argument("--learning-rate", type=float, default=1e-4)
-    run.add_argument("--weight-decay", type=float, default=1e-4)
-    run.add_argument("--lr-scheduler", choices=SCHEDULERS, default="constant")
-    run.add_argument("--warmup-steps", type=int, default=0)
+    run.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW peak learning rate")
+    run.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    run.add_argument("--lr-scheduler", choices=SCHEDULERS, default="constant", help="transformers learning-rate schedule")
+    run.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps of the schedule")
     run.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradient norms (0: off)")
-    run.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    run.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no", help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
     run.add_argument("--metric-for-best-model", choices=BEST_METRICS, default="auc",
                      help="validation metric (all generators, all tasks) that picks best/; higher is better")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seed of the weights, the crops and the slice order")
     run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
 
     save = parser.add_argument_group("checkpoints, logs, Hub")
     save.add_argument("--checkpointing-steps", type=int, default=0,
                       help="also checkpoint every N steps (checkpoints are always written at epoch ends and on interrupt)")
-    save.add_argument("--checkpoints-total-limit", type=int, default=2)
-    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH", default=None)
+    save.add_argument("--checkpoints-total-limit", type=int, default=2, help="checkpoints kept (the oldest deleted)")
+    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH", default=None,
+                      help="continue from the newest checkpoint in --output-dir, or from PATH")
     save.add_argument("--log-every", type=int, default=10, help="write mean losses to logs.jsonl every N steps")
-    save.add_argument("--no-progress", action="store_true")
+    save.add_argument("--no-progress", action="store_true", help="no progress bars")
     save.add_argument("--push-to-hub", action="store_true", help="upload best/ to the Hub at the end")
     save.add_argument("--hub-model-id", default=None, help="repository id (default: the output folder's name)")
-    save.add_argument("--hub-private", action="store_true")
+    save.add_argument("--hub-private", action="store_true", help="create the Hub repository private")
     return parser
 
 
@@ -475,7 +476,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
             split = filter_examples(load_split(source, calibration_split, args.dataset_cache_dir), args.generators, args.tasks)
             crops = evaluation_crops(split, args.crop_size, kept.config, cache_bytes)
             calibration = {"split": calibration_split, **calibrate_volume_threshold(kept, crops, args.eval_batch_size, progress_on)}
-            write_json_atomic(best_dir / "config.json", kept.config.to_dict())
+            write_json_atomic(best_dir / "config.json", json.loads(kept.config.to_json_string()))  # as save_pretrained: no local path
             logger.info("volume_threshold %.4f from the %s split (%d fakes, %d pristine): balanced accuracy %s",
                         calibration["threshold"], calibration_split, calibration["n_fake"], calibration["n_pristine"],
                         calibration["balanced_accuracy"])
