@@ -128,8 +128,10 @@ def _split_proportions(text: str) -> dict[str, int]:
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (Hub-ready: README.md, data/, manifest.json)")
     parser.add_argument("--lidc-root", default=None, help="a LIDC-IDRI download (DICOM + XML); default: phantom scans")
-    parser.add_argument("--generators", nargs="+", default=list(FAKE_GENERATORS), choices=FAKE_GENERATORS)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--generators", nargs="+", default=list(FAKE_GENERATORS), choices=FAKE_GENERATORS,
+                        help="generators that make the fakes (each tampers every site)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
+                        help="inject (fake nodules at empty lung sites) and/or remove (real malignant nodules)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N scans of the plan")
     parser.add_argument(
         "--pipelines", default=None, metavar="DIR",
@@ -170,10 +172,15 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {Path(args.out) / 'README.md'}: load it with datasets.load_dataset({str(args.out)!r})")
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Entry point of ``m3d build`` and ``python -m m3d.build``: 0 done, 2 bad input, 130 interrupted."""
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "m3d.build", description=__doc__.split("\n\n")[0])
     add_build_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of ``m3d build`` and ``python -m m3d.build``: 0 done, 2 bad input, 130 interrupted."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     return run_guarded(parser.prog, lambda: run(args), on_interrupt="run the same command again to resume")
 

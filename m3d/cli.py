@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from . import __version__
+
 USER_ERRORS = (ValueError, OSError, LookupError)
 
 
@@ -311,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the CAD malignancy check, model cards, the report. `m3d demo` runs the whole mission on synthetic scans.",
         epilog="Every command has --help. Bad input gives one line on stderr and exit status 2.",
     )
+    parser.add_argument("--version", action="version", version=f"m3d {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", help="geometry and nodules of a DICOM series, NIfTI file or LIDC case")
@@ -340,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tamper", help="inject a fake nodule into, or remove one from, a scan with a saved generator pipeline"
     )
     tamper.add_argument("--scan", required=True, help="DICOM series folder or NIfTI file")
-    tamper.add_argument("--task", required=True, choices=("inject", "remove"))
+    tamper.add_argument("--task", required=True, choices=("inject", "remove"),
+                        help="inject a fake malignant nodule at --at, or remove the nodule there")
     tamper.add_argument(
         "--at", required=True, action="append", metavar="X,Y,Z",
         help="location: voxel indices (column, row, slice) or, with --mm, LPS mm; repeat for several",
@@ -430,8 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     official.add_argument("--out", required=True, help="output dataset folder")
     official.add_argument("--tables", default=None, metavar="DIR",
                           help="folder of data.csv, sets.csv, centers.csv, LIDC.csv (default: RELEASE/data or RELEASE)")
-    official.add_argument("--generators", nargs="+", default=["pix2pix", "cyclegan", "ddpm"], choices=("pix2pix", "cyclegan", "ddpm"))
-    official.add_argument("--tasks", nargs="+", default=["inject", "remove"], choices=("inject", "remove"))
+    official.add_argument("--generators", nargs="+", default=["pix2pix", "cyclegan", "ddpm"], choices=("pix2pix", "cyclegan", "ddpm"),
+                          help="import the fakes of these generators")
+    official.add_argument("--tasks", nargs="+", default=["inject", "remove"], choices=("inject", "remove"),
+                          help="import these tasks")
     official.add_argument("--limit", type=int, default=None, help="only the first N series")
     official.add_argument("--scans-per-shard", type=int, default=4, help="series per Parquet shard")
     official.add_argument("--overwrite", action="store_true", help="delete a previous build in --out first")

@@ -1,7 +1,11 @@
+import argparse
+import importlib
+
 import numpy as np
 import pytest
 
-from m3d.cli import main
+import m3d
+from m3d.cli import DELEGATED_COMMANDS, build_parser, main
 from m3d.data.ct import CTVolume
 from m3d.data.dicom import read_dicom_series, write_dicom_series
 from m3d.data.nifti import read_nifti
@@ -21,6 +25,31 @@ def test_help_lists_the_commands(capsys):
     text = capsys.readouterr().out
     for command in ("info", "convert", "phantom", "tamper", "detect", "plan", "lidc", "demo"):
         assert command in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"m3d {m3d.__version__}"
+
+
+def _options_without_help(parser: argparse.ArgumentParser, name: str) -> list[str]:
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command, subparser in action.choices.items():
+                missing += _options_without_help(subparser, f"{name} {command}")
+        elif action.help is None:
+            missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    return missing
+
+
+def test_every_option_has_help():
+    missing = _options_without_help(build_parser(), "m3d")
+    for command, module_name in DELEGATED_COMMANDS.items():
+        parser = importlib.import_module(module_name).build_parser(prog=f"m3d {command}")
+        missing += _options_without_help(parser, f"m3d {command}")
+    assert not missing, missing
 
 
 def test_info_shows_geometry_and_nodules(phantom_case, capsys):

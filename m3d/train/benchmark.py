@@ -146,7 +146,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--train-generators", nargs="+", choices=[g for g in GENERATORS if g != "real"], default=None,
                         help="default: every generator of the train split")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: both")
-    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
+                        help="cross_generator: every detector x train generator x test generator; preliminary: the "
+                        "general-purpose detector trained on non-medical images vs on M3Dsynth")
     parser.add_argument("--nonmedical", metavar="DIR", default=None,
                         help="imagefolder of non-medical real/fake images (default: a generated, labelled stand-in)")
     parser.add_argument("--crop-size", type=parse_crop_size, default=None, metavar="Z,Y,X|full", help="override the preset")
@@ -154,8 +156,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="override the preset")
     parser.add_argument("--batch-size", type=int, default=None, help="override the preset")
     parser.add_argument("--learning-rate", type=float, default=None, help="override the preset")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
-    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="slices per forward pass when testing")
     parser.add_argument("--example-maps", type=int, default=2, help="fakes per cell kept for the example plots")
     parser.add_argument("--cache-mb", type=int, default=4096, help="memory for decoded crops")
     parser.add_argument("--dataset-cache-dir", default=None, help="datasets' cache folder")

@@ -154,8 +154,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="generator / UNet rate (default: pix2pix and cyclegan 2e-4, ddpm 1e-4)")
     run.add_argument("--d-learning-rate", type=float, default=None,
                      help="discriminator rate (default: pix2pix 1e-6 as CT-GAN; cyclegan = --learning-rate)")
-    run.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    run.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no", help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
     run.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 term")
     run.add_argument("--hole-only", action="store_true",
                      help="pix2pix, cyclegan: losses and D on G's hole pasted into the real context (as at inference); "
