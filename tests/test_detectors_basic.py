@@ -268,3 +268,18 @@ def test_a_config_it_does_not_understand_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="m3d_not_a_detector"):
         AutoModel.from_pretrained(tmp_path)
+
+
+def test_labels_describe_the_one_logit(tmp_path):
+    """Every detector's config names what its single logit scores (not LABEL_0 / LABEL_1), as does the
+    CAD scorer's, and the names survive save and load; shipped folders read the same."""
+    from m3d.cad import CADConfig
+    from m3d.train.demo_detectors import starting_weights
+
+    for name, (config_class, _) in DETECTORS.items():
+        config = config_class()
+        assert config.id2label == {0: "pristine", 1: "manipulated"}, name
+        assert config.label2id == {"pristine": 0, "manipulated": 1}, name
+    CADConfig().save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).id2label == {0: "benign", 1: "malignant"}
+    assert AutoConfig.from_pretrained(starting_weights("unet", "pix2pix")).id2label[1] == "manipulated"

@@ -75,6 +75,8 @@ class CADConfig(PreTrainedConfig):
         self.malignant_min_rating = float(malignant_min_rating)
         self.benign_max_rating = float(benign_max_rating)
         self.initializer_range = float(initializer_range)
+        kwargs.setdefault("id2label", {0: "benign", 1: "malignant"})  # the one logit's sigmoid is P(malignant)
+        kwargs.setdefault("label2id", {"benign": 0, "malignant": 1})
         super().__init__(**kwargs)
 
     @classmethod

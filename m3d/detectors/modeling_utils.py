@@ -63,6 +63,8 @@ class M3DDetectorConfig(PreTrainedConfig):
         self.detection_loss_weight = detection_loss_weight
         self.initializer_range = initializer_range
         self.volume_threshold = float(volume_threshold)
+        kwargs.setdefault("id2label", {0: "pristine", 1: "manipulated"})  # the one logit's sigmoid is P(manipulated)
+        kwargs.setdefault("label2id", {"pristine": 0, "manipulated": 1})
         super().__init__(**kwargs)
 
 
