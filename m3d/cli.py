@@ -3,6 +3,7 @@ clear line on stderr and exit status 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -118,6 +119,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if _is_nifti(target):
         from .data.nifti import write_nifti
 
+        if target.exists() and not args.overwrite:
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
         write_nifti(volume, target)
     else:
         from .data.dicom import write_dicom_series
@@ -140,12 +143,20 @@ def parse_location(text: str, volume, in_mm: bool):
 
 
 def cmd_tamper(args: argparse.Namespace) -> None:
+    import os
+    import shutil
+
     import torch
 
-    from .data.dicom import write_dicom_series
+    from .data.dicom import check_out_dir, write_dicom_series
     from .data.nifti import write_mask_nifti
     from .pipelines import load_pipeline
 
+    out = Path(args.out)
+    series_dir, mask_path = out / "dicom", out / "mask.nii.gz"
+    check_out_dir(series_dir, args.overwrite)  # before the generator runs
+    if mask_path.exists() and not args.overwrite:
+        raise FileExistsError(f"{mask_path} exists; pass --overwrite to replace it")
     volume = load_scan(Path(args.scan), args.series)
     locations = [parse_location(text, volume, args.mm) for text in args.at]
     pipeline = load_pipeline(args.pipeline)
@@ -158,10 +169,19 @@ def cmd_tamper(args: argparse.Namespace) -> None:
         output_type="volume",
         allow_outside_lung=args.allow_outside_lung,
     )
-    out = Path(args.out)
-    write_dicom_series(result.volumes[0], out / "dicom", series_description=f"m3d {args.task}", overwrite=args.overwrite)
-    write_mask_nifti(result.masks[0], volume, out / "mask.nii.gz")
-    print(f"wrote {out / 'dicom'} (tampered series) and {out / 'mask.nii.gz'}: {int(result.masks[0].sum())} voxels changed")
+    # both outputs are written beside their places first and moved in together: never a series without its mask
+    staging = out / f".m3d-tamper.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write_dicom_series(result.volumes[0], staging / "dicom", series_description=f"m3d {args.task}")
+        write_mask_nifti(result.masks[0], volume, staging / "mask.nii.gz")
+        if series_dir.exists():
+            shutil.rmtree(series_dir)
+        (staging / "dicom").replace(series_dir)
+        (staging / "mask.nii.gz").replace(mask_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {series_dir} (tampered series) and {mask_path}: {int(result.masks[0].sum())} voxels changed")
 
 
 def cmd_detect(args: argparse.Namespace) -> None:
@@ -325,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="DICOM series folder or NIfTI file")
     convert.add_argument("target", help="NIfTI file (.nii/.nii.gz) or an output folder for a DICOM series")
     convert.add_argument("--description", default="m3d convert", help="SeriesDescription of a written DICOM series")
-    convert.add_argument("--overwrite", action="store_true", help="replace DICOM files already in the target folder")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace the target: the NIfTI file, or the DICOM files in the target folder")
     _add_scan_options(convert)
     convert.set_defaults(func=cmd_convert)
 
@@ -355,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     tamper.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (DDPM pipelines)")
     tamper.add_argument("--seed", type=int, default=0, help="random seed of the generation")
     tamper.add_argument("--allow-outside-lung", action="store_true", help="allow a location outside the lungs")
-    tamper.add_argument("--overwrite", action="store_true", help="replace DICOM files already in the output folder")
+    tamper.add_argument("--overwrite", action="store_true", help="replace an earlier output (OUT/dicom, OUT/mask.nii.gz)")
     _add_scan_options(tamper)
     tamper.set_defaults(func=cmd_tamper)
 
@@ -492,8 +513,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COORDINATE = re.compile(r"^-?[\d.]+(,-?[\d.]+){2}$")
+
+
+def _attach_negative_coordinates(argv: list[str]) -> list[str]:
+    """``--at -60,20,-150`` -> ``--at=-60,20,-150``: argparse reads a value that starts with ``-`` as an
+    option, and LPS coordinates are usually negative."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1] == "--at" and COORDINATE.match(token):
+            joined[-1] = f"--at={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _attach_negative_coordinates(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] in DELEGATED_COMMANDS:  # commands with their own parser (accelerate entry points)
         import importlib
 

@@ -97,6 +97,59 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--overwrite"]) == 0
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "a.nii.gz")]) == 0
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "a.nii.gz")]) == 2  # a NIfTI target too
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "a.nii.gz"), "--overwrite"]) == 0
+
+
+@pytest.fixture(scope="module")
+def removal_site(tmp_path_factory):
+    """A phantom as NIfTI and the LPS mm centre of a nodule whose cube fits in its lungs."""
+    from m3d.data.lidc import group_nodules
+    from m3d.data.nifti import write_nifti
+    from m3d.data.phantom import make_phantom
+    from m3d.tamper.cube import TamperLocationError, check_location
+
+    case = make_phantom(3, size=96, max_slices=64, n_nodules=(3, 4))
+    scan = tmp_path_factory.mktemp("tamper") / "scan.nii.gz"
+    write_nifti(case.volume, scan)
+    for nodule in group_nodules(case.lidc):
+        location = case.volume.voxel_to_world(nodule.centroid_zyx)
+        try:
+            check_location(case.volume, location)
+        except TamperLocationError:
+            continue
+        return scan, case.volume, location
+    pytest.fail("the test phantom has no nodule whose cube fits in its lungs")
+
+
+def test_tamper_writes_series_and_mask_at_negative_lps_coordinates(removal_site, tmp_path, capsys):
+    from m3d.train.demo_pipelines import DEMO_DIR
+
+    scan, volume, location = removal_site
+    assert (location < 0).any()  # written as on the command line: --at -60,20,-150
+    at = ",".join(f"{c:.2f}" for c in location)
+    argv = ["tamper", "--scan", str(scan), "--task", "remove", "--at", at, "--mm",
+            "--pipeline", str(DEMO_DIR / "pix2pix-remove"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0, capsys.readouterr().err
+    tampered, mask = read_dicom_series(tmp_path / "out" / "dicom"), read_nifti(tmp_path / "out" / "mask.nii.gz")
+    assert mask.hu.any() and np.array_equal(tampered.hu != volume.hu, mask.hu > 0)
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # an earlier output is kept
+
+
+def test_tamper_leaves_nothing_half_written(removal_site, tmp_path, monkeypatch, capsys):
+    from m3d.train.demo_pipelines import DEMO_DIR
+
+    def failing_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("m3d.data.nifti.write_mask_nifti", failing_write)
+    scan, _, location = removal_site
+    argv = ["tamper", "--scan", str(scan), "--task", "remove", "--at", ",".join(map(str, location)), "--mm",
+            "--pipeline", str(DEMO_DIR / "pix2pix-remove"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2 and "disk full" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []  # no series without its mask, no staging folder
 
 
 def test_lidc_summary_prints_the_database(capsys):

@@ -64,6 +64,16 @@ def test_out_of_range_values_are_clipped_with_a_warning(tmp_path):
         assert read_nifti(tmp_path / "big.nii").hu.max() == 32767
 
 
+def test_nonfinite_voxels_are_refused_unless_filled(tmp_path):
+    data = np.full((4, 5, 6), -700.0, np.float32)
+    data[1, 2, 3], data[0, 0, 0] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "holes.nii")
+    with pytest.raises(ValueError, match="2 NaN or infinite voxels"):
+        read_nifti(tmp_path / "holes.nii")
+    filled = read_nifti(tmp_path / "holes.nii", fill_nonfinite_hu=-1024)
+    assert filled.hu[3, 2, 1] == -1024 and filled.hu[0, 0, 0] == -1024 and (filled.hu == -700).sum() == data.size - 2
+
+
 @pytest.mark.parametrize("direction", [oblique(), DESCENDING_LEFT_HANDED], ids=["oblique", "left-handed"])
 def test_simpleitk_sees_the_same_lps_geometry(tmp_path, direction):
     volume = make_volume(direction)

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -115,8 +117,11 @@ def test_bad_locations_are_refused(voxel, kwargs, message):
     center = volume.voxel_to_world(voxel)
     if kwargs.get("avoid") == "near":
         kwargs = {"avoid": [(center + np.array([8.0, 0, 0]), 4.0)]}
-    with pytest.raises(TamperLocationError, match=message):
+    with pytest.raises(TamperLocationError, match=message) as error:
         extract_cube(volume, center, **kwargs)
+    assert "np." not in str(error.value) and re.search(r"location \(-?\d+\.\d, -?\d+\.\d, -?\d+\.\d\) mm", str(error.value))
+    if "lungs" in message:
+        assert "--allow-outside-lung" in str(error.value)  # the flag as the command line spells it
 
 
 def test_outside_lung_can_be_forced():

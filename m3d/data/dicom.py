@@ -450,7 +450,7 @@ def _is_dicom_file(path: Path) -> bool:
     return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse a folder whose contents the write would destroy: anything but DICOM files, always;
     DICOM files unless ``overwrite``."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -577,7 +577,7 @@ def write_dicom_series(
     ``out_dir`` must be new or empty, or hold only DICOM files and ``overwrite=True`` (they are replaced).
     """
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     names = [filename_pattern.format(index=index) for index in range(volume.shape[0])]
     if len(set(names)) != len(names) or any(Path(name).name != name for name in names):
         raise DicomSeriesError(f"filename_pattern {filename_pattern!r} must give a distinct plain file name per slice")

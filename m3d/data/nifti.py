@@ -84,10 +84,11 @@ def write_map_nifti(values: np.ndarray, reference: CTVolume, path: str | Path) -
     return _save(values.transpose(2, 1, 0), nifti_affine(reference), Path(path), "m3d map")
 
 
-def read_nifti(path: str | Path) -> CTVolume:
+def read_nifti(path: str | Path, fill_nonfinite_hu: float | None = None) -> CTVolume:
     """Read a 3-D NIfTI file (any orientation, any axis order) as a `CTVolume` in HU: scl_slope/inter
     applied, rounded to int16 (values beyond int16 clipped with a warning). Spacing and direction come
-    from the affine's columns (sform, else qform), converted from RAS to LPS."""
+    from the affine's columns (sform, else qform), converted from RAS to LPS. NaN or infinite voxels
+    are an error unless ``fill_nonfinite_hu`` gives the HU to put there (e.g. -1024, air)."""
     path = Path(path)
     _check_path(path)
     if not path.is_file():
@@ -96,10 +97,12 @@ def read_nifti(path: str | Path) -> CTVolume:
         image = nib.load(path)
     except Exception as error:  # nibabel raises several types for corrupt files
         raise ValueError(f"{path} is not a readable NIfTI file: {error}") from None
-    return volume_from_nifti_image(image, source=str(path))
+    return volume_from_nifti_image(image, source=str(path), fill_nonfinite_hu=fill_nonfinite_hu)
 
 
-def volume_from_nifti_image(image: nib.spatialimages.SpatialImage, source: str = "NIfTI image") -> CTVolume:
+def volume_from_nifti_image(
+    image: nib.spatialimages.SpatialImage, source: str = "NIfTI image", fill_nonfinite_hu: float | None = None
+) -> CTVolume:
     """A `CTVolume` from an in-memory nibabel image (as `datasets.Nifti` decodes one); see `read_nifti`."""
     if len(image.shape) != 3:
         if len(image.shape) == 4 and image.shape[3] == 1:
@@ -109,6 +112,13 @@ def volume_from_nifti_image(image: nib.spatialimages.SpatialImage, source: str =
     slope, intercept = image.header.get_slope_inter()
     scaled = slope not in (None, 1.0) or intercept not in (None, 0.0)
     data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asarray(image.dataobj)
+    if data_xyz.dtype.kind == "f":
+        nonfinite = ~np.isfinite(data_xyz)
+        if nonfinite.any():
+            if fill_nonfinite_hu is None:
+                raise ValueError(f"{source} holds {int(nonfinite.sum())} NaN or infinite voxels; CT needs a HU value "
+                                 "everywhere (read_nifti(..., fill_nonfinite_hu=-1024) puts air there)")
+            data_xyz = np.where(nonfinite, fill_nonfinite_hu, data_xyz)
     if data_xyz.dtype != np.int16:
         data_xyz = np.rint(data_xyz) if data_xyz.dtype.kind == "f" else data_xyz
         if data_xyz.size and (data_xyz.min() < HU_MIN or data_xyz.max() > HU_MAX):

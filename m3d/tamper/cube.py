@@ -91,10 +91,10 @@ def check_location(
     ``avoid`` lists other nodules as ``(center_lps_mm, radius_mm)``: none may reach into the hole.
     """
     center = np.asarray(center_lps_mm, float)
-    where = f"location {tuple(np.round(center, 1))} mm (LPS x, y, z)"
+    where = f"location {_point_text(center)} mm (LPS x, y, z)"
     index = volume.world_to_voxel(center)
     if not volume.contains_voxel(index):
-        raise TamperLocationError(f"{where} is outside the scan (voxel z, y, x {tuple(np.round(index, 1))}, shape {volume.shape})")
+        raise TamperLocationError(f"{where} is outside the scan (voxel z, y, x {_point_text(index)}, shape {volume.shape})")
     corners = _cube_corners_in_scan(volume, cube_affine(volume, center))
     upper = np.asarray(volume.shape) - 0.5
     overshoot_mm = np.maximum(-0.5 - corners.min(0), corners.max(0) - upper).clip(0) * np.asarray(volume.spacing_mm)
@@ -106,14 +106,21 @@ def check_location(
     if not allow_outside_lung:
         lungs = segment_lungs(volume) if lung_mask is None else lung_mask
         if not lungs[tuple(np.rint(index).astype(int))]:
-            raise TamperLocationError(f"{where} is not inside the lungs (pass allow_outside_lung=True to force)")
+            raise TamperLocationError(
+                f"{where} is not inside the lungs (allow_outside_lung=True, --allow-outside-lung on the command line, forces it)"
+            )
     reach_mm = HOLE_SIZE / 2 * CUBE_SPACING_MM
     for other_center, radius_mm in avoid:
         offset = np.abs(volume.direction.T @ (np.asarray(other_center, float) - center))
         if np.all(offset < reach_mm + radius_mm):
             raise TamperLocationError(
-                f"{where} overlaps another nodule at {tuple(np.round(other_center, 1))} mm (radius {radius_mm:.1f} mm)"
+                f"{where} overlaps another nodule at {_point_text(other_center)} mm (radius {radius_mm:.1f} mm)"
             )
+
+
+def _point_text(values) -> str:
+    """``(12.3, -4.0, 5.5)``: plain numbers for messages (not ``np.float64(...)``)."""
+    return "(" + ", ".join(f"{float(v):.1f}" for v in values) + ")"
 
 
 def extract_cube(
