@@ -145,6 +145,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, jobs, tiny
     with pytest.raises(KeyboardInterrupt):
         _build(tmp_path / "resumed", jobs, tiny_pipelines_dir)
     monkeypatch.setattr(target, name, original)
+    with pytest.raises(Exception, match="data files|resume"):  # the unfinished folder is not a dataset yet
+        datasets.load_dataset(str(tmp_path / "resumed"))
     resumed = _build(tmp_path / "resumed", jobs, tiny_pipelines_dir)
     assert resumed.shards == reference.shards  # same files, rows, img_ids and SHA-256: nothing lost or duplicated
     files = sorted(p.relative_to(tmp_path / "resumed").as_posix() for p in (tmp_path / "resumed").rglob("*") if p.is_file())

@@ -10,10 +10,12 @@ Layout (other code depends on it)::
 Scans are grouped, split by split, into chunks of ``scans_per_shard`` consecutive scans; chunk ``i`` of
 a split is shard ``i`` of every ``<generator>/<task>`` folder it has rows for, written by process
 ``rank`` (chunks are dealt round-robin over the processes). Each shard is written under a temporary name
-and renamed when complete; after each chunk the process records its shards (with SHA-256) in its own
-journal ``.build/rank-<rank>.json``. A restarted build skips the chunks whose shards are recorded and
-intact, and redoes the others, so a killed build loses no sample and duplicates none; `finalize` merges
-the journals into ``manifest.json``, removes stray files and writes the card.
+and renamed when complete, under ``.build/`` (``.build/data/...``), where `datasets` does not look: an
+unfinished build cannot be loaded as if it were complete. After each chunk the process records its shards
+(with SHA-256) in its own journal ``.build/rank-<rank>.json``. A restarted build skips the chunks whose
+shards are recorded and intact, and redoes the others, so a killed build loses no sample and duplicates
+none; `finalize` moves the shards to ``data/``, merges the journals into ``manifest.json``, removes stray
+files and writes the card.
 """
 from __future__ import annotations
 
@@ -167,9 +169,15 @@ def read_state(out: Path) -> BuildState:
     return state
 
 
+def _shard_file(out: Path, relative: str) -> Path:
+    """Where a shard is: in place after `finalize`, staged under ``.build/`` before."""
+    final = out / relative
+    return final if final.is_file() else out / JOURNALS / relative
+
+
 def _intact(out: Path, state: BuildState, chunk: dict[str, Any]) -> bool:
     for relative in chunk["shards"]:
-        entry, path = state.shards.get(relative), out / relative
+        entry, path = state.shards.get(relative), _shard_file(out, relative)
         if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             return False
     return True
@@ -225,7 +233,7 @@ def write_shards(
     (out / JOURNALS).mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=sum(len(c.jobs) for c in todo), desc=f"build [{rank}]", unit="scan", disable=not progress)
     for chunk in todo:
-        writer = _ShardWriter(out, chunk.split, rank, chunk.index)
+        writer = _ShardWriter(out / JOURNALS, chunk.split, rank, chunk.index)  # staged until finalize
         started, chunk_outcomes = time.perf_counter(), []
         try:
             for job in chunk.jobs:
@@ -253,14 +261,20 @@ def write_shards(
 
 
 def finalize(out: str | Path, *, pretty_name: str = "M3Dsynth") -> BuildState:
-    """Merge the journals into ``manifest.json``, delete shards no chunk records (left by a kill), and
-    write the dataset card. Run once, by one process, after every process has written its shards."""
+    """Move the staged shards into ``data/``, merge the journals into ``manifest.json``, delete shards no
+    chunk records (left by a kill), and write the dataset card. Run once, by one process, after every
+    process has written its shards."""
     from .card import write_dataset_card
 
     out = Path(out)
     state = read_state(out)
     recorded = {relative for chunk in state.chunks.values() for relative in chunk["shards"]}
     state.shards = {relative: entry for relative, entry in state.shards.items() if relative in recorded}
+    for relative in sorted(recorded):
+        staged = out / JOURNALS / relative
+        if staged.is_file():
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            staged.replace(out / relative)
     for path in sorted((out / "data").rglob("*")) if (out / "data").is_dir() else []:
         if path.is_file() and path.relative_to(out).as_posix() not in recorded:
             path.unlink()
