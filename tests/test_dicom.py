@@ -227,6 +227,17 @@ def test_non_ct_and_non_dicom_files(tmp_path):
         read_dicom_series(only_mr)
 
 
+@pytest.mark.parametrize("keep_bytes", [200, 700, -10], ids=["header-cut", "mid-header", "pixels-cut"])
+def test_a_damaged_slice_is_an_error_naming_its_file(tmp_path, keep_bytes):
+    """A slice cut short (still starting with the DICOM preamble) is never dropped in silence: reading the
+    series fails and names the file, whatever the cut."""
+    write_dicom_series(make_volume(), tmp_path / "scan")
+    first = sorted((tmp_path / "scan").iterdir())[0]
+    first.write_bytes(first.read_bytes()[:keep_bytes])
+    with pytest.raises(DicomSeriesError, match=first.name):
+        read_dicom_series(tmp_path / "scan")
+
+
 def test_several_series_are_listed_then_chosen(tmp_path):
     write_dicom_series(make_volume(seed=0), tmp_path / "both" / "a")
     write_dicom_series(make_volume(seed=1), tmp_path / "both" / "b")

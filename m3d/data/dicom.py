@@ -88,7 +88,8 @@ def _starts_with_dicom_tag(path: Path) -> bool:
 
 
 def _try_read(path: Path) -> Dataset | None:
-    """The header of a DICOM image file (pixel data deferred), or None if the file is not one."""
+    """The header of a DICOM image file (pixel data deferred), or None if the file is not one; a file that
+    says it is a DICOM image but cannot be read whole is an error naming it (never a slice dropped in silence)."""
     try:
         try:
             dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
@@ -96,9 +97,15 @@ def _try_read(path: Path) -> Dataset | None:
             if not _starts_with_dicom_tag(path):
                 return None
             dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)  # legacy file, no preamble
-    except Exception:  # pydicom raises many types on files that are not DICOM
+    except Exception as error:  # pydicom raises many types on files that are not DICOM
+        if _is_dicom_file(path):
+            raise DicomSeriesError(f"{path} is a damaged DICOM file ({type(error).__name__}: {error}); repair or remove it") from None
         return None
     if "SeriesInstanceUID" not in dataset or "Rows" not in dataset:
+        sop_class = dataset.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
+        if sop_class is not None and "Image Storage" in getattr(sop_class, "name", ""):
+            raise DicomSeriesError(f"{path} is a damaged DICOM image: a {sop_class.name} file whose header stops "
+                                   "before its series and image size; repair or remove it")
         return None  # DICOMDIR, structured reports, presentation states...
     if "TransferSyntaxUID" not in dataset.file_meta:  # no file meta: the encoding it was read with
         implicit, little = dataset.original_encoding
