@@ -186,16 +186,10 @@ def cmd_tamper(args: argparse.Namespace) -> None:
 
 def cmd_detect(args: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoModel
 
-    import m3d.detectors  # noqa: F401  (registers the detectors with the Auto classes)
+    from .detectors import detect_volume, load_detector
 
-    from .detectors import detect_volume
-
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a saved detector folder (no config.json)")
-    model = AutoModel.from_pretrained(model_dir).to(args.device)
+    model = load_detector(args.model).to(args.device)
     if args.bf16:
         model = model.to(torch.bfloat16)
     volume = load_scan(Path(args.scan), args.series)

@@ -283,3 +283,37 @@ def test_labels_describe_the_one_logit(tmp_path):
     CADConfig().save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).id2label == {0: "benign", 1: "malignant"}
     assert AutoConfig.from_pretrained(starting_weights("unet", "pix2pix")).id2label[1] == "manipulated"
+
+
+def test_load_detector_errors_name_the_folder(tmp_path):
+    """Every way a detector folder can be wrong is one clear error naming it, never a traceback or a
+    model with random weights."""
+    import json
+    import shutil
+
+    from m3d.detectors import load_detector
+    from m3d.train.demo_detectors import starting_weights
+
+    def folder(name):
+        copy = tmp_path / name
+        shutil.copytree(starting_weights("unet", "pix2pix"), copy)
+        return copy
+
+    cut = folder("cut")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:300])
+    misfit = folder("misfit")
+    config = json.loads((misfit / "config.json").read_text())
+    (misfit / "config.json").write_text(json.dumps({**config, "base_channels": 2 * config["base_channels"]}))
+    bert = folder("bert")
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    pickled = folder("pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    broken = folder("broken")
+    (broken / "config.json").write_text("{not json")
+    cases = {cut: "truncated or not a safetensors", misfit: "does not fit config.json", bert: "'bert' model, not an m3d",
+             pickled: "pytorch_model.bin is pickle", broken: "not a JSON object", tmp_path / "none": "no config.json"}
+    for path, message in cases.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
+            load_detector(path)
+        assert str(path) in str(error.value)
+    assert load_detector(starting_weights("unet", "pix2pix")).config.model_type == "m3d_unet"

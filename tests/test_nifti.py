@@ -64,6 +64,15 @@ def test_out_of_range_values_are_clipped_with_a_warning(tmp_path):
         assert read_nifti(tmp_path / "big.nii").hu.max() == 32767
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_file_is_a_clear_error(tmp_path, suffix):
+    write_nifti(make_volume(), tmp_path / f"scan{suffix}")
+    data = (tmp_path / f"scan{suffix}").read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=f"cut{suffix}.*(truncated|not a readable)"):
+        read_nifti(tmp_path / f"cut{suffix}")
+
+
 def test_nonfinite_voxels_are_refused_unless_filled(tmp_path):
     data = np.full((4, 5, 6), -700.0, np.float32)
     data[1, 2, 3], data[0, 0, 0] = np.nan, np.inf

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -111,7 +112,10 @@ def volume_from_nifti_image(
             raise ValueError(f"{source} has shape {image.shape}; m3d reads 3-D volumes")
     slope, intercept = image.header.get_slope_inter()
     scaled = slope not in (None, 1.0) or intercept not in (None, 0.0)
-    data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asarray(image.dataobj)
+    try:
+        data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asarray(image.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as error:  # the voxels are read only now
+        raise ValueError(f"{source}: its voxel data cannot be read, the file is truncated or corrupt ({error})") from None
     if data_xyz.dtype.kind == "f":
         nonfinite = ~np.isfinite(data_xyz)
         if nonfinite.any():

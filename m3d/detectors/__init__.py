@@ -12,6 +12,7 @@ from .modeling_utils import (
     M3DDetectorConfig,
     M3DDetectorPreTrainedModel,
     apply_bayar_constraint,
+    load_detector,
     register_bayar_constraint,
 )
 from .mvssnet import MVSSNetConfig, MVSSNetForForgeryDetection
@@ -34,6 +35,7 @@ DETECTORS = {
 
 __all__ = [
     "DETECTORS",
+    "load_detector",
     "BayarConv2d",
     "DetectorOutput",
     "HPFCNConfig",

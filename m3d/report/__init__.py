@@ -118,12 +118,10 @@ def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per
     if data_dir is None or not Path(data_dir).is_dir():
         return Section("Tampered scans", "No M3Dsynth folder given or named in bench_config.json.")
     import datasets
-    from transformers import AutoModel
     from transformers.utils import logging as transformers_logging
 
-    from .. import detectors  # noqa: F401  (registers the detectors with the Auto classes)
     from ..dataset_builder import TASKS, ScanResolver, example_mask
-    from ..detectors.volume import detect_volume
+    from ..detectors import detect_volume, load_detector
 
     split = datasets.load_dataset(str(data_dir), split="test")
     scans = ScanResolver(split)
@@ -141,7 +139,7 @@ def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per
         generator = generators.int2str(example["generator"])
         maps = {}
         for name, folder in _trained_detectors(results_dir, generator).items():
-            model = AutoModel.from_pretrained(folder).to(device).eval()
+            model = load_detector(folder).to(device).eval()
             detection = detect_volume(model, volume)
             if detection.localization is not None:
                 maps[f"{name} (score {detection.score:.2f})"] = detection.localization

@@ -44,7 +44,7 @@ import torch
 
 from m3d.cli import run_guarded
 from m3d.dataset_builder.features import GENERATORS, TASKS
-from m3d.detectors import DETECTORS, M3DDetectorConfig, register_bayar_constraint
+from m3d.detectors import DETECTORS, M3DDetectorConfig, load_detector, register_bayar_constraint
 from m3d.metrics import balanced_accuracy, balanced_threshold
 from m3d.train.common import (
     MIXED_PRECISION,
@@ -107,15 +107,8 @@ def detector_config(name: str, preset: str = "default", **overrides: Any) -> M3D
 def build_detector(name: str | None = None, preset: str = "default", model_path: str | None = None, seed: int = 0, **overrides):
     """A new detector (``name`` + ``preset``, weights initialised from ``seed``) or one loaded from
     ``model_path`` (a `save_pretrained` folder)."""
-    from transformers import AutoModel
-
     if model_path is not None:
-        if not (Path(model_path) / "config.json").is_file():
-            raise FileNotFoundError(f"{model_path} is not a saved detector (no config.json)")
-        model = AutoModel.from_pretrained(model_path, **overrides)
-        if not isinstance(model.config, M3DDetectorConfig):
-            raise ValueError(f"{model_path} holds a {type(model).__name__}, not an m3d detector")
-        return model
+        return load_detector(model_path, **overrides)
     torch.manual_seed(seed)
     return DETECTORS[name][1](detector_config(name, preset, **overrides))
 
