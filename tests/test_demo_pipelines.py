@@ -82,3 +82,36 @@ def test_cards_get_the_measured_quality_section(tmp_path):
     assert text.index("## How it was made") < text.index(QUALITY_HEADING) < text.index("## Citation")
     assert "| left < 8 mm | 92% |" in text and "touch_up=False" in text
     assert not update_quality_section(tmp_path, "ddpm-remove", quality)
+
+
+def test_broken_pipeline_folders_are_one_clear_error(tmp_path):
+    """A pipeline folder that is not whole and consistent never loads with random weights: each case is
+    one error naming the folder or file."""
+    import json
+    import shutil
+
+    def folder(name):
+        copy = tmp_path / name
+        shutil.copytree(DEMO_DIR / "pix2pix-inject", copy)
+        return copy
+
+    swapped = folder("swapped")
+    shutil.rmtree(swapped / "generator")
+    shutil.copytree(DEMO_DIR / "cyclegan-inject" / "generator", swapped / "generator")
+    cut = folder("cut")
+    weights = cut / "generator" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    pickled = folder("pickled")
+    (pickled / "generator" / "diffusion_pytorch_model.safetensors").rename(pickled / "generator" / "diffusion_pytorch_model.bin")
+    misfit = folder("misfit")
+    config = json.loads((misfit / "generator" / "config.json").read_text())
+    (misfit / "generator" / "config.json").write_text(json.dumps({**config, "in_channels": 2}))
+    broken = folder("broken")
+    (broken / "model_index.json").write_text("{oops")
+    cases = {swapped: "holds a CycleGAN3DGenerator, but model_index.json names Pix2Pix3DGenerator",
+             cut: "truncated or not safetensors", pickled: "is pickle, which m3d never loads",
+             misfit: "do not fit their config.json", broken: "model_index.json is not a JSON object"}
+    for path, message in cases.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
+            load_pipeline(path)
+        assert str(path) in str(error.value)

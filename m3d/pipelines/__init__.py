@@ -27,14 +27,49 @@ PIPELINE_CLASSES: dict[str, type[M3DTamperPipeline]] = {
 
 def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
     """Load a saved m3d pipeline folder with the class named in its ``model_index.json``
-    (``kwargs`` go to ``from_pretrained``: ``torch_dtype``, ``scheduler``, ...)."""
-    index = Path(path) / "model_index.json"
+    (``kwargs`` go to ``from_pretrained``: ``torch_dtype``, ``scheduler``, ...). Weights are read from
+    safetensors only; a folder that is not a whole, consistent pipeline is one clear error naming it
+    (a component of another class, missing or truncated weights, weights that do not fit their config)."""
+    folder = Path(path)
+    index = folder / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: not a saved pipeline folder")
-    class_name = json.loads(index.read_text()).get("_class_name")
+    try:
+        entries = json.loads(index.read_text())
+        class_name = entries.get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{index} is not a JSON object ({error})") from None
     if class_name not in PIPELINE_CLASSES:
         raise ValueError(f"{index} names pipeline class {class_name!r}; m3d knows {sorted(PIPELINE_CLASSES)}")
-    return PIPELINE_CLASSES[class_name].from_pretrained(str(path), **kwargs)
+    for name, value in entries.items():
+        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2) or not str(value[0]).startswith("m3d."):
+            continue
+        _check_component(folder / name, value[1])
+    try:
+        return PIPELINE_CLASSES[class_name].from_pretrained(str(path), use_safetensors=True, **kwargs)
+    except OSError as error:
+        raise ValueError(f"{folder}: a component's weights cannot be read, truncated or not safetensors ({error})") from None
+    except ValueError as error:
+        if "shape" not in str(error):
+            raise
+        raise ValueError(f"{folder}: weights that do not fit their config.json ({str(error).split('. ')[0]})") from None
+
+
+def _check_component(component: Path, class_name: str) -> None:
+    """A model component folder holds ``class_name``'s config and its safetensors weights."""
+    config = component / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{component} has no config.json: the pipeline folder is incomplete")
+    try:
+        saved_class = json.loads(config.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{config} is not a JSON object ({error})") from None
+    if saved_class != class_name:
+        raise ValueError(f"{component} holds a {saved_class}, but model_index.json names {class_name}")
+    if not any(component.glob("*.safetensors")):
+        pickled = sorted(p.name for p in component.glob("*.bin"))
+        hint = f" ({', '.join(pickled)} is pickle, which m3d never loads)" if pickled else ""
+        raise FileNotFoundError(f"{component} has no .safetensors weights{hint}")
 
 
 __all__ = [
