@@ -170,7 +170,7 @@ def test_cli_errors_are_one_line(trained, cases, tmp_path, capsys):
     assert main(["cad", "--model", str(trained / "model"), "--scan", str(scan), "--at", "5,5,9999"]) == 2
     assert "outside the scan" in capsys.readouterr().err
     assert main(["cad", "--model", str(tmp_path), "--scan", str(scan), "--at", "1,2,3"]) == 2
-    assert "not a saved CAD model folder" in capsys.readouterr().err
+    assert "not a saved folder of the CAD scorer" in capsys.readouterr().err
     assert main(["train-cad", "--output-dir", str(tmp_path / "x"), "--max-steps", "0"]) == 2
     assert "--max-steps must be positive" in capsys.readouterr().err
 

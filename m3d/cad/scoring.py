@@ -1,7 +1,6 @@
 """Apply the CAD scorer to locations of a scan: cut the 1 mm cube, scale it, score it."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 
 from ..data.ct import CTVolume
-from ..tamper.cube import TamperLocationError, hu_to_unit
+from ..tamper.cube import TamperLocationError, hu_to_unit, point_text
 from ..train.cubes import cut_training_cube
 from .configuration_cad import CADConfig
 from .modeling_cad import CADForMalignancyScoring
@@ -32,14 +31,11 @@ class CADScore:
 
 def load_cad(path: str | Path, device: str | torch.device = "cpu") -> CADForMalignancyScoring:
     """A saved scorer (``save_pretrained`` folder) in eval mode on ``device``; clear errors otherwise."""
-    path = Path(path)
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{path} is not a saved CAD model folder (no config.json)")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != CADConfig.model_type:
-        raise ValueError(f"{path} holds a {model_type!r} model, not the CAD scorer ({CADConfig.model_type!r})")
-    return CADForMalignancyScoring.from_pretrained(path).to(device).eval()
+    from ..loading import load_saved_model
+
+    model = load_saved_model(path, {CADConfig.model_type}, f"the CAD scorer ({CADConfig.model_type!r})",
+                             CADForMalignancyScoring.from_pretrained)
+    return model.to(device).eval()
 
 
 def cad_cube(volume: CTVolume, center_lps_mm: Sequence[float], size: int) -> np.ndarray:
@@ -50,8 +46,8 @@ def cad_cube(volume: CTVolume, center_lps_mm: Sequence[float], size: int) -> np.
     index = volume.world_to_voxel(center)
     if not volume.contains_voxel(index):
         raise TamperLocationError(
-            f"location {tuple(np.round(center, 1))} mm (LPS x, y, z) is outside the scan "
-            f"(voxel z, y, x {tuple(np.round(index, 1))}, shape {volume.shape})"
+            f"location {point_text(center)} mm (LPS x, y, z) is outside the scan "
+            f"(voxel z, y, x {point_text(index)}, shape {volume.shape})"
         )
     return cut_training_cube(volume, center, size)
 

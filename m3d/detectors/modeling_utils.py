@@ -2,7 +2,6 @@
 the base `PreTrainedModel` with the standard losses, and the Bayar-constrained convolution."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,31 +209,11 @@ def _detector_model_types(config_class: type) -> set[str]:
 
 
 def load_detector(path: str | Path, **kwargs) -> M3DDetectorPreTrainedModel:
-    """A saved m3d detector (a `save_pretrained` folder), with one clear `ValueError` or
-    `FileNotFoundError` naming the folder for what is not one: no config, another architecture, weights
-    that are missing, pickled, truncated, or do not fit the config."""
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModel
+    """A saved m3d detector (a `save_pretrained` folder; ``kwargs`` go to ``from_pretrained``), or one
+    clear error naming the folder (`m3d.loading.load_saved_model`)."""
+    from transformers import AutoModel
 
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a saved detector folder (no config.json)")
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise ValueError(f"{folder}/config.json is not a JSON object ({error})") from None
-    if model_type not in _detector_model_types(M3DDetectorConfig):
-        raise ValueError(f"{folder} holds a {model_type!r} model, not an m3d detector")
-    config = AutoConfig.from_pretrained(folder)
-    if not (folder / "model.safetensors").is_file():
-        pickled = sorted(p.name for p in folder.glob("*.bin"))
-        hint = f" ({', '.join(pickled)} is pickle, which m3d never loads)" if pickled else ""
-        raise FileNotFoundError(f"{folder} has no model.safetensors{hint}")
-    try:
-        return AutoModel.from_pretrained(folder, **kwargs)
-    except SafetensorError as error:
-        raise ValueError(f"{folder}/model.safetensors is truncated or not a safetensors file ({error})") from None
-    except RuntimeError as error:
-        if "mismatch" not in str(error):
-            raise
-        raise ValueError(f"{folder}: model.safetensors does not fit config.json (tensor shapes differ)") from None
+    from ..loading import load_saved_model
+
+    return load_saved_model(path, _detector_model_types(M3DDetectorConfig), "an m3d detector",
+                            lambda folder: AutoModel.from_pretrained(folder, **kwargs))

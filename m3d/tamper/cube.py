@@ -91,10 +91,10 @@ def check_location(
     ``avoid`` lists other nodules as ``(center_lps_mm, radius_mm)``: none may reach into the hole.
     """
     center = np.asarray(center_lps_mm, float)
-    where = f"location {_point_text(center)} mm (LPS x, y, z)"
+    where = f"location {point_text(center)} mm (LPS x, y, z)"
     index = volume.world_to_voxel(center)
     if not volume.contains_voxel(index):
-        raise TamperLocationError(f"{where} is outside the scan (voxel z, y, x {_point_text(index)}, shape {volume.shape})")
+        raise TamperLocationError(f"{where} is outside the scan (voxel z, y, x {point_text(index)}, shape {volume.shape})")
     corners = _cube_corners_in_scan(volume, cube_affine(volume, center))
     upper = np.asarray(volume.shape) - 0.5
     overshoot_mm = np.maximum(-0.5 - corners.min(0), corners.max(0) - upper).clip(0) * np.asarray(volume.spacing_mm)
@@ -114,11 +114,11 @@ def check_location(
         offset = np.abs(volume.direction.T @ (np.asarray(other_center, float) - center))
         if np.all(offset < reach_mm + radius_mm):
             raise TamperLocationError(
-                f"{where} overlaps another nodule at {_point_text(other_center)} mm (radius {radius_mm:.1f} mm)"
+                f"{where} overlaps another nodule at {point_text(other_center)} mm (radius {radius_mm:.1f} mm)"
             )
 
 
-def _point_text(values) -> str:
+def point_text(values) -> str:
     """``(12.3, -4.0, 5.5)``: plain numbers for messages (not ``np.float64(...)``)."""
     return "(" + ", ".join(f"{float(v):.1f}" for v in values) + ")"
 

@@ -1,0 +1,39 @@
+"""Loading a saved transformers model folder with one clear error naming it for each way it can be
+wrong: no or unreadable config, another architecture, missing or pickled weights, truncated weights,
+weights that do not fit the config. Never a traceback, never a model with random weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Collection, TypeVar
+
+Model = TypeVar("Model")
+
+
+def load_saved_model(folder: str | Path, model_types: Collection[str], what: str, load: Callable[[Path], Model]) -> Model:
+    """``load(folder)`` after checking that ``folder`` holds one of ``model_types`` (``what`` names them
+    in messages) with safetensors weights; reading errors become `ValueError` naming the folder."""
+    from safetensors import SafetensorError
+
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} is not a saved folder of {what} (no config.json)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{config} is not a JSON object ({error})") from None
+    if model_type not in model_types:
+        raise ValueError(f"{folder} holds a {model_type!r} model, not {what}")
+    if not (folder / "model.safetensors").is_file():
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        hint = f" ({', '.join(pickled)} is pickle, which m3d never loads)" if pickled else ""
+        raise FileNotFoundError(f"{folder} has no model.safetensors{hint}")
+    try:
+        return load(folder)
+    except SafetensorError as error:
+        raise ValueError(f"{folder}/model.safetensors is truncated or not a safetensors file ({error})") from None
+    except RuntimeError as error:
+        if "mismatch" not in str(error):
+            raise
+        raise ValueError(f"{folder}: model.safetensors does not fit config.json (tensor shapes differ)") from None
