@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 
 from ..data.ct import CTVolume
 from ..data.resample import sample_grid
-from ..tamper.cube import CUBE_SIZE, TamperLocationError, check_location, cube_affine, hole_mask, hu_to_unit
+from ..tamper.cube import CUBE_SIZE, TamperLocationError, check_location, cube_affine, hole_mask, hu_to_unit, point_text
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def cut_training_cube(volume: CTVolume, center_lps_mm: np.ndarray, size: int = T
     cube = sample_grid(volume.hu, volume.affine, affine, (size,) * 3, order=1, cval=np.nan)
     outside = np.isnan(cube)
     if outside.all():
-        raise TamperLocationError(f"the {size} mm cube around {tuple(np.round(center_lps_mm, 1))} mm is outside the scan")
+        raise TamperLocationError(f"the {size} mm cube around {point_text(center_lps_mm)} mm is outside the scan")
     if outside.any():
         nearest = ndimage.distance_transform_edt(outside, return_distances=False, return_indices=True)
         cube = cube[tuple(nearest)]
