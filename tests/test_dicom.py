@@ -238,6 +238,18 @@ def test_a_damaged_slice_is_an_error_naming_its_file(tmp_path, keep_bytes):
         read_dicom_series(tmp_path / "scan")
 
 
+def test_colour_slices_are_a_clear_error(tmp_path):
+    write_dicom_series(make_volume(shape=(3, 8, 8)), tmp_path / "scan")
+    for path in sorted((tmp_path / "scan").iterdir()):
+        header = pydicom.dcmread(path)
+        header.SamplesPerPixel, header.PhotometricInterpretation, header.PlanarConfiguration = 3, "RGB", 0
+        header.BitsAllocated, header.BitsStored, header.HighBit, header.PixelRepresentation = 8, 8, 7, 0
+        header.PixelData = np.zeros((8, 8, 3), np.uint8).tobytes()
+        header.save_as(path)
+    with pytest.raises(DicomSeriesError, match="3 samples per pixel"):
+        read_dicom_series(tmp_path / "scan")
+
+
 def test_several_series_are_listed_then_chosen(tmp_path):
     write_dicom_series(make_volume(seed=0), tmp_path / "both" / "a")
     write_dicom_series(make_volume(seed=1), tmp_path / "both" / "b")

@@ -294,6 +294,10 @@ def _fill_slice(out: np.ndarray, path: Path, header: Dataset) -> bool:
     """Write one slice in int16 HU into ``out`` and drop its pixel data; True if values had to be clipped."""
     if "PixelData" not in header:
         raise DicomSeriesError(f"{path.name} has no pixel data")
+    samples = int(header.get("SamplesPerPixel", 1))
+    if samples != 1:
+        raise DicomSeriesError(f"{path.name} holds {samples} samples per pixel ({header.get('PhotometricInterpretation', '')} "
+                               "colour); a CT slice holds one grey value per pixel")
     if int(header.Rows) != out.shape[0] or int(header.Columns) != out.shape[1]:
         raise DicomSeriesError(f"{path.name}: image size differs from the rest of the series")
     slope, intercept = _rescale(header)
