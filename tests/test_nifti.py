@@ -73,6 +73,13 @@ def test_truncated_file_is_a_clear_error(tmp_path, suffix):
         read_nifti(tmp_path / f"cut{suffix}")
 
 
+def test_colour_voxels_are_a_clear_error(tmp_path):
+    rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii")
+    with pytest.raises(ValueError, match=r"colour \(R, G, B\) voxels"):
+        read_nifti(tmp_path / "rgb.nii")
+
+
 def test_nonfinite_voxels_are_refused_unless_filled(tmp_path):
     data = np.full((4, 5, 6), -700.0, np.float32)
     data[1, 2, 3], data[0, 0, 0] = np.nan, np.inf

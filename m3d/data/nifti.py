@@ -116,6 +116,9 @@ def volume_from_nifti_image(
         data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asarray(image.dataobj)
     except (EOFError, OSError, ValueError, zlib.error) as error:  # the voxels are read only now
         raise ValueError(f"{source}: its voxel data cannot be read, the file is truncated or corrupt ({error})") from None
+    if data_xyz.dtype.kind not in "biuf":
+        what = f"colour ({', '.join(data_xyz.dtype.names)})" if data_xyz.dtype.names else str(data_xyz.dtype)
+        raise ValueError(f"{source} holds {what} voxels; a CT volume holds one number (HU) per voxel")
     if data_xyz.dtype.kind == "f":
         nonfinite = ~np.isfinite(data_xyz)
         if nonfinite.any():
