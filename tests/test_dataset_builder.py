@@ -159,6 +159,10 @@ def test_other_options_are_refused_on_resume(tmp_path):
     writer_module.write_json_atomic(out / "manifest.json", {"format": 1, "config": {"seed": 0}, "chunks": {}, "shards": {}})
     with pytest.raises(ValueError, match="seed differ"):
         prepare_folder(out, {"seed": 1})
+    for text, message in (("{cut", "manifest.json is not valid JSON"), ("[1, 2]", "manifest.json: not an m3d dataset manifest")):
+        (out / "manifest.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            prepare_folder(out, {"seed": 0})
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not an m3d dataset folder"):

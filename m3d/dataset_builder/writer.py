@@ -147,7 +147,7 @@ class BuildState:
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def merge(self, record: dict[str, Any], source: str) -> None:
-        if record.get("format") != FORMAT_VERSION:
+        if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
             raise ValueError(f"{source}: not an m3d dataset manifest of format {FORMAT_VERSION}")
         if self.config is None:
             self.config = record["config"]
@@ -165,7 +165,11 @@ def read_state(out: Path) -> BuildState:
     state = BuildState()
     for path in [out / MANIFEST, *sorted((out / JOURNALS).glob("rank-*.json"))]:
         if path.is_file():
-            state.merge(json.loads(path.read_text()), str(path))
+            try:
+                record = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{path} is not valid JSON ({error}); restore it, or pass --overwrite to rebuild") from None
+            state.merge(record, str(path))
     return state
 
 
