@@ -17,8 +17,16 @@ from typing import Mapping, Sequence
 from .cli import run_guarded
 from .data.phantom import phantom_workers
 from .dataset_builder.features import TASKS
-from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, FAKE_GENERATORS, PHANTOM_SPACINGS
-from .dataset_builder.writer import BuildState, finalize, format_summary, prepare_folder, summarize, write_shards
+from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, FAKE_GENERATORS, PHANTOM_SPACINGS, pipeline_folder
+from .dataset_builder.writer import (
+    BuildState,
+    finalize,
+    folder_digest,
+    format_summary,
+    prepare_folder,
+    summarize,
+    write_shards,
+)
 from .tamper.plan import OFFICIAL_SPLIT_PATIENTS
 from .tamper.quality import QualityCriteria
 
@@ -83,7 +91,10 @@ def build_dataset(
         "num_inference_steps": num_inference_steps,
         "quality": None if quality is None else vars(quality),
         "pipelines": str(pipelines_root.resolve()),
+        # the weights themselves: the same path may hold other weights when the build is resumed
+        "pipeline_digests": {f"{g}-{t}": folder_digest(pipeline_folder(pipelines_root, g, t)) for g in generators for t in tasks},
         "cad_model": None if cad_model is None else str(Path(cad_model).resolve()),
+        "cad_digest": None if cad_model is None else folder_digest(cad_model),
         "command": command,
     }
     out = Path(out)

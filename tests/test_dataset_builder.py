@@ -205,3 +205,20 @@ def test_cad_model_fills_malignancy_after(tmp_path, tiny_pipelines_dir):
     for row in rows[:4]:
         expected = score_locations(cad, scans[by_id[row["img_id"]]].volume(row), [row["site_lps_mm"]])[0].rating
         assert row["malignancy_after"] == pytest.approx(expected, abs=1e-3)  # the scorer at the site of that scan
+
+
+def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, tiny_pipelines_dir):
+    """The build records a digest of each pipeline's files: new weights at the same --pipelines path
+    would mix two generator versions in one dataset, so the re-run is refused."""
+    import shutil
+
+    pipelines = tmp_path / "pipelines"
+    shutil.copytree(tiny_pipelines_dir, pipelines)
+    out = tmp_path / "m3dsynth"
+    arguments = dict(pipelines_dir=pipelines, generators=["pix2pix"], phantoms=2, **PHANTOMS, quality=None, progress=False)
+    build_dataset(out, **arguments)
+    build_dataset(out, **arguments)  # the same weights: resumes (nothing left to do)
+    weights = next((pipelines / "pix2pix-inject").rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="pipeline_digests differ"):
+        build_dataset(out, **arguments)

@@ -62,6 +62,16 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def folder_digest(folder: str | Path) -> str:
+    """SHA-256 over a saved model folder's files (relative names and contents; the model card left out):
+    what a build records of each pipeline, so that a resume with other weights is refused."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
