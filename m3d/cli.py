@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 
-USER_ERRORS = (ValueError, OSError, LookupError)
+USER_ERRORS = (ValueError, OSError)  # a KeyError or IndexError is a bug: its traceback is shown
 
 
 def run_guarded(

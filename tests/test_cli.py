@@ -176,3 +176,18 @@ def test_detect_prints_a_score_and_writes_the_map(tmp_path, capsys):
     data = np.asarray(nib.load(tmp_path / "map.nii.gz").dataobj)
     assert data.shape == (32, 32, 3) and 0 <= data.min() and data.max() <= 1
     assert main(["detect", "--model", str(tmp_path), "--scan", str(scan)]) == 2
+
+
+def test_a_bug_is_a_traceback_a_user_error_one_line(capsys):
+    """The error policy: bad input (ValueError, OSError and their kin) is one line and exit 2; a
+    KeyError or IndexError is a bug, so its traceback is shown, not hidden as a user error."""
+    from m3d.cli import run_guarded
+    from m3d.data.lidc import UnknownScanError
+
+    def unknown_scan():
+        raise UnknownScanError("no LIDC scan with patient id 'x'")
+
+    with pytest.raises(KeyError):
+        run_guarded("m3d", lambda: {}["missing"])
+    assert run_guarded("m3d", unknown_scan) == 2
+    assert capsys.readouterr().err.strip() == "m3d: error: no LIDC scan with patient id 'x'"  # no KeyError quotes

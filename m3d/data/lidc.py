@@ -493,6 +493,14 @@ def _valid_group(group: list[int], readers: list[str], cap: int) -> bool:
     return len(group) <= cap and (not all(names) or len(set(names)) == len(names))
 
 
+class UnknownScanError(KeyError, ValueError):
+    """No single LIDC scan for a key: a `KeyError` to lookups, a `ValueError` (a user's error, one line on
+    the command line) to the CLI."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class NoduleGroupingWarning(UserWarning):
     """Annotations stayed connected below the minimum tolerance and were split by constrained linkage."""
 
@@ -953,10 +961,10 @@ class LIDCDatabase:
             (key, key),
         )
         if not rows:
-            raise KeyError(f"no LIDC scan with series instance UID or patient id {key!r}")
+            raise UnknownScanError(f"no LIDC scan with series instance UID or patient id {key!r}")
         if len(rows) > 1:
             listed = ", ".join(uid for _, uid in rows)
-            raise KeyError(f"patient {key} has {len(rows)} scans; pick one by series instance UID: {listed}")
+            raise UnknownScanError(f"patient {key} has {len(rows)} scans; pick one by series instance UID: {listed}")
         return self._load([rows[0][0]])[0]
 
     def scans(self) -> Iterator[LIDCScan]:

@@ -1661,7 +1661,7 @@ def make_phantom(
     if not eligible:
         eligible = [i for i in infos if i.uniform and len(i.z) >= 8]
     if not eligible:
-        raise LookupError("the LIDC database holds no scan with regular slice positions")
+        raise ValueError("the LIDC database holds no scan with regular slice positions")
     info = eligible[int(rng_geom.integers(len(eligible)))]
 
     # ---- geometry -------------------------------------------------------------------------------

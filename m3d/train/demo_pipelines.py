@@ -41,8 +41,8 @@ RECIPES: dict[str, list[str]] = {
     "cyclegan-inject": ["--model", "cyclegan", "--task", "inject", "--phantoms", "40", "--max-steps", "300", "--batch-size", "4", "--hole-only"],
     "cyclegan-remove": ["--model", "cyclegan", "--task", "remove", "--phantoms", "60", "--max-steps", "300", "--batch-size", "4", "--hole-only",
                         "--lambda-cycle", "2"],
-    "ddpm-inject": ["--model", "ddpm", "--task", "inject", "--phantoms", "40", "--max-steps", "4000", "--batch-size", "4", *_DDPM],
-    "ddpm-remove": ["--model", "ddpm", "--task", "remove", "--phantoms", "60", "--max-steps", "4000", "--batch-size", "4", *_DDPM],
+    "ddpm-inject": ["--model", "ddpm", "--task", "inject", "--phantoms", "40", "--max-steps", "2000", "--batch-size", "4", *_DDPM],
+    "ddpm-remove": ["--model", "ddpm", "--task", "remove", "--phantoms", "60", "--max-steps", "2000", "--batch-size", "4", *_DDPM],
 }  # fmt: skip
 
 

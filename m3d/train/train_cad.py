@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d train-cad` calls it; ``prog`` names it in the usage line): 0 done, 2 bad input,
     130 interrupted (a checkpoint was saved)."""
     args = build_parser(prog).parse_args(argv)
-    return run_guarded("train_cad", lambda: train(args), (ValueError, FileNotFoundError, NotADirectoryError, LookupError))
+    return run_guarded("train_cad", lambda: train(args), (ValueError, FileNotFoundError, NotADirectoryError))
 
 
 if __name__ == "__main__":
