@@ -67,6 +67,25 @@ def test_plan_csv_has_the_official_columns(db_plan, tmp_path):
     assert len(rows) == 10 * 4 and {row["mod"] for row in rows} == {"real", "pix2pix", "cycle", "diffusion"}
 
 
+def test_plan_csv_indexes_slices_as_the_official_release(db_plan, tmp_path):
+    """The official tables index slices by descending z (slice k of the release = ascending slice
+    n - 1 - k, as `import-official` reads its TIFF stacks): LIDC-IDRI-0003's official removal sites
+    (57, 198, 308) and (56, 219, 221) are the plan's nodules at ascending slices 82.7 and 83.8 of 140.
+    Written in that convention they land within one slice of the release's rows (which round centroids
+    their own way), where the plan's raw index was 26 slices off."""
+    ours = [s for s in db_plan if s.patient_id == "LIDC-IDRI-0003" and s.task == "remove"]
+    by_yx = {(round(s.center_zyx[1]), round(s.center_zyx[2])): s for s in ours}
+    assert {(198, 308), (219, 221)} <= set(by_yx) and {s.n_slices for s in ours} == {140}
+    with open(write_plan_csv(ours, tmp_path / "plan.csv"), newline="") as handle:
+        written = {(int(r["coord_y"]), int(r["coord_x"])): int(r["coord_z"]) for r in csv.DictReader(handle)}
+    for yx, official_z in (((198, 308), 57), ((219, 221), 56)):
+        assert written[yx] == round(139 - by_yx[yx].center_zyx[0]) and abs(written[yx] - official_z) <= 1
+    official = read_official_plan(OFFICIAL)  # already in the release's convention: written back unchanged
+    with open(write_plan_csv(official, tmp_path / "official.csv"), newline="") as handle:
+        rows = {int(r["coord_z"]) for r in csv.DictReader(handle)}
+    assert rows == {int(s.center_zyx[0]) for s in official}
+
+
 def test_official_tables_are_read(tmp_path):
     sites = read_official_plan(OFFICIAL)
     assert len(sites) == 3

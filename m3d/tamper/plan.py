@@ -42,7 +42,11 @@ class PlanCriteria:
 
 @dataclass
 class Site:
-    """One tampering site: the scan, the task and the location (voxel ``z, y, x`` of the scan grid)."""
+    """One tampering site: the scan, the task and the location (voxel ``z, y, x``).
+
+    A planned site (``n_slices`` set) indexes slices in ascending z, as the annotation database; a site
+    read from the official tables (``n_slices`` None) keeps the release's index, descending z (its TIFF
+    stacks' order). Official-format tables are always written in the release's convention."""
 
     task: str
     patient_id: str
@@ -53,6 +57,12 @@ class Site:
     n_readers: int
     split: str = ""
     extra: dict = field(default_factory=dict)
+    n_slices: int | None = None
+
+    def official_zyx(self) -> tuple[float, float, float]:
+        """The location in the official tables' convention: slices indexed by descending z."""
+        z, y, x = self.center_zyx
+        return (self.n_slices - 1 - z, y, x) if self.n_slices is not None else (z, y, x)
 
 
 def fits_in_scan(scan: LIDCScan, center_zyx: np.ndarray, half_mm: float) -> bool:
@@ -97,6 +107,7 @@ def plan_scan(scan: LIDCScan, criteria: PlanCriteria = PlanCriteria()) -> list[S
                 diameter_mm=float(nodule.diameter_mm),
                 malignancy=None if malignancy is None else float(malignancy),
                 n_readers=nodule.n_readers,
+                n_slices=len(scan.z_positions_mm),
             )
         )
     return sites
@@ -153,8 +164,9 @@ def summarize_plan(sites: list[Site]) -> dict:
 
 
 def write_plan_csv(sites: list[Site], path: str | Path, generators: Iterable[str] = tuple(GENERATOR_CODES)) -> Path:
-    """Write the plan in the official ``data.csv`` columns: one row per site and generator ("real" =
-    the pristine scan at the same site); ``sdir_id`` is the SeriesInstanceUID."""
+    """Write the plan in the official ``data.csv`` columns and convention: one row per site and generator
+    ("real" = the pristine scan at the same site); ``sdir_id`` is the SeriesInstanceUID; ``coord_z``
+    indexes slices by descending z, as the release (`Site.official_zyx`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + ".tmp")
@@ -163,7 +175,7 @@ def write_plan_csv(sites: list[Site], path: str | Path, generators: Iterable[str
         writer.writerow(DATA_CSV_COLUMNS)
         for number, site in enumerate(sites):
             for generator in generators:
-                z, y, x = (int(round(c)) for c in site.center_zyx)
+                z, y, x = (int(round(c)) for c in site.official_zyx())
                 img_id = f"{OFFICIAL_TASK[site.task]}{number:05d}_{GENERATOR_CODES[generator]}"
                 writer.writerow(
                     [img_id, OFFICIAL_TASK[site.task], GENERATOR_CODES[generator], site.patient_id,
