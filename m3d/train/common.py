@@ -99,6 +99,15 @@ def optimizer_micro_step(accelerator: Accelerator, model, batch: dict, optimizer
     return loss
 
 
+def training_seconds(log_records: list[dict[str, Any]]) -> float:
+    """Training time of a run from its ``logs.jsonl`` records: ``elapsed_s`` restarts with each resumed
+    run, so the last value of every run is added up."""
+    timed = [r for r in log_records if "elapsed_s" in r]
+    if not timed:
+        return 0.0
+    return float(sum(a["elapsed_s"] for a, b in zip(timed, timed[1:]) if b["elapsed_s"] < a["elapsed_s"]) + timed[-1]["elapsed_s"])
+
+
 def json_value(value: Any) -> Any:
     """``value`` if JSON writes it as is (int, float, str, bool, None), else ``str(value)``."""
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)

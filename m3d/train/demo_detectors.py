@@ -52,11 +52,11 @@ def command_line(name: str, data: str | Path, runs_dir: str | Path) -> list[str]
 
 
 def provenance(name: str, run_dir: Path, data: str | Path) -> str:
+    from .common import training_seconds
+
     summary = json.loads((run_dir / "training_summary.json").read_text())
     losses = [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
     losses = [r for r in losses if "loss" in r]
-    # elapsed_s restarts with each resumed run: add up the last value of every run
-    segments = [a["elapsed_s"] for a, b in zip(losses, losses[1:]) if b["elapsed_s"] < a["elapsed_s"]] + [losses[-1]["elapsed_s"]]
     argv = " ".join(command_line(name, "runs/detector-pretraining", "runs/demo-detectors"))
     return "\n".join([
         "Starting weights of the `m3d demo` benchmark cell of this detector and training set, trained on m3d's",
@@ -68,7 +68,7 @@ def provenance(name: str, run_dir: Path, data: str | Path) -> str:
         f"m3d train-detector {argv}",
         "```",
         "",
-        f"- {summary['steps']} optimizer steps of 16 slices, {sum(segments) / 60:.1f} min of training on one CPU thread; loss "
+        f"- {summary['steps']} optimizer steps of 16 slices, {training_seconds(losses) / 60:.1f} min of training on one CPU thread; loss "
         f"{losses[0]['loss']:.3f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.3f} (step {losses[-1]['step']}).",
         "- Fine-tuned and measured by `m3d demo` / `m3d bench --preset demo`; not a detector to use on real scans.",
     ])
