@@ -165,11 +165,19 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cad-model", default=None, metavar="DIR",
                         help="a saved CAD scorer (m3d train-cad): its rating at the site fills malignancy_after")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous build in --out first")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (as every other command)")
 
 
 def run(args: argparse.Namespace) -> None:
     """Build from parsed arguments and print the summary table (main process)."""
     from accelerate import PartialState
+
+    if args.no_progress:  # the libraries' own loading bars too
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
     state = build_dataset(
         args.out, lidc_root=args.lidc_root, generators=args.generators, tasks=args.tasks, limit=args.limit,
@@ -177,6 +185,7 @@ def run(args: argparse.Namespace) -> None:
         max_slices=args.max_slices, phantom_spacing=args.phantom_spacing,
         split_proportions=args.split_patients, scans_per_shard=args.scans_per_shard, num_inference_steps=args.steps,
         quality=None if args.keep_all else QualityCriteria(), cad_model=args.cad_model, overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     if PartialState().is_main_process:
         print(format_summary(summarize(state)))

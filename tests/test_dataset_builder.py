@@ -222,3 +222,18 @@ def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, tiny_pi
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ValueError, match="pipeline_digests differ"):
         build_dataset(out, **arguments)
+
+
+def test_no_progress_prints_no_bars(tmp_path, tiny_pipelines_dir, capsys):
+    argv = ["--out", str(tmp_path / "ds"), "--pipelines", str(tiny_pipelines_dir), "--generators", "pix2pix", "--phantoms", "2",
+            "--size", str(PHANTOMS["size"]), "--max-slices", str(PHANTOMS["max_slices"]), "--phantom-spacing", "scaled",
+            "--keep-all", "--no-progress"]
+    assert build_main(argv, prog="m3d build") == 0
+    captured = capsys.readouterr()
+    assert "it/s" not in captured.err and "scan/s" not in captured.err and "%|" not in captured.err, captured.err
+    assert "load it with datasets.load_dataset" in captured.out
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.enable_progress_bar()  # global switches: leave them as the other tests expect
+    transformers.utils.logging.enable_progress_bar()
