@@ -5,9 +5,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Collection, TypeVar
+from typing import Any, Callable, Collection, TypeVar
 
 Model = TypeVar("Model")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The object a JSON file holds (a config, a model index); a `ValueError` naming the file otherwise."""
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON object ({error})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} is not a JSON object (it holds a {type(payload).__name__})")
+    return payload
+
+
+def require_safetensors(folder: Path, filename: str | None = None) -> None:
+    """A `FileNotFoundError` naming ``folder`` unless it holds ``filename`` (default: any ``.safetensors``);
+    pickled ``.bin`` weights found instead are named, and never loaded."""
+    found = (folder / filename).is_file() if filename else any(folder.glob("*.safetensors"))
+    if not found:
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        hint = f" ({', '.join(pickled)} is pickle, which m3d never loads)" if pickled else ""
+        raise FileNotFoundError(f"{folder} has no {filename or '.safetensors weights'}{hint}")
 
 
 def load_saved_model(folder: str | Path, model_types: Collection[str], what: str, load: Callable[[Path], Model]) -> Model:
@@ -19,16 +40,10 @@ def load_saved_model(folder: str | Path, model_types: Collection[str], what: str
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{folder} is not a saved folder of {what} (no config.json)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise ValueError(f"{config} is not a JSON object ({error})") from None
+    model_type = read_json_object(config).get("model_type")
     if model_type not in model_types:
         raise ValueError(f"{folder} holds a {model_type!r} model, not {what}")
-    if not (folder / "model.safetensors").is_file():
-        pickled = sorted(p.name for p in folder.glob("*.bin"))
-        hint = f" ({', '.join(pickled)} is pickle, which m3d never loads)" if pickled else ""
-        raise FileNotFoundError(f"{folder} has no model.safetensors{hint}")
+    require_safetensors(folder, "model.safetensors")
     try:
         return load(folder)
     except SafetensorError as error:

@@ -12,9 +12,9 @@ task's weights (``task`` in ``model_index.json``). `load_pipeline(path)` picks t
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..loading import read_json_object, require_safetensors
 from .common import TASKS, M3DPipelineOutput, M3DTamperPipeline
 from .pipeline_cyclegan3d import CycleGAN3DPipeline
 from .pipeline_m3d_inpaint import NUM_TRAIN_TIMESTEPS, SAMPLERS, M3DInpaintPipeline, default_scheduler, inference_scheduler
@@ -34,11 +34,8 @@ def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
     index = folder / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: not a saved pipeline folder")
-    try:
-        entries = json.loads(index.read_text())
-        class_name = entries.get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise ValueError(f"{index} is not a JSON object ({error})") from None
+    entries = read_json_object(index)
+    class_name = entries.get("_class_name")
     if class_name not in PIPELINE_CLASSES:
         raise ValueError(f"{index} names pipeline class {class_name!r}; m3d knows {sorted(PIPELINE_CLASSES)}")
     for name, value in entries.items():
@@ -60,16 +57,10 @@ def _check_component(component: Path, class_name: str) -> None:
     config = component / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{component} has no config.json: the pipeline folder is incomplete")
-    try:
-        saved_class = json.loads(config.read_text()).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise ValueError(f"{config} is not a JSON object ({error})") from None
+    saved_class = read_json_object(config).get("_class_name")
     if saved_class != class_name:
         raise ValueError(f"{component} holds a {saved_class}, but model_index.json names {class_name}")
-    if not any(component.glob("*.safetensors")):
-        pickled = sorted(p.name for p in component.glob("*.bin"))
-        hint = f" ({', '.join(pickled)} is pickle, which m3d never loads)" if pickled else ""
-        raise FileNotFoundError(f"{component} has no .safetensors weights{hint}")
+    require_safetensors(component)
 
 
 __all__ = [
