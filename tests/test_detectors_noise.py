@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
 from m3d.detectors.mantranet import ManTraNetConfig, ManTraNetForForgeryDetection, srm_base_kernels
-from m3d.detectors.mantranet.modeling_mantranet import symmetric_pad, window_mean
+from m3d.detectors.mantranet.modeling_mantranet import symmetric_pad
+from m3d.detectors.modeling_utils import window_mean
 from m3d.detectors.modeling_utils import BayarConv2d, register_bayar_constraint
 from m3d.detectors.volume import detect_volume
 

@@ -11,6 +11,7 @@ from m3d.cli import main as cli_main
 from m3d.metrics import detection_metrics
 from m3d.dataset_builder import ScanResolver
 from m3d.detectors import DETECTORS
+from m3d.detectors.volume import slices_to_input
 from m3d.train import train_detector
 from m3d.train.detector_data import (
     AIR_HU,
@@ -134,6 +135,21 @@ def test_training_slices_are_balanced_deterministic_and_labelled_by_the_mask(min
     assert slices.starts != starts0
     again = TrainingSlices(train, CROP, config, seed=3, multiple=8)
     assert again.plan == plan0 and again.starts == starts0
+
+
+def test_training_slabs_are_the_slices_around_the_labelled_one(mini_m3dsynth, hf_cache):
+    """Slab3D's training items hold the slab_slices slices centred on the one the label and mask are of,
+    taken as `slices_to_input` takes them from a whole crop (the same window at evaluation)."""
+    train = load_split(mini_m3dsynth, "train", hf_cache)
+    config = train_detector.detector_config("slab3d", "tiny")
+    slices = TrainingSlices(train, CROP, config, seed=3, multiple=8)
+    for index in range(8):
+        item = slices[index]
+        assert item["pixel_values"].shape == (5, 64, 64) and item["masks"].shape == (1, 64, 64)
+        example, z = slices.plan[index]
+        crop, start = slices.cache[example], slices.starts[example]
+        window = crop.hu[:, start[1] : start[1] + 64, start[2] : start[2] + 64]
+        torch.testing.assert_close(item["pixel_values"], slices_to_input(window, [z], config)[0])
 
 
 # -- evaluation ---------------------------------------------------------------------------------

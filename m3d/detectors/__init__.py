@@ -2,12 +2,14 @@
 
 Importing this package registers every detector with transformers' Auto classes, so a saved detector
 loads with ``AutoModel.from_pretrained(path)``. All share `M3DDetectorConfig` (with the CT slice
-transform), `DetectorOutput` and `detect_volume` (slice-wise inference into a 3-D map).
+transform), `DetectorOutput` and `detect_volume` (slice-wise inference into a 3-D map; Slab3D, m3d's own,
+reads a slab of slices around each one).
 """
 from .hpfcn import HPFCNConfig, HPFCNForForgeryDetection
 from .mantranet import ManTraNetConfig, ManTraNetForForgeryDetection
 from .modeling_utils import (
     BayarConv2d,
+    BayarConv3d,
     DetectorOutput,
     M3DDetectorConfig,
     M3DDetectorPreTrainedModel,
@@ -17,6 +19,7 @@ from .modeling_utils import (
 )
 from .mvssnet import MVSSNetConfig, MVSSNetForForgeryDetection
 from .resnet_gp import ResNetGPConfig, ResNetGPForForgeryDetection
+from .slab3d import Slab3DConfig, Slab3DForForgeryDetection
 from .trufor import TruForConfig, TruForForForgeryDetection
 from .unet import UNetConfig, UNetForForgeryDetection
 from .volume import VolumeDetection, detect_volume
@@ -30,6 +33,7 @@ DETECTORS = {
     "mantranet": (ManTraNetConfig, ManTraNetForForgeryDetection),
     "mvssnet": (MVSSNetConfig, MVSSNetForForgeryDetection),
     "trufor": (TruForConfig, TruForForForgeryDetection),
+    "slab3d": (Slab3DConfig, Slab3DForForgeryDetection),  # m3d's own volumetric detector
     "resnet_gp": (ResNetGPConfig, ResNetGPForForgeryDetection),
 }
 
@@ -37,6 +41,7 @@ __all__ = [
     "DETECTORS",
     "load_detector",
     "BayarConv2d",
+    "BayarConv3d",
     "DetectorOutput",
     "HPFCNConfig",
     "HPFCNForForgeryDetection",
@@ -48,6 +53,8 @@ __all__ = [
     "ManTraNetForForgeryDetection",
     "ResNetGPConfig",
     "ResNetGPForForgeryDetection",
+    "Slab3DConfig",
+    "Slab3DForForgeryDetection",
     "TruForConfig",
     "TruForForForgeryDetection",
     "UNetConfig",

@@ -1,5 +1,5 @@
 """What every m3d detector shares: the base config (with the CT slice transform), one output class,
-the base `PreTrainedModel` with the standard losses, and the Bayar-constrained convolution."""
+the base `PreTrainedModel` with the standard losses, the Bayar-constrained convolutions and a fast window mean."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-INPUT_MODES = ("hu_windows", "percentile", "adjacent_slices")
+INPUT_MODES = ("hu_windows", "percentile", "adjacent_slices", "slab")
 # (low, high) HU: lung, mediastinum, wide — the default three-channel view of one CT slice.
 DEFAULT_HU_WINDOWS = ((-1350.0, 150.0), (-160.0, 240.0), (-1000.0, 400.0))
 
@@ -46,6 +46,7 @@ class M3DDetectorConfig(PreTrainedConfig):
         detection_loss_weight: float = 1.0,
         initializer_range: float = 0.02,
         volume_threshold: float = 0.5,
+        slab_slices: int = 1,
         **kwargs,
     ) -> None:
         if not 0 <= volume_threshold <= 1:
@@ -56,6 +57,11 @@ class M3DDetectorConfig(PreTrainedConfig):
             raise ValueError(f"hu_windows must be three (low, high) pairs with low < high; got {hu_windows}")
         if not 0 <= percentiles[0] < percentiles[1] <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100; got {percentiles}")
+        if slab_slices < 1 or slab_slices % 2 == 0:
+            raise ValueError(f"slab_slices must be a positive odd number; got {slab_slices}")
+        if input_mode == "slab" and num_channels != slab_slices:
+            raise ValueError(f"input_mode 'slab' gives one channel per slice: num_channels ({num_channels}) must equal "
+                             f"slab_slices ({slab_slices})")
         self.input_mode = input_mode
         self.hu_windows = [list(map(float, w)) for w in hu_windows]
         self.percentiles = list(map(float, percentiles))
@@ -64,6 +70,7 @@ class M3DDetectorConfig(PreTrainedConfig):
         self.detection_loss_weight = detection_loss_weight
         self.initializer_range = initializer_range
         self.volume_threshold = float(volume_threshold)
+        self.slab_slices = slab_slices
         kwargs.setdefault("id2label", {0: "pristine", 1: "manipulated"})  # the one logit's sigmoid is P(manipulated)
         kwargs.setdefault("label2id", {"pristine": 0, "manipulated": 1})
         super().__init__(**kwargs)
@@ -105,10 +112,10 @@ class M3DDetectorPreTrainedModel(PreTrainedModel):
     localizes: bool = True  # False for image-level classifiers (Xception, the general-purpose ResNet)
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, BayarConv2d):
+        if isinstance(module, (BayarConv2d, BayarConv3d)):
             nn.init.uniform_(module.weight, 0.0, 1.0)
             module.apply_constraint()
-        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Conv3d)):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -116,7 +123,7 @@ class M3DDetectorPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
+        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -146,6 +153,27 @@ class M3DDetectorPreTrainedModel(PreTrainedModel):
         return torch.stack(terms).sum() if terms else None
 
 
+def window_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean over the ``size x size`` window around each pixel, of the pixels inside the image only
+    (``avg_pool2d(..., count_include_pad=False)``), computed as two 1-D means: the window inside the
+    image is a rectangle, so the mean of its row means is its mean; 2 ``size`` instead of ``size**2``
+    operations per pixel (the released windows reach 31)."""
+    half = size // 2
+    rows = F.avg_pool2d(x, (size, 1), stride=1, padding=(half, 0), count_include_pad=False)
+    return F.avg_pool2d(rows, (1, size), stride=1, padding=(0, half), count_include_pad=False)
+
+
+@torch.no_grad()
+def _bayar_normalise(weight: torch.Tensor) -> None:
+    """Bayar's constraint, in place, on conv weights ``(out, in, *kernel)``: centre tap -1, the others
+    scaled to sum to 1."""
+    centre = (slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))
+    weight[centre] = 0
+    total = weight.sum(dim=tuple(range(2, weight.ndim)), keepdim=True)
+    weight.div_(torch.where(total.abs() < 1e-8, torch.full_like(total, 1e-8), total))
+    weight[centre] = -1
+
+
 class BayarConv2d(nn.Conv2d):
     """Constrained convolution (Bayar & Stamm 2018): each kernel predicts its centre pixel from its
     neighbours, so it learns prediction-error (noise-residual) filters.
@@ -161,21 +189,29 @@ class BayarConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, bias=False, **kwargs)
         self.apply_constraint()
 
-    @torch.no_grad()
     def apply_constraint(self) -> None:
-        centre = self.kernel_size[0] // 2, self.kernel_size[1] // 2
-        weight = self.weight
-        weight[:, :, centre[0], centre[1]] = 0
-        total = weight.sum(dim=(2, 3), keepdim=True)
-        total = torch.where(total.abs() < 1e-8, torch.full_like(total, 1e-8), total)
-        weight.div_(total)
-        weight[:, :, centre[0], centre[1]] = -1
+        _bayar_normalise(self.weight)
+
+
+class BayarConv3d(nn.Conv3d):
+    """`BayarConv2d` in 3-D: each kernel predicts a voxel from its neighbours in the slice and the
+    adjacent slices (``kernel_size`` ``(depth, height, width)``, all odd; padded to keep the size)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int] = (3, 5, 5), **kwargs) -> None:
+        if any(k % 2 == 0 for k in kernel_size):
+            raise ValueError(f"BayarConv3d needs odd kernel sizes; got {tuple(kernel_size)}")
+        kwargs.setdefault("padding", tuple(k // 2 for k in kernel_size))
+        super().__init__(in_channels, out_channels, tuple(kernel_size), bias=False, **kwargs)
+        self.apply_constraint()
+
+    def apply_constraint(self) -> None:
+        _bayar_normalise(self.weight)
 
 
 def apply_bayar_constraint(model: nn.Module) -> None:
-    """Restore the Bayar constraint on every `BayarConv2d` of ``model``."""
+    """Restore the Bayar constraint on every `BayarConv2d` / `BayarConv3d` of ``model``."""
     for module in model.modules():
-        if isinstance(module, BayarConv2d):
+        if isinstance(module, (BayarConv2d, BayarConv3d)):
             module.apply_constraint()
 
 

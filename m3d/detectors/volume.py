@@ -23,13 +23,22 @@ def volume_statistics(hu_zyx: np.ndarray, config: M3DDetectorConfig) -> tuple[fl
     return float(low), float(max(high, low + 1.0))
 
 
+def input_slices(config: M3DDetectorConfig) -> int:
+    """How many axial slices one model input is made of: 3 for ``"adjacent_slices"``, ``slab_slices``
+    for ``"slab"``, 1 otherwise (centred on the slice the input stands for)."""
+    if config.input_mode == "slab":
+        return config.slab_slices
+    return 3 if config.input_mode == "adjacent_slices" else 1
+
+
 def slices_to_input(
     hu_zyx: np.ndarray | torch.Tensor,
     slice_indices: np.ndarray | list[int],
     config: M3DDetectorConfig,
     statistics: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """The model input ``(n, 3, H, W)`` float32 in [-1, 1] for the given axial slices of a HU volume.
+    """The model input ``(n, C, H, W)`` float32 in [-1, 1] for the given axial slices of a HU volume
+    (``C`` = 3, or ``slab_slices`` for ``input_mode="slab"``; neighbours past either end repeat it).
 
     ``statistics`` are the per-scan bounds of ``volume_statistics`` (computed here if omitted).
     """
@@ -39,8 +48,10 @@ def slices_to_input(
         planes = hu[indices].unsqueeze(1)
         bounds = torch.tensor(config.hu_windows, dtype=torch.float32).view(1, 3, 2, 1, 1)
         scaled = (planes - bounds[:, :, 0]) / (bounds[:, :, 1] - bounds[:, :, 0])
-    elif config.input_mode == "adjacent_slices":
-        neighbours = torch.stack([indices - 1, indices, indices + 1], 1).clamp(0, hu.shape[0] - 1)
+    elif config.input_mode in ("adjacent_slices", "slab"):
+        half = input_slices(config) // 2
+        offsets = torch.arange(-half, half + 1)
+        neighbours = (indices[:, None] + offsets).clamp(0, hu.shape[0] - 1)
         low, high = config.hu_windows[0]
         scaled = (hu[neighbours] - low) / (high - low)
     else:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from m3d.dataset_builder.features import GENERATORS, LABELS, TASKS, ScanResolver, example_mask, example_volume
 from m3d.detectors.modeling_utils import M3DDetectorConfig
-from m3d.detectors.volume import slices_to_input, volume_statistics
+from m3d.detectors.volume import input_slices, slices_to_input, volume_statistics
 
 AIR_HU = -1024
 INPLANE_MULTIPLE = 32  # HP-FCN needs multiples of 16, TruFor of 32
@@ -279,7 +279,7 @@ class TrainingSlices(torch.utils.data.Dataset):
     to `jitter_of(crop_size)`); a slice is tampered when the ground truth touches it inside the crop,
     pristine otherwise (pristine scans and the untouched slices of fakes). The epoch's
     ``samples_per_epoch`` slices are drawn half from each group (without replacement while the group
-    lasts) and shuffled, all from ``(seed, epoch)``. An item: ``pixel_values`` (3, H, W) in [-1, 1],
+    lasts) and shuffled, all from ``(seed, epoch)``. An item: ``pixel_values`` (C, H, W) in [-1, 1],
     ``labels`` (1 = tampered slice), ``masks`` (1, H, W).
     """
 
@@ -353,8 +353,9 @@ class TrainingSlices(torch.utils.data.Dataset):
         start = self.starts[example]
         size = self.crop_size or crop.hu.shape
         window = (slice(None), slice(start[1], start[1] + size[1]), slice(start[2], start[2] + size[2]))
-        low = max(z - 1, 0)  # the slice and its neighbours (input_mode "adjacent_slices")
-        neighbours = crop.hu[low : z + 2, window[1], window[2]]
+        half = input_slices(self.config) // 2  # the slice and its neighbours ("adjacent_slices", "slab")
+        low = max(z - half, 0)
+        neighbours = crop.hu[low : z + half + 1, window[1], window[2]]
         pixel_values = slices_to_input(neighbours, [z - low], self.config, crop.statistics)[0]
         mask = torch.from_numpy(crop.mask[z][window[1:]]).float()[None]
         return {"pixel_values": pixel_values, "labels": torch.tensor(float(mask.any())), "masks": mask}

@@ -45,6 +45,7 @@ import torch
 from m3d.cli import run_guarded
 from m3d.dataset_builder.features import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, load_detector, register_bayar_constraint
+from m3d.detectors.modeling_utils import INPUT_MODES
 from m3d.metrics import balanced_accuracy, balanced_threshold
 from m3d.train.common import (
     MIXED_PRECISION,
@@ -178,8 +179,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     source.add_argument("--model", metavar="PATH", help="start from a saved detector (save_pretrained folder)")
     what.add_argument("--preset", choices=PRESET_CHOICES, default="default",
                       help="size of a new detector: tiny (tests, CPU demo) or default (the papers')")
-    what.add_argument("--input-mode", choices=("hu_windows", "percentile", "adjacent_slices"), default=None,
-                      help="how HU become the 3-channel input (new detectors; default: the config's hu_windows)")
+    what.add_argument("--input-mode", choices=[mode for mode in INPUT_MODES if mode != "slab"], default=None,
+                      help="how HU become the 3-channel input of a new 2-D detector (default: the config's hu_windows; "
+                      "slab3d always reads slabs of slices)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="M3Dsynth folder (datasets.load_dataset); needed unless --train-images")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling_utils import BayarConv2d, DetectorOutput, M3DDetectorPreTrainedModel, register_detector
+from ..modeling_utils import BayarConv2d, DetectorOutput, M3DDetectorPreTrainedModel, register_detector, window_mean
 from .configuration_mantranet import ManTraNetConfig
 
 
@@ -187,16 +187,6 @@ class ConvLSTMCell(nn.Module):
         cell = hard_sigmoid(gate_f) * cell + hard_sigmoid(gate_i) * torch.tanh(candidate)
         hidden = hard_sigmoid(gate_o) * torch.tanh(cell)
         return hidden, cell
-
-
-def window_mean(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Mean over the ``size x size`` window around each pixel, of the pixels inside the image only
-    (``avg_pool2d(..., count_include_pad=False)``), computed as two 1-D means: the window inside the
-    image is a rectangle, so the mean of its row means is its mean; 2 ``size`` instead of ``size**2``
-    operations per pixel (the released windows reach 31)."""
-    half = size // 2
-    rows = F.avg_pool2d(x, (size, 1), stride=1, padding=(half, 0), count_include_pad=False)
-    return F.avg_pool2d(rows, (1, size), stride=1, padding=(0, half), count_include_pad=False)
 
 
 class ManTraNetAnomalyNetwork(nn.Module):
