@@ -49,7 +49,7 @@ def synchronize(device: torch.device) -> None:
 def flops_per_slice(model: torch.nn.Module, size: int, device: torch.device, dtype: torch.dtype) -> float:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(pixel_values=torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+        model(pixel_values=torch.zeros(1, model.config.num_channels, size, size, device=device, dtype=dtype))
     return float(counter.get_total_flops())
 
 
@@ -96,7 +96,7 @@ def main() -> None:
         for variant in args.variants:
             model = base.to(memory_format=torch.channels_last) if variant != "eager" else base
             runner = torch.compile(model) if variant == "compile" else model
-            batch = torch.randn(args.batch_size, 3, args.size, args.size, device=device, dtype=dtype)
+            batch = torch.randn(args.batch_size, model.config.num_channels, args.size, args.size, device=device, dtype=dtype)
             if variant != "eager":
                 batch = batch.contiguous(memory_format=torch.channels_last)
             try:

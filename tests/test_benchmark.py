@@ -104,3 +104,40 @@ def test_other_settings_are_refused(results, mini_m3dsynth, capsys):
     out, cache = results
     assert benchmark.main(bench_argv(mini_m3dsynth, out, cache, "--crop-size", "8,64,64")) == 2
     assert "other settings (crop_size)" in capsys.readouterr().err
+
+
+def _cell(detector, train_data, score_of, localizes=True):
+    """A finished cross-generator cell over a fixed test set: 20 pristine crops, 20 fakes per generator."""
+    samples = [{"img_id": f"p{i}", "site_id": i, "label": "pristine", "generator": "real", "task": "inject",
+                "score": score_of("real", i)} for i in range(20)]
+    for generator in ("pix2pix", "cyclegan"):
+        samples += [{"img_id": f"{generator}{i}", "site_id": i, "label": "fake", "generator": generator, "task": "inject",
+                     "score": score_of(generator, i), "f1_best": 0.8 if generator == train_data else 0.4} for i in range(20)]
+    return {"experiment": "cross_generator", "detector": detector, "train_data": train_data, "localizes": localizes,
+            "samples": samples, "metrics": {"all": {}, "pix2pix": {}, "cyclegan": {}}}
+
+
+def test_cross_generator_summary_separates_same_and_other_generators_with_paired_intervals():
+    """A detector perfect on every generator against one perfect only on its own (chance elsewhere):
+    means of the right cells, intervals around them, and a paired difference whose interval excludes 0."""
+    import numpy as np
+
+    from m3d.train.evaluation import cross_generator_summary
+
+    chance = 0.5 + 0.2 * np.random.default_rng(0).random((3, 20))  # as the pristine scores: 0.50-0.69
+    perfect = lambda generator, i: 0.5 + 0.01 * i if generator == "real" else 1.0 + 0.01 * i  # noqa: E731
+    cells = [_cell("ours", g, perfect) for g in ("pix2pix", "cyclegan")]
+    for train in ("pix2pix", "cyclegan"):
+        own = lambda generator, i, t=train: (perfect(generator, i) if generator in ("real", t)  # noqa: E731
+                                             else chance[("real", "pix2pix", "cyclegan").index(generator), i])
+        cells.append(_cell("trufor", train, own))
+    summary = cross_generator_summary(cells, reference="trufor", resamples=200)
+    assert summary["ours"]["same"]["auc"] == [1.0, 1.0, 1.0] and summary["ours"]["other"]["auc"] == [1.0, 1.0, 1.0]
+    value, low, high = summary["trufor"]["other"]["auc"]
+    assert value < 0.8 and low < value < high
+    assert summary["ours"]["same"]["f1_best"][0] == pytest.approx(0.8) and summary["ours"]["other"]["f1_best"][0] == pytest.approx(0.4)
+    difference = summary["ours"]["minus_reference"]["other"]["auc"]
+    assert difference[0] == pytest.approx(1.0 - value) and difference[1] > 0
+    assert summary["ours"]["minus_reference"]["same"]["auc"] == [0.0, 0.0, 0.0] and "minus_reference" not in summary["trufor"]
+    table = "\n".join(benchmark.generalization_markdown(summary))
+    assert "| ours | 1.00 (1.00–1.00) | 1.00 (1.00–1.00) | 0.80" in table and "AUC other − trufor" in table

@@ -20,7 +20,8 @@ Results folder (what ``m3d report`` reads)::
     OUT/
       bench_config.json        settings of this folder (a re-run with other settings is refused)
       results.csv              one row per experiment x detector x train_data x test_generator x task
-      results.json             {"meta": {...}, "rows": [as results.csv], "samples": {cell: [per-sample records]}}
+      results.json             {"meta": {...}, "rows": [as results.csv], "generalization": {detector: same vs other
+                               generators, `cross_generator_summary`}, "samples": {cell: [per-sample records]}}
       tables.md                the paper's tables: F1 / IoU (0.5 and best threshold), Acc / Pd@1 %, AUC,
                                and the preliminary experiment
       plots/roc_<detector>.png         ROC per train generator (a curve per test generator)
@@ -62,11 +63,12 @@ from m3d.detectors import DETECTORS
 from m3d.train.common import configure_logging
 from m3d.train.demo_detectors import starting_weights
 from m3d.train.detector_data import DEFAULT_CROP_SIZE, CropCache, evaluation_crops, filter_examples, generators_present, load_split, parse_crop_size
-from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, finite_or_none, predict_samples, summarize
+from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, cross_generator_summary, finite_or_none, predict_samples, summarize
 from m3d.train.nonmedical import STANDIN_NOTE, make_standin_images
 
 EXPERIMENTS = ("cross_generator", "preliminary")
 PRELIMINARY_DETECTOR = "resnet_gp"
+REFERENCE_DETECTOR = "trufor"  # the strongest published method of the paper's tables: the one m3d's own detector must beat
 # the paper's cross-generator grid: the six forensic methods (the general-purpose detector is the preliminary experiment's)
 FORENSIC_DETECTORS = tuple(name for name in DETECTORS if name != PRELIMINARY_DETECTOR)
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
@@ -332,8 +334,10 @@ def _table(cells: list[dict], test_generators: list[str], cell_text) -> list[str
     return lines
 
 
-def tables_markdown(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """The paper's tables (test generators as columns, detector x train generator as rows)."""
+def tables_markdown(cells: list[dict[str, Any]], meta: dict[str, Any], generalization: dict[str, Any] | None = None) -> str:
+    """The paper's tables (test generators as columns, detector x train generator as rows), then each
+    detector on its training generator vs the others (``generalization``: `cross_generator_summary` of
+    the cross-generator cells, computed when not given)."""
     cross = [c for c in cells if c["experiment"] == "cross_generator"]
     preliminary = [c for c in cells if c["experiment"] == "preliminary"]
     test_generators = [g for g in GENERATORS if any(g in c["metrics"] for c in cells)] + ["all"]
@@ -359,6 +363,7 @@ def tables_markdown(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["## Detection: Acc / Pd@1%", "",
                   *_table(cross, test_generators, lambda c, m: f"{_fmt(m.get('balanced_accuracy'))} / {_fmt(m.get('pd_at_1pct'))}"), ""]
         lines += ["## Detection: AUC (95 % interval)", "", *_table(cross, test_generators, _auc_text), ""]
+        lines += generalization_markdown(cross_generator_summary(cross, REFERENCE_DETECTOR) if generalization is None else generalization)
     if preliminary:
         lines += ["## Preliminary experiment: general-purpose detector (resnet_gp), Acc / Pd@1% / AUC", "",
                   f"Non-medical training images: {meta['nonmedical']}.", "",
@@ -366,6 +371,34 @@ def tables_markdown(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                       _fmt(m.get(k), 2) for k in ("balanced_accuracy", "pd_at_1pct")) + " / " + _auc_text(c, m)), ""]
     lines += findings_markdown(cells)
     return "\n".join(lines)
+
+
+def _interval_text(value: list[float] | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    number = f"{value[0]:+.2f}" if signed else f"{value[0]:.2f}"
+    return f"{number} ({value[1]:.2f}–{value[2]:.2f})"
+
+
+def generalization_markdown(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The table of `cross_generator_summary`: each detector's mean over its cells on its training
+    generator and on the others, and its paired difference from the reference detector."""
+    if not summary or all(s["other"]["auc"] is None for s in summary.values()):
+        return []
+    reference = f" − {REFERENCE_DETECTOR}" if any("minus_reference" in s for s in summary.values()) else ""
+    lines = ["## Same vs other generators: mean over cells (95 % interval, bootstrap over the test samples)", "",
+             "| Detector | AUC same | AUC other | F1 best same | F1 best other"
+             + (f" | AUC other{reference} | F1 best other{reference} | AUC same{reference}" if reference else "") + " |",
+             "|---|---|---|---|---" + ("|---|---|---" if reference else "") + "|"]
+    for detector, entry in summary.items():
+        texts = [_interval_text(entry[group][metric]) for metric in ("auc", "f1_best") for group in ("same", "other")]
+        if reference:
+            minus = entry.get("minus_reference")
+            texts += ["–"] * 3 if minus is None else [_interval_text(minus["other"]["auc"], True),
+                                                      _interval_text(minus["other"]["f1_best"], True),
+                                                      _interval_text(minus["same"]["auc"], True)]
+        lines.append(f"| {detector} | " + " | ".join(texts) + " |")
+    return [*lines, ""]
 
 
 def _auc_text(cell: dict, metrics: dict) -> str:
@@ -499,9 +532,11 @@ def write_outputs(out: str | Path, meta: dict[str, Any] | None = None) -> dict[s
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     paths = {"csv": out / "results.csv", "json": out / "results.json", "tables": out / "tables.md"}
     _write_atomic(paths["csv"], buffer.getvalue())
-    results = {"meta": meta, "rows": rows, "samples": {c["cell"]: c["samples"] for c in cells}}
+    cross = [c for c in cells if c["experiment"] == "cross_generator"]
+    generalization = cross_generator_summary(cross, REFERENCE_DETECTOR) if cross else {}
+    results = {"meta": meta, "rows": rows, "generalization": generalization, "samples": {c["cell"]: c["samples"] for c in cells}}
     _write_atomic(paths["json"], json.dumps(finite_or_none(results), indent=1))
-    _write_atomic(paths["tables"], tables_markdown(cells, meta))
+    _write_atomic(paths["tables"], tables_markdown(cells, meta, generalization))
     write_plots(out, cells)
     return paths
 

@@ -27,7 +27,7 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "detectors" / "demo"
 TRAIN_DATA = ("pix2pix", "cyclegan")
 # (detector, steps, learning rate): tiny detectors, 16 slices per step, 16x64x64 crops.
 SCHEDULE = {"xception": (1600, 1e-2), "unet": (800, 1e-2), "hpfcn": (800, 1e-2), "mantranet": (2400, 4e-3),
-            "mvssnet": (1200, 1e-2), "trufor": (1800, 1e-2), "resnet_gp": (1600, 1e-2)}
+            "mvssnet": (1200, 1e-2), "trufor": (1800, 1e-2), "slab3d": (1200, 1e-2), "resnet_gp": (1600, 1e-2)}
 RECIPES: dict[str, tuple[str, str]] = {
     **{f"{detector}-{data}": (detector, data) for detector in SCHEDULE for data in TRAIN_DATA},
     "resnet_gp-m3dsynth": ("resnet_gp", "m3dsynth"),  # the preliminary experiment's detector trained on M3Dsynth

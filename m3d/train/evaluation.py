@@ -154,3 +154,79 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value
+
+
+def _sample_key(record: dict[str, Any]) -> tuple:
+    return record["img_id"], record["site_id"], record["label"], record["generator"], record["task"]
+
+
+def cross_generator_summary(cells: Sequence[dict[str, Any]], reference: str | None = None, level: float = 0.95,
+                            resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per detector, the mean AUC and best-threshold F1 of its cross-generator cells on their training
+    generator (``same``: train = test) and on the others (``other``), each with a ``level`` interval,
+    and with ``reference`` (a detector name) its paired differences from the reference detector.
+
+    The cells must have been tested on the same samples (`m3d bench`'s per-sample records). Intervals:
+    stratified bootstrap over the test samples (each generator's fakes and the pristine crops drawn
+    with replacement, seeded), the same draws for every cell, so a difference's interval is paired.
+    Returns ``{detector: {"same": {"auc": [value, low, high], "f1_best": [...]}, "other": {...},
+    "minus_reference": {"same": {...}, "other": {...}}}}`` (F1 None for detectors that do not localize).
+    """
+    from scipy.stats import rankdata
+
+    keys = sorted({_sample_key(r) for cell in cells for r in cell["samples"]}, key=str)
+    position = {key: i for i, key in enumerate(keys)}
+    strata = {"pristine": [i for i, k in enumerate(keys) if k[2] == "pristine"]}
+    for generator in sorted({k[3] for k in keys if k[2] == "fake"}):
+        strata[generator] = [i for i, k in enumerate(keys) if k[2] == "fake" and k[3] == generator]
+    rng = np.random.default_rng(seed)
+    draws = {name: np.concatenate([np.arange(len(members))[None], rng.integers(0, len(members), (resamples, len(members)))])
+             for name, members in strata.items()}  # row 0: the samples themselves (the point estimate)
+
+    def cell_values(cell: dict[str, Any], generator: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """AUC and mean F1 (best threshold) of one cell on one test generator, for every draw."""
+        scores, f1 = np.full(len(keys), np.nan), np.full(len(keys), np.nan)
+        for record in cell["samples"]:
+            scores[position[_sample_key(record)]] = record["score"]
+            f1[position[_sample_key(record)]] = record.get("f1_best", np.nan)
+        fakes = np.asarray(strata[generator])[draws[generator]]
+        pristine = np.asarray(strata["pristine"])[draws["pristine"]]
+        ranks = rankdata(np.concatenate([scores[fakes], scores[pristine]], 1), axis=1)
+        n_fake, n_pristine = fakes.shape[1], pristine.shape[1]
+        auc = (ranks[:, :n_fake].sum(1) - n_fake * (n_fake + 1) / 2) / (n_fake * n_pristine)
+        return auc, (np.nanmean(f1[fakes], 1) if cell.get("localizes") and np.isfinite(f1[fakes]).any() else None)
+
+    per_detector: dict[str, dict[str, dict[str, np.ndarray | None]]] = {}
+    for detector in dict.fromkeys(c["detector"] for c in cells):
+        groups: dict[str, dict[str, list]] = {"same": {"auc": [], "f1_best": []}, "other": {"auc": [], "f1_best": []}}
+        for cell in (c for c in cells if c["detector"] == detector):
+            for generator in strata:
+                if generator != "pristine" and generator in cell["metrics"]:
+                    auc, f1 = cell_values(cell, generator)
+                    group = groups["same" if generator == cell["train_data"] else "other"]
+                    group["auc"].append(auc)
+                    group["f1_best"].append(f1)
+        per_detector[detector] = {
+            name: {metric: (np.mean(values, 0) if values and all(v is not None for v in values) else None)
+                   for metric, values in group.items()}
+            for name, group in groups.items()
+        }
+    tail = (1 - level) / 2 * 100
+
+    def interval(values: np.ndarray | None) -> list[float] | None:
+        if values is None:
+            return None
+        low, high = np.percentile(values[1:], [tail, 100 - tail])
+        return [float(values[0]), float(low), float(high)]
+
+    summary: dict[str, dict[str, Any]] = {}
+    for detector, groups in per_detector.items():
+        summary[detector] = {name: {metric: interval(v) for metric, v in group.items()} for name, group in groups.items()}
+        if reference in per_detector and detector != reference:
+            summary[detector]["minus_reference"] = {
+                name: {metric: (interval(v - per_detector[reference][name][metric])
+                                if v is not None and per_detector[reference][name][metric] is not None else None)
+                       for metric, v in group.items()}
+                for name, group in groups.items()
+            }
+    return summary
