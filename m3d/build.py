@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .cli import run_guarded
+from .errors import run_guarded
 from .data.phantom import phantom_workers
 from .dataset_builder.features import TASKS
 from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, FAKE_GENERATORS, PHANTOM_SPACINGS, pipeline_folder

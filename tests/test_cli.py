@@ -181,7 +181,7 @@ def test_detect_prints_a_score_and_writes_the_map(tmp_path, capsys):
 def test_a_bug_is_a_traceback_a_user_error_one_line(capsys):
     """The error policy: bad input (ValueError, OSError and their kin) is one line and exit 2; a
     KeyError or IndexError is a bug, so its traceback is shown, not hidden as a user error."""
-    from m3d.cli import run_guarded
+    from m3d.errors import run_guarded
     from m3d.data.lidc import UnknownScanError
 
     def unknown_scan():

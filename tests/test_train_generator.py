@@ -25,12 +25,11 @@ from m3d.train.cubes import (
     CubeDataset,
     TrainingCase,
     center_crop,
-    cut_training_cube,
-    lidc_series,
     site_matches,
     sites_for_task,
-    xml_series_uid,
 )
+from m3d.data.lidc_discovery import lidc_series, xml_series_uid
+from m3d.tamper.cube import cut_training_cube
 
 SPACING = (1.25, 0.8, 0.8)
 SHAPE = (48, 84, 84)  # 60 x 67 x 67 mm

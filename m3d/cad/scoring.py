@@ -10,7 +10,7 @@ import torch
 
 from ..data.ct import CTVolume
 from ..tamper.cube import TamperLocationError, hu_to_unit, point_text
-from ..train.cubes import cut_training_cube
+from ..tamper.cube import cut_training_cube
 from .configuration_cad import CADConfig
 from .modeling_cad import CADForMalignancyScoring
 

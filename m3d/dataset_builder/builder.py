@@ -11,7 +11,7 @@ import datasets
 from ..tamper.quality import QualityCriteria
 from .features import FEATURES, SPLITS
 from .generate import DEFAULT_PHANTOMS, FAKE_GENERATORS, lidc_jobs, load_pipelines, phantom_jobs, scan_examples
-from .writer import CONFIGS
+from .features import CONFIGS
 
 _CITATION = """@inproceedings{zingarini2024m3dsynth,
   title     = {M3Dsynth: A dataset of medical 3D images with AI-generated local manipulations},

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .features import SPLITS
+from .features import CONFIGS, SPLITS
 
 if TYPE_CHECKING:
     from .writer import BuildState
@@ -27,7 +27,6 @@ SOURCES = {
 def config_data_files(shards: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
     """Per config, per split: the shard globs (``data/<generator>/<task>/<split>-*.parquet``) it reads;
     configs and splits without shards are left out, as are generator configs without fakes."""
-    from .writer import CONFIGS
 
     present = {tuple(relative.split("/")[1:3]) + (relative.split("/")[3].split("-")[0],) for relative in shards}
     files: dict[str, dict[str, list[str]]] = {}

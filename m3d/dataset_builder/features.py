@@ -25,6 +25,13 @@ LABELS = ("pristine", "fake")
 TASKS = ("inject", "remove")
 GENERATORS = ("real", "pix2pix", "cyclegan", "ddpm")  # "real": the pristine scan at the same site
 SPLITS = ("train", "validation", "test")
+# config name -> (generators, tasks) it selects; every config holds the pristine scans of its sites
+CONFIGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "all": (GENERATORS, TASKS),
+    **{generator: (("real", generator), TASKS) for generator in GENERATORS if generator != "real"},
+    **{task: (GENERATORS, (task,)) for task in TASKS},
+    "pristine": (("real",), TASKS),
+}
 
 FEATURES = datasets.Features(
     {

@@ -122,11 +122,11 @@ def phantom_jobs(
 def lidc_jobs(root: str | Path, *, seed: int = 0, scans: Iterable[Any] | None = None) -> list[ScanJob]:
     """Jobs for a LIDC-IDRI download: the plan over the annotation database (``scans``, default
     `LIDCDatabase().scans()`, the same plan as ``m3d plan``), restricted to the series found under
-    ``root`` (`m3d.train.cubes.lidc_series`: DICOM folders with their LIDC XML)."""
+    ``root`` (`m3d.data.lidc_discovery.lidc_series`: DICOM folders with their LIDC XML)."""
     import warnings
 
     from ..data.dicom import read_dicom_series
-    from ..train.cubes import lidc_series
+    from ..data.lidc_discovery import lidc_series
 
     if scans is None:
         from ..data.lidc import LIDCDatabase

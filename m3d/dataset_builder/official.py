@@ -123,7 +123,7 @@ def tampered_volume(source: CTVolume, stored_zyx: np.ndarray, label_zyx: np.ndar
 
 def series_nodules(folder: Path, volume: CTVolume) -> list[Nodule]:
     """The grouped LIDC nodules of the series in ``folder`` (from its LIDC XML; none without one)."""
-    from ..train.cubes import is_lidc_xml
+    from ..data.lidc_discovery import is_lidc_xml
 
     xmls = [path for path in sorted(folder.glob("*.xml")) if is_lidc_xml(path)]
     return group_nodules(read_lidc_xml(xmls[0], volume)) if xmls else []

@@ -32,19 +32,12 @@ from typing import Any, Callable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .features import FEATURES, GENERATORS, SPLITS, TASKS
+from .features import CONFIGS, FEATURES, GENERATORS, SPLITS, TASKS
 from .generate import Outcome, ScanJob
 
 MANIFEST = "manifest.json"
 JOURNALS = ".build"
 FORMAT_VERSION = 1
-# config name -> (generators, tasks) it selects; every config holds the pristine scans of its sites
-CONFIGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "all": (GENERATORS, TASKS),
-    **{generator: (("real", generator), TASKS) for generator in GENERATORS if generator != "real"},
-    **{task: (GENERATORS, (task,)) for task in TASKS},
-    "pristine": (("real",), TASKS),
-}
 
 ExamplesFn = Callable[[ScanJob], Iterator[tuple[dict[str, Any] | None, Outcome]]]
 

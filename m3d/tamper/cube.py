@@ -15,12 +15,14 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ..data.ct import CTVolume
 from ..data.lungs import segment_lungs
 from ..data.resample import sample_grid
 
 CUBE_SIZE = 32  # voxels at 1 mm
+TRAIN_CUBE_SIZE = 40  # voxels at 1 mm: CT-GAN's 40 mm training cut (the 32 mm cube shifted up to 4 mm each way)
 CUBE_SPACING_MM = 1.0
 HOLE_SIZE = 20  # CT-GAN's centre hole, [6, 26) on each axis
 HU_WINDOW = (-1000.0, 600.0)
@@ -173,3 +175,26 @@ def paste_cube(volume: CTVolume, cube: Cube, generated_hu: np.ndarray) -> tuple[
     changed = np.zeros(volume.shape, bool)
     changed[region] = blended != volume.hu[region]
     return volume.with_hu(tampered), changed
+
+
+def training_cube_affine(volume: CTVolume, center_lps_mm: np.ndarray, size: int = TRAIN_CUBE_SIZE) -> np.ndarray:
+    """Affine of the 1 mm ``size``^3 grid centred on ``center_lps_mm`` with the scan's axes: the 32 mm
+    cube's grid (`cube_affine`) grown by ``(size - 32) / 2`` voxels on every side."""
+    affine = cube_affine(volume, center_lps_mm).copy()
+    margin = (size - CUBE_SIZE) / 2
+    affine[:3, 3] -= affine[:3, :3] @ np.full(3, margin)
+    return affine
+
+
+def cut_training_cube(volume: CTVolume, center_lps_mm: np.ndarray, size: int = TRAIN_CUBE_SIZE) -> np.ndarray:
+    """The ``size``^3 1 mm cube (HU float32) centred on ``center_lps_mm``; voxels beyond the scan take
+    the value of the nearest voxel inside it."""
+    affine = training_cube_affine(volume, center_lps_mm, size)
+    cube = sample_grid(volume.hu, volume.affine, affine, (size,) * 3, order=1, cval=np.nan)
+    outside = np.isnan(cube)
+    if outside.all():
+        raise TamperLocationError(f"the {size} mm cube around {point_text(center_lps_mm)} mm is outside the scan")
+    if outside.any():
+        nearest = ndimage.distance_transform_edt(outside, return_distances=False, return_indices=True)
+        cube = cube[tuple(nearest)]
+    return cube.astype(np.float32)

@@ -35,20 +35,26 @@ training step depends only on the seed and the step (exact resumption, any numbe
 from __future__ import annotations
 
 import logging
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import Dataset
 
 from ..data.ct import CTVolume
-from ..data.resample import sample_grid
-from ..tamper.cube import CUBE_SIZE, TamperLocationError, check_location, cube_affine, hole_mask, hu_to_unit, point_text
+from ..data.lidc_discovery import is_lidc_xml, lidc_series
+from ..tamper.cube import (
+    CUBE_SIZE,
+    TRAIN_CUBE_SIZE,
+    TamperLocationError,
+    check_location,
+    cut_training_cube,
+    hole_mask,
+    hu_to_unit,
+    point_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +64,6 @@ INJECT_MIN_MALIGNANCY = 4.0  # median rating >= 4: moderately / highly suspiciou
 INJECT_MIN_DIAMETER_MM = 10.0  # strictly greater
 REMOVE_MAX_MALIGNANCY = 2.0  # median rating <= 2: highly / moderately unlikely
 REMOVE_MAX_DIAMETER_MM = 8.0  # strictly smaller
-TRAIN_CUBE_SIZE = 40  # voxels at 1 mm: CT-GAN's 40 mm training cut
 MAX_SHIFT = (TRAIN_CUBE_SIZE - CUBE_SIZE) // 2  # +-4 voxels
 
 
@@ -147,24 +152,6 @@ def sites_for_task(cases: Iterable[TrainingCase], task: str) -> list[NoduleSite]
 # -- case sources -------------------------------------------------------------------------------
 
 
-def is_lidc_xml(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return b"LidcReadMessage" in handle.read(8192)
-    except OSError:
-        return False
-
-
-_SERIES_UID = re.compile(rb"<(?:\w+:)?SeriesInstanceUid>\s*([^<\s]+)\s*</", re.IGNORECASE)
-
-
-def xml_series_uid(path: Path) -> str | None:
-    """The ResponseHeader SeriesInstanceUid of an LIDC XML (read from its head), or None."""
-    with open(path, "rb") as handle:
-        match = _SERIES_UID.search(handle.read(65536))
-    return match.group(1).decode() if match else None
-
-
 def _read_case(case_id: str, series_folder: Path, xml: Path, series_uid: str | None = None) -> TrainingCase:
     from ..data.dicom import read_dicom_series
     from ..data.lidc import group_nodules, read_lidc_xml
@@ -204,47 +191,6 @@ def iter_case_folders(data_dir: str | Path) -> Iterator[TrainingCase]:
             logger.warning("skipping %s: no LIDC XML (LidcReadMessage) in it", folder)
             continue
         yield _read_case(folder.name, folder / "dicom", xml)
-
-
-def _dicom_series_uid(folder: Path, files: list[str]) -> str | None:
-    import pydicom
-
-    for name in files:
-        try:
-            header = pydicom.dcmread(folder / name, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        except Exception:  # noqa: BLE001 - a broken file: try the next one
-            continue
-        uid = getattr(header, "SeriesInstanceUID", None)
-        if uid:
-            return str(uid)
-    return None
-
-
-def lidc_series(root: str | Path) -> list[tuple[Path, Path, str]]:
-    """``(series folder, xml, SeriesInstanceUID)`` for each DICOM series folder under a LIDC-IDRI root
-    holding an LIDC XML whose SeriesInstanceUid is the series' own (sorted by folder)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        dicoms = sorted(f for f in filenames if f.lower().endswith(".dcm"))
-        xmls = sorted(f for f in filenames if f.lower().endswith(".xml"))
-        if not dicoms or not xmls:
-            continue
-        folder = Path(dirpath)
-        series_uid = _dicom_series_uid(folder, dicoms)
-        for name in xmls:
-            path = folder / name
-            if is_lidc_xml(path) and series_uid is not None and xml_series_uid(path) == series_uid:
-                found.append((folder, path, series_uid))
-                break
-        else:
-            logger.info("skipping %s: no LIDC XML there matches its series %s", folder, series_uid)
-    if not found:
-        raise FileNotFoundError(f"no DICOM series with a matching LIDC XML under {root}")
-    return found
 
 
 def iter_lidc_root(root: str | Path) -> Iterator[TrainingCase]:
@@ -289,29 +235,6 @@ def iter_phantom_cases(
 
 
 # -- cubes --------------------------------------------------------------------------------------
-
-
-def training_cube_affine(volume: CTVolume, center_lps_mm: np.ndarray, size: int = TRAIN_CUBE_SIZE) -> np.ndarray:
-    """Affine of the 1 mm ``size``^3 grid centred on ``center_lps_mm`` with the scan's axes: the 32 mm
-    cube's grid (`cube_affine`) grown by ``(size - 32) / 2`` voxels on every side."""
-    affine = cube_affine(volume, center_lps_mm).copy()
-    margin = (size - CUBE_SIZE) / 2
-    affine[:3, 3] -= affine[:3, :3] @ np.full(3, margin)
-    return affine
-
-
-def cut_training_cube(volume: CTVolume, center_lps_mm: np.ndarray, size: int = TRAIN_CUBE_SIZE) -> np.ndarray:
-    """The ``size``^3 1 mm cube (HU float32) centred on ``center_lps_mm``; voxels beyond the scan take
-    the value of the nearest voxel inside it."""
-    affine = training_cube_affine(volume, center_lps_mm, size)
-    cube = sample_grid(volume.hu, volume.affine, affine, (size,) * 3, order=1, cval=np.nan)
-    outside = np.isnan(cube)
-    if outside.all():
-        raise TamperLocationError(f"the {size} mm cube around {point_text(center_lps_mm)} mm is outside the scan")
-    if outside.any():
-        nearest = ndimage.distance_transform_edt(outside, return_distances=False, return_indices=True)
-        cube = cube[tuple(nearest)]
-    return cube.astype(np.float32)
 
 
 def center_crop(cube: np.ndarray, size: int = CUBE_SIZE) -> np.ndarray:
@@ -477,13 +400,9 @@ __all__ = [
     "NoduleSite",
     "TrainingCase",
     "center_crop",
-    "cut_training_cube",
     "iter_case_folders",
     "iter_lidc_root",
     "iter_phantom_cases",
-    "lidc_series",
     "site_matches",
     "sites_for_task",
-    "training_cube_affine",
-    "xml_series_uid",
 ]

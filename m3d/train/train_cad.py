@@ -43,7 +43,7 @@ from ..cad.configuration_cad import CAD_PRESETS, CADConfig
 from ..cad.modeling_cad import IGNORE_INDEX, CADForMalignancyScoring, malignancy_labels
 from ..tamper.cube import hu_to_unit
 from ..data.phantom import phantom_workers
-from ..cli import run_guarded
+from ..errors import run_guarded
 from .common import (
     MIXED_PRECISION,
     STATE_FILE,

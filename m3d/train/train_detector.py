@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from m3d.cli import run_guarded
+from m3d.errors import run_guarded
 from m3d.dataset_builder.features import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, load_detector, register_bayar_constraint
 from m3d.detectors.modeling_utils import INPUT_MODES

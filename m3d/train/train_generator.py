@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli import run_guarded
+from ..errors import run_guarded
 from .common import (
     MIXED_PRECISION,
     STATE_FILE,
@@ -574,10 +574,11 @@ def make_trainer(
 
 def _data_key(args: argparse.Namespace) -> dict[str, Any]:
     """What the training cubes depend on (the cube cache's key)."""
+    from ..tamper.cube import TRAIN_CUBE_SIZE
     from . import cubes
 
     rules = [cubes.INJECT_MIN_MALIGNANCY, cubes.INJECT_MIN_DIAMETER_MM, cubes.REMOVE_MAX_MALIGNANCY,
-             cubes.REMOVE_MAX_DIAMETER_MM, cubes.TRAIN_CUBE_SIZE]
+             cubes.REMOVE_MAX_DIAMETER_MM, TRAIN_CUBE_SIZE]
     key: dict[str, Any] = {"task": args.task, "rules": rules, "version": 1}
     if args.data or args.lidc_root:
         root = Path(args.data or args.lidc_root).resolve()
