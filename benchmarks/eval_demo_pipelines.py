@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from m3d.constants import FAKE_GENERATORS as GENERATORS, TASKS
 from m3d.data.phantom import make_phantom
 from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, PHANTOM_NODULES, PHANTOM_SPACINGS
 from m3d.pipelines import M3DTamperPipeline, load_pipeline
@@ -73,8 +74,6 @@ from two_sample_test import two_sample_accuracy  # the script beside this one (i
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "m3d" / "pipelines" / "demo"
-GENERATORS = ("pix2pix", "cyclegan", "ddpm")
-TASKS = ("inject", "remove")
 MONTAGE_SITES = 4
 SPECTRUM_HIGHPASS_SIGMA_MM = 1.0  # residual = cube - Gaussian blur: keeps >= 70 % of a period-4 pattern
 SPECTRUM_MIN_RADIUS = 2.0  # frequency bins nearer DC than this (index units of the 20-voxel hole) are ignored

@@ -16,8 +16,8 @@ from typing import Mapping, Sequence
 
 from .errors import run_guarded
 from .data.phantom import phantom_workers
-from .dataset_builder.features import TASKS
-from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, FAKE_GENERATORS, PHANTOM_SPACINGS, pipeline_folder
+from .constants import FAKE_GENERATORS, TASKS
+from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, PHANTOM_SPACINGS, pipeline_folder
 from .dataset_builder.writer import (
     BuildState,
     finalize,

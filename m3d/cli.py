@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
+from .constants import FAKE_GENERATORS, TASKS
 from .errors import run_guarded
 
 DELEGATED_COMMANDS = {"train-generator": "m3d.train.train_generator", "train-cad": "m3d.train.train_cad", "build": "m3d.build",
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tamper", help="inject a fake nodule into, or remove one from, a scan with a saved generator pipeline"
     )
     tamper.add_argument("--scan", required=True, help="DICOM series folder or NIfTI file")
-    tamper.add_argument("--task", required=True, choices=("inject", "remove"),
+    tamper.add_argument("--task", required=True, choices=TASKS,
                         help="inject a fake malignant nodule at --at, or remove the nodule there")
     tamper.add_argument(
         "--at", required=True, action="append", metavar="X,Y,Z",
@@ -433,9 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     official.add_argument("--out", required=True, help="output dataset folder")
     official.add_argument("--tables", default=None, metavar="DIR",
                           help="folder of data.csv, sets.csv, centers.csv, LIDC.csv (default: RELEASE/data or RELEASE)")
-    official.add_argument("--generators", nargs="+", default=["pix2pix", "cyclegan", "ddpm"], choices=("pix2pix", "cyclegan", "ddpm"),
+    official.add_argument("--generators", nargs="+", default=list(FAKE_GENERATORS), choices=FAKE_GENERATORS,
                           help="import the fakes of these generators")
-    official.add_argument("--tasks", nargs="+", default=["inject", "remove"], choices=("inject", "remove"),
+    official.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
                           help="import these tasks")
     official.add_argument("--limit", type=int, default=None, help="only the first N series")
     official.add_argument("--scans-per-shard", type=int, default=4, help="series per Parquet shard")

@@ -97,8 +97,9 @@ def run_demo(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    from .dataset_builder.features import TASKS
-    from .dataset_builder.generate import FAKE_GENERATORS, check_pipelines
+    from .constants import TASKS
+    from .constants import FAKE_GENERATORS
+    from .dataset_builder.generate import check_pipelines
 
     generators = tuple(scale["build"].get("generators", FAKE_GENERATORS))
     check_pipelines(pipelines_dir, generators, TASKS)  # before any step: a wrong --pipelines fails at once

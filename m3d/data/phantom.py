@@ -1032,7 +1032,9 @@ def _territory_tree(rng: np.random.Generator, root: np.ndarray, points: np.ndarr
         if len(idx) <= 1:
             vec = centre - start
             mid = start + 0.5 * vec + rng.normal(0.0, 0.08 * float(np.linalg.norm(vec)), 3)
-            p0.extend([start, mid]); p1.extend([mid, centre]); r0.extend([radius, radius * 0.85])
+            p0.extend([start, mid])
+            p1.extend([mid, centre])
+            r0.extend([radius, radius * 0.85])
             r1.extend([radius * 0.85, radius * 0.6])
             continue
         frac = rng.uniform(0.3, 0.55) if depth > 0 else rng.uniform(0.35, 0.5)
@@ -1045,7 +1047,10 @@ def _territory_tree(rng: np.random.Generator, root: np.ndarray, points: np.ndarr
         q2 = start + 2.0 * vec / 3.0 + 0.8 * bend + rng.normal(0.0, 0.03 * length, 3)
         taper = (radius, radius * 0.98, radius * 0.96, radius * 0.94)
         for j, (a_, b_) in enumerate(((start, q1), (q1, q2), (q2, end))):
-            p0.append(a_); p1.append(b_); r0.append(taper[j]); r1.append(taper[j + 1])
+            p0.append(a_)
+            p1.append(b_)
+            r0.append(taper[j])
+            r1.append(taper[j + 1])
         # split the territory along its principal axis
         centred = pts - centre
         cov = centred.T @ centred

@@ -2,7 +2,8 @@
 
 The Hub-facing files (the dataset card template) live here too, in ``templates/``."""
 from .builder import M3Dsynth, M3DsynthConfig
-from .features import CONFIGS, FEATURES, GENERATORS, LABELS, SPLITS, TASKS, ScanResolver, example_mask, example_volume
+from ..constants import GENERATORS, LABELS, SPLITS, TASKS
+from .features import CONFIGS, FEATURES, ScanResolver, example_mask, example_volume
 
 __all__ = [
     "CONFIGS", "FEATURES", "GENERATORS", "LABELS", "SPLITS", "TASKS", "M3Dsynth", "M3DsynthConfig",

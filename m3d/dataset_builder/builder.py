@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import datasets
 
 from ..tamper.quality import QualityCriteria
-from .features import FEATURES, SPLITS
-from .generate import DEFAULT_PHANTOMS, FAKE_GENERATORS, lidc_jobs, load_pipelines, phantom_jobs, scan_examples
+from ..constants import FAKE_GENERATORS, SPLITS
+from .features import FEATURES
+from .generate import DEFAULT_PHANTOMS, lidc_jobs, load_pipelines, phantom_jobs, scan_examples
 from .features import CONFIGS
 
 _CITATION = """@inproceedings{zingarini2024m3dsynth,

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .features import CONFIGS, SPLITS
+from ..constants import FAKE_GENERATORS, SPLITS
+from .features import CONFIGS
 
 if TYPE_CHECKING:
     from .writer import BuildState
@@ -31,7 +32,7 @@ def config_data_files(shards: dict[str, Any]) -> dict[str, dict[str, list[str]]]
     present = {tuple(relative.split("/")[1:3]) + (relative.split("/")[3].split("-")[0],) for relative in shards}
     files: dict[str, dict[str, list[str]]] = {}
     for name, (generators, tasks) in CONFIGS.items():
-        if name in ("pix2pix", "cyclegan", "ddpm") and not any(g == name for g, _, _ in present):
+        if name in FAKE_GENERATORS and not any(g == name for g, _, _ in present):
             continue
         by_split = {
             split: [f"data/{g}/{t}/{split}-*.parquet" for g in generators for t in tasks if (g, t, split) in present]

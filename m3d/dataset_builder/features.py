@@ -18,13 +18,10 @@ from typing import Any, Sequence
 import datasets
 import numpy as np
 
+from ..constants import GENERATORS, LABELS, TASKS
 from ..data.ct import CTVolume
 from ..data.nifti import volume_from_nifti_image
 
-LABELS = ("pristine", "fake")
-TASKS = ("inject", "remove")
-GENERATORS = ("real", "pix2pix", "cyclegan", "ddpm")  # "real": the pristine scan at the same site
-SPLITS = ("train", "validation", "test")
 # config name -> (generators, tasks) it selects; every config holds the pristine scans of its sites
 CONFIGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "all": (GENERATORS, TASKS),

@@ -20,7 +20,6 @@ from ..tamper.quality import QualityCriteria, check_quality
 
 logger = logging.getLogger(__name__)
 
-FAKE_GENERATORS = ("pix2pix", "cyclegan", "ddpm")
 DEMO_PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "demo"  # <generator>-<task>/
 NIFTI_GZIP_LEVEL = 1  # noise-filled CT barely compresses: level 6 saves 2 % of the bytes at 3x the time
 PLAN_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # m3d.tamper.plan -> FEATURES splits

@@ -26,8 +26,8 @@ import numpy as np
 from ..data.ct import CTVolume
 from ..data.lidc import Nodule, group_nodules, read_lidc_xml, volume_z_positions
 from ..tamper.plan import GENERATOR_CODES, Site, read_official_plan
-from .features import TASKS
-from .generate import FAKE_GENERATORS, PLAN_SPLITS, Outcome, ScanJob, SiteJob, make_example, site_voxel
+from ..constants import FAKE_GENERATORS, TASKS
+from .generate import PLAN_SPLITS, Outcome, ScanJob, SiteJob, make_example, site_voxel
 
 logger = logging.getLogger(__name__)
 

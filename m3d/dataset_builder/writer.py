@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .features import CONFIGS, FEATURES, GENERATORS, SPLITS, TASKS
+from ..constants import GENERATORS, SPLITS, TASKS
+from .features import FEATURES
 from .generate import Outcome, ScanJob
 
 MANIFEST = "manifest.json"

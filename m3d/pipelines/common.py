@@ -15,12 +15,12 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from ..constants import TASKS
 from ..data.ct import CTVolume
 from ..data.lungs import segment_lungs
 from ..tamper.cube import CUBE_SIZE, extract_cube, hole_mask, hu_to_unit, paste_cube, unit_to_hu
 from ..tamper.touch_up import touch_up as touch_up_cube
 
-TASKS = ("inject", "remove")
 OUTPUT_TYPES = ("np", "pt", "volume")
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None

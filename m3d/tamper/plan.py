@@ -22,7 +22,6 @@ import numpy as np
 
 from ..data.lidc import LIDCScan, group_nodules
 
-TASKS = ("inject", "remove")
 OFFICIAL_TASK = {"inject": "inj", "remove": "rem"}
 OFFICIAL_SPLIT_PATIENTS = {"train": 488, "val": 100, "test": 150}
 GENERATOR_CODES = {"real": "real", "pix2pix": "pix2pix", "cyclegan": "cycle", "ddpm": "diffusion"}

@@ -58,7 +58,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from m3d.errors import run_guarded
-from m3d.dataset_builder.features import GENERATORS, TASKS
+from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS
 from m3d.train.common import configure_logging
 from m3d.train.demo_detectors import starting_weights

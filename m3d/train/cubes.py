@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..constants import TASKS
 from ..data.ct import CTVolume
 from ..data.lidc_discovery import is_lidc_xml, lidc_series
 from ..tamper.cube import (
@@ -53,12 +54,10 @@ from ..tamper.cube import (
     cut_training_cube,
     hole_mask,
     hu_to_unit,
-    point_text,
 )
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("inject", "remove")
 SELECTIONS = TASKS + ("cad",)  # site selections: the generator tasks and the CAD scorer's
 INJECT_MIN_MALIGNANCY = 4.0  # median rating >= 4: moderately / highly suspicious
 INJECT_MIN_DIAMETER_MM = 10.0  # strictly greater

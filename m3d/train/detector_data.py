@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from m3d.dataset_builder.features import GENERATORS, LABELS, TASKS, ScanResolver, example_mask, example_volume
+from m3d.constants import GENERATORS, LABELS, TASKS
+from m3d.dataset_builder.features import ScanResolver, example_mask, example_volume
 from m3d.detectors.modeling_utils import M3DDetectorConfig
 from m3d.detectors.volume import input_slices, slices_to_input, volume_statistics
 

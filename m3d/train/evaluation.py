@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from m3d.dataset_builder.features import GENERATORS, TASKS
+from m3d.constants import GENERATORS, TASKS
 from m3d.detectors.volume import slices_to_input
 from m3d.metrics import auc_interval, detection_metrics, localization_scores
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from m3d.errors import run_guarded
-from m3d.dataset_builder.features import GENERATORS, TASKS
+from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, load_detector, register_bayar_constraint
 from m3d.detectors.modeling_utils import INPUT_MODES
 from m3d.metrics import balanced_accuracy, balanced_threshold

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import FAKE_GENERATORS, TASKS
 from ..errors import run_guarded
 from .common import (
     MIXED_PRECISION,
@@ -77,8 +78,7 @@ from .common import (
     write_json_atomic,
 )
 
-MODELS = ("pix2pix", "cyclegan", "ddpm")
-TASKS = ("inject", "remove")
+MODELS = FAKE_GENERATORS  # one generator model per name
 PRESET_CHOICES = ("tiny", "demo", "default", "reference")
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # as m3d.pipelines' SAMPLERS, PREDICTION_TYPES and BETA_SCHEDULES (not imported here: a light parser)

@@ -1,0 +1,12 @@
+"""The names every part of m3d agrees on: tampering tasks, generators, example labels and dataset splits.
+
+Plain tuples with no imports, so that any module (and the command line's ``choices``) can use them
+without loading the libraries behind the rest of the package.
+"""
+from __future__ import annotations
+
+TASKS = ("inject", "remove")  # grow a malignant nodule > 10 mm / replace one by a benign one < 8 mm
+FAKE_GENERATORS = ("pix2pix", "cyclegan", "ddpm")  # the paper's three generators (M3Dsynth's "DM" is the DDPM)
+GENERATORS = ("real", *FAKE_GENERATORS)  # "real": the pristine scan at the same site
+LABELS = ("pristine", "fake")
+SPLITS = ("train", "validation", "test")
