@@ -41,10 +41,13 @@ def test_config_refuses_what_cannot_be_a_slab():
         M3DDetectorConfig(input_mode="slab", slab_slices=5, num_channels=3)
     with pytest.raises(ValueError, match="odd"):
         Slab3DConfig(bayar_kernel=(3, 4, 5))
+    with pytest.raises(ValueError, match="encoder_inputs"):
+        Slab3DConfig(encoder_inputs=("intensity", "texture"))
 
 
-def test_forward_shapes_loss_and_gradients_reach_every_parameter():
-    model = tiny().train()
+@pytest.mark.parametrize("inputs", [("intensity", "residuals", "consistency"), ("residuals", "consistency"), ("consistency",)])
+def test_forward_shapes_loss_and_gradients_reach_every_parameter(inputs):
+    model = tiny(encoder_inputs=inputs, bayar_channels=2).train()
     masks = torch.zeros(2, 1, 32, 64)
     masks[1, :, 8:20, 20:40] = 1
     output = model(pixel_values=torch.rand(2, 5, 32, 64) * 2 - 1, labels=torch.tensor([0.0, 1.0]), masks=masks)
@@ -58,7 +61,7 @@ def test_forward_shapes_loss_and_gradients_reach_every_parameter():
 
 
 def test_residuals_ignore_smooth_anatomy_and_consistency_flags_foreign_noise():
-    model = tiny(bayar_channels=0)
+    model = tiny()
     z, y, x = torch.meshgrid(torch.arange(5.0), torch.arange(32.0), torch.arange(32.0), indexing="ij")
     ramp = (0.01 * z + 0.02 * y - 0.015 * x - 0.5)[None, None]  # a linear HU ramp: no noise at all
     assert model.residuals(ramp)[..., 1:-1, 1:-1, 1:-1].abs().max() < 1e-4  # inside: the edges repeat their voxels
@@ -83,7 +86,7 @@ def test_volumetric_map_on_an_anisotropic_scan_and_at_its_ends():
 
 
 def test_round_trip_keeps_filters_outputs_and_the_bayar_constraint(tmp_path):
-    model = tiny().train()
+    model = tiny(bayar_channels=2, encoder_inputs=("intensity", "residuals", "consistency")).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     from m3d.detectors import register_bayar_constraint
 

@@ -69,7 +69,8 @@ from m3d.train.nonmedical import STANDIN_NOTE, make_standin_images
 EXPERIMENTS = ("cross_generator", "preliminary")
 PRELIMINARY_DETECTOR = "resnet_gp"
 REFERENCE_DETECTOR = "trufor"  # the strongest published method of the paper's tables: the one m3d's own detector must beat
-# the paper's cross-generator grid: the six forensic methods (the general-purpose detector is the preliminary experiment's)
+# the cross-generator grid: the paper's six forensic methods and m3d's own slab3d (the general-purpose detector is the
+# preliminary experiment's)
 FORENSIC_DETECTORS = tuple(name for name in DETECTORS if name != PRELIMINARY_DETECTOR)
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # tiny detectors on 16x64x64 crops at the scans' native resolution, each cell fine-tuned for 100 steps from
@@ -143,7 +144,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="default",
                         help="demo: tiny detectors, a few steps (CPU minutes); default: the papers' sizes (GPU)")
     parser.add_argument("--detectors", nargs="+", choices=list(DETECTORS), default=list(FORENSIC_DETECTORS),
-                        help="detectors of the train x test generator grid (default: the paper's six forensic methods; "
+                        help="detectors of the train x test generator grid (default: the paper's six forensic methods and m3d's slab3d; "
                         f"{PRELIMINARY_DETECTOR} is the preliminary experiment's)")
     parser.add_argument("--train-generators", nargs="+", choices=[g for g in GENERATORS if g != "real"], default=None,
                         help="default: every generator of the train split")
