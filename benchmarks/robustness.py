@@ -4,13 +4,16 @@
 
 Each cross-generator cell of the chosen detectors in ``--results`` (its trained model,
 ``runs/<cell>/best``) is scored on the test crops of ``--data`` as `m3d bench` scores them, once as they
-are and once after each counter-move, applied alike to the fakes and to the pristine crops (so that the
-move itself is not what gets detected):
+are and once after each counter-move. The attacker's local moves touch the fakes only, over the tampered
+box (the bounding box of the fake's changed voxels), as an attacker would:
 
 * ``noise``: Gaussian noise with the crop's own noise level (estimated from the in-plane Laplacian of
-  the crop, median absolute deviation) added over the tampered box — the fake's changed voxels'
-  bounding box, and for a pristine crop a box of the fakes' median size at its site;
-* ``blur``: a 3x3x3 mean filter over the tampered box;
+  the crop, median absolute deviation) added over the tampered box;
+* ``blur``: a 3x3x3 mean filter over the tampered box.
+
+The scan-wide moves stand for a processing path any scan may go through (a re-export), so they are
+applied to every crop, pristine too (a detector must not call a scan fake because it was re-exported):
+
 * ``requantize``: every HU rounded to a multiple of ``--quantum-hu`` (16), as a coarser export would;
 * ``reslice``: the crop resampled across slices to ``--reslice-factor`` (1.5) times its slice spacing
   (linear in HU, nearest for the mask), as a re-reconstruction to thicker slices would.
@@ -36,7 +39,8 @@ from m3d.train.detector_data import Crop, evaluation_crops, filter_examples, loa
 from m3d.train.evaluation import predict_samples, summarize
 from m3d.train.train_detector import BEST_FOLDER, build_detector
 
-COUNTER_MOVES = ("none", "noise", "blur", "requantize", "reslice")
+LOCAL_MOVES = ("noise", "blur")  # the attacker's, on the fakes' tampered box
+COUNTER_MOVES = ("none", *LOCAL_MOVES, "requantize", "reslice")
 LAPLACIAN_NOISE_GAIN = np.sqrt(20.0)  # std of the 4-neighbour Laplacian [[0,1,0],[1,-4,1],[0,1,0]] of unit white noise
 MAD_TO_STD = 1.4826
 
@@ -48,21 +52,19 @@ def noise_std_hu(hu: np.ndarray) -> float:
     return float(MAD_TO_STD * np.median(np.abs(laplacian - np.median(laplacian))) / LAPLACIAN_NOISE_GAIN)
 
 
-def tampered_box(crop: Crop, box_size: tuple[int, int, int]) -> tuple[slice, slice, slice]:
-    """The bounding box of the crop's changed voxels, or for a pristine crop a ``box_size`` box at its site."""
-    if crop.mask.any():
-        return ndimage.find_objects(crop.mask.astype(np.int8))[0]
-    return tuple(slice(max(c - s // 2, 0), max(c - s // 2, 0) + s) for c, s in zip(crop.info["site_in_crop_zyx"], box_size))
+def tampered_box(crop: Crop) -> tuple[slice, slice, slice]:
+    """The bounding box of a fake crop's changed voxels."""
+    return ndimage.find_objects(crop.mask.astype(np.int8))[0]
 
 
-def counter_move(crop: Crop, move: str, box_size: tuple[int, int, int], rng: np.random.Generator,
-                 quantum_hu: int, reslice_factor: float) -> Crop:
-    """``crop`` after one counter-move (see the module doc); ``none`` returns it as it is."""
-    if move == "none":
+def counter_move(crop: Crop, move: str, rng: np.random.Generator, quantum_hu: int, reslice_factor: float) -> Crop:
+    """``crop`` after one counter-move (see the module doc); ``none``, and a local move on a pristine
+    crop, return it as it is."""
+    if move == "none" or (move in LOCAL_MOVES and not crop.mask.any()):
         return crop
     hu = crop.hu.astype(np.float32)
-    if move in ("noise", "blur"):
-        box = tampered_box(crop, box_size)
+    if move in LOCAL_MOVES:
+        box = tampered_box(crop)
         if move == "noise":
             hu[box] += rng.normal(0.0, noise_std_hu(crop.hu[: crop.valid[0], : crop.valid[1], : crop.valid[2]]), hu[box].shape)
         else:
@@ -99,12 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     crop_size = tuple(int(n) for n in cells[0]["crop_size"].split(","))
     split = filter_examples(load_split(args.data, "test"))
     crops = evaluation_crops(split, crop_size).fill()
-    fake_boxes = [tuple(s.stop - s.start for s in ndimage.find_objects(c.mask.astype(np.int8))[0]) for c in crops if c.mask.any()]
-    box_size = tuple(int(v) for v in np.median(fake_boxes, axis=0))
     variants = {}
     for move in COUNTER_MOVES:
         rng = np.random.default_rng(args.seed)
-        variants[move] = [counter_move(c, move, box_size, rng, args.quantum_hu, args.reslice_factor) for c in crops]
+        variants[move] = [counter_move(c, move, rng, args.quantum_hu, args.reslice_factor) for c in crops]
     rows = []
     for cell in cells:
         model = build_detector(model_path=str(Path(args.results) / "runs" / cell["cell"] / BEST_FOLDER))
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"
     result = {"device": device, "torch": torch.__version__, "results": str(args.results), "data": str(args.data),
               "settings": {"quantum_hu": args.quantum_hu, "reslice_factor": args.reslice_factor, "seed": args.seed,
-                           "box_size_voxels": list(box_size), "crop_size": list(crop_size)},
+                           "local_moves": list(LOCAL_MOVES), "crop_size": list(crop_size)},
               "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
