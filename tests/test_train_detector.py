@@ -105,6 +105,16 @@ def test_decode_crop_full_and_at_border(test_split):
 # -- filters and sampling -----------------------------------------------------------------------
 
 
+def test_two_folders_of_one_name_never_share_a_cache(tmp_path, hf_cache):
+    """`datasets` caches a local folder by its card's configs, the same for every M3Dsynth folder: a
+    second folder (another seed, a rebuild) must load its own examples, not the first one's."""
+    first = make_mini_m3dsynth(tmp_path / "a" / "m3dsynth", sites={"train": 1, "test": 1}, seed=1)
+    second = make_mini_m3dsynth(tmp_path / "b" / "m3dsynth", sites={"train": 1, "test": 1}, seed=2)
+    volumes = [load_split(folder, "test", hf_cache)[0]["volume"].get_fdata() for folder in (first, second)]
+    assert volumes[0].shape != volumes[1].shape or not np.array_equal(volumes[0], volumes[1])
+    assert load_split(first, "test", hf_cache)[0]["volume"].get_fdata().tolist() == volumes[0].tolist()  # cached, same
+
+
 def test_filters_by_generator_and_task(mini_m3dsynth, hf_cache):
     train = load_split(mini_m3dsynth, "train", hf_cache)
     assert len(train) == 18 and generators_present(train) == ["pix2pix", "cyclegan"]

@@ -12,7 +12,9 @@ of the pristine scan per site.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Sequence
 
 import datasets
@@ -180,3 +182,17 @@ def box_fields(start_zyx: Sequence[int], scan_shape_zyx: Sequence[int], base_img
     """The schema's placement fields of an example."""
     return {"base_img_id": base_img_id, "box_start_zyx": [int(v) for v in start_zyx],
             "scan_shape_zyx": [int(v) for v in scan_shape_zyx]}
+
+
+def folder_cache_dir(path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where `datasets` should cache an M3Dsynth folder: a sub-folder of ``cache_dir`` (default: the
+    `datasets` cache) named by the folder's data files (relative path, size, modification time).
+
+    `datasets` keys the cache of a local folder on its card's ``configs`` alone, which are the same for
+    every M3Dsynth folder: without this, a second folder (a rebuild, another seed) loads the first
+    one's cached examples, silently."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).glob("data/**/*.parquet")):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / f"m3dsynth-{digest.hexdigest()[:16]}"

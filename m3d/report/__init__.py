@@ -121,9 +121,10 @@ def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per
     from transformers.utils import logging as transformers_logging
 
     from ..dataset_builder import TASKS, ScanResolver, example_mask
+    from ..dataset_builder.features import folder_cache_dir
     from ..detectors import detect_volume, load_detector
 
-    split = datasets.load_dataset(str(data_dir), split="test")
+    split = datasets.load_dataset(str(data_dir), split="test", cache_dir=str(folder_cache_dir(data_dir)))
     scans = ScanResolver(split)
     labels, tasks, generators = (split.features[c] for c in ("label", "task", "generator"))
     chosen: list[int] = []

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from m3d.constants import GENERATORS, LABELS, TASKS
-from m3d.dataset_builder.features import ScanResolver, example_mask, example_volume
+from m3d.dataset_builder.features import ScanResolver, example_mask, example_volume, folder_cache_dir
 from m3d.detectors.modeling_utils import M3DDetectorConfig
 from m3d.detectors.volume import input_slices, slices_to_input, volume_statistics
 
@@ -95,8 +95,8 @@ def jitter_of(crop_size: Sequence[int]) -> tuple[int, int, int]:
 
 
 def load_split(data: str | Path | Any, split: str, cache_dir: str | None = None):
-    """One split of an M3Dsynth folder (``datasets.load_dataset(DIR, split=split)``), or of a
-    ``DatasetDict`` passed in; a clear error when the split is missing."""
+    """One split of an M3Dsynth folder (``datasets.load_dataset(DIR, split=split)``, cached under
+    `folder_cache_dir`), or of a ``DatasetDict`` passed in; a clear error when the split is missing."""
     import datasets
 
     if isinstance(data, datasets.Dataset):
@@ -109,7 +109,7 @@ def load_split(data: str | Path | Any, split: str, cache_dir: str | None = None)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not an M3Dsynth folder")
     try:
-        return datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(str(path), split=split, cache_dir=str(folder_cache_dir(path, cache_dir)))
     except ValueError as error:
         if "split" in str(error).lower():
             raise ValueError(f"{path} has no {split!r} split") from None
