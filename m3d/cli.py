@@ -20,12 +20,13 @@ def _is_nifti(path: Path) -> bool:
     return path.name.endswith((".nii", ".nii.gz"))
 
 
-def _find_lidc_xml(folder: Path) -> Path | None:
-    candidates = sorted(folder.glob("*.xml")) + sorted(folder.glob("*/*.xml"))
-    for candidate in candidates:
-        with open(candidate, "rb") as handle:
-            if b"LidcReadMessage" in handle.read(4096):
-                return candidate
+def _find_lidc_xml(folder: Path, series_instance_uid: str = "") -> Path | None:
+    """The first LIDC XML in ``folder`` or one level below; with ``series_instance_uid``, one annotating it."""
+    from .data.lidc_discovery import is_lidc_xml, xml_series_uid
+
+    for candidate in sorted(folder.glob("*.xml")) + sorted(folder.glob("*/*.xml")):
+        if is_lidc_xml(candidate) and (not series_instance_uid or xml_series_uid(candidate) == series_instance_uid):
+            return candidate
     return None
 
 
@@ -126,6 +127,31 @@ def parse_location(text: str, volume, in_mm: bool):
     return volume.voxel_to_world((z, y, x))
 
 
+def check_sites(scan: Path, volume, task: str, locations_lps_mm: list, nodules_xml: str | None) -> None:
+    """Refuse sites that break ``task``'s rule (`m3d.tamper.plan.check_site_rule`) among the nodules of the
+    scan's LIDC XML: ``nodules_xml``, or the one of this series in the scan's folder or the case folder above."""
+    from .data.lidc import group_nodules, read_lidc_xml
+    from .tamper.plan import check_site_rule
+
+    xml = Path(nodules_xml) if nodules_xml else None
+    if xml is None and scan.is_dir():
+        series = volume.metadata.series_instance_uid
+        xml = _find_lidc_xml(scan, series) or _find_lidc_xml(scan.parent, series)
+    if xml is None:
+        raise ValueError(
+            f"no LIDC annotations found for {scan}: pass --nodules XML (the series' LIDC XML) to check the site "
+            f"against the {task} rule, or --ignore-site-rule"
+        )
+    if not xml.is_file():
+        raise FileNotFoundError(f"--nodules {xml} does not exist")
+    nodules = group_nodules(read_lidc_xml(xml, volume))
+    for location in locations_lps_mm:
+        try:
+            check_site_rule(task, location, nodules)
+        except ValueError as error:
+            raise ValueError(f"{error} (annotations: {xml}; --ignore-site-rule forces it)") from None
+
+
 def cmd_tamper(args: argparse.Namespace) -> None:
     import os
     import shutil
@@ -143,6 +169,8 @@ def cmd_tamper(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{mask_path} exists; pass --overwrite to replace it")
     volume = load_scan(Path(args.scan), args.series)
     locations = [parse_location(text, volume, args.mm) for text in args.at]
+    if not args.ignore_site_rule:
+        check_sites(Path(args.scan), volume, args.task, locations, args.nodules)
     pipeline = load_pipeline(args.pipeline)
     result = pipeline(
         volume=volume,
@@ -354,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     tamper.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (DDPM pipelines)")
     tamper.add_argument("--seed", type=int, default=0, help="random seed of the generation")
     tamper.add_argument("--allow-outside-lung", action="store_true", help="allow a location outside the lungs")
+    tamper.add_argument("--nodules", metavar="XML",
+                        help="the series' LIDC XML, to check each site against the task's rule (default: the LIDC XML "
+                        "of this series in the scan's folder or the folder above it)")
+    tamper.add_argument("--ignore-site-rule", action="store_true",
+                        help="tamper even where the rule refuses: remove needs a malignant nodule (>= 8 mm, rated "
+                        ">= 3) that fits the 20 mm hole; inject needs no such nodule in the hole")
     tamper.add_argument("--overwrite", action="store_true", help="replace an earlier output (OUT/dicom, OUT/mask.nii.gz)")
     _add_scan_options(tamper)
     tamper.set_defaults(func=cmd_tamper)

@@ -1,4 +1,5 @@
-"""The names every part of m3d agrees on: tampering tasks, generators, example labels and dataset splits.
+"""The names every part of m3d agrees on: tampering tasks, generators, example labels, dataset splits and the
+attack's cube.
 
 Plain tuples with no imports, so that any module (and the command line's ``choices``) can use them
 without loading the libraries behind the rest of the package.
@@ -10,3 +11,7 @@ FAKE_GENERATORS = ("pix2pix", "cyclegan", "ddpm")  # the paper's three generator
 GENERATORS = ("real", *FAKE_GENERATORS)  # "real": the pristine scan at the same site
 LABELS = ("pristine", "fake")
 SPLITS = ("train", "validation", "test")
+
+CUBE_SIZE = 32  # voxels at CUBE_SPACING_MM: CT-GAN's 32 mm cube around a site
+CUBE_SPACING_MM = 1.0
+HOLE_SIZE = 20  # voxels: CT-GAN's centre hole, [6, 26) on each axis, the region a generator fills

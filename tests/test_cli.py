@@ -105,32 +105,35 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def removal_site(tmp_path_factory):
-    """A phantom as NIfTI and the LPS mm centre of a nodule whose cube fits in its lungs."""
-    from m3d.data.lidc import group_nodules
+    """A phantom as NIfTI, its LIDC XML and the LPS mm centre of a removal target (a malignant nodule
+    >= 8 mm that fits the hole) whose cube fits in its lungs."""
+    from m3d.data.lidc import group_nodules, write_lidc_xml
     from m3d.data.nifti import write_nifti
     from m3d.data.phantom import make_phantom
     from m3d.tamper.cube import TamperLocationError, check_location
+    from m3d.tamper.plan import PlanCriteria
 
     case = make_phantom(3, size=96, max_slices=64, n_nodules=(3, 4))
-    scan = tmp_path_factory.mktemp("tamper") / "scan.nii.gz"
-    write_nifti(case.volume, scan)
+    folder = tmp_path_factory.mktemp("tamper")
+    scan, xml = write_nifti(case.volume, folder / "scan.nii.gz"), write_lidc_xml(case.lidc, folder / "scan.xml")
     for nodule in group_nodules(case.lidc):
         location = case.volume.voxel_to_world(nodule.centroid_zyx)
         try:
             check_location(case.volume, location)
         except TamperLocationError:
             continue
-        return scan, case.volume, location
-    pytest.fail("the test phantom has no nodule whose cube fits in its lungs")
+        if PlanCriteria().is_removal_target(nodule) and nodule.diameter_mm < 20:
+            return scan, case.volume, location, xml
+    pytest.fail("the test phantom has no removable nodule whose cube fits in its lungs")
 
 
 def test_tamper_writes_series_and_mask_at_negative_lps_coordinates(removal_site, tmp_path, capsys):
     from m3d.train.demo_pipelines import DEMO_DIR
 
-    scan, volume, location = removal_site
+    scan, volume, location, xml = removal_site
     assert (location < 0).any()  # written as on the command line: --at -60,20,-150
     at = ",".join(f"{c:.2f}" for c in location)
-    argv = ["tamper", "--scan", str(scan), "--task", "remove", "--at", at, "--mm",
+    argv = ["tamper", "--scan", str(scan), "--task", "remove", "--at", at, "--mm", "--nodules", str(xml),
             "--pipeline", str(DEMO_DIR / "pix2pix-remove"), "--out", str(tmp_path / "out")]
     assert main(argv) == 0, capsys.readouterr().err
     tampered, mask = read_dicom_series(tmp_path / "out" / "dicom"), read_nifti(tmp_path / "out" / "mask.nii.gz")
@@ -145,11 +148,38 @@ def test_tamper_leaves_nothing_half_written(removal_site, tmp_path, monkeypatch,
         raise OSError("disk full")
 
     monkeypatch.setattr("m3d.data.nifti.write_mask_nifti", failing_write)
-    scan, _, location = removal_site
+    scan, _, location, _ = removal_site
     argv = ["tamper", "--scan", str(scan), "--task", "remove", "--at", ",".join(map(str, location)), "--mm",
-            "--pipeline", str(DEMO_DIR / "pix2pix-remove"), "--out", str(tmp_path / "out")]
+            "--ignore-site-rule", "--pipeline", str(DEMO_DIR / "pix2pix-remove"), "--out", str(tmp_path / "out")]
     assert main(argv) == 2 and "disk full" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []  # no series without its mask, no staging folder
+
+
+def test_tamper_refuses_a_site_that_breaks_the_task_rule(removal_site, tmp_path, capsys):
+    """Removal needs a real malignant nodule at the site, injection none in the hole; without the
+    scan's annotations the site cannot be checked, so it is refused unless forced. Nothing is written."""
+    from m3d.data.lungs import segment_lungs
+    from m3d.train.demo_pipelines import DEMO_DIR
+
+    scan, volume, location, xml = removal_site
+    lung_voxels = np.argwhere(segment_lungs(volume))
+    lung_points = np.array([volume.voxel_to_world(index) for index in lung_voxels[:: max(1, len(lung_voxels) // 2000)]])
+    empty_lung = lung_points[np.argmax(np.linalg.norm(lung_points - location, axis=1))]  # far from the nodule
+
+    def tamper(task: str, at: np.ndarray, *extra: str) -> int:
+        return main(["tamper", "--scan", str(scan), "--task", task, "--at", ",".join(f"{c:.2f}" for c in at), "--mm",
+                     "--pipeline", str(DEMO_DIR / f"pix2pix-{task}"), "--out", str(tmp_path / "out"), *extra])
+
+    assert tamper("inject", location, "--nodules", str(xml)) == 2  # a fake grown on a real malignant nodule
+    err = capsys.readouterr().err
+    assert "reaches into a" in err and "malignancy" in err and "--ignore-site-rule" in err and err.count("\n") == 1
+    assert tamper("remove", empty_lung, "--nodules", str(xml)) == 2
+    assert "no annotated nodule at the site" in capsys.readouterr().err
+    assert tamper("remove", location) == 2  # a NIfTI has no annotations beside it
+    assert "pass --nodules XML" in capsys.readouterr().err
+    assert tamper("remove", location, "--nodules", str(tmp_path / "missing.xml")) == 2
+    assert "missing.xml does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_lidc_summary_prints_the_database(capsys):

@@ -95,3 +95,52 @@ def test_official_tables_are_read(tmp_path):
     assert {s.split for s in sites} == {"train", "val", "test"}
     with pytest.raises(FileNotFoundError, match="official"):
         read_official_plan(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def phantom_case(tmp_path_factory):
+    """A phantom written as an LIDC case folder (dicom/ + its XML) with its grouped nodules."""
+    from m3d.data.dicom import write_dicom_series
+    from m3d.data.lidc import group_nodules, write_lidc_xml
+    from m3d.data.phantom import make_phantom
+
+    case = make_phantom(3, size=96, max_slices=64, n_nodules=(3, 4))
+    folder = tmp_path_factory.mktemp("case")
+    write_dicom_series(case.volume, folder / "dicom")
+    write_lidc_xml(case.lidc, folder / "annotations.xml")
+    return folder, case.volume, group_nodules(case.lidc)
+
+
+def test_site_rule_of_each_task(phantom_case):
+    """Removal: a malignant nodule >= 8 mm at the site that fits the 20 mm hole; injection: no nodule
+    but a small benign-looking one reaching into the hole (the plan's own selection)."""
+    from m3d.tamper.plan import SiteRuleError, check_site_rule
+
+    _, _, nodules = phantom_case
+    criteria = PlanCriteria()
+    removable = next(n for n in nodules if criteria.is_removal_target(n) and n.diameter_mm <= 20)
+    too_large = next(n for n in nodules if n.diameter_mm > 20)
+    check_site_rule("remove", removable.centroid_lps_mm() + [0.0, 1.0, 0.0], nodules)  # within its radius
+    with pytest.raises(SiteRuleError, match="larger than the generators' 20 mm hole"):
+        check_site_rule("remove", too_large.centroid_lps_mm(), nodules)
+    with pytest.raises(SiteRuleError, match="reaches into a"):
+        check_site_rule("inject", removable.centroid_lps_mm() + [0.0, 0.0, 12.0], nodules)  # hole meets it
+    far = removable.centroid_lps_mm() + [0.0, 0.0, 400.0]
+    check_site_rule("inject", far, nodules)
+    with pytest.raises(SiteRuleError, match="no annotated nodule at the site"):
+        check_site_rule("remove", far, nodules)
+    lenient = PlanCriteria(removal_min_malignancy=6.0)  # the thresholds are the plan's criteria
+    with pytest.raises(SiteRuleError, match="not a removal target"):
+        check_site_rule("remove", removable.centroid_lps_mm(), nodules, lenient)
+    check_site_rule("inject", removable.centroid_lps_mm(), nodules, PlanCriteria(injection_max_diameter_mm=30.0,
+                                                                                   injection_max_malignancy=5.0))
+
+
+def test_tamper_finds_the_case_folders_annotations(phantom_case):
+    """`m3d tamper --scan CASE/dicom` checks against the case's XML without --nodules."""
+    from m3d.cli import check_sites
+
+    folder, volume, nodules = phantom_case
+    too_large = next(n for n in nodules if n.diameter_mm > 20)
+    with pytest.raises(ValueError, match=r"larger than .* \(annotations: .*annotations.xml; --ignore-site-rule"):
+        check_sites(folder / "dicom", volume, "remove", [too_large.centroid_lps_mm()], None)

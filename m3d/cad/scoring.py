@@ -8,9 +8,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..data.ct import CTVolume
-from ..tamper.cube import TamperLocationError, hu_to_unit, point_text
-from ..tamper.cube import cut_training_cube
+from ..data.ct import CTVolume, point_text
+from ..tamper.cube import TamperLocationError, cut_training_cube, hu_to_unit
 from .configuration_cad import CADConfig
 from .modeling_cad import CADForMalignancyScoring
 

@@ -22,6 +22,11 @@ AXIAL_DIRECTION = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 HU_MIN, HU_MAX = -32768, 32767
 
 
+def point_text(values: Any) -> str:
+    """``(12.3, -4.0, 5.5)``: a point as plain numbers for messages (not ``np.float64(...)``)."""
+    return "(" + ", ".join(f"{float(v):.1f}" for v in values) + ")"
+
+
 @dataclass
 class CTMetadata:
     """Where a volume came from. ``source_headers`` holds one pixel-free DICOM header per slice

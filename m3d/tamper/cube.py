@@ -17,14 +17,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..data.ct import CTVolume
+from ..constants import CUBE_SIZE, CUBE_SPACING_MM, HOLE_SIZE
+from ..data.ct import CTVolume, point_text
 from ..data.lungs import segment_lungs
 from ..data.resample import sample_grid
 
-CUBE_SIZE = 32  # voxels at 1 mm
 TRAIN_CUBE_SIZE = 40  # voxels at 1 mm: CT-GAN's 40 mm training cut (the 32 mm cube shifted up to 4 mm each way)
-CUBE_SPACING_MM = 1.0
-HOLE_SIZE = 20  # CT-GAN's centre hole, [6, 26) on each axis
 HU_WINDOW = (-1000.0, 600.0)
 SCAN_HU_RANGE = (-1024, 3071)
 BLEND_FLAT_HALF_MM = HOLE_SIZE / 2  # full weight over the hole ...
@@ -118,11 +116,6 @@ def check_location(
             raise TamperLocationError(
                 f"{where} overlaps another nodule at {point_text(other_center)} mm (radius {radius_mm:.1f} mm)"
             )
-
-
-def point_text(values) -> str:
-    """``(12.3, -4.0, 5.5)``: plain numbers for messages (not ``np.float64(...)``)."""
-    return "(" + ", ".join(f"{float(v):.1f}" for v in values) + ")"
 
 
 def extract_cube(

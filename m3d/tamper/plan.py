@@ -20,7 +20,9 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..data.lidc import LIDCScan, group_nodules
+from ..constants import CUBE_SPACING_MM, HOLE_SIZE
+from ..data.ct import point_text
+from ..data.lidc import LIDCScan, Nodule, group_nodules
 
 OFFICIAL_TASK = {"inject": "inj", "remove": "rem"}
 OFFICIAL_SPLIT_PATIENTS = {"train": 488, "val": 100, "test": 150}
@@ -37,6 +39,20 @@ class PlanCriteria:
     injection_max_diameter_mm: float = 8.0
     injection_max_malignancy: float = 3.0
     cube_half_mm: float = 16.0
+
+    def is_removal_target(self, nodule: Nodule) -> bool:
+        """A real nodule that matters: rated malignant enough and large enough to be worth hiding."""
+        return (
+            nodule.malignancy is not None
+            and nodule.malignancy >= self.removal_min_malignancy
+            and nodule.diameter_mm >= self.removal_min_diameter_mm
+        )
+
+    def is_injection_site(self, nodule: Nodule) -> bool:
+        """A small, benign-looking (or unrated) nodule, where a fake malignant one may be grown."""
+        return nodule.diameter_mm < self.injection_max_diameter_mm and (
+            nodule.malignancy is None or nodule.malignancy <= self.injection_max_malignancy
+        )
 
 
 @dataclass
@@ -85,14 +101,7 @@ def plan_scan(scan: LIDCScan, criteria: PlanCriteria = PlanCriteria()) -> list[S
     sites = []
     for nodule in group_nodules(scan):
         malignancy = nodule.malignancy
-        is_removal = (
-            malignancy is not None
-            and malignancy >= criteria.removal_min_malignancy
-            and nodule.diameter_mm >= criteria.removal_min_diameter_mm
-        )
-        is_injection = nodule.diameter_mm < criteria.injection_max_diameter_mm and (
-            malignancy is None or malignancy <= criteria.injection_max_malignancy
-        )
+        is_removal, is_injection = criteria.is_removal_target(nodule), criteria.is_injection_site(nodule)
         if not (is_removal or is_injection):
             continue
         if not fits_in_scan(scan, np.asarray(nodule.centroid_zyx), criteria.cube_half_mm):
@@ -110,6 +119,61 @@ def plan_scan(scan: LIDCScan, criteria: PlanCriteria = PlanCriteria()) -> list[S
             )
         )
     return sites
+
+
+SITE_TOLERANCE_MM = 3.0  # how far outside a nodule's radius a removal's location may be and still be "at" it
+
+
+class SiteRuleError(ValueError):
+    """A tampering site that breaks its task's rule (the plan's selection) for the scan's annotated nodules."""
+
+
+def _nodule_text(nodule: Nodule) -> str:
+    rating = "unrated" if nodule.malignancy is None else f"malignancy {nodule.malignancy:.1f}"
+    return f"{nodule.diameter_mm:.1f} mm nodule ({rating}) at {point_text(nodule.centroid_lps_mm())} mm"
+
+
+def check_site_rule(
+    task: str, center_lps_mm: np.ndarray, nodules: list[Nodule], criteria: PlanCriteria = PlanCriteria()
+) -> None:
+    """Raise `SiteRuleError` unless ``center_lps_mm`` obeys ``task``'s rule among the scan's ``nodules``
+    (grouped annotations of the series read with its volume, so that their centroids are in LPS mm).
+
+    *remove*: a nodule is at the site (its centroid within its radius + `SITE_TOLERANCE_MM`), it is a
+    removal target (`PlanCriteria.is_removal_target`) and it fits the generator's 20 mm hole, so that it
+    can vanish. *inject*: no nodule reaching into the hole is anything but a small benign-looking one
+    (`PlanCriteria.is_injection_site`): a fake is grown where no suspicious nodule already is.
+    """
+    center = np.asarray(center_lps_mm, float)
+    where = f"the site {point_text(center)} mm (LPS x, y, z)"
+    distances = [float(np.linalg.norm(nodule.centroid_lps_mm() - center)) for nodule in nodules]
+    if task == "remove":
+        at_site = [(d, i) for i, d in enumerate(distances) if d <= nodules[i].diameter_mm / 2 + SITE_TOLERANCE_MM]
+        if not at_site:
+            nearest = f"; the nearest is a {_nodule_text(nodules[int(np.argmin(distances))])}" if nodules else ""
+            raise SiteRuleError(f"no annotated nodule at {where}{nearest}: removal replaces a real nodule")
+        nodule = nodules[min(at_site)[1]]
+        if not criteria.is_removal_target(nodule):
+            raise SiteRuleError(
+                f"the {_nodule_text(nodule)} is not a removal target (malignancy >= {criteria.removal_min_malignancy:g} "
+                f"and diameter >= {criteria.removal_min_diameter_mm:g} mm)"
+            )
+        if nodule.diameter_mm > HOLE_SIZE * CUBE_SPACING_MM:
+            raise SiteRuleError(
+                f"the {_nodule_text(nodule)} is larger than the generators' {HOLE_SIZE * CUBE_SPACING_MM:g} mm hole: "
+                "it cannot be removed"
+            )
+    elif task == "inject":
+        reach_mm = HOLE_SIZE * CUBE_SPACING_MM / 2
+        for distance, nodule in sorted(zip(distances, nodules), key=lambda pair: pair[0]):
+            if distance - nodule.diameter_mm / 2 < reach_mm and not criteria.is_injection_site(nodule):
+                raise SiteRuleError(
+                    f"the hole around {where} reaches into a {_nodule_text(nodule)}: injection grows a fake "
+                    f"where no nodule >= {criteria.injection_max_diameter_mm:g} mm or rated above "
+                    f"{criteria.injection_max_malignancy:g} is"
+                )
+    else:
+        raise ValueError(f"task must be one of inject, remove; got {task!r}")
 
 
 def split_patients(
