@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -20,6 +21,7 @@ from .constants import FAKE_GENERATORS, TASKS
 from .dataset_builder.generate import DEFAULT_PHANTOMS, DEMO_PIPELINES_DIR, PHANTOM_SPACINGS, pipeline_folder
 from .dataset_builder.writer import (
     BuildState,
+    build_lock,
     finalize,
     folder_digest,
     format_summary,
@@ -98,33 +100,35 @@ def build_dataset(
         "command": command,
     }
     out = Path(out)
-    if process.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_folder(out, config, overwrite=overwrite)
-    process.wait_for_everyone()
-    state = prepare_folder(out, config)
-    if lidc_root is None:
-        jobs = phantom_jobs(phantoms, seed=seed, size=size, max_slices=max_slices, spacing=phantom_spacing,
-                            split_proportions=split_proportions, workers=phantom_workers(phantoms, process.num_processes),
-                            progress=progress and process.is_main_process)
-    else:
-        jobs = lidc_jobs(lidc_root, seed=seed)
-    jobs = jobs[:limit] if limit is not None else jobs
+    with ExitStack() as held:
+        if process.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(build_lock(out))  # a second build into out at the same time is refused
+            prepare_folder(out, config, overwrite=overwrite)
+        process.wait_for_everyone()
+        state = prepare_folder(out, config)
+        if lidc_root is None:
+            jobs = phantom_jobs(phantoms, seed=seed, size=size, max_slices=max_slices, spacing=phantom_spacing,
+                                split_proportions=split_proportions, workers=phantom_workers(phantoms, process.num_processes),
+                                progress=progress and process.is_main_process)
+        else:
+            jobs = lidc_jobs(lidc_root, seed=seed)
+        jobs = jobs[:limit] if limit is not None else jobs
 
-    def examples(job):
-        return scan_examples(
-            job, job.load(), generators=generators, tasks=tasks, pipelines=pipelines, seed=seed,
-            quality=quality, num_inference_steps=num_inference_steps, cad_model=cad,
+        def examples(job):
+            return scan_examples(
+                job, job.load(), generators=generators, tasks=tasks, pipelines=pipelines, seed=seed,
+                quality=quality, num_inference_steps=num_inference_steps, cad_model=cad,
+            )
+
+        write_shards(
+            out, jobs, examples, config, scans_per_shard=scans_per_shard, rank=process.process_index,
+            world_size=process.num_processes, progress=progress, state=state,
         )
-
-    write_shards(
-        out, jobs, examples, config, scans_per_shard=scans_per_shard, rank=process.process_index,
-        world_size=process.num_processes, progress=progress, state=state,
-    )
-    process.wait_for_everyone()
-    if process.is_main_process:
-        finalize(out)
-    process.wait_for_everyone()
+        process.wait_for_everyone()
+        if process.is_main_process:
+            finalize(out)
+        process.wait_for_everyone()
     return read_state(out)
 
 

@@ -237,3 +237,31 @@ def test_no_progress_prints_no_bars(tmp_path, tiny_pipelines_dir, capsys):
 
     diffusers.utils.logging.enable_progress_bar()  # global switches: leave them as the other tests expect
     transformers.utils.logging.enable_progress_bar()
+
+
+def test_a_second_build_into_the_same_folder_at_once_is_refused(tmp_path, tiny_pipelines_dir, capsys):
+    """While one build writes a folder (another process holding its lock), a second is refused in one
+    line naming that process; once the first ends, the same command builds, and no lock file is left."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from m3d.dataset_builder.writer import build_lock\n"
+         f"with build_lock(Path({str(out)!r})):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["--out", str(out), "--pipelines", str(tiny_pipelines_dir), "--generators", "pix2pix", "--phantoms", "2",
+                "--size", str(PHANTOMS["size"]), "--max-slices", str(PHANTOMS["max_slices"]), "--phantom-spacing", "scaled",
+                "--keep-all", "--no-progress"]
+        assert build_main(argv, prog="m3d build") == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"being written by another build (process {holder.pid})" in error
+        assert [path.name for path in out.iterdir()] == [".m3d-build.lock"]  # nothing of the second build
+    finally:
+        holder.communicate("")
+    assert build_main(argv, prog="m3d build") == 0
+    assert (out / "manifest.json").is_file() and not (out / ".m3d-build.lock").exists()

@@ -15,16 +15,19 @@ unfinished build cannot be loaded as if it were complete. After each chunk the p
 (with SHA-256) in its own journal ``.build/rank-<rank>.json``. A restarted build skips the chunks whose
 shards are recorded and intact, and redoes the others, so a killed build loses no sample and duplicates
 none; `finalize` moves the shards to ``data/``, merges the journals into ``manifest.json``, removes stray
-files and writes the card.
+files and writes the card. While a build runs, its main process holds ``<out>/.m3d-build.lock``
+(`build_lock`): a second build into the same folder at the same time is refused.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -38,6 +41,7 @@ from .generate import Outcome, ScanJob
 
 MANIFEST = "manifest.json"
 JOURNALS = ".build"
+LOCK = ".m3d-build.lock"
 FORMAT_VERSION = 1
 
 ExamplesFn = Callable[[ScanJob], Iterator[tuple[dict[str, Any] | None, Outcome]]]
@@ -191,16 +195,44 @@ def _intact(out: Path, state: BuildState, chunk: dict[str, Any]) -> bool:
     return True
 
 
+@contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s build lock for the block (an exclusive lock on `LOCK`, released by the system if the
+    process dies); raise `BlockingIOError` at once if another build holds it."""
+    path = out / LOCK
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise BlockingIOError(
+                f"{out} is being written by another build (process {holder}): wait for it to end, or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _holds_files(out: Path) -> bool:
+    return out.exists() and any(path.name != LOCK for path in out.iterdir())
+
+
 def prepare_folder(out: str | Path, config: dict[str, Any], *, overwrite: bool = False) -> BuildState:
     """Check ``out`` (new, or an m3d dataset folder built with the same ``config``) and return its state."""
     out = Path(out)
     if overwrite and out.exists():
-        if not (out / MANIFEST).is_file() and not (out / JOURNALS).is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file() and not (out / JOURNALS).is_dir() and _holds_files(out):
             raise FileExistsError(f"{out} is not an m3d dataset folder (no {MANIFEST}): refusing to overwrite it")
         for name in ("data", JOURNALS, MANIFEST, "README.md"):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    if out.exists() and any(out.iterdir()) and not ((out / MANIFEST).is_file() or (out / JOURNALS).is_dir()):
+    if _holds_files(out) and not ((out / MANIFEST).is_file() or (out / JOURNALS).is_dir()):
         raise FileExistsError(f"{out} exists and is not an m3d dataset folder: choose another --out")
     state = read_state(out)
     if state.config is not None and state.config != config:
