@@ -100,6 +100,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     source, target = Path(args.source), Path(args.target)
+    if args.enhanced and _is_nifti(target):
+        raise ValueError(f"--enhanced applies to a DICOM target folder, not the NIfTI file {target}")
     volume = load_scan(source, args.series)
     if _is_nifti(target):
         from .data.nifti import write_nifti
@@ -110,7 +112,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     else:
         from .data.dicom import write_dicom_series
 
-        write_dicom_series(volume, target, series_description=args.description, overwrite=args.overwrite)
+        write_dicom_series(volume, target, series_description=args.description, overwrite=args.overwrite,
+                           enhanced=args.enhanced)
     print(f"wrote {target}  {volume.shape} voxels, spacing_mm {tuple(round(s, 4) for s in volume.spacing_mm)}")
 
 
@@ -185,7 +188,8 @@ def cmd_tamper(args: argparse.Namespace) -> None:
     staging = out / f".m3d-tamper.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_dicom_series(result.volumes[0], staging / "dicom", series_description=f"m3d {args.task}")
+        write_dicom_series(result.volumes[0], staging / "dicom", series_description=f"m3d {args.task}",
+                           enhanced=args.enhanced)
         write_mask_nifti(result.masks[0], volume, staging / "mask.nii.gz")
         if series_dir.exists():
             shutil.rmtree(series_dir)
@@ -327,6 +331,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"[m3d demo] report: {report.resolve()}")
 
 
+def _add_enhanced_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--enhanced", action="store_true",
+                        help="write the DICOM series as one Enhanced CT object (all slices as frames of one file)")
+
+
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when a folder holds several series")
 
@@ -353,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--description", default="m3d convert", help="SeriesDescription of a written DICOM series")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace the target: the NIfTI file, or the DICOM files in the target folder")
+    _add_enhanced_option(convert)
     _add_scan_options(convert)
     convert.set_defaults(func=cmd_convert)
 
@@ -389,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tamper even where the rule refuses: remove needs a malignant nodule (>= 8 mm, rated "
                         ">= 3) that fits the 20 mm hole; inject needs no such nodule in the hole")
     tamper.add_argument("--overwrite", action="store_true", help="replace an earlier output (OUT/dicom, OUT/mask.nii.gz)")
+    _add_enhanced_option(tamper)
     _add_scan_options(tamper)
     tamper.set_defaults(func=cmd_tamper)
 

@@ -31,6 +31,36 @@ def require_safetensors(folder: Path, filename: str | None = None) -> None:
         raise FileNotFoundError(f"{folder} has no {filename or '.safetensors weights'}{hint}")
 
 
+def check_settings(path: Path, settings: dict[str, Any], known: Collection[str]) -> None:
+    """A `ValueError` naming ``path`` for a setting the model does not take (a misspelt or damaged key
+    would be ignored by the libraries, the default used in silence) or a dtype torch does not have."""
+    import torch
+
+    unknown = sorted(key for key in settings if key not in known and not key.startswith("_"))
+    if unknown:
+        raise ValueError(f"{path} has settings this model does not take: {', '.join(unknown)}")
+    for key in ("dtype", "torch_dtype"):
+        value = settings.get(key)
+        if value is not None and value != "auto" and not isinstance(getattr(torch, str(value), None), torch.dtype):
+            raise ValueError(f"{path}: {key} {value!r} is not a torch dtype")
+
+
+def require_saved_tensors(module: Any, weights: Path) -> None:
+    """A `ValueError` naming ``weights`` unless it holds exactly ``module``'s tensors (a damaged header can
+    rename one: the libraries would leave that parameter at random or on the meta device, and load)."""
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as handle:
+        saved = set(handle.keys())
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not hold the model's tensors (missing: {', '.join(missing[:3]) or '-'}; "
+            f"unexpected: {', '.join(unexpected[:3]) or '-'}): the file is damaged or of another model"
+        )
+
+
 def load_saved_model(folder: str | Path, model_types: Collection[str], what: str, load: Callable[[Path], Model]) -> Model:
     """``load(folder)`` after checking that ``folder`` holds one of ``model_types`` (``what`` names them
     in messages) with safetensors weights; reading errors become `ValueError` naming the folder."""
@@ -40,12 +70,18 @@ def load_saved_model(folder: str | Path, model_types: Collection[str], what: str
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{folder} is not a saved folder of {what} (no config.json)")
-    model_type = read_json_object(config).get("model_type")
+    settings = read_json_object(config)
+    model_type = settings.get("model_type")
     if model_type not in model_types:
         raise ValueError(f"{folder} holds a {model_type!r} model, not {what}")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    check_settings(config, settings, CONFIG_MAPPING[model_type]().to_dict())
     require_safetensors(folder, "model.safetensors")
     try:
-        return load(folder)
+        model = load(folder)
+        require_saved_tensors(model, folder / "model.safetensors")
+        return model
     except SafetensorError as error:
         raise ValueError(f"{folder}/model.safetensors is truncated or not a safetensors file ({error})") from None
     except RuntimeError as error:

@@ -355,10 +355,13 @@ def test_gantry_tilt_errors_or_is_unsheared(tmp_path):
         assert (untilted.hu[index, :index] == -1024).all()
 
 
-def test_multi_frame_is_refused(tmp_path):
+def test_multi_frame_object_that_is_not_enhanced_ct_is_refused(tmp_path):
+    """Enhanced CT objects are read (tests/test_dicom_enhanced.py); frames of a CT Image have no geometry."""
     files = write_dicom_series(make_volume(), tmp_path / "series")
+    for path in files[1:]:
+        path.unlink()
     _rewrite(files[0], NumberOfFrames=2)
-    with pytest.raises(DicomSeriesError, match="multi-frame"):
+    with pytest.raises(DicomSeriesError, match="0000.dcm is a multi-frame CT Image Storage, not an Enhanced CT image"):
         read_dicom_series(tmp_path / "series")
 
 

@@ -55,7 +55,7 @@ class CADConfig(PreTrainedConfig):
             raise ValueError(f"cube_size must be {MIN_CUBE_SIZE} to {MAX_CUBE_SIZE} (mm at 1 mm); got {cube_size}")
         if not block_out_channels or min(block_out_channels) < 1:
             raise ValueError(f"block_out_channels must be positive integers; got {block_out_channels}")
-        if any(width % norm_num_groups for width in block_out_channels):
+        if norm_num_groups < 1 or any(width % norm_num_groups for width in block_out_channels):
             raise ValueError(f"norm_num_groups {norm_num_groups} must divide every width of {block_out_channels}")
         if layers_per_block < 1:
             raise ValueError(f"layers_per_block must be positive; got {layers_per_block}")

@@ -1,15 +1,19 @@
 """DICOM CT series <-> `CTVolume` with pydicom.
 
-Reading sorts slices by their position along the slice normal (never by file name or InstanceNumber),
-applies RescaleSlope/Intercept and pixel padding (PixelPaddingValue, PixelPaddingRangeLimit -> -1024 HU,
-air), and refuses — with a message saying what to do — folders with several series, gaps, uneven
-spacing, gantry tilt, conflicting duplicates, non-CT data or compressed pixel data whose decoder is not
-installed. The folder is scanned header-only (pixel data deferred); the chosen series' pixels are then
-read in a thread pool straight into the volume (uncompressed data) or through pydicom's decoders.
+A series is a folder of single-frame CT slices, or one Enhanced (or Legacy Converted Enhanced) CT object
+whose frames are read as the slices they stand for, with the geometry and rescale of its shared and
+per-frame functional groups. Reading sorts slices by their position along the slice normal (never by file
+name or InstanceNumber), applies RescaleSlope/Intercept and pixel padding (PixelPaddingValue,
+PixelPaddingRangeLimit -> -1024 HU, air), and refuses — with a message saying what to do — folders with
+several series, gaps, uneven spacing, gantry tilt, conflicting duplicates, non-CT data or compressed pixel
+data whose decoder is not installed. The folder is scanned header-only (pixel data deferred); the chosen
+series' pixels are then read in a thread pool straight into the volume (uncompressed data) or through
+pydicom's decoders.
 
 Writing produces a CT Image Storage series (Explicit VR Little Endian, int16 HU with slope 1 and
 intercept 0, so HU round-trip exactly): derived from the volume's source headers when it has them (new
-Series/SOP UIDs, ImageType DERIVED, geometry and pixels updated), else a complete minimal CT IOD.
+Series/SOP UIDs, ImageType DERIVED, geometry and pixels updated), else a complete minimal CT IOD; or, as
+an option, the same as one Enhanced CT Image object.
 """
 from __future__ import annotations
 
@@ -27,15 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     CTImageStorage,
+    EnhancedCTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    LegacyConvertedEnhancedCTImageStorage,
     generate_uid,
 )
 from scipy import ndimage
@@ -49,6 +56,19 @@ TILT_TOLERANCE_PIXELS = 0.1  # in-plane drift of the slice origins (gantry tilt)
 DEFER_SIZE = 64 * 1024  # the header scan leaves pixel data (and any element above 64 KiB) in the file
 _PIXEL_DATA = 0x7FE00010
 _NATIVE_LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+_ENHANCED_CT = {EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
+# functional groups whose attributes a single-frame slice holds at its top level (read from shared, then per frame)
+_FRAME_GROUPS = ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
+                 "PixelValueTransformationSequence", "FrameVOILUTSequence",
+                 "UnassignedSharedConvertedAttributesSequence", "UnassignedPerFrameConvertedAttributesSequence")
+# tags that describe a multi-frame object as a whole, not one of its frames
+_WHOLE_OBJECT_TAGS = {Tag(keyword) for keyword in (
+    "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "DimensionOrganizationSequence", "DimensionIndexSequence", "DimensionOrganizationType", "PixelData",
+)}
+# a supplemental palette (Enhanced CT) maps stored values, which the writer changes: it is not kept
+_PALETTE_KEYWORDS = ("PixelPresentation", *(f"{colour}PaletteColorLookupTable{part}"
+                                            for colour in ("Red", "Green", "Blue") for part in ("Descriptor", "Data")))
 _PIP_NAMES = {"gdcm": "python-gdcm"}  # pydicom's dependency names that differ from the PyPI name
 _WORKERS = min(8, (os.cpu_count() or 1) + 2)
 
@@ -68,7 +88,18 @@ class DicomSeriesInfo:
     patient_id: str
 
 
-Item = tuple[Path, Dataset]  # a file and its header
+class FrameHeader(Dataset):
+    """The header of one frame of a multi-frame object, made to look like a single-frame slice's."""
+
+    frame_number: int  # 1-based, as DICOM counts frames
+
+
+Item = tuple[Path, Dataset]  # a file and its header (a `FrameHeader` for a frame of a multi-frame object)
+
+
+def _name(path: Path, header: Dataset) -> str:
+    """How messages name a slice: its file, and its frame when it is one of a multi-frame object."""
+    return f"{path.name} frame {header.frame_number}" if isinstance(header, FrameHeader) else path.name
 
 
 def _warn(message: str) -> None:
@@ -87,6 +118,37 @@ def _starts_with_dicom_tag(path: Path) -> bool:
     return len(start) == 2 and int.from_bytes(start, "little") in (0x0002, 0x0008)
 
 
+# image attributes read as one number; a damaged header can give them several values, or none
+_SINGLE_NUMBERS = ("Rows", "Columns", "NumberOfFrames", "BitsAllocated", "BitsStored", "PixelRepresentation",
+                   "SamplesPerPixel", "RescaleSlope", "RescaleIntercept", "PixelPaddingValue", "PixelPaddingRangeLimit",
+                   "SliceThickness", "SpacingBetweenSlices")
+
+
+def _check_single_numbers(where: str, header: Dataset) -> None:
+    """A `DicomSeriesError` unless each of `_SINGLE_NUMBERS` that ``header`` has is one finite number."""
+    for keyword in _SINGLE_NUMBERS:
+        value = header[keyword].value if keyword in header else None
+        if value in (None, ""):
+            continue
+        try:
+            finite = bool(np.isfinite(float(value)))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise DicomSeriesError(f"{where} is a damaged DICOM image: {keyword} is {value!r}, not one number")
+
+
+def _decode_header(dataset: Dataset) -> None:
+    """Decode (and read, where the header scan deferred it) every element but the pixel data now: pydicom
+    decodes on first use, and a damaged header must be found while its file is read, not later."""
+    for tag in list(dataset.keys()):
+        if tag != _PIXEL_DATA:
+            element = dataset[tag]
+            if element.VR == "SQ":
+                for item in element.value:
+                    _decode_header(item)
+
+
 def _try_read(path: Path) -> Dataset | None:
     """The header of a DICOM image file (pixel data deferred), or None if the file is not one; a file that
     says it is a DICOM image but cannot be read whole is an error naming it (never a slice dropped in silence)."""
@@ -95,18 +157,27 @@ def _try_read(path: Path) -> Dataset | None:
             dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE)
         except pydicom.errors.InvalidDicomError:
             if not _starts_with_dicom_tag(path):
+                if _is_dicom_file(path):  # a .dcm file, or one cut inside its preamble
+                    raise DicomSeriesError(f"{path} is a damaged DICOM file (no DICM marker); repair or remove it") from None
                 return None
             dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)  # legacy file, no preamble
+        _decode_header(dataset)
     except Exception as error:  # pydicom raises many types on files that are not DICOM
         if _is_dicom_file(path):
             raise DicomSeriesError(f"{path} is a damaged DICOM file ({type(error).__name__}: {error}); repair or remove it") from None
         return None
-    if "SeriesInstanceUID" not in dataset or "Rows" not in dataset:
-        sop_class = dataset.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
-        if sop_class is not None and "Image Storage" in getattr(sop_class, "name", ""):
+    if any(keyword not in dataset for keyword in ("SeriesInstanceUID", "Rows", "Columns")):
+        file_meta = dataset.get("file_meta", Dataset())
+        sop_class = file_meta.get("MediaStorageSOPClassUID") or dataset.get("SOPClassUID")
+        meta_length = file_meta.get("FileMetaInformationGroupLength")
+        if sop_class is None or (meta_length is not None and path.stat().st_size < 144 + int(meta_length)):
+            raise DicomSeriesError(f"{path} is a damaged DICOM file: its header stops before it says what it holds; "
+                                   "repair or remove it")
+        if "Image Storage" in getattr(sop_class, "name", ""):
             raise DicomSeriesError(f"{path} is a damaged DICOM image: a {sop_class.name} file whose header stops "
                                    "before its series and image size; repair or remove it")
         return None  # DICOMDIR, structured reports, presentation states...
+    _check_single_numbers(str(path), dataset)
     if "TransferSyntaxUID" not in dataset.file_meta:  # no file meta: the encoding it was read with
         implicit, little = dataset.original_encoding
         dataset.file_meta.TransferSyntaxUID = (
@@ -178,29 +249,113 @@ def _select_series(folder: Path, series_instance_uid: str | None) -> list[Item]:
     info = _info(str(chosen[0][1].SeriesInstanceUID), chosen)
     if info.modality != "CT":
         raise DicomSeriesError(f"series {info.series_instance_uid} is {info.modality or 'of unknown modality'}, not CT")
-    if any(int(header.get("NumberOfFrames", 1) or 1) > 1 for _, header in chosen):
-        raise DicomSeriesError("multi-frame (enhanced) CT objects are not supported; convert them to single-frame slices")
     return chosen
 
 
+# -- multi-frame objects -----------------------------------------------------------------------------------
+def _is_multi_frame(header: Dataset) -> bool:
+    return header.get("SOPClassUID") in _ENHANCED_CT or int(header.get("NumberOfFrames", 1) or 1) > 1
+
+
+def _frame_records(path: Path, header: Dataset) -> list[Item]:
+    """One single-frame header per frame of an enhanced CT object: the object's own tags, then the attributes
+    of its shared and the frame's functional groups (position, orientation, pixel measures, rescale, window),
+    and pixel data pointing at the frame in the file (uncompressed) or holding it decoded."""
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    per_frame = header.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != frames:
+        raise DicomSeriesError(f"{path.name} has {len(per_frame)} per-frame functional groups for its {frames} frames")
+    if "PixelData" not in header:
+        raise DicomSeriesError(f"{path.name} has no pixel data")
+    shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    common = {tag: element for tag, element in header.items() if tag not in _WHOLE_OBJECT_TAGS}
+    file_meta = header.file_meta
+    if _native_dtype(header) is not None:  # uncompressed 16-bit: each frame is read from the file into the volume
+        pixels = header.get_item(_PIXEL_DATA, keep_deferred=True)
+        size = int(header.Rows) * int(header.Columns) * 2
+        if pixels.length < frames * size:
+            raise DicomSeriesError(f"{path.name}: pixel data is truncated ({pixels.length} of {frames * size} bytes)")
+        frame_pixels = [pixels._replace(value=None, length=size, value_tell=pixels.value_tell + index * size)
+                        for index in range(frames)]
+    else:  # every frame decoded at once, kept as native little-endian bytes
+        decoded = _decode(path, header).reshape(frames, -1)
+        vr = "OB" if decoded.itemsize == 1 else "OW"
+        frame_pixels = [DataElement(_PIXEL_DATA, vr, frame.astype(frame.dtype.newbyteorder("<")).tobytes())
+                        for frame in decoded]
+        file_meta = copy.copy(file_meta)
+        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    records = []
+    for index, groups in enumerate(per_frame):
+        frame = FrameHeader(dict(common))
+        frame.frame_number = index + 1
+        for group in (shared, groups):
+            for keyword in _FRAME_GROUPS:
+                if group.get(keyword):
+                    frame.update(group[keyword][0])
+        frame[_PIXEL_DATA] = frame_pixels[index]
+        _check_single_numbers(f"{path} frame {index + 1}", frame)
+        frame.file_meta = file_meta
+        records.append((path, frame))
+    return records
+
+
+def _single_frames(items: list[Item]) -> list[Item]:
+    """The series as single-frame slices: an Enhanced (or Legacy Converted Enhanced) CT object becomes one
+    slice per frame; several multi-frame objects, or one beside single-frame files, are refused."""
+    multi = [(path, header) for path, header in items if _is_multi_frame(header)]
+    if not multi:
+        return items
+    path, header = multi[0]
+    series = f"series {header.SeriesInstanceUID}"
+    if len(multi) > 1:
+        raise DicomSeriesError(f"{path.name} and {multi[1][0].name} are both multi-frame objects of {series}; "
+                               "a series is read from one enhanced CT object: keep one of them")
+    if len(items) > 1:
+        others = [other.name for other, _ in items if other != path]
+        raise DicomSeriesError(f"{path.name} is a multi-frame object of {series}, which also has {len(others)} "
+                               f"single-frame file(s) ({', '.join(others[:3])}); keep either the object or the slices")
+    sop_class = UID(str(header.get("SOPClassUID", "")))
+    if sop_class not in _ENHANCED_CT:
+        raise DicomSeriesError(f"{path.name} is a multi-frame {sop_class.name or 'object'}, not an Enhanced CT image: "
+                               "the geometry of its frames is unknown")
+    return _frame_records(path, header)
+
+
 # -- geometry --------------------------------------------------------------------------------------------
+_VALUE_COUNTS = {"ImageOrientationPatient": 6, "ImagePositionPatient": 3, "PixelSpacing": 2}
+
+
 def _require(items: list[Item], keyword: str) -> np.ndarray:
     """``keyword``'s numeric value in every header, as rows of an array."""
-    missing = [path.name for path, header in items if keyword not in header]
+    missing = [_name(path, header) for path, header in items if keyword not in header]
     if missing:
         raise DicomSeriesError(f"{missing[0]} has no {keyword}: the series geometry is unknown")
-    return np.array([[float(v) for v in header[keyword].value] for _, header in items])
+    count = _VALUE_COUNTS[keyword]
+    rows = []
+    for path, header in items:
+        element = header[keyword]
+        values = [element.value] if element.VM == 1 else list(element.value)
+        if len(values) != count or not all(isinstance(v, (int, float)) and np.isfinite(float(v)) for v in values):
+            raise DicomSeriesError(f"{_name(path, header)}: {keyword} is {element.value!r}, not {count} finite numbers")
+        rows.append([float(v) for v in values])
+    return np.array(rows)
+
+
+def _shared(items: list[Item], keyword: str) -> np.ndarray:
+    """``keyword``'s numeric value, which every slice must share (to 1e-4)."""
+    values = _require(items, keyword)
+    differs = np.flatnonzero(np.abs(values - values[0]).max(axis=1) > 1e-4)
+    if differs.size:
+        raise DicomSeriesError(f"{_name(*items[differs[0]])}: {keyword} differs from the rest of the series")
+    return values[0]
 
 
 def _frame(items: list[Item]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row direction, column direction and slice normal (orthonormal, LPS) shared by every slice."""
-    orientations = _require(items, "ImageOrientationPatient")
-    differs = np.flatnonzero(np.abs(orientations - orientations[0]).max(axis=1) > 1e-4)
-    if differs.size:
-        raise DicomSeriesError(f"{items[differs[0]][0].name}: ImageOrientationPatient differs from the rest of the series")
-    row, column = orientations[0, :3], orientations[0, 3:]
+    orientation = _shared(items, "ImageOrientationPatient")
+    row, column = orientation[:3], orientation[3:]
     if min(np.linalg.norm(row), np.linalg.norm(column)) < 0.5 or abs(np.dot(row, column)) > 1e-3:
-        raise DicomSeriesError(f"ImageOrientationPatient {orientations[0].tolist()} is not two orthogonal unit vectors")
+        raise DicomSeriesError(f"ImageOrientationPatient {orientation.tolist()} is not two orthogonal unit vectors")
     row = row / np.linalg.norm(row)
     column = column - np.dot(column, row) * row
     column = column / np.linalg.norm(column)
@@ -232,7 +387,7 @@ def _decode(path: Path, header: Dataset) -> np.ndarray:
     except Exception as error:  # pydicom raises RuntimeError/NotImplementedError/ValueError
         syntax = header.file_meta.TransferSyntaxUID
         raise DicomSeriesError(
-            f"{path.name}: cannot decode '{syntax.name}' pixel data: {_decoder_advice(syntax, error)}"
+            f"{_name(path, header)}: cannot decode '{syntax.name}' pixel data: {_decoder_advice(syntax, error)}"
         ) from None
 
 
@@ -260,7 +415,7 @@ def _read_native(path: Path, header: Dataset, buffer: np.ndarray) -> None:
         read = data.size
         buffer.view(np.uint8).reshape(-1)[:read] = data
     if read < buffer.nbytes:
-        raise DicomSeriesError(f"{path.name}: pixel data is truncated ({read} of {buffer.nbytes} bytes)")
+        raise DicomSeriesError(f"{_name(path, header)}: pixel data is truncated ({read} of {buffer.nbytes} bytes)")
 
 
 def _stored_pixels(path: Path, header: Dataset) -> np.ndarray:
@@ -293,13 +448,14 @@ def _padding_mask(stored: np.ndarray, header: Dataset) -> np.ndarray | None:
 def _fill_slice(out: np.ndarray, path: Path, header: Dataset) -> bool:
     """Write one slice in int16 HU into ``out`` and drop its pixel data; True if values had to be clipped."""
     if "PixelData" not in header:
-        raise DicomSeriesError(f"{path.name} has no pixel data")
+        raise DicomSeriesError(f"{_name(path, header)} has no pixel data")
     samples = int(header.get("SamplesPerPixel", 1))
     if samples != 1:
-        raise DicomSeriesError(f"{path.name} holds {samples} samples per pixel ({header.get('PhotometricInterpretation', '')} "
-                               "colour); a CT slice holds one grey value per pixel")
+        colour = header.get("PhotometricInterpretation", "")
+        raise DicomSeriesError(f"{_name(path, header)} holds {samples} samples per pixel ({colour} colour); "
+                               "a CT slice holds one grey value per pixel")
     if int(header.Rows) != out.shape[0] or int(header.Columns) != out.shape[1]:
-        raise DicomSeriesError(f"{path.name}: image size differs from the rest of the series")
+        raise DicomSeriesError(f"{_name(path, header)}: image size differs from the rest of the series")
     slope, intercept = _rescale(header)
     identity = slope == 1 and intercept == 0 and "PixelPaddingValue" not in header
     if identity and _native_dtype(header) == np.int16 and int(header.get("BitsStored", 16)) == 16:
@@ -320,9 +476,6 @@ def _fill_slice(out: np.ndarray, path: Path, header: Dataset) -> bool:
         if padding is not None:
             out[padding] = PADDING_HU
     del header.PixelData  # the kept source headers hold no pixels
-    for element in list(header.values()):  # load other deferred values now: the files may go away
-        if isinstance(element, RawDataElement) and element.value is None and element.length:
-            header[element.tag]
     return clipped
 
 
@@ -334,10 +487,10 @@ def _drop_duplicates(items: list[Item], positions: np.ndarray, hu: np.ndarray) -
         if abs(positions[index] - positions[keep[-1]]) >= POSITION_TOLERANCE_MM:
             keep.append(index)
         elif np.array_equal(hu[index], hu[keep[-1]]):
-            _warn(f"{items[index][0].name} duplicates {items[keep[-1]][0].name}; dropped")
+            _warn(f"{_name(*items[index])} duplicates {_name(*items[keep[-1]])}; dropped")
         else:
             raise DicomSeriesError(
-                f"{items[index][0].name} and {items[keep[-1]][0].name} share position {positions[index]:.2f} mm "
+                f"{_name(*items[index])} and {_name(*items[keep[-1]])} share position {positions[index]:.2f} mm "
                 "but hold different pixels: the folder mixes acquisitions; separate them"
             )
     return keep
@@ -376,9 +529,9 @@ def read_dicom_series(
     if on_uneven not in ("error", "resample"):
         raise DicomSeriesError(f"on_uneven must be 'error' or 'resample'; got {on_uneven!r}")
     folder = Path(folder)
-    items = _select_series(folder, series_instance_uid)
+    items = _single_frames(_select_series(folder, series_instance_uid))
     row, column, normal = _frame(items)
-    pixel_spacing = _require(items[:1], "PixelSpacing")[0]
+    pixel_spacing = _shared(items, "PixelSpacing")
     origins = _require(items, "ImagePositionPatient")
     order = np.argsort(origins @ normal, kind="stable")
     items, origins = [items[i] for i in order], origins[order]
@@ -458,7 +611,8 @@ def _is_dicom_file(path: Path) -> bool:
         return False
     with open(path, "rb") as file:
         head = file.read(132)
-    return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+    cut_in_preamble = 0 < len(head) < 132 and not any(head)  # the zero preamble and nothing after it
+    return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm" or cut_in_preamble
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -518,7 +672,7 @@ def _slice_header(
     """A copy of ``base`` made into slice ``index`` of the new series: UIDs, geometry and pixels set."""
     header = copy.deepcopy(base)
     for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit", "SmallestImagePixelValue",
-                    "LargestImagePixelValue", "PixelData"):
+                    "LargestImagePixelValue", "PixelData", *_PALETTE_KEYWORDS):
         if keyword in header:
             delattr(header, keyword)
     header.SOPClassUID = CTImageStorage
@@ -551,6 +705,71 @@ def _slice_header(
     return header
 
 
+def _item(**values: object) -> Dataset:
+    """A sequence item holding ``values`` (keyword=value)."""
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _enhanced_header(
+    volume: CTVolume, base: Dataset, *, derived: bool, series_uid: str, sop_uid: str, description: str
+) -> Dataset:
+    """Every slice of ``volume`` as a frame of one Enhanced CT Image object: the tags of slice 0's header (see
+    `_slice_header`), with the geometry, rescale and window moved into functional groups (pixel measures, plane
+    orientation, pixel value transformation, frame type, frame VOI LUT shared; frame content and plane position
+    per frame) and the frames indexed by stack position. Frame anatomy and irradiation event, which m3d does not
+    know, are left out."""
+    header = _slice_header(volume, 0, base, derived=derived, series_uid=series_uid, sop_uid=sop_uid,
+                           description=description)
+    image_type = ["DERIVED", "SECONDARY", "VOLUME", "NONE"]
+    shared = _item(
+        PixelMeasuresSequence=[_item(
+            PixelSpacing=header.PixelSpacing, SliceThickness=header.get("SliceThickness") or _ds(volume.spacing_mm[0]),
+            SpacingBetweenSlices=_ds(volume.spacing_mm[0]),
+        )],
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=header.ImageOrientationPatient)],
+        PixelValueTransformationSequence=[_item(RescaleIntercept="0", RescaleSlope="1", RescaleType="HU")],
+        CTImageFrameTypeSequence=[_item(FrameType=image_type, PixelPresentation="MONOCHROME",
+                                        VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE")],
+    )
+    if "WindowCenter" in header and "WindowWidth" in header:
+        shared.FrameVOILUTSequence = [_item(WindowCenter=header.WindowCenter, WindowWidth=header.WindowWidth)]
+    header.SharedFunctionalGroupsSequence = [shared]
+    header.PerFrameFunctionalGroupsSequence = [
+        _item(
+            FrameContentSequence=[
+                _item(StackID="1", InStackPositionNumber=index + 1, DimensionIndexValues=[1, index + 1])
+            ],
+            PlanePositionSequence=[_item(ImagePositionPatient=[_ds(v) for v in volume.voxel_to_world((index, 0, 0))])],
+        )
+        for index in range(volume.shape[0])
+    ]
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                    "SpacingBetweenSlices", "SliceLocation", "RescaleSlope", "RescaleIntercept", "RescaleType",
+                    "WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
+        if keyword in header:
+            delattr(header, keyword)
+    organization = _uid(sop_uid, "dimension organization")
+    header.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organization)]
+    header.DimensionIndexSequence = [
+        _item(DimensionIndexPointer=Tag(keyword), FunctionalGroupPointer=Tag("FrameContentSequence"),
+              DimensionOrganizationUID=organization)
+        for keyword in ("StackID", "InStackPositionNumber")
+    ]
+    header.SOPClassUID = header.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    header.ImageType = image_type
+    header.PixelPresentation, header.VolumetricProperties = "MONOCHROME", "VOLUME"
+    header.VolumeBasedCalculationTechnique = "NONE"
+    header.ContentQualification = "RESEARCH"
+    header.BurnedInAnnotation, header.PresentationLUTShape = "NO", "IDENTITY"
+    header.InstanceNumber = 1
+    header.NumberOfFrames = volume.shape[0]
+    header.PixelData = np.ascontiguousarray(volume.hu, dtype="<i2").tobytes()
+    return header
+
+
 def _publish(staging: Path, out_dir: Path) -> None:
     """Move the finished ``staging`` folder to ``out_dir``, replacing (checked) old contents."""
     if not out_dir.exists():
@@ -576,10 +795,12 @@ def write_dicom_series(
     series_instance_uid: str | None = None,
     overwrite: bool = False,
     filename_pattern: str = "{index:04d}.dcm",
+    enhanced: bool = False,
 ) -> list[Path]:
     """Write ``volume`` as a CT Image Storage series (Explicit VR Little Endian, int16 HU with slope 1
     and intercept 0) into ``out_dir``, atomically (built in a hidden sibling folder, then renamed).
-    Returns the written files in slice order.
+    Returns the written files in slice order. With ``enhanced``, the series is one Enhanced CT Image
+    object instead (every slice a frame, named by ``filename_pattern`` for index 0).
 
     With ``derived_from_source`` and source headers for every slice, each file keeps its source tags
     (patient, study, frame of reference, acquisition) with new Series/SOP UIDs and ImageType DERIVED;
@@ -589,7 +810,7 @@ def write_dicom_series(
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
-    names = [filename_pattern.format(index=index) for index in range(volume.shape[0])]
+    names = [filename_pattern.format(index=index) for index in range(1 if enhanced else volume.shape[0])]
     if len(set(names)) != len(names) or any(Path(name).name != name for name in names):
         raise DicomSeriesError(f"filename_pattern {filename_pattern!r} must give a distinct plain file name per slice")
     sources = volume.metadata.source_headers
@@ -603,10 +824,14 @@ def write_dicom_series(
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the series folder gets the usual mode
     try:
         for index, name in enumerate(names):
-            header = _slice_header(
-                volume, index, sources[index] if derived else template, derived=derived, series_uid=series_uid,
-                sop_uid=_uid(uid_seed, series_uid, "sop", index), description=series_description,
-            )
+            base = sources[index] if derived else template
+            sop_uid = _uid(uid_seed, series_uid, "sop", index)
+            if enhanced:
+                header = _enhanced_header(volume, base, derived=derived, series_uid=series_uid, sop_uid=sop_uid,
+                                          description=series_description)
+            else:
+                header = _slice_header(volume, index, base, derived=derived, series_uid=series_uid, sop_uid=sop_uid,
+                                       description=series_description)
             header.save_as(staging / name, enforce_file_format=True)
         _publish(staging, out_dir)
     except BaseException:

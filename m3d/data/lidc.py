@@ -694,8 +694,8 @@ def read_lidc_xml(
     path = Path(path)
     try:
         root = ET.parse(path).getroot()
-    except ET.ParseError as error:
-        raise ValueError(f"{path}: not well-formed XML ({error})") from error
+    except (ET.ParseError, LookupError) as error:  # LookupError: an encoding Python does not know
+        raise ValueError(f"{path}: not well-formed XML ({error})") from None
     root_name = _local(root.tag)
     is_xray = root_name == "IdriReadMessage" or any(_local(e.tag) == "CXRreadingSession" for e in root.iter())
     if is_xray:

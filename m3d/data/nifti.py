@@ -97,7 +97,7 @@ def read_nifti(path: str | Path, fill_nonfinite_hu: float | None = None) -> CTVo
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises several types for corrupt files
-        raise ValueError(f"{path} is not a readable NIfTI file: {error}") from None
+        raise ValueError(f"{path} is not a readable NIfTI file: {' '.join(str(error).split())}") from None
     return volume_from_nifti_image(image, source=str(path), fill_nonfinite_hu=fill_nonfinite_hu)
 
 
@@ -114,8 +114,9 @@ def volume_from_nifti_image(
     scaled = slope not in (None, 1.0) or intercept not in (None, 0.0)
     try:
         data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asarray(image.dataobj)
-    except (EOFError, OSError, ValueError, zlib.error) as error:  # the voxels are read only now
-        raise ValueError(f"{source}: its voxel data cannot be read, the file is truncated or corrupt ({error})") from None
+    except (EOFError, OSError, OverflowError, ValueError, zlib.error) as error:  # the voxels are read only now
+        reason = " ".join(str(error).split())  # nibabel's messages span lines
+        raise ValueError(f"{source}: its voxel data cannot be read, the file is truncated or corrupt ({reason})") from None
     if data_xyz.dtype.kind not in "biuf":
         what = f"colour ({', '.join(data_xyz.dtype.names)})" if data_xyz.dtype.names else str(data_xyz.dtype)
         raise ValueError(f"{source} holds {what} voxels; a CT volume holds one number (HU) per voxel")

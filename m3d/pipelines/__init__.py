@@ -12,9 +12,14 @@ task's weights (``task`` in ``model_index.json``). `load_pipeline(path)` picks t
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 
-from ..loading import read_json_object, require_safetensors
+import torch
+from safetensors import SafetensorError
+
+from ..loading import check_settings, read_json_object, require_safetensors, require_saved_tensors
 from .common import TASKS, M3DPipelineOutput, M3DTamperPipeline
 from .pipeline_cyclegan3d import CycleGAN3DPipeline
 from .pipeline_m3d_inpaint import NUM_TRAIN_TIMESTEPS, SAMPLERS, M3DInpaintPipeline, default_scheduler, inference_scheduler
@@ -38,12 +43,21 @@ def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
     class_name = entries.get("_class_name")
     if class_name not in PIPELINE_CLASSES:
         raise ValueError(f"{index} names pipeline class {class_name!r}; m3d knows {sorted(PIPELINE_CLASSES)}")
+    check_settings(index, entries, inspect.signature(PIPELINE_CLASSES[class_name].__init__).parameters)
+    if "task" not in entries:
+        raise ValueError(f"{index} does not say the pipeline's task (inject or remove)")
     for name, value in entries.items():
         if name.startswith("_") or not (isinstance(value, list) and len(value) == 2) or not str(value[0]).startswith("m3d."):
             continue
-        _check_component(folder / name, value[1])
+        _check_component(folder / name, value)
     try:
-        return PIPELINE_CLASSES[class_name].from_pretrained(str(path), use_safetensors=True, **kwargs)
+        pipeline = PIPELINE_CLASSES[class_name].from_pretrained(str(path), use_safetensors=True, **kwargs)
+        for name, component in pipeline.components.items():
+            if isinstance(component, torch.nn.Module):
+                require_saved_tensors(component, next((folder / name).glob("*.safetensors")))
+        return pipeline
+    except SafetensorError as error:
+        raise ValueError(f"{folder}: a component's weights are truncated or not safetensors ({error})") from None
     except OSError as error:
         raise ValueError(f"{folder}: a component's weights cannot be read, truncated or not safetensors ({error})") from None
     except ValueError as error:
@@ -52,14 +66,23 @@ def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
         raise ValueError(f"{folder}: weights that do not fit their config.json ({str(error).split('. ')[0]})") from None
 
 
-def _check_component(component: Path, class_name: str) -> None:
-    """A model component folder holds ``class_name``'s config and its safetensors weights."""
+def _check_component(component: Path, library_and_class: list[str]) -> None:
+    """A model component folder holds the config of the class ``model_index.json`` names for it (with
+    no setting the class does not take) and its safetensors weights."""
     config = component / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{component} has no config.json: the pipeline folder is incomplete")
-    saved_class = read_json_object(config).get("_class_name")
-    if saved_class != class_name:
-        raise ValueError(f"{component} holds a {saved_class}, but model_index.json names {class_name}")
+    module_name, class_name = library_and_class
+    settings = read_json_object(config)
+    if settings.get("_class_name") != class_name:
+        raise ValueError(f"{component} holds a {settings.get('_class_name')}, but model_index.json names {class_name}")
+    try:
+        component_class = getattr(importlib.import_module(module_name), class_name, None)
+    except ImportError:
+        component_class = None
+    if component_class is None:
+        raise ValueError(f"{component.parent / 'model_index.json'} names {module_name}.{class_name}, which m3d does not have")
+    check_settings(config, settings, inspect.signature(component_class.__init__).parameters)
     require_safetensors(component)
 
 

@@ -16,7 +16,7 @@ import csv
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -258,6 +258,24 @@ def site_record(site: Site) -> dict:
 OFFICIAL_SETS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
+def _read_table(path: Path, columns: Iterable[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """``(where, row)`` for each row of a CSV table that has ``columns``; a `ValueError` naming the file
+    (and the line) for missing columns or a row that is cut or has extra fields."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            missing = set(columns) - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path} lacks the columns {sorted(missing)}")
+            for row in reader:
+                where = f"{path} line {reader.line_num}"
+                if None in row or None in row.values():
+                    raise ValueError(f"{where} does not have the header's {len(reader.fieldnames)} fields: cut or damaged")
+                yield where, row
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} line {reader.line_num} is not CSV text ({error})") from None
+
+
 def read_official_plan(release_dir: str | Path) -> list[Site]:
     """The sites of the official M3Dsynth release tables (``data/data.csv`` + ``data/sets.csv``):
     one `Site` per distinct (task, series, location), with the generators that kept it in
@@ -268,27 +286,32 @@ def read_official_plan(release_dir: str | Path) -> list[Site]:
     for required in (data_csv, sets_csv):
         if not required.is_file():
             raise FileNotFoundError(f"{required} not found: point at the official M3Dsynth release (its data/ folder)")
-    with open(sets_csv, newline="") as handle:
-        splits = {row["orig_id"]: OFFICIAL_SETS.get(row["set"].strip().lower(), row["set"]) for row in csv.DictReader(handle)}
+    splits = {}
+    for where, row in _read_table(sets_csv, ("orig_id", "set")):
+        if row["set"].strip().lower() not in OFFICIAL_SETS:
+            raise ValueError(f"{where}: unknown set {row['set']!r} (expected one of {sorted(OFFICIAL_SETS)})")
+        splits[row["orig_id"]] = OFFICIAL_SETS[row["set"].strip().lower()]
     sites: dict[tuple, Site] = {}
-    with open(data_csv, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(DATA_CSV_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{data_csv} lacks the columns {sorted(missing)}")
-        tasks = {code: task for task, code in OFFICIAL_TASK.items()}
-        for row in reader:
-            if row["ty"] not in tasks:
-                raise ValueError(f"{data_csv}: unknown task {row['ty']!r} (expected inj or rem)")
+    tasks = {code: task for task, code in OFFICIAL_TASK.items()}
+    for where, row in _read_table(data_csv, DATA_CSV_COLUMNS):
+        if row["ty"] not in tasks:
+            raise ValueError(f"{where}: unknown task {row['ty']!r} (expected inj or rem)")
+        if row["orig_id"] not in splits:
+            raise ValueError(f"{where}: patient {row['orig_id']!r} has no split in {sets_csv}")
+        try:
             center = (float(row["coord_z"]), float(row["coord_y"]), float(row["coord_x"]))
-            key = (row["ty"], row["sdir_id"], center)
-            site = sites.get(key)
-            if site is None:
-                site = sites[key] = Site(
-                    task=tasks[row["ty"]], patient_id=row["orig_id"], series_instance_uid=row["sdir_id"],
-                    center_zyx=center, diameter_mm=float("nan"), malignancy=None, n_readers=0,
-                    split=splits.get(row["orig_id"], ""), extra={"generators": [], "img_ids": []},
-                )
-            site.extra["generators"].append(row["mod"])
-            site.extra["img_ids"].append(row["img_id"])
+        except ValueError:
+            raise ValueError(f"{where}: the coordinates are not numbers") from None
+        if not all(np.isfinite(center)):
+            raise ValueError(f"{where}: the coordinates are not finite")
+        key = (row["ty"], row["sdir_id"], center)
+        site = sites.get(key)
+        if site is None:
+            site = sites[key] = Site(
+                task=tasks[row["ty"]], patient_id=row["orig_id"], series_instance_uid=row["sdir_id"],
+                center_zyx=center, diameter_mm=float("nan"), malignancy=None, n_readers=0,
+                split=splits[row["orig_id"]], extra={"generators": [], "img_ids": []},
+            )
+        site.extra["generators"].append(row["mod"])
+        site.extra["img_ids"].append(row["img_id"])
     return list(sites.values())
