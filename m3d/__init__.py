@@ -2,11 +2,16 @@
 pipelines (diffusers), forensic detectors (transformers), the M3Dsynth dataset builder and benchmark.
 
 Public names are importable from ``m3d`` directly; submodules are imported on first use so that
-``import m3d`` stays fast.
+``import m3d`` stays fast. ``import m3d`` is also enough for transformers' Auto classes to know every m3d
+architecture (``AutoModel.from_pretrained(<a saved detector or CAD scorer>)``): they are registered when
+transformers' Auto classes are first imported (`register_auto_classes`), not before.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -58,6 +63,40 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+_AUTO_MODULE = "transformers.models.auto.modeling_auto"  # where AutoModel and its kin are defined
+
+
+def register_auto_classes() -> None:
+    """Register every m3d detector and the CAD scorer with transformers' Auto classes (importing them)."""
+    importlib.import_module("m3d.detectors")
+    importlib.import_module("m3d.cad")
+
+
+class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
+    """Runs `register_auto_classes` right after transformers' Auto classes are imported."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != _AUTO_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def execute_then_register(module: Any) -> None:
+            execute(module)
+            register_auto_classes()
+
+        spec.loader.exec_module = execute_then_register  # type: ignore[method-assign]
+        return spec
+
+
+if _AUTO_MODULE in sys.modules:
+    register_auto_classes()
+elif not any(isinstance(finder, _RegisterWithAutoClasses) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithAutoClasses())
 
 
 def __getattr__(name: str) -> Any:

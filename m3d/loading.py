@@ -76,7 +76,7 @@ def load_saved_model(folder: str | Path, model_types: Collection[str], what: str
         raise ValueError(f"{folder} holds a {model_type!r} model, not {what}")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    check_settings(config, settings, CONFIG_MAPPING[model_type]().to_dict())
+    check_settings(config, settings, {*CONFIG_MAPPING[model_type]().to_dict(), "auto_map"})
     require_safetensors(folder, "model.safetensors")
     try:
         model = load(folder)

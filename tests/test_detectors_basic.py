@@ -14,6 +14,7 @@ from m3d.detectors import (
     XceptionConfig,
     XceptionForForgeryDetection,
     detect_volume,
+    load_detector,
 )
 from m3d.detectors.hpfcn import HIGH_PASS_KERNELS
 from m3d.detectors.hpfcn.modeling_hpfcn import bilinear_kernel
@@ -266,8 +267,10 @@ def test_a_config_it_does_not_understand_is_refused(tmp_path):
         AutoModel.from_pretrained(tmp_path)
     config["input_mode"], config["model_type"] = "hu_windows", "m3d_not_a_detector"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="m3d_not_a_detector"):
+    with pytest.raises(ValueError, match="trust_remote_code"):  # an unknown type: only the folder's own code could
         AutoModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a 'm3d_not_a_detector' model, not an m3d detector"):
+        load_detector(tmp_path)
 
 
 def test_labels_describe_the_one_logit(tmp_path):

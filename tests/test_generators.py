@@ -210,7 +210,7 @@ def test_pipeline_round_trip_from_saved_folder(kind, saved_folders):
     cls, component, module_path = PIPELINES[kind]
     folder, reference = saved_folders[kind]
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == cls.__name__ and index[component] == module_path
+    assert index["_class_name"] == ["m3d_pipeline", cls.__name__] and index[component] == module_path
     assert index["task"] == "remove"
     for loaded in (cls.from_pretrained(folder), load_pipeline(folder)):
         assert type(loaded) is cls and loaded.config.task == "remove"

@@ -15,6 +15,8 @@ from .modeling_cad import (
 )
 from .scoring import CADScore, cad_cube, load_cad, score_cubes, score_locations
 
+register_cad()
+
 __all__ = [
     "CAD_PRESETS",
     "IGNORE_INDEX",

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +77,14 @@ class CADPreTrainedModel(PreTrainedModel):
     config_class = CADConfig
     base_model_prefix = "cad"
     main_input_name = "pixel_values"
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, and the model's code with ``config.auto_map`` beside the weights,
+        so that ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works without m3d."""
+        from ..remote_code import save_with_code
+
+        save_with_code(self, save_directory, ("AutoModel", "AutoModelForImageClassification"))
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Conv3d):
@@ -171,5 +181,3 @@ def register_cad() -> None:
     AutoModel.register(CADConfig, CADForMalignancyScoring, exist_ok=True)
     AutoModelForImageClassification.register(CADConfig, CADForMalignancyScoring, exist_ok=True)
 
-
-register_cad()

@@ -4,8 +4,9 @@ The Hub-facing files (the dataset card template) live here too, in ``templates/`
 from .builder import M3Dsynth, M3DsynthConfig
 from ..constants import GENERATORS, LABELS, SPLITS, TASKS
 from .features import CONFIGS, FEATURES, ScanResolver, example_mask, example_volume
+from .torch_format import CTToTorch, collate_ct
 
 __all__ = [
-    "CONFIGS", "FEATURES", "GENERATORS", "LABELS", "SPLITS", "TASKS", "M3Dsynth", "M3DsynthConfig",
-    "ScanResolver", "example_mask", "example_volume",
+    "CONFIGS", "FEATURES", "GENERATORS", "LABELS", "SPLITS", "TASKS", "CTToTorch", "M3Dsynth", "M3DsynthConfig",
+    "ScanResolver", "collate_ct", "example_mask", "example_volume",
 ]

@@ -16,6 +16,7 @@ from .modeling_utils import (
     apply_bayar_constraint,
     load_detector,
     register_bayar_constraint,
+    register_detector,
 )
 from .mvssnet import MVSSNetConfig, MVSSNetForForgeryDetection
 from .resnet_gp import ResNetGPConfig, ResNetGPForForgeryDetection
@@ -36,6 +37,8 @@ DETECTORS = {
     "slab3d": (Slab3DConfig, Slab3DForForgeryDetection),  # m3d's own volumetric detector
     "resnet_gp": (ResNetGPConfig, ResNetGPForForgeryDetection),
 }
+for _config_class, _model_class in DETECTORS.values():
+    register_detector(_config_class, _model_class)
 
 __all__ = [
     "DETECTORS",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,15 @@ class M3DDetectorPreTrainedModel(PreTrainedModel):
     base_model_prefix = "detector"
     main_input_name = "pixel_values"
     localizes: bool = True  # False for image-level classifiers (Xception, the general-purpose ResNet)
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, and the model's code with ``config.auto_map`` beside the weights,
+        so that ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works without m3d."""
+        from ..remote_code import save_with_code
+
+        task = "AutoModelForSemanticSegmentation" if self.localizes else "AutoModelForImageClassification"
+        save_with_code(self, save_directory, ("AutoModel", task))
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (BayarConv2d, BayarConv3d)):

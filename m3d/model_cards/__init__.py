@@ -103,7 +103,9 @@ def _folder_info(path: Path, kind: str) -> FolderInfo:
             name: value[1] for name, value in index.items()
             if not name.startswith("_") and isinstance(value, list) and len(value) == 2
         }
-        return FolderInfo(kind, index["_class_name"], count_parameters(path), hint,
+        from ..pipelines.common import pipeline_class_name
+
+        return FolderInfo(kind, pipeline_class_name(index), count_parameters(path), hint,
                           task=str(index.get("task", "")), components=components)
     config = json.loads((path / "config.json").read_text())
     architectures = config.get("architectures") or [config["model_type"]]

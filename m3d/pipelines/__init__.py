@@ -8,7 +8,8 @@
 All take either ``cubes`` (B, 1, 32, 32, 32) in [-1, 1] or a `CTVolume` + LPS locations, and return
 `M3DPipelineOutput` (cubes, tampered volumes, changed-voxel masks). Each saved folder holds one
 task's weights (``task`` in ``model_index.json``). `load_pipeline(path)` picks the class from
-``model_index.json``. Reload with the class's ``from_pretrained`` (not ``DiffusionPipeline``'s).
+``model_index.json``; ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it too,
+through the one-line ``m3d_pipeline.py`` every saved folder carries (m3d installed).
 """
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ import torch
 from safetensors import SafetensorError
 
 from ..loading import check_settings, read_json_object, require_safetensors, require_saved_tensors
-from .common import TASKS, M3DPipelineOutput, M3DTamperPipeline
+from .common import (
+    PIPELINE_CODE,
+    PIPELINE_CODE_MODULE,
+    TASKS,
+    M3DPipelineOutput,
+    M3DTamperPipeline,
+    pipeline_class_name,
+)
 from .pipeline_cyclegan3d import CycleGAN3DPipeline
 from .pipeline_m3d_inpaint import NUM_TRAIN_TIMESTEPS, SAMPLERS, M3DInpaintPipeline, default_scheduler, inference_scheduler
 from .pipeline_pix2pix3d import Pix2Pix3DPipeline
@@ -40,10 +48,14 @@ def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: not a saved pipeline folder")
     entries = read_json_object(index)
-    class_name = entries.get("_class_name")
+    class_name = pipeline_class_name(entries)
     if class_name not in PIPELINE_CLASSES:
         raise ValueError(f"{index} names pipeline class {class_name!r}; m3d knows {sorted(PIPELINE_CLASSES)}")
     check_settings(index, entries, inspect.signature(PIPELINE_CLASSES[class_name].__init__).parameters)
+    code = folder / f"{PIPELINE_CODE_MODULE}.py"
+    if code.is_file() and code.read_text(errors="replace") != PIPELINE_CODE:
+        raise ValueError(f"{code} is not m3d's own one-line code file, and m3d never runs code a folder brings: "
+                         "inspect it, and restore it or delete it")
     if "task" not in entries:
         raise ValueError(f"{index} does not say the pipeline's task (inject or remove)")
     for name, value in entries.items():

@@ -7,8 +7,10 @@ known region, the paste, the progress bar — is here so that the three behave i
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -93,9 +95,46 @@ def as_cube_batch(cubes: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.clamp(-1, 1)
 
 
+PIPELINE_CODE_MODULE = "m3d_pipeline"  # the code file a saved folder carries for diffusers' custom pipelines
+PIPELINE_CODE = '''"""This pipeline folder's code for ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``:
+m3d's own pipeline classes (``pip install m3d``); ``model_index.json`` names the one the folder holds."""
+from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline  # noqa: F401
+'''
+
+
+def pipeline_class_name(entries: dict[str, Any]) -> str | None:
+    """The class a ``model_index.json`` names: ``["m3d_pipeline", "Pix2Pix3DPipeline"]`` (diffusers' custom
+    pipeline form, written since folders carry their code) or ``"Pix2Pix3DPipeline"`` (older folders)."""
+    name = entries.get("_class_name")
+    if isinstance(name, list) and len(name) == 2 and name[0] == PIPELINE_CODE_MODULE:
+        name = name[1]
+    return name if isinstance(name, str) else None
+
+
 class M3DTamperPipeline(DiffusionPipeline):
     """Base of the m3d pipelines (not saved itself). Subclasses register their components, call
-    ``self.register_to_config(task=task)`` and implement ``__call__`` through `_run`."""
+    ``self.register_to_config(task=task)`` and implement ``__call__`` through `_run`.
+
+    A saved folder carries `PIPELINE_CODE` (``m3d_pipeline.py``) and names its class through it, so that the
+    generic ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it (m3d installed);
+    m3d's own loaders run that file only when it is exactly m3d's one import line."""
+
+    def to_json_string(self) -> str:
+        entries = json.loads(super().to_json_string())
+        entries["_class_name"] = [PIPELINE_CODE_MODULE, type(self).__name__]
+        return json.dumps(entries, indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        (Path(save_directory) / f"{PIPELINE_CODE_MODULE}.py").write_text(PIPELINE_CODE)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> Any:
+        code = Path(pretrained_model_name_or_path) / f"{PIPELINE_CODE_MODULE}.py"
+        if code.is_file() and code.read_text() == PIPELINE_CODE:
+            kwargs.setdefault("trust_remote_code", True)  # m3d's own import line, nothing else
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def task(self) -> str:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel, register_detector
+from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel
 from ..unet.modeling_unet import pool_logits
 from .configuration_hpfcn import HPFCNConfig
 
@@ -144,5 +144,3 @@ class HPFCNForForgeryDetection(M3DDetectorPreTrainedModel):
         output = DetectorOutput(loss=loss, logits=logits, localization_logits=localization_logits)
         return output if return_dict else output.to_tuple()
 
-
-register_detector(HPFCNConfig, HPFCNForForgeryDetection)

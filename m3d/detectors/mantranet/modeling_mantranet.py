@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling_utils import BayarConv2d, DetectorOutput, M3DDetectorPreTrainedModel, register_detector, window_mean
+from ..modeling_utils import BayarConv2d, DetectorOutput, M3DDetectorPreTrainedModel, window_mean
 from .configuration_mantranet import ManTraNetConfig
 
 
@@ -285,5 +285,3 @@ class ManTraNetForForgeryDetection(M3DDetectorPreTrainedModel):
             return tuple(v for v in (loss, logits, localization_logits) if v is not None)
         return DetectorOutput(loss=loss, logits=logits, localization_logits=localization_logits)
 
-
-register_detector(ManTraNetConfig, ManTraNetForForgeryDetection)

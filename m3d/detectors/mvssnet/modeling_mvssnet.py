@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling_utils import BayarConv2d, DetectorOutput, M3DDetectorPreTrainedModel, register_detector
+from ..modeling_utils import BayarConv2d, DetectorOutput, M3DDetectorPreTrainedModel
 from ..resnet_gp.modeling_resnet_gp import ResNetBackbone
 from .configuration_mvssnet import MVSSNetConfig
 
@@ -285,5 +285,3 @@ class MVSSNetForForgeryDetection(M3DDetectorPreTrainedModel):
             loss=loss, logits=logits, localization_logits=localization_logits, auxiliary=auxiliary
         )
 
-
-register_detector(MVSSNetConfig, MVSSNetForForgeryDetection)

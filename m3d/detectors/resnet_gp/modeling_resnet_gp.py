@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel, register_detector
+from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel
 from .configuration_resnet_gp import ResNetGPConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,5 +157,3 @@ class ResNetGPForForgeryDetection(M3DDetectorPreTrainedModel):
         output = DetectorOutput(loss=self.standard_loss(logits, None, labels, None), logits=logits)
         return output if return_dict else output.to_tuple()
 
-
-register_detector(ResNetGPConfig, ResNetGPForForgeryDetection)

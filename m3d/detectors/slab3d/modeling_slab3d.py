@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling_utils import BayarConv3d, DetectorOutput, M3DDetectorPreTrainedModel, register_detector, window_mean
+from ..modeling_utils import BayarConv3d, DetectorOutput, M3DDetectorPreTrainedModel, window_mean
 from ..unet.modeling_unet import double_conv, pool_logits
 from .configuration_slab3d import Slab3DConfig
 
@@ -138,5 +138,3 @@ class Slab3DForForgeryDetection(M3DDetectorPreTrainedModel):
         output = DetectorOutput(loss=loss, logits=logits, localization_logits=localization_logits)
         return output if return_dict else output.to_tuple()
 
-
-register_detector(Slab3DConfig, Slab3DForForgeryDetection)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.segformer.modeling_segformer import SegformerLayer, SegformerOverlapPatchEmbeddings
 
-from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel, register_detector
+from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel
 from .configuration_trufor import IMAGENET_MEAN, IMAGENET_STD, TRAINING_PHASES, TruForConfig
 
 # ----------------------------------------------------------------------------------------------------
@@ -742,5 +742,3 @@ def convert_original_trufor_state_dict(state_dict: dict[str, torch.Tensor]) -> d
         converted[new_key] = value
     return converted
 
-
-register_detector(TruForConfig, TruForForForgeryDetection)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel, register_detector
+from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel
 from .configuration_unet import UNetConfig
 
 
@@ -69,5 +69,3 @@ class UNetForForgeryDetection(M3DDetectorPreTrainedModel):
         output = DetectorOutput(loss=loss, logits=logits, localization_logits=localization_logits)
         return output if return_dict else output.to_tuple()
 
-
-register_detector(UNetConfig, UNetForForgeryDetection)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel, register_detector
+from ..modeling_utils import DetectorOutput, M3DDetectorPreTrainedModel
 from .configuration_xception import XceptionConfig
 
 
@@ -92,5 +92,3 @@ class XceptionForForgeryDetection(M3DDetectorPreTrainedModel):
         output = DetectorOutput(loss=self.standard_loss(logits, None, labels, None), logits=logits)
         return output if return_dict else output.to_tuple()
 
-
-register_detector(XceptionConfig, XceptionForForgeryDetection)

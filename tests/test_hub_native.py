@@ -1,0 +1,141 @@
+"""The ecosystem's generic entry points on what m3d saves: `import m3d` registers every architecture with
+transformers' Auto classes (without importing them at `import m3d`), detector and CAD folders carry their
+code (`trust_remote_code=True` works where m3d cannot be imported), pipeline folders load through
+`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, and folders saved before keep loading."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from m3d.pipelines import Pix2Pix3DPipeline, load_pipeline
+from m3d.train.demo_pipelines import DEMO_DIR
+
+BLOCK_M3D = """
+import sys
+class BlockM3D:
+    def find_spec(self, name, path=None, target=None):
+        if name == "m3d" or name.startswith("m3d."):
+            raise ImportError("m3d is not importable in this process")
+sys.meta_path.insert(0, BlockM3D())
+"""
+
+
+def run_python(code: str, tmp_path: Path) -> str:
+    """Run ``code`` in a fresh offline interpreter (its own Hub module cache); its stdout, or the test fails."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    from m3d.cad import CADConfig, CADForMalignancyScoring
+    from m3d.detectors import HPFCNConfig, HPFCNForForgeryDetection, XceptionConfig, XceptionForForgeryDetection
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    HPFCNForForgeryDetection(HPFCNConfig()).save_pretrained(root / "hpfcn")  # imports another detector's code
+    XceptionForForgeryDetection(XceptionConfig()).save_pretrained(root / "xception")  # an image-level classifier
+    CADForMalignancyScoring(CADConfig.from_preset("tiny")).save_pretrained(root / "cad")
+    return root
+
+
+def test_import_m3d_registers_every_architecture_lazily(saved_models, tmp_path):
+    """`import m3d` alone is enough for the Auto classes, in either import order, and does not itself load
+    the detectors (it stays fast)."""
+    for first, second in (("import m3d", "from transformers import AutoModel"),
+                          ("from transformers import AutoModel", "import m3d")):
+        out = run_python(f"""
+import sys
+{first}
+{second}
+print("m3d.detectors" in sys.modules)
+for name in ("hpfcn", "xception", "cad"):
+    print(type(AutoModel.from_pretrained({str(saved_models)!r} + "/" + name)).__module__)
+""", tmp_path)
+        lines = out.split()
+        assert lines[1:] == ["m3d.detectors.hpfcn.modeling_hpfcn", "m3d.detectors.xception.modeling_xception",
+                             "m3d.cad.modeling_cad"]
+    out = run_python("import sys, m3d; print('transformers' in sys.modules, 'm3d.detectors' in sys.modules)", tmp_path)
+    assert out.split() == ["False", "False"]
+
+
+def test_saved_detector_and_cad_load_with_their_own_code_where_m3d_cannot_be_imported(saved_models, tmp_path):
+    from m3d.cad import load_cad
+    from m3d.detectors import load_detector
+
+    config = json.loads((saved_models / "hpfcn" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSemanticSegmentation"] == "modeling_hpfcn.HPFCNForForgeryDetection"
+    assert "from .modeling_unet import pool_logits" in (saved_models / "hpfcn" / "modeling_hpfcn.py").read_text()
+    x = torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    expected = {"hpfcn": load_detector(saved_models / "hpfcn").eval()(pixel_values=x).logits,
+                "xception": load_detector(saved_models / "xception").eval()(pixel_values=x).logits}
+    out = run_python(BLOCK_M3D + f"""
+import json, torch
+from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
+x = torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+root = {str(saved_models)!r}
+logits = {{}}
+for name, auto in (("hpfcn", AutoModelForSemanticSegmentation), ("xception", AutoModelForImageClassification)):
+    model = auto.from_pretrained(root + "/" + name, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    logits[name] = model(pixel_values=x).logits.tolist()
+cad = AutoModel.from_pretrained(root + "/cad", trust_remote_code=True)
+print(json.dumps({{"logits": logits, "cad": type(cad).__name__, "m3d": "m3d" in sys.modules}}))
+""", tmp_path)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["cad"] == "CADForMalignancyScoring" and result["m3d"] is False
+    for name, logits in expected.items():
+        torch.testing.assert_close(torch.tensor(result["logits"][name]), logits, atol=1e-5, rtol=1e-5)
+    assert type(load_cad(saved_models / "cad")).__module__ == "m3d.cad.modeling_cad"  # m3d's own loader: its classes
+
+
+def test_every_shipped_pipeline_loads_with_diffusers_generic_entry_point(tmp_path):
+    """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` in a process that never imports m3d
+    itself: diffusers runs the folder's one-line `m3d_pipeline.py`, which takes m3d's class."""
+    folders = sorted(str(path) for path in DEMO_DIR.iterdir() if (path / "model_index.json").is_file())
+    assert len(folders) == 6
+    out = run_python(f"""
+from diffusers import DiffusionPipeline
+for folder in {folders!r}:
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    print(folder.rsplit("/", 1)[-1], type(pipe).__name__, pipe.task)
+""", tmp_path)
+    names = {"pix2pix": "Pix2Pix3DPipeline", "cyclegan": "CycleGAN3DPipeline", "ddpm": "M3DInpaintPipeline"}
+    rows = [line.split() for line in out.strip().splitlines()[-6:]]
+    assert rows == [[folder, names[folder.split("-")[0]], folder.split("-")[1]] for folder, _, _ in rows]
+
+
+def test_a_folder_saved_before_the_code_file_still_loads(tmp_path):
+    """Older folders name their class as a string and carry no `m3d_pipeline.py`."""
+    torch.manual_seed(0)
+    pipeline = Pix2Pix3DPipeline.from_preset("tiny", task="remove")
+    pipeline.save_pretrained(tmp_path / "new")
+    old = tmp_path / "old"
+    pipeline.save_pretrained(old)
+    (old / "m3d_pipeline.py").unlink()
+    index = json.loads((old / "model_index.json").read_text())
+    (old / "model_index.json").write_text(json.dumps({**index, "_class_name": "Pix2Pix3DPipeline"}))
+    for folder in (old, tmp_path / "new"):
+        for loaded in (load_pipeline(folder), Pix2Pix3DPipeline.from_pretrained(folder)):
+            assert type(loaded) is Pix2Pix3DPipeline and loaded.task == "remove"
+            assert all(torch.equal(a, b) for a, b in zip(loaded.generator.state_dict().values(),
+                                                          pipeline.generator.state_dict().values()))
+
+
+def test_m3d_never_runs_code_a_folder_brings_but_its_own_line(tmp_path):
+    torch.manual_seed(0)
+    Pix2Pix3DPipeline.from_preset("tiny").save_pretrained(tmp_path / "p")
+    marker = tmp_path / "ran"
+    (tmp_path / "p" / "m3d_pipeline.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                                    "from m3d.pipelines import Pix2Pix3DPipeline\n")
+    with pytest.raises(ValueError, match="not m3d's own one-line code file"):
+        load_pipeline(tmp_path / "p")
+    assert not marker.exists()
