@@ -15,7 +15,6 @@ the series' LIDC XML when it is there (the grouped nodule at the site), else the
 """
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 from ..data.ct import CTVolume
 from ..data.lidc import Nodule, group_nodules, read_lidc_xml, volume_z_positions
-from ..tamper.plan import GENERATOR_CODES, Site, read_official_plan
+from ..tamper.plan import GENERATOR_CODES, Site, read_official_plan, read_table
 from ..constants import FAKE_GENERATORS, TASKS
 from .generate import PLAN_SPLITS, Outcome, ScanJob, SiteJob, make_example, site_voxel
 
@@ -50,12 +49,7 @@ class OfficialTables:
 def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass --tables, the official repository's data/ folder")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(columns) - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} lacks the columns {sorted(missing)}")
-        return list(reader)
+    return [row for _, row in read_table(path, columns)]
 
 
 def tables_folder(release: str | Path, tables: str | Path | None = None) -> Path:

@@ -258,7 +258,7 @@ def site_record(site: Site) -> dict:
 OFFICIAL_SETS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def _read_table(path: Path, columns: Iterable[str]) -> Iterator[tuple[str, dict[str, str]]]:
+def read_table(path: Path, columns: Iterable[str]) -> Iterator[tuple[str, dict[str, str]]]:
     """``(where, row)`` for each row of a CSV table that has ``columns``; a `ValueError` naming the file
     (and the line) for missing columns or a row that is cut or has extra fields."""
     with open(path, newline="") as handle:
@@ -287,13 +287,13 @@ def read_official_plan(release_dir: str | Path) -> list[Site]:
         if not required.is_file():
             raise FileNotFoundError(f"{required} not found: point at the official M3Dsynth release (its data/ folder)")
     splits = {}
-    for where, row in _read_table(sets_csv, ("orig_id", "set")):
+    for where, row in read_table(sets_csv, ("orig_id", "set")):
         if row["set"].strip().lower() not in OFFICIAL_SETS:
             raise ValueError(f"{where}: unknown set {row['set']!r} (expected one of {sorted(OFFICIAL_SETS)})")
         splits[row["orig_id"]] = OFFICIAL_SETS[row["set"].strip().lower()]
     sites: dict[tuple, Site] = {}
     tasks = {code: task for task, code in OFFICIAL_TASK.items()}
-    for where, row in _read_table(data_csv, DATA_CSV_COLUMNS):
+    for where, row in read_table(data_csv, DATA_CSV_COLUMNS):
         if row["ty"] not in tasks:
             raise ValueError(f"{where}: unknown task {row['ty']!r} (expected inj or rem)")
         if row["orig_id"] not in splits:
