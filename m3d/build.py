@@ -141,7 +141,9 @@ def _split_proportions(text: str) -> dict[str, int]:
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (Hub-ready: README.md, data/, manifest.json)")
+    parser.add_argument("--out", default="m3dsynth",
+                        help="output folder (Hub-ready: README.md, data/, manifest.json); default ./m3dsynth, so that "
+                        "load_dataset(\"m3dsynth\") reads it from here")
     parser.add_argument("--lidc-root", default=None, help="a LIDC-IDRI download (DICOM + XML); default: phantom scans")
     parser.add_argument("--generators", nargs="+", default=list(FAKE_GENERATORS), choices=FAKE_GENERATORS,
                         help="generators that make the fakes (each tampers every site)")

@@ -265,3 +265,10 @@ def test_a_second_build_into_the_same_folder_at_once_is_refused(tmp_path, tiny_p
         holder.communicate("")
     assert build_main(argv, prog="m3d build") == 0
     assert (out / "manifest.json").is_file() and not (out / ".m3d-build.lock").exists()
+
+
+def test_build_writes_m3dsynth_here_by_default():
+    """`m3d build` with no --out writes ./m3dsynth, the name the card's load_dataset("m3dsynth") uses."""
+    from m3d.build import build_parser
+
+    assert build_parser().parse_args([]).out == "m3dsynth"
