@@ -64,20 +64,22 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-_AUTO_MODULE = "transformers.models.auto.modeling_auto"  # where AutoModel and its kin are defined
+# where AutoModel and its kin, and AutoImageProcessor, are defined: the first imported triggers the registration
+_AUTO_MODULES = ("transformers.models.auto.modeling_auto", "transformers.models.auto.image_processing_auto")
 
 
 def register_auto_classes() -> None:
-    """Register every m3d detector and the CAD scorer with transformers' Auto classes (importing them)."""
+    """Register every m3d detector (with its image processor) and the CAD scorer with transformers' Auto classes
+    (importing them)."""
     importlib.import_module("m3d.detectors")
     importlib.import_module("m3d.cad")
 
 
 class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
-    """Runs `register_auto_classes` right after transformers' Auto classes are imported."""
+    """Runs `register_auto_classes` right after the first of transformers' Auto modules is imported."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != _AUTO_MODULE:
+        if name not in _AUTO_MODULES:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -93,7 +95,7 @@ class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
         return spec
 
 
-if _AUTO_MODULE in sys.modules:
+if any(name in sys.modules for name in _AUTO_MODULES):
     register_auto_classes()
 elif not any(isinstance(finder, _RegisterWithAutoClasses) for finder in sys.meta_path):
     sys.meta_path.insert(0, _RegisterWithAutoClasses())

@@ -65,6 +65,13 @@ for name in ("hpfcn", "xception", "cad"):
                              "m3d.cad.modeling_cad"]
     out = run_python("import sys, m3d; print('transformers' in sys.modules, 'm3d.detectors' in sys.modules)", tmp_path)
     assert out.split() == ["False", "False"]
+    from m3d.detectors import M3DCTImageProcessor, load_detector
+
+    M3DCTImageProcessor.from_detector_config(load_detector(saved_models / "hpfcn").config).save_pretrained(
+        saved_models / "hpfcn")
+    out = run_python(f"import m3d\nfrom transformers import AutoImageProcessor\n"
+                     f"print(type(AutoImageProcessor.from_pretrained({str(saved_models / 'hpfcn')!r})).__name__)", tmp_path)
+    assert out.split()[-1] == "M3DCTImageProcessor"  # the first Auto module imported may be the processors'
 
 
 def test_saved_detector_and_cad_load_with_their_own_code_where_m3d_cannot_be_imported(saved_models, tmp_path):

@@ -227,7 +227,8 @@ def test_train_validates_saves_best_and_pushes(mini_m3dsynth, hf_cache, tmp_path
     assert calibration["split"] == "validation" and calibration["n_fake"] > 0 and calibration["n_pristine"] > 0
     assert model.config.volume_threshold == pytest.approx(calibration["threshold"])
     assert calibration["balanced_accuracy"] >= calibration["balanced_accuracy_before"]
-    assert pushed["to"] == "user/m3d-unet-test" and "model.safetensors" in pushed["files"]
+    assert pushed["to"] == "user/m3d-unet-test"
+    assert {"model.safetensors", "preprocessor_config.json"} <= set(pushed["files"])
 
 
 def test_resume_continues_exactly(mini_m3dsynth, hf_cache, tmp_path):

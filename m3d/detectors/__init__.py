@@ -6,6 +6,7 @@ transform), `DetectorOutput` and `detect_volume` (slice-wise inference into a 3-
 reads a slab of slices around each one).
 """
 from .hpfcn import HPFCNConfig, HPFCNForForgeryDetection
+from .image_processing_m3d import M3DCTImageProcessor, register_image_processors
 from .mantranet import ManTraNetConfig, ManTraNetForForgeryDetection
 from .modeling_utils import (
     BayarConv2d,
@@ -39,6 +40,7 @@ DETECTORS = {
 }
 for _config_class, _model_class in DETECTORS.values():
     register_detector(_config_class, _model_class)
+register_image_processors()
 
 __all__ = [
     "DETECTORS",
@@ -48,6 +50,7 @@ __all__ = [
     "DetectorOutput",
     "HPFCNConfig",
     "HPFCNForForgeryDetection",
+    "M3DCTImageProcessor",
     "M3DDetectorConfig",
     "M3DDetectorPreTrainedModel",
     "MVSSNetConfig",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,26 @@ INPUT_MODES = ("hu_windows", "percentile", "adjacent_slices", "slab")
 DEFAULT_HU_WINDOWS = ((-1350.0, 150.0), (-160.0, 240.0), (-1000.0, 400.0))
 
 
+def check_slice_transform(
+    input_mode: str,
+    hu_windows: Sequence[Sequence[float]],
+    percentiles: Sequence[float],
+    slab_slices: int,
+) -> None:
+    """Raise a one-line ValueError unless these make a valid HU -> slice input transform (see `M3DDetectorConfig`)."""
+    if input_mode not in INPUT_MODES:
+        raise ValueError(f"input_mode must be one of {INPUT_MODES}; got {input_mode!r}")
+    if len(hu_windows) != 3 or any(len(w) != 2 or w[0] >= w[1] for w in hu_windows):
+        raise ValueError(f"hu_windows must be three (low, high) pairs with low < high; got {hu_windows}")
+    if not 0 <= percentiles[0] < percentiles[1] <= 100:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100; got {percentiles}")
+    if slab_slices < 1 or slab_slices % 2 == 0:
+        raise ValueError(f"slab_slices must be a positive odd number; got {slab_slices}")
+
+
 class M3DDetectorConfig(PreTrainedConfig):
-    """Base config of the m3d detectors; holds how HU become the model's 3-channel slice input.
+    """Base config of the m3d detectors; holds how HU become the model's 3-channel slice input (the transform
+    itself is `M3DCTImageProcessor`, saved beside a trained detector as ``preprocessor_config.json``).
 
     Args:
         input_mode: ``"hu_windows"`` (each channel one HU window), ``"percentile"`` (the official
@@ -52,14 +70,7 @@ class M3DDetectorConfig(PreTrainedConfig):
     ) -> None:
         if not 0 <= volume_threshold <= 1:
             raise ValueError(f"volume_threshold must be a probability in [0, 1]; got {volume_threshold}")
-        if input_mode not in INPUT_MODES:
-            raise ValueError(f"input_mode must be one of {INPUT_MODES}; got {input_mode!r}")
-        if len(hu_windows) != 3 or any(len(w) != 2 or w[0] >= w[1] for w in hu_windows):
-            raise ValueError(f"hu_windows must be three (low, high) pairs with low < high; got {hu_windows}")
-        if not 0 <= percentiles[0] < percentiles[1] <= 100:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100; got {percentiles}")
-        if slab_slices < 1 or slab_slices % 2 == 0:
-            raise ValueError(f"slab_slices must be a positive odd number; got {slab_slices}")
+        check_slice_transform(input_mode, hu_windows, percentiles, slab_slices)
         if input_mode == "slab" and num_channels != slab_slices:
             raise ValueError(f"input_mode 'slab' gives one channel per slice: num_channels ({num_channels}) must equal "
                              f"slab_slices ({slab_slices})")

@@ -1,7 +1,7 @@
 """Running a 2-D detector over a whole CT volume: HU -> 3-channel slices -> 3-D map + volume score.
 
-How HU become the model's input is set by the model's config (`M3DDetectorConfig.input_mode`), so a
-saved detector always sees its slices the way it was trained.
+How HU become the model's input is `M3DCTImageProcessor`, built from the model's config
+(`M3DDetectorConfig.input_mode`, ...), so a saved detector always sees its slices the way it was trained.
 """
 from __future__ import annotations
 
@@ -12,23 +12,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.ct import CTVolume
+from .image_processing_m3d import M3DCTImageProcessor
 from .modeling_utils import M3DDetectorConfig
 
 
 def volume_statistics(hu_zyx: np.ndarray, config: M3DDetectorConfig) -> tuple[float, float] | None:
     """Per-scan scaling bounds for ``input_mode="percentile"`` (None for the other modes)."""
-    if config.input_mode != "percentile":
-        return None
-    low, high = np.percentile(hu_zyx, config.percentiles)
-    return float(low), float(max(high, low + 1.0))
+    return M3DCTImageProcessor.from_detector_config(config).volume_statistics(hu_zyx)
 
 
 def input_slices(config: M3DDetectorConfig) -> int:
-    """How many axial slices one model input is made of: 3 for ``"adjacent_slices"``, ``slab_slices``
-    for ``"slab"``, 1 otherwise (centred on the slice the input stands for)."""
-    if config.input_mode == "slab":
-        return config.slab_slices
-    return 3 if config.input_mode == "adjacent_slices" else 1
+    """How many axial slices one model input is made of (`M3DCTImageProcessor.input_slices`)."""
+    return M3DCTImageProcessor.from_detector_config(config).input_slices
 
 
 def slices_to_input(
@@ -37,27 +32,9 @@ def slices_to_input(
     config: M3DDetectorConfig,
     statistics: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """The model input ``(n, C, H, W)`` float32 in [-1, 1] for the given axial slices of a HU volume
-    (``C`` = 3, or ``slab_slices`` for ``input_mode="slab"``; neighbours past either end repeat it).
-
-    ``statistics`` are the per-scan bounds of ``volume_statistics`` (computed here if omitted).
-    """
-    hu = torch.as_tensor(np.asarray(hu_zyx) if not torch.is_tensor(hu_zyx) else hu_zyx).float()
-    indices = torch.as_tensor(np.asarray(slice_indices), dtype=torch.long)
-    if config.input_mode == "hu_windows":
-        planes = hu[indices].unsqueeze(1)
-        bounds = torch.tensor(config.hu_windows, dtype=torch.float32).view(1, 3, 2, 1, 1)
-        scaled = (planes - bounds[:, :, 0]) / (bounds[:, :, 1] - bounds[:, :, 0])
-    elif config.input_mode in ("adjacent_slices", "slab"):
-        half = input_slices(config) // 2
-        offsets = torch.arange(-half, half + 1)
-        neighbours = (indices[:, None] + offsets).clamp(0, hu.shape[0] - 1)
-        low, high = config.hu_windows[0]
-        scaled = (hu[neighbours] - low) / (high - low)
-    else:
-        low, high = statistics if statistics is not None else volume_statistics(np.asarray(hu), config)
-        scaled = ((hu[indices] - low) / (high - low)).unsqueeze(1).expand(-1, 3, -1, -1)
-    return (scaled.clamp(0, 1) * 2 - 1).contiguous()
+    """The model input ``(n, C, H, W)`` for the given axial slices of a HU volume: `M3DCTImageProcessor`
+    of ``config`` (``statistics``: `volume_statistics`, computed here if omitted)."""
+    return M3DCTImageProcessor.from_detector_config(config)(hu_zyx, slice_indices, statistics)["pixel_values"]
 
 
 @dataclass
@@ -81,16 +58,18 @@ def detect_volume(
     *,
     batch_size: int = 16,
     progress: bool = False,
+    image_processor: M3DCTImageProcessor | None = None,
 ) -> VolumeDetection:
-    """Run ``model`` slice by slice over ``volume`` in batches (memory bounded for any slice count)."""
+    """Run ``model`` slice by slice over ``volume`` in batches (memory bounded for any slice count); HU become
+    its input by ``image_processor`` (by default the one of ``model.config``, the transform it was trained with)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     hu = volume.hu if isinstance(volume, CTVolume) else np.asarray(volume)
     if hu.ndim != 3 or hu.shape[0] == 0:
         raise ValueError(f"expected a (z, y, x) volume with at least one slice; got shape {hu.shape}")
-    config = model.config
+    processor = image_processor or M3DCTImageProcessor.from_detector_config(model.config)
     parameter = next(model.parameters())
-    statistics = volume_statistics(hu, config)
+    statistics = processor.volume_statistics(hu)
     was_training = model.training
     model.eval()
     slice_scores = np.empty(hu.shape[0], np.float32)
@@ -98,7 +77,7 @@ def detect_volume(
     starts = range(0, hu.shape[0], batch_size)
     for start in tqdm(starts, desc="slices", unit="batch", disable=not progress):
         indices = np.arange(start, min(start + batch_size, hu.shape[0]))
-        pixel_values = slices_to_input(hu, indices, config, statistics).to(parameter.device, parameter.dtype)
+        pixel_values = processor(hu, indices, statistics)["pixel_values"].to(parameter.device, parameter.dtype)
         output = model(pixel_values=pixel_values)
         slice_scores[indices] = torch.sigmoid(output.logits.float()).view(-1).cpu().numpy()
         if output.localization_logits is not None:

@@ -84,7 +84,7 @@ def ship(name: str, runs_dir: str | Path, data: str | Path) -> Path:
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a saved detector: train {name} first")
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    target = replace_folder(source, DEMO_DIR / name, files=("config.json", "model.safetensors"))
+    target = replace_folder(source, DEMO_DIR / name, files=("config.json", "model.safetensors", "preprocessor_config.json"))
     write_model_card(target, name=f"m3d demo {name}", provenance=provenance(name, run_dir, data))
     return target
 

@@ -18,13 +18,14 @@ processes, ``--mixed-precision`` and ``--gradient-accumulation-steps``.
 Each epoch ends with validation on the ``--validation-split`` (`m3d.train.evaluation.evaluate_detector`:
 fixed test crops, volume score = max over slices, AUC / balanced accuracy / Pd@1 %, F1 / IoU of the 3-D
 maps), sharded over the processes. Outputs in ``OUTPUT_DIR``: ``best/`` (`save_pretrained` of the best
-validation ``--metric-for-best-model``; the last model without validation) with ``validation.json``
-and a model card, ``checkpoints/checkpoint_<n>/`` (`Accelerator.save_state` at each epoch end, every
+validation ``--metric-for-best-model``; the last model without validation) with ``validation.json``,
+``preprocessor_config.json`` (its `M3DCTImageProcessor`) and a model card,
+``checkpoints/checkpoint_<n>/`` (`Accelerator.save_state` at each epoch end, every
 ``--checkpointing-steps`` and on Ctrl-C / SIGTERM; ``--resume-from-checkpoint latest|PATH`` continues
 exactly), ``logs.jsonl`` (training losses and validation metrics), ``tensorboard/`` and
 ``training_summary.json``. At the end the kept model's ``volume_threshold`` (the volume score above which
-a scan is called manipulated) is set on the ``--calibration-split``'s fixed crops to the threshold of best
-balanced accuracy (`m3d.metrics.balanced_threshold`), recorded in ``training_summary.json``: a slice
+a scan is called manipulated) is set on the ``--calibration-split``'s fixed crops to the threshold of
+best balanced accuracy (`m3d.metrics.balanced_threshold`), recorded in ``training_summary.json``: a slice
 classifier's 0.5 is not the right cut for the max over a crop's slices. ``--push-to-hub`` uploads
 ``best/`` with huggingface_hub.
 """
@@ -45,6 +46,7 @@ import torch
 from m3d.errors import run_guarded
 from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, load_detector, register_bayar_constraint
+from m3d.detectors.image_processing_m3d import M3DCTImageProcessor
 from m3d.detectors.modeling_utils import INPUT_MODES
 from m3d.metrics import balanced_accuracy, balanced_threshold
 from m3d.train.common import (
@@ -402,6 +404,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
             _append_jsonl(log_path, entry)
             if improved:
                 save_pretrained_atomic(unwrapped, best_dir, _validation_file({"metric": args.metric_for_best_model, **entry}))
+                M3DCTImageProcessor.from_detector_config(unwrapped.config).save_pretrained(best_dir)
         if log_with:
             accelerator.log({k: v for k, v in entry.items() if k.startswith("val/") and v is not None}, step=global_step)
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("auc", "pd_at_1pct", "f1") if metrics.get(k) is not None)
@@ -464,6 +467,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
     if main_process:
         if best["value"] is None:  # no (defined) validation: the last model is the one kept
             save_pretrained_atomic(accelerator.unwrap_model(model), best_dir, _validation_file(history[-1] if history else {}))
+            M3DCTImageProcessor.from_detector_config(accelerator.unwrap_model(model).config).save_pretrained(best_dir)
         calibration = None
         calibration_split = calibration_split_name(args)
         if calibration_split is not None:
