@@ -259,7 +259,7 @@ def cmd_phantom(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     import warnings
 
-    from .tamper.plan import plan_sites, read_official_plan, summarize_plan, write_plan_csv
+    from .tamper.plan import PlanCriteria, plan_sites, read_official_plan, summarize_plan, write_plan_csv
 
     if args.official:
         sites = read_official_plan(args.official)
@@ -267,14 +267,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
     else:
         from .data.lidc import LIDCDatabase
 
+        criteria = PlanCriteria.official() if args.criteria == "official" else PlanCriteria()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # grouping notes are summarised by `m3d lidc summary`
-            sites = plan_sites(LIDCDatabase(args.db).scans(), seed=args.seed)
-        origin = "the LIDC-IDRI annotation database"
+            sites = plan_sites(LIDCDatabase(args.db).scans(), criteria, seed=args.seed)
+        origin = f"the LIDC-IDRI annotation database ({args.criteria} criteria)"
     summary = summarize_plan(sites)
     print(f"M3Dsynth plan from {origin}")
-    print(f"  removal sites    {summary['remove']:>6}   (official release: 1,016)")
-    print(f"  injection sites  {summary['inject']:>6}   (official release: 2,235)")
+    print(f"  removal sites    {summary['remove']:>6}   (official release: 1,016 kept of 1,066 planned)")
+    print(f"  injection sites  {summary['inject']:>6}   (official release: 2,235 kept of 2,507 planned)")
     print(f"  series           {summary['series']:>6}   (official release: 744)")
     print(f"  patients         {summary['patients']:>6}   (official release: 738)")
     for split, count in summary["patients_by_split"].items():
@@ -461,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default=None,
                       help="write the plan as CSV (official data.csv columns and convention: coord_z indexes slices by descending z)")
     plan.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    plan.add_argument("--criteria", choices=("m3d", "official"), default="m3d",
+                      help="m3d: malignancy >= 3 and diameter >= 8 mm removed, small benign nodules injected, one site "
+                           "per nodule; official: the release's rule (volume-equivalent size 8-18 mm removed, < 8 mm "
+                           "injected, its site layout; PlanCriteria.official)")
     plan.set_defaults(func=cmd_plan)
 
     commands.add_parser(

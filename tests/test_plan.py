@@ -1,7 +1,9 @@
 import csv
+import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from m3d.data.lidc import LIDCDatabase
@@ -144,3 +146,115 @@ def test_tamper_finds_the_case_folders_annotations(phantom_case):
     too_large = next(n for n in nodules if n.diameter_mm > 20)
     with pytest.raises(ValueError, match=r"larger than .* \(annotations: .*annotations.xml; --ignore-site-rule"):
         check_sites(folder / "dicom", volume, "remove", [too_large.centroid_lps_mm()], None)
+
+
+# -- the official release's rule (PlanCriteria.official) ---------------------------------------------
+# The release's tables (grip-unina/M3Dsynth data/): 1,016 removal and 2,235 injection sites kept, out of
+# 1,066 and 2,507 planned (its img_ids: rem_1..rem_1066, inj_1..inj_2507); the plan cannot know which
+# generations the release's builder dropped (every site of 104 series), so its counts are those planned.
+OFFICIAL_KEPT = {"remove": 1016, "inject": 2235}
+OFFICIAL_PLANNED = {"remove": 1066, "inject": 2507}
+# A few official sites (coord_z, coord_y, coord_x in the release's convention, slices by descending z).
+OFFICIAL_SAMPLE = {
+    "LIDC-IDRI-0003": {"remove": [(57, 198, 308), (58, 198, 308), (56, 219, 221), (57, 219, 221)]},
+    "LIDC-IDRI-0005": {"inject": [(54, 402, 308), (57, 393, 122), (53, 412, 318), (56, 403, 132), (46, 372, 402),
+                                  (45, 382, 412)]},
+    "LIDC-IDRI-0014": {"remove": [(40, 276, 357), (41, 276, 357)]},
+}
+
+
+@pytest.fixture(scope="module")
+def db_scans():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {scan.series_instance_uid: scan for scan in LIDCDatabase().scans()}
+
+
+@pytest.fixture(scope="module")
+def official_rule_plan(db_scans):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return plan_sites(db_scans.values(), PlanCriteria.official(), seed=0)
+
+
+def _site_mm(scan, zyx_ascending):
+    z, y, x = zyx_ascending
+    zs = scan.z_positions_mm
+    return np.array([np.interp(z, np.arange(len(zs)), zs), y * scan.pixel_spacing_mm, x * scan.pixel_spacing_mm])
+
+
+def _recall_6mm(plan, official_sites, scans_by_patient):
+    """Share of official sites (release convention) with a planned site of the same task within 6 mm, over
+    the patients with a single scan."""
+    planned = {}
+    for site in plan:
+        planned.setdefault((site.task, site.patient_id), []).append(site)
+    hits, total = {}, {}
+    for task, patient, official_zyx in official_sites:
+        scans = scans_by_patient.get(patient, [])
+        if len(scans) != 1:
+            continue
+        scan = scans[0]
+        z, y, x = official_zyx
+        where = _site_mm(scan, (len(scan.z_positions_mm) - 1 - z, y, x))
+        near = min((np.linalg.norm(_site_mm(scan, s.center_zyx) - where) for s in planned.get((task, patient), [])),
+                   default=np.inf)
+        total[task] = total.get(task, 0) + 1
+        hits[task] = hits.get(task, 0) + (near < 6.0)
+    return {task: hits[task] / total[task] for task in total}
+
+
+def test_official_criteria_keep_the_default_rule():
+    """The official preset is separate: PlanCriteria() stays m3d's rule (the synthetic demo depends on it)."""
+    default = PlanCriteria()
+    assert (default.size, default.removal_min_malignancy, default.removal_max_diameter_mm) == ("diameter", 3.0, None)
+    assert default.removal_slice_offsets == (0.0,) and default.second_injection_offset_zyx is None
+    official = PlanCriteria.official()
+    assert official.size == "volume" and official.removal_min_malignancy is None
+    assert (official.removal_min_diameter_mm, official.removal_max_diameter_mm) == (8.0, 18.0)
+    with pytest.raises(ValueError, match="size"):
+        PlanCriteria(size="weight")
+
+
+def test_official_criteria_counts(official_rule_plan):
+    """Counts of the release's plan, within 2.5 % of what it planned; the removal sites are within 10 % of
+    the 1,016 it kept too (injection: +14 % of the 2,235 kept, the release dropped more of them)."""
+    summary = summarize_plan(official_rule_plan)
+    for task in ("remove", "inject"):
+        assert summary[task] == pytest.approx(OFFICIAL_PLANNED[task], rel=0.025)
+    assert summary["remove"] == pytest.approx(OFFICIAL_KEPT["remove"], rel=0.10)
+    assert summary["remove"] == 1088 and summary["inject"] == 2538
+    removal_nodules = {(s.series_instance_uid, s.extra["nodule"]) for s in official_rule_plan if s.task == "remove"}
+    assert summary["remove"] == 2 * len(removal_nodules)  # each removal on two consecutive slices
+    for site in official_rule_plan:
+        size = site.extra["size_mm"]
+        assert 8.0 <= size < 18.0 if site.task == "remove" else size < 8.0
+
+
+def test_official_criteria_find_the_sample_of_official_sites(official_rule_plan, db_scans):
+    by_patient = {}
+    for scan in db_scans.values():
+        by_patient.setdefault(scan.patient_id, []).append(scan)
+    sample = [(task, patient, zyx) for patient, tasks in OFFICIAL_SAMPLE.items() for task, sites in tasks.items()
+              for zyx in sites]
+    assert _recall_6mm(official_rule_plan, sample, by_patient) == {"remove": 1.0, "inject": 1.0}
+    # m3d's own rule finds the removals but grows its fakes on the nodules, not 5 voxels off them
+    default = plan_sites([by_patient[p][0] for p in OFFICIAL_SAMPLE], PlanCriteria(), seed=0)
+    assert _recall_6mm(default, sample, by_patient)["remove"] == 1.0
+
+
+@pytest.mark.skipif(not os.environ.get("M3DSYNTH_TABLES"),
+                    reason="set M3DSYNTH_TABLES to the official release's data/ folder (data.csv, sets.csv)")
+def test_official_criteria_recall_on_the_release(official_rule_plan, db_scans):
+    """The official sites the preset plans within 6 mm, per task, over single-series patients (measured:
+    removal 994 / 994, injection 2,192 / 2,193)."""
+    by_patient = {}
+    for scan in db_scans.values():
+        by_patient.setdefault(scan.patient_id, []).append(scan)
+    official = read_official_plan(os.environ["M3DSYNTH_TABLES"])
+    series_per_patient = {}
+    for site in official:
+        series_per_patient.setdefault(site.patient_id, set()).add(site.series_instance_uid)
+    sites = [(s.task, s.patient_id, s.center_zyx) for s in official if len(series_per_patient[s.patient_id]) == 1]
+    recall = _recall_6mm(official_rule_plan, sites, by_patient)
+    assert recall["remove"] == 1.0 and recall["inject"] >= 0.99

@@ -9,12 +9,19 @@ malignancy <= ``injection_max_malignancy`` or unrated), where a fake malignant n
 the paper places new nodules at or near existing benign ones so that the edit does not disturb the
 anatomy. Every site is attempted by each generator; which results are kept is the builder's quality
 check. Sites whose 32 mm cube would leave the scan along z are dropped (``fits_in_scan``).
+
+`PlanCriteria.official()` is the rule the official release's tables follow (found by matching its
+sites to the annotation database, not stated in the paper): nodules are sized by the sphere-equivalent
+diameter of the median reader's annotated volume, *removal* takes 8 <= size < 18 mm and *injection*
+size < 8 mm, whatever the malignancy ratings and however many readers; each removal is planned on two
+consecutive slices and each injection 5 voxels off the nodule along both in-plane axes; the first
+injections (in patient order, as many as the removal nodules) get a second site on the other side.
 """
 from __future__ import annotations
 
 import csv
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -22,7 +29,7 @@ import numpy as np
 
 from ..constants import CUBE_SPACING_MM, HOLE_SIZE
 from ..data.ct import point_text
-from ..data.lidc import LIDCScan, Nodule, group_nodules
+from ..data.lidc import Annotation, LIDCScan, Nodule, group_nodules
 
 OFFICIAL_TASK = {"inject": "inj", "remove": "rem"}
 OFFICIAL_SPLIT_PATIENTS = {"train": 488, "val": 100, "test": 150}
@@ -30,29 +37,110 @@ GENERATOR_CODES = {"real": "real", "pix2pix": "pix2pix", "cyclegan": "cycle", "d
 DATA_CSV_COLUMNS = ("img_id", "ty", "mod", "orig_id", "sdir_id", "coord_z", "coord_y", "coord_x")
 
 
+SIZE_MEASURES = ("diameter", "volume")
+
+
+def annotation_volume_mm3(annotation: Annotation, scan: LIDCScan) -> float:
+    """The volume one reader outlined: the voxels of that annotation's own mask (`Nodule.local_mask` of
+    the annotation alone) times the voxel size (pixel spacing squared times the slice spacing)."""
+    mask, _ = Nodule([annotation], np.zeros(3), 0.0, annotation.malignancy, scan).local_mask(1.0)
+    spacing_z = scan.slice_spacing_mm if np.isfinite(scan.slice_spacing_mm) else scan.slice_thickness_mm
+    return float(mask.sum()) * scan.pixel_spacing_mm ** 2 * float(spacing_z)
+
+
+def volume_diameter_mm(nodule: Nodule) -> float:
+    """The diameter of the sphere with the median reader's volume (`annotation_volume_mm3`) -- the size
+    by which the official M3Dsynth sites were chosen (`PlanCriteria.official`)."""
+    volume = float(np.median([annotation_volume_mm3(a, nodule.scan) for a in nodule.annotations]))
+    return float((6.0 * volume / np.pi) ** (1.0 / 3.0))
+
+
 @dataclass(frozen=True)
 class PlanCriteria:
-    """Nodule selection thresholds (see the module docstring)."""
+    """Nodule selection thresholds and site layout (see the module docstring).
 
-    removal_min_malignancy: float = 3.0
+    ``size`` says what the diameter thresholds measure: ``"diameter"`` (`Nodule.diameter_mm`, the
+    readers' median greatest in-plane extent) or ``"volume"`` (`volume_diameter_mm`). A malignancy
+    bound of None does not look at the ratings. The layout fields place the sites of a chosen nodule
+    (offsets in voxels, ``z, y, x``, slices in ascending z): one removal site per entry of
+    ``removal_slice_offsets``, one injection site at ``injection_offset_zyx``, and -- when
+    ``second_injection_offset_zyx`` is set -- a second one for the first injection nodules in patient
+    order, as many as there are removal nodules (`plan_sites`). ``fit_in_scan`` drops nodules whose
+    cube leaves the scan. The defaults are m3d's rule; `official` is the release's."""
+
+    removal_min_malignancy: float | None = 3.0
     removal_min_diameter_mm: float = 8.0
     injection_max_diameter_mm: float = 8.0
-    injection_max_malignancy: float = 3.0
+    injection_max_malignancy: float | None = 3.0
     cube_half_mm: float = 16.0
+    size: str = "diameter"
+    removal_max_diameter_mm: float | None = None
+    removal_slice_offsets: tuple[float, ...] = (0.0,)
+    injection_offset_zyx: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    second_injection_offset_zyx: tuple[float, float, float] | None = None
+    fit_in_scan: bool = True
 
-    def is_removal_target(self, nodule: Nodule) -> bool:
-        """A real nodule that matters: rated malignant enough and large enough to be worth hiding."""
+    def __post_init__(self) -> None:
+        if self.size not in SIZE_MEASURES:
+            raise ValueError(f"size must be one of {SIZE_MEASURES}; got {self.size!r}")
+        if not self.removal_slice_offsets:
+            raise ValueError("removal_slice_offsets needs at least one offset")
+
+    @classmethod
+    def official(cls) -> "PlanCriteria":
+        """The official release's rule, as its tables show it (on the annotation database: removal
+        nodules chosen with precision 0.98 / recall 1.00, injection nodules 0.98 / 1.00, in the series
+        the release kept): size by volume (`volume_diameter_mm`), removal 8 <= size < 18 mm, injection
+        size < 8 mm, no malignancy or reader condition, no cube-fit condition (the release keeps sites
+        7.8 mm from the scan's end); removal sites on the nodule's slice and the one below (the release
+        lists every removal twice, on consecutive slices), injection sites 5 voxels down and right of
+        the nodule's centre and, for the first injections, a second one 5 voxels up and left one slice
+        below (the release's second pass, inj_1976 to inj_2507, over patients LIDC-IDRI-0001 to 0321)."""
+        return cls(
+            removal_min_malignancy=None, removal_min_diameter_mm=8.0, removal_max_diameter_mm=18.0,
+            injection_max_diameter_mm=8.0, injection_max_malignancy=None, size="volume",
+            removal_slice_offsets=(0.0, -1.0), injection_offset_zyx=(0.0, 5.0, 5.0),
+            second_injection_offset_zyx=(-1.0, -5.0, -5.0), fit_in_scan=False,
+        )
+
+    def size_mm(self, nodule: Nodule) -> float:
+        """The nodule's size as the thresholds measure it (``size``)."""
+        return volume_diameter_mm(nodule) if self.size == "volume" else float(nodule.diameter_mm)
+
+    def is_removal_target(self, nodule: Nodule, size_mm: float | None = None) -> bool:
+        """A real nodule that matters: rated malignant enough and large enough to be worth hiding
+        (``size_mm``: the nodule's `size_mm`, when already known)."""
+        size = self.size_mm(nodule) if size_mm is None else size_mm
         return (
-            nodule.malignancy is not None
-            and nodule.malignancy >= self.removal_min_malignancy
-            and nodule.diameter_mm >= self.removal_min_diameter_mm
+            (self.removal_min_malignancy is None
+             or (nodule.malignancy is not None and nodule.malignancy >= self.removal_min_malignancy))
+            and size >= self.removal_min_diameter_mm
+            and (self.removal_max_diameter_mm is None or size < self.removal_max_diameter_mm)
         )
 
-    def is_injection_site(self, nodule: Nodule) -> bool:
+    def is_injection_site(self, nodule: Nodule, size_mm: float | None = None) -> bool:
         """A small, benign-looking (or unrated) nodule, where a fake malignant one may be grown."""
-        return nodule.diameter_mm < self.injection_max_diameter_mm and (
-            nodule.malignancy is None or nodule.malignancy <= self.injection_max_malignancy
+        size = self.size_mm(nodule) if size_mm is None else size_mm
+        return size < self.injection_max_diameter_mm and (
+            self.injection_max_malignancy is None
+            or nodule.malignancy is None
+            or nodule.malignancy <= self.injection_max_malignancy
         )
+
+    def removal_text(self) -> str:
+        """The removal rule in words (for messages)."""
+        measure = "volume-equivalent diameter" if self.size == "volume" else "diameter"
+        parts = [] if self.removal_min_malignancy is None else [f"malignancy >= {self.removal_min_malignancy:g}"]
+        upper = "" if self.removal_max_diameter_mm is None else f" and < {self.removal_max_diameter_mm:g} mm"
+        return " and ".join(parts + [f"{measure} >= {self.removal_min_diameter_mm:g} mm{upper}"])
+
+    def injection_text(self) -> str:
+        """The injection rule in words (for messages)."""
+        rated = "" if self.injection_max_malignancy is None else f" or rated above {self.injection_max_malignancy:g}"
+        return f"no nodule >= {self.injection_max_diameter_mm:g} mm{rated}"
+
+
+OFFICIAL_CRITERIA = PlanCriteria.official()
 
 
 @dataclass
@@ -97,27 +185,40 @@ def fits_in_scan(scan: LIDCScan, center_zyx: np.ndarray, half_mm: float) -> bool
 
 
 def plan_scan(scan: LIDCScan, criteria: PlanCriteria = PlanCriteria()) -> list[Site]:
-    """The removal and injection sites of one scan."""
+    """The removal and injection sites of one scan (one per nodule with the default layout; see
+    `PlanCriteria` for the others). A site's ``extra`` holds its nodule's number within the scan
+    (``nodule``), centre (``nodule_zyx``) and the size the thresholds measured (``size_mm``)."""
     sites = []
-    for nodule in group_nodules(scan):
+    n_slices = len(scan.z_positions_mm)
+    for number, nodule in enumerate(group_nodules(scan)):
         malignancy = nodule.malignancy
-        is_removal, is_injection = criteria.is_removal_target(nodule), criteria.is_injection_site(nodule)
+        size = criteria.size_mm(nodule)
+        is_removal = criteria.is_removal_target(nodule, size)
+        is_injection = not is_removal and criteria.is_injection_site(nodule, size)
         if not (is_removal or is_injection):
             continue
-        if not fits_in_scan(scan, np.asarray(nodule.centroid_zyx), criteria.cube_half_mm):
+        centre = np.asarray(nodule.centroid_zyx, float)
+        if criteria.fit_in_scan and not fits_in_scan(scan, centre, criteria.cube_half_mm):
             continue
-        sites.append(
-            Site(
-                task="remove" if is_removal else "inject",
-                patient_id=scan.patient_id,
-                series_instance_uid=scan.series_instance_uid,
-                center_zyx=tuple(float(c) for c in nodule.centroid_zyx),
-                diameter_mm=float(nodule.diameter_mm),
-                malignancy=None if malignancy is None else float(malignancy),
-                n_readers=nodule.n_readers,
-                n_slices=len(scan.z_positions_mm),
-            )
+        offsets = (
+            [(dz, 0.0, 0.0) for dz in criteria.removal_slice_offsets] if is_removal else [criteria.injection_offset_zyx]
         )
+        for offset in offsets:
+            where = centre + np.asarray(offset, float)
+            where[0] = min(max(where[0], 0.0), max(n_slices - 1, 0))
+            sites.append(
+                Site(
+                    task="remove" if is_removal else "inject",
+                    patient_id=scan.patient_id,
+                    series_instance_uid=scan.series_instance_uid,
+                    center_zyx=tuple(float(c) for c in where),
+                    diameter_mm=float(nodule.diameter_mm),
+                    malignancy=None if malignancy is None else float(malignancy),
+                    n_readers=nodule.n_readers,
+                    n_slices=n_slices,
+                    extra={"nodule": number, "size_mm": size, "nodule_zyx": tuple(float(c) for c in centre)},
+                )
+            )
     return sites
 
 
@@ -154,10 +255,7 @@ def check_site_rule(
             raise SiteRuleError(f"no annotated nodule at {where}{nearest}: removal replaces a real nodule")
         nodule = nodules[min(at_site)[1]]
         if not criteria.is_removal_target(nodule):
-            raise SiteRuleError(
-                f"the {_nodule_text(nodule)} is not a removal target (malignancy >= {criteria.removal_min_malignancy:g} "
-                f"and diameter >= {criteria.removal_min_diameter_mm:g} mm)"
-            )
+            raise SiteRuleError(f"the {_nodule_text(nodule)} is not a removal target ({criteria.removal_text()})")
         if nodule.diameter_mm > HOLE_SIZE * CUBE_SPACING_MM:
             raise SiteRuleError(
                 f"the {_nodule_text(nodule)} is larger than the generators' {HOLE_SIZE * CUBE_SPACING_MM:g} mm hole: "
@@ -169,8 +267,7 @@ def check_site_rule(
             if distance - nodule.diameter_mm / 2 < reach_mm and not criteria.is_injection_site(nodule):
                 raise SiteRuleError(
                     f"the hole around {where} reaches into a {_nodule_text(nodule)}: injection grows a fake "
-                    f"where no nodule >= {criteria.injection_max_diameter_mm:g} mm or rated above "
-                    f"{criteria.injection_max_malignancy:g} is"
+                    f"where {criteria.injection_text()} is"
                 )
     else:
         raise ValueError(f"task must be one of inject, remove; got {task!r}")
@@ -201,8 +298,20 @@ def plan_sites(
     scans: Iterable[LIDCScan], criteria: PlanCriteria = PlanCriteria(), seed: int = 0,
     proportions: Mapping[str, int] = OFFICIAL_SPLIT_PATIENTS,
 ) -> list[Site]:
-    """All sites over ``scans``, split by patient (`split_patients`)."""
+    """All sites over ``scans``, split by patient (`split_patients`). With
+    ``criteria.second_injection_offset_zyx`` set, the first injection nodules in (patient, series) order,
+    as many as the removal nodules, get a second site at that offset from the nodule's centre (the
+    official release's second pass); these come after all the others."""
     sites = [site for scan in scans for site in plan_scan(scan, criteria)]
+    if criteria.second_injection_offset_zyx is not None:
+        offset = np.asarray(criteria.second_injection_offset_zyx, float)
+        n_removals = len({(s.series_instance_uid, s.extra.get("nodule")) for s in sites if s.task == "remove"})
+        injections = sorted((s for s in sites if s.task == "inject"), key=lambda s: (s.patient_id, s.series_instance_uid))
+        for first in injections[:n_removals]:
+            where = np.asarray(first.extra["nodule_zyx"]) + offset
+            where[0] = min(max(where[0], 0.0), max((first.n_slices or 1) - 1, 0))
+            second = replace(first, center_zyx=tuple(float(c) for c in where), extra={**first.extra, "second": True})
+            sites.append(second)
     splits = split_patients((site.patient_id for site in sites), seed, proportions)
     for site in sites:
         site.split = splits[site.patient_id]
