@@ -59,11 +59,11 @@ def build_dataset(
     """Build (or resume) the folder ``out`` from this process's share of the scans; the main process
     then writes ``manifest.json`` and the card. ``cad_model``: a saved CAD scorer (`m3d train-cad`) whose
     rating at the site fills every example's ``malignancy_after``. Returns the folder's final state (on
-    every process)."""
-    from accelerate import PartialState
-
+    every process). Launched processes form one group (`m3d.train.common.process_state`; on the CPU where
+    there is no GPU) and together write what one process would."""
     from .dataset_builder.generate import lidc_jobs, load_pipelines, phantom_jobs, scan_examples
     from .dataset_builder.writer import read_state
+    from .train.common import process_state
 
     unknown = sorted(set(generators) - set(FAKE_GENERATORS)) + sorted(set(tasks) - set(TASKS))
     if unknown or not generators or not tasks:
@@ -72,7 +72,7 @@ def build_dataset(
         raise ValueError(f"--limit must be positive; got {limit}")
     generators = [g for g in FAKE_GENERATORS if g in generators]
     tasks = [t for t in TASKS if t in tasks]
-    process = PartialState()
+    process = process_state()
     pipelines_root = Path(pipelines_dir) if pipelines_dir is not None else DEMO_PIPELINES_DIR
     pipelines = load_pipelines(pipelines_root, generators, tasks, device=device or str(process.device))
     cad = None

@@ -37,7 +37,14 @@ def test_forward_shapes_and_loss():
     assert torch.all((out.rating >= 1) & (out.rating <= 5))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert model(x).loss is None
-    assert model(x, labels=torch.full((3,), IGNORE_INDEX)).loss is None  # nothing to learn from
+    nothing = model(x, labels=torch.full((3,), IGNORE_INDEX), ratings=torch.full((3,), float("nan")))
+    assert nothing.loss == 0
+    nothing.loss.backward()  # nothing to learn from, but every parameter gets a gradient, as DDP needs
+    assert all(p.grad is not None and torch.all(p.grad == 0) for p in model.parameters())
+    model.eval()  # the loss over the labelled samples only: as if the others were not in the batch
+    kept = model(x[:2], labels=torch.tensor([1, 0]), ratings=torch.tensor([4.5, 1.0]))
+    mixed = model(x, labels=torch.tensor([1, 0, IGNORE_INDEX]), ratings=torch.tensor([4.5, 1.0, float("nan")]))
+    torch.testing.assert_close(mixed.loss, kept.loss)
     no_rating = tiny_model(rating_head=False)
     assert no_rating(x).rating is None and no_rating.rating_regressor is None
     with pytest.raises(ValueError, match=r"\(batch, 1, 32, 32, 32\)"):

@@ -156,18 +156,21 @@ class CADForMalignancyScoring(CADPreTrainedModel):
     def loss(
         self, logits: torch.Tensor, rating: torch.Tensor | None, labels: torch.Tensor | None, ratings: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """BCE over the labelled samples + weighted smooth L1 over the rated ones (None if neither)."""
+        """BCE over the labelled samples + weighted smooth L1 over the rated ones (None if neither). A term
+        whose samples are all unlabelled (unrated) is 0 but keeps its head in the graph: every parameter gets
+        a gradient, as processes training together (DDP) need."""
         terms = []
         if labels is not None:
             labels = labels.to(logits.device).view_as(logits)
             keep = labels != IGNORE_INDEX
-            if keep.any():
-                terms.append(F.binary_cross_entropy_with_logits(logits.float()[keep], labels[keep].float()))
+            targets = torch.where(keep, labels, 0).float()
+            bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+            terms.append((bce * keep).sum() / keep.sum().clamp(min=1))
         if ratings is not None and rating is not None:
             ratings = ratings.to(rating.device).view_as(rating).float()
             keep = torch.isfinite(ratings)
-            if keep.any():
-                terms.append(self.config.rating_loss_weight * F.smooth_l1_loss(rating.float()[keep], ratings[keep]))
+            l1 = F.smooth_l1_loss(rating.float(), torch.where(keep, ratings, 0.0), reduction="none")
+            terms.append(self.config.rating_loss_weight * (l1 * keep).sum() / keep.sum().clamp(min=1))
         if not terms:
             return None
         return torch.stack(terms).sum()

@@ -9,7 +9,10 @@ Layout (other code depends on it)::
 
 Scans are grouped, split by split, into chunks of ``scans_per_shard`` consecutive scans; chunk ``i`` of
 a split is shard ``i`` of every ``<generator>/<task>`` folder it has rows for, written by process
-``rank`` (chunks are dealt round-robin over the processes). Each shard is written under a temporary name
+``rank``. The chunks are dealt in consecutive runs, the first run to process 0: shards are the same files
+on any number of processes, only named by another rank, and sorted by name they keep the order of the
+chunks, so the dataset reads its rows in the same order (the order of a resume with another number of
+processes may differ). Each shard is written under a temporary name
 and renamed when complete, under ``.build/`` (``.build/data/...``), where `datasets` does not look: an
 unfinished build cannot be loaded as if it were complete. After each chunk the process records its shards
 (with SHA-256) in its own journal ``.build/rank-<rank>.json``. A restarted build skips the chunks whose
@@ -267,7 +270,8 @@ def write_shards(
     journal = BuildState(config=config)
     if journal_path.is_file():
         journal.merge(json.loads(journal_path.read_text()), str(journal_path))
-    mine = [chunk for number, chunk in enumerate(make_chunks(jobs, scans_per_shard)) if number % world_size == rank]
+    chunks = make_chunks(jobs, scans_per_shard)
+    mine = chunks[rank * len(chunks) // world_size : (rank + 1) * len(chunks) // world_size]
     todo = [c for c in mine if c.key not in state.chunks or not _intact(out, state, state.chunks[c.key])]
     outcomes: list[Outcome] = []
     (out / JOURNALS).mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ import numpy as np
 from m3d.errors import run_guarded
 from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS
-from m3d.train.common import configure_logging
+from m3d.train.common import configure_logging, dealt, gather_dealt, process_state
 from m3d.train.demo_detectors import starting_weights
 from m3d.train.detector_data import DEFAULT_CROP_SIZE, CropCache, evaluation_crops, filter_examples, generators_present, load_split, parse_crop_size
 from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, cross_generator_summary, finite_or_none, predict_samples, summarize
@@ -198,15 +198,18 @@ def plan_cells(args: argparse.Namespace, train_generators: Sequence[str]) -> lis
 # -- one cell -----------------------------------------------------------------------------------
 
 
-def train_argv(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, images: Path | None) -> list[str]:
+def train_argv(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, images: Path | None,
+               num_processes: int = 1) -> list[str]:
     """The `train_detector` command line of a cell: a new detector, or for the ``demo`` preset the cell's
-    shipped starting weights (`m3d.train.demo_detectors`; the non-medical cell always starts new)."""
+    shipped starting weights (`m3d.train.demo_detectors`; the non-medical cell always starts new). The
+    settings' batch is split over ``num_processes``: each step trains on the same slices however many
+    processes share it."""
     start = starting_weights(cell.detector, cell.train_data) if settings.get("starting_weights") == "demo" else None
     source = ["--model", str(start)] if start is not None else ["--detector", cell.detector, "--preset", settings["detector_preset"]]
     argv = [
         *source, "--data", args.data,
         "--crop-size", settings["crop_size"], "--output-dir", str(out / "runs" / cell.key),
-        "--num-epochs", str(settings["num_epochs"]), "--batch-size", str(settings["batch_size"]),
+        "--num-epochs", str(settings["num_epochs"]), "--batch-size", str(settings["batch_size"] // num_processes),
         "--learning-rate", str(settings["learning_rate"]), "--lr-scheduler", settings["lr_scheduler"], "--seed", str(args.seed),
         "--mixed-precision", args.mixed_precision, "--eval-batch-size", str(args.eval_batch_size),
         "--cache-mb", str(args.cache_mb), "--resume-from-checkpoint", "latest", "--log-every", "5",
@@ -232,13 +235,12 @@ def train_argv(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, o
 def run_cell(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, test_crops: dict, images: Path | None) -> None:
     """Train (or resume) the cell's detector, evaluate its best checkpoint, write ``cells/<key>.json``."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
     from m3d.train import train_detector
 
     state = PartialState()
     start = time.perf_counter()
-    training_args = train_detector.build_parser().parse_args(train_argv(cell, settings, args, out, images))
+    training_args = train_detector.build_parser().parse_args(train_argv(cell, settings, args, out, images, state.num_processes))
     status = train_detector.train(training_args)
     if status == 130:
         raise KeyboardInterrupt
@@ -254,11 +256,10 @@ def run_cell(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out
     if key not in test_crops:
         test_crops[key] = evaluation_crops(test_crops["split"], test_crops["crop_size"], config, args.cache_mb << 20)
     crops: CropCache = test_crops[key]
-    mine = range(state.process_index, len(crops), state.num_processes)
+    mine = dealt(len(crops), state.process_index, state.num_processes)
     records, examples = predict_samples(model, crops, mine, batch_size=args.eval_batch_size,
                                         keep_maps=args.example_maps, progress=state.is_main_process and not args.no_progress)
-    if state.num_processes > 1:
-        records = gather_object(records)
+    records = gather_dealt(records, len(crops), state.num_processes)
     if state.is_main_process:
         summary = json.loads((run_dir / "training_summary.json").read_text())
         result = {
@@ -547,15 +548,18 @@ def write_outputs(out: str | Path, meta: dict[str, Any] | None = None) -> dict[s
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state = PartialState(cpu=args.cpu)
+    state = process_state(args.cpu)
+    configure_logging(logger, "benchmark", state.is_main_process)
     if BENCH_PRESETS[args.preset]["num_threads"]:  # tiny models: intra-op threads only add contention
         torch.set_num_threads(BENCH_PRESETS[args.preset]["num_threads"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of(args)
+    if settings["batch_size"] % state.num_processes:
+        raise ValueError(f"the batch of {settings['batch_size']} slices does not split over {state.num_processes} processes: "
+                         "choose --batch-size a multiple of the number of processes")
     config_path = out / "bench_config.json"
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
@@ -619,7 +623,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d bench`): 0 done, 2 bad input, 130 interrupted (finished cells are kept)."""
     args = build_parser(prog).parse_args(argv)
-    configure_logging(logger, "benchmark", main_process=True)
     return run_guarded("benchmark", lambda: run(args), (ValueError, FileNotFoundError, NotADirectoryError),
                        on_interrupt="finished cells are kept, re-run the same command to go on")
 

@@ -1,9 +1,10 @@
 """Helpers shared by the Accelerate training scripts (`m3d.train.train_generator`, `m3d.train.train_cad`,
-`m3d.train.train_detector`): the Accelerator and its project folder, logging, checkpoint lookup and
-resumption, per-step seeds, Ctrl-C / SIGTERM handling and atomic writes of JSON files and
+`m3d.train.train_detector`) and the other multi-process entry points (`m3d.build`, `m3d.train.benchmark`):
+the process group (`process_state`), the Accelerator and its project folder, logging, checkpoint lookup
+and resumption, per-step seeds, Ctrl-C / SIGTERM handling and atomic writes of JSON files and
 ``save_pretrained`` folders.
 
-Light to import: Accelerate is imported inside `make_accelerator` only.
+Light to import: Accelerate is imported inside `process_state` and `make_accelerator` only.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
 __all__ = [
     "MIXED_PRECISION",
@@ -29,11 +30,15 @@ __all__ = [
     "StopRequest",
     "complete_checkpoints",
     "configure_logging",
+    "dealt",
+    "end_trackers",
+    "gather_dealt",
     "ignore_sigint",
     "json_value",
     "make_accelerator",
     "next_checkpoint_number",
     "optimizer_micro_step",
+    "process_state",
     "resume_checkpoint",
     "save_pretrained_atomic",
     "step_seed",
@@ -44,17 +49,54 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 STATE_FILE = "training_state.json"  # written last into a checkpoint: without it the checkpoint is incomplete
 
 
-# -- Accelerate and logging ---------------------------------------------------------------------
+# -- processes, Accelerate and logging ----------------------------------------------------------
+
+# where launchers put the number of processes they started: torchrun / `accelerate launch`, then MPI's (as Accelerate reads them)
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+ONE_CPU_PROCESS = (
+    "`accelerate launch --cpu` started this process alone (more CPU processes need its --mpirun_hostfile): run "
+    "`accelerate launch --multi_gpu --num_processes N ...` or `torchrun --nproc_per_node N ...` instead "
+    "(m3d joins the processes on the CPU when there is no GPU), or unset MASTER_ADDR to run one process"
+)
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (its ``WORLD_SIZE``); 1 without a launcher."""
+    return next((int(os.environ[name]) for name in WORLD_SIZE_VARIABLES if os.environ.get(name)), 1)
+
+
+def process_state(cpu: bool = False) -> PartialState:
+    """This process's Accelerate `PartialState`, the processes a launcher started joined in one group: on
+    the CPU (gloo) when asked (``cpu``, or ``accelerate launch --cpu``) and when there is no GPU to join
+    them on, where Accelerate alone would leave each process on its own as rank 0 of 1
+    (``accelerate launch --multi_gpu`` or ``torchrun`` on a CPU-only machine). Raises ValueError rather
+    than run copies that do not know of each other."""
+    from accelerate import PartialState
+    from accelerate.utils import get_distributed_backend, get_torch_accelerator_backend, parse_flag_from_env
+
+    launched = launched_processes()
+    launched_on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    # `accelerate launch --cpu --num_processes N` (N > 1) sets MASTER_ADDR, then starts one process
+    if launched_on_cpu and launched == 1 and os.environ.get("MASTER_ADDR") and "LOCAL_RANK" not in os.environ:
+        raise ValueError(ONE_CPU_PROCESS)
+    no_gpu = launched > 1 and get_distributed_backend(get_torch_accelerator_backend()[0]) is None
+    state = PartialState(cpu=cpu or launched_on_cpu or no_gpu)
+    if launched > 1 and state.num_processes == 1:
+        raise ValueError(f"{launched} processes were launched (WORLD_SIZE) but this one is alone in its group: "
+                         "launch with `accelerate launch --num_processes N` or `torchrun --nproc_per_node N`")
+    return state
 
 
 def make_accelerator(args: argparse.Namespace, output_dir: str | Path) -> tuple[Accelerator, str | None]:
     """Create ``output_dir`` and an `Accelerator` from the CLI's ``--mixed-precision``,
     ``--gradient-accumulation-steps``, ``--cpu`` and ``--checkpoints-total-limit``, with checkpoints
     under ``OUTPUT_DIR/checkpoints`` and TensorBoard logs under ``OUTPUT_DIR/tensorboard``; returns it
-    and the tracker it logs with (``"tensorboard"`` when installed, else None)."""
+    and the tracker it logs with (``"tensorboard"`` when installed, else None). Launched processes form
+    one group (`process_state`), on the CPU where there is no GPU."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 
+    process_state(args.cpu)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     log_with = "tensorboard" if is_tensorboard_available() else None
@@ -71,6 +113,35 @@ def make_accelerator(args: argparse.Namespace, output_dir: str | Path) -> tuple[
         ),
     )
     return accelerator, log_with
+
+
+def end_trackers(accelerator: Accelerator) -> None:
+    """`Accelerator.end_training` but for the process group, which it would destroy: the trackers finish and
+    the group stays for what the process does next (the benchmark trains cell after cell in one group)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def dealt(total: int, rank: int, num_processes: int) -> range:
+    """The items of ``range(total)`` that process ``rank`` handles: every ``num_processes``-th from ``rank``."""
+    return range(rank, total, num_processes)
+
+
+def gather_dealt(items: list, total: int, num_processes: int) -> list:
+    """Every process's results of its `dealt` items (one per item), gathered on every process in the items'
+    order: the order, and what depends on it (bootstrap intervals), as one process would give."""
+    if num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    gathered = gather_object(items)
+    order = [index for rank in range(num_processes) for index in dealt(total, rank, num_processes)]
+    if len(gathered) != total:
+        raise RuntimeError(f"gathered {len(gathered)} results of {total} items")
+    result: list = [None] * total
+    for index, item in zip(order, gathered):
+        result[index] = item
+    return result
 
 
 def configure_logging(logger: logging.Logger, prog: str, main_process: bool) -> None:
@@ -210,10 +281,14 @@ def resume_checkpoint(resume_from: str | None, output_dir: str | Path, logger: l
 # -- randomness and signals ---------------------------------------------------------------------
 
 
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    """The torch seed of one micro-batch, drawn from ``(seed, step, micro, rank)``: a resumed run draws what
-    an uninterrupted one would."""
-    return int(np.random.SeedSequence([seed, step, micro, rank, 0x6E4]).generate_state(1, np.uint64)[0] % (2**63 - 1))
+def step_seed(seed: int, step: int, micro: int, rank: int, num_processes: int) -> int:
+    """The torch seed of micro-batch ``micro`` of process ``rank`` in optimizer step ``step``, drawn from
+    ``(seed, step, micro * num_processes + rank)``: that batch's place in the step (the prepared loader
+    deals batches to the processes in turn). A resumed run draws what an uninterrupted one would, and N
+    processes draw, batch by batch, what one process accumulating N times the micro-batches draws."""
+    batch = micro * num_processes + rank
+    # the 0 stands where the rank was: one-process runs keep their seeds
+    return int(np.random.SeedSequence([seed, step, batch, 0, 0x6E4]).generate_state(1, np.uint64)[0] % (2**63 - 1))
 
 
 def ignore_sigint(_worker_id: int) -> None:

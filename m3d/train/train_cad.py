@@ -49,6 +49,7 @@ from .common import (
     STATE_FILE,
     StopRequest,
     configure_logging,
+    end_trackers,
     ignore_sigint,
     json_value,
     make_accelerator,
@@ -300,7 +301,9 @@ def train(args: argparse.Namespace) -> int:
 
     model = CADForMalignancyScoring.from_pretrained(args.model) if args.model else CADForMalignancyScoring(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.max_steps), args.max_steps)
+    processes = accelerator.num_processes  # the prepared scheduler steps once per process at each optimizer step
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.max_steps) * processes,
+                                                args.max_steps * processes)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     micro_per_epoch = len(loader)
     if micro_per_epoch < args.gradient_accumulation_steps:
@@ -371,7 +374,8 @@ def train(args: argparse.Namespace) -> int:
                 epoch_loader.set_epoch(epoch)
                 for batch in epoch_loader:
                     micro_index = micro % args.gradient_accumulation_steps
-                    torch.manual_seed(step_seed(args.seed, global_step, micro_index, accelerator.process_index))
+                    torch.manual_seed(step_seed(args.seed, global_step, micro_index, accelerator.process_index,
+                                                accelerator.num_processes))
                     loss = optimizer_micro_step(accelerator, model, batch, optimizer, scheduler, MAX_GRAD_NORM)
                     micro += 1
                     loss_sum += loss.detach().float()
@@ -402,7 +406,7 @@ def train(args: argparse.Namespace) -> int:
             if global_step != last_saved and global_step > 0:
                 save_checkpoint()
             logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", global_step)
-            accelerator.end_training()
+            end_trackers(accelerator)
             return 130
 
     if args.checkpointing_steps and global_step != last_saved:
@@ -422,7 +426,8 @@ def train(args: argparse.Namespace) -> int:
             "args": {k: json_value(v) for k, v in vars(args).items()},
         })
         logger.info("saved the CAD scorer to %s", output_dir / "model")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # every process returns once the outputs are written
+    end_trackers(accelerator)
     return 0
 
 

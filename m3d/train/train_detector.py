@@ -54,6 +54,9 @@ from m3d.train.common import (
     STATE_FILE,
     StopRequest,
     configure_logging,
+    dealt,
+    end_trackers,
+    gather_dealt,
     json_value,
     make_accelerator,
     next_checkpoint_number,
@@ -297,7 +300,7 @@ def calibrate_volume_threshold(model, crops, batch_size: int = 32, progress: boo
 
 def train(args: argparse.Namespace, dataset=None) -> int:
     """Run training as the command line describes; ``dataset`` (a `DatasetDict`) replaces ``--data``."""
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -388,11 +391,11 @@ def train(args: argparse.Namespace, dataset=None) -> int:
         if validation is None:
             return
         unwrapped = accelerator.unwrap_model(model)
-        mine = list(range(accelerator.process_index, len(validation), accelerator.num_processes))
+        mine = dealt(len(validation), accelerator.process_index, accelerator.num_processes)
         with accelerator.autocast():
             records, _ = predict_samples(unwrapped, validation, mine, batch_size=args.eval_batch_size,
                                          progress=progress_on)
-        records = gather_object(records) if accelerator.num_processes > 1 else records
+        records = gather_dealt(records, len(validation), accelerator.num_processes)
         metrics = summarize(records, unwrapped.config.volume_threshold)["all"]["all"]
         entry = {"step": global_step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
         history.append(finite_or_none(entry))
@@ -423,7 +426,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
                 epoch_loader.set_epoch(epoch)
                 for batch in epoch_loader:
                     torch.manual_seed(step_seed(args.seed, global_step, micro % args.gradient_accumulation_steps,
-                                                accelerator.process_index))
+                                                accelerator.process_index, accelerator.num_processes))
                     loss = optimizer_micro_step(accelerator, model, batch, optimizer, scheduler, args.max_grad_norm)
                     micro += 1
                     loss_sum += loss.detach().float()
@@ -448,7 +451,8 @@ def train(args: argparse.Namespace, dataset=None) -> int:
                         break
                 else:  # the epoch ran to its end
                     validate(epoch)
-                    save_checkpoint()
+                    if global_step != last_saved:
+                        save_checkpoint()
         except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed
             interrupted = True
         progress.close()
@@ -456,7 +460,7 @@ def train(args: argparse.Namespace, dataset=None) -> int:
             if global_step != last_saved and global_step > 0:
                 save_checkpoint()
             logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", global_step)
-            accelerator.end_training()
+            end_trackers(accelerator)
             return 130
 
     if validated_at != global_step:
@@ -492,7 +496,8 @@ def train(args: argparse.Namespace, dataset=None) -> int:
 
             url = push_folder(best_dir, args.hub_model_id or output_dir.name, private=args.hub_private)
             logger.info("pushed %s to %s", best_dir, url)
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # every process returns once the outputs are written
+    end_trackers(accelerator)
     return 0
 
 

@@ -68,6 +68,7 @@ from .common import (
     STATE_FILE,
     StopRequest,
     configure_logging,
+    end_trackers,
     ignore_sigint,
     json_value,
     make_accelerator,
@@ -759,7 +760,8 @@ def train(args: argparse.Namespace) -> int:
                 epoch_loader.set_epoch(epoch)
                 for batch in epoch_loader:
                     micro_index = micro % args.gradient_accumulation_steps
-                    torch.manual_seed(step_seed(args.seed, global_step, micro_index, accelerator.process_index))
+                    torch.manual_seed(step_seed(args.seed, global_step, micro_index, accelerator.process_index,
+                                                accelerator.num_processes))
                     with accelerator.accumulate(*trainer.networks.values()):
                         losses = trainer.step(batch)
                     micro += 1
@@ -799,7 +801,7 @@ def train(args: argparse.Namespace) -> int:
             if global_step != last_saved and global_step > 0:
                 save_checkpoint()
             logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", global_step)
-            accelerator.end_training()
+            end_trackers(accelerator)
             return 130
 
     if args.checkpointing_steps and global_step != last_saved:
@@ -823,7 +825,8 @@ def train(args: argparse.Namespace) -> int:
         }
         write_json_atomic(output_dir / "training_summary.json", summary)
         logger.info("saved %s pipeline (%s) to %s", args.model, args.task, pipeline_dir)
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # every process returns once the outputs are written
+    end_trackers(accelerator)
     return 0
 
 
