@@ -296,6 +296,14 @@ def cmd_import_official(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'README.md'}: load it with datasets.load_dataset({str(args.out)!r})")
 
 
+def cmd_export_official(args: argparse.Namespace) -> None:
+    from .dataset_builder.official_export import DICOM_FOLDER, export_official
+
+    summary = export_official(args.data, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {summary.folder}: {summary.series} series, {summary.sites} sites, {summary.fakes} tampered scans; "
+          f"read it back with m3d import-official --release {summary.folder} --lidc-root {summary.folder / DICOM_FOLDER}")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push_folder
 
@@ -475,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     official = commands.add_parser(
         "import-official", help="turn a downloaded official M3Dsynth release into the same dataset folder as m3d build",
-        description="Reads the release's TIFF stacks (<mod>/scan|label/<img_id>/slide%%04d.tiff) and tables (data.csv, "
+        description="Reads the release's TIFF stacks (<mod>/scan|label/<img_id>/slide%04d.tiff) and tables (data.csv, "
         "sets.csv, centers.csv, LIDC.csv) and the LIDC-IDRI series they come from; writes the Hub-ready folder of "
         "m3d build (Parquet shards, card), resumable. See m3d.dataset_builder.official.",
     )
@@ -493,6 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
     official.add_argument("--overwrite", action="store_true", help="delete a previous build in --out first")
     official.add_argument("--no-progress", action="store_true", help="no progress bar")
     official.set_defaults(func=cmd_import_official)
+
+    export = commands.add_parser(
+        "export-official", help="write an m3d dataset folder in the official M3Dsynth release layout (TIFF stacks, tables)",
+        description="The inverse of import-official: <mod>/scan|label/<img_id>/slide%04d.tiff (slices by descending z, "
+        "HU shifted to be non-negative), real/scan/<img_id>/ for the pristine scans, data/ with data.csv, sets.csv, "
+        "centers.csv, LIDC.csv, and dicom/<patient>/<series>/, the pristine series in place of the LIDC-IDRI download. "
+        "See m3d.dataset_builder.official_export.",
+    )
+    export.add_argument("data", metavar="DIR", help="an M3Dsynth dataset folder (m3d build or m3d import-official output)")
+    export.add_argument("--out", required=True, help="output folder in the release layout (must be new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export.set_defaults(func=cmd_export_official)
 
     push = commands.add_parser("push", help="upload an m3d dataset, pipeline or model folder to the Hugging Face Hub")
     push.add_argument("path", help="the folder (an m3d build, a saved pipeline or a saved model, with its README.md)")

@@ -770,7 +770,7 @@ def _enhanced_header(
     return header
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
+def publish_folder(staging: Path, out_dir: Path) -> None:
     """Move the finished ``staging`` folder to ``out_dir``, replacing (checked) old contents."""
     if not out_dir.exists():
         staging.replace(out_dir)
@@ -833,7 +833,7 @@ def write_dicom_series(
                 header = _slice_header(volume, index, base, derived=derived, series_uid=series_uid, sop_uid=sop_uid,
                                        description=series_description)
             header.save_as(staging / name, enforce_file_format=True)
-        _publish(staging, out_dir)
+        publish_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 MODS = {code: generator for generator, code in GENERATOR_CODES.items()}  # "cycle" -> "cyclegan", ...
 SLICE_NAME = "slide{:04d}.tiff"
+CENTERS_CSV_COLUMNS = ("img_id", "mod", "center_test_z", "center_test_y", "center_test_x")
 MIN_MATCHING_FRACTION = 0.99  # of the untampered voxels that the fitted map must reproduce exactly
 SITE_NODULE_TOLERANCE_MM = 5.0  # a grouped LIDC nodule counts as the site's if its centroid is this close
 
@@ -64,7 +65,7 @@ def read_official_tables(folder: str | Path) -> OfficialTables:
     """Read ``data.csv``, ``sets.csv``, ``centers.csv`` and ``LIDC.csv`` from ``folder``."""
     folder = Path(folder)
     sites = read_official_plan(folder)
-    centers = _read_csv(folder / "centers.csv", ("img_id", "mod", "center_test_z", "center_test_y", "center_test_x"))
+    centers = _read_csv(folder / "centers.csv", CENTERS_CSV_COLUMNS)
     lidc = _read_csv(folder / "LIDC.csv", ("orig_id", "sdir_id", "dicom"))
     test_crops = {
         (row["img_id"], row["mod"]): (float(row["center_test_z"]), float(row["center_test_y"]), float(row["center_test_x"]))
@@ -83,6 +84,22 @@ def read_tiff_stack(folder: Path) -> np.ndarray:
     if not slices:
         raise FileNotFoundError(f"no {SLICE_NAME.format(0)} in {folder}")
     return np.stack(slices)
+
+
+def write_tiff_stack(folder: Path, stack: np.ndarray) -> None:
+    """Write ``stack`` ``(slices, rows, cols)`` as ``slide0000.tiff, slide0001.tiff, ...`` in ``folder`` (new):
+    LZMA-compressed, as the release; black is zero, so that PIL (the official loader) reads boolean labels too."""
+    import tifffile
+
+    folder.mkdir(parents=True)
+    for index, image in enumerate(stack):
+        tifffile.imwrite(folder / SLICE_NAME.format(index), image, compression="lzma", photometric="minisblack")
+
+
+def release_order(volume: CTVolume) -> np.ndarray:
+    """``order[k]``: the volume slice that is the release's slice ``k`` (the official conversion sorts the
+    slices by descending ImagePositionPatient z, whatever the series' own order)."""
+    return np.argsort(-volume_z_positions(volume), kind="stable")
 
 
 def stored_to_hu_map(stored: np.ndarray, hu: np.ndarray, where: np.ndarray) -> tuple[float, float]:
@@ -167,9 +184,8 @@ def official_examples(
     """The examples of one series: per site, the pristine scan, then each selected generator's sample
     that the release holds (a sample the release lacks is "skipped")."""
     release = Path(release)
-    z_volume_mm = volume_z_positions(volume)
-    order = np.argsort(-z_volume_mm, kind="stable")  # order[k]: the volume slice that is the release's slice k
-    z_mm = z_volume_mm[order]
+    order = release_order(volume)
+    z_mm = volume_z_positions(volume)[order]
     job = replace(job, z_positions_mm=z_mm)  # the release's slice k lies at z_mm[k]: sites and crops go through it
     nodules = series_nodules(lidc_folder, volume) if lidc_folder is not None else []
     series_uid = volume.metadata.series_instance_uid or job.series_instance_uid

@@ -35,6 +35,7 @@ OFFICIAL_TASK = {"inject": "inj", "remove": "rem"}
 OFFICIAL_SPLIT_PATIENTS = {"train": 488, "val": 100, "test": 150}
 GENERATOR_CODES = {"real": "real", "pix2pix": "pix2pix", "cyclegan": "cycle", "ddpm": "diffusion"}
 DATA_CSV_COLUMNS = ("img_id", "ty", "mod", "orig_id", "sdir_id", "coord_z", "coord_y", "coord_x")
+SETS_CSV_COLUMNS = ("orig_id", "set")
 
 
 SIZE_MEASURES = ("diameter", "volume")
@@ -396,7 +397,7 @@ def read_official_plan(release_dir: str | Path) -> list[Site]:
         if not required.is_file():
             raise FileNotFoundError(f"{required} not found: point at the official M3Dsynth release (its data/ folder)")
     splits = {}
-    for where, row in read_table(sets_csv, ("orig_id", "set")):
+    for where, row in read_table(sets_csv, SETS_CSV_COLUMNS):
         if row["set"].strip().lower() not in OFFICIAL_SETS:
             raise ValueError(f"{where}: unknown set {row['set']!r} (expected one of {sorted(OFFICIAL_SETS)})")
         splits[row["orig_id"]] = OFFICIAL_SETS[row["set"].strip().lower()]
