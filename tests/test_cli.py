@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import m3d
-from m3d.cli import DELEGATED_COMMANDS, build_parser, main
+from m3d.cli import build_parser, main
+from m3d.cli.delegated import DELEGATED_COMMANDS
 from m3d.data.ct import CTVolume
 from m3d.data.dicom import read_dicom_series, write_dicom_series
 from m3d.data.nifti import read_nifti
@@ -46,9 +47,9 @@ def _options_without_help(parser: argparse.ArgumentParser, name: str) -> list[st
 
 def test_every_option_has_help():
     missing = _options_without_help(build_parser(), "m3d")
-    for command, module_name in DELEGATED_COMMANDS.items():
-        parser = importlib.import_module(module_name).build_parser(prog=f"m3d {command}")
-        missing += _options_without_help(parser, f"m3d {command}")
+    for command in DELEGATED_COMMANDS.values():
+        parser = importlib.import_module(command.module).build_parser(prog=f"m3d {command.name}")
+        missing += _options_without_help(parser, f"m3d {command.name}")
     assert not missing, missing
 
 

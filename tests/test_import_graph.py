@@ -30,7 +30,10 @@ def imported_modules(path: Path, modules: set[str]) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
             target = ".".join(base + ([node.module] if node.module else []))
-            targets = [target, *(f"{target}.{alias.name}" for alias in node.names)]
+            names = [f"{target}.{alias.name}" for alias in node.names]
+            # `from . import sibling` needs the sibling only: its own package (an ancestor) is importing it already
+            siblings_only = name.startswith(target + ".") and all(n in modules for n in names)
+            targets = names if siblings_only else [target, *names]
         elif isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         found.update(t for t in targets if t in modules and t != name)
@@ -96,10 +99,11 @@ def test_the_checks_see_a_cycle_and_a_lazy_import(tmp_path):
     module = tmp_path / "m3d" / "x.py"
     module.parent.mkdir()
     module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .y import Y\n"
-                      "def f():\n    from .train import common\n")
+                      "from . import z\ndef f():\n    from .train import common\n")
     global PACKAGE
     saved, PACKAGE = PACKAGE, tmp_path / "m3d"
     try:
-        assert imported_modules(module, {"m3d.y", "m3d.train", "m3d.train.common"}) == {"m3d.train", "m3d.train.common"}
+        assert imported_modules(module, {"m3d", "m3d.y", "m3d.z", "m3d.train", "m3d.train.common"}) == {
+            "m3d.z", "m3d.train", "m3d.train.common"}
     finally:
         PACKAGE = saved

@@ -140,7 +140,7 @@ def test_site_rule_of_each_task(phantom_case):
 
 def test_tamper_finds_the_case_folders_annotations(phantom_case):
     """`m3d tamper --scan CASE/dicom` checks against the case's XML without --nodules."""
-    from m3d.cli import check_sites
+    from m3d.cli.tamper import check_sites
 
     folder, volume, nodules = phantom_case
     too_large = next(n for n in nodules if n.diameter_mm > 20)
