@@ -96,16 +96,16 @@ def test_broken_pipeline_folders_are_one_clear_error(tmp_path):
         return copy
 
     swapped = folder("swapped")
-    shutil.rmtree(swapped / "generator")
-    shutil.copytree(DEMO_DIR / "cyclegan-inject" / "generator", swapped / "generator")
+    shutil.rmtree(swapped / "network")
+    shutil.copytree(DEMO_DIR / "cyclegan-inject" / "network", swapped / "network")
     cut = folder("cut")
-    weights = cut / "generator" / "diffusion_pytorch_model.safetensors"
+    weights = cut / "network" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
     pickled = folder("pickled")
-    (pickled / "generator" / "diffusion_pytorch_model.safetensors").rename(pickled / "generator" / "diffusion_pytorch_model.bin")
+    (pickled / "network" / "diffusion_pytorch_model.safetensors").rename(pickled / "network" / "diffusion_pytorch_model.bin")
     misfit = folder("misfit")
-    config = json.loads((misfit / "generator" / "config.json").read_text())
-    (misfit / "generator" / "config.json").write_text(json.dumps({**config, "in_channels": 2}))
+    config = json.loads((misfit / "network" / "config.json").read_text())
+    (misfit / "network" / "config.json").write_text(json.dumps({**config, "in_channels": 2}))
     broken = folder("broken")
     (broken / "model_index.json").write_text("{oops")
     cases = {swapped: "holds a CycleGAN3DGenerator, but model_index.json names Pix2Pix3DGenerator",

@@ -29,8 +29,8 @@ from m3d.tamper.cube import CUBE_SIZE, TamperLocationError, hole_mask, hu_to_uni
 HOLE = torch.from_numpy(hole_mask())[None, None]
 PIPELINES = {
     "ddpm": (M3DInpaintPipeline, "unet", ["m3d.models.unet3d", "UNet3DModel"]),
-    "pix2pix": (Pix2Pix3DPipeline, "generator", ["m3d.models.pix2pix3d", "Pix2Pix3DGenerator"]),
-    "cyclegan": (CycleGAN3DPipeline, "generator", ["m3d.models.cyclegan3d", "CycleGAN3DGenerator"]),
+    "pix2pix": (Pix2Pix3DPipeline, "network", ["m3d.models.pix2pix3d", "Pix2Pix3DGenerator"]),
+    "cyclegan": (CycleGAN3DPipeline, "network", ["m3d.models.cyclegan3d", "CycleGAN3DGenerator"]),
 }
 
 
@@ -299,6 +299,13 @@ def test_gan_pipelines_fill_only_the_hole_unless_asked():
     assert not np.array_equal(a, c)
 
 
+def test_gan_pipelines_take_no_sampling_steps():
+    """One forward pass: the GANs have no ``num_inference_steps`` to ignore."""
+    for kind in ("pix2pix", "cyclegan"):
+        with pytest.raises(TypeError, match="num_inference_steps"):
+            tiny_pipeline(kind)(random_cubes(1), num_inference_steps=3)
+
+
 def test_pipelines_touch_up_by_default_seeded_per_cube():
     """CT-GAN's touch-ups are on by default: the hole changes, the context does not, the noise follows each
     cube's seed whatever the batching; the DDPM applies them too (its raw fills leave a seam)."""
@@ -326,7 +333,7 @@ def test_task_mismatch_and_bad_inputs_fail_clearly():
         call(pipe, random_cubes(1), task="remove")
     assert isinstance(call(pipe, random_cubes(1), task="inject"), M3DPipelineOutput)
     with pytest.raises(ValueError, match="task must be one of"):
-        Pix2Pix3DPipeline(generator=Pix2Pix3DGenerator(gf=4), task="delete")
+        Pix2Pix3DPipeline(network=Pix2Pix3DGenerator(gf=4), task="delete")
     with pytest.raises(ValueError, match="either"):
         call(pipe)
     with pytest.raises(ValueError, match="volume"):

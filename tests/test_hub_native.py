@@ -1,11 +1,13 @@
 """The ecosystem's generic entry points on what m3d saves: `import m3d` registers every architecture with
 transformers' Auto classes (without importing them at `import m3d`), detector and CAD folders carry their
 code (`trust_remote_code=True` works where m3d cannot be imported), pipeline folders load through
-`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, and folders saved before keep loading."""
+`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, and folders saved before keep loading (older
+class names, no code file, the GANs' network under its old component name)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,8 +135,33 @@ def test_a_folder_saved_before_the_code_file_still_loads(tmp_path):
     for folder in (old, tmp_path / "new"):
         for loaded in (load_pipeline(folder), Pix2Pix3DPipeline.from_pretrained(folder)):
             assert type(loaded) is Pix2Pix3DPipeline and loaded.task == "remove"
-            assert all(torch.equal(a, b) for a, b in zip(loaded.generator.state_dict().values(),
-                                                          pipeline.generator.state_dict().values()))
+            assert all(torch.equal(a, b) for a, b in zip(loaded.network.state_dict().values(),
+                                                          pipeline.network.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", ["pix2pix-remove", "cyclegan-inject"])
+def test_a_folder_saved_before_the_network_was_renamed_still_loads(name, tmp_path):
+    """The GANs' network was the ``generator`` component (subfolder and ``model_index.json`` key) when the shipped
+    folders were trained: m3d's loaders map the old name, to the same fp32 weights and the same output; a folder
+    saved again has the name now."""
+    old = tmp_path / name
+    shutil.copytree(DEMO_DIR / name, old)
+    (old / "network").rename(old / "generator")
+    index = json.loads((old / "model_index.json").read_text())
+    index["generator"] = index.pop("network")
+    (old / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    current = load_pipeline(DEMO_DIR / name)
+    cubes = torch.rand((2, 1, 32, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    expected = current(cubes, generator=torch.Generator().manual_seed(1), progress=False).cubes
+    for loaded in (load_pipeline(old), type(current).from_pretrained(old)):
+        assert type(loaded) is type(current) and set(loaded.components) == {"network"} and "generator" not in loaded.config
+        assert loaded.network.dtype == torch.float32
+        assert all(torch.equal(a, b) for a, b in zip(loaded.network.state_dict().values(),
+                                                      current.network.state_dict().values()))
+        assert (loaded(cubes, generator=torch.Generator().manual_seed(1), progress=False).cubes == expected).all()
+    loaded.save_pretrained(tmp_path / "saved-again")
+    assert "network" in json.loads((tmp_path / "saved-again" / "model_index.json").read_text())
+    assert (tmp_path / "saved-again" / "network" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_m3d_never_runs_code_a_folder_brings_but_its_own_line(tmp_path):

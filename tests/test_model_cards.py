@@ -23,7 +23,7 @@ def folders(tmp_path_factory):
         XceptionConfig(stem_channels=(4, 8), entry_channels=(8, 8, 16), middle_blocks=1, exit_channels=(16, 16, 16))
     )
     xception.save_pretrained(root / "xception")
-    return root, sum(p.numel() for p in pipeline.generator.parameters()), unet.num_parameters()
+    return root, sum(p.numel() for p in pipeline.network.parameters()), unet.num_parameters()
 
 
 def test_pipeline_card_metadata_and_facts(folders):

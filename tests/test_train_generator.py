@@ -309,7 +309,7 @@ def _steps(out: Path) -> list[int]:
 def _weights(out: Path, model: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    component = "unet" if model == "ddpm" else "generator"
+    component = "unet" if model == "ddpm" else "network"
     return load_file(str(out / "pipeline" / component / "diffusion_pytorch_model.safetensors"))
 
 

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
 
     from ..data.dicom import check_out_dir, write_dicom_series
     from ..data.nifti import write_mask_nifti
-    from ..pipelines import load_pipeline
+    from ..pipelines import M3DInpaintPipeline, load_pipeline
 
     out = Path(args.out)
     series_dir, mask_path = out / "dicom", out / "mask.nii.gz"
@@ -87,11 +87,17 @@ def run(args: argparse.Namespace) -> None:
     if not args.ignore_site_rule:
         check_sites(Path(args.scan), volume, args.task, locations, args.nodules)
     pipeline = load_pipeline(args.pipeline)
+    sampling = {}
+    if args.steps is not None:
+        if not isinstance(pipeline, M3DInpaintPipeline):
+            raise ValueError(f"--steps sets a diffusion pipeline's sampling steps; {args.pipeline} holds a "
+                             f"{type(pipeline).__name__}, which has none")
+        sampling["num_inference_steps"] = args.steps
     result = pipeline(
         volume=volume,
         locations_lps_mm=locations,
         task=args.task,
-        num_inference_steps=args.steps,
+        **sampling,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="volume",
         allow_outside_lung=args.allow_outside_lung,

@@ -275,11 +275,13 @@ def scan_examples(
 ) -> Iterator[tuple[dict[str, Any] | None, Outcome]]:
     """The examples of one scan, in site order: per site of a selected task, the pristine scan, then one
     tampered scan per generator whose result passes ``quality`` (None: keep all). Yields ``(example or
-    None, outcome)`` per (site, generator). With ``cad_model`` (a loaded `m3d.cad` scorer) every example's
+    None, outcome)`` per (site, generator). ``num_inference_steps`` goes to the diffusion pipelines (the GANs
+    take none; None: each pipeline's own default). With ``cad_model`` (a loaded `m3d.cad` scorer) every example's
     ``malignancy_after`` is the scorer's rating (1-5) at the site of that scan, tampered or not."""
     import torch
 
     from ..cad.scoring import score_locations
+    from ..pipelines import M3DInpaintPipeline
     from ..tamper.cube import TamperLocationError, check_location, unit_to_hu
 
     def scored(example: dict[str, Any], scan: CTVolume) -> dict[str, Any]:
@@ -304,10 +306,13 @@ def scan_examples(
         yield real, Outcome(real["img_id"], "real", task, "kept")
         for generator in generators:
             img_id = f"{site_job.site_id}_{generator}"
-            out = pipelines[generator, task](
+            pipeline = pipelines[generator, task]
+            sampling = isinstance(pipeline, M3DInpaintPipeline) and num_inference_steps is not None
+            steps = {"num_inference_steps": num_inference_steps} if sampling else {}
+            out = pipeline(
                 volume=volume, locations_lps_mm=[location], generator=torch.Generator().manual_seed(sample_seed(seed, img_id)),
                 output_type="volume", progress=False, allow_outside_lung=True,
-                **({} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}),
+                **steps,
             )
             tampered, mask = out.volumes[0], out.masks[0]
             verdict = check_quality(unit_to_hu(np.asarray(out.cubes[0, 0], np.float32)), task, quality or QualityCriteria())

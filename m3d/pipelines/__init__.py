@@ -6,10 +6,13 @@
 * `CycleGAN3DPipeline` (``pipeline_cyclegan3d``): the masked -> tissue generator of a 3-D CycleGAN.
 
 All take either ``cubes`` (B, 1, 32, 32, 32) in [-1, 1] or a `CTVolume` + LPS locations, and return
-`M3DPipelineOutput` (cubes, tampered volumes, changed-voxel masks). Each saved folder holds one
-task's weights (``task`` in ``model_index.json``). `load_pipeline(path)` picks the class from
-``model_index.json``; ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it too,
-through the one-line ``m3d_pipeline.py`` every saved folder carries (m3d installed).
+`M3DPipelineOutput` (cubes, tampered volumes, changed-voxel masks); their ``__call__`` reads as diffusers':
+``check_inputs`` -> ``cube_processor.preprocess`` (`CubeProcessor`) -> the generation loop ->
+``cube_processor.postprocess``. The GANs' network is the ``network`` component (``generator`` is the random
+generator argument). Each saved folder holds one task's weights (``task`` in ``model_index.json``).
+`load_pipeline(path)` picks the class from ``model_index.json`` (and loads folders saved before a component
+was renamed, `RENAMED_COMPONENTS`); ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``
+loads current folders too, through the one-line ``m3d_pipeline.py`` every saved folder carries (m3d installed).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ from ..loading import check_settings, read_json_object, require_safetensors, req
 from .common import (
     PIPELINE_CODE,
     PIPELINE_CODE_MODULE,
+    RENAMED_COMPONENTS,
     TASKS,
+    CubeProcessor,
     M3DPipelineOutput,
     M3DTamperPipeline,
     pipeline_class_name,
@@ -51,7 +56,7 @@ def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
     class_name = pipeline_class_name(entries)
     if class_name not in PIPELINE_CLASSES:
         raise ValueError(f"{index} names pipeline class {class_name!r}; m3d knows {sorted(PIPELINE_CLASSES)}")
-    check_settings(index, entries, inspect.signature(PIPELINE_CLASSES[class_name].__init__).parameters)
+    check_settings(index, entries, {*inspect.signature(PIPELINE_CLASSES[class_name].__init__).parameters, *RENAMED_COMPONENTS})
     code = folder / f"{PIPELINE_CODE_MODULE}.py"
     if code.is_file() and code.read_text(errors="replace") != PIPELINE_CODE:
         raise ValueError(f"{code} is not m3d's own one-line code file, and m3d never runs code a folder brings: "
@@ -64,9 +69,10 @@ def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
         _check_component(folder / name, value)
     try:
         pipeline = PIPELINE_CLASSES[class_name].from_pretrained(str(path), use_safetensors=True, **kwargs)
+        saved_names = {new: old for old, new in RENAMED_COMPONENTS.items() if old in entries}
         for name, component in pipeline.components.items():
             if isinstance(component, torch.nn.Module):
-                require_saved_tensors(component, next((folder / name).glob("*.safetensors")))
+                require_saved_tensors(component, next((folder / saved_names.get(name, name)).glob("*.safetensors")))
         return pipeline
     except SafetensorError as error:
         raise ValueError(f"{folder}: a component's weights are truncated or not safetensors ({error})") from None
@@ -101,8 +107,10 @@ def _check_component(component: Path, library_and_class: list[str]) -> None:
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "PIPELINE_CLASSES",
+    "RENAMED_COMPONENTS",
     "SAMPLERS",
     "TASKS",
+    "CubeProcessor",
     "CycleGAN3DPipeline",
     "M3DInpaintPipeline",
     "M3DPipelineOutput",

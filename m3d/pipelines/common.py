@@ -1,16 +1,19 @@
-"""What the three m3d tampering pipelines share: the output class, the task check, input handling
-(cubes or a scan + locations), per-sample random generators, batching, and pasting back into the scan.
+"""What the three m3d tampering pipelines share, written once: the output class, the cube processor
+(`CubeProcessor`: cut the 32 mm cube at each site at 1 mm, scale the HU window to [-1, 1], mask the hole;
+afterwards keep the known region, apply CT-GAN's touch-ups, paste back into the scan), one random generator
+per cube, the input checks, and saving and loading (the folder's code file, component names of folders
+saved before a rename).
 
-Each pipeline only supplies how one batch of masked cubes is filled (`M3DTamperPipeline._run`'s
-``fill`` callback); everything else — extraction with `m3d.tamper.cube`, the [-1, 1] scaling, the
-known region, the paste, the progress bar — is here so that the three behave identically.
+Each pipeline's ``__call__`` reads as diffusers' do: ``check_inputs`` -> ``cube_processor.preprocess`` ->
+its own generation loop over `CubeBatch`es -> ``cube_processor.postprocess``.
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Iterator, Sequence, get_type_hints
 
 import numpy as np
 import torch
@@ -20,15 +23,17 @@ from diffusers.utils import BaseOutput
 from ..constants import TASKS
 from ..data.ct import CTVolume
 from ..data.lungs import segment_lungs
-from ..tamper.cube import CUBE_SIZE, extract_cube, hole_mask, hu_to_unit, paste_cube, unit_to_hu
+from ..loading import read_json_object
+from ..tamper.cube import CUBE_SIZE, Cube, extract_cube, hole_mask, hu_to_unit, paste_cube, unit_to_hu
 from ..tamper.touch_up import touch_up as touch_up_cube
 
 OUTPUT_TYPES = ("np", "pt", "volume")
+# a component's name in folders saved before it was renamed -> its name now (``generator`` was the GANs' network:
+# diffusers reserves ``generator`` for random generators)
+RENAMED_COMPONENTS = {"generator": "network"}
+MODEL_LOADING_KWARGS = ("dtype", "torch_dtype", "use_safetensors", "variant", "low_cpu_mem_usage")
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
-# fill(original (b,1,32,32,32) float32 in [-1, 1], mask (b,1,32,32,32) float32 1 = hole,
-#      generators: list of b torch.Generator, on_step: callable) -> filled (b,1,32,32,32) float32
-FillFn = Callable[[torch.Tensor, torch.Tensor, list, Callable[[], None]], torch.Tensor]
 
 
 @dataclass
@@ -74,9 +79,9 @@ def per_sample_generators(generator: GeneratorArg, count: int) -> list[torch.Gen
     return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds.tolist()]
 
 
-def _seed_from(generator: torch.Generator) -> int:
-    """A numpy seed drawn from a cube's own torch generator (after its fill: same seed, same draw)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+def numpy_rng(generator: torch.Generator) -> np.random.Generator:
+    """A numpy generator seeded from a cube's own torch generator (after its generation: same seed, same draw)."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
 
 
 def as_cube_batch(cubes: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -93,6 +98,128 @@ def as_cube_batch(cubes: np.ndarray | torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(tensor).all():
         raise ValueError("cubes contain NaN or infinite values")
     return tensor.clamp(-1, 1)
+
+
+@dataclass
+class CubeBatch:
+    """One batch of cubes on the network's device: ``cubes`` the originals ``(b, 1, 32, 32, 32)`` in [-1, 1],
+    ``hole_mask`` 1 in the centre hole (same shape), and the cubes' own random generators."""
+
+    cubes: torch.Tensor
+    hole_mask: torch.Tensor
+    generators: list[torch.Generator]
+
+    @property
+    def known_mask(self) -> torch.Tensor:
+        """1 outside the hole: the region the output keeps from the input."""
+        return 1.0 - self.hole_mask
+
+    def condition(self, channels: int) -> torch.Tensor:
+        """What a network is conditioned on: the cubes with the hole set to 0, and with ``channels=2`` the hole mask."""
+        masked = self.cubes * self.known_mask
+        return masked if channels == 1 else torch.cat([masked, self.hole_mask], dim=1)
+
+
+@dataclass
+class CubeInputs:
+    """`CubeProcessor.preprocess`'s result: ``cubes`` ``(N, 1, 32, 32, 32)`` float32 in [-1, 1] on the CPU,
+    ``hole_mask`` 1 in their centre hole, and with a scan as input the scan and the `Cube` cut at each location."""
+
+    cubes: torch.Tensor
+    hole_mask: torch.Tensor
+    volume: CTVolume | None = None
+    sites: list[Cube] | None = None
+
+    def __len__(self) -> int:
+        return self.cubes.shape[0]
+
+    def batches(self, batch_size: int, generators: list[torch.Generator], device: torch.device) -> list[CubeBatch]:
+        """The cubes in batches of ``batch_size`` on ``device``, each with its cubes' ``generators``."""
+        return [
+            CubeBatch(self.cubes[start : start + batch_size].to(device), self.hole_mask[start : start + batch_size].to(device),
+                      generators[start : start + batch_size])
+            for start in range(0, len(self), batch_size)
+        ]
+
+
+class CubeProcessor:
+    """The pipelines' pre- and post-processing (`m3d.tamper.cube`): ``preprocess`` turns cubes or a scan and
+    locations into masked cubes in [-1, 1]; ``postprocess`` turns generated cubes into the pipeline's output."""
+
+    def __init__(self) -> None:
+        self.hole = torch.from_numpy(hole_mask())[None, None]  # (1, 1, 32, 32, 32) bool
+
+    def preprocess(
+        self,
+        cubes: np.ndarray | torch.Tensor | None = None,
+        volume: CTVolume | None = None,
+        locations_lps_mm: Any = None,
+        *,
+        lung_mask: np.ndarray | None = None,
+        allow_outside_lung: bool = False,
+    ) -> CubeInputs:
+        """``cubes`` as they are (clamped to [-1, 1]), or a 32 mm cube cut at 1 mm around each of ``volume``'s
+        locations with `extract_cube` (every location checked before any is used; the lungs segmented once when
+        no ``lung_mask`` is given) and its HU window scaled to [-1, 1]; with the hole mask."""
+        sites = None
+        if volume is not None:
+            locations = np.asarray(locations_lps_mm, dtype=np.float64).reshape(-1, 3)
+            if lung_mask is None and not allow_outside_lung:
+                lung_mask = segment_lungs(volume)
+            sites = [extract_cube(volume, location, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung)
+                     for location in locations]
+            unit = torch.from_numpy(np.stack([hu_to_unit(site.hu) for site in sites]).astype(np.float32))[:, None]
+        else:
+            unit = as_cube_batch(cubes)
+        return CubeInputs(unit, self.hole.to(torch.float32).expand_as(unit), volume, sites)
+
+    def postprocess(
+        self,
+        inputs: CubeInputs,
+        generated: torch.Tensor,
+        *,
+        task: str,
+        generators: list[torch.Generator],
+        keep_context: bool = True,
+        touch_up: bool = False,
+        output_type: str = "np",
+    ) -> M3DPipelineOutput:
+        """The ``generated`` cubes clamped to [-1, 1]; with ``keep_context`` the input outside the hole; with
+        ``touch_up`` CT-GAN's touch-ups for ``task`` (`m3d.tamper.touch_up`, seeded by each cube's generator);
+        with a scan as input, pasted back into it (`paste_back`)."""
+        out = generated.to("cpu", torch.float32).clamp(-1, 1)
+        if keep_context:
+            out = torch.where(self.hole, out, inputs.cubes)
+        if touch_up:
+            out = self.touch_up(inputs, out, task, generators)
+        if inputs.volume is not None:
+            volumes, masks = self.paste_back(inputs, out, keep_context)
+        else:
+            region = self.hole[0, 0].numpy() if keep_context else np.ones(self.hole.shape[2:], bool)
+            volumes, masks = None, [region.copy() for _ in range(len(inputs))]
+        return M3DPipelineOutput(cubes=out if output_type == "pt" else out.numpy(), volumes=volumes, masks=masks)
+
+    def touch_up(self, inputs: CubeInputs, cubes: torch.Tensor, task: str, generators: list[torch.Generator]) -> torch.Tensor:
+        """CT-GAN's touch-ups for ``task`` on each cube's hole (`m3d.tamper.touch_up`): the noise of the input's own
+        scanner, seeded by the cube's generator, and a blend into the input instead of a hard paste."""
+        originals_hu = [site.hu for site in inputs.sites] if inputs.sites is not None else unit_to_hu(inputs.cubes[:, 0].numpy())
+        touched_hu = np.stack([touch_up_cube(unit_to_hu(cube), original, task, numpy_rng(stream))
+                               for cube, original, stream in zip(cubes[:, 0].numpy(), originals_hu, generators)])
+        touched = hu_to_unit(torch.from_numpy(touched_hu)[:, None].float()).clamp(-1, 1)
+        return torch.where(self.hole, touched, inputs.cubes)
+
+    def paste_back(self, inputs: CubeInputs, cubes: torch.Tensor, keep_context: bool) -> tuple[list[CTVolume], list[np.ndarray]]:
+        """``[tampered scan]`` with every cube pasted at its site in turn (outside the hole, with ``keep_context``,
+        the scan's own unclipped HU), and ``[mask of the voxels that changed]``."""
+        hole = self.hole[0, 0].numpy()
+        tampered, changed_any = inputs.volume, np.zeros(inputs.volume.shape, bool)
+        for site, generated in zip(inputs.sites, cubes[:, 0].numpy()):
+            generated_hu = unit_to_hu(generated)
+            if keep_context:
+                generated_hu = np.where(hole, generated_hu, site.hu)
+            tampered, changed = paste_cube(tampered, site, generated_hu.astype(np.float32))
+            changed_any |= changed
+        return [tampered], [changed_any]
 
 
 PIPELINE_CODE_MODULE = "m3d_pipeline"  # the code file a saved folder carries for diffusers' custom pipelines
@@ -113,11 +240,17 @@ def pipeline_class_name(entries: dict[str, Any]) -> str | None:
 
 class M3DTamperPipeline(DiffusionPipeline):
     """Base of the m3d pipelines (not saved itself). Subclasses register their components, call
-    ``self.register_to_config(task=task)`` and implement ``__call__`` through `_run`.
+    ``self.register_to_config(task=task)`` and write ``__call__`` with `check_inputs`, ``self.cube_processor``
+    (a `CubeProcessor`) and `_generating`.
 
     A saved folder carries `PIPELINE_CODE` (``m3d_pipeline.py``) and names its class through it, so that the
     generic ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it (m3d installed);
-    m3d's own loaders run that file only when it is exactly m3d's one import line."""
+    m3d's own loaders run that file only when it is exactly m3d's one import line. They also load local folders
+    saved before a component was renamed (`RENAMED_COMPONENTS`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cube_processor = CubeProcessor()
 
     def to_json_string(self) -> str:
         entries = json.loads(super().to_json_string())
@@ -131,45 +264,55 @@ class M3DTamperPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> Any:
-        code = Path(pretrained_model_name_or_path) / f"{PIPELINE_CODE_MODULE}.py"
+        folder = Path(pretrained_model_name_or_path)
+        code = folder / f"{PIPELINE_CODE_MODULE}.py"
         if code.is_file() and code.read_text() == PIPELINE_CODE:
             kwargs.setdefault("trust_remote_code", True)  # m3d's own import line, nothing else
+        kwargs = {**cls._load_renamed_components(folder, kwargs), **kwargs}
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _load_renamed_components(cls, folder: Path, kwargs: dict[str, Any]) -> dict[str, torch.nn.Module]:
+        """The components a local folder saved before a rename holds under their old names, loaded from their
+        old subfolders and keyed by their names now (diffusers would look for the new subfolders)."""
+        index = folder / "model_index.json"
+        if not index.is_file():
+            return {}
+        entries, component_classes = read_json_object(index), get_type_hints(cls.__init__)
+        loading = {key: kwargs[key] for key in MODEL_LOADING_KWARGS if key in kwargs}
+        return {
+            new: component_classes[new].from_pretrained(folder / old, **loading)
+            for old, new in RENAMED_COMPONENTS.items()
+            if old in entries and new in component_classes and new not in entries and new not in kwargs
+        }
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> tuple[dict, dict, dict]:
+        """diffusers' own, without the old names of renamed components (`from_pretrained` loads those)."""
+        current = {key: value for key, value in config_dict.items() if key not in RENAMED_COMPONENTS}
+        return super().extract_init_dict(current, **kwargs)
 
     @property
     def task(self) -> str:
         return self.config.task
 
-    def _check_call_task(self, task: str | None) -> None:
-        if task is None:
-            return
-        check_task_name(task)
-        if task != self.config.task:
+    def check_inputs(
+        self,
+        cubes: np.ndarray | torch.Tensor | None,
+        volume: CTVolume | None,
+        locations_lps_mm: Any,
+        task: str | None,
+        output_type: str,
+        batch_size: int,
+        keep_context: bool = True,
+        touch_up: bool = False,
+    ) -> None:
+        """One clear `ValueError` for a call that cannot work, before anything is computed."""
+        if task is not None and check_task_name(task) != self.config.task:
             raise ValueError(
                 f"this {type(self).__name__} holds weights trained for task {self.config.task!r}; "
                 f"got task={task!r}. Load the pipeline folder trained for {task!r} (one task per folder)."
             )
-
-    def _run(
-        self,
-        fill: FillFn,
-        steps_per_batch: int,
-        *,
-        cubes,
-        volume: CTVolume | None,
-        locations_lps_mm,
-        task: str | None,
-        generator: GeneratorArg,
-        output_type: str,
-        batch_size: int,
-        progress: bool,
-        lung_mask: np.ndarray | None,
-        allow_outside_lung: bool,
-        return_dict: bool,
-        keep_context: bool = True,
-        touch_up: bool = False,
-    ):
-        self._check_call_task(task)
         if touch_up and not keep_context:
             raise ValueError("touch_up=True blends the generated hole into the original cube: it needs keep_context=True")
         if output_type not in OUTPUT_TYPES:
@@ -178,80 +321,27 @@ class M3DTamperPipeline(DiffusionPipeline):
             raise ValueError(f"batch_size must be positive; got {batch_size}")
         if (cubes is None) == (volume is None):
             raise ValueError("pass either `cubes` or `volume` (with `locations_lps_mm`), not both / neither")
+        if volume is None and output_type == "volume":
+            raise ValueError('output_type="volume" needs a `volume` and `locations_lps_mm`')
+        if volume is not None and locations_lps_mm is None:
+            raise ValueError("`volume` needs `locations_lps_mm`: LPS (x, y, z) mm centres, one or (N, 3)")
+        if volume is not None and np.size(locations_lps_mm) == 0:
+            raise ValueError("`locations_lps_mm` is empty")
 
-        extracted = None
-        if volume is not None:
-            if locations_lps_mm is None:
-                raise ValueError("`volume` needs `locations_lps_mm`: LPS (x, y, z) mm centres, one or (N, 3)")
-            locations = np.asarray(locations_lps_mm, dtype=np.float64).reshape(-1, 3)
-            if len(locations) == 0:
-                raise ValueError("`locations_lps_mm` is empty")
-            if lung_mask is None and not allow_outside_lung:
-                lung_mask = segment_lungs(volume)  # once, not once per location
-            # every location is checked before anything is generated (TamperLocationError)
-            extracted = [
-                extract_cube(volume, location, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung)
-                for location in locations
-            ]
-            unit = torch.from_numpy(np.stack([hu_to_unit(cube.hu) for cube in extracted]).astype(np.float32))[:, None]
-        else:
-            if output_type == "volume":
-                raise ValueError('output_type="volume" needs a `volume` and `locations_lps_mm`')
-            unit = as_cube_batch(cubes)
-
-        count = unit.shape[0]
-        generators = per_sample_generators(generator, count)
-        hole_np = hole_mask()
-        hole = torch.from_numpy(hole_np)[None, None]
-        device = self._execution_device
-        modules = [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
-        was_training = [m.training for m in modules]
-        saved_bar_config = dict(getattr(self, "_progress_bar_config", {}))
+    @contextmanager
+    def _generating(self, progress: bool) -> Iterator[None]:
+        """For the generation loop: every model in eval mode, the progress bars hidden unless ``progress``;
+        both as they were afterwards (a pipeline may share its networks with a training run)."""
+        modules = [module for module in self.components.values() if isinstance(module, torch.nn.Module)]
+        was_training = [module.training for module in modules]
+        bar_config = dict(getattr(self, "_progress_bar_config", {}))
         if not progress:
-            self.set_progress_bar_config(**{**saved_bar_config, "disable": True})
-        outputs = []
+            self.set_progress_bar_config(**{**bar_config, "disable": True})
         try:
             for module in modules:
                 module.eval()
-            n_batches = -(-count // batch_size)
-            with torch.no_grad(), self.progress_bar(total=n_batches * steps_per_batch) as bar:
-                for start in range(0, count, batch_size):
-                    original = unit[start : start + batch_size].to(device)
-                    mask = hole.to(device, torch.float32).expand_as(original)
-                    filled = fill(original, mask, generators[start : start + batch_size], bar.update)
-                    outputs.append(filled.detach().to("cpu", torch.float32))
+            yield
         finally:
             for module, training in zip(modules, was_training):
                 module.train(training)
-            self._progress_bar_config = saved_bar_config
-        out = torch.cat(outputs).clamp(-1, 1)
-        if keep_context:  # the known region is exactly the input
-            out = torch.where(hole, out, unit)
-        if touch_up:
-            originals_hu = [cube.hu for cube in extracted] if extracted is not None else unit_to_hu(unit[:, 0].numpy())
-            touched = [
-                touch_up_cube(unit_to_hu(cube), original, self.config.task, np.random.default_rng(_seed_from(stream)))
-                for cube, original, stream in zip(out[:, 0].numpy(), originals_hu, generators)
-            ]
-            out = torch.from_numpy(np.stack(touched))[:, None].float()
-            out = torch.where(hole, hu_to_unit(out).clamp(-1, 1), unit)
-
-        volumes = masks = None
-        if extracted is not None:
-            tampered = volume
-            changed_any = np.zeros(volume.shape, bool)
-            for cube, generated in zip(extracted, out[:, 0].numpy()):
-                generated_hu = unit_to_hu(generated)
-                if keep_context:  # outside the hole: the scan's own (unclipped) HU
-                    generated_hu = np.where(hole_np, generated_hu, cube.hu)
-                tampered, changed = paste_cube(tampered, cube, generated_hu.astype(np.float32))
-                changed_any |= changed
-            volumes, masks = [tampered], [changed_any]
-        else:
-            region = hole_np if keep_context else np.ones_like(hole_np)
-            masks = [region.copy() for _ in range(count)]
-
-        cubes_out = out if output_type == "pt" else out.numpy()
-        if not return_dict:
-            return cubes_out, volumes, masks
-        return M3DPipelineOutput(cubes=cubes_out, volumes=volumes, masks=masks)
+            self._progress_bar_config = bar_config

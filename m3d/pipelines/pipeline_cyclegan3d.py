@@ -1,56 +1,60 @@
 """`CycleGAN3DPipeline`: M3Dsynth's CycleGAN generator, which fills the masked centre of a 32 mm CT
-cube with the masked -> tissue generator G (`CycleGAN3DGenerator`), in one forward pass.
+cube with the masked -> tissue generator G (a `CycleGAN3DGenerator`, the pipeline's network), in one
+forward pass.
 
 Training uses both directions (G: masked -> filled, F: filled -> masked, two PatchGAN discriminators,
 cycle-consistency losses); as in the paper only G is used at inference, so only G is a component.
-The generator sees the cube with its centre hole set to 0 (``in_channels=1``) or that plus the hole
-mask (``in_channels=2``). The network is deterministic (no dropout, InstanceNorm); ``generator`` seeds
+The network sees the cube with its centre hole set to 0 (``in_channels=1``) or that plus the hole
+mask (``in_channels=2``). It is deterministic (no dropout, InstanceNorm); ``generator`` seeds
 the touch-ups' noise. ``keep_context`` and the touch-ups as in `Pix2Pix3DPipeline`.
 
 One task per folder: ``task`` ("inject" | "remove") is recorded in ``model_index.json``.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from ..data.ct import CTVolume
 from ..models.cyclegan3d import CycleGAN3DGenerator
-from .common import GeneratorArg, M3DTamperPipeline, check_task_name
+from .common import GeneratorArg, M3DPipelineOutput, M3DTamperPipeline, check_task_name, per_sample_generators
 
 __all__ = ["CycleGAN3DPipeline"]
 
 
 class CycleGAN3DPipeline(M3DTamperPipeline):
-    """Fill the centre hole of 32^3 CT cubes with a 3-D CycleGAN generator (see module doc).
+    """Fill the centre hole of 32^3 CT cubes with a 3-D CycleGAN's masked -> tissue network (see module doc).
 
     Args:
-        generator: the trained masked -> tissue `CycleGAN3DGenerator` (G).
+        network: the trained masked -> tissue `CycleGAN3DGenerator` (G), saved as the ``network`` component
+            (folders saved before call it ``generator`` and still load).
         task: ``"inject"`` or ``"remove"``: what the weights were trained for.
     """
 
-    model_cpu_offload_seq = "generator"
+    model_cpu_offload_seq = "network"
 
-    def __init__(self, generator: CycleGAN3DGenerator, task: str = "inject"):
+    def __init__(self, network: CycleGAN3DGenerator, task: str = "inject"):
         super().__init__()
-        self.register_modules(generator=generator)
+        self.register_modules(network=network)
         self.register_to_config(task=check_task_name(task))
 
     @classmethod
-    def from_preset(cls, preset: str = "default", task: str = "inject", **overrides) -> "CycleGAN3DPipeline":
-        """A randomly initialised pipeline with a `m3d.models.PRESETS` generator."""
+    def from_preset(cls, preset: str = "default", task: str = "inject", **overrides: Any) -> "CycleGAN3DPipeline":
+        """A randomly initialised pipeline with a `m3d.models.PRESETS` network."""
         from ..models import PRESETS
 
-        return cls(generator=CycleGAN3DGenerator(**{**PRESETS["CycleGAN3DGenerator"][preset], **overrides}), task=task)
+        return cls(network=CycleGAN3DGenerator(**{**PRESETS["CycleGAN3DGenerator"][preset], **overrides}), task=task)
 
+    @torch.no_grad()
     def __call__(
         self,
         cubes: np.ndarray | torch.Tensor | None = None,
         *,
         volume: CTVolume | None = None,
-        locations_lps_mm=None,
+        locations_lps_mm: Any = None,
         task: str | None = None,
-        num_inference_steps: int | None = None,
         generator: GeneratorArg = None,
         output_type: str = "np",
         batch_size: int = 16,
@@ -60,32 +64,52 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         return_dict: bool = True,
         keep_context: bool = True,
         touch_up: bool | None = None,
-    ):
-        """Same arguments as `M3DInpaintPipeline.__call__` (``num_inference_steps`` is accepted for a
-        uniform API and ignored), plus ``keep_context`` and ``touch_up`` as in `Pix2Pix3DPipeline`."""
-        network = self.generator
+    ) -> M3DPipelineOutput | tuple:
+        """Fill the centre hole of ``cubes``, or of 32 mm cubes cut from ``volume``, in one forward pass.
 
-        def fill(original: torch.Tensor, mask: torch.Tensor, generators: list, on_step) -> torch.Tensor:
-            masked = original * (1.0 - mask)
-            inputs = masked if network.config.in_channels == 1 else torch.cat([masked, mask], dim=1)
-            output = network(inputs.to(network.dtype)).sample
-            on_step()
-            return output.to(torch.float32)
+        Args:
+            cubes: ``(B, 1, 32, 32, 32)`` (or ``(B, 32, 32, 32)``) cubes in [-1, 1] (HU scaled with
+                `m3d.tamper.cube.hu_to_unit`); the hole is masked here, its content is ignored.
+            volume, locations_lps_mm: instead of cubes, a `CTVolume` and one or ``(N, 3)`` LPS
+                ``(x, y, z)`` mm centres; cubes are cut with `extract_cube` (bad locations raise
+                `TamperLocationError` before anything is generated) and pasted back one after another.
+            task: optional check that the weights were trained for this task.
+            generator: a `torch.Generator` (seeds one generator per cube, for the touch-ups: same seed ->
+                same cubes, whatever ``batch_size``), a list of one per cube, or None (torch's global RNG).
+            output_type: ``"np"``, ``"pt"`` or ``"volume"`` (requires ``volume``).
+            batch_size: cubes per forward pass.
+            progress: show a progress bar (one step per batch).
+            lung_mask, allow_outside_lung: passed to `extract_cube` (the lungs are segmented once when no
+                mask is given).
+            return_dict: return `M3DPipelineOutput` (else a tuple ``(cubes, volumes, masks)``).
+            keep_context: replace only the hole (else keep the whole generated cube).
+            touch_up: CT-GAN's touch-ups (`m3d.tamper.touch_up`): the scan's noise on the generated hole and
+                a blend into the original; None (the default) = ``keep_context``, which they need.
 
-        return self._run(
-            fill,
-            1,
-            cubes=cubes,
-            volume=volume,
-            locations_lps_mm=locations_lps_mm,
-            task=task,
-            generator=generator,
-            output_type=output_type,
-            batch_size=batch_size,
-            progress=progress,
-            lung_mask=lung_mask,
-            allow_outside_lung=allow_outside_lung,
-            return_dict=return_dict,
-            keep_context=keep_context,
-            touch_up=keep_context if touch_up is None else touch_up,
-        )
+        Returns:
+            `M3DPipelineOutput` (or the tuple): the cubes, and with a scan the tampered scan and the mask of
+            the voxels that changed.
+        """
+        touch_up = keep_context if touch_up is None else touch_up
+        # 1. Check inputs
+        self.check_inputs(cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up)
+
+        # 2. Preprocess: cut each site's cube at 1 mm, scale the HU window to [-1, 1], mask the hole
+        inputs = self.cube_processor.preprocess(cubes, volume, locations_lps_mm, lung_mask=lung_mask,
+                                                allow_outside_lung=allow_outside_lung)
+        generators = per_sample_generators(generator, len(inputs))
+
+        # 3. One forward pass per batch
+        filled = []
+        with self._generating(progress):
+            for batch in self.progress_bar(inputs.batches(batch_size, generators, self._execution_device)):
+                network_input = batch.condition(self.network.config.in_channels).to(self.network.dtype)
+                filled.append(self.network(network_input).sample)
+
+        # 4. Postprocess: keep the known region, touch up, paste back
+        output = self.cube_processor.postprocess(inputs, torch.cat(filled), task=self.task, generators=generators,
+                                                 keep_context=keep_context, touch_up=touch_up, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return output.cubes, output.volumes, output.masks
+        return output

@@ -1,7 +1,7 @@
 """`Pix2Pix3DPipeline`: M3Dsynth's "pix2pix" generator, i.e. CT-GAN's 3-D conditional GAN, which
-fills the masked centre of a 32 mm CT cube in one forward pass of `Pix2Pix3DGenerator`.
+fills the masked centre of a 32 mm CT cube in one forward pass of its network, a `Pix2Pix3DGenerator`.
 
-The generator sees the cube with its 20^3 centre hole set to 0 (``in_channels=1``, as CT-GAN) or that
+The network sees the cube with its 20^3 centre hole set to 0 (``in_channels=1``, as CT-GAN) or that
 plus the hole mask (``in_channels=2``). Inference is deterministic by default (CT-GAN runs Keras'
 ``predict``, dropout off); ``stochastic=True`` turns on pix2pix's test-time dropout, seeded by
 ``generator`` (one stream per cube). By default only the hole is replaced (``keep_context=True``):
@@ -15,46 +15,49 @@ injector is trained on malignant nodules > 10 mm, the remover on benign nodules 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from ..data.ct import CTVolume
 from ..models.pix2pix3d import Pix2Pix3DGenerator
-from .common import GeneratorArg, M3DTamperPipeline, check_task_name
+from .common import GeneratorArg, M3DPipelineOutput, M3DTamperPipeline, check_task_name, per_sample_generators
 
 __all__ = ["Pix2Pix3DPipeline"]
 
 
 class Pix2Pix3DPipeline(M3DTamperPipeline):
-    """Fill the centre hole of 32^3 CT cubes with CT-GAN's 3-D pix2pix generator (see module doc).
+    """Fill the centre hole of 32^3 CT cubes with CT-GAN's 3-D pix2pix network (see module doc).
 
     Args:
-        generator: the trained `Pix2Pix3DGenerator`.
+        network: the trained `Pix2Pix3DGenerator` (saved as the ``network`` component; folders saved before
+            call it ``generator`` and still load).
         task: ``"inject"`` or ``"remove"``: what the weights were trained for.
     """
 
-    model_cpu_offload_seq = "generator"
+    model_cpu_offload_seq = "network"
 
-    def __init__(self, generator: Pix2Pix3DGenerator, task: str = "inject"):
+    def __init__(self, network: Pix2Pix3DGenerator, task: str = "inject"):
         super().__init__()
-        self.register_modules(generator=generator)
+        self.register_modules(network=network)
         self.register_to_config(task=check_task_name(task))
 
     @classmethod
-    def from_preset(cls, preset: str = "default", task: str = "inject", **overrides) -> "Pix2Pix3DPipeline":
-        """A randomly initialised pipeline with a `m3d.models.PRESETS` generator."""
+    def from_preset(cls, preset: str = "default", task: str = "inject", **overrides: Any) -> "Pix2Pix3DPipeline":
+        """A randomly initialised pipeline with a `m3d.models.PRESETS` network."""
         from ..models import PRESETS
 
-        return cls(generator=Pix2Pix3DGenerator(**{**PRESETS["Pix2Pix3DGenerator"][preset], **overrides}), task=task)
+        return cls(network=Pix2Pix3DGenerator(**{**PRESETS["Pix2Pix3DGenerator"][preset], **overrides}), task=task)
 
+    @torch.no_grad()
     def __call__(
         self,
         cubes: np.ndarray | torch.Tensor | None = None,
         *,
         volume: CTVolume | None = None,
-        locations_lps_mm=None,
+        locations_lps_mm: Any = None,
         task: str | None = None,
-        num_inference_steps: int | None = None,
         generator: GeneratorArg = None,
         output_type: str = "np",
         batch_size: int = 16,
@@ -65,35 +68,55 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
         stochastic: bool = False,
         keep_context: bool = True,
         touch_up: bool | None = None,
-    ):
-        """Same arguments as `M3DInpaintPipeline.__call__` (``num_inference_steps`` is accepted for a
-        uniform API and ignored: one forward pass), plus ``stochastic`` (seeded test-time dropout) and
-        ``keep_context`` (replace only the hole) and ``touch_up`` (CT-GAN's touch-ups,
-        `m3d.tamper.touch_up`: the scan's noise on the generated hole and a blend into the original; None,
-        the default, = ``keep_context``)."""
-        network = self.generator
+    ) -> M3DPipelineOutput | tuple:
+        """Fill the centre hole of ``cubes``, or of 32 mm cubes cut from ``volume``, in one forward pass.
 
-        def fill(original: torch.Tensor, mask: torch.Tensor, generators: list, on_step) -> torch.Tensor:
-            masked = original * (1.0 - mask)
-            inputs = masked if network.config.in_channels == 1 else torch.cat([masked, mask], dim=1)
-            output = network(inputs.to(network.dtype), dropout_generator=generators if stochastic else None).sample
-            on_step()
-            return output.to(torch.float32)
+        Args:
+            cubes: ``(B, 1, 32, 32, 32)`` (or ``(B, 32, 32, 32)``) cubes in [-1, 1] (HU scaled with
+                `m3d.tamper.cube.hu_to_unit`); the hole is masked here, its content is ignored.
+            volume, locations_lps_mm: instead of cubes, a `CTVolume` and one or ``(N, 3)`` LPS
+                ``(x, y, z)`` mm centres; cubes are cut with `extract_cube` (bad locations raise
+                `TamperLocationError` before anything is generated) and pasted back one after another.
+            task: optional check that the weights were trained for this task.
+            generator: a `torch.Generator` (seeds one generator per cube, for the dropout and the touch-ups:
+                same seed -> same cubes, whatever ``batch_size``), a list of one per cube, or None (torch's
+                global RNG).
+            output_type: ``"np"``, ``"pt"`` or ``"volume"`` (requires ``volume``).
+            batch_size: cubes per forward pass.
+            progress: show a progress bar (one step per batch).
+            lung_mask, allow_outside_lung: passed to `extract_cube` (the lungs are segmented once when no
+                mask is given).
+            return_dict: return `M3DPipelineOutput` (else a tuple ``(cubes, volumes, masks)``).
+            stochastic: pix2pix's test-time dropout, seeded by ``generator``.
+            keep_context: replace only the hole (else keep the whole generated cube, as CT-GAN).
+            touch_up: CT-GAN's touch-ups (`m3d.tamper.touch_up`): the scan's noise on the generated hole and
+                a blend into the original; None (the default) = ``keep_context``, which they need.
 
-        return self._run(
-            fill,
-            1,
-            cubes=cubes,
-            volume=volume,
-            locations_lps_mm=locations_lps_mm,
-            task=task,
-            generator=generator,
-            output_type=output_type,
-            batch_size=batch_size,
-            progress=progress,
-            lung_mask=lung_mask,
-            allow_outside_lung=allow_outside_lung,
-            return_dict=return_dict,
-            keep_context=keep_context,
-            touch_up=keep_context if touch_up is None else touch_up,
-        )
+        Returns:
+            `M3DPipelineOutput` (or the tuple): the cubes, and with a scan the tampered scan and the mask of
+            the voxels that changed.
+        """
+        touch_up = keep_context if touch_up is None else touch_up
+        # 1. Check inputs
+        self.check_inputs(cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up)
+
+        # 2. Preprocess: cut each site's cube at 1 mm, scale the HU window to [-1, 1], mask the hole
+        inputs = self.cube_processor.preprocess(cubes, volume, locations_lps_mm, lung_mask=lung_mask,
+                                                allow_outside_lung=allow_outside_lung)
+        generators = per_sample_generators(generator, len(inputs))
+
+        # 3. One forward pass per batch
+        filled = []
+        with self._generating(progress):
+            for batch in self.progress_bar(inputs.batches(batch_size, generators, self._execution_device)):
+                network_input = batch.condition(self.network.config.in_channels).to(self.network.dtype)
+                dropout_generator = batch.generators if stochastic else None
+                filled.append(self.network(network_input, dropout_generator=dropout_generator).sample)
+
+        # 4. Postprocess: keep the known region, touch up, paste back
+        output = self.cube_processor.postprocess(inputs, torch.cat(filled), task=self.task, generators=generators,
+                                                 keep_context=keep_context, touch_up=touch_up, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return output.cubes, output.volumes, output.masks
+        return output
