@@ -173,3 +173,28 @@ def test_m3d_never_runs_code_a_folder_brings_but_its_own_line(tmp_path):
     with pytest.raises(ValueError, match="not m3d's own one-line code file"):
         load_pipeline(tmp_path / "p")
     assert not marker.exists()
+
+
+def test_pipeline_code_is_copied_under_a_lock_other_processes_respect(monkeypatch):
+    """diffusers copies every local folder's m3d_pipeline.py to one path of its modules cache and imports it
+    from there: m3d's loads hold a file lock across that copy, so that two processes (two ranks of a build)
+    never import each other's half-written copy."""
+    import fcntl
+
+    from diffusers.utils import dynamic_modules_utils
+    from diffusers.utils.constants import HF_MODULES_CACHE
+
+    copy, held = dynamic_modules_utils.shutil.copyfile, []
+
+    def copy_while_checking_the_lock(source, target):
+        with open(Path(HF_MODULES_CACHE) / ".m3d-pipeline-code.lock", "a") as other:  # as another process would
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return copy(source, target)
+
+    monkeypatch.setattr(dynamic_modules_utils.shutil, "copyfile", copy_while_checking_the_lock)
+    load_pipeline(DEMO_DIR / "pix2pix-inject")
+    assert held and all(held)

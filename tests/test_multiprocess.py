@@ -35,7 +35,9 @@ def launch_two(module: str, *argv: str, cwd: Path) -> subprocess.CompletedProces
                "--main_process_port", str(_free_port()), "-m", module, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # each rank's own error comes first; the launcher's traceback after it
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() and "Traceback" not in line]
+    assert result.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + result.stderr[-2000:]
     return result
 
 

@@ -9,6 +9,7 @@ its own generation loop over `CubeBatch`es -> ``cube_processor.postprocess``.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -222,6 +223,24 @@ class CubeProcessor:
         return [tampered], [changed_any]
 
 
+@contextmanager
+def remote_code_lock() -> Iterator[None]:
+    """Hold the machine-wide lock on diffusers' copy of local pipeline code for the block. diffusers copies
+    every local folder's ``m3d_pipeline.py`` to one path under ``HF_MODULES_CACHE`` and imports it from
+    there, under a lock of its process only: a load in another process (a second rank of a build) that
+    rewrites the file while this one imports it leaves this one a half-written module."""
+    from diffusers.utils.constants import HF_MODULES_CACHE
+
+    path = Path(HF_MODULES_CACHE) / ".m3d-pipeline-code.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 PIPELINE_CODE_MODULE = "m3d_pipeline"  # the code file a saved folder carries for diffusers' custom pipelines
 PIPELINE_CODE = '''"""This pipeline folder's code for ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``:
 m3d's own pipeline classes (``pip install m3d``); ``model_index.json`` names the one the folder holds."""
@@ -269,7 +288,8 @@ class M3DTamperPipeline(DiffusionPipeline):
         if code.is_file() and code.read_text() == PIPELINE_CODE:
             kwargs.setdefault("trust_remote_code", True)  # m3d's own import line, nothing else
         kwargs = {**cls._load_renamed_components(folder, kwargs), **kwargs}
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with remote_code_lock():
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def _load_renamed_components(cls, folder: Path, kwargs: dict[str, Any]) -> dict[str, torch.nn.Module]:
