@@ -25,7 +25,7 @@ test: venv lint
 	$(PY) -m pytest -q -n 2 tests
 
 lint: venv
-	$(VENV)/bin/ruff check m3d tests benchmarks
+	$(VENV)/bin/ruff check m3d pipelines dataset_builder model_cards tests benchmarks train_detector.py
 
 bench: venv
 	$(PY) benchmarks/bench_io.py

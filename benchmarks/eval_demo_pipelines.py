@@ -1,6 +1,6 @@
 """How real do the shipped demo pipelines' nodules look? Measured on held-out phantom sites.
 
-    .venv/bin/python benchmarks/eval_demo_pipelines.py                  # the six m3d/pipelines/demo folders
+    .venv/bin/python benchmarks/eval_demo_pipelines.py                  # the six pipelines/demo folders
     .venv/bin/python benchmarks/eval_demo_pipelines.py --pipelines runs/p2p/pipeline --no-montage
 
 Held-out scans: ``--phantoms`` synthetic chest CTs made with `make_phantom` from ``SeedSequence([seed,
@@ -73,7 +73,7 @@ from m3d.tamper.quality import QualityCriteria, central_component, check_quality
 from two_sample_test import two_sample_accuracy  # the script beside this one (its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_DIR = ROOT / "m3d" / "pipelines" / "demo"
+DEMO_DIR = ROOT / "pipelines" / "demo"
 MONTAGE_SITES = 4
 SPECTRUM_HIGHPASS_SIGMA_MM = 1.0  # residual = cube - Gaussian blur: keeps >= 70 % of a period-4 pattern
 SPECTRUM_MIN_RADIUS = 2.0  # frequency bins nearer DC than this (index units of the 20-voxel hole) are ignored

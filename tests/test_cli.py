@@ -129,7 +129,7 @@ def removal_site(tmp_path_factory):
 
 
 def test_tamper_writes_series_and_mask_at_negative_lps_coordinates(removal_site, tmp_path, capsys):
-    from m3d.train.demo_pipelines import DEMO_DIR
+    from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR as DEMO_DIR
 
     scan, volume, location, xml = removal_site
     assert (location < 0).any()  # written as on the command line: --at -60,20,-150
@@ -143,7 +143,7 @@ def test_tamper_writes_series_and_mask_at_negative_lps_coordinates(removal_site,
 
 
 def test_tamper_leaves_nothing_half_written(removal_site, tmp_path, monkeypatch, capsys):
-    from m3d.train.demo_pipelines import DEMO_DIR
+    from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR as DEMO_DIR
 
     def failing_write(*args, **kwargs):
         raise OSError("disk full")
@@ -160,7 +160,7 @@ def test_tamper_refuses_a_site_that_breaks_the_task_rule(removal_site, tmp_path,
     """Removal needs a real malignant nodule at the site, injection none in the hole; without the
     scan's annotations the site cannot be checked, so it is refused unless forced. Nothing is written."""
     from m3d.data.lungs import segment_lungs
-    from m3d.train.demo_pipelines import DEMO_DIR
+    from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR as DEMO_DIR
 
     scan, volume, location, xml = removal_site
     lung_voxels = np.argwhere(segment_lungs(volume))

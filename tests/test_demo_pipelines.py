@@ -1,8 +1,7 @@
-"""The demo pipelines shipped in `m3d/pipelines/demo/`: each folder loads offline, holds the weights of
+"""The demo pipelines shipped in `pipelines/demo/`: each folder loads offline, holds the weights of
 its task, and tampers a small phantom at a nodule site (one cube, a few sampler steps)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +9,11 @@ import torch
 
 from m3d.data.lidc import group_nodules
 from m3d.data.phantom import make_phantom
+from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR
 from m3d.pipelines import PIPELINE_CLASSES, load_pipeline
 from m3d.tamper.cube import TamperLocationError, check_location
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "m3d" / "pipelines" / "demo"
+DEMO_DIR = DEMO_PIPELINES_DIR
 CLASSES = {"pix2pix": "Pix2Pix3DPipeline", "cyclegan": "CycleGAN3DPipeline", "ddpm": "M3DInpaintPipeline"}
 FOLDERS = [f"{generator}-{task}" for generator in CLASSES for task in ("inject", "remove")]
 MAX_TOTAL_MB = 15.0

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from m3d.pipelines import Pix2Pix3DPipeline, load_pipeline
-from m3d.train.demo_pipelines import DEMO_DIR
+from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR as DEMO_DIR
 
 BLOCK_M3D = """
 import sys

@@ -1,15 +1,29 @@
-"""The import graph of the m3d package: no cycles, and library code never imports the entry points
-(`m3d.cli`, `m3d.build`, `m3d.demo`, the `m3d.train` scripts), which sit at the top of the graph."""
+"""The import graph of the m3d package (`m3d/` and the folders mapped into it: `pipelines/`,
+`dataset_builder/`, `model_cards/`): no cycles, and library code never imports the entry points (`m3d.cli`,
+`m3d.build`, `m3d.demo`, the `m3d.train` scripts), which sit at the top of the graph."""
 import ast
+import tomllib
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "m3d"
+REPOSITORY = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ("m3d.cli", "m3d.build", "m3d.demo", "m3d.train")
 
 
+def package_folders(repository: Path = REPOSITORY) -> dict[Path, str]:
+    """Each folder of the distribution's top packages and its import name, as pyproject.toml maps them."""
+    mapped = tomllib.loads((repository / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return {repository / "m3d": "m3d", **{repository / folder: name for name, folder in mapped.items()}}
+
+
+PACKAGES = package_folders()
+
+
 def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    for folder, name in PACKAGES.items():
+        if path.is_relative_to(folder):
+            parts = (*name.split("."), *path.relative_to(folder).with_suffix("").parts)
+            return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    raise ValueError(f"{path} is in none of {list(PACKAGES)}")
 
 
 def _is_type_checking(node: ast.AST) -> bool:
@@ -45,7 +59,7 @@ def imported_modules(path: Path, modules: set[str]) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    paths = {module_name(p): p for folder in PACKAGES for p in folder.rglob("*.py")}
     return {name: imported_modules(path, set(paths)) for name, path in paths.items()}
 
 
@@ -100,10 +114,10 @@ def test_the_checks_see_a_cycle_and_a_lazy_import(tmp_path):
     module.parent.mkdir()
     module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .y import Y\n"
                       "from . import z\ndef f():\n    from .train import common\n")
-    global PACKAGE
-    saved, PACKAGE = PACKAGE, tmp_path / "m3d"
+    global PACKAGES
+    saved, PACKAGES = PACKAGES, {tmp_path / "m3d": "m3d"}
     try:
         assert imported_modules(module, {"m3d", "m3d.y", "m3d.z", "m3d.train", "m3d.train.common"}) == {
             "m3d.z", "m3d.train", "m3d.train.common"}
     finally:
-        PACKAGE = saved
+        PACKAGES = saved

@@ -19,6 +19,7 @@ from m3d.train import train_detector
 
 from m3dsynth_mini import make_mini_m3dsynth
 
+REPOSITORY = Path(__file__).resolve().parents[1]
 PHANTOMS = dict(size=64, max_slices=40, phantom_spacing="scaled")
 
 
@@ -28,11 +29,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two(module: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_gpu --num_processes 2 -m module argv`` on this CPU-only machine."""
+def launch_two(target: list[str], *argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 TARGET argv`` on this CPU-only machine (``target``:
+    ``["-m", module]`` or ``[script]``)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", module, *argv]
+               "--main_process_port", str(_free_port()), *target, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     # each rank's own error comes first; the launcher's traceback after it
@@ -50,7 +52,7 @@ def test_two_process_build_writes_the_one_process_bytes(tmp_path, tiny_pipelines
     one = tmp_path / "one"
     build_dataset(one, pipelines_dir=tiny_pipelines_dir, **PHANTOMS, **options, quality=None, progress=False)
     two = tmp_path / "two"
-    launch_two("m3d.build", "--out", str(two), "--pipelines", str(tiny_pipelines_dir), "--generators", "pix2pix",
+    launch_two(["-m", "m3d.build"], "--out", str(two), "--pipelines", str(tiny_pipelines_dir), "--generators", "pix2pix",
                "--tasks", "inject", "--phantoms", "3", "--size", "64", "--max-slices", "40", "--phantom-spacing", "scaled",
                "--steps", "1", "--scans-per-shard", "1", "--keep-all", "--no-progress", "--device", "cpu", cwd=tmp_path)
     shards = {name: read_state(folder).shards for name, folder in (("one", one), ("two", two))}
@@ -73,7 +75,8 @@ def test_two_process_detector_training_equals_one_process_accumulating(tmp_path,
     one, two = tmp_path / "one", tmp_path / "two"
     assert train_detector.main([*common, "--gradient-accumulation-steps", "2", "--output-dir", str(one),
                                 "--dataset-cache-dir", str(tmp_path / "cache1")]) == 0
-    launch_two("m3d.train.train_detector", *common, "--output-dir", str(two), "--dataset-cache-dir", str(tmp_path / "cache2"),
+    # the design card's command: `accelerate launch train_detector.py ...` from the repository's root
+    launch_two([str(REPOSITORY / "train_detector.py")], *common, "--output-dir", str(two), "--dataset-cache-dir", str(tmp_path / "cache2"),
                cwd=tmp_path)
     assert len(_losses(two)) == 3 and _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     weights = [load_file(run / "best" / "model.safetensors") for run in (one, two)]

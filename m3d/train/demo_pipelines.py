@@ -1,4 +1,4 @@
-"""Train and ship the six demo pipelines, ``m3d/pipelines/demo/<generator>-<task>/``, on phantom data.
+"""Train and ship the six demo pipelines, ``pipelines/demo/<generator>-<task>/`` (`m3d.pipelines`), on phantom data.
 
     python -m m3d.train.demo_pipelines --runs-dir runs/demo              # train the six (CPU) and ship them
     python -m m3d.train.demo_pipelines --runs-dir runs/demo --only pix2pix-inject
@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "demo"
+from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR
+
 QUALITY_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo_pipelines_quality.json"
 
 COMMON = ["--preset", "demo", "--phantom-size", "320", "--phantom-max-slices", "48", "--phantom-spacing", "native", "--seed", "0",
@@ -143,7 +144,7 @@ def update_quality_section(folder: Path, name: str, quality: dict) -> bool:
 
 
 def ship(name: str, runs_dir: str | Path) -> Path:
-    """Copy ``runs_dir/name/pipeline`` to ``m3d/pipelines/demo/name`` (replacing it) with its model card."""
+    """Copy ``runs_dir/name/pipeline`` to ``pipelines/demo/name`` (replacing it) with its model card."""
     from ..model_cards import write_model_card
     from .common import replace_folder
 
@@ -151,7 +152,7 @@ def ship(name: str, runs_dir: str | Path) -> Path:
     source = run_dir / "pipeline"
     if not (source / "model_index.json").is_file():
         raise FileNotFoundError(f"{source} is not a saved pipeline: train {name} first")
-    target = replace_folder(source, DEMO_DIR / name)
+    target = replace_folder(source, DEMO_PIPELINES_DIR / name)
     write_model_card(target, name=f"m3d demo {name}", provenance=provenance(name, run_dir))
     return target
 
@@ -175,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if code:
                     return code
             print(f"shipped {ship(name, args.runs_dir)}")
-        if update_quality_section(DEMO_DIR / name, name, quality):
-            print(f"measured quality written into {DEMO_DIR / name / 'README.md'}")
+        if update_quality_section(DEMO_PIPELINES_DIR / name, name, quality):
+            print(f"measured quality written into {DEMO_PIPELINES_DIR / name / 'README.md'}")
     return 0
 
 

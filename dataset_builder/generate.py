@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,7 +21,16 @@ from ..tamper.quality import QualityCriteria, check_quality
 
 logger = logging.getLogger(__name__)
 
-DEMO_PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "demo"  # <generator>-<task>/
+
+
+def _demo_pipelines_dir() -> Path:
+    """The shipped demo pipeline folders in `m3d.pipelines` (``pipelines/demo/`` of the repository), found
+    without importing the pipelines (torch, diffusers)."""
+    spec = importlib.util.find_spec("m3d.pipelines")
+    return Path(next(iter(spec.submodule_search_locations))).resolve() / "demo"
+
+
+DEMO_PIPELINES_DIR = _demo_pipelines_dir()  # <generator>-<task>/
 NIFTI_GZIP_LEVEL = 1  # noise-filled CT barely compresses: level 6 saves 2 % of the bytes at 3x the time
 PLAN_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # m3d.tamper.plan -> FEATURES splits
 # Phantoms at the real LIDC series' pixel spacing (0.46-0.98 mm) and slice spacing, a 320-pixel field of
