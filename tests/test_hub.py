@@ -69,10 +69,10 @@ def test_shipped_configs_name_no_local_path(tmp_path):
     """Shipped folders load anywhere: no config.json records where it was loaded from on the machine
     that made it, and the shipping copy drops that key."""
     import m3d
+    from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR
     from m3d.train.common import replace_folder
 
-    package = Path(m3d.__file__).parent
-    configs = sorted(package.rglob("config.json"))
+    configs = sorted([*Path(m3d.__file__).parent.rglob("config.json"), *DEMO_PIPELINES_DIR.rglob("config.json")])
     assert len(configs) > 20  # detectors, pipelines' models, the CAD scorer
     assert not [str(c) for c in configs if "_name_or_path" in json.loads(c.read_text())]
     source = tmp_path / "run"
