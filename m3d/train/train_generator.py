@@ -340,7 +340,7 @@ class Pix2PixTrainer(GeneratorTrainer):
         generator = self.unwrap("generator")
         copy = Pix2Pix3DGenerator.from_config(generator.config)
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in generator.state_dict().items()})
-        return Pix2Pix3DPipeline(generator=copy.eval(), task=self.task)
+        return Pix2Pix3DPipeline(network=copy.eval(), task=self.task)
 
 
 class CycleGANTrainer(GeneratorTrainer):
@@ -413,7 +413,7 @@ class CycleGANTrainer(GeneratorTrainer):
         generator = self.unwrap("generator")
         copy = CycleGAN3DGenerator.from_config(generator.config)
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in generator.state_dict().items()})
-        return CycleGAN3DPipeline(generator=copy.eval(), task=self.task)
+        return CycleGAN3DPipeline(network=copy.eval(), task=self.task)
 
 
 class DDPMTrainer(GeneratorTrainer):
