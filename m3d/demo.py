@@ -108,11 +108,10 @@ def run_demo(
         if not (cad_model / "model" / "config.json").is_file():
             from .train import train_cad
 
-            _check(train_cad.main(
-                ["--output-dir", str(cad_model), "--preset", scale["cad_preset"], "--phantoms", str(scale["cad_phantoms"]),
-                 *(["--model", str(scale["cad_start"])] if scale.get("cad_start") else []),
-                 "--max-steps", str(scale["cad_steps"]), "--seed", str(seed), "--resume-from-checkpoint", "latest",
-                 *cpu_flag, *quiet], prog="m3d train-cad"), "CAD training")
+            _check(train_cad.train(train_cad.TrainCADArguments(
+                output_dir=str(cad_model), preset=scale["cad_preset"], phantoms=scale["cad_phantoms"],
+                model=str(scale["cad_start"]) if scale.get("cad_start") else None, max_steps=scale["cad_steps"], seed=seed,
+                resume_from_checkpoint="latest", cpu=device == "cpu", no_progress=not progress)), "CAD training")
 
     _step("cad_training", timings, train_scorer)
 

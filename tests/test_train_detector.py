@@ -56,7 +56,7 @@ def train_args(data, out, cache, *extra):
     argv = ["--detector", "unet", "--preset", "tiny", "--data", str(data), "--crop-size", ",".join(map(str, CROP)),
             "--output-dir", str(out), "--batch-size", "4", "--no-progress", "--dataset-cache-dir", cache, "--log-every", "1",
             "--generators", "pix2pix", "--tasks", "inject", *extra]
-    return train_detector.build_parser().parse_args(argv)
+    return train_detector.parse_arguments(argv)
 
 
 # -- crops --------------------------------------------------------------------------------------

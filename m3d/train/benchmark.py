@@ -60,10 +60,11 @@ import numpy as np
 from m3d.errors import run_guarded
 from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS
-from m3d.train.common import configure_logging, dealt, gather_dealt, process_state
+from m3d.train import train_detector
+from m3d.train.common import configure_logging, dealt, finite_or_none, gather_dealt, process_state
 from m3d.train.demo_detectors import starting_weights
 from m3d.train.detector_data import DEFAULT_CROP_SIZE, CropCache, evaluation_crops, filter_examples, generators_present, load_split, parse_crop_size
-from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, cross_generator_summary, finite_or_none, predict_samples, summarize
+from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, cross_generator_summary, predict_samples, summarize
 from m3d.train.nonmedical import STANDIN_NOTE, make_standin_images
 
 EXPERIMENTS = ("cross_generator", "preliminary")
@@ -198,49 +199,36 @@ def plan_cells(args: argparse.Namespace, train_generators: Sequence[str]) -> lis
 # -- one cell -----------------------------------------------------------------------------------
 
 
-def train_argv(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, images: Path | None,
-               num_processes: int = 1) -> list[str]:
-    """The `train_detector` command line of a cell: a new detector, or for the ``demo`` preset the cell's
+def train_arguments(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, images: Path | None,
+                    num_processes: int = 1) -> train_detector.TrainDetectorArguments:
+    """The `train_detector` arguments of a cell: a new detector, or for the ``demo`` preset the cell's
     shipped starting weights (`m3d.train.demo_detectors`; the non-medical cell always starts new). The
     settings' batch is split over ``num_processes``: each step trains on the same slices however many
     processes share it."""
     start = starting_weights(cell.detector, cell.train_data) if settings.get("starting_weights") == "demo" else None
-    source = ["--model", str(start)] if start is not None else ["--detector", cell.detector, "--preset", settings["detector_preset"]]
-    argv = [
-        *source, "--data", args.data,
-        "--crop-size", settings["crop_size"], "--output-dir", str(out / "runs" / cell.key),
-        "--num-epochs", str(settings["num_epochs"]), "--batch-size", str(settings["batch_size"] // num_processes),
-        "--learning-rate", str(settings["learning_rate"]), "--lr-scheduler", settings["lr_scheduler"], "--seed", str(args.seed),
-        "--mixed-precision", args.mixed_precision, "--eval-batch-size", str(args.eval_batch_size),
-        "--cache-mb", str(args.cache_mb), "--resume-from-checkpoint", "latest", "--log-every", "5",
-    ]
-    if settings["max_steps"]:
-        argv += ["--max-steps", str(settings["max_steps"])]
-    if not settings["validation"]:
-        argv += ["--validation-split", "none"]
-    if args.tasks:
-        argv += ["--tasks", *args.tasks]
+    options = dict(model=str(start)) if start is not None else dict(detector=cell.detector, preset=settings["detector_preset"])
     if cell.train_data == "nonmedical":
-        argv += ["--train-images", str(images)]
+        options["train_images"] = str(images)
     elif cell.train_data != "m3dsynth":
-        argv += ["--generators", cell.train_data]
-    for flag, on in (("--cpu", args.cpu), ("--no-progress", args.no_progress)):
-        if on:
-            argv.append(flag)
-    if args.dataset_cache_dir:
-        argv += ["--dataset-cache-dir", args.dataset_cache_dir]
-    return argv
+        options["generators"] = [cell.train_data]
+    return train_detector.TrainDetectorArguments(
+        **options, data=args.data, tasks=args.tasks, dataset_cache_dir=args.dataset_cache_dir,
+        crop_size=parse_crop_size(settings["crop_size"]), output_dir=str(out / "runs" / cell.key),
+        num_epochs=settings["num_epochs"], max_steps=settings["max_steps"] or None,
+        batch_size=settings["batch_size"] // num_processes, learning_rate=settings["learning_rate"],
+        lr_scheduler=settings["lr_scheduler"], seed=args.seed, mixed_precision=args.mixed_precision,
+        eval_batch_size=args.eval_batch_size, cache_mb=args.cache_mb, resume_from_checkpoint="latest", log_every=5,
+        validation_split="validation" if settings["validation"] else "none", cpu=args.cpu, no_progress=args.no_progress,
+    )
 
 
 def run_cell(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, test_crops: dict, images: Path | None) -> None:
     """Train (or resume) the cell's detector, evaluate its best checkpoint, write ``cells/<key>.json``."""
     from accelerate import PartialState
 
-    from m3d.train import train_detector
-
     state = PartialState()
     start = time.perf_counter()
-    training_args = train_detector.build_parser().parse_args(train_argv(cell, settings, args, out, images, state.num_processes))
+    training_args = train_arguments(cell, settings, args, out, images, state.num_processes)
     status = train_detector.train(training_args)
     if status == 130:
         raise KeyboardInterrupt

@@ -1,15 +1,15 @@
 """Helpers shared by the Accelerate training scripts (`m3d.train.train_generator`, `m3d.train.train_cad`,
 `m3d.train.train_detector`) and the other multi-process entry points (`m3d.build`, `m3d.train.benchmark`):
 the process group (`process_state`), the Accelerator and its project folder, logging, checkpoint lookup
-and resumption, per-step seeds, Ctrl-C / SIGTERM handling and atomic writes of JSON files and
-``save_pretrained`` folders.
+and resumption, per-step seeds, Ctrl-C / SIGTERM handling, JSON-safe values and atomic writes of JSON
+files and ``save_pretrained`` folders. The loop the trainers share is `m3d.train.loop`.
 
 Light to import: Accelerate is imported inside `process_state` and `make_accelerator` only.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import logging
 import os
 import re
@@ -24,6 +24,8 @@ import numpy as np
 if TYPE_CHECKING:
     from accelerate import Accelerator, PartialState
 
+    from .loop import TrainingArguments
+
 __all__ = [
     "MIXED_PRECISION",
     "STATE_FILE",
@@ -32,6 +34,7 @@ __all__ = [
     "configure_logging",
     "dealt",
     "end_trackers",
+    "finite_or_none",
     "gather_dealt",
     "ignore_sigint",
     "json_value",
@@ -87,7 +90,7 @@ def process_state(cpu: bool = False) -> PartialState:
     return state
 
 
-def make_accelerator(args: argparse.Namespace, output_dir: str | Path) -> tuple[Accelerator, str | None]:
+def make_accelerator(args: TrainingArguments, output_dir: str | Path) -> tuple[Accelerator, str | None]:
     """Create ``output_dir`` and an `Accelerator` from the CLI's ``--mixed-precision``,
     ``--gradient-accumulation-steps``, ``--cpu`` and ``--checkpoints-total-limit``, with checkpoints
     under ``OUTPUT_DIR/checkpoints`` and TensorBoard logs under ``OUTPUT_DIR/tensorboard``; returns it
@@ -182,6 +185,17 @@ def training_seconds(log_records: list[dict[str, Any]]) -> float:
 def json_value(value: Any) -> Any:
     """``value`` if JSON writes it as is (int, float, str, bool, None), else ``str(value)``."""
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON-safe: NaN / inf -> None, recursively through dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -11,7 +11,6 @@ given for every test generator (its fakes against all pristine samples) and task
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -143,17 +142,6 @@ def evaluate_detector(
         "crop_size": list(crop_size) if crop_size is not None else "full",
         "threshold": threshold,
     }
-
-
-def finite_or_none(value: Any) -> Any:
-    """JSON-safe: NaN / inf -> None, recursively through dicts and lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
 
 
 def _sample_key(record: dict[str, Any]) -> tuple:

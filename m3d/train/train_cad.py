@@ -2,6 +2,7 @@
 
     python -m m3d.train.train_cad --phantoms 24 --output-dir runs/cad
     accelerate launch -m m3d.train.train_cad --lidc-root /data/LIDC-IDRI --output-dir runs/cad
+    train(TrainCADArguments(phantoms=24, output_dir="runs/cad"))  # from Python
 
 Data: ``--lidc-root DIR`` (a LIDC-IDRI download), ``--data DIR`` (cases in the `m3d phantom` layout), or
 neither: ``--phantoms N`` synthetic scans made in memory, which carry real LIDC nodule contours and
@@ -33,6 +34,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,23 +46,9 @@ from ..cad.modeling_cad import IGNORE_INDEX, CADForMalignancyScoring, malignancy
 from ..tamper.cube import hu_to_unit
 from ..data.phantom import phantom_workers
 from ..errors import run_guarded
-from .common import (
-    MIXED_PRECISION,
-    STATE_FILE,
-    StopRequest,
-    configure_logging,
-    end_trackers,
-    ignore_sigint,
-    json_value,
-    make_accelerator,
-    next_checkpoint_number,
-    optimizer_micro_step,
-    resume_checkpoint,
-    save_pretrained_atomic,
-    step_seed,
-    write_json_atomic,
-)
+from .common import MIXED_PRECISION, ignore_sigint, json_value, optimizer_micro_step, save_pretrained_atomic, write_json_atomic
 from .cubes import MAX_SHIFT, CubeDataset
+from .loop import TrainingArguments, TrainingLoop
 
 CUT_MARGIN = MAX_SHIFT  # voxels cut beyond the input cube on each side, room for the crop shifts
 WARMUP_FRACTION = 0.05
@@ -107,6 +95,43 @@ def split_by_patient(records: Sequence[dict[str, Any]], fraction: float, seed: i
 # -- arguments ----------------------------------------------------------------------------------
 
 
+@dataclass(kw_only=True)
+class TrainCADArguments(TrainingArguments):
+    """`m3d train-cad`'s options (`build_parser` describes each)."""
+
+    model: str | None = None
+    preset: str = "default"
+    data: str | None = None
+    lidc_root: str | None = None
+    max_scans: int | None = None
+    phantoms: int = 24
+    phantom_size: int = 128
+    phantom_max_slices: int | None = None
+    cube_cache: str | None = None
+    validation_fraction: float = 0.25
+    max_steps: int = 300
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    checkpointing_steps: int = 100
+    checkpoints_total_limit: int | None = 3
+    eval_every: int = 50
+
+    def check(self) -> None:
+        """ValueError for values the parser lets through."""
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        if self.max_scans is not None and self.max_scans < 1:
+            raise ValueError(f"--max-scans must be positive; got {self.max_scans}")
+        if min(self.checkpointing_steps, self.eval_every, self.num_workers) < 0:
+            raise ValueError("--checkpointing-steps, --eval-every and --num-workers must not be negative")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError("--checkpoints-total-limit must be positive")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"--validation-fraction must be in [0, 1); got {self.validation_fraction}")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m m3d.train.train_cad",
@@ -114,64 +139,56 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "readers; saves a transformers model folder (OUTPUT_DIR/model). Runs under `accelerate launch` too.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", metavar="DIR", default=None,
+    parser.add_argument("--model", metavar="DIR",
                         help="start from a saved CAD scorer (save_pretrained folder) instead of a new --preset model")
-    parser.add_argument("--preset", choices=tuple(CAD_PRESETS), default="default",
+    parser.add_argument("--preset", choices=tuple(CAD_PRESETS),
                         help="network size (m3d.cad.CAD_PRESETS; tiny: tests; default: 48 mm cubes, widths 16-128)")
 
     data = parser.add_argument_group("data (one of --data / --lidc-root; else --phantoms synthetic scans)")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="DIR", help="folder of LIDC-style cases: <case>/dicom/ + LIDC XML (m3d phantom's layout)")
     source.add_argument("--lidc-root", metavar="DIR", help="a LIDC-IDRI download: DICOM series folders with their XML")
-    data.add_argument("--max-scans", type=int, default=None, metavar="N", help="read at most N scans of --data / --lidc-root")
-    data.add_argument("--phantoms", type=int, default=24, metavar="N", help="synthetic scans made in memory when no data folder is given")
-    data.add_argument("--phantom-size", type=int, default=128, help="in-plane matrix of the synthetic scans")
-    data.add_argument("--phantom-max-slices", type=int, default=None, help="cap on the synthetic scans' slices")
-    data.add_argument("--cube-cache", metavar="DIR", default=None, help="keep the cut cubes here (an .npz per data source) and reuse them")
-    data.add_argument("--validation-fraction", type=float, default=0.25, help="fraction of the patients held out for validation")
+    data.add_argument("--max-scans", type=int, metavar="N", help="read at most N scans of --data / --lidc-root")
+    data.add_argument("--phantoms", type=int, metavar="N", help="synthetic scans made in memory when no data folder is given")
+    data.add_argument("--phantom-size", type=int, help="in-plane matrix of the synthetic scans")
+    data.add_argument("--phantom-max-slices", type=int, help="cap on the synthetic scans' slices")
+    data.add_argument("--cube-cache", metavar="DIR", help="keep the cut cubes here (an .npz per data source) and reuse them")
+    data.add_argument("--validation-fraction", type=float, help="fraction of the patients held out for validation")
 
     run = parser.add_argument_group("training")
     run.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints, logs.jsonl and model/ go here")
-    run.add_argument("--max-steps", type=int, default=300, help="optimizer steps in all (a resumed run counts on)")
-    run.add_argument("--batch-size", type=int, default=8, help="cubes per process and micro-batch")
-    run.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW peak rate (5%% warm-up, cosine decay)")
-    run.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    run.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
-    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no", help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
-    run.add_argument("--seed", type=int, default=0, help="seeds the data, the split, the augmentations and every step's randomness")
-    run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--max-steps", type=int, help="optimizer steps in all (a resumed run counts on)")
+    run.add_argument("--batch-size", type=int, help="cubes per process and micro-batch")
+    run.add_argument("--learning-rate", type=float, help="AdamW peak rate (5%% warm-up, cosine decay)")
+    run.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    run.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step")
+    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
+    run.add_argument("--seed", type=int, help="seeds the data, the split, the augmentations and every step's randomness")
+    run.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
 
     save = parser.add_argument_group("checkpoints, validation and logs")
-    save.add_argument("--checkpointing-steps", type=int, default=100,
+    save.add_argument("--checkpointing-steps", type=int,
                       help="save a checkpoint every N steps and at the end (0: only on interrupt)")
-    save.add_argument("--checkpoints-total-limit", type=int, default=3, help="keep at most this many checkpoints")
-    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH", default=None,
+    save.add_argument("--checkpoints-total-limit", type=int, help="keep at most this many checkpoints")
+    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH",
                       help="continue from OUTPUT_DIR's newest complete checkpoint (latest; a fresh start if none) or a folder")
-    save.add_argument("--eval-every", type=int, default=50, help="validate every N steps (and at the end; 0: only at the end)")
-    save.add_argument("--log-every", type=int, default=10, help="write mean losses to logs.jsonl every N steps")
+    save.add_argument("--eval-every", type=int, help="validate every N steps (and at the end; 0: only at the end)")
+    save.add_argument("--log-every", type=int, help="write mean losses to logs.jsonl every N steps")
     save.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(**TrainCADArguments.defaults())
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
-    if args.max_scans is not None and args.max_scans < 1:
-        raise ValueError(f"--max-scans must be positive; got {args.max_scans}")
-    if min(args.checkpointing_steps, args.eval_every, args.num_workers) < 0:
-        raise ValueError("--checkpointing-steps, --eval-every and --num-workers must not be negative")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError("--checkpoints-total-limit must be positive")
-    if not 0 <= args.validation_fraction < 1:
-        raise ValueError(f"--validation-fraction must be in [0, 1); got {args.validation_fraction}")
+def parse_arguments(argv: Sequence[str] | None = None, prog: str | None = None) -> TrainCADArguments:
+    """The command line ``argv`` (None: ``sys.argv``) as `TrainCADArguments`."""
+    return TrainCADArguments.parse(build_parser(prog), argv)
 
 
 # -- data ---------------------------------------------------------------------------------------
 
 
-def _data_key(args: argparse.Namespace, cut_size: int) -> dict[str, Any]:
+def _data_key(args: TrainCADArguments, cut_size: int) -> dict[str, Any]:
     """What the cut cubes depend on (the cube cache's key)."""
     from . import cubes
 
@@ -186,7 +203,7 @@ def _data_key(args: argparse.Namespace, cut_size: int) -> dict[str, Any]:
     return key
 
 
-def load_cubes(args: argparse.Namespace, cut_size: int, progress: bool, workers: int = 1) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def load_cubes(args: TrainCADArguments, cut_size: int, progress: bool, workers: int = 1) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """HU cubes (``(N, cut, cut, cut)``) and site records of every rated nodule of the data source;
     ``workers`` processes make phantoms."""
     from .cubes import iter_case_folders, iter_lidc_root, iter_phantom_cases
@@ -257,185 +274,118 @@ def evaluate(model: CADForMalignancyScoring, dataset: CADCubeDataset, batch_size
     return {"val_auc": float(auc), "val_loss": sum(losses) / len(scores) if losses else float("nan"), "val_rating_mae": mae}
 
 
-# -- main ---------------------------------------------------------------------------------------
+# -- training -----------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace) -> int:
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
+class CADTraining(TrainingLoop):
+    """A CAD scorer's run: the rated nodules' cubes split by patient, AdamW on a cosine schedule, validation
+    every ``--eval-every`` steps and at the end."""
 
-    _check_args(args)
-    output_dir = Path(args.output_dir)
-    accelerator, log_with = make_accelerator(args, output_dir)
-    main_process = accelerator.is_main_process
-    configure_logging(logger, "train_cad", main_process)
-    set_seed(args.seed)
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        raise FileNotFoundError(f"--model {args.model} is not a saved CAD scorer (no config.json)")
-    config = CADConfig.from_pretrained(args.model) if args.model else CADConfig.from_preset(args.preset)
+    arguments: TrainCADArguments
+    name = "train_cad"
+    unit = "cubes"
 
-    # data: every process cuts the same cubes (deterministic); the loader shards the batches
-    cut_size = config.cube_size + 2 * CUT_MARGIN
-    cubes_hu, records = load_cubes(args, cut_size, progress=main_process and not args.no_progress,
-                                   workers=phantom_workers(args.phantoms, accelerator.num_processes))
-    train_idx, val_idx = split_by_patient(records, args.validation_fraction, args.seed)
-    if not config.rating_head:  # without the rating head only classification targets train
-        keep = malignancy_labels([r["malignancy"] for r in records], config) != IGNORE_INDEX
-        train_idx = train_idx[keep[train_idx]]
-    if len(train_idx) == 0:
-        raise ValueError("no training sites left after the validation split; use more scans")
-    total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    samples = math.ceil(max(len(train_idx), total_batch) / total_batch) * total_batch
-    train_set = CADCubeDataset(cubes_hu=cubes_hu[train_idx], records=[records[i] for i in train_idx], config=config,
-                               seed=args.seed, augment=True, shuffle=True, samples_per_epoch=samples)
-    val_set = (CADCubeDataset(cubes_hu=cubes_hu[val_idx], records=[records[i] for i in val_idx], config=config,
-                              augment=False) if len(val_idx) else None)
-    counts = {"train": _class_counts(train_set.labels), "validation": _class_counts(val_set.labels) if val_set else {}}
-    logger.info("%d rated nodules of %d patients: train %s, validation %s", len(records),
-                len({patient_of(r) for r in records}), counts["train"], counts["validation"] or "none")
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=args.num_workers,
-        worker_init_fn=ignore_sigint if args.num_workers else None, pin_memory=accelerator.device.type == "cuda",
-    )
+    def __init__(self, arguments: TrainCADArguments) -> None:
+        from transformers import get_cosine_schedule_with_warmup
 
-    model = CADForMalignancyScoring.from_pretrained(args.model) if args.model else CADForMalignancyScoring(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    processes = accelerator.num_processes  # the prepared scheduler steps once per process at each optimizer step
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.max_steps) * processes,
-                                                args.max_steps * processes)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    micro_per_epoch = len(loader)
-    if micro_per_epoch < args.gradient_accumulation_steps:
-        raise ValueError("an epoch holds fewer micro-batches than --gradient-accumulation-steps")
+        arguments.check()
+        super().__init__(arguments, logger)
+        args, accelerator = arguments, self.accelerator
+        self.description = "cad"
+        if args.model is not None and not (Path(args.model) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {args.model} is not a saved CAD scorer (no config.json)")
+        config = CADConfig.from_pretrained(args.model) if args.model else CADConfig.from_preset(args.preset)
 
-    global_step = 0
-    state_path = resume_checkpoint(args.resume_from_checkpoint, output_dir, logger)
-    if state_path is not None:
-        state = json.loads((state_path / STATE_FILE).read_text())
-        if state.get("preset") != args.preset or state.get("model") != "cad":
-            raise ValueError(f"checkpoint {state_path} is not a CAD checkpoint of --preset {args.preset}")
-        if state.get("total_batch") != total_batch:
-            logger.warning("checkpoint used %s cubes per step, this run %d: the data order will differ", state.get("total_batch"), total_batch)
-        accelerator.load_state(str(state_path))
-        global_step = int(state["global_step"])
-        logger.info("resumed from %s at step %d", state_path, global_step)
-    accelerator.project_configuration.iteration = next_checkpoint_number(output_dir)
-    if log_with:
-        accelerator.init_trackers("train_cad", config={k: json_value(v) for k, v in vars(args).items()})
+        # data: every process cuts the same cubes (deterministic); the loader shards the batches
+        cut_size = config.cube_size + 2 * CUT_MARGIN
+        cubes_hu, records = load_cubes(args, cut_size, progress=self.show_progress,
+                                       workers=phantom_workers(args.phantoms, accelerator.num_processes))
+        train_idx, val_idx = split_by_patient(records, args.validation_fraction, args.seed)
+        if not config.rating_head:  # without the rating head only classification targets train
+            keep = malignancy_labels([r["malignancy"] for r in records], config) != IGNORE_INDEX
+            train_idx = train_idx[keep[train_idx]]
+        if len(train_idx) == 0:
+            raise ValueError("no training sites left after the validation split; use more scans")
+        samples = math.ceil(max(len(train_idx), self.total_batch) / self.total_batch) * self.total_batch
+        train_set = CADCubeDataset(cubes_hu=cubes_hu[train_idx], records=[records[i] for i in train_idx], config=config,
+                                   seed=args.seed, augment=True, shuffle=True, samples_per_epoch=samples)
+        self.val_set = (CADCubeDataset(cubes_hu=cubes_hu[val_idx], records=[records[i] for i in val_idx], config=config,
+                                       augment=False) if len(val_idx) else None)
+        self.counts = {"train": _class_counts(train_set.labels),
+                       "validation": _class_counts(self.val_set.labels) if self.val_set else {}}
+        logger.info("%d rated nodules of %d patients: train %s, validation %s", len(records),
+                    len({patient_of(r) for r in records}), self.counts["train"], self.counts["validation"] or "none")
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=args.num_workers,
+            worker_init_fn=ignore_sigint if args.num_workers else None, pin_memory=accelerator.device.type == "cuda",
+        )
 
-    log_path = output_dir / "logs.jsonl"
-    start_time = time.perf_counter()
-    last_saved = global_step if state_path is not None else -1
+        model = CADForMalignancyScoring.from_pretrained(args.model) if args.model else CADForMalignancyScoring(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        processes = accelerator.num_processes  # the prepared scheduler steps once per process at each optimizer step
+        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.max_steps) * processes,
+                                                    args.max_steps * processes)
+        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        self.model.train()
 
-    def write_log(record: dict[str, Any]) -> None:
-        finite = {k: v for k, v in record.items() if not (isinstance(v, float) and not math.isfinite(v))}
-        if main_process:
-            with open(log_path, "a") as handle:  # an undefined metric (AUC of one class) is null
-                handle.write(json.dumps({k: finite.get(k) for k in record}) + "\n")
-        if log_with:
-            accelerator.log({k: v for k, v in finite.items() if k.startswith(("loss", "val_"))}, step=global_step)
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"loss": optimizer_micro_step(self.accelerator, self.model, batch, self.optimizer, self.scheduler, MAX_GRAD_NORM)}
 
-    def validate() -> dict[str, float]:
-        if val_set is None or not main_process:
+    def training_record(self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float) -> dict[str, Any]:
+        return {"step": self.global_step, "epoch": epoch, **losses, "lr": self.scheduler.get_last_lr()[0],
+                "steps_per_s": steps_per_s, "elapsed_s": elapsed_s}
+
+    def on_step_end(self) -> None:
+        eval_every, step = self.arguments.eval_every, self.global_step
+        if eval_every and step % eval_every == 0 and step < self.arguments.max_steps:
+            self.validate()
+
+    def validate(self) -> dict[str, float]:
+        """Score the held-out patients' centred cubes (main process; logged); {} elsewhere or without them."""
+        if self.val_set is None or not self.main_process:
             return {}
-        metrics = evaluate(accelerator.unwrap_model(model), val_set, args.batch_size, accelerator.device)
-        write_log({"step": global_step, **metrics})
-        logger.info("step %d: validation AUC %.3f, rating MAE %.3f", global_step, metrics["val_auc"], metrics["val_rating_mae"])
+        metrics = evaluate(self.accelerator.unwrap_model(self.model), self.val_set, self.arguments.batch_size,
+                           self.accelerator.device)
+        self.log({"step": self.global_step, **metrics}, metrics)
+        logger.info("step %d: validation AUC %.3f, rating MAE %.3f", self.global_step, metrics["val_auc"], metrics["val_rating_mae"])
         return metrics
 
-    def save_checkpoint() -> None:
-        nonlocal last_saved
-        accelerator.wait_for_everyone()
-        folder = Path(accelerator.save_state())
-        if main_process:
-            write_json_atomic(folder / STATE_FILE, {
-                "global_step": global_step, "model": "cad", "preset": args.preset, "seed": args.seed,
-                "total_batch": total_batch, "micro_batches_per_epoch": micro_per_epoch,
-                "epoch": (global_step * args.gradient_accumulation_steps) // micro_per_epoch,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            })
-        accelerator.wait_for_everyone()
-        last_saved = global_step
-        logger.info("checkpoint at step %d: %s", global_step, folder)
+    def checkpoint_extras(self, folder: Path) -> dict[str, Any]:
+        return {"model": "cad", "preset": self.arguments.preset, **self.data_position()}
 
-    progress = tqdm(total=args.max_steps, initial=min(global_step, args.max_steps), desc="cad", unit="step",
-                    disable=not main_process or args.no_progress, dynamic_ncols=True)
-    model.train()
-    loss_sum, count = torch.zeros((), device=accelerator.device), 0
-    micro = global_step * args.gradient_accumulation_steps
-    window_start, window_step = time.perf_counter(), global_step
-    interrupted = False
-    with StopRequest("train_cad") as stop:
-        try:
-            while global_step < args.max_steps and not stop.requested:
-                epoch, skip = divmod(micro, micro_per_epoch)
-                epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-                epoch_loader.set_epoch(epoch)
-                for batch in epoch_loader:
-                    micro_index = micro % args.gradient_accumulation_steps
-                    torch.manual_seed(step_seed(args.seed, global_step, micro_index, accelerator.process_index,
-                                                accelerator.num_processes))
-                    loss = optimizer_micro_step(accelerator, model, batch, optimizer, scheduler, MAX_GRAD_NORM)
-                    micro += 1
-                    loss_sum += loss.detach().float()
-                    count += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    global_step += 1
-                    progress.update(1)
-                    if global_step % args.log_every == 0 or global_step == args.max_steps:
-                        mean = float(accelerator.reduce(loss_sum / count, reduction="mean"))
-                        now = time.perf_counter()
-                        write_log({"step": global_step, "epoch": epoch, "loss": mean, "lr": scheduler.get_last_lr()[0],
-                                   "steps_per_s": (global_step - window_step) / max(now - window_start, 1e-9),
-                                   "elapsed_s": round(now - start_time, 3)})
-                        progress.set_postfix(loss=f"{mean:.4f}")
-                        window_start, window_step = now, global_step
-                        loss_sum, count = torch.zeros((), device=accelerator.device), 0
-                    if args.eval_every and global_step % args.eval_every == 0 and global_step < args.max_steps:
-                        validate()
-                    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                        save_checkpoint()
-                    if global_step >= args.max_steps or stop.requested:
-                        break
-        except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed
-            interrupted = True
-        progress.close()
-        if interrupted or stop.requested:
-            if global_step != last_saved and global_step > 0:
-                save_checkpoint()
-            logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", global_step)
-            end_trackers(accelerator)
-            return 130
+    def resume_from(self, state: dict[str, Any], folder: Path) -> None:
+        if state.get("preset") != self.arguments.preset or state.get("model") != "cad":
+            raise ValueError(f"checkpoint {folder} is not a CAD checkpoint of --preset {self.arguments.preset}")
 
-    if args.checkpointing_steps and global_step != last_saved:
-        save_checkpoint()
-    accelerator.wait_for_everyone()
-    if main_process:
-        final = validate()
-        unwrapped = accelerator.unwrap_model(model)
+    def save_outputs(self) -> None:
+        args = self.arguments
+        final = self.validate()
+        unwrapped = self.accelerator.unwrap_model(self.model)
         copy = CADForMalignancyScoring(unwrapped.config)
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in unwrapped.state_dict().items()})
-        save_pretrained_atomic(copy.eval(), output_dir / "model")
+        save_pretrained_atomic(copy.eval(), self.output_dir / "model")
         data = "lidc_root" if args.lidc_root else "data" if args.data else "phantom"
-        write_json_atomic(output_dir / "training_summary.json", {
-            "model": "cad", "preset": args.preset, "steps": global_step, "training_data": data,
-            "sites": counts,
-            "validation": {k: v if math.isfinite(v) else None for k, v in final.items()}, "wall_s": round(time.perf_counter() - start_time, 3),
-            "args": {k: json_value(v) for k, v in vars(args).items()},
+        write_json_atomic(self.output_dir / "training_summary.json", {
+            "model": "cad", "preset": args.preset, "steps": self.global_step, "training_data": data,
+            "sites": self.counts,
+            "validation": {k: v if math.isfinite(v) else None for k, v in final.items()},
+            "wall_s": round(time.perf_counter() - self.start_time, 3),
+            "args": {k: json_value(v) for k, v in asdict(args).items()},
         })
-        logger.info("saved the CAD scorer to %s", output_dir / "model")
-    accelerator.wait_for_everyone()  # every process returns once the outputs are written
-    end_trackers(accelerator)
-    return 0
+        logger.info("saved the CAD scorer to %s", self.output_dir / "model")
+
+
+def train(arguments: TrainCADArguments) -> int:
+    """Train the CAD scorer as ``arguments`` say: 0 done, 130 stopped (a checkpoint saved); bad input raises."""
+    training = CADTraining(arguments)
+    return training.run(training.loader, arguments.max_steps)
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d train-cad` calls it; ``prog`` names it in the usage line): 0 done, 2 bad input,
     130 interrupted (a checkpoint was saved)."""
-    args = build_parser(prog).parse_args(argv)
-    return run_guarded("train_cad", lambda: train(args), (ValueError, FileNotFoundError, NotADirectoryError))
+    arguments = parse_arguments(argv, prog)
+    return run_guarded("train_cad", lambda: train(arguments), (ValueError, FileNotFoundError, NotADirectoryError))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     m3d train-detector --detector unet --preset tiny --data m3dsynth --generators pix2pix --output-dir runs/unet
     accelerate launch -m m3d.train.train_detector --detector trufor --data m3dsynth --mixed-precision bf16 ...
     accelerate launch m3d/train/train_detector.py --model runs/unet/best --data m3dsynth ...   # continue from weights
+    train(TrainDetectorArguments(detector="unet", preset="tiny", data="m3dsynth", output_dir="runs/unet"))  # from Python
 
 Data (`m3d.train.detector_data`): ``--data DIR`` is an M3Dsynth folder (``datasets.load_dataset(DIR)``),
 restricted to ``--generators`` (their fakes + every pristine scan) and ``--tasks``. Every epoch each
@@ -37,6 +38,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -51,30 +53,25 @@ from m3d.detectors.modeling_utils import INPUT_MODES
 from m3d.metrics import balanced_accuracy, balanced_threshold
 from m3d.train.common import (
     MIXED_PRECISION,
-    STATE_FILE,
-    StopRequest,
-    configure_logging,
     dealt,
-    end_trackers,
+    finite_or_none,
     gather_dealt,
     json_value,
-    make_accelerator,
-    next_checkpoint_number,
     optimizer_micro_step,
-    resume_checkpoint,
     save_pretrained_atomic,
-    step_seed,
     write_json_atomic,
 )
 from m3d.train.detector_data import (
     DEFAULT_CROP_SIZE,
+    CropSize,
     TrainingSlices,
     evaluation_crops,
     filter_examples,
     load_split,
     parse_crop_size,
 )
-from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, finite_or_none, predict_samples, summarize
+from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, predict_samples, summarize
+from m3d.train.loop import TrainingArguments, TrainingLoop
 
 PRESET_CHOICES = ("tiny", "default")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -171,6 +168,59 @@ class ImagePatches(torch.utils.data.Dataset):
 # -- arguments ----------------------------------------------------------------------------------
 
 
+@dataclass(kw_only=True)
+class TrainDetectorArguments(TrainingArguments):
+    """`m3d train-detector`'s options (`build_parser` describes each); one of ``detector`` and ``model``."""
+
+    detector: str | None = None
+    model: str | None = None
+    preset: str = "default"
+    input_mode: str | None = None
+    data: str | None = None
+    train_images: str | None = None
+    generators: list[str] | None = None
+    tasks: list[str] | None = None
+    train_split: str = "train"
+    validation_split: str = "validation"
+    calibration_split: str = "auto"
+    crop_size: CropSize = DEFAULT_CROP_SIZE
+    slices_per_epoch: int | None = None
+    cache_mb: int = 4096
+    dataset_cache_dir: str | None = None
+    num_epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    metric_for_best_model: str = "auc"
+    checkpointing_steps: int = 0
+    checkpoints_total_limit: int | None = 2
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
+
+    def check(self) -> None:
+        """ValueError for values the parser lets through."""
+        if (self.detector is None) == (self.model is None):
+            raise ValueError("give one of --detector (a new detector) and --model (a saved one)")
+        for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every", "cache_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        for name in ("max_steps", "slices_per_epoch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        if self.checkpointing_steps < 0 or self.num_workers < 0 or self.warmup_steps < 0:
+            raise ValueError("--checkpointing-steps, --num-workers and --warmup-steps must not be negative")
+        if self.data is None and self.train_images is None:
+            raise ValueError("give --data (an M3Dsynth folder) or --train-images (an image folder)")
+        if self.train_images is not None and self.crop_size is None:
+            raise ValueError("--train-images needs an explicit --crop-size (its Y, X are the patch size)")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m m3d.train.train_detector",
@@ -182,9 +232,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     source = what.add_mutually_exclusive_group(required=True)
     source.add_argument("--detector", choices=list(DETECTORS), help="a new detector of this architecture")
     source.add_argument("--model", metavar="PATH", help="start from a saved detector (save_pretrained folder)")
-    what.add_argument("--preset", choices=PRESET_CHOICES, default="default",
+    what.add_argument("--preset", choices=PRESET_CHOICES,
                       help="size of a new detector: tiny (tests, CPU demo) or default (the papers')")
-    what.add_argument("--input-mode", choices=[mode for mode in INPUT_MODES if mode != "slab"], default=None,
+    what.add_argument("--input-mode", choices=[mode for mode in INPUT_MODES if mode != "slab"],
                       help="how HU become the 3-channel input of a new 2-D detector (default: the config's hu_windows; "
                       "slab3d always reads slabs of slices)")
 
@@ -192,68 +242,59 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--data", metavar="DIR", help="M3Dsynth folder (datasets.load_dataset); needed unless --train-images")
     data.add_argument("--train-images", metavar="DIR",
                       help="train on this imagefolder of real/fake images instead of M3Dsynth (--data then only validates)")
-    data.add_argument("--generators", nargs="+", choices=[g for g in GENERATORS if g != "real"], default=None,
+    data.add_argument("--generators", nargs="+", choices=[g for g in GENERATORS if g != "real"],
                       help="keep these generators' fakes (pristine scans always kept); default all")
-    data.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="keep these tasks; default both")
-    data.add_argument("--train-split", default="train", help="the split to train on")
-    data.add_argument("--validation-split", default="validation", help="'none' to skip validation")
-    data.add_argument("--calibration-split", default="auto",
+    data.add_argument("--tasks", nargs="+", choices=TASKS, help="keep these tasks; default both")
+    data.add_argument("--train-split", help="the split to train on")
+    data.add_argument("--validation-split", help="'none' to skip validation")
+    data.add_argument("--calibration-split",
                       help="scans whose crops set the saved model's volume_threshold (best balanced accuracy of the "
                       "volume score): 'auto' = the validation split when validating, else the training split; "
                       "'none' keeps the model's threshold")
-    data.add_argument("--crop-size", type=parse_crop_size, default=DEFAULT_CROP_SIZE, metavar="Z,Y,X|full",
+    data.add_argument("--crop-size", type=parse_crop_size, metavar="Z,Y,X|full",
                       help="crop around the site in voxels (Y, X multiples of 32), or 'full' for whole scans")
-    data.add_argument("--slices-per-epoch", type=int, default=None,
+    data.add_argument("--slices-per-epoch", type=int,
                       help="training slices per epoch (default: twice the tampered slices of the training crops)")
-    data.add_argument("--cache-mb", type=int, default=4096, help="memory for decoded crops (least recently used dropped)")
-    data.add_argument("--dataset-cache-dir", default=None, help="datasets' cache folder (default: HF_DATASETS_CACHE)")
+    data.add_argument("--cache-mb", type=int, help="memory for decoded crops (least recently used dropped)")
+    data.add_argument("--dataset-cache-dir", help="datasets' cache folder (default: HF_DATASETS_CACHE)")
 
     run = parser.add_argument_group("training")
     run.add_argument("--output-dir", required=True, metavar="DIR", help="best/, checkpoints/, logs and the summary go here")
-    run.add_argument("--num-epochs", type=int, default=10, help="passes over the training slices (see --max-steps)")
-    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
-    run.add_argument("--batch-size", type=int, default=16, help="slices per process and micro-batch")
-    run.add_argument("--eval-batch-size", type=int, default=32, help="slices per forward pass in validation")
-    run.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW peak learning rate")
-    run.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    run.add_argument("--lr-scheduler", choices=SCHEDULERS, default="constant", help="transformers learning-rate schedule")
-    run.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps of the schedule")
-    run.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradient norms (0: off)")
-    run.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
-    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no", help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
-    run.add_argument("--metric-for-best-model", choices=BEST_METRICS, default="auc",
+    run.add_argument("--num-epochs", type=int, help="passes over the training slices (see --max-steps)")
+    run.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
+    run.add_argument("--batch-size", type=int, help="slices per process and micro-batch")
+    run.add_argument("--eval-batch-size", type=int, help="slices per forward pass in validation")
+    run.add_argument("--learning-rate", type=float, help="AdamW peak learning rate")
+    run.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    run.add_argument("--lr-scheduler", choices=SCHEDULERS, help="transformers learning-rate schedule")
+    run.add_argument("--warmup-steps", type=int, help="linear warm-up steps of the schedule")
+    run.add_argument("--max-grad-norm", type=float, help="clip gradient norms (0: off)")
+    run.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step")
+    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
+    run.add_argument("--metric-for-best-model", choices=BEST_METRICS,
                      help="validation metric (all generators, all tasks) that picks best/; higher is better")
-    run.add_argument("--seed", type=int, default=0, help="seed of the weights, the crops and the slice order")
-    run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--seed", type=int, help="seed of the weights, the crops and the slice order")
+    run.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
 
     save = parser.add_argument_group("checkpoints, logs, Hub")
-    save.add_argument("--checkpointing-steps", type=int, default=0,
+    save.add_argument("--checkpointing-steps", type=int,
                       help="also checkpoint every N steps (checkpoints are always written at epoch ends and on interrupt)")
-    save.add_argument("--checkpoints-total-limit", type=int, default=2, help="checkpoints kept (the oldest deleted)")
-    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH", default=None,
+    save.add_argument("--checkpoints-total-limit", type=int, help="checkpoints kept (the oldest deleted)")
+    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH",
                       help="continue from the newest checkpoint in --output-dir, or from PATH")
-    save.add_argument("--log-every", type=int, default=10, help="write mean losses to logs.jsonl every N steps")
+    save.add_argument("--log-every", type=int, help="write mean losses to logs.jsonl every N steps")
     save.add_argument("--no-progress", action="store_true", help="no progress bars")
     save.add_argument("--push-to-hub", action="store_true", help="upload best/ to the Hub at the end")
-    save.add_argument("--hub-model-id", default=None, help="repository id (default: the output folder's name)")
+    save.add_argument("--hub-model-id", help="repository id (default: the output folder's name)")
     save.add_argument("--hub-private", action="store_true", help="create the Hub repository private")
+    parser.set_defaults(**TrainDetectorArguments.defaults())
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every", "cache_mb"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
-    for name in ("max_steps", "slices_per_epoch"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
-    if args.checkpointing_steps < 0 or args.num_workers < 0 or args.warmup_steps < 0:
-        raise ValueError("--checkpointing-steps, --num-workers and --warmup-steps must not be negative")
-    if args.data is None and args.train_images is None:
-        raise ValueError("give --data (an M3Dsynth folder) or --train-images (an image folder)")
-    if args.train_images is not None and args.crop_size is None:
-        raise ValueError("--train-images needs an explicit --crop-size (its Y, X are the patch size)")
+def parse_arguments(argv: Sequence[str] | None = None, prog: str | None = None) -> TrainDetectorArguments:
+    """The command line ``argv`` (None: ``sys.argv``) as `TrainDetectorArguments`."""
+    return TrainDetectorArguments.parse(build_parser(prog), argv)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -264,12 +305,7 @@ def _validation_file(entry: dict[str, Any]) -> dict[str, str]:
     return {"validation.json": json.dumps(finite_or_none(entry), indent=2, sort_keys=True)}
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(finite_or_none(record)) + "\n")
-
-
-def calibration_split_name(args: argparse.Namespace) -> str | None:
+def calibration_split_name(args: TrainDetectorArguments) -> str | None:
     """The split that calibrates ``volume_threshold`` (None: keep the model's)."""
     chosen = args.calibration_split.lower()
     if chosen == "none" or args.data is None or (chosen == "auto" and args.train_images):
@@ -298,210 +334,163 @@ def calibrate_volume_threshold(model, crops, batch_size: int = 32, progress: boo
 # -- training -----------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace, dataset=None) -> int:
-    """Run training as the command line describes; ``dataset`` (a `DatasetDict`) replaces ``--data``."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+class DetectorTraining(TrainingLoop):
+    """A detector's run: balanced training slices (or image patches), AdamW on a transformers schedule,
+    validation and a checkpoint at each epoch end, the best model kept and its volume threshold calibrated."""
 
-    if dataset is not None:
-        args.data = args.data or "<in-memory dataset>"
-    _check_args(args)
-    output_dir = Path(args.output_dir)
-    accelerator, log_with = make_accelerator(args, output_dir)
-    main_process = accelerator.is_main_process
-    progress_on = main_process and not args.no_progress
-    configure_logging(logger, "train_detector", main_process)
-    set_seed(args.seed)
+    arguments: TrainDetectorArguments
+    name = "train_detector"
+    unit = "slices"
 
-    overrides = {"input_mode": args.input_mode} if args.input_mode and not args.model else {}
-    model = build_detector(args.detector, args.preset, args.model, seed=args.seed, **overrides)
-    name = detector_name(model)
-    source = dataset if dataset is not None else args.data
-    total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    cache_bytes = args.cache_mb << 20
+    def __init__(self, arguments: TrainDetectorArguments, dataset=None) -> None:
+        from transformers import get_scheduler
 
-    if args.train_images:
-        train_set = ImagePatches(args.train_images, tuple(args.crop_size[1:]), seed=args.seed, multiple=total_batch,
-                                 cache_dir=args.dataset_cache_dir)
-        described = f"{len(train_set.images)} images of {args.train_images}"
-    else:
-        split = filter_examples(load_split(source, args.train_split, args.dataset_cache_dir), args.generators, args.tasks)
-        train_set = TrainingSlices(split, args.crop_size, model.config, seed=args.seed, samples_per_epoch=args.slices_per_epoch,
-                                   multiple=total_batch, max_cache_bytes=cache_bytes, progress=progress_on)
-        described = f"{len(split)} scans of {args.data}"
-    logger.info("%s (%s preset=%s): %s -> %d slices per epoch", name, "loaded" if args.model else "new", args.preset,
-                described, len(train_set))
+        if dataset is not None:
+            arguments = replace(arguments, data=arguments.data or "<in-memory dataset>")
+        arguments.check()
+        super().__init__(arguments, logger)
+        args, accelerator = arguments, self.accelerator
+        overrides = {"input_mode": args.input_mode} if args.input_mode and not args.model else {}
+        model = build_detector(args.detector, args.preset, args.model, seed=args.seed, **overrides)
+        self.detector_name = detector_name(model)
+        self.description = f"train {self.detector_name}"
+        self.source = dataset if dataset is not None else args.data
+        self.cache_bytes = args.cache_mb << 20
 
-    validation = None
-    if args.validation_split.lower() != "none" and args.data is not None:
-        split = filter_examples(load_split(source, args.validation_split, args.dataset_cache_dir), args.generators, args.tasks)
-        validation = evaluation_crops(split, args.crop_size, model.config, cache_bytes)
+        if args.train_images:
+            train_set = ImagePatches(args.train_images, tuple(args.crop_size[1:]), seed=args.seed, multiple=self.total_batch,
+                                     cache_dir=args.dataset_cache_dir)
+            described = f"{len(train_set.images)} images of {args.train_images}"
+        else:
+            split = self.split(args.train_split)
+            train_set = TrainingSlices(split, args.crop_size, model.config, seed=args.seed, samples_per_epoch=args.slices_per_epoch,
+                                       multiple=self.total_batch, max_cache_bytes=self.cache_bytes, progress=self.show_progress)
+            described = f"{len(split)} scans of {args.data}"
+        logger.info("%s (%s preset=%s): %s -> %d slices per epoch", self.detector_name, "loaded" if args.model else "new",
+                    args.preset, described, len(train_set))
 
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=False, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    register_bayar_constraint(optimizer, model)
-    steps_per_epoch = len(train_set) // total_batch
-    total_steps = min(args.max_steps or math.inf, args.num_epochs * steps_per_epoch)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-                              num_training_steps=int(total_steps) * accelerator.num_processes)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    micro_per_epoch = len(loader)
+        self.validation = None
+        if args.validation_split.lower() != "none" and args.data is not None:
+            self.validation = evaluation_crops(self.split(args.validation_split), args.crop_size, model.config, self.cache_bytes)
 
-    # resume
-    global_step, best, history = 0, {"value": None, "step": None, "epoch": None}, []
-    state_path = resume_checkpoint(args.resume_from_checkpoint, output_dir, logger)
-    if state_path is not None:
-        state = json.loads((state_path / STATE_FILE).read_text())
-        if state.get("detector") != name:
-            raise ValueError(f"checkpoint {state_path} holds a {state.get('detector')} detector; this run builds {name}")
-        if state.get("total_batch") != total_batch:
-            logger.warning("checkpoint used %s slices per step, this run %d: the data order will differ", state.get("total_batch"), total_batch)
-        accelerator.load_state(str(state_path))
-        global_step, best, history = int(state["global_step"]), state["best"], state.get("history", [])
-        logger.info("resumed from %s at step %d", state_path, global_step)
-    accelerator.project_configuration.iteration = next_checkpoint_number(output_dir)
-    if log_with:
-        accelerator.init_trackers("train_detector", config={k: json_value(v) for k, v in vars(args).items()})
+        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=False, drop_last=True,
+                                             num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        register_bayar_constraint(optimizer, model)
+        steps_per_epoch = len(train_set) // self.total_batch
+        self.total_steps = int(min(args.max_steps or math.inf, args.num_epochs * steps_per_epoch))
+        scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+                                  num_training_steps=self.total_steps * accelerator.num_processes)
+        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        self.best: dict[str, Any] = {"value": None, "step": None, "epoch": None}
+        self.history: list[dict[str, Any]] = []
+        self.validated_at = -1  # the step of the last validation
+        self.best_dir = self.output_dir / BEST_FOLDER
+        self.model.train()
 
-    log_path = output_dir / "logs.jsonl"
-    start_time = time.perf_counter()
-    last_saved = global_step if state_path is not None else -1
-    validated_at = history[-1]["step"] if history else -1
-    best_dir = output_dir / BEST_FOLDER
+    def split(self, name: str):
+        """Split ``name`` of the data, restricted to ``--generators`` and ``--tasks``."""
+        args = self.arguments
+        return filter_examples(load_split(self.source, name, args.dataset_cache_dir), args.generators, args.tasks)
 
-    def save_checkpoint() -> None:
-        nonlocal last_saved
-        accelerator.wait_for_everyone()
-        folder = Path(accelerator.save_state())
-        if main_process:
-            write_json_atomic(folder / STATE_FILE, {
-                "global_step": global_step, "detector": name, "preset": args.preset, "seed": args.seed,
-                "total_batch": total_batch, "best": best, "history": finite_or_none(history),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            })
-        accelerator.wait_for_everyone()
-        last_saved = global_step
-        logger.info("checkpoint at step %d: %s", global_step, folder)
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        loss = optimizer_micro_step(self.accelerator, self.model, batch, self.optimizer, self.scheduler, self.arguments.max_grad_norm)
+        return {"loss": loss}
 
-    def validate(epoch: int) -> None:
-        nonlocal validated_at
-        validated_at = global_step
-        if validation is None:
+    def training_record(self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float) -> dict[str, Any]:
+        return {"step": self.global_step, "epoch": epoch, **losses, "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed_s}
+
+    def tracker_values(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {"train/loss": record["loss"], "train/lr": record["lr"]}
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.validate(epoch)
+        if self.global_step != self.last_saved:
+            self.save_checkpoint()
+
+    def on_train_end(self) -> None:
+        if self.validated_at != self.global_step:
+            self.validate(max(self.micro - 1, 0) // self.micro_per_epoch)
+        if self.global_step != self.last_saved:
+            self.save_checkpoint()
+
+    def validate(self, epoch: int) -> None:
+        """Score the validation crops (sharded over the processes), log the metrics and keep the model in
+        ``best/`` when ``--metric-for-best-model`` improved."""
+        args, accelerator, step = self.arguments, self.accelerator, self.global_step
+        self.validated_at = step
+        if self.validation is None:
             return
-        unwrapped = accelerator.unwrap_model(model)
-        mine = dealt(len(validation), accelerator.process_index, accelerator.num_processes)
+        unwrapped = accelerator.unwrap_model(self.model)
+        mine = dealt(len(self.validation), accelerator.process_index, accelerator.num_processes)
         with accelerator.autocast():
-            records, _ = predict_samples(unwrapped, validation, mine, batch_size=args.eval_batch_size,
-                                         progress=progress_on)
-        records = gather_dealt(records, len(validation), accelerator.num_processes)
+            records, _ = predict_samples(unwrapped, self.validation, mine, batch_size=args.eval_batch_size,
+                                         progress=self.show_progress)
+        records = gather_dealt(records, len(self.validation), accelerator.num_processes)
         metrics = summarize(records, unwrapped.config.volume_threshold)["all"]["all"]
-        entry = {"step": global_step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
-        history.append(finite_or_none(entry))
+        entry = {"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
+        self.history.append(finite_or_none(entry))
         value = metrics.get(args.metric_for_best_model)
-        improved = value is not None and math.isfinite(value) and (best["value"] is None or value > best["value"])
+        improved = value is not None and math.isfinite(value) and (self.best["value"] is None or value > self.best["value"])
         if improved:
-            best.update(value=float(value), step=global_step, epoch=epoch)
-        if main_process:
-            _append_jsonl(log_path, entry)
-            if improved:
-                save_pretrained_atomic(unwrapped, best_dir, _validation_file({"metric": args.metric_for_best_model, **entry}))
-                M3DCTImageProcessor.from_detector_config(unwrapped.config).save_pretrained(best_dir)
-        if log_with:
-            accelerator.log({k: v for k, v in entry.items() if k.startswith("val/") and v is not None}, step=global_step)
+            self.best.update(value=float(value), step=step, epoch=epoch)
+        self.log(entry, {k: v for k, v in entry.items() if k.startswith("val/")})
+        if self.main_process and improved:
+            save_pretrained_atomic(unwrapped, self.best_dir, _validation_file({"metric": args.metric_for_best_model, **entry}))
+            M3DCTImageProcessor.from_detector_config(unwrapped.config).save_pretrained(self.best_dir)
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("auc", "pd_at_1pct", "f1") if metrics.get(k) is not None)
-        logger.info("validation at step %d (epoch %d): %s%s", global_step, epoch, shown or "undefined", " (best)" if improved else "")
+        logger.info("validation at step %d (epoch %d): %s%s", step, epoch, shown or "undefined", " (best)" if improved else "")
 
-    progress = tqdm(total=int(total_steps), initial=min(global_step, int(total_steps)), desc=f"train {name}", unit="step",
-                    disable=not progress_on, dynamic_ncols=True)
-    model.train()
-    loss_sum, count, interrupted = torch.zeros((), device=accelerator.device), 0, False
-    micro = global_step * args.gradient_accumulation_steps
-    with StopRequest("train_detector") as stop:
-        try:
-            while global_step < total_steps and not stop.requested:
-                epoch, skip = divmod(micro, micro_per_epoch)
-                epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-                epoch_loader.set_epoch(epoch)
-                for batch in epoch_loader:
-                    torch.manual_seed(step_seed(args.seed, global_step, micro % args.gradient_accumulation_steps,
-                                                accelerator.process_index, accelerator.num_processes))
-                    loss = optimizer_micro_step(accelerator, model, batch, optimizer, scheduler, args.max_grad_norm)
-                    micro += 1
-                    loss_sum += loss.detach().float()
-                    count += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    global_step += 1
-                    progress.update(1)
-                    if global_step % args.log_every == 0 or global_step == total_steps:
-                        mean = float(accelerator.reduce(loss_sum / count, reduction="mean"))
-                        record = {"step": global_step, "epoch": epoch, "loss": mean, "lr": scheduler.get_last_lr()[0],
-                                  "elapsed_s": round(time.perf_counter() - start_time, 3)}
-                        if main_process:
-                            _append_jsonl(log_path, record)
-                            progress.set_postfix(loss=f"{mean:.4f}")
-                        if log_with:
-                            accelerator.log({"train/loss": mean, "train/lr": record["lr"]}, step=global_step)
-                        loss_sum, count = torch.zeros((), device=accelerator.device), 0
-                    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                        save_checkpoint()
-                    if global_step >= total_steps or stop.requested:
-                        break
-                else:  # the epoch ran to its end
-                    validate(epoch)
-                    if global_step != last_saved:
-                        save_checkpoint()
-        except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed
-            interrupted = True
-        progress.close()
-        if interrupted or stop.requested:
-            if global_step != last_saved and global_step > 0:
-                save_checkpoint()
-            logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", global_step)
-            end_trackers(accelerator)
-            return 130
+    def checkpoint_extras(self, folder: Path) -> dict[str, Any]:
+        return {"detector": self.detector_name, "preset": self.arguments.preset, "best": self.best,
+                "history": finite_or_none(self.history)}
 
-    if validated_at != global_step:
-        validate(max(micro - 1, 0) // micro_per_epoch)
-    if global_step != last_saved:
-        save_checkpoint()
-    accelerator.wait_for_everyone()
-    if main_process:
-        if best["value"] is None:  # no (defined) validation: the last model is the one kept
-            save_pretrained_atomic(accelerator.unwrap_model(model), best_dir, _validation_file(history[-1] if history else {}))
-            M3DCTImageProcessor.from_detector_config(accelerator.unwrap_model(model).config).save_pretrained(best_dir)
+    def resume_from(self, state: dict[str, Any], folder: Path) -> None:
+        if state.get("detector") != self.detector_name:
+            raise ValueError(f"checkpoint {folder} holds a {state.get('detector')} detector; this run builds {self.detector_name}")
+        self.best, self.history = state["best"], state.get("history", [])
+        self.validated_at = self.history[-1]["step"] if self.history else -1
+
+    def save_outputs(self) -> None:
+        args, accelerator, name, best_dir = self.arguments, self.accelerator, self.detector_name, self.best_dir
+        if self.best["value"] is None:  # no (defined) validation: the last model is the one kept
+            unwrapped = accelerator.unwrap_model(self.model)
+            save_pretrained_atomic(unwrapped, best_dir, _validation_file(self.history[-1] if self.history else {}))
+            M3DCTImageProcessor.from_detector_config(unwrapped.config).save_pretrained(best_dir)
         calibration = None
         calibration_split = calibration_split_name(args)
         if calibration_split is not None:
             kept = build_detector(model_path=str(best_dir)).to(accelerator.device)
-            split = filter_examples(load_split(source, calibration_split, args.dataset_cache_dir), args.generators, args.tasks)
-            crops = evaluation_crops(split, args.crop_size, kept.config, cache_bytes)
-            calibration = {"split": calibration_split, **calibrate_volume_threshold(kept, crops, args.eval_batch_size, progress_on)}
+            crops = evaluation_crops(self.split(calibration_split), args.crop_size, kept.config, self.cache_bytes)
+            calibration = {"split": calibration_split, **calibrate_volume_threshold(kept, crops, args.eval_batch_size, self.show_progress)}
             write_json_atomic(best_dir / "config.json", json.loads(kept.config.to_json_string()))  # as save_pretrained: no local path
             logger.info("volume_threshold %.4f from the %s split (%d fakes, %d pristine): balanced accuracy %s",
                         calibration["threshold"], calibration_split, calibration["n_fake"], calibration["n_pristine"],
                         calibration["balanced_accuracy"])
         _write_card(best_dir, name, args)
         summary = {
-            "detector": name, "preset": args.preset, "steps": global_step, "best": best, "history": history,
+            "detector": name, "preset": args.preset, "steps": self.global_step, "best": self.best, "history": self.history,
             "calibration": calibration,
-            "wall_s": round(time.perf_counter() - start_time, 3), "args": {k: json_value(v) for k, v in vars(args).items()},
+            "wall_s": round(time.perf_counter() - self.start_time, 3), "args": {k: json_value(v) for k, v in asdict(args).items()},
         }
-        write_json_atomic(output_dir / "training_summary.json", finite_or_none(summary))
-        logger.info("saved %s to %s (best %s: %s at step %s)", name, best_dir, args.metric_for_best_model, best["value"], best["step"])
+        write_json_atomic(self.output_dir / "training_summary.json", finite_or_none(summary))
+        logger.info("saved %s to %s (best %s: %s at step %s)", name, best_dir, args.metric_for_best_model, self.best["value"],
+                    self.best["step"])
         if args.push_to_hub:
             from m3d.hub import push_folder
 
-            url = push_folder(best_dir, args.hub_model_id or output_dir.name, private=args.hub_private)
+            url = push_folder(best_dir, args.hub_model_id or self.output_dir.name, private=args.hub_private)
             logger.info("pushed %s to %s", best_dir, url)
-    accelerator.wait_for_everyone()  # every process returns once the outputs are written
-    end_trackers(accelerator)
-    return 0
 
 
-def _write_card(folder: Path, name: str, args: argparse.Namespace) -> None:
+def train(arguments: TrainDetectorArguments, dataset=None) -> int:
+    """Train a detector as ``arguments`` say (``dataset``, a `DatasetDict`, replaces ``--data``): 0 done,
+    130 stopped (a checkpoint saved); bad input raises."""
+    training = DetectorTraining(arguments, dataset)
+    return training.run(training.loader, training.total_steps)
+
+
+def _write_card(folder: Path, name: str, args: TrainDetectorArguments) -> None:
     from m3d.model_cards import write_model_card
 
     data = f"images {args.train_images}" if args.train_images else f"M3Dsynth {args.data}"
@@ -512,8 +501,8 @@ def _write_card(folder: Path, name: str, args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d train-detector` calls it): 0 done, 2 bad input, 130 interrupted (checkpoint saved)."""
-    args = build_parser(prog).parse_args(argv)
-    return run_guarded("train_detector", lambda: train(args), (ValueError, FileNotFoundError, NotADirectoryError))
+    arguments = parse_arguments(argv, prog)
+    return run_guarded("train_detector", lambda: train(arguments), (ValueError, FileNotFoundError, NotADirectoryError))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m m3d.train.train_generator --model pix2pix --task inject --phantoms 8 --output-dir runs/p2p
     accelerate launch -m m3d.train.train_generator --model ddpm --task remove --lidc-root /data/LIDC-IDRI ...
+    train(TrainGeneratorArguments(model="pix2pix", task="inject", output_dir="runs/p2p"))  # from Python
 
 Data: ``--data DIR`` (cases in the `m3d phantom` layout), ``--lidc-root DIR`` (a LIDC-IDRI download),
 or neither: ``--phantoms N`` synthetic scans made in memory. Sites and augmentations: `m3d.train.cubes`.
@@ -53,6 +54,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,21 +65,8 @@ from torch import nn
 
 from ..constants import FAKE_GENERATORS, TASKS
 from ..errors import run_guarded
-from .common import (
-    MIXED_PRECISION,
-    STATE_FILE,
-    StopRequest,
-    configure_logging,
-    end_trackers,
-    ignore_sigint,
-    json_value,
-    make_accelerator,
-    next_checkpoint_number,
-    resume_checkpoint,
-    save_pretrained_atomic,
-    step_seed,
-    write_json_atomic,
-)
+from .common import MIXED_PRECISION, ignore_sigint, json_value, save_pretrained_atomic, write_json_atomic
+from .loop import TrainingArguments, TrainingLoop
 
 MODELS = FAKE_GENERATORS  # one generator model per name
 PRESET_CHOICES = ("tiny", "demo", "default", "reference")
@@ -117,6 +106,59 @@ logger = logging.getLogger("m3d.train.train_generator")
 # -- arguments ----------------------------------------------------------------------------------
 
 
+@dataclass(kw_only=True)
+class TrainGeneratorArguments(TrainingArguments):
+    """`m3d train-generator`'s options (`build_parser` describes each)."""
+
+    model: str
+    task: str
+    preset: str = "default"
+    data: str | None = None
+    lidc_root: str | None = None
+    max_scans: int | None = None
+    phantoms: int = 8
+    phantom_size: int = 320
+    phantom_max_slices: int | None = 48
+    phantom_spacing: str = "native"
+    cube_cache: str | None = None
+    max_steps: int = 500
+    batch_size: int = 8
+    learning_rate: float | None = None
+    d_learning_rate: float | None = None
+    lambda_l1: float = 100.0
+    hole_only: bool = False
+    lambda_cycle: float = 10.0
+    ema_decay: float = 0.9999
+    prediction_type: str = "epsilon"
+    noise_schedule: str = "linear"
+    num_train_timesteps: int = 2000
+    snr_gamma: float | None = None
+    max_grad_norm: float | None = None
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 3
+    save_dtype: str = "fp32"
+    sampler: str = "ddpm"
+    inference_steps: int = 50
+
+    def check(self) -> None:
+        """ValueError for values the parser lets through."""
+        positive = ["max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size",
+                    "inference_steps", "num_train_timesteps"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        if self.max_scans is not None and self.max_scans < 1:
+            raise ValueError(f"--max-scans must be positive; got {self.max_scans}")
+        if self.checkpointing_steps < 0 or self.num_workers < 0:
+            raise ValueError("--checkpointing-steps and --num-workers must not be negative")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError("--checkpoints-total-limit must be positive")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"--snr-gamma must be positive; got {self.snr_gamma}")
+        if self.model == "pix2pix" and self.batch_size < 2:
+            raise ValueError("pix2pix trains BatchNorm down to a 1^3 bottleneck: --batch-size must be at least 2")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m m3d.train.train_generator",
@@ -129,7 +171,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     what.add_argument("--task", choices=TASKS, required=True,
                       help="inject: learn malignant nodules (median malignancy >= 4, > 10 mm); "
                       "remove: learn benign ones (median malignancy <= 2, < 8 mm)")
-    what.add_argument("--preset", choices=PRESET_CHOICES, default="default",
+    what.add_argument("--preset", choices=PRESET_CHOICES,
                       help="network sizes: m3d.models.PRESETS (tiny: tests; default: CPU-sized; reference: the "
                       "papers'); demo: smaller than default, trains in minutes on a CPU")
 
@@ -137,77 +179,65 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     source = data.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="DIR", help="folder of LIDC-style cases: <case>/dicom/ + LIDC XML (m3d phantom's layout)")
     source.add_argument("--lidc-root", metavar="DIR", help="a LIDC-IDRI download: DICOM series folders with their XML")
-    data.add_argument("--max-scans", type=int, default=None, metavar="N", help="read at most N scans of --data / --lidc-root")
-    data.add_argument("--phantoms", type=int, default=8, metavar="N", help="synthetic scans made in memory when no data folder is given")
-    data.add_argument("--phantom-size", type=int, default=320, help="in-plane matrix of the synthetic scans (the builder's)")
-    data.add_argument("--phantom-max-slices", type=int, default=48, help="cap on the synthetic scans' slices (the builder's)")
-    data.add_argument("--phantom-spacing", choices=PHANTOM_SPACINGS, default="native",
+    data.add_argument("--max-scans", type=int, metavar="N", help="read at most N scans of --data / --lidc-root")
+    data.add_argument("--phantoms", type=int, metavar="N", help="synthetic scans made in memory when no data folder is given")
+    data.add_argument("--phantom-size", type=int, help="in-plane matrix of the synthetic scans (the builder's)")
+    data.add_argument("--phantom-max-slices", type=int, help="cap on the synthetic scans' slices (the builder's)")
+    data.add_argument("--phantom-spacing", choices=PHANTOM_SPACINGS,
                       help="native: the real series' pixel and slice spacing (as the dataset builder); scaled: the real "
                       "field of view on --phantom-size pixels (coarser: the cubes are upsampled to 1 mm)")
-    data.add_argument("--cube-cache", metavar="DIR", default=None,
+    data.add_argument("--cube-cache", metavar="DIR",
                       help="keep the cut training cubes here (an .npz per task and data source) and reuse them")
 
     run = parser.add_argument_group("training")
     run.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints, logs.jsonl and pipeline/ go here")
-    run.add_argument("--max-steps", type=int, default=500, help="optimizer steps in all (a resumed run counts on)")
-    run.add_argument("--batch-size", type=int, default=8, help="cubes per process and micro-batch")
-    run.add_argument("--learning-rate", type=float, default=None,
+    run.add_argument("--max-steps", type=int, help="optimizer steps in all (a resumed run counts on)")
+    run.add_argument("--batch-size", type=int, help="cubes per process and micro-batch")
+    run.add_argument("--learning-rate", type=float,
                      help="generator / UNet rate (default: pix2pix and cyclegan 2e-4, ddpm 1e-4)")
-    run.add_argument("--d-learning-rate", type=float, default=None,
+    run.add_argument("--d-learning-rate", type=float,
                      help="discriminator rate (default: pix2pix 1e-6 as CT-GAN; cyclegan = --learning-rate)")
-    run.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
-    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no", help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
-    run.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 term")
+    run.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step")
+    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
+    run.add_argument("--lambda-l1", type=float, help="pix2pix: weight of the L1 term")
     run.add_argument("--hole-only", action="store_true",
                      help="pix2pix, cyclegan: losses and D on G's hole pasted into the real context (as at inference); "
                      "ddpm: the noise MSE over the hole only")
-    run.add_argument("--lambda-cycle", type=float, default=10.0, help="cyclegan: cycle weight (identity: half of it)")
-    run.add_argument("--ema-decay", type=float, default=0.9999, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
-    run.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon",
+    run.add_argument("--lambda-cycle", type=float, help="cyclegan: cycle weight (identity: half of it)")
+    run.add_argument("--ema-decay", type=float, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
+    run.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                      help="ddpm: what the UNet predicts: the noise (the paper), the velocity v or the clean cube")
-    run.add_argument("--noise-schedule", choices=BETA_SCHEDULES, default="linear",
+    run.add_argument("--noise-schedule", choices=BETA_SCHEDULES,
                      help="ddpm: linear betas 1e-4 -> 0.02 (the paper) or the cosine schedule (squaredcos_cap_v2)")
-    run.add_argument("--num-train-timesteps", type=int, default=2000, help="ddpm: diffusion steps of the schedule (the paper: 2000)")
-    run.add_argument("--snr-gamma", type=float, default=None,
+    run.add_argument("--num-train-timesteps", type=int, help="ddpm: diffusion steps of the schedule (the paper: 2000)")
+    run.add_argument("--snr-gamma", type=float,
                      help="ddpm: min-SNR-gamma loss weighting (Hang et al. 2023 use 5); default: unweighted")
-    run.add_argument("--max-grad-norm", type=float, default=None, help="clip gradient norms (default: ddpm 1.0, GANs off)")
-    run.add_argument("--seed", type=int, default=0, help="seeds the data, the augmentations and every step's randomness")
-    run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--max-grad-norm", type=float, help="clip gradient norms (default: ddpm 1.0, GANs off)")
+    run.add_argument("--seed", type=int, help="seeds the data, the augmentations and every step's randomness")
+    run.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
 
     save = parser.add_argument_group("checkpoints and logs")
-    save.add_argument("--checkpointing-steps", type=int, default=500,
+    save.add_argument("--checkpointing-steps", type=int,
                       help="save a checkpoint every N steps and at the end (0: only on interrupt)")
-    save.add_argument("--checkpoints-total-limit", type=int, default=3, help="keep at most this many checkpoints")
-    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH", default=None,
+    save.add_argument("--checkpoints-total-limit", type=int, help="keep at most this many checkpoints")
+    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH",
                       help="continue from OUTPUT_DIR's newest complete checkpoint (latest; a fresh start if none) or a folder")
-    save.add_argument("--log-every", type=int, default=10, help="write mean losses to logs.jsonl every N steps")
+    save.add_argument("--log-every", type=int, help="write mean losses to logs.jsonl every N steps")
     save.add_argument("--no-progress", action="store_true", help="no progress bar")
-    save.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp32",
+    save.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES),
                       help="dtype of the saved pipeline's weights (from_pretrained loads them as fp32)")
-    save.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+    save.add_argument("--sampler", choices=SAMPLERS,
                       help="ddpm: the scheduler saved with the pipeline (the training schedule, sampled with ddpm, ddim or dpmsolver++)")
-    save.add_argument("--inference-steps", type=int, default=50,
+    save.add_argument("--inference-steps", type=int,
                       help="ddpm: the pipeline's default num_inference_steps (saved in model_index.json)")
+    parser.set_defaults(**TrainGeneratorArguments.defaults())
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    positive = ["max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size",
-                "inference_steps", "num_train_timesteps"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
-    if args.max_scans is not None and args.max_scans < 1:
-        raise ValueError(f"--max-scans must be positive; got {args.max_scans}")
-    if args.checkpointing_steps < 0 or args.num_workers < 0:
-        raise ValueError("--checkpointing-steps and --num-workers must not be negative")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError("--checkpoints-total-limit must be positive")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        raise ValueError(f"--snr-gamma must be positive; got {args.snr_gamma}")
-    if args.model == "pix2pix" and args.batch_size < 2:
-        raise ValueError("pix2pix trains BatchNorm down to a 1^3 bottleneck: --batch-size must be at least 2")
+def parse_arguments(argv: Sequence[str] | None = None, prog: str | None = None) -> TrainGeneratorArguments:
+    """The command line ``argv`` (None: ``sys.argv``) as `TrainGeneratorArguments`."""
+    return TrainGeneratorArguments.parse(build_parser(prog), argv)
 
 
 # -- networks and steps -------------------------------------------------------------------------
@@ -242,7 +272,7 @@ class GeneratorTrainer:
 
     model = ""
 
-    def __init__(self, task: str, preset: str, lr: float, d_lr: float | None, args: argparse.Namespace | None = None):
+    def __init__(self, task: str, preset: str, lr: float, d_lr: float | None, args: TrainGeneratorArguments | None = None):
         self.task = task
         self.preset = preset
         self.lr = lr
@@ -573,7 +603,7 @@ def make_trainer(
 # -- data ---------------------------------------------------------------------------------------
 
 
-def _data_key(args: argparse.Namespace) -> dict[str, Any]:
+def _data_key(args: TrainGeneratorArguments) -> dict[str, Any]:
     """What the training cubes depend on (the cube cache's key)."""
     from ..tamper.cube import TRAIN_CUBE_SIZE
     from . import cubes
@@ -592,14 +622,14 @@ def _data_key(args: argparse.Namespace) -> dict[str, Any]:
     return key
 
 
-def _cache_path(args: argparse.Namespace) -> Path | None:
+def _cache_path(args: TrainGeneratorArguments) -> Path | None:
     if not args.cube_cache:
         return None
     digest = hashlib.sha1(json.dumps(_data_key(args), sort_keys=True).encode()).hexdigest()[:16]
     return Path(args.cube_cache) / f"cubes_{args.task}_{digest}.npz"
 
 
-def build_dataset(args: argparse.Namespace, samples_per_epoch_multiple: int, progress: bool, workers: int = 1):
+def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int, progress: bool, workers: int = 1):
     """The task's training cubes from ``--data`` / ``--lidc-root`` / phantoms (made by ``workers``
     processes), or the cube cache."""
     from .cubes import CubeDataset, iter_case_folders, iter_lidc_root, iter_phantom_cases
@@ -634,207 +664,115 @@ def build_dataset(args: argparse.Namespace, samples_per_epoch_multiple: int, pro
     return dataset
 
 
-# -- main ---------------------------------------------------------------------------------------
+# -- training -----------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace) -> int:
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+class GeneratorTraining(TrainingLoop):
+    """A generator's run: the task's cubes, the model's `GeneratorTrainer` (networks, optimisers, step, EMA)."""
 
-    _check_args(args)
-    output_dir = Path(args.output_dir)
-    accelerator, log_with = make_accelerator(args, output_dir)
-    main_process = accelerator.is_main_process
-    configure_logging(logger, "train_generator", main_process)
-    set_seed(args.seed)
+    arguments: TrainGeneratorArguments
+    name = "train_generator"
+    unit = "cubes"
 
-    # data: every process cuts the same cubes (deterministic); the loader shards the batches
-    total_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    from ..data.phantom import phantom_workers
+    def __init__(self, arguments: TrainGeneratorArguments) -> None:
+        from ..data.phantom import phantom_workers
 
-    dataset = build_dataset(args, total_batch, progress=main_process and not args.no_progress,
-                            workers=phantom_workers(args.phantoms, accelerator.num_processes))
-    logger.info("%d %s sites -> %d cubes per epoch (%s)", len(dataset.cubes_hu), args.task, len(dataset),
-                ", ".join(r["source"] for r in dataset.records[:5]) + (" ..." if len(dataset.records) > 5 else ""))
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=False,  # the dataset orders each epoch from (seed, epoch)
-        drop_last=True,
-        num_workers=args.num_workers,
-        worker_init_fn=ignore_sigint if args.num_workers else None,
-        pin_memory=accelerator.device.type == "cuda",
-    )
+        arguments.check()
+        super().__init__(arguments, logger)
+        args, accelerator = arguments, self.accelerator
+        self.description = f"{args.model} {args.task}"
+        # data: every process cuts the same cubes (deterministic); the loader shards the batches
+        self.dataset = build_dataset(args, self.total_batch, progress=self.show_progress,
+                                     workers=phantom_workers(args.phantoms, accelerator.num_processes))
+        records = self.dataset.records
+        logger.info("%d %s sites -> %d cubes per epoch (%s)", len(self.dataset.cubes_hu), args.task, len(self.dataset),
+                    ", ".join(r["source"] for r in records[:5]) + (" ..." if len(records) > 5 else ""))
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=args.batch_size,
+            shuffle=False,  # the dataset orders each epoch from (seed, epoch)
+            drop_last=True,
+            num_workers=args.num_workers,
+            worker_init_fn=ignore_sigint if args.num_workers else None,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        self.trainer = make_trainer(
+            args.model,
+            args.task,
+            args.preset,
+            learning_rate=args.learning_rate,
+            d_learning_rate=args.d_learning_rate,
+            lambda_l1=args.lambda_l1,
+            hole_only=args.hole_only,
+            lambda_cycle=args.lambda_cycle,
+            ema_decay=args.ema_decay,
+            max_grad_norm=args.max_grad_norm,
+            prediction_type=args.prediction_type,
+            beta_schedule=args.noise_schedule,
+            num_train_timesteps=args.num_train_timesteps,
+            snr_gamma=args.snr_gamma,
+        )
+        self.trainer.args = args
+        self.trainer.prepare(accelerator)
+        self.loader = accelerator.prepare(loader)
+        self.trainer.train()
 
-    trainer = make_trainer(
-        args.model,
-        args.task,
-        args.preset,
-        learning_rate=args.learning_rate,
-        d_learning_rate=args.d_learning_rate,
-        lambda_l1=args.lambda_l1,
-        hole_only=args.hole_only,
-        lambda_cycle=args.lambda_cycle,
-        ema_decay=args.ema_decay,
-        max_grad_norm=args.max_grad_norm,
-        prediction_type=args.prediction_type,
-        beta_schedule=args.noise_schedule,
-        num_train_timesteps=args.num_train_timesteps,
-        snr_gamma=args.snr_gamma,
-    )
-    trainer.args = args
-    trainer.prepare(accelerator)
-    loader = accelerator.prepare(loader)
-    micro_per_epoch = len(loader)
-    if micro_per_epoch < args.gradient_accumulation_steps:
-        raise ValueError("an epoch holds fewer micro-batches than --gradient-accumulation-steps")
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with self.accelerator.accumulate(*self.trainer.networks.values()):
+            losses = self.trainer.step(batch)
+        if self.accelerator.sync_gradients:
+            self.trainer.after_optimizer_step()
+        return losses
 
-    # resume
-    global_step = 0
-    state_path = resume_checkpoint(args.resume_from_checkpoint, output_dir, logger)
-    if state_path is not None:
-        state = json.loads((state_path / STATE_FILE).read_text())
+    def training_record(self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float) -> dict[str, Any]:
+        return {**losses, "step": self.global_step, "epoch": epoch, "lr": self.trainer.lr, "steps_per_s": steps_per_s,
+                "elapsed_s": elapsed_s}
+
+    def checkpoint_extras(self, folder: Path) -> dict[str, Any]:
+        self.trainer.save_extra(folder)
+        args = self.arguments
+        return {"model": args.model, "task": args.task, "preset": args.preset, "prediction_type": args.prediction_type,
+                "noise_schedule": args.noise_schedule, "num_train_timesteps": args.num_train_timesteps, **self.data_position()}
+
+    def resume_from(self, state: dict[str, Any], folder: Path) -> None:
         for key in ("model", "task", "preset", "prediction_type", "noise_schedule", "num_train_timesteps"):
-            if key in state and state[key] != getattr(args, key):
+            if key in state and state[key] != getattr(self.arguments, key):
                 flag = key.replace("_", "-")
-                raise ValueError(f"checkpoint {state_path} was trained with --{flag} {state[key]}; got {getattr(args, key)}")
-        if state.get("total_batch") != total_batch:
-            logger.warning("checkpoint used %s cubes per step, this run %d: the data order will differ", state.get("total_batch"), total_batch)
-        accelerator.load_state(str(state_path))
-        trainer.load_extra(state_path)
-        global_step = int(state["global_step"])
-        logger.info("resumed from %s at step %d", state_path, global_step)
-    accelerator.project_configuration.iteration = next_checkpoint_number(output_dir)
+                raise ValueError(f"checkpoint {folder} was trained with --{flag} {state[key]}; got {getattr(self.arguments, key)}")
+        self.trainer.load_extra(folder)
 
-    if log_with:
-        accelerator.init_trackers("train_generator", config={k: json_value(v) for k, v in vars(args).items()})
-
-    log_path = output_dir / "logs.jsonl"
-    start_time = time.perf_counter()
-    last_saved = global_step if state_path is not None else -1
-
-    def save_checkpoint() -> Path:
-        nonlocal last_saved
-        accelerator.wait_for_everyone()
-        folder = Path(accelerator.save_state())
-        if main_process:
-            trainer.save_extra(folder)
-            write_json_atomic(folder / STATE_FILE, {
-                "global_step": global_step,
-                "model": args.model,
-                "task": args.task,
-                "preset": args.preset,
-                "prediction_type": args.prediction_type,
-                "noise_schedule": args.noise_schedule,
-                "num_train_timesteps": args.num_train_timesteps,
-                "seed": args.seed,
-                "total_batch": total_batch,
-                "micro_batches_per_epoch": micro_per_epoch,
-                "epoch": (global_step * args.gradient_accumulation_steps) // micro_per_epoch,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            })
-        accelerator.wait_for_everyone()
-        last_saved = global_step
-        logger.info("checkpoint at step %d: %s", global_step, folder)
-        return folder
-
-    progress = tqdm(
-        total=args.max_steps,
-        initial=min(global_step, args.max_steps),
-        desc=f"{args.model} {args.task}",
-        unit="step",
-        disable=not main_process or args.no_progress,
-        dynamic_ncols=True,
-    )
-    trainer.train()
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    interrupted = False
-    micro = global_step * args.gradient_accumulation_steps
-    window_start, window_step = time.perf_counter(), global_step
-    with StopRequest("train_generator") as stop:
-        try:
-            while global_step < args.max_steps and not stop.requested:
-                epoch, skip = divmod(micro, micro_per_epoch)
-                epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-                epoch_loader.set_epoch(epoch)
-                for batch in epoch_loader:
-                    micro_index = micro % args.gradient_accumulation_steps
-                    torch.manual_seed(step_seed(args.seed, global_step, micro_index, accelerator.process_index,
-                                                accelerator.num_processes))
-                    with accelerator.accumulate(*trainer.networks.values()):
-                        losses = trainer.step(batch)
-                    micro += 1
-                    for key, value in losses.items():
-                        sums[key] = sums.get(key, 0.0) + value.float()
-                    count += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    global_step += 1
-                    trainer.after_optimizer_step()
-                    progress.update(1)
-                    if global_step % args.log_every == 0 or global_step == args.max_steps:
-                        keys = sorted(sums)
-                        means = accelerator.reduce(torch.stack([sums[k] / count for k in keys]), reduction="mean")
-                        record = {k: float(v) for k, v in zip(keys, means.tolist())}
-                        now = time.perf_counter()
-                        record.update(step=global_step, epoch=epoch, lr=trainer.lr,
-                                      steps_per_s=(global_step - window_step) / max(now - window_start, 1e-9),
-                                      elapsed_s=round(now - start_time, 3))
-                        window_start, window_step = now, global_step
-                        if main_process:
-                            with open(log_path, "a") as handle:
-                                handle.write(json.dumps(record) + "\n")
-                            progress.set_postfix(loss=f"{record['loss']:.4f}")
-                        if log_with:
-                            accelerator.log({k: v for k, v in record.items() if k.startswith("loss")}, step=global_step)
-                        sums, count = {}, 0
-                    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                        save_checkpoint()
-                    if global_step >= args.max_steps or stop.requested:
-                        break
-        except KeyboardInterrupt:  # a second Ctrl-C, or no handler installed
-            interrupted = True
-        progress.close()
-        interrupted = interrupted or stop.requested
-        if interrupted:
-            if global_step != last_saved and global_step > 0:
-                save_checkpoint()
-            logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", global_step)
-            end_trackers(accelerator)
-            return 130
-
-    if args.checkpointing_steps and global_step != last_saved:
-        save_checkpoint()
-    accelerator.wait_for_everyone()
-    if main_process:
-        pipeline = trainer.pipeline()
+    def save_outputs(self) -> None:
+        args = self.arguments
+        pipeline = self.trainer.pipeline()
         if args.save_dtype != "fp32":
             for module in pipeline.components.values():
                 if isinstance(module, nn.Module):
                     module.to(dtype=SAVE_DTYPES[args.save_dtype])
-        pipeline_dir = save_pretrained_atomic(pipeline, output_dir / "pipeline")
+        pipeline_dir = save_pretrained_atomic(pipeline, self.output_dir / "pipeline")
         summary = {
             "model": args.model,
             "task": args.task,
             "preset": args.preset,
-            "steps": global_step,
-            "sites": dataset.records,
-            "wall_s": round(time.perf_counter() - start_time, 3),
-            "args": {k: json_value(v) for k, v in vars(args).items()},
+            "steps": self.global_step,
+            "sites": self.dataset.records,
+            "wall_s": round(time.perf_counter() - self.start_time, 3),
+            "args": {k: json_value(v) for k, v in asdict(args).items()},
         }
-        write_json_atomic(output_dir / "training_summary.json", summary)
+        write_json_atomic(self.output_dir / "training_summary.json", summary)
         logger.info("saved %s pipeline (%s) to %s", args.model, args.task, pipeline_dir)
-    accelerator.wait_for_everyone()  # every process returns once the outputs are written
-    end_trackers(accelerator)
-    return 0
+
+
+def train(arguments: TrainGeneratorArguments) -> int:
+    """Train a generator as ``arguments`` say: 0 done, 130 stopped (a checkpoint saved); bad input raises."""
+    training = GeneratorTraining(arguments)
+    return training.run(training.loader, arguments.max_steps)
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d train-generator` calls it; ``prog`` names it in the usage line): 0 done, 2 bad
     input, 130 interrupted (a checkpoint was saved)."""
-    args = build_parser(prog).parse_args(argv)
-    return run_guarded("train_generator", lambda: train(args), (ValueError, FileNotFoundError, NotADirectoryError))
+    arguments = parse_arguments(argv, prog)
+    return run_guarded("train_generator", lambda: train(arguments), (ValueError, FileNotFoundError, NotADirectoryError))
 
 
 if __name__ == "__main__":
