@@ -375,6 +375,20 @@ def test_hole_only_losses_ignore_the_generated_context(case):
     assert float(trainer.step(batch)["loss_l1"]) == 0.0
 
 
+@pytest.mark.parametrize("full_cycle_weight", [0.0, 1.0])
+def test_full_cycle_weight_drops_the_redraw_cycle(case, full_cycle_weight):
+    """With a reverse generator that re-masks perfectly, the masked -> full -> masked cycle costs nothing,
+    so what is left of the cycle loss is G redrawing a masked-out nodule: none at --full-cycle-weight 0."""
+    from accelerate import Accelerator
+
+    trainer = tg.make_trainer("cyclegan", "inject", "tiny", hole_only=True, full_cycle_weight=full_cycle_weight)
+    trainer.prepare(Accelerator(cpu=True))
+    batch = next(iter(torch.utils.data.DataLoader(CubeDataset(sites_for_task([case], "inject")), batch_size=2)))
+    trainer.networks["reverse_generator"].forward = lambda sample, **_: SimpleNamespace(sample=batch["masked"])
+    loss_cycle = float(trainer.step(batch)["loss_cycle"])
+    assert loss_cycle == 0.0 if full_cycle_weight == 0 else loss_cycle > 0.01
+
+
 @pytest.mark.parametrize("model", ["cyclegan", "ddpm"])
 def test_hole_only_trains(tmp_path, monkeypatch, model):
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)

@@ -11,8 +11,9 @@ from .cyclegan3d import CycleGAN3DDiscriminator, CycleGAN3DGenerator
 from .pix2pix3d import GeneratorOutput, PatchDiscriminator3D, Pix2Pix3DGenerator
 from .unet3d import UNet3DModel, UNet3DOutput
 
-# "reference": the sizes of the papers (CT-GAN's gf = df = 100, CycleGAN's ngf = 64, a Med-DDPM-like
-# U-Net); "default": the class defaults (modest widths that train on a CPU); "tiny": unit tests.
+# "reference": the sizes of the papers (CT-GAN's gf = df = 100 and nearest-neighbour upsampling, CycleGAN's
+# ngf = 64, a Med-DDPM-like U-Net); "default": the class defaults (modest widths that train on a CPU), with
+# Pix2Pix upsampling trilinearly (no period-2 texture); "tiny": unit tests.
 PRESETS: dict[str, dict[str, dict]] = {
     "UNet3DModel": {
         "reference": dict(block_out_channels=(64, 128, 256), layers_per_block=2, attention_levels=(False, False, True),
@@ -21,7 +22,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(False, True),
                      norm_num_groups=4, num_head_channels=8),
     },
-    "Pix2Pix3DGenerator": {"reference": dict(gf=100), "default": {}, "tiny": dict(gf=4)},
+    "Pix2Pix3DGenerator": {"reference": dict(gf=100), "default": dict(upsample_mode="trilinear"), "tiny": dict(gf=4)},
     "PatchDiscriminator3D": {"reference": dict(df=100), "default": {}, "tiny": dict(df=4)},
     "CycleGAN3DGenerator": {"reference": dict(ngf=64, n_blocks=6), "default": {}, "tiny": dict(ngf=4, n_blocks=2)},
     "CycleGAN3DDiscriminator": {"reference": dict(df=64), "default": {}, "tiny": dict(df=4)},

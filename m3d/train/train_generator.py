@@ -17,7 +17,8 @@ Losses and optimisers:
   returns with ``keep_context=True``) and L1 is averaged over the hole: G spends nothing on copying the
   context and D learns to spot seams.
 * cyclegan: G: masked -> full and F: full -> masked, discriminators D_full and D_masked, LSGAN +
-  ``--lambda-cycle`` (10) x cycle L1 (both directions) + 0.5 x lambda x identity L1. Unpaired: the full
+  ``--lambda-cycle`` (10) x cycle L1 (both directions; the full -> masked -> full one weighted by
+  ``--full-cycle-weight``, 1 as CycleGAN) + 0.5 x lambda x identity L1. Unpaired: the full
   cubes of a batch are shuffled against the masked ones. Adam(2e-4, 0.5) for G+F and for the Ds
   (CycleGAN's settings; ``--d-learning-rate`` defaults to the G rate). No image pool (CycleGAN keeps 50
   past fakes for D); G+F are updated first, then the Ds. ``--hole-only`` as for pix2pix: each of G's
@@ -87,7 +88,7 @@ COMPONENTS = {
 # "demo": sizes that train to plausible nodules in a few minutes on a 2-core CPU (see the report in
 # the module's tests / README); a CLI choice only, not one of `m3d.models.PRESETS`.
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
-    "Pix2Pix3DGenerator": dict(gf=8),
+    "Pix2Pix3DGenerator": dict(gf=8, upsample_mode="trilinear"),
     "PatchDiscriminator3D": dict(df=8),
     "CycleGAN3DGenerator": dict(ngf=8, n_blocks=3),
     "CycleGAN3DDiscriminator": dict(df=8),
@@ -128,6 +129,7 @@ class TrainGeneratorArguments(TrainingArguments):
     lambda_l1: float = 100.0
     hole_only: bool = False
     lambda_cycle: float = 10.0
+    full_cycle_weight: float = 1.0
     ema_decay: float = 0.9999
     prediction_type: str = "epsilon"
     noise_schedule: str = "linear"
@@ -153,6 +155,8 @@ class TrainGeneratorArguments(TrainingArguments):
             raise ValueError("--checkpointing-steps and --num-workers must not be negative")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError("--checkpoints-total-limit must be positive")
+        if self.full_cycle_weight < 0:
+            raise ValueError(f"--full-cycle-weight must not be negative; got {self.full_cycle_weight}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"--snr-gamma must be positive; got {self.snr_gamma}")
         if self.model == "pix2pix" and self.batch_size < 2:
@@ -204,6 +208,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="pix2pix, cyclegan: losses and D on G's hole pasted into the real context (as at inference); "
                      "ddpm: the noise MSE over the hole only")
     run.add_argument("--lambda-cycle", type=float, help="cyclegan: cycle weight (identity: half of it)")
+    run.add_argument("--full-cycle-weight", type=float,
+                     help="cyclegan: weight of the full -> masked -> full cycle relative to --lambda-cycle (1, CycleGAN's; "
+                     "0: G is never asked to redraw a masked-out nodule exactly, which pulls an injector toward no nodule)")
     run.add_argument("--ema-decay", type=float, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
     run.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                      help="ddpm: what the UNet predicts: the noise (the paper), the velocity v or the clean cube")
@@ -376,11 +383,15 @@ class Pix2PixTrainer(GeneratorTrainer):
 class CycleGANTrainer(GeneratorTrainer):
     model = "cyclegan"
 
-    def __init__(self, task, preset, lr, d_lr, args=None, lambda_cycle: float = 10.0, hole_only: bool = False):
+    def __init__(
+        self, task, preset, lr, d_lr, args=None, lambda_cycle: float = 10.0, full_cycle_weight: float = 1.0,
+        hole_only: bool = False,
+    ):
         super().__init__(task, preset, lr, d_lr, args)
         from ..models import CycleGAN3DDiscriminator, CycleGAN3DGenerator
 
         self.lambda_cycle = lambda_cycle
+        self.full_cycle_weight = full_cycle_weight
         self.hole_only = hole_only
         g_config = component_config("CycleGAN3DGenerator", preset)
         d_config = component_config("CycleGAN3DDiscriminator", preset)
@@ -418,7 +429,7 @@ class CycleGANTrainer(GeneratorTrainer):
             idt_full = to_full(real_full, real_full)
             idt_masked = Fr(real_masked).sample.float()
             loss_gan = _lsgan(D_full(fake_full), True) + _lsgan(D_masked(fake_masked), True)
-            loss_cycle = F.l1_loss(rec_masked, real_masked) + F.l1_loss(rec_full, real_full)
+            loss_cycle = F.l1_loss(rec_masked, real_masked) + self.full_cycle_weight * F.l1_loss(rec_full, real_full)
             loss_idt = F.l1_loss(idt_full, real_full) + F.l1_loss(idt_masked, real_masked)
             loss_g = loss_gan + self.lambda_cycle * loss_cycle + 0.5 * self.lambda_cycle * loss_idt
             self._update(loss_g, "generators", [G, Fr])
@@ -572,6 +583,7 @@ def make_trainer(
     lambda_l1: float = 100.0,
     hole_only: bool = False,
     lambda_cycle: float = 10.0,
+    full_cycle_weight: float = 1.0,
     ema_decay: float = 0.9999,
     max_grad_norm: float | None = None,
     prediction_type: str = "epsilon",
@@ -591,7 +603,8 @@ def make_trainer(
     if model == "pix2pix":
         trainer = Pix2PixTrainer(task, preset, lr, d_lr, lambda_l1=lambda_l1, hole_only=hole_only)
     elif model == "cyclegan":
-        trainer = CycleGANTrainer(task, preset, lr, d_lr, lambda_cycle=lambda_cycle, hole_only=hole_only)
+        trainer = CycleGANTrainer(task, preset, lr, d_lr, lambda_cycle=lambda_cycle, full_cycle_weight=full_cycle_weight,
+                                  hole_only=hole_only)
     else:
         trainer = DDPMTrainer(task, preset, lr, ema_decay=ema_decay, hole_only=hole_only, prediction_type=prediction_type,
                               beta_schedule=beta_schedule, num_train_timesteps=num_train_timesteps, snr_gamma=snr_gamma)
@@ -705,6 +718,7 @@ class GeneratorTraining(TrainingLoop):
             lambda_l1=args.lambda_l1,
             hole_only=args.hole_only,
             lambda_cycle=args.lambda_cycle,
+            full_cycle_weight=args.full_cycle_weight,
             ema_decay=args.ema_decay,
             max_grad_norm=args.max_grad_norm,
             prediction_type=args.prediction_type,
