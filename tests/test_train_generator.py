@@ -25,6 +25,7 @@ from m3d.train.cubes import (
     CubeDataset,
     TrainingCase,
     center_crop,
+    passes_quality_check,
     site_matches,
     sites_for_task,
 )
@@ -108,6 +109,25 @@ def test_training_cube_is_the_tamper_cube_grown_by_4mm(case):
     # near a face: no NaN / air, the nearest scan voxel is repeated
     edge = cut_training_cube(case.volume, case.volume.voxel_to_world((13, 42, 42)))
     assert np.isfinite(edge).all() and edge.min() > -1000
+
+
+def test_only_kept_sites_train_on_nodules_the_builder_keeps():
+    """A solid 14 mm nodule passes the injection keep rule, a ground-glass one of the same size (-600 HU)
+    and a solid 6 mm one do not; the subset keeps the records and options of the passing cubes."""
+    grid = np.indices((40, 40, 40)) - 19.5
+    radius = np.sqrt((grid**2).sum(0))
+    lung = np.full((40, 40, 40), -850.0, np.float32)
+    solid, ground_glass, small = (np.where(radius < r, hu, lung).astype(np.float32)
+                                  for r, hu in [(7.0, -50.0), (7.0, -600.0), (3.0, -50.0)])
+    cubes = np.stack([solid, ground_glass, small])
+    assert passes_quality_check(cubes, "inject").tolist() == [True, False, False]
+    assert passes_quality_check(cubes, "remove").tolist() == [False, True, True]
+    dataset = CubeDataset.from_cubes(cubes, records=[{"source": s} for s in "abc"], seed=3, augment=False)
+    kept = dataset.subset(passes_quality_check(cubes, "inject"))
+    assert [r["source"] for r in kept.records] == ["a"] and kept.seed == 3 and not kept.augment
+    assert np.array_equal(kept.cubes_hu[0], solid)
+    with pytest.raises(ValueError, match="none of the sites' nodules passes the quality check"):
+        dataset.subset(np.zeros(3, bool))
 
 
 def test_augmentation_geometry():
@@ -387,6 +407,53 @@ def test_full_cycle_weight_drops_the_redraw_cycle(case, full_cycle_weight):
     trainer.networks["reverse_generator"].forward = lambda sample, **_: SimpleNamespace(sample=batch["masked"])
     loss_cycle = float(trainer.step(batch)["loss_cycle"])
     assert loss_cycle == 0.0 if full_cycle_weight == 0 else loss_cycle > 0.01
+
+
+@pytest.mark.parametrize("model", ["pix2pix", "ddpm"])
+def test_init_from_a_saved_pipeline(tmp_path, model):
+    """--init-from starts the pipeline's network (and the DDPM's EMA) from a saved folder's weights, even
+    across a config field the weights do not depend on (Pix2Pix's upsample_mode); folders of another
+    model, task or size are one clear error."""
+    from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline
+
+    torch.manual_seed(1)
+    if model == "pix2pix":
+        saved = Pix2Pix3DPipeline.from_preset("tiny", task="inject", upsample_mode="trilinear")
+        network = saved.network
+    else:
+        saved = M3DInpaintPipeline.from_preset("tiny", task="inject")
+        network = saved.unet
+    saved.save_pretrained(tmp_path / "saved")
+    trainer = tg.make_trainer(model, "inject", "tiny")
+    trainer.init_from(tmp_path / "saved")
+    loaded = trainer.networks[trainer.network_name]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in network.state_dict().items())
+    if model == "ddpm":
+        assert all(torch.equal(e, p) for e, p in zip(trainer.ema.shadow_params, loaded.parameters()))
+
+    CycleGAN3DPipeline.from_preset("tiny", task="inject").save_pretrained(tmp_path / "cyclegan")
+    Pix2Pix3DPipeline.from_preset("tiny", task="remove").save_pretrained(tmp_path / "remover")
+    Pix2Pix3DPipeline.from_preset("tiny", task="inject", gf=6).save_pretrained(tmp_path / "wider")
+    pix2pix = tg.make_trainer("pix2pix", "inject", "tiny")
+    with pytest.raises(ValueError, match="holds a CycleGAN3DGenerator for inject; --model pix2pix --task inject"):
+        pix2pix.init_from(tmp_path / "cyclegan")
+    with pytest.raises(ValueError, match="holds a Pix2Pix3DGenerator for remove"):
+        pix2pix.init_from(tmp_path / "remover")
+    with pytest.raises(ValueError, match="do not fit --preset tiny"):
+        pix2pix.init_from(tmp_path / "wider")
+
+
+def test_init_from_on_the_command_line(tmp_path, monkeypatch, capsys):
+    """A run started --init-from a trained folder begins at that folder's loss, not a fresh network's."""
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    assert tg.main(_argv("pix2pix", tmp_path / "first", 30, "--checkpointing-steps", "0", "--learning-rate", "2e-3")) == 0
+    first = [json.loads(line)["loss_l1"] for line in (tmp_path / "first" / "logs.jsonl").read_text().splitlines()]
+    assert tg.main(_argv("pix2pix", tmp_path / "second", 1, "--checkpointing-steps", "0",
+                         "--init-from", str(tmp_path / "first" / "pipeline"))) == 0
+    second = json.loads((tmp_path / "second" / "logs.jsonl").read_text().splitlines()[0])["loss_l1"]
+    assert second < first[0] * 0.8, (first[0], first[-1], second)
+    assert tg.main(_argv("pix2pix", tmp_path / "third", 1, "--init-from", str(tmp_path / "missing"))) == 2
+    assert "missing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["cyclegan", "ddpm"])

@@ -241,6 +241,14 @@ def center_crop(cube: np.ndarray, size: int = CUBE_SIZE) -> np.ndarray:
     return cube[tuple(slice(s, s + size) for s in start)]
 
 
+def passes_quality_check(cubes_hu: np.ndarray, task: str) -> np.ndarray:
+    """One bool per training cube: does its real nodule (the centred 32^3 crop) pass the dataset
+    builder's keep rule for ``task`` (`m3d.tamper.quality.check_quality`)?"""
+    from ..tamper.quality import check_quality
+
+    return np.array([check_quality(center_crop(cube), task).kept for cube in cubes_hu], bool)
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """One draw of CT-GAN's augmentations: crop shift (voxels, z y x), per-axis flips, axial quarter turns."""
@@ -354,6 +362,14 @@ class CubeDataset(Dataset):
     def from_cubes(cls, cubes_hu: np.ndarray, **kwargs) -> "CubeDataset":
         """From cubes already cut (``(N, 40, 40, 40)`` HU; 32^3 cubes work without shifts)."""
         return cls(cubes_hu=cubes_hu, **kwargs)
+
+    def subset(self, keep: np.ndarray) -> "CubeDataset":
+        """The sites where ``keep`` (one bool per cube) is true, with this dataset's seed and options."""
+        keep = np.asarray(keep, bool)
+        if not keep.any():
+            raise ValueError("no training cubes left: none of the sites' nodules passes the quality check")
+        return CubeDataset(cubes_hu=self.cubes_hu[keep], records=[r for r, k in zip(self.records, keep) if k], seed=self.seed,
+                           augment=self.augment, shuffle=self.shuffle, crop_size=self.crop_size)
 
     # -- epochs ----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

@@ -122,6 +122,8 @@ class TrainGeneratorArguments(TrainingArguments):
     phantom_max_slices: int | None = 48
     phantom_spacing: str = "native"
     cube_cache: str | None = None
+    only_kept_sites: bool = False
+    init_from: str | None = None
     max_steps: int = 500
     batch_size: int = 8
     learning_rate: float | None = None
@@ -197,6 +199,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints, logs.jsonl and pipeline/ go here")
     run.add_argument("--max-steps", type=int, help="optimizer steps in all (a resumed run counts on)")
     run.add_argument("--batch-size", type=int, help="cubes per process and micro-batch")
+    run.add_argument("--only-kept-sites", action="store_true",
+                     help="train only on the sites whose real nodule passes the dataset builder's quality check for the "
+                     "task (m3d.tamper.quality: inject > 10 mm, remove < 8 mm of solid tissue above -400 HU), so the "
+                     "generator learns what the builder keeps (about half of the phantoms' malignant nodules are "
+                     "part-solid or ground glass and measure smaller)")
+    run.add_argument("--init-from", metavar="PIPELINE_DIR",
+                     help="fine-tune: start the generator (GANs) or the UNet (ddpm) from a saved pipeline folder of the same "
+                     "--model and --task (its weights must fit --preset; the discriminators start fresh; a resumed "
+                     "checkpoint takes precedence)")
     run.add_argument("--learning-rate", type=float,
                      help="generator / UNet rate (default: pix2pix and cyclegan 2e-4, ddpm 1e-4)")
     run.add_argument("--d-learning-rate", type=float,
@@ -278,6 +289,8 @@ class GeneratorTrainer:
     """One model's networks, optimisers, training step and pipeline (subclasses per model)."""
 
     model = ""
+    network_name = "generator"  # the network that the pipeline holds ...
+    pipeline_component = "network"  # ... and its component name there
 
     def __init__(self, task: str, preset: str, lr: float, d_lr: float | None, args: TrainGeneratorArguments | None = None):
         self.task = task
@@ -316,6 +329,23 @@ class GeneratorTrainer:
 
     def after_optimizer_step(self) -> None:
         """Called once per optimizer step (after gradients were synchronised)."""
+
+    def init_from(self, folder: str | Path) -> None:
+        """Load the pipeline network's weights from the saved pipeline ``folder`` (before `prepare`)."""
+        from ..pipelines import load_pipeline
+
+        pipe = load_pipeline(folder)
+        source = getattr(pipe, self.pipeline_component, None)
+        target = self.networks[self.network_name]
+        if type(source) is not type(target) or pipe.config.task != self.task:
+            found = f"a {type(source).__name__} for {pipe.config.task}"
+            raise ValueError(f"--init-from {folder} holds {found}; --model {self.model} --task {self.task} trains a "
+                             f"{type(target).__name__} for {self.task}")
+        try:
+            target.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+        except RuntimeError as error:
+            raise ValueError(f"--init-from {folder}: its weights do not fit --preset {self.preset} "
+                             f"({str(error).splitlines()[0]})") from None
 
     def unwrap(self, name: str) -> nn.Module:
         return self.accelerator.unwrap_model(self.networks[name]) if self.accelerator else self.networks[name]
@@ -459,6 +489,8 @@ class CycleGANTrainer(GeneratorTrainer):
 
 class DDPMTrainer(GeneratorTrainer):
     model = "ddpm"
+    network_name = "unet"
+    pipeline_component = "unet"
 
     def __init__(
         self, task, preset, lr, d_lr=None, args=None, ema_decay: float = 0.9999, hole_only: bool = False,
@@ -479,6 +511,13 @@ class DDPMTrainer(GeneratorTrainer):
         self.optimizers = {"unet": torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)}
         self.ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=UNet3DModel, model_config=unet.config)
         self.max_grad_norm = 1.0
+
+    def init_from(self, folder: str | Path) -> None:
+        from diffusers.training_utils import EMAModel
+
+        super().init_from(folder)
+        unet = self.networks["unet"]
+        self.ema = EMAModel(unet.parameters(), decay=self.ema.decay, model_cls=type(unet), model_config=unet.config)
 
     def prepare(self, accelerator) -> None:
         super().prepare(accelerator)
@@ -645,7 +684,7 @@ def _cache_path(args: TrainGeneratorArguments) -> Path | None:
 def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int, progress: bool, workers: int = 1):
     """The task's training cubes from ``--data`` / ``--lidc-root`` / phantoms (made by ``workers``
     processes), or the cube cache."""
-    from .cubes import CubeDataset, iter_case_folders, iter_lidc_root, iter_phantom_cases
+    from .cubes import CubeDataset, iter_case_folders, iter_lidc_root, iter_phantom_cases, passes_quality_check
 
     dataset = None
     cache = _cache_path(args)
@@ -672,6 +711,8 @@ def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int
             tmp = cache.with_name(f".{cache.stem}.tmp-{os.getpid()}.npz")
             np.savez(tmp, cubes_hu=dataset.cubes_hu, records=np.array(json.dumps(dataset.records)))
             os.replace(tmp, cache)
+    if args.only_kept_sites:
+        dataset = dataset.subset(passes_quality_check(dataset.cubes_hu, args.task))
     multiple = samples_per_epoch_multiple
     dataset.samples_per_epoch = math.ceil(max(len(dataset.cubes_hu), multiple) / multiple) * multiple
     return dataset
@@ -727,6 +768,8 @@ class GeneratorTraining(TrainingLoop):
             snr_gamma=args.snr_gamma,
         )
         self.trainer.args = args
+        if args.init_from:
+            self.trainer.init_from(args.init_from)
         self.trainer.prepare(accelerator)
         self.loader = accelerator.prepare(loader)
         self.trainer.train()
