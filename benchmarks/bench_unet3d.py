@@ -98,10 +98,6 @@ def timed(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) 
 
 
 def unet_config(preset: str) -> dict[str, Any]:
-    if preset == "demo":
-        from m3d.train.train_generator import DEMO_PRESETS
-
-        return dict(DEMO_PRESETS["UNet3DModel"])
     return dict(PRESETS["UNet3DModel"][preset])
 
 
@@ -262,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="cubes per step (default: 128 on CUDA, 2 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed iterations per measurement (default: 20 CUDA, 3 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 5 CUDA, 2 CPU)")
-    parser.add_argument("--preset", default=None, choices=[*PRESETS["UNet3DModel"], "demo"],
+    parser.add_argument("--preset", default=None, choices=list(PRESETS["UNet3DModel"]),
                         help="network sizes (default: reference on CUDA, demo on CPU)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {ALL_VARIANTS}")

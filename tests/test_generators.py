@@ -87,6 +87,21 @@ def saved_folders(tmp_path_factory):
 
 
 # -- networks ------------------------------------------------------------------------------------
+def test_every_network_has_every_cli_preset():
+    """One preset mechanism: train-generator's --preset choices are exactly the keys of each network's
+    m3d.models.PRESETS entry, and each builds its network."""
+    from m3d.train.train_generator import PRESET_CHOICES
+
+    classes = {"UNet3DModel": UNet3DModel, "Pix2Pix3DGenerator": Pix2Pix3DGenerator,
+               "PatchDiscriminator3D": PatchDiscriminator3D, "CycleGAN3DGenerator": CycleGAN3DGenerator,
+               "CycleGAN3DDiscriminator": CycleGAN3DDiscriminator}
+    assert set(PRESETS) == set(classes)
+    for name, presets in PRESETS.items():
+        assert set(presets) == set(PRESET_CHOICES), name
+        for preset in ("tiny", "demo"):
+            assert isinstance(classes[name](**presets[preset]), classes[name])
+
+
 def test_unet_shapes_and_timesteps():
     unet = randomize(UNet3DModel(**PRESETS["UNet3DModel"]["tiny"])).eval()
     x = torch.randn(2, 3, 32, 32, 32)

@@ -85,17 +85,6 @@ COMPONENTS = {
     "ddpm": {"unet": "UNet3DModel"},
 }
 
-# "demo": sizes that train to plausible nodules in a few minutes on a 2-core CPU (see the report in
-# the module's tests / README); a CLI choice only, not one of `m3d.models.PRESETS`.
-DEMO_PRESETS: dict[str, dict[str, Any]] = {
-    "Pix2Pix3DGenerator": dict(gf=8, upsample_mode="trilinear"),
-    "PatchDiscriminator3D": dict(df=8),
-    "CycleGAN3DGenerator": dict(ngf=8, n_blocks=3),
-    "CycleGAN3DDiscriminator": dict(df=8),
-    "UNet3DModel": dict(block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(False, False, True),
-                        norm_num_groups=8, num_head_channels=16),
-}
-
 DEFAULT_LR = {"pix2pix": 2e-4, "cyclegan": 2e-4, "ddpm": 1e-4}
 DEFAULT_D_LR = {"pix2pix": 1e-6, "cyclegan": None}  # None: the generator's rate
 GAN_BETAS = (0.5, 0.999)
@@ -178,8 +167,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       help="inject: learn malignant nodules (median malignancy >= 4, > 10 mm); "
                       "remove: learn benign ones (median malignancy <= 2, < 8 mm)")
     what.add_argument("--preset", choices=PRESET_CHOICES,
-                      help="network sizes: m3d.models.PRESETS (tiny: tests; default: CPU-sized; reference: the "
-                      "papers'); demo: smaller than default, trains in minutes on a CPU")
+                      help="network sizes: m3d.models.PRESETS (tiny: tests; demo: the shipped demo pipelines', trains in "
+                      "minutes on a CPU; default: CPU-sized; reference: the papers')")
 
     data = parser.add_argument_group("data (one of --data / --lidc-root; else --phantoms synthetic scans)")
     source = data.add_mutually_exclusive_group()
@@ -262,11 +251,9 @@ def parse_arguments(argv: Sequence[str] | None = None, prog: str | None = None) 
 
 
 def component_config(class_name: str, preset: str) -> dict[str, Any]:
-    """Constructor arguments of a generator component for a CLI preset."""
+    """Constructor arguments of a generator component for a preset of `m3d.models.PRESETS`."""
     from ..models import PRESETS
 
-    if preset == "demo":
-        return dict(DEMO_PRESETS[class_name])
     return dict(PRESETS[class_name][preset])
 
 
