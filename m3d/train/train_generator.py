@@ -329,7 +329,7 @@ class GeneratorTrainer:
             raise ValueError(f"--init-from {folder} holds {found}; --model {self.model} --task {self.task} trains a "
                              f"{type(target).__name__} for {self.task}")
         try:
-            target.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+            target.load_state_dict(source.state_dict())  # load_pipeline gives fp32; the copy keeps the target's dtype
         except RuntimeError as error:
             raise ValueError(f"--init-from {folder}: its weights do not fit --preset {self.preset} "
                              f"({str(error).splitlines()[0]})") from None
@@ -487,8 +487,6 @@ class DDPMTrainer(GeneratorTrainer):
         super().__init__(task, preset, lr, None, args)
         self.hole_only = hole_only
         self.snr_gamma = snr_gamma
-        from diffusers.training_utils import EMAModel
-
         from ..models import UNet3DModel
         from ..pipelines import default_scheduler
 
@@ -496,15 +494,19 @@ class DDPMTrainer(GeneratorTrainer):
         self.scheduler = default_scheduler(num_train_timesteps, prediction_type, beta_schedule)
         self.networks = {"unet": unet}
         self.optimizers = {"unet": torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)}
-        self.ema = EMAModel(unet.parameters(), decay=ema_decay, model_cls=UNet3DModel, model_config=unet.config)
+        self.ema = self._ema_of_unet(ema_decay)
         self.max_grad_norm = 1.0
 
-    def init_from(self, folder: str | Path) -> None:
+    def _ema_of_unet(self, decay: float):
+        """A diffusers `EMAModel` starting from the UNet's current weights."""
         from diffusers.training_utils import EMAModel
 
-        super().init_from(folder)
         unet = self.networks["unet"]
-        self.ema = EMAModel(unet.parameters(), decay=self.ema.decay, model_cls=type(unet), model_config=unet.config)
+        return EMAModel(unet.parameters(), decay=decay, model_cls=type(unet), model_config=unet.config)
+
+    def init_from(self, folder: str | Path) -> None:
+        super().init_from(folder)
+        self.ema = self._ema_of_unet(self.ema.decay)  # the average starts from the loaded weights
 
     def prepare(self, accelerator) -> None:
         super().prepare(accelerator)
