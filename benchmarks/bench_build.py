@@ -7,6 +7,7 @@ of a full-resolution scan, and the projected time and size of the full 8,577-sam
 Pipelines: the shipped demo pipelines if present (else ``--pipelines``, else the "default" presets with
 random weights, which cost the same to run). Writes benchmarks/results/build_<device>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,10 @@ def pipelines_for(root: Path | None, device: str) -> tuple[dict, str]:
             if folder is not None and (folder / "model_index.json").is_file():
                 pipelines[generator, task] = load_pipeline(folder)
             else:
-                pipelines[generator, task], origin = CLASSES[generator].from_preset("default", task=task), "default presets"
+                pipelines[generator, task], origin = (
+                    CLASSES[generator].from_preset("default", task=task),
+                    "default presets",
+                )
             pipelines[generator, task].to(device)
     return pipelines, origin
 
@@ -51,7 +55,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=50, help="DDPM sampling steps")
     parser.add_argument("--repeats", type=int, default=2, help="phantom scans per measurement")
-    parser.add_argument("--lidc-slices", type=int, default=64, help="slices of the 512x512 scan encoded for the size estimate")
+    parser.add_argument(
+        "--lidc-slices", type=int, default=64, help="slices of the 512x512 scan encoded for the size estimate"
+    )
     args = parser.parse_args()
     root = Path(args.pipelines) if args.pipelines else DEMO_PIPELINES_DIR
     pipelines, origin = pipelines_for(root, args.device)
@@ -62,13 +68,26 @@ def main() -> None:
         samples, seconds = 0, 0.0
         for index, job in enumerate(jobs):
             started = time.perf_counter()
-            outcomes = [o for _, o in scan_examples(
-                job, volumes[job.series_instance_uid], generators=[generator], tasks=["inject", "remove"],
-                pipelines=pipelines, quality=None, num_inference_steps=args.steps,
-            ) if o.generator == generator]
+            outcomes = [
+                o
+                for _, o in scan_examples(
+                    job,
+                    volumes[job.series_instance_uid],
+                    generators=[generator],
+                    tasks=["inject", "remove"],
+                    pipelines=pipelines,
+                    quality=None,
+                    num_inference_steps=args.steps,
+                )
+                if o.generator == generator
+            ]
             if index:  # the first scan warms up
                 samples, seconds = samples + len(outcomes), seconds + time.perf_counter() - started
-        per_generator[generator] = {"samples": samples, "seconds": round(seconds, 3), "samples_per_s": round(samples / seconds, 4)}
+        per_generator[generator] = {
+            "samples": samples,
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(samples / seconds, 4),
+        }
         print(generator, per_generator[generator])
 
     from m3d.data.phantom import make_phantom
@@ -91,7 +110,11 @@ def main() -> None:
         "ddpm_steps": args.steps,
         "phantom_scan": "128x128 in-plane, <= 96 slices",
         "per_generator": per_generator,
-        "nifti_gzip": {"scan": list(big.shape), "seconds": round(encode_s, 3), "bytes_per_voxel": round(bytes_per_voxel, 4)},
+        "nifti_gzip": {
+            "scan": list(big.shape),
+            "seconds": round(encode_s, 3),
+            "bytes_per_voxel": round(bytes_per_voxel, 4),
+        },
         "projected_full_build": {
             "samples": samples,
             "generation_hours_one_device": round(generation_s / 3600, 2),
@@ -101,7 +124,11 @@ def main() -> None:
         },
     }
     print(json.dumps(result, indent=1))
-    out = Path(__file__).parent / "results" / f"build_{re.sub(r'[^a-z0-9]+', '_', result['device'].lower()).strip('_')}.json"
+    out = (
+        Path(__file__).parent
+        / "results"
+        / f"build_{re.sub(r'[^a-z0-9]+', '_', result['device'].lower()).strip('_')}.json"
+    )
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -7,6 +7,7 @@ given slice size, for eager / channels_last / torch.compile variants, and the ti
 MFU = (model FLOPs per slice x slices/s) / the device's peak dense throughput for the dtype (pass
 --peak-tflops, or known GPUs are looked up). Results: benchmarks/results/detectors_<device>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--detectors", nargs="+", default=sorted(DETECTORS), choices=sorted(DETECTORS))
-    parser.add_argument("--variants", nargs="+", default=["eager", "channels_last", "compile"],
-                        choices=["eager", "channels_last", "compile"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["eager", "channels_last", "compile"],
+        choices=["eager", "channels_last", "compile"],
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed batches (best kept)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--scan-slices", type=int, default=300, help="slices of the 'full scan' time")
@@ -96,7 +101,9 @@ def main() -> None:
         for variant in args.variants:
             model = base.to(memory_format=torch.channels_last) if variant != "eager" else base
             runner = torch.compile(model) if variant == "compile" else model
-            batch = torch.randn(args.batch_size, model.config.num_channels, args.size, args.size, device=device, dtype=dtype)
+            batch = torch.randn(
+                args.batch_size, model.config.num_channels, args.size, args.size, device=device, dtype=dtype
+            )
             if variant != "eager":
                 batch = batch.contiguous(memory_format=torch.channels_last)
             try:

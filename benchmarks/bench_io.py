@@ -5,6 +5,7 @@ on the same files in the same run. Goal: m3d within 1.5x of SimpleITK.
 
 Writes benchmarks/results/io_<machine>.json with the device named.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,9 @@ def main() -> None:
 
         # one untimed read each warms the page cache and checks that both give the written HU
         assert np.array_equal(read_dicom_series(series).hu, hu) and np.array_equal(read_simpleitk(), hu)
-        m3d_seconds, sitk_seconds = best_of_interleaved(args.repeats, lambda: read_dicom_series(series), read_simpleitk)
+        m3d_seconds, sitk_seconds = best_of_interleaved(
+            args.repeats, lambda: read_dicom_series(series), read_simpleitk
+        )
     result = {
         "benchmark": "read a DICOM CT series (best of repeats, warm page cache)",
         "device": f"{cpu_name()} ({os.cpu_count()} logical cores)",
@@ -89,7 +92,9 @@ def main() -> None:
     print(f"{'reader':<28}{'seconds':>10}")
     print(f"{'m3d read_dicom_series':<28}{m3d_seconds:>10.3f}")
     print(f"{'SimpleITK ImageSeriesReader':<28}{sitk_seconds:>10.3f}")
-    print(f"ratio {result['ratio']:.2f} (goal <= {result['goal']}), shape {tuple(result['shape'])}, {result['device']}")
+    print(
+        f"ratio {result['ratio']:.2f} (goal <= {result['goal']}), shape {tuple(result['shape'])}, {result['device']}"
+    )
     print(f"wrote {path}")
 
 

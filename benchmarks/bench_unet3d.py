@@ -22,6 +22,7 @@ pix2pix and CycleGAN one forward pass each, all at the ``--preset`` sizes.
 Results: ``benchmarks/results/unet3d_<device>.json`` (``<device>``: the CUDA device name or the CPU
 model, as a slug) unless ``--output`` says otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,12 @@ if str(ROOT) not in sys.path:
 from m3d.models import PRESETS, UNet3DModel  # noqa: E402
 
 CUBE = 32
-SDPA_VARIANTS = {"sdpa_math": "MATH", "sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
+SDPA_VARIANTS = {
+    "sdpa_math": "MATH",
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+}
 ALL_VARIANTS = ["eager", *SDPA_VARIANTS, "channels_last_3d", "compile", "compile_channels_last_3d"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -143,7 +149,13 @@ def sdpa_backend(name: str | None):
 
 
 def bench_variant(
-    build: Callable[[], torch.nn.Module], variant: str, device: torch.device, dtype: torch.dtype, batch: int, steps: int, warmup: int
+    build: Callable[[], torch.nn.Module],
+    variant: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    steps: int,
+    warmup: int,
 ) -> dict[str, Any]:
     """Train-step and sampling-step throughput of one variant of a freshly built denoiser."""
     channels_last = variant.endswith("channels_last_3d")
@@ -216,7 +228,9 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"skipped": message, "traceback_tail": traceback.format_exc().splitlines()[-3:]}
 
 
-def bench_pipelines(preset: str, device: torch.device, dtype: torch.dtype, batch: int, inference_steps: int, repeats: int) -> dict[str, Any]:
+def bench_pipelines(
+    preset: str, device: torch.device, dtype: torch.dtype, batch: int, inference_steps: int, repeats: int
+) -> dict[str, Any]:
     """Cubes/s of full generation with each pipeline (random weights: speed only)."""
     from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline
 
@@ -237,10 +251,18 @@ def bench_pipelines(preset: str, device: torch.device, dtype: torch.dtype, batch
         ("pix2pix", Pix2Pix3DPipeline, {}),
         ("cyclegan", CycleGAN3DPipeline, {}),
     ):
+
         def run(cls=cls, kwargs=kwargs):
             pipe = make(cls).to(device, dtype)
             pipe.set_progress_bar_config(disable=True)
-            call = lambda: pipe(cubes, batch_size=batch, output_type="pt", progress=False, generator=torch.Generator().manual_seed(0), **kwargs)  # noqa: E731
+            call = lambda: pipe(
+                cubes,
+                batch_size=batch,
+                output_type="pt",
+                progress=False,
+                generator=torch.Generator().manual_seed(0),
+                **kwargs,
+            )  # noqa: E731
             stats = timed(call, device, repeats, 1)
             stats["cubes_per_s"] = batch / stats["median_s"]
             if name == "ddpm":
@@ -253,13 +275,21 @@ def bench_pipelines(preset: str, device: torch.device, dtype: torch.dtype, batch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="cubes per step (default: 128 on CUDA, 2 on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed iterations per measurement (default: 20 CUDA, 3 CPU)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed iterations per measurement (default: 20 CUDA, 3 CPU)"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 5 CUDA, 2 CPU)")
-    parser.add_argument("--preset", default=None, choices=list(PRESETS["UNet3DModel"]),
-                        help="network sizes (default: reference on CUDA, demo on CPU)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS["UNet3DModel"]),
+        help="network sizes (default: reference on CUDA, demo on CPU)",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {ALL_VARIANTS}")
     parser.add_argument("--inference-steps", type=int, default=50, help="DDPM scheduler steps of a full generation")
@@ -318,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench_unet3d] {name} ({device}), preset {preset}, batch {batch}, {report['dtype']}", flush=True)
 
     for variant in variants:
-        result = guarded(lambda: bench_variant(lambda: build_m3d_unet(config), variant, device, dtype, batch, steps, warmup))
+        result = guarded(
+            lambda: bench_variant(lambda: build_m3d_unet(config), variant, device, dtype, batch, steps, warmup)
+        )
         report["m3d_unet3d"][variant] = result
         print(f"  m3d  {variant:26s} {_line(result)}", flush=True)
 
@@ -330,17 +362,25 @@ def main(argv: list[str] | None = None) -> int:
 
             report["monai"] = {"version": monai.__version__}
         except ImportError as error:
-            report["monai"] = {"skipped": f"monai is not importable here ({error}); install monai (+ einops) to compare"}
+            report["monai"] = {
+                "skipped": f"monai is not importable here ({error}); install monai (+ einops) to compare"
+            }
         if "version" in report["monai"]:
             for variant in variants:
-                result = guarded(lambda: bench_variant(lambda: build_monai_unet(config), variant, device, dtype, batch, steps, warmup))
+                result = guarded(
+                    lambda: bench_variant(
+                        lambda: build_monai_unet(config), variant, device, dtype, batch, steps, warmup
+                    )
+                )
                 report["monai"][variant] = result
                 print(f"  monai {variant:25s} {_line(result)}", flush=True)
         else:
             print(f"  monai: {report['monai']['skipped']}", flush=True)
 
     if not args.no_pipelines:
-        report["pipelines"] = bench_pipelines(preset, device, dtype, batch, args.inference_steps, max(1, min(steps, 3)))
+        report["pipelines"] = bench_pipelines(
+            preset, device, dtype, batch, args.inference_steps, max(1, min(steps, 3))
+        )
         for key, result in report["pipelines"].items():
             if "skipped" in result:
                 print(f"  pipeline {key:10s} skipped: {result['skipped']}", flush=True)
@@ -360,8 +400,10 @@ def _line(result: dict[str, Any]) -> str:
     if "skipped" in result:
         return f"skipped: {result['skipped']}"
     train, sampling = result["train_step"], result["sampling_step"]
-    return (f"train {train['cubes_per_s']:8.2f} cubes/s ({train['median_s'] * 1e3:8.1f} ms/step)   "
-            f"sampling {sampling['cubes_per_s']:8.2f} cubes/s ({sampling['median_s'] * 1e3:8.1f} ms/step)")
+    return (
+        f"train {train['cubes_per_s']:8.2f} cubes/s ({train['median_s'] * 1e3:8.1f} ms/step)   "
+        f"sampling {sampling['cubes_per_s']:8.2f} cubes/s ({sampling['median_s'] * 1e3:8.1f} ms/step)"
+    )
 
 
 if __name__ == "__main__":

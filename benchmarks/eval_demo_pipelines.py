@@ -50,6 +50,7 @@ Writes ``benchmarks/results/demo_pipelines_quality.json`` (device named) and, un
 ``--no-montage``, ``benchmarks/results/demo_pipelines_montage.png`` (central axial slice of four sites
 per task: the pristine cube, then each generator).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,13 @@ from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, PHANTOM_NODULES, PHAN
 from m3d.pipelines import M3DTamperPipeline, load_pipeline
 from m3d.tamper.cube import HOLE_SIZE, TamperLocationError, extract_cube, hole_mask, hu_to_unit, unit_to_hu
 from m3d.tamper.plan import plan_scan
-from m3d.tamper.quality import QualityCriteria, central_component, check_quality, distance_from_centre_mm, measure_nodule
+from m3d.tamper.quality import (
+    QualityCriteria,
+    central_component,
+    check_quality,
+    distance_from_centre_mm,
+    measure_nodule,
+)
 from two_sample_test import two_sample_accuracy  # the script beside this one (its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +96,10 @@ def demo_folders() -> list[Path]:
 
 
 def held_out_cubes(
-    n_phantoms: int, seed: int, size: int = DEFAULT_PHANTOMS["size"], max_slices: int | None = DEFAULT_PHANTOMS["max_slices"],
+    n_phantoms: int,
+    seed: int,
+    size: int = DEFAULT_PHANTOMS["size"],
+    max_slices: int | None = DEFAULT_PHANTOMS["max_slices"],
     spacing: str = DEFAULT_PHANTOMS["spacing"],
 ) -> tuple[dict[str, np.ndarray], list]:
     """Pristine 32^3 HU cubes at the plan's injection and removal sites of ``n_phantoms`` new phantoms
@@ -99,7 +109,10 @@ def held_out_cubes(
     scans = []
     for i in range(n_phantoms):
         case = make_phantom(
-            np.random.SeedSequence([seed, i]), size=size, max_slices=max_slices, native_spacing=spacing == "native",
+            np.random.SeedSequence([seed, i]),
+            size=size,
+            max_slices=max_slices,
+            native_spacing=spacing == "native",
             **PHANTOM_NODULES,
         )
         locations: dict[str, list[np.ndarray]] = {task: [] for task in TASKS}
@@ -119,8 +132,14 @@ def scan_cubes_per_s(pipe: M3DTamperPipeline, scans: list) -> float:
     count, start = 0, time.perf_counter()
     for case, locations in scans:
         if locations[pipe.config.task]:
-            pipe(volume=case.volume, locations_lps_mm=locations[pipe.config.task], lung_mask=case.lung_mask,
-                 output_type="volume", generator=torch.Generator().manual_seed(0), progress=False)
+            pipe(
+                volume=case.volume,
+                locations_lps_mm=locations[pipe.config.task],
+                lung_mask=case.lung_mask,
+                output_type="volume",
+                generator=torch.Generator().manual_seed(0),
+                progress=False,
+            )
             count += len(locations[pipe.config.task])
     return count / (time.perf_counter() - start)
 
@@ -233,7 +252,9 @@ def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int, **options
     """The pipeline's cubes (HU) for pristine ``cubes_hu`` and the seconds it took (``options``: call
     arguments such as ``touch_up=False``)."""
     start = time.perf_counter()
-    out = pipe(cubes=hu_to_unit(cubes_hu)[:, None], generator=torch.Generator().manual_seed(seed), progress=False, **options)
+    out = pipe(
+        cubes=hu_to_unit(cubes_hu)[:, None], generator=torch.Generator().manual_seed(seed), progress=False, **options
+    )
     seconds = time.perf_counter() - start
     generated = unit_to_hu(out.cubes[:, 0])
     return np.where(hole_mask(), generated, cubes_hu).astype(np.float32), seconds
@@ -259,7 +280,9 @@ def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float], pr
     }
     if task == "inject":
         plausible = kept & (mean_hu >= hu_range[0]) & (mean_hu <= hu_range[1])
-        summary["nodule_mean_hu_median"] = round(float(np.nanmedian(mean_hu)), 1) if np.isfinite(mean_hu).any() else None
+        summary["nodule_mean_hu_median"] = (
+            round(float(np.nanmedian(mean_hu)), 1) if np.isfinite(mean_hu).any() else None
+        )
         summary["real_looking_fraction"] = round(float(plausible.mean()), 3)
     return summary
 
@@ -277,7 +300,9 @@ def montage(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(rows), MONTAGE_SITES, figsize=(1.6 * MONTAGE_SITES + 1.4, 1.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), MONTAGE_SITES, figsize=(1.6 * MONTAGE_SITES + 1.4, 1.6 * len(rows)), squeeze=False
+    )
     low = (32 - 20) // 2 - 0.5
     for r, (label, cubes) in enumerate(rows):
         for c in range(MONTAGE_SITES):
@@ -297,13 +322,23 @@ def montage(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipelines", nargs="+", type=Path, default=None, help="pipeline folders (default: the demo folders)")
+    parser.add_argument(
+        "--pipelines", nargs="+", type=Path, default=None, help="pipeline folders (default: the demo folders)"
+    )
     parser.add_argument("--phantoms", type=int, default=12, help="held-out phantoms")
     parser.add_argument("--seed", type=int, default=2024, help="held-out phantom seed (training used 0)")
-    parser.add_argument("--size", type=int, default=DEFAULT_PHANTOMS["size"], help="phantom in-plane matrix (the builder's)")
-    parser.add_argument("--max-slices", type=int, default=DEFAULT_PHANTOMS["max_slices"], help="phantom slices (the builder's)")
-    parser.add_argument("--phantom-spacing", choices=PHANTOM_SPACINGS, default=DEFAULT_PHANTOMS["spacing"],
-                        help="native: the real series' pixel spacing; scaled: the real field of view on --size pixels")
+    parser.add_argument(
+        "--size", type=int, default=DEFAULT_PHANTOMS["size"], help="phantom in-plane matrix (the builder's)"
+    )
+    parser.add_argument(
+        "--max-slices", type=int, default=DEFAULT_PHANTOMS["max_slices"], help="phantom slices (the builder's)"
+    )
+    parser.add_argument(
+        "--phantom-spacing",
+        choices=PHANTOM_SPACINGS,
+        default=DEFAULT_PHANTOMS["spacing"],
+        help="native: the real series' pixel spacing; scaled: the real field of view on --size pixels",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-montage", action="store_true")
     args = parser.parse_args(argv)
@@ -316,11 +351,19 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {
         "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "held_out": {"phantoms": args.phantoms, "seed": args.seed, "size": args.size, "max_slices": args.max_slices,
-                     "spacing": args.phantom_spacing, **PHANTOM_NODULES},
+        "held_out": {
+            "phantoms": args.phantoms,
+            "seed": args.seed,
+            "size": args.size,
+            "max_slices": args.max_slices,
+            "spacing": args.phantom_spacing,
+            **PHANTOM_NODULES,
+        },
         "real_nodule_mean_hu_range": list(hu_range),
         "pristine": {task: summarize(pristine[task], task, hu_range, pristine[task]) for task in TASKS},
-        "two_sample_control": {task: two_sample_accuracy(*halves(pristine[task], args.seed), seed=0) for task in TASKS},
+        "two_sample_control": {
+            task: two_sample_accuracy(*halves(pristine[task], args.seed), seed=0) for task in TASKS
+        },
         "pipelines": {},
     }
     print(json.dumps({"pristine": report["pristine"], "two_sample_control": report["two_sample_control"]}))
@@ -330,11 +373,19 @@ def main(argv: list[str] | None = None) -> dict:
         pipe = load_pipeline(folder)
         task = pipe.config.task
         generated, seconds = generate(pipe, pristine[task], seed=0)
-        entry = {"folder": str(folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder),
-                 "class": type(pipe).__name__, "task": task, **summarize(generated, task, hu_range, pristine[task])}
+        entry = {
+            "folder": str(folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder),
+            "class": type(pipe).__name__,
+            "task": task,
+            **summarize(generated, task, hu_range, pristine[task]),
+        }
         two_sample = two_sample_accuracy(generated, real_targets[task], seed=0)
-        entry.update(two_sample_accuracy=two_sample.pop("accuracy"), two_sample=two_sample,
-                     cubes_per_s=round(len(generated) / seconds, 2), scan_cubes_per_s=round(scan_cubes_per_s(pipe, scans), 2))
+        entry.update(
+            two_sample_accuracy=two_sample.pop("accuracy"),
+            two_sample=two_sample,
+            cubes_per_s=round(len(generated) / seconds, 2),
+            scan_cubes_per_s=round(scan_cubes_per_s(pipe, scans), 2),
+        )
         touch_up = inspect.signature(pipe.__call__).parameters.get("touch_up")
         if touch_up is not None and touch_up.default is not False:  # on by default: the seam without it too
             raw, _ = generate(pipe, pristine[task], seed=0, touch_up=False)

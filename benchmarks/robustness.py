@@ -22,6 +22,7 @@ Writes one JSON (``--out``, default ``benchmarks/results/robustness_demo.json``)
 row per (detector, train generator, counter-move, test generator): AUC with its 95 % interval and the
 mean best-threshold F1; and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,9 @@ def counter_move(crop: Crop, move: str, rng: np.random.Generator, quantum_hu: in
     if move in LOCAL_MOVES:
         box = tampered_box(crop)
         if move == "noise":
-            hu[box] += rng.normal(0.0, noise_std_hu(crop.hu[: crop.valid[0], : crop.valid[1], : crop.valid[2]]), hu[box].shape)
+            hu[box] += rng.normal(
+                0.0, noise_std_hu(crop.hu[: crop.valid[0], : crop.valid[1], : crop.valid[2]]), hu[box].shape
+            )
         else:
             hu[box] = ndimage.uniform_filter(hu, size=3, mode="nearest")[box]
         return replace(crop, hu=np.clip(np.rint(hu), -32768, 32767).astype(np.int16))
@@ -84,18 +87,28 @@ def counter_move(crop: Crop, move: str, rng: np.random.Generator, quantum_hu: in
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--results", required=True, help="an `m3d bench` results folder (its runs/<cell>/best models)")
     parser.add_argument("--data", required=True, help="the M3Dsynth folder the benchmark ran on (its test split)")
-    parser.add_argument("--detectors", nargs="+", default=["slab3d", "trufor"], help="detectors whose cells are scored")
+    parser.add_argument(
+        "--detectors", nargs="+", default=["slab3d", "trufor"], help="detectors whose cells are scored"
+    )
     parser.add_argument("--quantum-hu", type=int, default=16, help="HU step of the re-quantisation")
     parser.add_argument("--reslice-factor", type=float, default=1.5, help="new slice spacing over the old one")
     parser.add_argument("--seed", type=int, default=0, help="seed of the added noise")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "robustness_demo.json"), help="JSON to write")
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "robustness_demo.json"), help="JSON to write"
+    )
     args = parser.parse_args(argv)
     if args.quantum_hu < 1 or args.reslice_factor <= 0:
         parser.error("--quantum-hu must be >= 1 and --reslice-factor > 0")
-    cells = [c for c in load_cells(Path(args.results)) if c["experiment"] == "cross_generator" and c["detector"] in args.detectors]
+    cells = [
+        c
+        for c in load_cells(Path(args.results))
+        if c["experiment"] == "cross_generator" and c["detector"] in args.detectors
+    ]
     if not cells:
         parser.error(f"{args.results} holds no cross-generator cell of {', '.join(args.detectors)}")
     crop_size = tuple(int(n) for n in cells[0]["crop_size"].split(","))
@@ -113,17 +126,42 @@ def main(argv: list[str] | None = None) -> dict:
             metrics = summarize(records, model.config.volume_threshold)
             for generator, by_task in metrics.items():
                 m = by_task["all"]
-                rows.append({"detector": cell["detector"], "train_data": cell["train_data"], "counter_move": move,
-                             "test_generator": generator, "auc": m["auc"], "auc_low": m["auc_low"], "auc_high": m["auc_high"],
-                             "balanced_accuracy": m["balanced_accuracy"], "f1_best": m["f1_best"]})
-            print(f"{cell['detector']:>9} {cell['train_data']:>9} {move:>10}: "
-                  + "  ".join(f"{r['test_generator']} AUC {r['auc']:.3f} F1 {r['f1_best'] if r['f1_best'] is None else round(r['f1_best'], 3)}"
-                              for r in rows[-len(metrics):]), flush=True)
+                rows.append(
+                    {
+                        "detector": cell["detector"],
+                        "train_data": cell["train_data"],
+                        "counter_move": move,
+                        "test_generator": generator,
+                        "auc": m["auc"],
+                        "auc_low": m["auc_low"],
+                        "auc_high": m["auc_high"],
+                        "balanced_accuracy": m["balanced_accuracy"],
+                        "f1_best": m["f1_best"],
+                    }
+                )
+            print(
+                f"{cell['detector']:>9} {cell['train_data']:>9} {move:>10}: "
+                + "  ".join(
+                    f"{r['test_generator']} AUC {r['auc']:.3f} F1 {r['f1_best'] if r['f1_best'] is None else round(r['f1_best'], 3)}"
+                    for r in rows[-len(metrics) :]
+                ),
+                flush=True,
+            )
     device = f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"
-    result = {"device": device, "torch": torch.__version__, "results": str(args.results), "data": str(args.data),
-              "settings": {"quantum_hu": args.quantum_hu, "reslice_factor": args.reslice_factor, "seed": args.seed,
-                           "local_moves": list(LOCAL_MOVES), "crop_size": list(crop_size)},
-              "rows": rows}
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "results": str(args.results),
+        "data": str(args.data),
+        "settings": {
+            "quantum_hu": args.quantum_hu,
+            "reslice_factor": args.reslice_factor,
+            "seed": args.seed,
+            "local_moves": list(LOCAL_MOVES),
+            "crop_size": list(crop_size),
+        },
+        "rows": rows,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

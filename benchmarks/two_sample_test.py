@@ -11,6 +11,7 @@ set sizes) of a stratified k-fold cross-validation. Only the hole is shown, so t
 generated content itself looks like the reference set, not whether the seam is visible (the seam ratio
 measures that). Seeded and on the CPU: the same inputs and seed give the same figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,8 +92,9 @@ def _train(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, epochs:
     return model.eval()
 
 
-def two_sample_accuracy(cubes_a_hu: np.ndarray, cubes_b_hu: np.ndarray, seed: int = 0, *, folds: int = FOLDS,
-                        epochs: int = EPOCHS) -> dict:
+def two_sample_accuracy(
+    cubes_a_hu: np.ndarray, cubes_b_hu: np.ndarray, seed: int = 0, *, folds: int = FOLDS, epochs: int = EPOCHS
+) -> dict:
     """Held-out balanced accuracy of a small 3-D CNN telling cubes A (label 0) from cubes B (label 1).
 
     Stratified ``folds``-fold cross-validation (fewer folds when a set has fewer cubes; at least 2 per
@@ -133,11 +135,18 @@ def synthetic_cubes(n: int, rng: np.random.Generator, sphere_radius_mm: float = 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phantoms", type=int, default=0,
-                        help="run the control on two random halves of the injection-site cubes of this many held-out "
-                             "phantoms (eval_demo_pipelines' sites) instead of the synthetic self-check")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--phantoms",
+        type=int,
+        default=0,
+        help="run the control on two random halves of the injection-site cubes of this many held-out "
+        "phantoms (eval_demo_pipelines' sites) instead of the synthetic self-check",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -149,8 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
         report = {"control_halves": two_sample_accuracy(cubes[halves[0]], cubes[halves[1]], args.seed)}
     else:
         plain, other = synthetic_cubes(40, rng), synthetic_cubes(40, rng)
-        report = {"noise_vs_noise": two_sample_accuracy(plain, other, args.seed),
-                  "noise_vs_sphere": two_sample_accuracy(plain, synthetic_cubes(40, rng, 4.0), args.seed)}
+        report = {
+            "noise_vs_noise": two_sample_accuracy(plain, other, args.seed),
+            "noise_vs_sphere": two_sample_accuracy(plain, synthetic_cubes(40, rng, 4.0), args.seed),
+        }
     print(json.dumps(report, indent=2))
     return report
 

@@ -2,6 +2,7 @@
 `datasets` cache (``M3Dsynth(config_name="pix2pix", pipelines_dir=...).download_and_prepare()``).
 It generates the same examples as ``m3d build`` (`scan_examples`); ``m3d build`` is the way to make the
 shareable Parquet folder that ``load_dataset`` reads without a loading script."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,15 +51,23 @@ class M3Dsynth(datasets.GeneratorBasedBuilder):
 
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
-            description=self.__doc__, features=FEATURES, citation=_CITATION, license="cc-by-3.0",
+            description=self.__doc__,
+            features=FEATURES,
+            citation=_CITATION,
+            license="cc-by-3.0",
             homepage="https://grip-unina.github.io/M3Dsynth/",
         )
 
     def _split_generators(self, dl_manager):
         config = self.config
         if config.lidc_root is None:
-            jobs = phantom_jobs(config.phantoms, seed=config.seed, size=config.size, max_slices=config.max_slices,
-                                spacing=config.phantom_spacing)
+            jobs = phantom_jobs(
+                config.phantoms,
+                seed=config.seed,
+                size=config.size,
+                max_slices=config.max_slices,
+                spacing=config.phantom_spacing,
+            )
         else:
             jobs = lidc_jobs(config.lidc_root, seed=config.seed)
         jobs = jobs[: config.limit] if config.limit is not None else jobs
@@ -74,8 +83,14 @@ class M3Dsynth(datasets.GeneratorBasedBuilder):
         pipelines = load_pipelines(config.pipelines_dir, fakes, tasks)
         for job in jobs:
             for example, _ in scan_examples(
-                job, job.load(), generators=fakes, tasks=tasks, pipelines=pipelines, seed=config.seed,
-                quality=None if config.keep_all else QualityCriteria(), num_inference_steps=config.num_inference_steps,
+                job,
+                job.load(),
+                generators=fakes,
+                tasks=tasks,
+                pipelines=pipelines,
+                seed=config.seed,
+                quality=None if config.keep_all else QualityCriteria(),
+                num_inference_steps=config.num_inference_steps,
             ):
                 if example is not None:
                     yield example["img_id"], example

@@ -1,6 +1,7 @@
 """The dataset card (``README.md``) of an M3Dsynth folder: YAML ``configs:`` whose ``data_files`` select
 the shards of each config (`CONFIGS`), so that ``load_dataset(folder, config)`` works without a loading
 script, plus the content table, fields and citation (template ``templates/README.md.jinja``)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,7 +48,9 @@ def config_data_files(shards: dict[str, Any]) -> dict[str, dict[str, list[str]]]
 def _rows(state: "BuildState", patterns: list[str]) -> int:
     from fnmatch import fnmatch
 
-    return sum(entry["rows"] for relative, entry in state.shards.items() if any(fnmatch(relative, p) for p in patterns))
+    return sum(
+        entry["rows"] for relative, entry in state.shards.items() if any(fnmatch(relative, p) for p in patterns)
+    )
 
 
 def write_dataset_card(out: str | Path, state: "BuildState", *, pretty_name: str = "M3Dsynth") -> Path:
@@ -59,8 +62,11 @@ def write_dataset_card(out: str | Path, state: "BuildState", *, pretty_name: str
     if not files:
         raise ValueError(f"{out} holds no shard: nothing to describe (did every sample fail?)")
     configs = [
-        {"config_name": name, **({"default": True} if name == "all" else {}),
-         "data_files": [{"split": split, "path": paths} for split, paths in by_split.items()]}
+        {
+            "config_name": name,
+            **({"default": True} if name == "all" else {}),
+            "data_files": [{"split": split, "path": paths} for split, paths in by_split.items()],
+        }
         for name, by_split in files.items()
     ]
     total = sum(entry["rows"] for entry in state.shards.values())

@@ -10,6 +10,7 @@ mask on the whole scan. Pristine rows hold the whole scan (``base_img_id`` None,
 zeros). This keeps a fake's cost to its changed voxels (about 1/100 of a scan) and loads in one decode
 of the pristine scan per site.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,9 @@ FEATURES = datasets.Features(
         "site_id": datasets.Value("string"),  # the tampering site; pristine and fakes of one site share it
         "volume": datasets.Nifti(),  # int16 HU, gzip NIfTI with its RAS affine: the whole scan, or a fake's changed box
         "mask": datasets.Nifti(),  # uint8 ground truth on the volume's grid (the box of a fake); all zero if pristine
-        "base_img_id": datasets.Value("string"),  # a fake: the pristine example its box is pasted over; None: whole scan
+        "base_img_id": datasets.Value(
+            "string"
+        ),  # a fake: the pristine example its box is pasted over; None: whole scan
         "box_start_zyx": datasets.Sequence(datasets.Value("int32"), length=3),  # the box's first voxel in the scan
         "scan_shape_zyx": datasets.Sequence(datasets.Value("int32"), length=3),  # the whole scan's shape
         "label": datasets.ClassLabel(names=list(LABELS)),
@@ -82,7 +85,9 @@ def example_volume(example: dict[str, Any], base: dict[str, Any] | CTVolume | No
     pristine = base if isinstance(base, CTVolume) else stored_volume(base)
     shape = tuple(example["scan_shape_zyx"])
     if pristine.shape != shape:
-        raise ValueError(f"example {example.get('img_id')}: its base scan has shape {pristine.shape}, the example says {shape}")
+        raise ValueError(
+            f"example {example.get('img_id')}: its base scan has shape {pristine.shape}, the example says {shape}"
+        )
     start = np.asarray(example["box_start_zyx"], int)
     hu = pristine.hu.copy()
     hu[tuple(slice(a, a + n) for a, n in zip(start, stored.shape))] = stored.hu
@@ -100,11 +105,15 @@ def example_mask(example: dict[str, Any]) -> np.ndarray:
     return mask
 
 
-def changed_box(pristine: CTVolume, tampered: CTVolume, mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def changed_box(
+    pristine: CTVolume, tampered: CTVolume, mask: np.ndarray
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """``(start, stop)`` voxels of the smallest box holding ``mask`` and every voxel where ``tampered``
     differs from ``pristine`` (one voxel if nothing changed)."""
     if tampered.shape != pristine.shape or mask.shape != pristine.shape:
-        raise ValueError(f"tampered {tampered.shape}, pristine {pristine.shape} and mask {mask.shape} must share one grid")
+        raise ValueError(
+            f"tampered {tampered.shape}, pristine {pristine.shape} and mask {mask.shape} must share one grid"
+        )
     changed = mask | (tampered.hu != pristine.hu)
     if not changed.any():
         return (0, 0, 0), (1, 1, 1)
@@ -180,8 +189,11 @@ class ScanResolver:
 
 def box_fields(start_zyx: Sequence[int], scan_shape_zyx: Sequence[int], base_img_id: str | None) -> dict[str, Any]:
     """The schema's placement fields of an example."""
-    return {"base_img_id": base_img_id, "box_start_zyx": [int(v) for v in start_zyx],
-            "scan_shape_zyx": [int(v) for v in scan_shape_zyx]}
+    return {
+        "base_img_id": base_img_id,
+        "box_start_zyx": [int(v) for v in start_zyx],
+        "scan_shape_zyx": [int(v) for v in scan_shape_zyx],
+    }
 
 
 def folder_cache_dir(path: str | Path, cache_dir: str | Path | None = None) -> Path:

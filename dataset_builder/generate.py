@@ -2,6 +2,7 @@
 LIDC-IDRI download, the tampering pipelines they need, and the examples of one scan in the `FEATURES`
 schema (the pristine scan of each site, then one tampered scan per generator that passes the quality
 check of `m3d.tamper.quality`)."""
+
 from __future__ import annotations
 
 import gzip
@@ -20,7 +21,6 @@ from ..tamper.plan import OFFICIAL_SPLIT_PATIENTS, OFFICIAL_TASK, Site, plan_sit
 from ..tamper.quality import QualityCriteria, check_quality
 
 logger = logging.getLogger(__name__)
-
 
 
 def _demo_pipelines_dir() -> Path:
@@ -98,14 +98,29 @@ def jobs_from_sites(
             logger.info("series %s is not available: its %d site(s) are left out", series_uid, len(site_jobs))
             continue
         first = site_jobs[0].site
-        jobs.append(ScanJob(first.patient_id, series_uid, PLAN_SPLITS.get(first.split, first.split), site_jobs, loader, **job_kwargs))
+        jobs.append(
+            ScanJob(
+                first.patient_id,
+                series_uid,
+                PLAN_SPLITS.get(first.split, first.split),
+                site_jobs,
+                loader,
+                **job_kwargs,
+            )
+        )
     return jobs
 
 
 def phantom_jobs(
-    n: int, *, seed: int = 0, size: int = DEFAULT_PHANTOMS["size"], max_slices: int | None = DEFAULT_PHANTOMS["max_slices"],
-    spacing: str = DEFAULT_PHANTOMS["spacing"], split_proportions: Mapping[str, int] = OFFICIAL_SPLIT_PATIENTS,
-    workers: int = 1, progress: bool = True,
+    n: int,
+    *,
+    seed: int = 0,
+    size: int = DEFAULT_PHANTOMS["size"],
+    max_slices: int | None = DEFAULT_PHANTOMS["max_slices"],
+    spacing: str = DEFAULT_PHANTOMS["spacing"],
+    split_proportions: Mapping[str, int] = OFFICIAL_SPLIT_PATIENTS,
+    workers: int = 1,
+    progress: bool = True,
 ) -> list[ScanJob]:
     """``n`` synthetic scans (`make_phantom`, case ``i`` seeded ``SeedSequence([seed, i])``, patient
     ``M3D-PHANTOM-<i>``) planned with `m3d.tamper.plan` and split by patient with ``seed``. ``spacing``
@@ -125,7 +140,7 @@ def phantom_jobs(
     cases = list(tqdm(made, total=n, desc="phantom scans", unit="scan", disable=not progress))
     sites = plan_sites([case.lidc for case in cases], seed=seed, proportions=split_proportions)
     volumes = {case.lidc.series_instance_uid: case.volume for case in cases}
-    return jobs_from_sites(sites, number_sites(sites), lambda uid: (lambda: volumes[uid]))
+    return jobs_from_sites(sites, number_sites(sites), lambda uid: lambda: volumes[uid])
 
 
 def lidc_jobs(root: str | Path, *, seed: int = 0, scans: Iterable[Any] | None = None) -> list[ScanJob]:
@@ -169,7 +184,9 @@ def check_pipelines(pipelines_dir: str | Path | None, generators: Sequence[str],
     needed is there; a FileNotFoundError that says how to make the missing ones otherwise."""
     root = Path(pipelines_dir) if pipelines_dir is not None else DEMO_PIPELINES_DIR
     missing = [
-        str(pipeline_folder(root, g, t)) for g in generators for t in tasks
+        str(pipeline_folder(root, g, t))
+        for g in generators
+        for t in tasks
         if not (pipeline_folder(root, g, t) / "model_index.json").is_file()
     ]
     if missing:
@@ -193,7 +210,9 @@ def load_pipelines(
         for task in tasks:
             pipeline = load_pipeline(pipeline_folder(root, generator, task))
             if pipeline.task != task:
-                raise ValueError(f"{pipeline_folder(root, generator, task)} holds a {pipeline.task!r} pipeline, not {task!r}")
+                raise ValueError(
+                    f"{pipeline_folder(root, generator, task)} holds a {pipeline.task!r} pipeline, not {task!r}"
+                )
             pipelines[generator, task] = pipeline.to(device) if device else pipeline
     return pipelines
 
@@ -216,7 +235,10 @@ def site_voxel(volume: CTVolume, center_zyx: Sequence[float], z_positions_mm: np
     if z_positions_mm is None:
         return center
     z_mm = np.interp(center[0], np.arange(len(z_positions_mm)), z_positions_mm)
-    first, second = volume.voxel_to_world((0.0, center[1], center[2])), volume.voxel_to_world((1.0, center[1], center[2]))
+    first, second = (
+        volume.voxel_to_world((0.0, center[1], center[2])),
+        volume.voxel_to_world((1.0, center[1], center[2])),
+    )
     return np.array([(z_mm - first[2]) / (second[2] - first[2]), center[1], center[2]])
 
 
@@ -312,7 +334,9 @@ def scan_examples(
                 yield None, Outcome(f"{site_job.site_id}_{generator}", generator, task, "skipped", str(error))
             continue
         empty = np.zeros(volume.shape, bool)
-        real = scored(make_example(job, site_job, "real", volume, empty, diameter_mm=site_job.site.diameter_mm), volume)
+        real = scored(
+            make_example(job, site_job, "real", volume, empty, diameter_mm=site_job.site.diameter_mm), volume
+        )
         yield real, Outcome(real["img_id"], "real", task, "kept")
         for generator in generators:
             img_id = f"{site_job.site_id}_{generator}"
@@ -320,15 +344,23 @@ def scan_examples(
             sampling = isinstance(pipeline, M3DInpaintPipeline) and num_inference_steps is not None
             steps = {"num_inference_steps": num_inference_steps} if sampling else {}
             out = pipeline(
-                volume=volume, locations_lps_mm=[location], generator=torch.Generator().manual_seed(sample_seed(seed, img_id)),
-                output_type="volume", progress=False, allow_outside_lung=True,
+                volume=volume,
+                locations_lps_mm=[location],
+                generator=torch.Generator().manual_seed(sample_seed(seed, img_id)),
+                output_type="volume",
+                progress=False,
+                allow_outside_lung=True,
                 **steps,
             )
             tampered, mask = out.volumes[0], out.masks[0]
-            verdict = check_quality(unit_to_hu(np.asarray(out.cubes[0, 0], np.float32)), task, quality or QualityCriteria())
+            verdict = check_quality(
+                unit_to_hu(np.asarray(out.cubes[0, 0], np.float32)), task, quality or QualityCriteria()
+            )
             if quality is not None and not verdict.kept:
                 yield None, Outcome(img_id, generator, task, "dropped", verdict.reason)
                 continue
             diameter = verdict.measurement.diameter_mm if task == "inject" else site_job.site.diameter_mm
-            example = scored(make_example(job, site_job, generator, tampered, mask, diameter_mm=diameter, pristine=volume), tampered)
+            example = scored(
+                make_example(job, site_job, generator, tampered, mask, diameter_mm=diameter, pristine=volume), tampered
+            )
             yield example, Outcome(img_id, generator, task, "kept")

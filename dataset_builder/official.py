@@ -13,6 +13,7 @@ release's values, mapped to HU by the linear map fitted on the matching voxels, 
 The pristine example of a site is the source series itself. Nodule diameter and malignancy come from
 the series' LIDC XML when it is there (the grouped nodule at the site), else they are left empty.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,7 +69,11 @@ def read_official_tables(folder: str | Path) -> OfficialTables:
     centers = _read_csv(folder / "centers.csv", CENTERS_CSV_COLUMNS)
     lidc = _read_csv(folder / "LIDC.csv", ("orig_id", "sdir_id", "dicom"))
     test_crops = {
-        (row["img_id"], row["mod"]): (float(row["center_test_z"]), float(row["center_test_y"]), float(row["center_test_x"]))
+        (row["img_id"], row["mod"]): (
+            float(row["center_test_z"]),
+            float(row["center_test_y"]),
+            float(row["center_test_x"]),
+        )
         for row in centers
     }
     return OfficialTables(sites, test_crops, {(row["orig_id"], row["sdir_id"]): row["dicom"] for row in lidc})
@@ -140,7 +145,9 @@ def series_nodules(folder: Path, volume: CTVolume) -> list[Nodule]:
     return group_nodules(read_lidc_xml(xmls[0], volume)) if xmls else []
 
 
-def site_nodule(nodules: Sequence[Nodule], volume: CTVolume, site_zyx: np.ndarray) -> tuple[float | None, float | None]:
+def site_nodule(
+    nodules: Sequence[Nodule], volume: CTVolume, site_zyx: np.ndarray
+) -> tuple[float | None, float | None]:
     """Diameter (mm) and median malignancy of the nodule at a site (volume voxel); ``(None, None)`` when
     no nodule's centroid lies within `SITE_NODULE_TOLERANCE_MM`."""
     site_mm = volume.voxel_to_world(site_zyx)
@@ -161,7 +168,9 @@ def official_jobs(tables: OfficialTables, lidc_root: str | Path, tasks: Sequence
     by_series: dict[tuple[str, str], list[SiteJob]] = {}
     for site in tables.sites:
         if site.task in tasks:
-            by_series.setdefault((site.patient_id, site.series_instance_uid), []).append(SiteJob(site.extra["img_ids"][0], site))
+            by_series.setdefault((site.patient_id, site.series_instance_uid), []).append(
+                SiteJob(site.extra["img_ids"][0], site)
+            )
     jobs, missing = [], []
     for (patient_id, sdir_id), site_jobs in by_series.items():
         relative = tables.dicom_folders.get((patient_id, sdir_id))
@@ -170,16 +179,36 @@ def official_jobs(tables: OfficialTables, lidc_root: str | Path, tasks: Sequence
             missing.append(f"{patient_id}/{sdir_id}")
             continue
         split = site_jobs[0].site.split
-        jobs.append(ScanJob(patient_id, sdir_id, PLAN_SPLITS.get(split, split), site_jobs, lambda folder=folder: read_dicom_series(folder)))
+        jobs.append(
+            ScanJob(
+                patient_id,
+                sdir_id,
+                PLAN_SPLITS.get(split, split),
+                site_jobs,
+                lambda folder=folder: read_dicom_series(folder),
+            )
+        )
     if missing:
-        logger.info("%d series of the release are not under %s and are left out: %s", len(missing), lidc_root, ", ".join(missing[:5]))
+        logger.info(
+            "%d series of the release are not under %s and are left out: %s",
+            len(missing),
+            lidc_root,
+            ", ".join(missing[:5]),
+        )
     if not jobs:
-        raise FileNotFoundError(f"none of the release's LIDC-IDRI series (LIDC.csv's dicom folders) is under {lidc_root}")
+        raise FileNotFoundError(
+            f"none of the release's LIDC-IDRI series (LIDC.csv's dicom folders) is under {lidc_root}"
+        )
     return jobs
 
 
 def official_examples(
-    job: ScanJob, volume: CTVolume, release: str | Path, tables: OfficialTables, generators: Sequence[str], lidc_folder: Path | None = None
+    job: ScanJob,
+    volume: CTVolume,
+    release: str | Path,
+    tables: OfficialTables,
+    generators: Sequence[str],
+    lidc_folder: Path | None = None,
 ) -> Iterator[tuple[dict[str, Any] | None, Outcome]]:
     """The examples of one series: per site, the pristine scan, then each selected generator's sample
     that the release holds (a sample the release lacks is "skipped")."""
@@ -193,7 +222,9 @@ def official_examples(
     for site_job in job.sites:
         site_id = site_job.site_id
         diameter, malignancy = site_nodule(nodules, volume, site_voxel(volume, site_job.site.center_zyx, z_mm))
-        site = replace(site_job.site, diameter_mm=float("nan") if diameter is None else diameter, malignancy=malignancy)
+        site = replace(
+            site_job.site, diameter_mm=float("nan") if diameter is None else diameter, malignancy=malignancy
+        )
         for generator in ("real", *generators):
             mod, img_id = GENERATOR_CODES[generator], f"{site_id}_{generator}"
             with_crop = SiteJob(site_id, site, tables.test_crops.get((site_id, mod)))
@@ -209,8 +240,15 @@ def official_examples(
                     raise ValueError(f"{scan_folder} and {label_folder} hold stacks of different shapes")
                 stored[order], label[order] = stored.copy(), label.copy()  # release order -> volume order
                 tampered = tampered_volume(volume, stored, label)
-                example = make_example(job, with_crop, generator, tampered, label, diameter_mm=diameter if site.task == "remove" else None,
-                                       pristine=volume)
+                example = make_example(
+                    job,
+                    with_crop,
+                    generator,
+                    tampered,
+                    label,
+                    diameter_mm=diameter if site.task == "remove" else None,
+                    pristine=volume,
+                )
             example["series_instance_uid"] = series_uid
             yield example, Outcome(img_id, generator, site.task, "kept")
 
@@ -241,19 +279,30 @@ def import_official(
     official = read_official_tables(tables_folder(release, tables))
     generators = [g for g in FAKE_GENERATORS if g in generators]
     config = {
-        "source": "official", "release": str(release.resolve()), "lidc_root": str(lidc_root.resolve()),
-        "generators": generators, "tasks": [t for t in TASKS if t in tasks], "limit": limit,
-        "scans_per_shard": scans_per_shard, "command": "m3d import-official",
+        "source": "official",
+        "release": str(release.resolve()),
+        "lidc_root": str(lidc_root.resolve()),
+        "generators": generators,
+        "tasks": [t for t in TASKS if t in tasks],
+        "limit": limit,
+        "scans_per_shard": scans_per_shard,
+        "command": "m3d import-official",
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = prepare_folder(out, config, overwrite=overwrite)
     jobs = official_jobs(official, lidc_root, tasks)
     jobs = jobs[:limit] if limit is not None else jobs
-    folders = {(job.patient_id, job.series_instance_uid): lidc_root / official.dicom_folders[job.patient_id, job.series_instance_uid] for job in jobs}
+    folders = {
+        (job.patient_id, job.series_instance_uid): lidc_root
+        / official.dicom_folders[job.patient_id, job.series_instance_uid]
+        for job in jobs
+    }
 
     def examples(job: ScanJob):
-        return official_examples(job, job.load(), release, official, generators, folders[job.patient_id, job.series_instance_uid])
+        return official_examples(
+            job, job.load(), release, official, generators, folders[job.patient_id, job.series_instance_uid]
+        )
 
     write_shards(out, jobs, examples, config, scans_per_shard=scans_per_shard, progress=progress, state=state)
     finalize(out)

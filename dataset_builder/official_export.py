@@ -21,6 +21,7 @@ ships the series in its place; ``m3d import-official --release OUT --lidc-root O
 same examples. The release has no nodule size or malignancy columns (import-official reads them from the
 LIDC XML beside the series, which an M3Dsynth folder does not hold), so they come back empty.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,8 +44,16 @@ DICOM_FOLDER = "dicom"  # OUT/dicom/<patient>/<series>/: the pristine series, in
 TABLES_FOLDER = "data"  # where import-official looks for the tables by default
 LIDC_CSV_COLUMNS = ("orig_id", "sdir_id", "spacing_z", "spacing_y", "spacing_x", "dicom")
 RELEASE_SETS = {"train": "train", "validation": "valid", "test": "test"}  # FEATURES split -> the release's sets.csv
-ROW_COLUMNS = ["img_id", "site_id", "generator", "task", "patient_id", "series_instance_uid", "site_voxel_zyx",
-               "test_crop_center_zyx"]
+ROW_COLUMNS = [
+    "img_id",
+    "site_id",
+    "generator",
+    "task",
+    "patient_id",
+    "series_instance_uid",
+    "site_voxel_zyx",
+    "test_crop_center_zyx",
+]
 
 
 @dataclass
@@ -92,14 +101,18 @@ def _load_folder(data: Path):
     import datasets
 
     if not (data / "data").is_dir():
-        raise FileNotFoundError(f"{data} is not an M3Dsynth dataset folder (no data/ shards): make one with m3d build "
-                                "or m3d import-official")
+        raise FileNotFoundError(
+            f"{data} is not an M3Dsynth dataset folder (no data/ shards): make one with m3d build "
+            "or m3d import-official"
+        )
     dataset = datasets.load_dataset(str(data), cache_dir=str(folder_cache_dir(data)))
     for name, split in dataset.items():
         if name not in RELEASE_SETS:
             raise ValueError(f"{data} has a split {name!r}; the release knows {', '.join(RELEASE_SETS)}")
         if split.features != FEATURES:
-            raise ValueError(f"the {name} split of {data} does not have the M3Dsynth columns (m3d.dataset_builder.FEATURES)")
+            raise ValueError(
+                f"the {name} split of {data} does not have the M3Dsynth columns (m3d.dataset_builder.FEATURES)"
+            )
     return dataset
 
 
@@ -112,13 +125,20 @@ def _series_of(dataset) -> list[_Series]:
     for split_name, split in dataset.items():
         scans = ScanResolver(split)
         for index, row in enumerate(split.select_columns(ROW_COLUMNS).to_list()):
-            row.update(index=index, generator=FEATURES["generator"].int2str(row["generator"]),
-                       task=FEATURES["task"].int2str(row["task"]))
-            patient, uid, site_id = (_plain_name(row[key], key.replace("_", " "))
-                                     for key in ("patient_id", "series_instance_uid", "site_id"))
+            row.update(
+                index=index,
+                generator=FEATURES["generator"].int2str(row["generator"]),
+                task=FEATURES["task"].int2str(row["task"]),
+            )
+            patient, uid, site_id = (
+                _plain_name(row[key], key.replace("_", " "))
+                for key in ("patient_id", "series_instance_uid", "site_id")
+            )
             if splits.setdefault(patient, split_name) != split_name:
-                raise ValueError(f"patient {patient} is in the {splits[patient]} and {split_name} splits: the release "
-                                 "splits by patient")
+                raise ValueError(
+                    f"patient {patient} is in the {splits[patient]} and {split_name} splits: the release "
+                    "splits by patient"
+                )
             if site_series.setdefault(site_id, (patient, uid)) != (patient, uid):
                 raise ValueError(f"site {site_id} is on two series ({site_series[site_id][1]} and {uid})")
             series = found.setdefault((patient, uid), _Series(patient, uid, split_name, split, scans))
@@ -134,14 +154,22 @@ def _pristine_scan(series: _Series) -> CTVolume:
     for site_id, rows in series.sites.items():
         row = next((row for row in rows if row["generator"] == "real"), None)
         if row is None:
-            raise ValueError(f"site {site_id} has no pristine example ({site_id}_real): export the whole dataset folder")
+            raise ValueError(
+                f"site {site_id} has no pristine example ({site_id}_real): export the whole dataset folder"
+            )
         pristine.append(row)
     scan = series.scans.volume(series.split[pristine[0]["index"]])
     for row in pristine[1:]:
         other = series.scans.volume(series.split[row["index"]])
-        if other.shape != scan.shape or not np.array_equal(other.hu, scan.hu) or not np.allclose(other.affine, scan.affine, atol=1e-4):
-            raise ValueError(f"the pristine examples {pristine[0]['img_id']} and {row['img_id']} of series "
-                             f"{series.series_instance_uid} differ: the release holds one scan per series")
+        if (
+            other.shape != scan.shape
+            or not np.array_equal(other.hu, scan.hu)
+            or not np.allclose(other.affine, scan.affine, atol=1e-4)
+        ):
+            raise ValueError(
+                f"the pristine examples {pristine[0]['img_id']} and {row['img_id']} of series "
+                f"{series.series_instance_uid} differ: the release holds one scan per series"
+            )
     return scan
 
 
@@ -163,8 +191,13 @@ def _export_series(series: _Series, root: Path, tables: _Tables) -> int:
 
     # the pristine pixels as they are: the series keeps its UID, which names it in the tables (sdir_id) and
     # in the examples import-official makes
-    write_dicom_series(replace(scan, metadata=replace(scan.metadata, patient_id=patient)), root / DICOM_FOLDER / patient / uid,
-                       series_description="m3d export-official: pristine series", series_instance_uid=uid, uid_seed=uid)
+    write_dicom_series(
+        replace(scan, metadata=replace(scan.metadata, patient_id=patient)),
+        root / DICOM_FOLDER / patient / uid,
+        series_description="m3d export-official: pristine series",
+        series_instance_uid=uid,
+        uid_seed=uid,
+    )
     tables.lidc.append([patient, uid, *scan.spacing_mm, f"{patient}/{uid}"])
     tables.sets[patient] = RELEASE_SETS[series.split_name]
     first_site = next(iter(series.sites))
@@ -180,7 +213,9 @@ def _export_series(series: _Series, root: Path, tables: _Tables) -> int:
                 example = series.split[row["index"]]
                 write_tiff_stack(root / mod / "scan" / site_id, stored(series.scans.volume(example).hu))
                 write_tiff_stack(root / mod / "label" / site_id, example_mask(example)[order])
-            tables.data.append([site_id, OFFICIAL_TASK[row["task"]], mod, patient, uid, *release_zyx(row["site_voxel_zyx"])])
+            tables.data.append(
+                [site_id, OFFICIAL_TASK[row["task"]], mod, patient, uid, *release_zyx(row["site_voxel_zyx"])]
+            )
             tables.centers.append([site_id, mod, *release_zyx(row["test_crop_center_zyx"])])
     return len(fakes)
 
@@ -193,7 +228,9 @@ def _write_table(path: Path, columns: Sequence[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def export_official(data: str | Path, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> ExportSummary:
+def export_official(
+    data: str | Path, out: str | Path, *, overwrite: bool = False, progress: bool = True
+) -> ExportSummary:
     """Write the dataset folder ``data`` (`m3d build`, `m3d import-official`) in the official release layout
     into ``out`` (see the module doc), built in a hidden sibling folder and renamed at the end. ``out`` must be
     new or an empty folder, unless ``overwrite``."""

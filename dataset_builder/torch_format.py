@@ -4,6 +4,7 @@
 tensors; `CTToTorch` is the transform that does (``ds.with_transform(CTToTorch(ds))``, or
 ``streaming_ds.map(CTToTorch())``), and `collate_ct` the ``collate_fn`` for scans of different shapes.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -21,6 +21,7 @@ none; `finalize` moves the shards to ``data/``, merges the journals into ``manif
 files and writes the card. While a build runs, its main process holds ``<out>/.m3d-build.lock``
 (`build_lock`): a second build into the same folder at the same time is refused.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -179,7 +180,9 @@ def read_state(out: Path) -> BuildState:
             try:
                 record = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ValueError(f"{path} is not valid JSON ({error}); restore it, or pass --overwrite to rebuild") from None
+                raise ValueError(
+                    f"{path} is not valid JSON ({error}); restore it, or pass --overwrite to rebuild"
+                ) from None
             state.merge(record, str(path))
     return state
 
@@ -193,7 +196,12 @@ def _shard_file(out: Path, relative: str) -> Path:
 def _intact(out: Path, state: BuildState, chunk: dict[str, Any]) -> bool:
     for relative in chunk["shards"]:
         entry, path = state.shards.get(relative), _shard_file(out, relative)
-        if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        if (
+            entry is None
+            or not path.is_file()
+            or path.stat().st_size != entry["bytes"]
+            or sha256_file(path) != entry["sha256"]
+        ):
             return False
     return True
 

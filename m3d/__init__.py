@@ -6,6 +6,7 @@ Public names are importable from ``m3d`` directly; submodules are imported on fi
 architecture (``AutoModel.from_pretrained(<a saved detector or CAD scorer>)``): they are registered when
 transformers' Auto classes are first imported (`register_auto_classes`), not before.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -4,6 +4,7 @@ attack's cube.
 Plain tuples with no imports, so that any module (and the command line's ``choices``) can use them
 without loading the libraries behind the rest of the package.
 """
+
 from __future__ import annotations
 
 TASKS = ("inject", "remove")  # grow a malignant nodule > 10 mm / replace one by a benign one < 8 mm

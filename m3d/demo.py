@@ -14,6 +14,7 @@ Every step resumes: the builder and the benchmark skip what they finished, a tra
 Timings and settings go to ``OUT/results/run.json``. ``--device cuda`` runs the same steps on a GPU
 with larger settings (`SCALES`).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,22 +26,40 @@ from typing import Any, Callable
 # The demo's scans are at the real LIDC series' pixel and slice spacing (`m3d build` defaults); patients
 # are split 1 : 2 between training and test so that each generator has enough test fakes for an AUC to
 # mean something. On a CPU the DDPM is left out of the build, for the reason the run's notes give:
-DEMO_WITHOUT_DDPM = ("the DDPM is not in the CPU demo's build: its sampling costs about 2.5 s per site on a CPU (25 "
-                     "DPM-Solver++ steps of a 3-D UNet; the GANs take milliseconds) and the demo's detectors have no "
-                     "starting weights for its fakes (its shipped weights: 56 % of injections real-looking, 72 % of "
-                     "removals kept on held-out phantoms; README, \"Demo pipelines\"); `m3d demo --device cuda` and "
-                     "`m3d build` include it")
+DEMO_WITHOUT_DDPM = (
+    "the DDPM is not in the CPU demo's build: its sampling costs about 2.5 s per site on a CPU (25 "
+    "DPM-Solver++ steps of a 3-D UNet; the GANs take milliseconds) and the demo's detectors have no "
+    "starting weights for its fakes (its shipped weights: 56 % of injections real-looking, 72 % of "
+    'removals kept on held-out phantoms; README, "Demo pipelines"); `m3d demo --device cuda` and '
+    "`m3d build` include it"
+)
 # The CPU demo's CAD scorer starts from shipped phantom-trained weights (`m3d train-cad --preset default
 # --phantoms 16 --max-steps 400 --seed 0 --cpu`: 430 s on these 2 cores, validation AUC 0.72; its card says
 # so) and is fine-tuned briefly: training it from scratch took half of the demo's budget.
 DEMO_CAD = Path(__file__).resolve().parent / "cad" / "demo"
 SCALES: dict[str, dict[str, Any]] = {
     # 2 CPU cores: about 12 minutes in all (README, "make demo")
-    "cpu": dict(build=dict(phantoms=32, generators=("pix2pix", "cyclegan"), split_proportions={"train": 1, "val": 0, "test": 2}),
-                bench_preset="demo", bench_args=[], cad_preset="default", cad_phantoms=16, cad_steps=50, cad_start=str(DEMO_CAD)),
+    "cpu": dict(
+        build=dict(
+            phantoms=32, generators=("pix2pix", "cyclegan"), split_proportions={"train": 1, "val": 0, "test": 2}
+        ),
+        bench_preset="demo",
+        bench_args=[],
+        cad_preset="default",
+        cad_phantoms=16,
+        cad_steps=50,
+        cad_start=str(DEMO_CAD),
+    ),
     # one GPU: more scans, all three generators, the papers' detector sizes, a longer CAD run
-    "cuda": dict(build=dict(phantoms=96, size=512, max_slices=96), bench_preset="default",
-                 bench_args=["--mixed-precision", "bf16"], cad_preset="default", cad_phantoms=96, cad_steps=2000, cad_start=None),
+    "cuda": dict(
+        build=dict(phantoms=96, size=512, max_slices=96),
+        bench_preset="default",
+        bench_args=["--mixed-precision", "bf16"],
+        cad_preset="default",
+        cad_phantoms=96,
+        cad_steps=2000,
+        cad_start=None,
+    ),
 }
 
 
@@ -108,24 +127,67 @@ def run_demo(
         if not (cad_model / "model" / "config.json").is_file():
             from .train import train_cad
 
-            _check(train_cad.train(train_cad.TrainCADArguments(
-                output_dir=str(cad_model), preset=scale["cad_preset"], phantoms=scale["cad_phantoms"],
-                model=str(scale["cad_start"]) if scale.get("cad_start") else None, max_steps=scale["cad_steps"], seed=seed,
-                resume_from_checkpoint="latest", cpu=device == "cpu", no_progress=not progress)), "CAD training")
+            _check(
+                train_cad.train(
+                    train_cad.TrainCADArguments(
+                        output_dir=str(cad_model),
+                        preset=scale["cad_preset"],
+                        phantoms=scale["cad_phantoms"],
+                        model=str(scale["cad_start"]) if scale.get("cad_start") else None,
+                        max_steps=scale["cad_steps"],
+                        seed=seed,
+                        resume_from_checkpoint="latest",
+                        cpu=device == "cpu",
+                        no_progress=not progress,
+                    )
+                ),
+                "CAD training",
+            )
 
     _step("cad_training", timings, train_scorer)
 
     from .build import build_dataset
 
-    _step("dataset", timings, lambda: build_dataset(
-        data, **scale["build"], seed=seed, pipelines_dir=pipelines_dir, device=device, cad_model=cad_model / "model",
-        progress=progress, command="m3d demo"))
+    _step(
+        "dataset",
+        timings,
+        lambda: build_dataset(
+            data,
+            **scale["build"],
+            seed=seed,
+            pipelines_dir=pipelines_dir,
+            device=device,
+            cad_model=cad_model / "model",
+            progress=progress,
+            command="m3d demo",
+        ),
+    )
 
     from .train import benchmark
 
-    _step("benchmark", timings, lambda: _check(benchmark.main(
-        ["--data", str(data), "--out", str(results), "--preset", scale["bench_preset"], "--seed", str(seed),
-         *scale["bench_args"], *cpu_flag, *quiet], prog="m3d bench"), "the benchmark"))
+    _step(
+        "benchmark",
+        timings,
+        lambda: _check(
+            benchmark.main(
+                [
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(results),
+                    "--preset",
+                    scale["bench_preset"],
+                    "--seed",
+                    str(seed),
+                    *scale["bench_args"],
+                    *cpu_flag,
+                    *quiet,
+                ],
+                prog="m3d bench",
+            ),
+            "the benchmark",
+        ),
+    )
 
     def cad_analysis() -> None:
         from .cad.analysis import run_cad_analysis
@@ -141,16 +203,24 @@ def run_demo(
             best = results / "runs" / cell_file.stem / "best"
             if best.is_dir():
                 cell = json.loads(cell_file.read_text())
-                write_model_card(best, benchmark_card_results(cell, "M3Dsynth (phantom mini)"), name=f"m3d-demo-{cell_file.stem}")
+                write_model_card(
+                    best, benchmark_card_results(cell, "M3Dsynth (phantom mini)"), name=f"m3d-demo-{cell_file.stem}"
+                )
         write_model_card(cad_model / "model", name="m3d-demo-cad")
 
     _step("cards", timings, cards)
 
     from .report import build_report
 
-    run = {"device": device_name, "seed": seed, "scale": scale, "steps": timings, "phantom": True,
-           "seconds": round(time.perf_counter() - started, 1),
-           "notes": [DEMO_WITHOUT_DDPM] if "ddpm" not in generators else []}
+    run = {
+        "device": device_name,
+        "seed": seed,
+        "scale": scale,
+        "steps": timings,
+        "phantom": True,
+        "seconds": round(time.perf_counter() - started, 1),
+        "notes": [DEMO_WITHOUT_DDPM] if "ddpm" not in generators else [],
+    }
     results.mkdir(parents=True, exist_ok=True)
     (results / "run.json").write_text(json.dumps(run, indent=2))
     html_path, _ = _step("report", timings, lambda: build_report(results, device=device))

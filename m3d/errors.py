@@ -1,5 +1,6 @@
 """m3d's error policy, at the bottom of the import graph so that every entry point (the `m3d` command
 line and the modules it delegates to) guards itself the same way without importing the command line."""
+
 from __future__ import annotations
 
 import sys
@@ -9,7 +10,10 @@ USER_ERRORS = (ValueError, OSError)  # a KeyError or IndexError is a bug: its tr
 
 
 def run_guarded(
-    name: str, action: Callable[[], int | None], errors: tuple[type[BaseException], ...] = USER_ERRORS, on_interrupt: str = ""
+    name: str,
+    action: Callable[[], int | None],
+    errors: tuple[type[BaseException], ...] = USER_ERRORS,
+    on_interrupt: str = "",
 ) -> int:
     """Run a command's ``action`` as every m3d entry point does: its exit status (None: 0); an error of
     ``errors`` -> one line ``NAME: error: ...`` on stderr and 2; Ctrl-C -> ``NAME: interrupted[; on_interrupt]``

@@ -1,12 +1,18 @@
 """`m3d push`: upload an m3d folder — an M3Dsynth dataset, a saved pipeline or a saved detector / CAD
 model — to the Hugging Face Hub as it is, after checking what it is and that it has its card."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from .model_cards import folder_kind
 
-REPO_TYPES = {"dataset": "dataset", "pipeline": "model", "detector": "model", "cad": "model"}  # folder kind -> Hub repo type
+REPO_TYPES = {
+    "dataset": "dataset",
+    "pipeline": "model",
+    "detector": "model",
+    "cad": "model",
+}  # folder kind -> Hub repo type
 
 
 def check_uploadable(path: str | Path) -> str:
@@ -18,7 +24,9 @@ def check_uploadable(path: str | Path) -> str:
         card = "m3d build writes it" if kind == "dataset" else f"write it with `m3d card {path}`"
         raise FileNotFoundError(f"{path} has no README.md card ({card})")
     if kind == "dataset" and (path / ".build").exists():
-        raise ValueError(f"{path} is an unfinished build (.build/ journals left): run the same `m3d build` again to finish it")
+        raise ValueError(
+            f"{path} is an unfinished build (.build/ journals left): run the same `m3d build` again to finish it"
+        )
     return kind
 
 
@@ -34,7 +42,9 @@ def push_folder(path: str | Path, repo_id: str, *, private: bool = False, token:
     repo_type = REPO_TYPES[kind]
     repo = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     commit = api.upload_folder(
-        folder_path=str(path), repo_id=getattr(repo, "repo_id", repo_id), repo_type=repo_type,
+        folder_path=str(path),
+        repo_id=getattr(repo, "repo_id", repo_id),
+        repo_type=repo_type,
         commit_message=f"Upload m3d {kind} folder",
     )
     return str(getattr(commit, "commit_url", commit))

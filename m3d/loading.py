@@ -1,6 +1,7 @@
 """Loading a saved transformers model folder with one clear error naming it for each way it can be
 wrong: no or unreadable config, another architecture, missing or pickled weights, truncated weights,
 weights that do not fit the config. Never a traceback, never a model with random weights."""
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,9 @@ def require_saved_tensors(module: Any, weights: Path) -> None:
         )
 
 
-def load_saved_model(folder: str | Path, model_types: Collection[str], what: str, load: Callable[[Path], Model]) -> Model:
+def load_saved_model(
+    folder: str | Path, model_types: Collection[str], what: str, load: Callable[[Path], Model]
+) -> Model:
     """``load(folder)`` after checking that ``folder`` holds one of ``model_types`` (``what`` names them
     in messages) with safetensors weights; reading errors become `ValueError` naming the folder."""
     from safetensors import SafetensorError

@@ -5,6 +5,7 @@ they import, flattened beside them with the imports rewritten to ``from .module 
 ``config.auto_map``, so that ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works where m3d
 cannot be imported. Without ``trust_remote_code`` transformers keeps using m3d's own registered classes.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,12 +40,16 @@ def code_bundle(module_names: Iterable[str]) -> dict[str, str]:
         package = module_name.rpartition(".")[0]
         for node in sorted(ast.walk(ast.parse(source)), key=lambda n: -getattr(n, "lineno", 0)):
             if isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "m3d" for alias in node.names):
-                raise ValueError(f"{module_name} imports m3d by name (line {node.lineno}): it cannot travel with a model")
+                raise ValueError(
+                    f"{module_name} imports m3d by name (line {node.lineno}): it cannot travel with a model"
+                )
             if not isinstance(node, ast.ImportFrom):
                 continue
             if node.level == 0:
                 if (node.module or "").split(".")[0] == "m3d":
-                    raise ValueError(f"{module_name} imports m3d by name (line {node.lineno}): it cannot travel with a model")
+                    raise ValueError(
+                        f"{module_name} imports m3d by name (line {node.lineno}): it cannot travel with a model"
+                    )
                 continue
             target = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
             if target not in sys.modules:

@@ -6,6 +6,7 @@ the CAD scorer, filled from the folder's own config and, when given, benchmark r
 `write_model_card(path, results=...)` writes ``<path>/README.md``; `folder_kind(path)` says what a
 folder holds; `m3d card PATH [--results RESULTS/cells/<cell>.json]` is the command line.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,7 +56,7 @@ class FolderInfo:
 
 
 def folder_kind(path: str | Path) -> str:
-    """"pipeline" (diffusers ``model_index.json``), "detector" or "cad" (transformers ``config.json``
+    """ "pipeline" (diffusers ``model_index.json``), "detector" or "cad" (transformers ``config.json``
     with an m3d ``model_type``), or "dataset" (an M3Dsynth folder: ``manifest.json`` + ``data/``); a
     clear error for anything else."""
     path = Path(path)
@@ -88,7 +89,9 @@ def count_parameters(path: str | Path) -> int:
         from ..pipelines import load_pipeline
 
         pipeline = load_pipeline(path)
-        return sum(p.numel() for c in pipeline.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters())
+        return sum(
+            p.numel() for c in pipeline.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()
+        )
     from transformers import AutoModel
 
     importlib.import_module("m3d.cad" if kind == "cad" else "m3d.detectors")  # registers them with the Auto classes
@@ -100,18 +103,30 @@ def _folder_info(path: Path, kind: str) -> FolderInfo:
     if kind == "pipeline":
         index = json.loads((path / "model_index.json").read_text())
         components = {
-            name: value[1] for name, value in index.items()
+            name: value[1]
+            for name, value in index.items()
             if not name.startswith("_") and isinstance(value, list) and len(value) == 2
         }
         from ..pipelines.common import pipeline_class_name
 
-        return FolderInfo(kind, pipeline_class_name(index), count_parameters(path), hint,
-                          task=str(index.get("task", "")), components=components)
+        return FolderInfo(
+            kind,
+            pipeline_class_name(index),
+            count_parameters(path),
+            hint,
+            task=str(index.get("task", "")),
+            components=components,
+        )
     config = json.loads((path / "config.json").read_text())
     architectures = config.get("architectures") or [config["model_type"]]
     return FolderInfo(
-        kind, architectures[0], count_parameters(path), hint, model_type=config["model_type"],
-        input_mode=str(config.get("input_mode", "")), localizes=kind == "detector" and _localizes(config["model_type"]),
+        kind,
+        architectures[0],
+        count_parameters(path),
+        hint,
+        model_type=config["model_type"],
+        input_mode=str(config.get("input_mode", "")),
+        localizes=kind == "detector" and _localizes(config["model_type"]),
     )
 
 
@@ -121,7 +136,9 @@ def _localizes(model_type: str) -> bool:
     for config_class, model_class in DETECTORS.values():
         if config_class.model_type == model_type:
             return model_class.localizes
-    raise ValueError(f"unknown m3d detector model_type {model_type!r}; m3d knows {sorted(c.model_type for c, _ in DETECTORS.values())}")
+    raise ValueError(
+        f"unknown m3d detector model_type {model_type!r}; m3d knows {sorted(c.model_type for c, _ in DETECTORS.values())}"
+    )
 
 
 def _model_index(name: str, results: Iterable[CardResult]) -> list[dict]:
@@ -130,7 +147,11 @@ def _model_index(name: str, results: Iterable[CardResult]) -> list[dict]:
             "task": {"type": result.task_type, "name": result.task_name},
             "dataset": {"type": result.dataset_type, "name": result.dataset_name, "split": result.split},
             "metrics": [
-                {"type": metric, "value": round(float(value), 4), "name": f"{metric} ({result.setting})" if result.setting else metric}
+                {
+                    "type": metric,
+                    "value": round(float(value), 4),
+                    "name": f"{metric} ({result.setting})" if result.setting else metric,
+                }
                 for metric, value in result.metrics.items()
             ],
         }
@@ -151,7 +172,11 @@ def benchmark_card_results(cell: dict, dataset_name: str = "M3Dsynth") -> list[C
         if cell.get("localizes"):
             groups.append(("image-segmentation", "Tampering localization", ("f1", "iou", "f1_best", "iou_best")))
         for task_type, task_name, keys in groups:
-            values = {k: float(metrics[k]) for k in keys if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])}
+            values = {
+                k: float(metrics[k])
+                for k in keys
+                if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])
+            }
             if values:
                 results.append(CardResult(task_type, task_name, dataset_name, "test", values, setting))
     return results
@@ -175,10 +200,16 @@ def render_model_card(
     name = name or path.name
     library = "diffusers" if kind == "pipeline" else "transformers"
     tags = ["m3d", "medical-imaging", "ct", "forensics", "m3dsynth"]
-    tags += ["tampering", info.task] if kind == "pipeline" and info.task else ["image-forensics" if kind == "detector" else "cad"]
+    tags += (
+        ["tampering", info.task]
+        if kind == "pipeline" and info.task
+        else ["image-forensics" if kind == "detector" else "cad"]
+    )
     metadata = {"license": LICENSE, "library_name": library, "tags": tags}
     if kind != "pipeline":
-        metadata["pipeline_tag"] = "image-segmentation" if info.localizes and kind == "detector" else "image-classification"
+        metadata["pipeline_tag"] = (
+            "image-segmentation" if info.localizes and kind == "detector" else "image-classification"
+        )
     model_index = _model_index(name, results)
     if model_index:
         metadata["model-index"] = model_index
@@ -188,8 +219,11 @@ def render_model_card(
         "cad": f"A {info.class_name} nodule malignancy scorer, the diagnostic check of m3d's M3Dsynth reproduction.",
     }
     environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
     return environment.get_template(f"{kind}.md.jinja").render(
         metadata_yaml=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
@@ -212,4 +246,11 @@ def write_model_card(path: str | Path, results: Iterable[CardResult] = (), **kwa
     return card
 
 
-__all__ = ["CardResult", "benchmark_card_results", "count_parameters", "folder_kind", "render_model_card", "write_model_card"]
+__all__ = [
+    "CardResult",
+    "benchmark_card_results",
+    "count_parameters",
+    "folder_kind",
+    "render_model_card",
+    "write_model_card",
+]

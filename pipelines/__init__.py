@@ -14,6 +14,7 @@ generator argument). Each saved folder holds one task's weights (``task`` in ``m
 was renamed, `RENAMED_COMPONENTS`); ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``
 loads current folders too, through the one-line ``m3d_pipeline.py`` every saved folder carries (m3d installed).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,7 +36,13 @@ from .common import (
     pipeline_class_name,
 )
 from .pipeline_cyclegan3d import CycleGAN3DPipeline
-from .pipeline_m3d_inpaint import NUM_TRAIN_TIMESTEPS, SAMPLERS, M3DInpaintPipeline, default_scheduler, inference_scheduler
+from .pipeline_m3d_inpaint import (
+    NUM_TRAIN_TIMESTEPS,
+    SAMPLERS,
+    M3DInpaintPipeline,
+    default_scheduler,
+    inference_scheduler,
+)
 from .pipeline_pix2pix3d import Pix2Pix3DPipeline
 
 PIPELINE_CLASSES: dict[str, type[M3DTamperPipeline]] = {
@@ -56,15 +63,23 @@ def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
     class_name = pipeline_class_name(entries)
     if class_name not in PIPELINE_CLASSES:
         raise ValueError(f"{index} names pipeline class {class_name!r}; m3d knows {sorted(PIPELINE_CLASSES)}")
-    check_settings(index, entries, {*inspect.signature(PIPELINE_CLASSES[class_name].__init__).parameters, *RENAMED_COMPONENTS})
+    check_settings(
+        index, entries, {*inspect.signature(PIPELINE_CLASSES[class_name].__init__).parameters, *RENAMED_COMPONENTS}
+    )
     code = folder / f"{PIPELINE_CODE_MODULE}.py"
     if code.is_file() and code.read_text(errors="replace") != PIPELINE_CODE:
-        raise ValueError(f"{code} is not m3d's own one-line code file, and m3d never runs code a folder brings: "
-                         "inspect it, and restore it or delete it")
+        raise ValueError(
+            f"{code} is not m3d's own one-line code file, and m3d never runs code a folder brings: "
+            "inspect it, and restore it or delete it"
+        )
     if "task" not in entries:
         raise ValueError(f"{index} does not say the pipeline's task (inject or remove)")
     for name, value in entries.items():
-        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2) or not str(value[0]).startswith("m3d."):
+        if (
+            name.startswith("_")
+            or not (isinstance(value, list) and len(value) == 2)
+            or not str(value[0]).startswith("m3d.")
+        ):
             continue
         _check_component(folder / name, value)
     try:
@@ -77,11 +92,15 @@ def load_pipeline(path: str | Path, **kwargs) -> M3DTamperPipeline:
     except SafetensorError as error:
         raise ValueError(f"{folder}: a component's weights are truncated or not safetensors ({error})") from None
     except OSError as error:
-        raise ValueError(f"{folder}: a component's weights cannot be read, truncated or not safetensors ({error})") from None
+        raise ValueError(
+            f"{folder}: a component's weights cannot be read, truncated or not safetensors ({error})"
+        ) from None
     except ValueError as error:
         if "shape" not in str(error):
             raise
-        raise ValueError(f"{folder}: weights that do not fit their config.json ({str(error).split('. ')[0]})") from None
+        raise ValueError(
+            f"{folder}: weights that do not fit their config.json ({str(error).split('. ')[0]})"
+        ) from None
 
 
 def _check_component(component: Path, library_and_class: list[str]) -> None:
@@ -99,7 +118,9 @@ def _check_component(component: Path, library_and_class: list[str]) -> None:
     except ImportError:
         component_class = None
     if component_class is None:
-        raise ValueError(f"{component.parent / 'model_index.json'} names {module_name}.{class_name}, which m3d does not have")
+        raise ValueError(
+            f"{component.parent / 'model_index.json'} names {module_name}.{class_name}, which m3d does not have"
+        )
     check_settings(config, settings, inspect.signature(component_class.__init__).parameters)
     require_safetensors(component)
 

@@ -7,6 +7,7 @@ saved before a rename).
 Each pipeline's ``__call__`` reads as diffusers' do: ``check_inputs`` -> ``cube_processor.preprocess`` ->
 its own generation loop over `CubeBatch`es -> ``cube_processor.postprocess``.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -95,7 +96,9 @@ def as_cube_batch(cubes: np.ndarray | torch.Tensor) -> torch.Tensor:
     elif tensor.ndim == 4:
         tensor = tensor[:, None]
     if tensor.ndim != 5 or tuple(tensor.shape[1:]) != (1,) + (CUBE_SIZE,) * 3:
-        raise ValueError(f"cubes must be (B, 1, {CUBE_SIZE}, {CUBE_SIZE}, {CUBE_SIZE}); got shape {tuple(tensor.shape)}")
+        raise ValueError(
+            f"cubes must be (B, 1, {CUBE_SIZE}, {CUBE_SIZE}, {CUBE_SIZE}); got shape {tuple(tensor.shape)}"
+        )
     if not torch.isfinite(tensor).all():
         raise ValueError("cubes contain NaN or infinite values")
     return tensor.clamp(-1, 1)
@@ -137,8 +140,11 @@ class CubeInputs:
     def batches(self, batch_size: int, generators: list[torch.Generator], device: torch.device) -> list[CubeBatch]:
         """The cubes in batches of ``batch_size`` on ``device``, each with its cubes' ``generators``."""
         return [
-            CubeBatch(self.cubes[start : start + batch_size].to(device), self.hole_mask[start : start + batch_size].to(device),
-                      generators[start : start + batch_size])
+            CubeBatch(
+                self.cubes[start : start + batch_size].to(device),
+                self.hole_mask[start : start + batch_size].to(device),
+                generators[start : start + batch_size],
+            )
             for start in range(0, len(self), batch_size)
         ]
 
@@ -167,8 +173,10 @@ class CubeProcessor:
             locations = np.asarray(locations_lps_mm, dtype=np.float64).reshape(-1, 3)
             if lung_mask is None and not allow_outside_lung:
                 lung_mask = segment_lungs(volume)
-            sites = [extract_cube(volume, location, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung)
-                     for location in locations]
+            sites = [
+                extract_cube(volume, location, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung)
+                for location in locations
+            ]
             unit = torch.from_numpy(np.stack([hu_to_unit(site.hu) for site in sites]).astype(np.float32))[:, None]
         else:
             unit = as_cube_batch(cubes)
@@ -200,16 +208,26 @@ class CubeProcessor:
             volumes, masks = None, [region.copy() for _ in range(len(inputs))]
         return M3DPipelineOutput(cubes=out if output_type == "pt" else out.numpy(), volumes=volumes, masks=masks)
 
-    def touch_up(self, inputs: CubeInputs, cubes: torch.Tensor, task: str, generators: list[torch.Generator]) -> torch.Tensor:
+    def touch_up(
+        self, inputs: CubeInputs, cubes: torch.Tensor, task: str, generators: list[torch.Generator]
+    ) -> torch.Tensor:
         """CT-GAN's touch-ups for ``task`` on each cube's hole (`m3d.tamper.touch_up`): the noise of the input's own
         scanner, seeded by the cube's generator, and a blend into the input instead of a hard paste."""
-        originals_hu = [site.hu for site in inputs.sites] if inputs.sites is not None else unit_to_hu(inputs.cubes[:, 0].numpy())
-        touched_hu = np.stack([touch_up_cube(unit_to_hu(cube), original, task, numpy_rng(stream))
-                               for cube, original, stream in zip(cubes[:, 0].numpy(), originals_hu, generators)])
+        originals_hu = (
+            [site.hu for site in inputs.sites] if inputs.sites is not None else unit_to_hu(inputs.cubes[:, 0].numpy())
+        )
+        touched_hu = np.stack(
+            [
+                touch_up_cube(unit_to_hu(cube), original, task, numpy_rng(stream))
+                for cube, original, stream in zip(cubes[:, 0].numpy(), originals_hu, generators)
+            ]
+        )
         touched = hu_to_unit(torch.from_numpy(touched_hu)[:, None].float()).clamp(-1, 1)
         return torch.where(self.hole, touched, inputs.cubes)
 
-    def paste_back(self, inputs: CubeInputs, cubes: torch.Tensor, keep_context: bool) -> tuple[list[CTVolume], list[np.ndarray]]:
+    def paste_back(
+        self, inputs: CubeInputs, cubes: torch.Tensor, keep_context: bool
+    ) -> tuple[list[CTVolume], list[np.ndarray]]:
         """``[tampered scan]`` with every cube pasted at its site in turn (outside the hole, with ``keep_context``,
         the scan's own unclipped HU), and ``[mask of the voxels that changed]``."""
         hole = self.hole[0, 0].numpy()
@@ -334,7 +352,9 @@ class M3DTamperPipeline(DiffusionPipeline):
                 f"got task={task!r}. Load the pipeline folder trained for {task!r} (one task per folder)."
             )
         if touch_up and not keep_context:
-            raise ValueError("touch_up=True blends the generated hole into the original cube: it needs keep_context=True")
+            raise ValueError(
+                "touch_up=True blends the generated hole into the original cube: it needs keep_context=True"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
         if batch_size < 1:

@@ -10,6 +10,7 @@ the touch-ups' noise. ``keep_context`` and the touch-ups as in `Pix2Pix3DPipelin
 
 One task per folder: ``task`` ("inject" | "remove") is recorded in ``model_index.json``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -95,8 +96,9 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         self.check_inputs(cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up)
 
         # 2. Preprocess: cut each site's cube at 1 mm, scale the HU window to [-1, 1], mask the hole
-        inputs = self.cube_processor.preprocess(cubes, volume, locations_lps_mm, lung_mask=lung_mask,
-                                                allow_outside_lung=allow_outside_lung)
+        inputs = self.cube_processor.preprocess(
+            cubes, volume, locations_lps_mm, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung
+        )
         generators = per_sample_generators(generator, len(inputs))
 
         # 3. One forward pass per batch
@@ -107,8 +109,15 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
                 filled.append(self.network(network_input).sample)
 
         # 4. Postprocess: keep the known region, touch up, paste back
-        output = self.cube_processor.postprocess(inputs, torch.cat(filled), task=self.task, generators=generators,
-                                                 keep_context=keep_context, touch_up=touch_up, output_type=output_type)
+        output = self.cube_processor.postprocess(
+            inputs,
+            torch.cat(filled),
+            task=self.task,
+            generators=generators,
+            keep_context=keep_context,
+            touch_up=touch_up,
+            output_type=output_type,
+        )
         self.maybe_free_model_hooks()
         if not return_dict:
             return output.cubes, output.volumes, output.masks

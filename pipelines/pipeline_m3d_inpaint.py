@@ -24,6 +24,7 @@ One task per pipeline folder: injection weights are trained on malignant nodules
 weights on benign nodules < 8 mm (as the paper); the folder records ``task`` in ``model_index.json``
 and a call with another ``task`` fails. A single task-conditioned model would be an extension.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -40,7 +41,12 @@ from ..models.unet3d import UNet3DModel
 from .common import GeneratorArg, M3DPipelineOutput, M3DTamperPipeline, check_task_name, per_sample_generators
 
 __all__ = [
-    "M3DInpaintPipeline", "default_scheduler", "inference_scheduler", "NUM_TRAIN_TIMESTEPS", "SAMPLERS", "PREDICTION_TYPES",
+    "M3DInpaintPipeline",
+    "default_scheduler",
+    "inference_scheduler",
+    "NUM_TRAIN_TIMESTEPS",
+    "SAMPLERS",
+    "PREDICTION_TYPES",
     "BETA_SCHEDULES",
 ]
 
@@ -84,7 +90,9 @@ def inference_scheduler(name: str = "ddpm", training_scheduler: SchedulerMixin |
     if name == "ddim":
         return DDIMScheduler.from_config(config, timestep_spacing="trailing")
     if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", timestep_spacing="trailing")
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", timestep_spacing="trailing"
+        )
     raise ValueError(f"sampler must be one of {SAMPLERS}; got {name!r}")
 
 
@@ -106,7 +114,9 @@ class M3DInpaintPipeline(M3DTamperPipeline):
     ):
         super().__init__()
         if unet.config.in_channels != 3:
-            raise ValueError(f"the inpainting UNet takes 3 channels (noisy, masked, mask); got {unet.config.in_channels}")
+            raise ValueError(
+                f"the inpainting UNet takes 3 channels (noisy, masked, mask); got {unet.config.in_channels}"
+            )
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
         self.register_modules(unet=unet, scheduler=scheduler)
@@ -177,8 +187,9 @@ class M3DInpaintPipeline(M3DTamperPipeline):
             raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
 
         # 2. Preprocess: cut each site's cube at 1 mm, scale the HU window to [-1, 1], mask the hole
-        inputs = self.cube_processor.preprocess(cubes, volume, locations_lps_mm, lung_mask=lung_mask,
-                                                allow_outside_lung=allow_outside_lung)
+        inputs = self.cube_processor.preprocess(
+            cubes, volume, locations_lps_mm, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung
+        )
         generators = per_sample_generators(generator, len(inputs))
 
         # 3. Denoise each batch; after every step the known region is the original noised to the step's target
@@ -191,10 +202,13 @@ class M3DInpaintPipeline(M3DTamperPipeline):
                 condition = batch.condition(channels=2)
                 extra_step_kwargs = self.prepare_extra_step_kwargs(batch.generators, eta)
 
-                sample = randn_tensor(batch.cubes.shape, generator=batch.generators, device=batch.cubes.device,
-                                      dtype=torch.float32)
+                sample = randn_tensor(
+                    batch.cubes.shape, generator=batch.generators, device=batch.cubes.device, dtype=torch.float32
+                )
                 sample = sample * self.scheduler.init_noise_sigma
-                sample = batch.hole_mask * sample + batch.known_mask * self.noised(batch.cubes, timesteps[0], batch.generators)
+                sample = batch.hole_mask * sample + batch.known_mask * self.noised(
+                    batch.cubes, timesteps[0], batch.generators
+                )
                 for i, t in enumerate(self.progress_bar(timesteps)):
                     model_input = torch.cat([self.scheduler.scale_model_input(sample, t), condition], dim=1)
                     model_output = self.unet(model_input.to(self.unet.dtype), t.expand(len(sample))).sample.float()
@@ -207,8 +221,14 @@ class M3DInpaintPipeline(M3DTamperPipeline):
                 filled.append(sample)
 
         # 4. Postprocess: touch up, paste back
-        output = self.cube_processor.postprocess(inputs, torch.cat(filled), task=self.task, generators=generators,
-                                                 touch_up=touch_up, output_type=output_type)
+        output = self.cube_processor.postprocess(
+            inputs,
+            torch.cat(filled),
+            task=self.task,
+            generators=generators,
+            touch_up=touch_up,
+            output_type=output_type,
+        )
         self.maybe_free_model_hooks()
         if not return_dict:
             return output.cubes, output.volumes, output.masks

@@ -6,6 +6,7 @@ Scans are small synthetic chests (body, two lungs, CT-like noise). A fake change
 injection adds a bright nodule, removal flattens an existing one to lung; each generator leaves its own
 trace (pix2pix: noise-free fill, cyclegan: fill with coarse noise), so a detector can learn something.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,7 +56,9 @@ def _fake(hu: np.ndarray, site, task: str, generator: str, rng) -> tuple[np.ndar
     z, y, x = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
     mask = ((z - site[0]) * 2.5) ** 2 + ((y - site[1]) * 0.7) ** 2 + ((x - site[2]) * 0.7) ** 2 < 30
     fill = 60.0 if task == "inject" else -850.0
-    texture = 0.0 if generator == "pix2pix" else np.repeat(rng.normal(0, 60, (SHAPE[0], SHAPE[1] // 2, SHAPE[2])), 2, axis=1)
+    texture = (
+        0.0 if generator == "pix2pix" else np.repeat(rng.normal(0, 60, (SHAPE[0], SHAPE[1] // 2, SHAPE[2])), 2, axis=1)
+    )
     fake = hu.copy()
     fake[mask] = (fill + texture)[mask] if np.ndim(texture) else fill
     return fake, mask
@@ -76,7 +79,11 @@ def make_mini_m3dsynth(
     for split, count in sites.items():
         for task in tasks:
             for number in range(count):
-                site = (int(rng.integers(8, 16)), int(rng.integers(24, 40)), int(rng.choice([18, 46])) + int(rng.integers(-3, 4)))
+                site = (
+                    int(rng.integers(8, 16)),
+                    int(rng.integers(24, 40)),
+                    int(rng.choice([18, 46])) + int(rng.integers(-3, 4)),
+                )
                 if number == 0 and split == "test":
                     site = (site[0], site[1], 4)  # at the scan's edge: crops are shifted inside
                 hu = _scan(rng, site, nodule=task == "remove")
@@ -90,27 +97,32 @@ def make_mini_m3dsynth(
                     stored, placement = volume.with_hu(data), box_fields((0, 0, 0), SHAPE, None)
                     if generator != "real":
                         start, stop = changed_box(volume, stored, mask)
-                        stored, mask = stored.region(start, stop), mask[tuple(slice(a, b) for a, b in zip(start, stop))]
+                        stored, mask = (
+                            stored.region(start, stop),
+                            mask[tuple(slice(a, b) for a, b in zip(start, stop))],
+                        )
                         placement = box_fields(start, SHAPE, f"{site_id}_real")
-                    rows.setdefault((generator, task, split), []).append({
-                        "img_id": f"{site_id}_{generator}",
-                        "site_id": site_id,
-                        "volume": _nifti_bytes(stored.hu, stored),
-                        "mask": _nifti_bytes(mask.astype(np.uint8), stored),
-                        **placement,
-                        "label": "pristine" if generator == "real" else "fake",
-                        "task": task,
-                        "generator": generator,
-                        "patient_id": f"P{number}",
-                        "series_instance_uid": f"1.2.3.{number}",
-                        "site_voxel_zyx": list(site),
-                        "site_lps_mm": [0.0, 0.0, 0.0],
-                        "test_crop_center_zyx": list(site),
-                        "spacing_mm": list(SPACING),
-                        "nodule_diameter_mm": 8.0,
-                        "malignancy_before": None,
-                        "malignancy_after": None,
-                    })
+                    rows.setdefault((generator, task, split), []).append(
+                        {
+                            "img_id": f"{site_id}_{generator}",
+                            "site_id": site_id,
+                            "volume": _nifti_bytes(stored.hu, stored),
+                            "mask": _nifti_bytes(mask.astype(np.uint8), stored),
+                            **placement,
+                            "label": "pristine" if generator == "real" else "fake",
+                            "task": task,
+                            "generator": generator,
+                            "patient_id": f"P{number}",
+                            "series_instance_uid": f"1.2.3.{number}",
+                            "site_voxel_zyx": list(site),
+                            "site_lps_mm": [0.0, 0.0, 0.0],
+                            "test_crop_center_zyx": list(site),
+                            "spacing_mm": list(SPACING),
+                            "nodule_diameter_mm": 8.0,
+                            "malignancy_before": None,
+                            "malignancy_after": None,
+                        }
+                    )
     for (generator, task, split), examples in rows.items():
         path = root / "data" / generator / task / f"{split}-00000-00000.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)

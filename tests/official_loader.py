@@ -2,6 +2,7 @@
 for the tests: how it turns a DICOM series into the TIFF stack (utils/dicom_utils.py ``load_dicom_scan``)
 and (coord_z, coord_y, coord_x) or the test-crop centre into a crop of that stack (data/dataset.py
 ``M3Dsynth.__getitem__``, ``get_random_slide``; utils/tiff_utils.py ``load_slice_tiff_scan``)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -20,8 +20,24 @@ def mini_m3dsynth(tmp_path_factory):
 
 
 def bench_argv(data, out, cache, *extra):
-    return ["--data", str(data), "--out", str(out), "--preset", "demo", "--max-steps", "2", "--detectors", "unet",
-            "--train-generators", "pix2pix", "--no-progress", "--dataset-cache-dir", cache, *extra]
+    return [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "demo",
+        "--max-steps",
+        "2",
+        "--detectors",
+        "unet",
+        "--train-generators",
+        "pix2pix",
+        "--no-progress",
+        "--dataset-cache-dir",
+        cache,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +50,11 @@ def results(mini_m3dsynth, tmp_path_factory):
 
 def test_bench_writes_every_output_with_finite_numbers(results):
     out, _ = results
-    cells = ["cross_generator__unet__pix2pix", "preliminary__resnet_gp__m3dsynth", "preliminary__resnet_gp__nonmedical"]
+    cells = [
+        "cross_generator__unet__pix2pix",
+        "preliminary__resnet_gp__m3dsynth",
+        "preliminary__resnet_gp__nonmedical",
+    ]
     assert sorted(p.stem for p in (out / "cells").glob("*.json")) == cells
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -44,17 +64,32 @@ def test_bench_writes_every_output_with_finite_numbers(results):
         for key in ("auc", "balanced_accuracy", "pd_at_1pct"):
             assert math.isfinite(float(row[key]))
         localizing = row["detector"] == "unet"
-        assert all(math.isfinite(float(row[k])) for k in ("f1", "iou", "f1_best", "iou_best")) if localizing else row["f1"] == ""
+        assert (
+            all(math.isfinite(float(row[k])) for k in ("f1", "iou", "f1_best", "iou_best"))
+            if localizing
+            else row["f1"] == ""
+        )
     summary = json.loads((out / "results.json").read_text())
     assert "STAND-IN" in summary["meta"]["nonmedical"] and len(summary["rows"]) == len(rows)
     assert len(summary["samples"]["cross_generator__unet__pix2pix"]) == 12  # 2 sites x 2 tasks x (pristine + 2 fakes)
     tables = (out / "tables.md").read_text()
-    for title in ("F1 / IoU (threshold 0.5)", "F1 / IoU (best threshold", "Acc / Pd@1%", "AUC", "Preliminary", "STAND-IN"):
+    for title in (
+        "F1 / IoU (threshold 0.5)",
+        "F1 / IoU (best threshold",
+        "Acc / Pd@1%",
+        "AUC",
+        "Preliminary",
+        "STAND-IN",
+    ):
         assert title in tables
     assert "| unet | pix2pix |" in tables and "nan" not in tables.lower()
     plots = {p.relative_to(out / "plots").as_posix() for p in (out / "plots").rglob("*.png")}
-    assert {"roc_unet.png", "roc_preliminary.png", "hist_cross_generator__unet__pix2pix.png",
-            "examples/cross_generator__unet__pix2pix.png"} <= plots
+    assert {
+        "roc_unet.png",
+        "roc_preliminary.png",
+        "hist_cross_generator__unet__pix2pix.png",
+        "examples/cross_generator__unet__pix2pix.png",
+    } <= plots
     assert (out / "nonmedical_standin" / "README.md").is_file()
 
 
@@ -91,8 +126,18 @@ def test_interrupted_bench_keeps_finished_cells(mini_m3dsynth, tmp_path, monkeyp
 
     original = train_detector.train
     monkeypatch.setattr(train_detector, "train", interrupted_train)
-    argv = bench_argv(mini_m3dsynth, tmp_path / "out", cache, "--experiments", "cross_generator", "--train-generators",
-                      "pix2pix", "cyclegan", "--cell-workers", "1")  # the patched train() runs in this process
+    argv = bench_argv(
+        mini_m3dsynth,
+        tmp_path / "out",
+        cache,
+        "--experiments",
+        "cross_generator",
+        "--train-generators",
+        "pix2pix",
+        "cyclegan",
+        "--cell-workers",
+        "1",
+    )  # the patched train() runs in this process
     assert benchmark.main(argv) == 130
     assert "re-run the same command" in capsys.readouterr().err
     assert [p.stem for p in (tmp_path / "out" / "cells").glob("*.json")] == ["cross_generator__unet__pix2pix"]
@@ -108,13 +153,38 @@ def test_other_settings_are_refused(results, mini_m3dsynth, capsys):
 
 def _cell(detector, train_data, score_of, localizes=True):
     """A finished cross-generator cell over a fixed test set: 20 pristine crops, 20 fakes per generator."""
-    samples = [{"img_id": f"p{i}", "site_id": i, "label": "pristine", "generator": "real", "task": "inject",
-                "score": score_of("real", i)} for i in range(20)]
+    samples = [
+        {
+            "img_id": f"p{i}",
+            "site_id": i,
+            "label": "pristine",
+            "generator": "real",
+            "task": "inject",
+            "score": score_of("real", i),
+        }
+        for i in range(20)
+    ]
     for generator in ("pix2pix", "cyclegan"):
-        samples += [{"img_id": f"{generator}{i}", "site_id": i, "label": "fake", "generator": generator, "task": "inject",
-                     "score": score_of(generator, i), "f1_best": 0.8 if generator == train_data else 0.4} for i in range(20)]
-    return {"experiment": "cross_generator", "detector": detector, "train_data": train_data, "localizes": localizes,
-            "samples": samples, "metrics": {"all": {}, "pix2pix": {}, "cyclegan": {}}}
+        samples += [
+            {
+                "img_id": f"{generator}{i}",
+                "site_id": i,
+                "label": "fake",
+                "generator": generator,
+                "task": "inject",
+                "score": score_of(generator, i),
+                "f1_best": 0.8 if generator == train_data else 0.4,
+            }
+            for i in range(20)
+        ]
+    return {
+        "experiment": "cross_generator",
+        "detector": detector,
+        "train_data": train_data,
+        "localizes": localizes,
+        "samples": samples,
+        "metrics": {"all": {}, "pix2pix": {}, "cyclegan": {}},
+    }
 
 
 def test_cross_generator_summary_separates_same_and_other_generators_with_paired_intervals():
@@ -128,16 +198,24 @@ def test_cross_generator_summary_separates_same_and_other_generators_with_paired
     perfect = lambda generator, i: 0.5 + 0.01 * i if generator == "real" else 1.0 + 0.01 * i  # noqa: E731
     cells = [_cell("ours", g, perfect) for g in ("pix2pix", "cyclegan")]
     for train in ("pix2pix", "cyclegan"):
-        own = lambda generator, i, t=train: (perfect(generator, i) if generator in ("real", t)  # noqa: E731
-                                             else chance[("real", "pix2pix", "cyclegan").index(generator), i])
+        own = lambda generator, i, t=train: (
+            perfect(generator, i)
+            if generator in ("real", t)  # noqa: E731
+            else chance[("real", "pix2pix", "cyclegan").index(generator), i]
+        )
         cells.append(_cell("trufor", train, own))
     summary = cross_generator_summary(cells, reference="trufor", resamples=200)
     assert summary["ours"]["same"]["auc"] == [1.0, 1.0, 1.0] and summary["ours"]["other"]["auc"] == [1.0, 1.0, 1.0]
     value, low, high = summary["trufor"]["other"]["auc"]
     assert value < 0.8 and low < value < high
-    assert summary["ours"]["same"]["f1_best"][0] == pytest.approx(0.8) and summary["ours"]["other"]["f1_best"][0] == pytest.approx(0.4)
+    assert summary["ours"]["same"]["f1_best"][0] == pytest.approx(0.8) and summary["ours"]["other"]["f1_best"][
+        0
+    ] == pytest.approx(0.4)
     difference = summary["ours"]["minus_reference"]["other"]["auc"]
     assert difference[0] == pytest.approx(1.0 - value) and difference[1] > 0
-    assert summary["ours"]["minus_reference"]["same"]["auc"] == [0.0, 0.0, 0.0] and "minus_reference" not in summary["trufor"]
+    assert (
+        summary["ours"]["minus_reference"]["same"]["auc"] == [0.0, 0.0, 0.0]
+        and "minus_reference" not in summary["trufor"]
+    )
     table = "\n".join(benchmark.generalization_markdown(summary))
     assert "| ours | 1.00 (1.00–1.00) | 1.00 (1.00–1.00) | 0.80" in table and "AUC other − trufor" in table

@@ -1,4 +1,5 @@
 """The CAD malignancy scorer: model, training, `m3d cad`, and the analysis of an M3Dsynth folder."""
+
 from __future__ import annotations
 
 import csv
@@ -66,7 +67,16 @@ def test_default_preset_and_config_checks():
 
 def test_malignancy_labels_exclude_indeterminate():
     ratings = [1, 2, 2.5, 3, 3.5, 4, 5, float("nan")]
-    assert malignancy_labels(ratings, CADConfig()).tolist() == [0, 0, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 1, 1, IGNORE_INDEX]
+    assert malignancy_labels(ratings, CADConfig()).tolist() == [
+        0,
+        0,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        1,
+        1,
+        IGNORE_INDEX,
+    ]
 
 
 def test_auto_round_trip_identical_outputs(tmp_path):
@@ -95,7 +105,9 @@ def test_loss_falls_on_phantom_cubes(cases):
     config = CADConfig.from_preset("tiny")
     dataset = CADCubeDataset(sites, config=config, cut_size=40, augment=False)
     assert {0, 1} <= set(dataset.labels.tolist())  # both classes among the phantoms' real LIDC ratings
-    batch = {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in ("pixel_values", "labels", "ratings")}
+    batch = {
+        k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in ("pixel_values", "labels", "ratings")
+    }
     assert batch["pixel_values"].shape == (len(sites), 1, 32, 32, 32)
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
     model = tiny_model(seed=0, dropout=0.0)
@@ -128,9 +140,32 @@ def trained(tmp_path_factory):
     from m3d.cli import main
 
     out = tmp_path_factory.mktemp("cad_run")
-    argv = ["train-cad", "--preset", "tiny", "--phantoms", "3", "--phantom-size", "64", "--phantom-max-slices", "40",
-            "--max-steps", "3", "--batch-size", "2", "--eval-every", "2", "--checkpointing-steps", "2",
-            "--log-every", "1", "--validation-fraction", "0.34", "--output-dir", str(out), "--no-progress"]
+    argv = [
+        "train-cad",
+        "--preset",
+        "tiny",
+        "--phantoms",
+        "3",
+        "--phantom-size",
+        "64",
+        "--phantom-max-slices",
+        "40",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "2",
+        "--checkpointing-steps",
+        "2",
+        "--log-every",
+        "1",
+        "--validation-fraction",
+        "0.34",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     return out
 
@@ -140,7 +175,9 @@ def test_train_save_load_and_cli_score(trained, cases, tmp_path, capsys):
     from m3d.data.nifti import write_nifti
 
     logs = [json.loads(line) for line in (trained / "logs.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logs if "loss" in r)
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3] and all(
+        math.isfinite(r["loss"]) for r in logs if "loss" in r
+    )
     assert any("val_auc" in r for r in logs)
     summary = json.loads((trained / "training_summary.json").read_text())
     assert summary["steps"] == 3 and summary["training_data"] == "phantom"
@@ -195,7 +232,11 @@ def _m3dsynth_folder(root, cases, tmp_path):
 
     examples: dict[tuple[str, str], list[dict]] = {}
     for number, case in enumerate(cases):
-        nodule = max(case.nodules, key=lambda n: n.diameter_mm) if number != 1 else min(case.nodules, key=lambda n: n.diameter_mm)
+        nodule = (
+            max(case.nodules, key=lambda n: n.diameter_mm)
+            if number != 1
+            else min(case.nodules, key=lambda n: n.diameter_mm)
+        )
         task = "remove" if number != 1 else "inject"
         volume = case.volume
         centre_zyx = np.asarray(nodule.centroid_zyx)
@@ -207,20 +248,34 @@ def _m3dsynth_folder(root, cases, tmp_path):
         tampered = volume.with_hu(hu)
         site_id = f"{case.case_id}_{task}_0"
         common = dict(
-            site_id=site_id, task=task, patient_id=case.case_id, series_instance_uid=volume.metadata.series_instance_uid or "",
+            site_id=site_id,
+            task=task,
+            patient_id=case.case_id,
+            series_instance_uid=volume.metadata.series_instance_uid or "",
             site_voxel_zyx=np.rint(centre_zyx).astype(int).tolist(),
             site_lps_mm=volume.voxel_to_world(centre_zyx).tolist(),
-            test_crop_center_zyx=np.rint(centre_zyx).astype(int).tolist(), spacing_mm=list(volume.spacing_mm),
-            nodule_diameter_mm=nodule.diameter_mm, malignancy_before=nodule.malignancy, malignancy_after=None,
+            test_crop_center_zyx=np.rint(centre_zyx).astype(int).tolist(),
+            spacing_mm=list(volume.spacing_mm),
+            nodule_diameter_mm=nodule.diameter_mm,
+            malignancy_before=nodule.malignancy,
+            malignancy_after=None,
             **box_fields((0, 0, 0), volume.shape, None),  # whole scans, fakes included (the schema allows both)
         )
-        for generator, label, scan, changed in (("real", "pristine", volume, np.zeros_like(mask)), ("pix2pix", "fake", tampered, mask)):
+        for generator, label, scan, changed in (
+            ("real", "pristine", volume, np.zeros_like(mask)),
+            ("pix2pix", "fake", tampered, mask),
+        ):
             name = f"{site_id}_{generator}"
             vol_path = write_nifti(scan, tmp_path / f"{name}.nii.gz")
             mask_path = write_mask_nifti(changed, volume, tmp_path / f"{name}_mask.nii.gz")
-            example = dict(common, img_id=name, generator=generator, label=label,
-                           volume={"bytes": vol_path.read_bytes(), "path": vol_path.name},
-                           mask={"bytes": mask_path.read_bytes(), "path": mask_path.name})
+            example = dict(
+                common,
+                img_id=name,
+                generator=generator,
+                label=label,
+                volume={"bytes": vol_path.read_bytes(), "path": vol_path.name},
+                mask={"bytes": mask_path.read_bytes(), "path": mask_path.name},
+            )
             examples.setdefault((generator, task), []).append(example)
     configs = []
     for (generator, task), rows in examples.items():
@@ -228,7 +283,9 @@ def _m3dsynth_folder(root, cases, tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         columns = {key: [row[key] for row in rows] for key in FEATURES}
         datasets.Dataset.from_dict(columns, features=FEATURES).to_parquet(str(target))
-        configs.append(f"- config_name: {generator}_{task}\n  data_files:\n  - split: test\n    path: data/{generator}/{task}/test-*.parquet")
+        configs.append(
+            f"- config_name: {generator}_{task}\n  data_files:\n  - split: test\n    path: data/{generator}/{task}/test-*.parquet"
+        )
     (root / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n# tiny M3Dsynth\n")
     return [row for rows in examples.values() for row in rows]
 
@@ -271,7 +328,9 @@ def test_analysis_writes_scores_and_histograms(trained, cases, tmp_path, capsys)
 
     # a datasets.Dataset (as load_dataset returns) gives the same scores, in its own order
     dataset = datasets.Dataset.from_dict({key: [e[key] for e in examples] for key in FEATURES}, features=FEATURES)
-    again = run_cad_analysis(trained / "model", datasets.DatasetDict({"test": dataset}), tmp_path / "again", progress=False)
+    again = run_cad_analysis(
+        trained / "model", datasets.DatasetDict({"test": dataset}), tmp_path / "again", progress=False
+    )
     by_id = {r["img_id"]: float(r["cad_probability"]) for r in rows}
     assert all(abs(by_id[r["img_id"]] - r["cad_probability"]) < 1e-5 for r in again.rows)
     assert {r["split"] for r in again.rows} == {"test"}
@@ -280,5 +339,10 @@ def test_analysis_writes_scores_and_histograms(trained, cases, tmp_path, capsys)
 def test_analysis_rejects_a_folder_without_parquet(trained, tmp_path, capsys):
     from m3d.cli import main
 
-    assert main(["cad-analysis", "--model", str(trained / "model"), "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            ["cad-analysis", "--model", str(trained / "model"), "--data", str(tmp_path), "--out", str(tmp_path / "r")]
+        )
+        == 2
+    )
     assert "not an M3Dsynth folder" in capsys.readouterr().err

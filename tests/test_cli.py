@@ -134,8 +134,22 @@ def test_tamper_writes_series_and_mask_at_negative_lps_coordinates(removal_site,
     scan, volume, location, xml = removal_site
     assert (location < 0).any()  # written as on the command line: --at -60,20,-150
     at = ",".join(f"{c:.2f}" for c in location)
-    argv = ["tamper", "--scan", str(scan), "--task", "remove", "--at", at, "--mm", "--nodules", str(xml),
-            "--pipeline", str(DEMO_DIR / "pix2pix-remove"), "--out", str(tmp_path / "out")]
+    argv = [
+        "tamper",
+        "--scan",
+        str(scan),
+        "--task",
+        "remove",
+        "--at",
+        at,
+        "--mm",
+        "--nodules",
+        str(xml),
+        "--pipeline",
+        str(DEMO_DIR / "pix2pix-remove"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     tampered, mask = read_dicom_series(tmp_path / "out" / "dicom"), read_nifti(tmp_path / "out" / "mask.nii.gz")
     assert mask.hu.any() and np.array_equal(tampered.hu != volume.hu, mask.hu > 0)
@@ -150,8 +164,21 @@ def test_tamper_leaves_nothing_half_written(removal_site, tmp_path, monkeypatch,
 
     monkeypatch.setattr("m3d.data.nifti.write_mask_nifti", failing_write)
     scan, _, location, _ = removal_site
-    argv = ["tamper", "--scan", str(scan), "--task", "remove", "--at", ",".join(map(str, location)), "--mm",
-            "--ignore-site-rule", "--pipeline", str(DEMO_DIR / "pix2pix-remove"), "--out", str(tmp_path / "out")]
+    argv = [
+        "tamper",
+        "--scan",
+        str(scan),
+        "--task",
+        "remove",
+        "--at",
+        ",".join(map(str, location)),
+        "--mm",
+        "--ignore-site-rule",
+        "--pipeline",
+        str(DEMO_DIR / "pix2pix-remove"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 2 and "disk full" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []  # no series without its mask, no staging folder
 
@@ -164,12 +191,29 @@ def test_tamper_refuses_a_site_that_breaks_the_task_rule(removal_site, tmp_path,
 
     scan, volume, location, xml = removal_site
     lung_voxels = np.argwhere(segment_lungs(volume))
-    lung_points = np.array([volume.voxel_to_world(index) for index in lung_voxels[:: max(1, len(lung_voxels) // 2000)]])
+    lung_points = np.array(
+        [volume.voxel_to_world(index) for index in lung_voxels[:: max(1, len(lung_voxels) // 2000)]]
+    )
     empty_lung = lung_points[np.argmax(np.linalg.norm(lung_points - location, axis=1))]  # far from the nodule
 
     def tamper(task: str, at: np.ndarray, *extra: str) -> int:
-        return main(["tamper", "--scan", str(scan), "--task", task, "--at", ",".join(f"{c:.2f}" for c in at), "--mm",
-                     "--pipeline", str(DEMO_DIR / f"pix2pix-{task}"), "--out", str(tmp_path / "out"), *extra])
+        return main(
+            [
+                "tamper",
+                "--scan",
+                str(scan),
+                "--task",
+                task,
+                "--at",
+                ",".join(f"{c:.2f}" for c in at),
+                "--mm",
+                "--pipeline",
+                str(DEMO_DIR / f"pix2pix-{task}"),
+                "--out",
+                str(tmp_path / "out"),
+                *extra,
+            ]
+        )
 
     assert tamper("inject", location, "--nodules", str(xml)) == 2  # a fake grown on a real malignant nodule
     err = capsys.readouterr().err

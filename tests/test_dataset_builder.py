@@ -1,4 +1,5 @@
 """The M3Dsynth builder on tiny phantoms with tiny random pipelines (never the shipped demo weights)."""
+
 import re
 from fnmatch import fnmatch
 from pathlib import Path
@@ -24,8 +25,14 @@ def built(tmp_path_factory, tiny_pipelines_dir):
     """All generators, quality check off (tiny random networks would fail it), one scan per shard."""
     out = tmp_path_factory.mktemp("build") / "m3dsynth"
     build_dataset(
-        out, pipelines_dir=tiny_pipelines_dir, phantoms=4, **PHANTOMS, num_inference_steps=1, scans_per_shard=1,
-        quality=None, progress=False,
+        out,
+        pipelines_dir=tiny_pipelines_dir,
+        phantoms=4,
+        **PHANTOMS,
+        num_inference_steps=1,
+        scans_per_shard=1,
+        quality=None,
+        progress=False,
     )
     return out
 
@@ -71,7 +78,9 @@ def test_every_field_and_masks_exactly_where_tampered(loaded):
             assert (example["generator"] == 0) == (not fake)
             assert example["img_id"] == f"{example['site_id']}_{FEATURES['generator'].int2str(example['generator'])}"
             assert example["test_crop_center_zyx"] == example["site_voxel_zyx"]
-            assert np.allclose(volume.voxel_to_world(example["site_voxel_zyx"]), example["site_lps_mm"], atol=max(volume.spacing_mm))
+            assert np.allclose(
+                volume.voxel_to_world(example["site_voxel_zyx"]), example["site_lps_mm"], atol=max(volume.spacing_mm)
+            )
             assert example["spacing_mm"] == pytest.approx(volume.spacing_mm)
             assert example["nodule_diameter_mm"] > 0 and example["malignancy_after"] is None
     assert len(img_ids) == len(set(img_ids))
@@ -87,8 +96,11 @@ def test_configs_select_the_right_rows(built, tmp_path):
             assert {FEATURES["generator"].int2str(g) for g in rows["generator"]} <= set(generators)
             assert {FEATURES["task"].int2str(t) for t in rows["task"]} <= set(tasks)
             expected = sum(
-                e["rows"] for r, e in state.shards.items()
-                if r.split("/")[1] in generators and r.split("/")[2] in tasks and r.split("/")[3].startswith(split + "-")
+                e["rows"]
+                for r, e in state.shards.items()
+                if r.split("/")[1] in generators
+                and r.split("/")[2] in tasks
+                and r.split("/")[3].startswith(split + "-")
             )
             assert len(rows) == expected
 
@@ -149,17 +161,24 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, jobs, tiny
         datasets.load_dataset(str(tmp_path / "resumed"))
     resumed = _build(tmp_path / "resumed", jobs, tiny_pipelines_dir)
     assert resumed.shards == reference.shards  # same files, rows, img_ids and SHA-256: nothing lost or duplicated
-    files = sorted(p.relative_to(tmp_path / "resumed").as_posix() for p in (tmp_path / "resumed").rglob("*") if p.is_file())
+    files = sorted(
+        p.relative_to(tmp_path / "resumed").as_posix() for p in (tmp_path / "resumed").rglob("*") if p.is_file()
+    )
     assert files == sorted(["README.md", "manifest.json", *reference.shards])
 
 
 def test_other_options_are_refused_on_resume(tmp_path):
     out = tmp_path / "ds"
     out.mkdir()
-    writer_module.write_json_atomic(out / "manifest.json", {"format": 1, "config": {"seed": 0}, "chunks": {}, "shards": {}})
+    writer_module.write_json_atomic(
+        out / "manifest.json", {"format": 1, "config": {"seed": 0}, "chunks": {}, "shards": {}}
+    )
     with pytest.raises(ValueError, match="seed differ"):
         prepare_folder(out, {"seed": 1})
-    for text, message in (("{cut", "manifest.json is not valid JSON"), ("[1, 2]", "manifest.json: not an m3d dataset manifest")):
+    for text, message in (
+        ("{cut", "manifest.json is not valid JSON"),
+        ("[1, 2]", "manifest.json: not an m3d dataset manifest"),
+    ):
         (out / "manifest.json").write_text(text)
         with pytest.raises(ValueError, match=message):
             prepare_folder(out, {"seed": 0})
@@ -193,15 +212,31 @@ def test_cad_model_fills_malignancy_after(tmp_path, tiny_pipelines_dir):
     torch.manual_seed(0)
     CADForMalignancyScoring(CADConfig.from_preset("tiny")).save_pretrained(tmp_path / "cad")
     out = tmp_path / "m3dsynth"
-    build_dataset(out, pipelines_dir=tiny_pipelines_dir, generators=["pix2pix"], phantoms=2, **PHANTOMS,
-                  quality=None, cad_model=tmp_path / "cad", progress=False)
+    build_dataset(
+        out,
+        pipelines_dir=tiny_pipelines_dir,
+        generators=["pix2pix"],
+        phantoms=2,
+        **PHANTOMS,
+        quality=None,
+        cad_model=tmp_path / "cad",
+        progress=False,
+    )
     assert read_state(out).config["cad_model"] == str((tmp_path / "cad").resolve())
-    rows = [row for split in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).values() for row in split]
+    rows = [
+        row for split in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).values() for row in split
+    ]
     assert rows and {row["generator"] for row in rows} == {0, 1}  # pristine and pix2pix examples
     cad = load_cad(tmp_path / "cad")
-    scans = {split: ScanResolver(rows_) for split, rows_ in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).items()}
-    by_id = {row["img_id"]: split for split, rows_ in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).items()
-             for row in rows_}
+    scans = {
+        split: ScanResolver(rows_)
+        for split, rows_ in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).items()
+    }
+    by_id = {
+        row["img_id"]: split
+        for split, rows_ in datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache")).items()
+        for row in rows_
+    }
     for row in rows[:4]:
         expected = score_locations(cad, scans[by_id[row["img_id"]]].volume(row), [row["site_lps_mm"]])[0].rating
         assert row["malignancy_after"] == pytest.approx(expected, abs=1e-3)  # the scorer at the site of that scan
@@ -215,7 +250,9 @@ def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, tiny_pi
     pipelines = tmp_path / "pipelines"
     shutil.copytree(tiny_pipelines_dir, pipelines)
     out = tmp_path / "m3dsynth"
-    arguments = dict(pipelines_dir=pipelines, generators=["pix2pix"], phantoms=2, **PHANTOMS, quality=None, progress=False)
+    arguments = dict(
+        pipelines_dir=pipelines, generators=["pix2pix"], phantoms=2, **PHANTOMS, quality=None, progress=False
+    )
     build_dataset(out, **arguments)
     build_dataset(out, **arguments)  # the same weights: resumes (nothing left to do)
     weights = next((pipelines / "pix2pix-inject").rglob("*.safetensors"))
@@ -225,9 +262,24 @@ def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, tiny_pi
 
 
 def test_no_progress_prints_no_bars(tmp_path, tiny_pipelines_dir, capsys):
-    argv = ["--out", str(tmp_path / "ds"), "--pipelines", str(tiny_pipelines_dir), "--generators", "pix2pix", "--phantoms", "2",
-            "--size", str(PHANTOMS["size"]), "--max-slices", str(PHANTOMS["max_slices"]), "--phantom-spacing", "scaled",
-            "--keep-all", "--no-progress"]
+    argv = [
+        "--out",
+        str(tmp_path / "ds"),
+        "--pipelines",
+        str(tiny_pipelines_dir),
+        "--generators",
+        "pix2pix",
+        "--phantoms",
+        "2",
+        "--size",
+        str(PHANTOMS["size"]),
+        "--max-slices",
+        str(PHANTOMS["max_slices"]),
+        "--phantom-spacing",
+        "scaled",
+        "--keep-all",
+        "--no-progress",
+    ]
     assert build_main(argv, prog="m3d build") == 0
     captured = capsys.readouterr()
     assert "it/s" not in captured.err and "scan/s" not in captured.err and "%|" not in captured.err, captured.err
@@ -248,15 +300,36 @@ def test_a_second_build_into_the_same_folder_at_once_is_refused(tmp_path, tiny_p
     out = tmp_path / "ds"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from m3d.dataset_builder.writer import build_lock\n"
-         f"with build_lock(Path({str(out)!r})):\n    print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from m3d.dataset_builder.writer import build_lock\n"
+            f"with build_lock(Path({str(out)!r})):\n    print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        argv = ["--out", str(out), "--pipelines", str(tiny_pipelines_dir), "--generators", "pix2pix", "--phantoms", "2",
-                "--size", str(PHANTOMS["size"]), "--max-slices", str(PHANTOMS["max_slices"]), "--phantom-spacing", "scaled",
-                "--keep-all", "--no-progress"]
+        argv = [
+            "--out",
+            str(out),
+            "--pipelines",
+            str(tiny_pipelines_dir),
+            "--generators",
+            "pix2pix",
+            "--phantoms",
+            "2",
+            "--size",
+            str(PHANTOMS["size"]),
+            "--max-slices",
+            str(PHANTOMS["max_slices"]),
+            "--phantom-spacing",
+            "scaled",
+            "--keep-all",
+            "--no-progress",
+        ]
         assert build_main(argv, prog="m3d build") == 2
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and f"being written by another build (process {holder.pid})" in error

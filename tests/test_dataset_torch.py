@@ -1,4 +1,5 @@
 """`CTToTorch` and `collate_ct` on a tiny built M3Dsynth folder: map-style, streamed, and in a DataLoader."""
+
 import datasets
 import numpy as np
 import pytest
@@ -16,8 +17,17 @@ from m3d.dataset_builder.torch_format import TENSOR_KEYS
 def folder(tmp_path_factory, tiny_pipelines_dir):
     """pix2pix only (the other generators add time, not cases), quality check off, one scan per shard."""
     out = tmp_path_factory.mktemp("build") / "m3dsynth"
-    build_dataset(out, pipelines_dir=tiny_pipelines_dir, generators=["pix2pix"], phantoms=2, **PHANTOMS,
-                  num_inference_steps=1, scans_per_shard=1, quality=None, progress=False)
+    build_dataset(
+        out,
+        pipelines_dir=tiny_pipelines_dir,
+        generators=["pix2pix"],
+        phantoms=2,
+        **PHANTOMS,
+        num_inference_steps=1,
+        scans_per_shard=1,
+        quality=None,
+        progress=False,
+    )
     return out
 
 
@@ -56,7 +66,8 @@ def test_whole_scans_equal_m3d_reader(split):
         assert example["direction"].shape == (3, 3) and np.array_equal(example["direction"].numpy(), volume.direction)
         assert example["spacing_mm"].tolist() == pytest.approx(row["spacing_mm"])  # the column it replaces
         assert {key: value for key, value in example.items() if key not in TENSOR_KEYS} == {
-            key: value for key, value in row.items() if key not in TENSOR_KEYS}
+            key: value for key, value in row.items() if key not in TENSOR_KEYS
+        }
     batch = formatted[:3]  # a slice: lists, one tensor per example
     assert len(batch["volume"]) == 3 and torch.equal(batch["volume"][2], formatted[2]["volume"])
 
@@ -83,8 +94,11 @@ def test_streaming_gives_the_same_tensors(split, folder, tmp_path):
     stream = datasets.load_dataset(str(folder), split=name, streaming=True, cache_dir=str(tmp_path / "cache"))
     pristine = datasets.load_dataset(str(folder), "pristine", split=name, cache_dir=str(tmp_path / "cache"))
     whole_scans, as_stored = rows.with_transform(CTToTorch(rows)), rows.with_transform(CTToTorch())
-    for transform, batched, formatted in ((CTToTorch(), False, as_stored), (CTToTorch(pristine), False, whole_scans),
-                                          (CTToTorch(pristine), True, whole_scans)):
+    for transform, batched, formatted in (
+        (CTToTorch(), False, as_stored),
+        (CTToTorch(pristine), False, whole_scans),
+        (CTToTorch(pristine), True, whole_scans),
+    ):
         streamed = list(stream.map(transform, batched=batched, batch_size=3))
         assert [example["img_id"] for example in streamed] == list(rows["img_id"])
         for index, example in enumerate(streamed):

@@ -1,4 +1,5 @@
 """`m3d demo` end to end at toy sizes: every step runs, writes its outputs, and a re-run resumes."""
+
 import json
 
 
@@ -9,9 +10,21 @@ from m3d.demo import SCALES, run_demo
 TOY_SCALE = dict(
     # tiny scans (the real field of view on 64 pixels); random nets fail the quality check
     build=dict(phantoms=4, size=64, max_slices=40, phantom_spacing="scaled", quality=None, num_inference_steps=1),
-    bench_args=["--detectors", "unet", "--experiments", "cross_generator", "--train-generators", "pix2pix",
-                "--max-steps", "2", "--crop-size", "8,32,32"],
-    cad_preset="tiny", cad_phantoms=2, cad_steps=2,
+    bench_args=[
+        "--detectors",
+        "unet",
+        "--experiments",
+        "cross_generator",
+        "--train-generators",
+        "pix2pix",
+        "--max-steps",
+        "2",
+        "--crop-size",
+        "8,32,32",
+    ],
+    cad_preset="tiny",
+    cad_phantoms=2,
+    cad_steps=2,
 )
 
 
@@ -20,7 +33,13 @@ def test_demo_runs_every_step_and_resumes(tmp_path, tiny_pipelines_dir, capsys):
     report = run_demo(out, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False)
     assert report == out / "results" / "report.html" and report.is_file()
     run = json.loads((out / "results" / "run.json").read_text())
-    assert list(run["steps"]) == ["cad_training", "dataset", "benchmark", "cad_analysis", "cards"]  # the report's own time is printed
+    assert list(run["steps"]) == [
+        "cad_training",
+        "dataset",
+        "benchmark",
+        "cad_analysis",
+        "cards",
+    ]  # the report's own time is printed
     assert (out / "m3dsynth" / "manifest.json").is_file()
     import datasets
 
@@ -33,8 +52,11 @@ def test_demo_runs_every_step_and_resumes(tmp_path, tiny_pipelines_dir, capsys):
     page = report.read_text()
     assert "Benchmark: train generator x test generator" in page and "Diagnosis (CAD)" in page
 
-    kept = [out / "cad_model" / "model" / "model.safetensors", *sorted((out / "results" / "cells").glob("*.json")),
-            *sorted((out / "m3dsynth" / "data").rglob("*.parquet"))]
+    kept = [
+        out / "cad_model" / "model" / "model.safetensors",
+        *sorted((out / "results" / "cells").glob("*.json")),
+        *sorted((out / "m3dsynth" / "data").rglob("*.parquet")),
+    ]
     before = [path.stat().st_mtime_ns for path in kept]
     run_demo(out, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False)
     assert [path.stat().st_mtime_ns for path in kept] == before  # resumed: nothing finished was redone
@@ -48,7 +70,9 @@ def test_demo_cli_errors(tmp_path, capsys):
 def test_the_cpu_demo_builds_its_scans_at_native_resolution():
     """The CPU demo's scans carry the real LIDC series' pixel spacing (< 1 mm), where generators leave traces."""
     build = {**DEFAULT_PHANTOMS, **SCALES["cpu"]["build"]}
-    jobs = phantom_jobs(2, size=build["size"], max_slices=build["max_slices"], spacing=build["spacing"], progress=False)
+    jobs = phantom_jobs(
+        2, size=build["size"], max_slices=build["max_slices"], spacing=build["spacing"], progress=False
+    )
     spacings = [job.load().spacing_mm for job in jobs]
     assert spacings and all(0.45 <= min(s[1:]) and max(s[1:]) < 1.0 for s in spacings)
     assert "ddpm" not in SCALES["cpu"]["build"]["generators"]  # left out of the CPU demo, and the report says why

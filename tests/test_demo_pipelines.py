@@ -1,5 +1,6 @@
 """The demo pipelines shipped in `pipelines/demo/`: each folder loads offline, holds the weights of
 its task, and tampers a small phantom at a nodule site (one cube, a few sampler steps)."""
+
 from __future__ import annotations
 
 
@@ -53,8 +54,16 @@ def test_demo_pipeline_tampers_a_phantom(name, phantom_site, monkeypatch):
 
     case, location = phantom_site
     steps = {"num_inference_steps": 3} if generator == "ddpm" else {}
-    out = pipe(volume=case.volume, locations_lps_mm=[location], task=task, output_type="volume",
-               lung_mask=case.lung_mask, generator=torch.Generator().manual_seed(0), progress=False, **steps)
+    out = pipe(
+        volume=case.volume,
+        locations_lps_mm=[location],
+        task=task,
+        output_type="volume",
+        lung_mask=case.lung_mask,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+        **steps,
+    )
     assert np.isfinite(out.cubes).all()
     tampered, changed = out.volumes[0], out.masks[0]
     assert tampered.shape == case.volume.shape and changed.any()
@@ -68,12 +77,24 @@ def test_cards_get_the_measured_quality_section(tmp_path):
 
     card = tmp_path / "README.md"
     card.write_text("# card\n\n## How it was made\ntext\n\n## Citation\nbib\n")
-    entry = {"task": "remove", "n": 12, "kept_fraction": 0.92, "diameter_mm_median": 0.0, "diameter_mm_iqr": [0.0, 1.0],
-             "seam_ratio_mean": 1.1, "seam_ratio_raw": 1.8, "spectral_peak_ratio": 9.0, "vessel_continuity": 0.9,
-             "two_sample_accuracy": 0.6}
+    entry = {
+        "task": "remove",
+        "n": 12,
+        "kept_fraction": 0.92,
+        "diameter_mm_median": 0.0,
+        "diameter_mm_iqr": [0.0, 1.0],
+        "seam_ratio_mean": 1.1,
+        "seam_ratio_raw": 1.8,
+        "spectral_peak_ratio": 9.0,
+        "vessel_continuity": 0.9,
+        "two_sample_accuracy": 0.6,
+    }
     pristine = {"seam_ratio_mean": 1.0, "spectral_peak_ratio": 10.0}
-    quality = {"held_out": {"phantoms": 20, "seed": 2024}, "pristine": {"remove": pristine},
-               "pipelines": {"pix2pix-remove": entry}}
+    quality = {
+        "held_out": {"phantoms": 20, "seed": 2024},
+        "pristine": {"remove": pristine},
+        "pipelines": {"pix2pix-remove": entry},
+    }
     assert update_quality_section(tmp_path, "pix2pix-remove", quality)
     entry["seam_ratio_mean"] = 1.05
     assert update_quality_section(tmp_path, "pix2pix-remove", quality)
@@ -102,15 +123,21 @@ def test_broken_pipeline_folders_are_one_clear_error(tmp_path):
     weights = cut / "network" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
     pickled = folder("pickled")
-    (pickled / "network" / "diffusion_pytorch_model.safetensors").rename(pickled / "network" / "diffusion_pytorch_model.bin")
+    (pickled / "network" / "diffusion_pytorch_model.safetensors").rename(
+        pickled / "network" / "diffusion_pytorch_model.bin"
+    )
     misfit = folder("misfit")
     config = json.loads((misfit / "network" / "config.json").read_text())
     (misfit / "network" / "config.json").write_text(json.dumps({**config, "in_channels": 2}))
     broken = folder("broken")
     (broken / "model_index.json").write_text("{oops")
-    cases = {swapped: "holds a CycleGAN3DGenerator, but model_index.json names Pix2Pix3DGenerator",
-             cut: "truncated or not safetensors", pickled: "is pickle, which m3d never loads",
-             misfit: "do not fit their config.json", broken: "model_index.json is not a JSON object"}
+    cases = {
+        swapped: "holds a CycleGAN3DGenerator, but model_index.json names Pix2Pix3DGenerator",
+        cut: "truncated or not safetensors",
+        pickled: "is pickle, which m3d never loads",
+        misfit: "do not fit their config.json",
+        broken: "model_index.json is not a JSON object",
+    }
     for path, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
             load_pipeline(path)

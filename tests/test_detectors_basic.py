@@ -23,9 +23,15 @@ from m3d.detectors.resnet_gp.modeling_resnet_gp import IMAGENET_MEAN, IMAGENET_S
 from m3d.detectors.volume import slices_to_input
 
 TINY = {
-    "xception": (XceptionForForgeryDetection, XceptionConfig(stem_channels=(4, 8), entry_channels=(8, 8, 16), middle_blocks=1, exit_channels=(16, 16, 16))),
+    "xception": (
+        XceptionForForgeryDetection,
+        XceptionConfig(stem_channels=(4, 8), entry_channels=(8, 8, 16), middle_blocks=1, exit_channels=(16, 16, 16)),
+    ),
     "unet": (UNetForForgeryDetection, UNetConfig(base_channels=4, depth=3)),
-    "hpfcn": (HPFCNForForgeryDetection, HPFCNConfig(base_depths=(4, 4, 8, 8), units_per_block=1, decoder_channels=(8, 4))),
+    "hpfcn": (
+        HPFCNForForgeryDetection,
+        HPFCNConfig(base_depths=(4, 4, 8, 8), units_per_block=1, decoder_channels=(8, 4)),
+    ),
     "resnet_gp": (ResNetGPForForgeryDetection, ResNetGPConfig(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8))),
 }
 ORIGINAL_PARAMETERS = {"xception": 20.8e6, "unet": 31.0e6, "hpfcn": 7.7e6, "resnet_gp": 23.5e6}
@@ -130,7 +136,9 @@ def test_hpfcn_focal_loss():
     expected = ((1 - truth) ** 2 * -torch.log(truth)).mean()
     torch.testing.assert_close(model.focal_loss(logits, masks), expected)
     model.config.focal_gamma = 0.0
-    torch.testing.assert_close(model.focal_loss(logits, masks), torch.nn.functional.binary_cross_entropy_with_logits(logits, masks))
+    torch.testing.assert_close(
+        model.focal_loss(logits, masks), torch.nn.functional.binary_cross_entropy_with_logits(logits, masks)
+    )
 
 
 def test_resnet_gp_removes_the_stem_strides_as_the_reference():
@@ -138,18 +146,24 @@ def test_resnet_gp_removes_the_stem_strides_as_the_reference():
     assert model.backbone.conv1.stride == (1, 1) and model.backbone.maxpool.stride == 1
     sizes = [feature.shape[-1] for feature in model.backbone(torch.randn(1, 3, 64, 64))]
     assert sizes == [64, 32, 16, 8]  # last stage at 1/8
-    standard = ResNetGPForForgeryDetection(ResNetGPConfig(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8), stem_stride=2, pool_stride=2))
+    standard = ResNetGPForForgeryDetection(
+        ResNetGPConfig(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8), stem_stride=2, pool_stride=2)
+    )
     assert [feature.shape[-1] for feature in standard.backbone(torch.randn(1, 3, 64, 64))] == [16, 8, 4, 2]
 
 
 def test_resnet_gp_normalises_with_imagenet_statistics():
     model = tiny("resnet_gp")
-    plain = ResNetGPForForgeryDetection(ResNetGPConfig(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8), imagenet_normalize=False)).eval()
+    plain = ResNetGPForForgeryDetection(
+        ResNetGPConfig(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8), imagenet_normalize=False)
+    ).eval()
     plain.load_state_dict(model.state_dict())
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values=pixels).logits, plain(pixel_values=((pixels + 1) / 2 - mean) / std).logits)
+        torch.testing.assert_close(
+            model(pixel_values=pixels).logits, plain(pixel_values=((pixels + 1) / 2 - mean) / std).logits
+        )
 
 
 def test_resnet_backbone_strides_dilation_and_channels():
@@ -157,7 +171,9 @@ def test_resnet_backbone_strides_dilation_and_channels():
     assert backbone.out_channels == [16, 16, 32, 32]
     features = backbone(torch.randn(1, 3, 64, 64))
     assert [f.shape[1:] for f in features] == [(16, 16, 16), (16, 8, 8), (32, 4, 4), (32, 2, 2)]
-    dilated = ResNetBackbone(layers=(1, 2, 1, 2), widths=(4, 4, 8, 8), replace_stride_with_dilation=(False, False, True))
+    dilated = ResNetBackbone(
+        layers=(1, 2, 1, 2), widths=(4, 4, 8, 8), replace_stride_with_dilation=(False, False, True)
+    )
     assert [f.shape[-1] for f in dilated(torch.randn(1, 3, 64, 64))] == [16, 8, 4, 4]  # 1/4, 1/8, 1/16, 1/16
     assert dilated.layer4[1].conv2.dilation == (2, 2) and dilated.layer4[0].conv2.dilation == (1, 1)
     assert ResNetBackbone(stem_stride=1).conv1.stride == (1, 1)
@@ -226,7 +242,9 @@ def test_volume_inference_equals_a_slice_loop(name, batch_size):
             output = model(pixel_values=slices_to_input(hu, [index], model.config))
             assert result.slice_scores[index] == pytest.approx(torch.sigmoid(output.logits).item(), abs=1e-5)
             if model.localizes:
-                np.testing.assert_allclose(result.localization[index], torch.sigmoid(output.localization_logits)[0, 0].numpy(), atol=1e-5)
+                np.testing.assert_allclose(
+                    result.localization[index], torch.sigmoid(output.localization_logits)[0, 0].numpy(), atol=1e-5
+                )
     if not model.localizes:
         assert result.localization is None
 
@@ -313,8 +331,14 @@ def test_load_detector_errors_name_the_folder(tmp_path):
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     broken = folder("broken")
     (broken / "config.json").write_text("{not json")
-    cases = {cut: "truncated or not a safetensors", misfit: "does not fit config.json", bert: "'bert' model, not an m3d",
-             pickled: "pytorch_model.bin is pickle", broken: "not a JSON object", tmp_path / "none": "no config.json"}
+    cases = {
+        cut: "truncated or not a safetensors",
+        misfit: "does not fit config.json",
+        bert: "'bert' model, not an m3d",
+        pickled: "pytorch_model.bin is pickle",
+        broken: "not a JSON object",
+        tmp_path / "none": "no config.json",
+    }
     for path, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
             load_detector(path)

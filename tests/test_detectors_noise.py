@@ -1,4 +1,5 @@
 """Noise-residual detectors: ManTra-Net and MVSS-Net (tiny configs, CPU, 64x64 inputs)."""
+
 import numpy as np
 import pytest
 import torch

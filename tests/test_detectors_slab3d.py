@@ -1,5 +1,6 @@
 """Slab3D, m3d's own volumetric detector: slab inputs, its residual and consistency front end, shapes on
 anisotropic scans, the round trip and the Bayar constraint (its learnability is in test_train_detector)."""
+
 import numpy as np
 import pytest
 import torch
@@ -20,14 +21,22 @@ def tiny(**overrides) -> Slab3DForForgeryDetection:
 
 
 def test_slab_input_is_the_neighbouring_slices_and_repeats_the_ends():
-    hu = np.stack([np.full((8, 8), -1000.0 + 100 * z) for z in range(6)]).astype(np.float32)  # slice z at -1000 + 100 z HU
+    hu = np.stack([np.full((8, 8), -1000.0 + 100 * z) for z in range(6)]).astype(
+        np.float32
+    )  # slice z at -1000 + 100 z HU
     config = Slab3DConfig.tiny()
     assert input_slices(config) == 5 and config.num_channels == 5
     pixels = slices_to_input(hu, [0, 3, 5], config)
     assert pixels.shape == (3, 5, 8, 8)
     low, high = config.hu_windows[0]
     slice_of = lambda value: round(((value + 1) / 2 * (high - low) + low + 1000) / 100)  # noqa: E731
-    assert [slice_of(float(pixels[0, c, 0, 0])) for c in range(5)] == [0, 0, 0, 1, 2]  # the scan's first slice repeated
+    assert [slice_of(float(pixels[0, c, 0, 0])) for c in range(5)] == [
+        0,
+        0,
+        0,
+        1,
+        2,
+    ]  # the scan's first slice repeated
     assert [slice_of(float(pixels[1, c, 0, 0])) for c in range(5)] == [1, 2, 3, 4, 5]
     assert [slice_of(float(pixels[2, c, 0, 0])) for c in range(5)] == [3, 4, 5, 5, 5]
 
@@ -45,7 +54,9 @@ def test_config_refuses_what_cannot_be_a_slab():
         Slab3DConfig(encoder_inputs=("intensity", "texture"))
 
 
-@pytest.mark.parametrize("inputs", [("intensity", "residuals", "consistency"), ("residuals", "consistency"), ("consistency",)])
+@pytest.mark.parametrize(
+    "inputs", [("intensity", "residuals", "consistency"), ("residuals", "consistency"), ("consistency",)]
+)
 def test_forward_shapes_loss_and_gradients_reach_every_parameter(inputs):
     model = tiny(encoder_inputs=inputs, bayar_channels=2).train()
     masks = torch.zeros(2, 1, 32, 64)
@@ -100,8 +111,13 @@ def test_round_trip_keeps_filters_outputs_and_the_bayar_constraint(tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
     assert type(AutoConfig.from_pretrained(tmp_path)) is Slab3DConfig
     loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
-    assert type(loaded) is Slab3DForForgeryDetection and type(AutoModel.from_pretrained(tmp_path)) is Slab3DForForgeryDetection
+    assert (
+        type(loaded) is Slab3DForForgeryDetection
+        and type(AutoModel.from_pretrained(tmp_path)) is Slab3DForForgeryDetection
+    )
     torch.testing.assert_close(loaded.high_pass_kernels, model.high_pass_kernels)
     pixels = torch.rand(2, 5, 32, 32) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(loaded(pixel_values=pixels).localization_logits, model(pixel_values=pixels).localization_logits)
+        torch.testing.assert_close(
+            loaded(pixel_values=pixels).localization_logits, model(pixel_values=pixels).localization_logits
+        )

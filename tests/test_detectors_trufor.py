@@ -1,4 +1,5 @@
 """TruFor (tiny configs, CPU, 64x64 inputs)."""
+
 import math
 
 import numpy as np

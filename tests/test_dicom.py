@@ -59,7 +59,9 @@ def test_left_handed_stack_reads_back_in_normal_order_at_the_same_place(tmp_path
     np.testing.assert_array_equal(read.hu, volume.hu[::-1])
     np.testing.assert_allclose(read.origin_mm, volume.voxel_to_world((volume.shape[0] - 1, 0, 0)), atol=1e-4)
     np.testing.assert_allclose(read.direction, volume.direction * [-1, 1, 1], atol=1e-6)
-    np.testing.assert_allclose(read.voxel_to_world((2, 5, 7)), volume.voxel_to_world((volume.shape[0] - 3, 5, 7)), atol=1e-4)
+    np.testing.assert_allclose(
+        read.voxel_to_world((2, 5, 7)), volume.voxel_to_world((volume.shape[0] - 3, 5, 7)), atol=1e-4
+    )
 
 
 def test_file_names_and_instance_numbers_do_not_decide_the_order(tmp_path):
@@ -98,8 +100,16 @@ def test_written_files_are_valid_ct_image_storage(tmp_path):
         for path in sorted((tmp_path / "series").iterdir()):
             dataset = pydicom.dcmread(path, force=False)
             assert dataset.SOPClassUID == pydicom.uid.CTImageStorage
-            for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
-                            "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleIntercept"):
+            for keyword in (
+                "PatientID",
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+                "FrameOfReferenceUID",
+                "ImagePositionPatient",
+                "ImageOrientationPatient",
+                "PixelSpacing",
+                "RescaleIntercept",
+            ):
                 assert keyword in dataset
     finally:
         config.reading_validation_mode = previous
@@ -119,7 +129,10 @@ def test_derived_series_keeps_source_tags_with_new_uids(tmp_path):
     source_sops = {h.SOPInstanceUID for h in original.metadata.source_headers}
     assert not source_sops & {h.SOPInstanceUID for h in derived.metadata.source_headers}
     assert "DERIVED" in derived.metadata.source_headers[0].ImageType
-    assert derived.metadata.source_headers[0].FrameOfReferenceUID == original.metadata.source_headers[0].FrameOfReferenceUID
+    assert (
+        derived.metadata.source_headers[0].FrameOfReferenceUID
+        == original.metadata.source_headers[0].FrameOfReferenceUID
+    )
     assert derived.metadata.description == "tampered"
 
 
@@ -177,7 +190,9 @@ def test_rle_compressed_series_is_decoded(tmp_path):
     dataset.compress(RLELossless)
     dataset.save_as(tmp_path / "rle.dcm")
     volume = read_dicom_series(tmp_path)
-    np.testing.assert_array_equal(volume.hu[0], expected * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept))
+    np.testing.assert_array_equal(
+        volume.hu[0], expected * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+    )
 
 
 def test_jpeg2000_ct_with_padding_is_decoded(tmp_path):
@@ -186,13 +201,17 @@ def test_jpeg2000_ct_with_padding_is_decoded(tmp_path):
     volume = read_dicom_series(tmp_path)
     dataset = pydicom.dcmread(path)
     stored = dataset.pixel_array
-    expected = np.where(stored == dataset.PixelPaddingValue, -1024, stored * int(dataset.RescaleSlope) + int(dataset.RescaleIntercept))
+    expected = np.where(
+        stored == dataset.PixelPaddingValue, -1024, stored * int(dataset.RescaleSlope) + int(dataset.RescaleIntercept)
+    )
     assert (stored == dataset.PixelPaddingValue).any()
     np.testing.assert_array_equal(volume.hu[0], expected)
 
 
 @pytest.mark.parametrize(
-    "name", ["MR_small_jpeg_ls_lossless.dcm", "JPEG-lossy.dcm"], ids=["jpeg-ls (no plugin)", "12-bit jpeg (pillow cannot)"]
+    "name",
+    ["MR_small_jpeg_ls_lossless.dcm", "JPEG-lossy.dcm"],
+    ids=["jpeg-ls (no plugin)", "12-bit jpeg (pillow cannot)"],
 )
 def test_missing_decoder_names_the_plugin(tmp_path, name):
     dataset = pydicom.dcmread(get_testdata_file(name))
@@ -311,8 +330,14 @@ def test_unsigned_12_bit_and_fractional_rescale(tmp_path):
     files = write_dicom_series(volume, tmp_path / "series")
     stored = (volume.hu.astype(np.int32) + 1024).astype(np.uint16) | 0xF000  # garbage in the 4 unused bits
     for index, path in enumerate(files):
-        _rewrite(path, PixelRepresentation=0, BitsStored=12, HighBit=11, RescaleIntercept="-1024",
-                 PixelData=stored[index].tobytes())
+        _rewrite(
+            path,
+            PixelRepresentation=0,
+            BitsStored=12,
+            HighBit=11,
+            RescaleIntercept="-1024",
+            PixelData=stored[index].tobytes(),
+        )
     np.testing.assert_array_equal(read_dicom_series(tmp_path / "series").hu, volume.hu)
     for index, path in enumerate(files):
         _rewrite(path, RescaleSlope="0.5", RescaleIntercept="-1000.25")

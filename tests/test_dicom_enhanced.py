@@ -1,5 +1,6 @@
 """Enhanced CT (multi-frame) DICOM: read as the single-frame series it stands for, refused where it cannot be,
 and written as an option of `write_dicom_series` / `m3d convert --enhanced`."""
+
 import copy
 import random
 import re
@@ -42,21 +43,39 @@ def enhanced_dataset(volume: CTVolume, order: list[int], sop_class=EnhancedCTIma
     """``volume`` as an Enhanced CT object built with pydicom alone (not m3d's writer): frame k holds slice
     ``order[k]``, with that slice's position and rescale in its per-frame functional groups."""
     dataset = item(
-        SOPClassUID=sop_class, SOPInstanceUID=generate_uid(), SeriesInstanceUID=SERIES_UID,
-        StudyInstanceUID=SERIES_UID + ".1", FrameOfReferenceUID=SERIES_UID + ".2", Modality="CT", PatientID="P1",
-        Rows=volume.shape[1], Columns=volume.shape[2], NumberOfFrames=len(order), SamplesPerPixel=1,
-        PhotometricInterpretation="MONOCHROME2", BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=0,
+        SOPClassUID=sop_class,
+        SOPInstanceUID=generate_uid(),
+        SeriesInstanceUID=SERIES_UID,
+        StudyInstanceUID=SERIES_UID + ".1",
+        FrameOfReferenceUID=SERIES_UID + ".2",
+        Modality="CT",
+        PatientID="P1",
+        Rows=volume.shape[1],
+        Columns=volume.shape[2],
+        NumberOfFrames=len(order),
+        SamplesPerPixel=1,
+        PhotometricInterpretation="MONOCHROME2",
+        BitsAllocated=16,
+        BitsStored=16,
+        HighBit=15,
+        PixelRepresentation=0,
     )
-    dataset.SharedFunctionalGroupsSequence = [item(
-        PlaneOrientationSequence=[item(ImageOrientationPatient=[*volume.direction[:, 2], *volume.direction[:, 1]])],
-        PixelMeasuresSequence=[item(PixelSpacing=list(volume.spacing_mm[1:]), SliceThickness=volume.spacing_mm[0])],
-    )]
+    dataset.SharedFunctionalGroupsSequence = [
+        item(
+            PlaneOrientationSequence=[
+                item(ImageOrientationPatient=[*volume.direction[:, 2], *volume.direction[:, 1]])
+            ],
+            PixelMeasuresSequence=[
+                item(PixelSpacing=list(volume.spacing_mm[1:]), SliceThickness=volume.spacing_mm[0])
+            ],
+        )
+    ]
     dataset.PerFrameFunctionalGroupsSequence = [
         item(
             PlanePositionSequence=[item(ImagePositionPatient=list(volume.voxel_to_world((index, 0, 0))))],
-            PixelValueTransformationSequence=[item(
-                RescaleSlope=rescale(index)[0], RescaleIntercept=rescale(index)[1], RescaleType="HU"
-            )],
+            PixelValueTransformationSequence=[
+                item(RescaleSlope=rescale(index)[0], RescaleIntercept=rescale(index)[1], RescaleType="HU")
+            ],
         )
         for index in order
     ]
@@ -98,7 +117,12 @@ def test_real_enhanced_ct_agrees_with_simpleitk(ect_folder):
     path = ect_folder / "eCT_Supplemental.dcm"
     dataset = pydicom.dcmread(path, stop_before_pixels=True)
     assert (dataset.SOPClassUID, dataset.Modality, dataset.NumberOfFrames, dataset.Rows, dataset.Columns) == (
-        EnhancedCTImageStorage, "CT", 2, 512, 512)
+        EnhancedCTImageStorage,
+        "CT",
+        2,
+        512,
+        512,
+    )
     assert dataset.PixelPresentation == "COLOR" and "RedPaletteColorLookupTableDescriptor" in dataset
     volume = read_dicom_series(ect_folder)
     assert volume.metadata.series_instance_uid == dataset.SeriesInstanceUID
@@ -149,8 +173,10 @@ def test_enhanced_object_reads_as_its_single_frame_series(tmp_path, direction, s
 
 def test_legacy_converted_enhanced_ct_is_read_too(tmp_path):
     volume = make_volume()
-    save(enhanced_dataset(volume, shuffled(volume.shape[0]), LegacyConvertedEnhancedCTImageStorage),
-         tmp_path / "legacy" / "ct.dcm")
+    save(
+        enhanced_dataset(volume, shuffled(volume.shape[0]), LegacyConvertedEnhancedCTImageStorage),
+        tmp_path / "legacy" / "ct.dcm",
+    )
     assert_same(read_dicom_series(tmp_path / "legacy"), volume)
 
 
@@ -184,13 +210,17 @@ def _frame_count(dataset: Dataset) -> None:
     dataset.NumberOfFrames = 9
 
 
-@pytest.mark.parametrize("damage, message", [
-    (_orientation, "ct.dcm frame 4: ImageOrientationPatient differs from the rest of the series"),
-    (_pixel_spacing, "ct.dcm frame 4: PixelSpacing differs from the rest of the series"),
-    (_position, "ct.dcm frame 4 has no ImagePositionPatient: the series geometry is unknown"),
-    (_truncated, "ct.dcm: pixel data is truncated (10752 of 12288 bytes)"),
-    (_frame_count, "ct.dcm has 8 per-frame functional groups for its 9 frames"),
-], ids=["orientation", "pixel-spacing", "position", "truncated", "frame-count"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_orientation, "ct.dcm frame 4: ImageOrientationPatient differs from the rest of the series"),
+        (_pixel_spacing, "ct.dcm frame 4: PixelSpacing differs from the rest of the series"),
+        (_position, "ct.dcm frame 4 has no ImagePositionPatient: the series geometry is unknown"),
+        (_truncated, "ct.dcm: pixel data is truncated (10752 of 12288 bytes)"),
+        (_frame_count, "ct.dcm has 8 per-frame functional groups for its 9 frames"),
+    ],
+    ids=["orientation", "pixel-spacing", "position", "truncated", "frame-count"],
+)
 def test_inconsistent_frames_are_refused(tmp_path, damage, message):
     volume = make_volume()
     dataset = enhanced_dataset(volume, list(range(volume.shape[0])))
@@ -234,8 +264,9 @@ def test_a_volume_read_from_an_enhanced_object_is_written_either_way(tmp_path):
     write_dicom_series(volume, tmp_path / "source", enhanced=True)
     source = read_dicom_series(tmp_path / "source")
     for enhanced in (True, False):
-        files = write_dicom_series(source, tmp_path / f"derived-{enhanced}", series_description="tampered",
-                                   enhanced=enhanced)
+        files = write_dicom_series(
+            source, tmp_path / f"derived-{enhanced}", series_description="tampered", enhanced=enhanced
+        )
         assert len(files) == (1 if enhanced else volume.shape[0])
         derived = read_dicom_series(tmp_path / f"derived-{enhanced}")
         assert_same(derived, volume)

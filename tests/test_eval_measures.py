@@ -1,4 +1,5 @@
 """The issue-13 measures of benchmarks/eval_demo_pipelines.py and the two-sample test, on synthetic cubes."""
+
 import importlib
 import sys
 from pathlib import Path
@@ -30,7 +31,10 @@ def test_checkerboard_raises_the_spectral_peak(lung_cubes):
     parity = np.indices((32, 32, 32)).sum(0) % 2 * 2 - 1
     checkered = lung_cubes + np.where(hole_mask(), 100.0 * parity, 0.0).astype(np.float32)
     plain_peak, checkered_peak = eval_demo.spectral_peak_ratio(lung_cubes), eval_demo.spectral_peak_ratio(checkered)
-    plain_nyquist, checkered_nyquist = eval_demo.nyquist_power_fraction(lung_cubes), eval_demo.nyquist_power_fraction(checkered)
+    plain_nyquist, checkered_nyquist = (
+        eval_demo.nyquist_power_fraction(lung_cubes),
+        eval_demo.nyquist_power_fraction(checkered),
+    )
     assert checkered_peak > 10 * plain_peak
     assert checkered_nyquist > 0.3 and checkered_nyquist > 10 * plain_nyquist
 

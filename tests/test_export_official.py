@@ -1,6 +1,7 @@
 """`m3d export-official` on a tiny phantom build: the export has the official release's layout, the
 official loader's crops of its rows land on the sites, and `m3d import-official` of the export (its DICOM
 folder standing in for LIDC-IDRI) gives back the same examples."""
+
 import csv
 from pathlib import Path
 
@@ -26,9 +27,18 @@ def built(tmp_path_factory, tiny_pipelines_dir, one_thread):
     without the quality check."""
     out = tmp_path_factory.mktemp("build") / "m3dsynth"
     build_dataset(
-        out, pipelines_dir=tiny_pipelines_dir, generators=GENERATORS, phantoms=3, size=64, max_slices=40,
-        phantom_spacing="scaled", split_proportions={"train": 1, "val": 1, "test": 1}, seed=3,
-        num_inference_steps=1, quality=None, progress=False,
+        out,
+        pipelines_dir=tiny_pipelines_dir,
+        generators=GENERATORS,
+        phantoms=3,
+        size=64,
+        max_slices=40,
+        phantom_spacing="scaled",
+        split_proportions={"train": 1, "val": 1, "test": 1},
+        seed=3,
+        num_inference_steps=1,
+        quality=None,
+        progress=False,
     )
     return out
 
@@ -69,9 +79,13 @@ def test_layout_is_the_official_release(built, exported):
     assert sorted(p.name for p in (release / "data").iterdir()) == ["LIDC.csv", "centers.csv", "data.csv", "sets.csv"]
     rows = _table(release / "data" / "data.csv")
     assert {row["mod"] for row in rows} == {"real", "cycle", "diffusion"}
-    assert sum(row["mod"] != "real" for row in rows) == summary.fakes and summary.series == len(_table(release / "data" / "LIDC.csv"))
+    assert sum(row["mod"] != "real" for row in rows) == summary.fakes and summary.series == len(
+        _table(release / "data" / "LIDC.csv")
+    )
     centers = {(row["img_id"], row["mod"]) for row in _table(release / "data" / "centers.csv")}
-    assert centers == {(row["img_id"], row["mod"]) for row in rows}  # the official loader merges them: none may be missing
+    assert centers == {
+        (row["img_id"], row["mod"]) for row in rows
+    }  # the official loader merges them: none may be missing
     assert sorted(row["set"] for row in _table(release / "data" / "sets.csv")) == ["test", "train", "valid"]
     for row in rows:
         kinds = ("scan",) if row["mod"] == "real" else ("scan", "label")
@@ -92,8 +106,19 @@ def test_import_of_the_export_gives_back_the_same_examples(round_trip):
         assert split_back == split
         assert np.array_equal(volume_back.hu, volume.hu) and np.array_equal(mask_back, mask)
         assert np.allclose(volume_back.affine, volume.affine, atol=1e-4)
-        for key in ("site_id", "label", "task", "generator", "patient_id", "series_instance_uid", "site_voxel_zyx",
-                    "test_crop_center_zyx", "base_img_id", "box_start_zyx", "scan_shape_zyx"):
+        for key in (
+            "site_id",
+            "label",
+            "task",
+            "generator",
+            "patient_id",
+            "series_instance_uid",
+            "site_voxel_zyx",
+            "test_crop_center_zyx",
+            "base_img_id",
+            "box_start_zyx",
+            "scan_shape_zyx",
+        ):
             assert row_back[key] == row[key], (img_id, key)
         assert row_back["spacing_mm"] == pytest.approx(row["spacing_mm"], abs=1e-5)
         half_voxel = np.abs(volume.direction * np.asarray(volume.spacing_mm)).sum(axis=1) / 2  # per LPS axis
@@ -117,7 +142,9 @@ def test_official_crops_of_the_rows_land_on_the_sites(exported, round_trip):
         stack = read_tiff_stack(release / row["mod"] / "scan" / row["img_id"]).astype(np.int32)
         hu = stack - (int(stack.max()) - int(volume.hu.max()))  # the slices hold HU + a shift
         tampered = row["mod"] != "real"
-        label = read_tiff_stack(release / row["mod"] / "label" / row["img_id"]) if tampered else np.zeros(hu.shape, bool)
+        label = (
+            read_tiff_stack(release / row["mod"] / "label" / row["img_id"]) if tampered else np.zeros(hu.shape, bool)
+        )
         pristine = official_stack(dicom[row["sdir_id"]])
         assert np.array_equal(hu[~label], pristine[~label])
         starts = tuple(fixed_crop_window(int(row[f"coord_{axis}"]), n)[0] for axis, n in zip("zyx", CROP))

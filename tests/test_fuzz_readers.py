@@ -7,6 +7,7 @@ is refused or gives a result that passes the reader's own checks (and, where the
 in weights, the original content). Never a traceback. The cases are drawn from fixed seeds (reproducible)
 and the whole module runs in well under a minute.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,15 @@ def damaged_versions(data: bytes, seed: int, header_bytes: int | None = None):
         yield "wrong type", f"replaced by {name}", content
 
 
-def fuzz_file(path: Path, read: Callable[[], Any], check_ok: Callable[[str, Any, Any], None], seed: int,
-              header_bytes: int | None = None, same: Callable[[Any, Any], bool] = lambda a, b: a == b,
-              shorter_table: Callable[[Any, Any], bool] | None = None) -> dict[str, int]:
+def fuzz_file(
+    path: Path,
+    read: Callable[[], Any],
+    check_ok: Callable[[str, Any, Any], None],
+    seed: int,
+    header_bytes: int | None = None,
+    same: Callable[[Any, Any], bool] = lambda a, b: a == b,
+    shorter_table: Callable[[Any, Any], bool] | None = None,
+) -> dict[str, int]:
     """Damage ``path`` in every way of `damaged_versions`, read it each time, restore it; returns how many
     cases ended in an error and in a result. A truncated file must read as the original (``same``), or,
     for a text table (a cut one is a valid, shorter table), as a part of it (``shorter_table``)."""
@@ -90,8 +97,13 @@ def fuzz_file(path: Path, read: Callable[[], Any], check_ok: Callable[[str, Any,
 
 
 def volumes_equal(a, b) -> bool:
-    return (a.shape == b.shape and np.array_equal(a.hu, b.hu) and np.allclose(a.spacing_mm, b.spacing_mm)
-            and np.allclose(a.origin_mm, b.origin_mm) and np.allclose(a.direction, b.direction))
+    return (
+        a.shape == b.shape
+        and np.array_equal(a.hu, b.hu)
+        and np.allclose(a.spacing_mm, b.spacing_mm)
+        and np.allclose(a.origin_mm, b.origin_mm)
+        and np.allclose(a.direction, b.direction)
+    )
 
 
 def check_volume(kind: str, original, volume) -> None:
@@ -116,7 +128,9 @@ def test_dicom_series_reader(phantom, tmp_path):
     folder = tmp_path / "series"
     write_dicom_series(phantom.volume, folder)
     first = sorted(folder.iterdir())[0]
-    counts = fuzz_file(first, lambda: read_dicom_series(folder), check_volume, seed=1, header_bytes=1200, same=volumes_equal)
+    counts = fuzz_file(
+        first, lambda: read_dicom_series(folder), check_volume, seed=1, header_bytes=1200, same=volumes_equal
+    )
     assert counts["error"] >= CASES_PER_KIND  # the truncations and wrong types at least
 
 
@@ -125,8 +139,14 @@ def test_nifti_reader(phantom, tmp_path, suffix):
     from m3d.data.nifti import read_nifti, write_nifti
 
     path = write_nifti(phantom.volume, tmp_path / f"scan{suffix}")
-    fuzz_file(path, lambda: read_nifti(path), check_volume, seed=2, header_bytes=352 if suffix == ".nii" else None,
-              same=volumes_equal)
+    fuzz_file(
+        path,
+        lambda: read_nifti(path),
+        check_volume,
+        seed=2,
+        header_bytes=352 if suffix == ".nii" else None,
+        same=volumes_equal,
+    )
 
 
 def test_lidc_xml_reader(phantom, tmp_path):
@@ -158,7 +178,9 @@ def test_official_tables_reader(tmp_path):
         return site_keys(sites[:-1]) <= site_keys(original)
 
     for name, seed in (("data.csv", 4), ("sets.csv", 5)):
-        fuzz_file(release / "data" / name, lambda: read_official_plan(release), check_sites, seed=seed, shorter_table=part_of)
+        fuzz_file(
+            release / "data" / name, lambda: read_official_plan(release), check_sites, seed=seed, shorter_table=part_of
+        )
 
 
 def state_dicts_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -176,8 +198,11 @@ def test_pipeline_folder_reader(tmp_path, tiny_pipelines_dir):
 
     folder = tmp_path / "pix2pix-inject"
     shutil.copytree(tiny_pipelines_dir / "pix2pix-inject", folder)
-    network = next(name for name in json.loads((folder / "model_index.json").read_text()) if not name.startswith("_")
-                   and (folder / name / "config.json").is_file())
+    network = next(
+        name
+        for name in json.loads((folder / "model_index.json").read_text())
+        if not name.startswith("_") and (folder / name / "config.json").is_file()
+    )
 
     def check_pipeline(kind, original, pipeline) -> None:
         assert state_dicts_equal(getattr(original, network), getattr(pipeline, network)), "weights changed silently"
@@ -186,10 +211,19 @@ def test_pipeline_folder_reader(tmp_path, tiny_pipelines_dir):
         return load_pipeline(folder)
 
     weights = next((folder / network).glob("*.safetensors"))
-    for seed, path, header in ((6, folder / "model_index.json", None), (7, folder / network / "config.json", None),
-                               (8, weights, safetensors_header_bytes(weights))):
-        fuzz_file(path, read, check_pipeline, seed=seed, header_bytes=header,
-                  same=lambda a, b: state_dicts_equal(getattr(a, network), getattr(b, network)))
+    for seed, path, header in (
+        (6, folder / "model_index.json", None),
+        (7, folder / network / "config.json", None),
+        (8, weights, safetensors_header_bytes(weights)),
+    ):
+        fuzz_file(
+            path,
+            read,
+            check_pipeline,
+            seed=seed,
+            header_bytes=header,
+            same=lambda a, b: state_dicts_equal(getattr(a, network), getattr(b, network)),
+        )
 
 
 @pytest.mark.parametrize("kind", ["detector", "cad"])
@@ -210,5 +244,10 @@ def test_model_folder_reader(tmp_path, kind):
         assert state_dicts_equal(original, loaded), "weights changed silently"
 
     weights = tmp_path / "model" / "model.safetensors"
-    for seed, path, header in ((9, tmp_path / "model" / "config.json", None), (10, weights, safetensors_header_bytes(weights))):
-        fuzz_file(path, lambda: load(tmp_path / "model"), check_model, seed=seed, header_bytes=header, same=state_dicts_equal)
+    for seed, path, header in (
+        (9, tmp_path / "model" / "config.json", None),
+        (10, weights, safetensors_header_bytes(weights)),
+    ):
+        fuzz_file(
+            path, lambda: load(tmp_path / "model"), check_model, seed=seed, header_bytes=header, same=state_dicts_equal
+        )

@@ -1,4 +1,5 @@
 """Generator networks (m3d.models) and tampering pipelines (m3d.pipelines): tiny configs, CPU."""
+
 import json
 
 import numpy as np
@@ -92,9 +93,13 @@ def test_every_network_has_every_cli_preset():
     m3d.models.PRESETS entry, and each builds its network."""
     from m3d.train.train_generator import PRESET_CHOICES
 
-    classes = {"UNet3DModel": UNet3DModel, "Pix2Pix3DGenerator": Pix2Pix3DGenerator,
-               "PatchDiscriminator3D": PatchDiscriminator3D, "CycleGAN3DGenerator": CycleGAN3DGenerator,
-               "CycleGAN3DDiscriminator": CycleGAN3DDiscriminator}
+    classes = {
+        "UNet3DModel": UNet3DModel,
+        "Pix2Pix3DGenerator": Pix2Pix3DGenerator,
+        "PatchDiscriminator3D": PatchDiscriminator3D,
+        "CycleGAN3DGenerator": CycleGAN3DGenerator,
+        "CycleGAN3DDiscriminator": CycleGAN3DDiscriminator,
+    }
     assert set(PRESETS) == set(classes)
     for name, presets in PRESETS.items():
         assert set(presets) == set(PRESET_CHOICES), name
@@ -128,7 +133,9 @@ def test_unet_bf16_and_channels_last_3d():
     x = torch.randn(1, 3, 32, 32, 32)
     with torch.no_grad():
         reference = unet(x, 100).sample
-        channels_last = unet.to(memory_format=torch.channels_last_3d)(x.to(memory_format=torch.channels_last_3d), 100).sample
+        channels_last = unet.to(memory_format=torch.channels_last_3d)(
+            x.to(memory_format=torch.channels_last_3d), 100
+        ).sample
         bf16 = unet.to(torch.bfloat16)(x.to(torch.bfloat16), 100).sample
     torch.testing.assert_close(channels_last, reference, rtol=1e-4, atol=1e-4)
     assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
@@ -213,8 +220,10 @@ def test_pix2pix_trilinear_upsampling_halves_the_period_2_texture():
     axis = torch.linspace(-1, 1, 32)
     smooth = 0.5 * axis[:, None, None] + 0.3 * torch.sin(3 * axis)[None, :, None] + 0.05 * torch.randn(32, 32, 32)
     with torch.no_grad():
-        fractions = [nyquist_power_fraction(g(smooth[None, None]).sample[0, 0, 4:-4, 4:-4, 4:-4].numpy())
-                     for g in (nearest, trilinear)]
+        fractions = [
+            nyquist_power_fraction(g(smooth[None, None]).sample[0, 0, 4:-4, 4:-4, 4:-4].numpy())
+            for g in (nearest, trilinear)
+        ]
     assert fractions[0] > 2 * fractions[1]
 
 
@@ -383,8 +392,13 @@ def test_volume_path_changes_only_the_cube(kind):
     volume = phantom()
     location = volume.voxel_to_world((20, 48, 26))  # in the left lung
     pipe = tiny_pipeline(kind)
-    out = call(pipe, volume=volume, locations_lps_mm=location, output_type="volume",
-               generator=torch.Generator().manual_seed(0))
+    out = call(
+        pipe,
+        volume=volume,
+        locations_lps_mm=location,
+        output_type="volume",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.cubes.shape == (1, 1, 32, 32, 32) and len(out.volumes) == 1 and len(out.masks) == 1
     tampered, changed = out.volumes[0], out.masks[0]
     assert isinstance(tampered, CTVolume) and tampered.shape == volume.shape

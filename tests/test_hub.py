@@ -1,4 +1,5 @@
 """`m3d push`: the folder checks and the upload call, offline (HfApi replaced)."""
+
 import json
 from pathlib import Path
 

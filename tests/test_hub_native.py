@@ -3,6 +3,7 @@ transformers' Auto classes (without importing them at `import m3d`), detector an
 code (`trust_remote_code=True` works where m3d cannot be imported), pipeline folders load through
 `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, and folders saved before keep loading (older
 class names, no code file, the GANs' network under its old component name)."""
+
 from __future__ import annotations
 
 import json
@@ -52,27 +53,39 @@ def saved_models(tmp_path_factory):
 def test_import_m3d_registers_every_architecture_lazily(saved_models, tmp_path):
     """`import m3d` alone is enough for the Auto classes, in either import order, and does not itself load
     the detectors (it stays fast)."""
-    for first, second in (("import m3d", "from transformers import AutoModel"),
-                          ("from transformers import AutoModel", "import m3d")):
-        out = run_python(f"""
+    for first, second in (
+        ("import m3d", "from transformers import AutoModel"),
+        ("from transformers import AutoModel", "import m3d"),
+    ):
+        out = run_python(
+            f"""
 import sys
 {first}
 {second}
 print("m3d.detectors" in sys.modules)
 for name in ("hpfcn", "xception", "cad"):
     print(type(AutoModel.from_pretrained({str(saved_models)!r} + "/" + name)).__module__)
-""", tmp_path)
+""",
+            tmp_path,
+        )
         lines = out.split()
-        assert lines[1:] == ["m3d.detectors.hpfcn.modeling_hpfcn", "m3d.detectors.xception.modeling_xception",
-                             "m3d.cad.modeling_cad"]
+        assert lines[1:] == [
+            "m3d.detectors.hpfcn.modeling_hpfcn",
+            "m3d.detectors.xception.modeling_xception",
+            "m3d.cad.modeling_cad",
+        ]
     out = run_python("import sys, m3d; print('transformers' in sys.modules, 'm3d.detectors' in sys.modules)", tmp_path)
     assert out.split() == ["False", "False"]
     from m3d.detectors import M3DCTImageProcessor, load_detector
 
     M3DCTImageProcessor.from_detector_config(load_detector(saved_models / "hpfcn").config).save_pretrained(
-        saved_models / "hpfcn")
-    out = run_python(f"import m3d\nfrom transformers import AutoImageProcessor\n"
-                     f"print(type(AutoImageProcessor.from_pretrained({str(saved_models / 'hpfcn')!r})).__name__)", tmp_path)
+        saved_models / "hpfcn"
+    )
+    out = run_python(
+        f"import m3d\nfrom transformers import AutoImageProcessor\n"
+        f"print(type(AutoImageProcessor.from_pretrained({str(saved_models / 'hpfcn')!r})).__name__)",
+        tmp_path,
+    )
     assert out.split()[-1] == "M3DCTImageProcessor"  # the first Auto module imported may be the processors'
 
 
@@ -84,9 +97,13 @@ def test_saved_detector_and_cad_load_with_their_own_code_where_m3d_cannot_be_imp
     assert config["auto_map"]["AutoModelForSemanticSegmentation"] == "modeling_hpfcn.HPFCNForForgeryDetection"
     assert "from .modeling_unet import pool_logits" in (saved_models / "hpfcn" / "modeling_hpfcn.py").read_text()
     x = torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
-    expected = {"hpfcn": load_detector(saved_models / "hpfcn").eval()(pixel_values=x).logits,
-                "xception": load_detector(saved_models / "xception").eval()(pixel_values=x).logits}
-    out = run_python(BLOCK_M3D + f"""
+    expected = {
+        "hpfcn": load_detector(saved_models / "hpfcn").eval()(pixel_values=x).logits,
+        "xception": load_detector(saved_models / "xception").eval()(pixel_values=x).logits,
+    }
+    out = run_python(
+        BLOCK_M3D
+        + f"""
 import json, torch
 from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
 x = torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
@@ -98,7 +115,9 @@ for name, auto in (("hpfcn", AutoModelForSemanticSegmentation), ("xception", Aut
     logits[name] = model(pixel_values=x).logits.tolist()
 cad = AutoModel.from_pretrained(root + "/cad", trust_remote_code=True)
 print(json.dumps({{"logits": logits, "cad": type(cad).__name__, "m3d": "m3d" in sys.modules}}))
-""", tmp_path)
+""",
+        tmp_path,
+    )
     result = json.loads(out.strip().splitlines()[-1])
     assert result["cad"] == "CADForMalignancyScoring" and result["m3d"] is False
     for name, logits in expected.items():
@@ -111,12 +130,15 @@ def test_every_shipped_pipeline_loads_with_diffusers_generic_entry_point(tmp_pat
     itself: diffusers runs the folder's one-line `m3d_pipeline.py`, which takes m3d's class."""
     folders = sorted(str(path) for path in DEMO_DIR.iterdir() if (path / "model_index.json").is_file())
     assert len(folders) == 6
-    out = run_python(f"""
+    out = run_python(
+        f"""
 from diffusers import DiffusionPipeline
 for folder in {folders!r}:
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     print(folder.rsplit("/", 1)[-1], type(pipe).__name__, pipe.task)
-""", tmp_path)
+""",
+        tmp_path,
+    )
     names = {"pix2pix": "Pix2Pix3DPipeline", "cyclegan": "CycleGAN3DPipeline", "ddpm": "M3DInpaintPipeline"}
     rows = [line.split() for line in out.strip().splitlines()[-6:]]
     assert rows == [[folder, names[folder.split("-")[0]], folder.split("-")[1]] for folder, _, _ in rows]
@@ -135,8 +157,10 @@ def test_a_folder_saved_before_the_code_file_still_loads(tmp_path):
     for folder in (old, tmp_path / "new"):
         for loaded in (load_pipeline(folder), Pix2Pix3DPipeline.from_pretrained(folder)):
             assert type(loaded) is Pix2Pix3DPipeline and loaded.task == "remove"
-            assert all(torch.equal(a, b) for a, b in zip(loaded.network.state_dict().values(),
-                                                          pipeline.network.state_dict().values()))
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(loaded.network.state_dict().values(), pipeline.network.state_dict().values())
+            )
 
 
 @pytest.mark.parametrize("name", ["pix2pix-remove", "cyclegan-inject"])
@@ -154,10 +178,16 @@ def test_a_folder_saved_before_the_network_was_renamed_still_loads(name, tmp_pat
     cubes = torch.rand((2, 1, 32, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
     expected = current(cubes, generator=torch.Generator().manual_seed(1), progress=False).cubes
     for loaded in (load_pipeline(old), type(current).from_pretrained(old)):
-        assert type(loaded) is type(current) and set(loaded.components) == {"network"} and "generator" not in loaded.config
+        assert (
+            type(loaded) is type(current)
+            and set(loaded.components) == {"network"}
+            and "generator" not in loaded.config
+        )
         assert loaded.network.dtype == torch.float32
-        assert all(torch.equal(a, b) for a, b in zip(loaded.network.state_dict().values(),
-                                                      current.network.state_dict().values()))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(loaded.network.state_dict().values(), current.network.state_dict().values())
+        )
         assert (loaded(cubes, generator=torch.Generator().manual_seed(1), progress=False).cubes == expected).all()
     loaded.save_pretrained(tmp_path / "saved-again")
     assert "network" in json.loads((tmp_path / "saved-again" / "model_index.json").read_text())
@@ -168,8 +198,9 @@ def test_m3d_never_runs_code_a_folder_brings_but_its_own_line(tmp_path):
     torch.manual_seed(0)
     Pix2Pix3DPipeline.from_preset("tiny").save_pretrained(tmp_path / "p")
     marker = tmp_path / "ran"
-    (tmp_path / "p" / "m3d_pipeline.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                                    "from m3d.pipelines import Pix2Pix3DPipeline\n")
+    (tmp_path / "p" / "m3d_pipeline.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom m3d.pipelines import Pix2Pix3DPipeline\n"
+    )
     with pytest.raises(ValueError, match="not m3d's own one-line code file"):
         load_pipeline(tmp_path / "p")
     assert not marker.exists()

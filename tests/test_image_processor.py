@@ -1,6 +1,7 @@
 """M3DCTImageProcessor, the detectors' HU -> pixel_values transform: the reference numbers of every input mode,
 the round trip through AutoImageProcessor, detect_volume through it, the shipped demo folders and the
 image-segmentation pipeline on one HU slice."""
+
 import json
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def scan(depth: int = 5, size: int = 32) -> np.ndarray:
 def reference(hu: np.ndarray, indices: list[int], config) -> np.ndarray:
     """The detectors' input written out in numpy float32: each channel a plane scaled between (low, high),
     clipped to [0, 1], mapped to [-1, 1]."""
+
     def scaled(plane: np.ndarray, low: float, high: float) -> np.ndarray:
         value = (plane.astype(np.float32) - np.float32(low)) / np.float32(high - low)
         return np.clip(value, 0, 1) * np.float32(2) - np.float32(1)
@@ -148,8 +150,13 @@ def test_what_it_cannot_use_is_refused():
         processor(np.zeros((2, 2, 8, 8), np.int16))
     with pytest.raises(ValueError, match="slice indices"):
         processor(scan(), [5])
-    classifier = XceptionForForgeryDetection(XceptionConfig(stem_channels=(4, 8), entry_channels=(8, 8, 16),
-                                                            middle_blocks=0, exit_channels=(16, 16, 16)))
+    classifier = XceptionForForgeryDetection(
+        XceptionConfig(stem_channels=(4, 8), entry_channels=(8, 8, 16), middle_blocks=0, exit_channels=(16, 16, 16))
+    )
     with pytest.raises(ValueError, match="does not localize"):
-        pipeline("image-segmentation", model=classifier, image_processor=processor,
-                 pipeline_class=M3DSliceSegmentationPipeline)
+        pipeline(
+            "image-segmentation",
+            model=classifier,
+            image_processor=processor,
+            pipeline_class=M3DSliceSegmentationPipeline,
+        )

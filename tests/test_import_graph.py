@@ -1,6 +1,7 @@
 """The import graph of the m3d package (`m3d/` and the folders mapped into it: `pipelines/`,
 `dataset_builder/`, `model_cards/`): no cycles, and library code never imports the entry points (`m3d.cli`,
 `m3d.build`, `m3d.demo`, the `m3d.train` scripts), which sit at the top of the graph."""
+
 import ast
 import tomllib
 from pathlib import Path
@@ -103,8 +104,11 @@ def test_library_code_never_imports_an_entry_point():
     def is_entry(module: str) -> bool:
         return any(module == e or module.startswith(e + ".") for e in ENTRY_POINTS)
 
-    offending = {name: sorted(filter(is_entry, targets)) for name, targets in import_graph().items()
-                 if not is_entry(name) and any(map(is_entry, targets))}
+    offending = {
+        name: sorted(filter(is_entry, targets))
+        for name, targets in import_graph().items()
+        if not is_entry(name) and any(map(is_entry, targets))
+    }
     assert offending == {}
 
 
@@ -112,12 +116,17 @@ def test_the_checks_see_a_cycle_and_a_lazy_import(tmp_path):
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     module = tmp_path / "m3d" / "x.py"
     module.parent.mkdir()
-    module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .y import Y\n"
-                      "from . import z\ndef f():\n    from .train import common\n")
+    module.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .y import Y\n"
+        "from . import z\ndef f():\n    from .train import common\n"
+    )
     global PACKAGES
     saved, PACKAGES = PACKAGES, {tmp_path / "m3d": "m3d"}
     try:
         assert imported_modules(module, {"m3d", "m3d.y", "m3d.z", "m3d.train", "m3d.train.common"}) == {
-            "m3d.z", "m3d.train", "m3d.train.common"}
+            "m3d.z",
+            "m3d.train",
+            "m3d.train.common",
+        }
     finally:
         PACKAGES = saved

@@ -2,6 +2,7 @@
 (DICOM + LIDC XML), its slices converted as the official code does (stored values shifted to be
 non-negative, ordered by descending ImagePositionPatient z, one 16-bit TIFF per slice), fakes with a
 changed ball and its label, and the four tables."""
+
 import csv
 import shutil
 from pathlib import Path
@@ -76,7 +77,9 @@ def release(tmp_path_factory):
             _write_stack(release_dir / mod / "scan" / img_id, fake)
             _write_stack(release_dir / mod / "label" / img_id, ball)
         volume_ball = ball[np.argsort(np.argsort(-z_volume))]  # release order -> volume order
-        expected[img_id] = dict(voxel=voxel, ball=volume_ball, hu=np.where(volume_ball, FAKE_HU[task], volume.hu), task=task)
+        expected[img_id] = dict(
+            voxel=voxel, ball=volume_ball, hu=np.where(volume_ball, FAKE_HU[task], volume.hu), task=task
+        )
         for mod in ["real", *mods, *(["diffusion"] if task == "inj" else [])]:
             rows.append([img_id, task, mod, volume.metadata.patient_id, "3000611", *release_zyx])
             centers.append([img_id, mod, k + 1, 256.0, 256.0])
@@ -85,8 +88,11 @@ def release(tmp_path_factory):
     _write_csv(data / "data.csv", ["img_id", "ty", "mod", "orig_id", "sdir_id", "coord_z", "coord_y", "coord_x"], rows)
     _write_csv(data / "sets.csv", ["orig_id", "set"], [[volume.metadata.patient_id, "test"]])
     _write_csv(data / "centers.csv", ["img_id", "mod", "center_test_z", "center_test_y", "center_test_x"], centers)
-    _write_csv(data / "LIDC.csv", ["orig_id", "sdir_id", "spacing_z", "spacing_y", "spacing_x", "dicom"],
-               [[volume.metadata.patient_id, "3000611", *volume.spacing_mm, f"{case.name}/dicom"]])
+    _write_csv(
+        data / "LIDC.csv",
+        ["orig_id", "sdir_id", "spacing_z", "spacing_y", "spacing_x", "dicom"],
+        [[volume.metadata.patient_id, "3000611", *volume.spacing_mm, f"{case.name}/dicom"]],
+    )
     return dict(release=release_dir, lidc=root / "lidc", volume=volume, nodule=nodule, expected=expected)
 
 
@@ -110,11 +116,15 @@ def test_fakes_are_the_release_values_in_hu_on_the_series_grid(imported, release
     volume = release["volume"]
     for img_id, row in rows.items():
         site = release["expected"][row["site_id"]]
-        base = rows[row["base_img_id"]] if row["base_img_id"] else None  # a fake is its box over the site's pristine scan
+        base = (
+            rows[row["base_img_id"]] if row["base_img_id"] else None
+        )  # a fake is its box over the site's pristine scan
         scan, mask = example_volume(row, base), example_mask(row)
         assert scan.shape == volume.shape and np.allclose(scan.affine, volume.affine, atol=1e-4)
         if img_id.endswith("_real"):
-            assert np.array_equal(scan.hu, volume.hu) and not mask.any() and row["label"] == 0 and row["generator"] == 0
+            assert (
+                np.array_equal(scan.hu, volume.hu) and not mask.any() and row["label"] == 0 and row["generator"] == 0
+            )
         else:
             assert np.array_equal(scan.hu, site["hu"]) and np.array_equal(mask, site["ball"]) and row["label"] == 1
         assert row["site_voxel_zyx"] == [int(v) for v in site["voxel"]]
@@ -125,7 +135,9 @@ def test_removal_site_gets_its_nodule_from_the_lidc_xml(imported, release):
     _, _, rows = imported
     nodule = release["nodule"]
     assert rows["rem_7_real"]["nodule_diameter_mm"] == pytest.approx(nodule.diameter_mm, rel=1e-5)
-    assert rows["rem_7_pix2pix"]["malignancy_before"] == (None if nodule.malignancy is None else pytest.approx(nodule.malignancy))
+    assert rows["rem_7_pix2pix"]["malignancy_before"] == (
+        None if nodule.malignancy is None else pytest.approx(nodule.malignancy)
+    )
 
 
 def test_wrong_lidc_series_is_refused(release, tmp_path):
@@ -140,6 +152,15 @@ def test_wrong_lidc_series_is_refused(release, tmp_path):
 def test_cli_missing_tables_is_one_line(tmp_path, capsys):
     (tmp_path / "release").mkdir()
     (tmp_path / "lidc").mkdir()
-    code = cli_main(["import-official", "--release", str(tmp_path / "release"), "--lidc-root", str(tmp_path / "lidc"),
-                     "--out", str(tmp_path / "out")])
+    code = cli_main(
+        [
+            "import-official",
+            "--release",
+            str(tmp_path / "release"),
+            "--lidc-root",
+            str(tmp_path / "lidc"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2 and "data.csv" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The design card's top level: `pipelines/`, `dataset_builder/` and `model_cards/` at the repository's root,
 installed as `m3d.pipelines`, `m3d.dataset_builder` and `m3d.model_cards`; every package folder listed in
 pyproject.toml; `train_detector.py` at the root; pipeline folders saved before the move still load."""
+
 import importlib
 import json
 import subprocess
@@ -18,15 +19,21 @@ SETUPTOOLS = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["tool"][
 
 
 def test_the_three_parts_live_at_the_root_under_their_m3d_names():
-    for module, folder in ((m3d.pipelines, "pipelines"), (m3d.dataset_builder, "dataset_builder"),
-                           (m3d.model_cards, "model_cards")):
+    for module, folder in (
+        (m3d.pipelines, "pipelines"),
+        (m3d.dataset_builder, "dataset_builder"),
+        (m3d.model_cards, "model_cards"),
+    ):
         assert Path(module.__file__).resolve() == REPOSITORY / folder / "__init__.py"
         assert SETUPTOOLS["package-dir"][module.__name__] == folder
         assert not (REPOSITORY / "m3d" / folder).exists()
 
 
 def test_every_package_folder_is_in_the_distribution():
-    folders = {"m3d": REPOSITORY / "m3d", **{name: REPOSITORY / folder for name, folder in SETUPTOOLS["package-dir"].items()}}
+    folders = {
+        "m3d": REPOSITORY / "m3d",
+        **{name: REPOSITORY / folder for name, folder in SETUPTOOLS["package-dir"].items()},
+    }
     found = set()
     for name, root in folders.items():
         for init in root.rglob("__init__.py"):
@@ -35,10 +42,16 @@ def test_every_package_folder_is_in_the_distribution():
 
 
 def test_train_detector_script_at_the_root():
-    scripted = subprocess.run([sys.executable, str(REPOSITORY / "train_detector.py"), "--help"], capture_output=True,
-                              text=True, cwd=REPOSITORY.parent, check=True).stdout
-    module = subprocess.run([sys.executable, "-m", "m3d.train.train_detector", "--help"], capture_output=True, text=True,
-                            check=True).stdout
+    scripted = subprocess.run(
+        [sys.executable, str(REPOSITORY / "train_detector.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPOSITORY.parent,
+        check=True,
+    ).stdout
+    module = subprocess.run(
+        [sys.executable, "-m", "m3d.train.train_detector", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert scripted.startswith("usage: train_detector.py") and "--detector" in scripted
     assert scripted.split("options:")[1] == module.split("options:")[1]
 

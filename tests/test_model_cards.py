@@ -39,7 +39,14 @@ def test_pipeline_card_metadata_and_facts(folders):
 def test_detector_card_results_become_model_index(folders):
     root, _, unet_parameters = folders
     results = [
-        CardResult("image-classification", "Tampering detection", "M3Dsynth", "test", {"pd_at_1pct": 0.25, "balanced_accuracy": 0.75}, "train pix2pix / test ddpm"),
+        CardResult(
+            "image-classification",
+            "Tampering detection",
+            "M3Dsynth",
+            "test",
+            {"pd_at_1pct": 0.25, "balanced_accuracy": 0.75},
+            "train pix2pix / test ddpm",
+        ),
         CardResult("image-segmentation", "Tampering localization", "M3Dsynth", "test", {"f1": 0.5}),
     ]
     card = write_model_card(root / "unet", results, name="m3d-unet", phantom_trained=False)
@@ -90,13 +97,28 @@ def test_cli_card(folders, capsys):
 def test_benchmark_cell_becomes_card_results():
     from m3d.model_cards import benchmark_card_results
 
-    metrics = {"auc": 0.9, "balanced_accuracy": 0.75, "pd_at_1pct": 0.5, "f1": 0.4, "iou": 0.25, "f1_best": None, "iou_best": 0.3}
-    cell = {"train_data": "pix2pix", "localizes": True,
-            "metrics": {"ddpm": {"all": metrics, "inject": {"auc": 0.1}}, "all": {"all": {"auc": float("nan")}}}}
+    metrics = {
+        "auc": 0.9,
+        "balanced_accuracy": 0.75,
+        "pd_at_1pct": 0.5,
+        "f1": 0.4,
+        "iou": 0.25,
+        "f1_best": None,
+        "iou_best": 0.3,
+    }
+    cell = {
+        "train_data": "pix2pix",
+        "localizes": True,
+        "metrics": {"ddpm": {"all": metrics, "inject": {"auc": 0.1}}, "all": {"all": {"auc": float("nan")}}},
+    }
     results = benchmark_card_results(cell, "M3Dsynth (phantom mini)")
     detection, localization = results[0], results[1]
     assert detection.setting == "train pix2pix / test ddpm" and detection.task_type == "image-classification"
-    assert detection.metrics == {"auc": 0.9, "balanced_accuracy": 0.75, "pd_at_1pct": 0.5}  # per test generator, both tasks
+    assert detection.metrics == {
+        "auc": 0.9,
+        "balanced_accuracy": 0.75,
+        "pd_at_1pct": 0.5,
+    }  # per test generator, both tasks
     assert localization.metrics == {"f1": 0.4, "iou": 0.25, "iou_best": 0.3}  # undefined values left out
     assert len(results) == 2  # the "all" column holds only NaN: no entry
     cell["localizes"] = False

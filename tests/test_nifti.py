@@ -21,7 +21,9 @@ DESCENDING_LEFT_HANDED = AXIAL_DIRECTION * [-1, 1, 1]  # slices towards the feet
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-@pytest.mark.parametrize("direction", [AXIAL_DIRECTION, oblique(), DESCENDING_LEFT_HANDED], ids=["axial", "oblique", "left-handed"])
+@pytest.mark.parametrize(
+    "direction", [AXIAL_DIRECTION, oblique(), DESCENDING_LEFT_HANDED], ids=["axial", "oblique", "left-handed"]
+)
 def test_round_trip(tmp_path, suffix, direction):
     volume = make_volume(direction)
     path = write_nifti(volume, tmp_path / f"scan{suffix}")

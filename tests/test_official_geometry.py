@@ -4,6 +4,7 @@ slice normal is -z and m3d reads the slices by descending z). A site planned by 
 the release's convention is read back by import-official's reader at the nodule's physical point, and the
 official loader's crop of that row (tests/official_loader.py) is centred on the nodule; a row naming the
 nodule's voxel of the official stack is read back at that point too."""
+
 import csv
 from pathlib import Path
 
@@ -50,8 +51,12 @@ def series(request, tmp_path_factory):
     direction = np.column_stack(GEOMETRIES[request.param]).astype(float)
     flipped = direction[:, 0][2] < 0, direction[:, 2][0] < 0  # slice axis and column axis run backwards
     first = (N_SLICES - 1 if flipped[0] else 0, 0, SIZE - 1 if flipped[1] else 0)
-    volume = CTVolume(np.full((N_SLICES, SIZE, SIZE), BACKGROUND_HU, np.int16), SPACING,
-                      tuple(ascending.voxel_to_world(first)), direction)
+    volume = CTVolume(
+        np.full((N_SLICES, SIZE, SIZE), BACKGROUND_HU, np.int16),
+        SPACING,
+        tuple(ascending.voxel_to_world(first)),
+        direction,
+    )
     point = ascending.voxel_to_world(NODULE)
     mark = tuple(int(v) for v in np.rint(volume.world_to_voxel(point)))
     volume.hu[mark] = MARK_HU
@@ -66,10 +71,21 @@ def series(request, tmp_path_factory):
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in sorted(folder.glob("*.dcm"))]
     z_positions = [float(header.ImagePositionPatient[2]) for header in headers]
     row, column = mark[1], mark[2]
-    square = np.array([[column - 2, row - 2], [column + 2, row - 2], [column + 2, row + 2], [column - 2, row + 2]], float)
+    square = np.array(
+        [[column - 2, row - 2], [column + 2, row - 2], [column + 2, row + 2], [column - 2, row + 2]], float
+    )
     rois = [ContourROI(point[2] + dz * SPACING[0], square) for dz in (-1, 0, 1)]  # 3 x 3 pixels on 3 slices
-    scan = LIDCScan(PATIENT, str(headers[0].SeriesInstanceUID), "", SPACING[0], SPACING[1], z_positions,
-                    [Annotation("1", "reader", rois, {"malignancy": 2})], rows=SIZE, columns=SIZE)
+    scan = LIDCScan(
+        PATIENT,
+        str(headers[0].SeriesInstanceUID),
+        "",
+        SPACING[0],
+        SPACING[1],
+        z_positions,
+        [Annotation("1", "reader", rois, {"malignancy": 2})],
+        rows=SIZE,
+        columns=SIZE,
+    )
     return dict(root=root, folder=folder, scan=scan, point=point, mark=mark, geometry=request.param)
 
 

@@ -1,4 +1,5 @@
 """The synthetic chest CT: determinism, tissue HU, nodules transplanted from real LIDC contours, I/O."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,12 @@ def plain() -> PhantomCase:
 
 def _roi_signature(scan) -> list:
     return [
-        (a.nodule_id, a.reader, tuple(sorted(a.characteristics.items())),
-         [(r.z_mm, r.inclusion, np.asarray(r.points_xy_px).round(3).tolist()) for r in a.rois])
+        (
+            a.nodule_id,
+            a.reader,
+            tuple(sorted(a.characteristics.items())),
+            [(r.z_mm, r.inclusion, np.asarray(r.points_xy_px).round(3).tolist()) for r in a.rois],
+        )
         for a in scan.annotations
     ]
 
@@ -97,7 +102,9 @@ def test_nodules_sit_in_the_lungs_and_match_their_contours(case, plain):
         dice = 2 * (painted & mask).sum() / (painted.sum() + mask.sum())
         assert dice > 0.7, dice
         texture = np.median([a.characteristics.get("texture", 5) for a in nodule.annotations])
-        ring = ndimage.binary_dilation(mask, iterations=3) & ~ndimage.binary_dilation(mask, iterations=1) & case.lung_mask
+        ring = (
+            ndimage.binary_dilation(mask, iterations=3) & ~ndimage.binary_dilation(mask, iterations=1) & case.lung_mask
+        )
         inside = case.volume.hu[mask].astype(float).mean()
         around = np.median(case.volume.hu[ring]) if ring.any() else -850.0
         assert inside - around > (400 if texture >= 4 else 150)

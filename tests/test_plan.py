@@ -134,8 +134,12 @@ def test_site_rule_of_each_task(phantom_case):
     lenient = PlanCriteria(removal_min_malignancy=6.0)  # the thresholds are the plan's criteria
     with pytest.raises(SiteRuleError, match="not a removal target"):
         check_site_rule("remove", removable.centroid_lps_mm(), nodules, lenient)
-    check_site_rule("inject", removable.centroid_lps_mm(), nodules, PlanCriteria(injection_max_diameter_mm=30.0,
-                                                                                   injection_max_malignancy=5.0))
+    check_site_rule(
+        "inject",
+        removable.centroid_lps_mm(),
+        nodules,
+        PlanCriteria(injection_max_diameter_mm=30.0, injection_max_malignancy=5.0),
+    )
 
 
 def test_tamper_finds_the_case_folders_annotations(phantom_case):
@@ -157,8 +161,9 @@ OFFICIAL_PLANNED = {"remove": 1066, "inject": 2507}
 # A few official sites (coord_z, coord_y, coord_x in the release's convention, slices by descending z).
 OFFICIAL_SAMPLE = {
     "LIDC-IDRI-0003": {"remove": [(57, 198, 308), (58, 198, 308), (56, 219, 221), (57, 219, 221)]},
-    "LIDC-IDRI-0005": {"inject": [(54, 402, 308), (57, 393, 122), (53, 412, 318), (56, 403, 132), (46, 372, 402),
-                                  (45, 382, 412)]},
+    "LIDC-IDRI-0005": {
+        "inject": [(54, 402, 308), (57, 393, 122), (53, 412, 318), (56, 403, 132), (46, 372, 402), (45, 382, 412)]
+    },
     "LIDC-IDRI-0014": {"remove": [(40, 276, 357), (41, 276, 357)]},
 }
 
@@ -197,8 +202,10 @@ def _recall_6mm(plan, official_sites, scans_by_patient):
         scan = scans[0]
         z, y, x = official_zyx
         where = _site_mm(scan, (len(scan.z_positions_mm) - 1 - z, y, x))
-        near = min((np.linalg.norm(_site_mm(scan, s.center_zyx) - where) for s in planned.get((task, patient), [])),
-                   default=np.inf)
+        near = min(
+            (np.linalg.norm(_site_mm(scan, s.center_zyx) - where) for s in planned.get((task, patient), [])),
+            default=np.inf,
+        )
         total[task] = total.get(task, 0) + 1
         hits[task] = hits.get(task, 0) + (near < 6.0)
     return {task: hits[task] / total[task] for task in total}
@@ -235,16 +242,22 @@ def test_official_criteria_find_the_sample_of_official_sites(official_rule_plan,
     by_patient = {}
     for scan in db_scans.values():
         by_patient.setdefault(scan.patient_id, []).append(scan)
-    sample = [(task, patient, zyx) for patient, tasks in OFFICIAL_SAMPLE.items() for task, sites in tasks.items()
-              for zyx in sites]
+    sample = [
+        (task, patient, zyx)
+        for patient, tasks in OFFICIAL_SAMPLE.items()
+        for task, sites in tasks.items()
+        for zyx in sites
+    ]
     assert _recall_6mm(official_rule_plan, sample, by_patient) == {"remove": 1.0, "inject": 1.0}
     # m3d's own rule finds the removals but grows its fakes on the nodules, not 5 voxels off them
     default = plan_sites([by_patient[p][0] for p in OFFICIAL_SAMPLE], PlanCriteria(), seed=0)
     assert _recall_6mm(default, sample, by_patient)["remove"] == 1.0
 
 
-@pytest.mark.skipif(not os.environ.get("M3DSYNTH_TABLES"),
-                    reason="set M3DSYNTH_TABLES to the official release's data/ folder (data.csv, sets.csv)")
+@pytest.mark.skipif(
+    not os.environ.get("M3DSYNTH_TABLES"),
+    reason="set M3DSYNTH_TABLES to the official release's data/ folder (data.csv, sets.csv)",
+)
 def test_official_criteria_recall_on_the_release(official_rule_plan, db_scans):
     """The official sites the preset plans within 6 mm, per task, over single-series patients (measured:
     removal 994 / 994, injection 2,192 / 2,193)."""

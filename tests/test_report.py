@@ -31,7 +31,9 @@ def test_triplanar_figure_draws_overlays(tmp_path):
     mask = np.zeros(volume.shape, dtype=bool)
     mask[8:12, 10:20, 15:25] = True
     detector_map = mask.astype(np.float32) * 0.9
-    path = save_figure(triplanar_figure(volume, (10, 15, 20), mask, {"unet": detector_map}, title="sample"), tmp_path / "fig.png")
+    path = save_figure(
+        triplanar_figure(volume, (10, 15, 20), mask, {"unet": detector_map}, title="sample"), tmp_path / "fig.png"
+    )
     image = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert image.shape[0] > 200 and image.shape[1] > 300
     coloured = (np.abs(image[..., 0] - image[..., 1]) > 60) | (np.abs(image[..., 1] - image[..., 2]) > 60)
@@ -71,7 +73,9 @@ def test_build_report_from_a_results_folder(tmp_path):
     data = make_mini_m3dsynth(tmp_path / "m3dsynth", sites={"train": 1, "test": 1}, generators=("pix2pix",))
     results = tmp_path / "results"
     (results / "plots" / "examples").mkdir(parents=True)
-    (results / "tables.md").write_text("# M3Dsynth benchmark\n\n## Detection: AUC\n\n| Detector | pix2pix |\n|---|---|\n| unet | 0.875 |\n")
+    (results / "tables.md").write_text(
+        "# M3Dsynth benchmark\n\n## Detection: AUC\n\n| Detector | pix2pix |\n|---|---|\n| unet | 0.875 |\n"
+    )
     (results / "bench_config.json").write_text(json.dumps({"data": str(data), "preset": "demo", "seed": 0}))
     save_figure(triplanar_figure(small_volume(), (10, 15, 20)), results / "plots" / "roc_unet.png")
     cell = "cross_generator__unet__pix2pix"
@@ -85,7 +89,10 @@ def test_build_report_from_a_results_folder(tmp_path):
     assert "<td>0.875</td>" in page and "### Detection: AUC" in markdown  # tables nested under their section
     assert "ROC: unet" in page
     triplanar = sorted((results / "report_figures").glob("triplanar_*.png"))
-    assert [p.name for p in triplanar] == ["triplanar_test-inject-0_pix2pix.png", "triplanar_test-remove-0_pix2pix.png"]
+    assert [p.name for p in triplanar] == [
+        "triplanar_test-inject-0_pix2pix.png",
+        "triplanar_test-remove-0_pix2pix.png",
+    ]
     assert Image.open(triplanar[0]).size[0] > 700  # three columns: scan, ground truth, the unet map (two: ~570 px)
     assert "No CAD analysis" in page  # a missing step is said, not silently skipped
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 3

@@ -1,4 +1,5 @@
 """The counter-moves of benchmarks/robustness.py do what they say, on synthetic crops."""
+
 import importlib
 import sys
 from pathlib import Path
@@ -51,5 +52,7 @@ def test_requantize_and_reslice():
     thick = robustness.counter_move(original, "reslice", np.random.default_rng(0), 16, 1.5)
     assert thick.valid == (8, 32, 32) and thick.hu.shape == (8, 32, 32) and thick.mask.shape == (8, 32, 32)
     np.testing.assert_array_equal(thick.hu[0], original.hu[0])  # slice 0 is kept; slice 1 sits at 1.5 old slices
-    np.testing.assert_array_equal(thick.hu[1], np.rint((original.hu[1].astype(float) + original.hu[2]) / 2).astype(np.int16))
+    np.testing.assert_array_equal(
+        thick.hu[1], np.rint((original.hu[1].astype(float) + original.hu[2]) / 2).astype(np.int16)
+    )
     assert thick.mask.any() and thick.mask.sum() < original.mask.sum()

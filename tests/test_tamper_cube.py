@@ -119,7 +119,9 @@ def test_bad_locations_are_refused(voxel, kwargs, message):
         kwargs = {"avoid": [(center + np.array([8.0, 0, 0]), 4.0)]}
     with pytest.raises(TamperLocationError, match=message) as error:
         extract_cube(volume, center, **kwargs)
-    assert "np." not in str(error.value) and re.search(r"location \(-?\d+\.\d, -?\d+\.\d, -?\d+\.\d\) mm", str(error.value))
+    assert "np." not in str(error.value) and re.search(
+        r"location \(-?\d+\.\d, -?\d+\.\d, -?\d+\.\d\) mm", str(error.value)
+    )
     if "lungs" in message:
         assert "--allow-outside-lung" in str(error.value)  # the flag as the command line spells it
 

@@ -1,5 +1,6 @@
 """CT-GAN's touch-ups (m3d.tamper.touch_up): noise with the scan's grain, the injection and removal
 blends, and what they do to a hard-pasted smooth fill."""
+
 from __future__ import annotations
 
 import importlib

@@ -53,9 +53,30 @@ def test_split(mini_m3dsynth, hf_cache):
 
 
 def train_args(data, out, cache, *extra):
-    argv = ["--detector", "unet", "--preset", "tiny", "--data", str(data), "--crop-size", ",".join(map(str, CROP)),
-            "--output-dir", str(out), "--batch-size", "4", "--no-progress", "--dataset-cache-dir", cache, "--log-every", "1",
-            "--generators", "pix2pix", "--tasks", "inject", *extra]
+    argv = [
+        "--detector",
+        "unet",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--crop-size",
+        ",".join(map(str, CROP)),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--dataset-cache-dir",
+        cache,
+        "--log-every",
+        "1",
+        "--generators",
+        "pix2pix",
+        "--tasks",
+        "inject",
+        *extra,
+    ]
     return train_detector.parse_arguments(argv)
 
 
@@ -64,7 +85,13 @@ def train_args(data, out, cache, *extra):
 
 @pytest.mark.parametrize(
     "center, size, length, expected",
-    [(50, 16, 100, (42, 58)), (3, 16, 100, (0, 16)), (98, 16, 100, (84, 100)), (5, 16, 10, (0, 10)), (0, 16, 16, (0, 16))],
+    [
+        (50, 16, 100, (42, 58)),
+        (3, 16, 100, (0, 16)),
+        (98, 16, 100, (84, 100)),
+        (5, 16, 10, (0, 10)),
+        (0, 16, 16, (0, 16)),
+    ],
 )
 def test_crop_window_stays_inside(center, size, length, expected):
     assert crop_window(center, size, length) == expected
@@ -173,7 +200,9 @@ def test_evaluate_detector_scores_every_sample(test_split):
     assert set(result["metrics"]["all"]) == {"all", "inject", "remove"}
     overall = result["metrics"]["all"]["all"]
     assert overall["n_fake"] == 8 and overall["n_pristine"] == 4
-    assert all(np.isfinite(overall[k]) for k in ("auc", "balanced_accuracy", "pd_at_1pct", "f1", "iou", "f1_best", "iou_best"))
+    assert all(
+        np.isfinite(overall[k]) for k in ("auc", "balanced_accuracy", "pd_at_1pct", "f1", "iou", "f1_best", "iou_best")
+    )
     assert result["metrics"]["pix2pix"]["all"]["n_fake"] == 4
     assert result["examples"][0]["map"].shape == result["examples"][0]["mask"].shape
     # the same numbers from reused crops, and a classifier has no localization metrics
@@ -210,7 +239,9 @@ def test_train_validates_saves_best_and_pushes(mini_m3dsynth, hf_cache, tmp_path
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     out = tmp_path / "run"
-    args = train_args(mini_m3dsynth, out, hf_cache, "--max-steps", "3", "--push-to-hub", "--hub-model-id", "m3d-unet-test")
+    args = train_args(
+        mini_m3dsynth, out, hf_cache, "--max-steps", "3", "--push-to-hub", "--hub-model-id", "m3d-unet-test"
+    )
     assert train_detector.train(args) == 0
     logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3]
@@ -236,7 +267,9 @@ def test_resume_continues_exactly(mini_m3dsynth, hf_cache, tmp_path):
     common = ("--validation-split", "none", "--checkpointing-steps", "2")
     assert train_detector.train(train_args(mini_m3dsynth, straight, hf_cache, "--max-steps", "4", *common)) == 0
     assert train_detector.train(train_args(mini_m3dsynth, resumed, hf_cache, "--max-steps", "2", *common)) == 0
-    args = train_args(mini_m3dsynth, resumed, hf_cache, "--max-steps", "4", "--resume-from-checkpoint", "latest", *common)
+    args = train_args(
+        mini_m3dsynth, resumed, hf_cache, "--max-steps", "4", "--resume-from-checkpoint", "latest", *common
+    )
     assert train_detector.train(args) == 0
     assert json.loads((resumed / "training_summary.json").read_text())["steps"] == 4
     a, b = load_file(straight / "best" / "model.safetensors"), load_file(resumed / "best" / "model.safetensors")
@@ -249,17 +282,49 @@ def test_train_on_image_folder(tmp_path, hf_cache):
     images = make_standin_images(tmp_path / "images", n_per_class=4, size=64)
     assert "STAND-IN" in (images / "README.md").read_text()
     out = tmp_path / "run"
-    argv = ["--detector", "resnet_gp", "--preset", "tiny", "--train-images", str(images), "--crop-size", "1,32,32",
-            "--output-dir", str(out), "--batch-size", "4", "--max-steps", "2", "--no-progress", "--dataset-cache-dir", hf_cache]
+    argv = [
+        "--detector",
+        "resnet_gp",
+        "--preset",
+        "tiny",
+        "--train-images",
+        str(images),
+        "--crop-size",
+        "1,32,32",
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--no-progress",
+        "--dataset-cache-dir",
+        hf_cache,
+    ]
     assert train_detector.main(argv) == 0
     assert (out / "best" / "model.safetensors").is_file()
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path):
-    assert cli_main(["train-detector", "--detector", "unet", "--data", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]) == 2
+    assert (
+        cli_main(
+            [
+                "train-detector",
+                "--detector",
+                "unet",
+                "--data",
+                str(tmp_path / "missing"),
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "is not an M3Dsynth folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli_main(["train-detector", "--detector", "unet", "--data", "x", "--output-dir", "y", "--crop-size", "16,60,64"])
+        cli_main(
+            ["train-detector", "--detector", "unet", "--data", "x", "--output-dir", "y", "--crop-size", "16,60,64"]
+        )
 
 
 # -- learnability: every detector learns the task through the real training path ------------------
@@ -269,12 +334,34 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 def test_every_detector_learns_a_tiny_training_set(detector, mini_m3dsynth, hf_cache, tmp_path):
     """150 steps of `m3d train-detector` (tiny config) bring the training loss clearly down and
     separate the tampered training slices from the pristine ones (AUC >= 0.9)."""
-    args = train_args(mini_m3dsynth, tmp_path / "run", hf_cache, "--validation-split", "none", "--batch-size", "8",
-                      "--learning-rate", "1e-2", "--lr-scheduler", "cosine", "--warmup-steps", "10", "--max-steps", "150",
-                      "--num-epochs", "100", "--log-every", "10", "--slices-per-epoch", "32")
+    args = train_args(
+        mini_m3dsynth,
+        tmp_path / "run",
+        hf_cache,
+        "--validation-split",
+        "none",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "1e-2",
+        "--lr-scheduler",
+        "cosine",
+        "--warmup-steps",
+        "10",
+        "--max-steps",
+        "150",
+        "--num-epochs",
+        "100",
+        "--log-every",
+        "10",
+        "--slices-per-epoch",
+        "32",
+    )
     args.detector = detector
     assert train_detector.train(args) == 0
-    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "logs.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [
+        r["loss"] for r in map(json.loads, (tmp_path / "run" / "logs.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), str(losses)  # means over 10 steps each
     model = train_detector.build_detector(model_path=str(tmp_path / "run" / "best")).eval()
     training_set = filter_examples(load_split(mini_m3dsynth, "train", hf_cache), ["pix2pix"], ["inject"])

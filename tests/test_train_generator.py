@@ -1,6 +1,7 @@
 """Generator training (m3d.train): site selection, training cubes and augmentations, the three models'
 losses, and the Accelerate entry point (checkpoints, exact resumption, Ctrl-C, the saved pipeline).
 CPU, tiny preset, synthetic scans built here (the synthetic-phantom source is swapped for them)."""
+
 from __future__ import annotations
 
 import json
@@ -58,7 +59,9 @@ def synthetic_case(seed: int = 0, case_id: str = "synth", nodules=NODULES) -> Tr
     z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(SHAPE, SPACING)], indexing="ij")
     records = []
     for (cz, cy, cx), diameter, malignancy, _ in nodules:
-        inside = (z - cz * SPACING[0]) ** 2 + (y - cy * SPACING[1]) ** 2 + (x - cx * SPACING[2]) ** 2 < (diameter / 2) ** 2
+        inside = (z - cz * SPACING[0]) ** 2 + (y - cy * SPACING[1]) ** 2 + (x - cx * SPACING[2]) ** 2 < (
+            diameter / 2
+        ) ** 2
         hu[inside] = 40 + rng.normal(0, 25, int(inside.sum()))
         records.append(SimpleNamespace(centroid_zyx=(cz, cy, cx), diameter_mm=diameter, malignancy=malignancy))
     return TrainingCase(case_id, CTVolume(hu, SPACING, ORIGIN), records)
@@ -117,8 +120,9 @@ def test_only_kept_sites_train_on_nodules_the_builder_keeps():
     grid = np.indices((40, 40, 40)) - 19.5
     radius = np.sqrt((grid**2).sum(0))
     lung = np.full((40, 40, 40), -850.0, np.float32)
-    solid, ground_glass, small = (np.where(radius < r, hu, lung).astype(np.float32)
-                                  for r, hu in [(7.0, -50.0), (7.0, -600.0), (3.0, -50.0)])
+    solid, ground_glass, small = (
+        np.where(radius < r, hu, lung).astype(np.float32) for r, hu in [(7.0, -50.0), (7.0, -600.0), (3.0, -50.0)]
+    )
     cubes = np.stack([solid, ground_glass, small])
     assert passes_quality_check(cubes, "inject").tolist() == [True, False, False]
     assert passes_quality_check(cubes, "remove").tolist() == [False, True, True]
@@ -245,13 +249,23 @@ def _fixed_batch(case, size: int, count: int) -> dict[str, torch.Tensor]:
 
 
 # the demo DDPM's recipe: v-prediction on a 1,000-step cosine schedule, min-SNR-5, hole-only loss
-DDPM_CPU_RECIPE = dict(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000,
-                       snr_gamma=5.0, hole_only=True)
+DDPM_CPU_RECIPE = dict(
+    prediction_type="v_prediction",
+    beta_schedule="squaredcos_cap_v2",
+    num_train_timesteps=1000,
+    snr_gamma=5.0,
+    hole_only=True,
+)
 
 
 @pytest.mark.parametrize(
     "model, size, count, steps, options",
-    [("pix2pix", 32, 4, 30, {}), ("cyclegan", 32, 2, 10, {}), ("ddpm", 16, 4, 30, {}), ("ddpm", 16, 4, 30, DDPM_CPU_RECIPE)],
+    [
+        ("pix2pix", 32, 4, 30, {}),
+        ("cyclegan", 32, 2, 10, {}),
+        ("ddpm", 16, 4, 30, {}),
+        ("ddpm", 16, 4, 30, DDPM_CPU_RECIPE),
+    ],
     ids=["pix2pix", "cyclegan", "ddpm", "ddpm-v-min-snr"],
 )
 def test_a_tiny_models_loss_falls(case, model, size, count, steps, options):
@@ -283,8 +297,17 @@ def test_a_tiny_ddpms_samples_move_toward_its_training_nodules(case, monkeypatch
     from m3d.models import PRESETS
     from m3d.pipelines import inference_scheduler
 
-    monkeypatch.setitem(PRESETS["UNet3DModel"], "tiny", dict(block_out_channels=(4, 8), layers_per_block=1,
-                        attention_levels=(False, False), norm_num_groups=4, num_head_channels=8))
+    monkeypatch.setitem(
+        PRESETS["UNet3DModel"],
+        "tiny",
+        dict(
+            block_out_channels=(4, 8),
+            layers_per_block=1,
+            attention_levels=(False, False),
+            norm_num_groups=4,
+            num_head_channels=8,
+        ),
+    )
     torch.manual_seed(0)
     trainer = tg.make_trainer("ddpm", "inject", "tiny", learning_rate=5e-3, ema_decay=0.9, **DDPM_CPU_RECIPE)
     trainer.prepare(Accelerator(cpu=True))
@@ -296,8 +319,13 @@ def test_a_tiny_ddpms_samples_move_toward_its_training_nodules(case, monkeypatch
     def sampled_hole_hu() -> np.ndarray:
         pipe = trainer.pipeline()
         pipe.scheduler = inference_scheduler("dpmsolver++", trainer.scheduler)
-        out = pipe(batch["full"], num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="pt",
-                   progress=False)
+        out = pipe(
+            batch["full"],
+            num_inference_steps=10,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+            progress=False,
+        )
         return unit_to_hu(out.cubes[:, 0][:, hole].numpy())
 
     before = sampled_hole_hu()
@@ -375,7 +403,16 @@ def test_saved_pipeline_dtype_and_sampler(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     out = tmp_path / "run"
-    extra = ("--checkpointing-steps", "0", "--save-dtype", "fp16", "--sampler", "dpmsolver++", "--inference-steps", "3")
+    extra = (
+        "--checkpointing-steps",
+        "0",
+        "--save-dtype",
+        "fp16",
+        "--sampler",
+        "dpmsolver++",
+        "--inference-steps",
+        "3",
+    )
     assert tg.main(_argv("ddpm", out, 1, *extra)) == 0
     assert {v.dtype for v in _weights(out, "ddpm").values()} == {torch.float16}
     pipe = load_pipeline(out / "pipeline")
@@ -446,10 +483,24 @@ def test_init_from_a_saved_pipeline(tmp_path, model):
 def test_init_from_on_the_command_line(tmp_path, monkeypatch, capsys):
     """A run started --init-from a trained folder begins at that folder's loss, not a fresh network's."""
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
-    assert tg.main(_argv("pix2pix", tmp_path / "first", 30, "--checkpointing-steps", "0", "--learning-rate", "2e-3")) == 0
+    assert (
+        tg.main(_argv("pix2pix", tmp_path / "first", 30, "--checkpointing-steps", "0", "--learning-rate", "2e-3")) == 0
+    )
     first = [json.loads(line)["loss_l1"] for line in (tmp_path / "first" / "logs.jsonl").read_text().splitlines()]
-    assert tg.main(_argv("pix2pix", tmp_path / "second", 1, "--checkpointing-steps", "0",
-                         "--init-from", str(tmp_path / "first" / "pipeline"))) == 0
+    assert (
+        tg.main(
+            _argv(
+                "pix2pix",
+                tmp_path / "second",
+                1,
+                "--checkpointing-steps",
+                "0",
+                "--init-from",
+                str(tmp_path / "first" / "pipeline"),
+            )
+        )
+        == 0
+    )
     second = json.loads((tmp_path / "second" / "logs.jsonl").read_text().splitlines()[0])["loss_l1"]
     assert second < first[0] * 0.8, (first[0], first[-1], second)
     assert tg.main(_argv("pix2pix", tmp_path / "third", 1, "--init-from", str(tmp_path / "missing"))) == 2
@@ -501,17 +552,26 @@ def test_cube_cache_is_reused(tmp_path, monkeypatch):
 
 
 def test_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cubes_module, "iter_phantom_cases", lambda n, **_: iter([synthetic_case(nodules=NODULES[2:5])]))
+    monkeypatch.setattr(
+        cubes_module, "iter_phantom_cases", lambda n, **_: iter([synthetic_case(nodules=NODULES[2:5])])
+    )
     assert tg.main(_argv("pix2pix", tmp_path / "run", 2)) == 2
     assert "no inject training sites" in capsys.readouterr().err
     assert tg.main(_argv("pix2pix", tmp_path / "run", 2, "--batch-size", "1")) == 2
 
 
 def test_help_runs_as_a_module():
-    result = subprocess.run([sys.executable, "-m", "m3d.train.train_generator", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "m3d.train.train_generator", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     for flag in ("--model", "--task", "--lidc-root", "--phantoms", "--resume-from-checkpoint", "--mixed-precision"):
         assert flag in result.stdout
     parser = tg.build_parser()
     args = parser.parse_args(["--model", "ddpm", "--task", "remove", "--output-dir", "x"])
-    assert args.preset == "default" and args.phantoms >= 1 and args.phantom_size == 320 and args.phantom_spacing == "native"
+    assert (
+        args.preset == "default"
+        and args.phantoms >= 1
+        and args.phantom_size == 320
+        and args.phantom_spacing == "native"
+    )

@@ -4,6 +4,7 @@ tampered site of an M3Dsynth dataset by `m3d.cad.analysis`.
 
 Importing this package registers the scorer with transformers' Auto classes (``model_type="m3d_cad"``).
 """
+
 from .configuration_cad import CAD_PRESETS, CADConfig
 from .modeling_cad import (
     IGNORE_INDEX,

@@ -30,6 +30,7 @@ examples by the readers' median rating at the site, the scorer's own thresholds)
 decoded), a `datasets.Dataset` / `DatasetDict` / `IterableDataset` with the M3Dsynth features, or an
 iterable of such examples. `m3d cad-analysis --model DIR --data DIR --out RESULTS_DIR` is the CLI.
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,11 +52,39 @@ CSV_NAME = "cad_scores.csv"
 JSON_NAME = "cad_scores.json"
 GROUPS = ("pristine_benign", "pristine_malignant", "pristine_indeterminate", "injected", "removed")
 COLUMNS = (
-    "img_id", "site_id", "split", "generator", "task", "label", "group", "patient_id", "site_x_mm", "site_y_mm",
-    "site_z_mm", "nodule_diameter_mm", "malignancy_before", "cad_probability", "cad_logit", "cad_rating", "cad_malignant",
+    "img_id",
+    "site_id",
+    "split",
+    "generator",
+    "task",
+    "label",
+    "group",
+    "patient_id",
+    "site_x_mm",
+    "site_y_mm",
+    "site_z_mm",
+    "nodule_diameter_mm",
+    "malignancy_before",
+    "cad_probability",
+    "cad_logit",
+    "cad_rating",
+    "cad_malignant",
 )
-READ_COLUMNS = ("img_id", "site_id", "volume", "label", "task", "generator", "patient_id", "site_lps_mm",
-                "nodule_diameter_mm", "malignancy_before", "base_img_id", "box_start_zyx", "scan_shape_zyx")
+READ_COLUMNS = (
+    "img_id",
+    "site_id",
+    "volume",
+    "label",
+    "task",
+    "generator",
+    "patient_id",
+    "site_lps_mm",
+    "nodule_diameter_mm",
+    "malignancy_before",
+    "base_img_id",
+    "box_start_zyx",
+    "scan_shape_zyx",
+)
 ATTACK_VERDICT = {"inject": True, "remove": False}  # the verdict the attacker wants: malignant after an injection
 
 
@@ -99,7 +128,9 @@ def iter_folder_examples(folder: str | Path) -> Iterator[dict[str, Any]]:
 
     files = sorted(Path(folder, "data").glob("*/*/*.parquet"))
     if not files:
-        raise FileNotFoundError(f"{folder} is not an M3Dsynth folder: no data/<generator>/<task>/<split>-*.parquet files")
+        raise FileNotFoundError(
+            f"{folder} is not an M3Dsynth folder: no data/<generator>/<task>/<split>-*.parquet files"
+        )
     order = []  # (site_id, not pristine, img_id, file, row group, row): each site's pristine example first
     for path in files:
         parquet = pq.ParquetFile(path)
@@ -126,7 +157,9 @@ def iter_folder_examples(folder: str | Path) -> Iterator[dict[str, Any]]:
         if is_box(raw):
             base = site_scans.get(raw["base_img_id"])
             if base is None:
-                raise ValueError(f"{folder}: the fake {img_id} is stored over {raw['base_img_id']}, which the folder lacks")
+                raise ValueError(
+                    f"{folder}: the fake {img_id} is stored over {raw['base_img_id']}, which the folder lacks"
+                )
             example["scan"] = example_volume(raw, base)
         else:
             example["scan"] = site_scans[img_id] = example_volume(raw)
@@ -183,7 +216,11 @@ def _float(value: Any) -> float:
 
 
 def score_examples(
-    model: CADForMalignancyScoring, examples: Iterable[dict[str, Any]], *, threshold: float = 0.5, progress: bool = True,
+    model: CADForMalignancyScoring,
+    examples: Iterable[dict[str, Any]],
+    *,
+    threshold: float = 0.5,
+    progress: bool = True,
     total: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row (`COLUMNS`) per normalised example: the scorer's verdict at its site."""
@@ -194,16 +231,27 @@ def score_examples(
         site = np.asarray(example["site_lps_mm"], float)
         malignancy = example.get("malignancy_before")
         (score,) = score_locations(model, example["scan"], [site])
-        rows.append({
-            "img_id": example["img_id"], "site_id": example["site_id"], "split": example["split"],
-            "generator": example["generator"], "task": example["task"], "label": example["label"],
-            "group": site_group(example["label"], example["task"], malignancy, model.config),
-            "patient_id": example.get("patient_id") or "",
-            "site_x_mm": float(site[0]), "site_y_mm": float(site[1]), "site_z_mm": float(site[2]),
-            "nodule_diameter_mm": _float(example.get("nodule_diameter_mm")), "malignancy_before": _float(malignancy),
-            "cad_probability": score.probability, "cad_logit": score.logit, "cad_rating": score.rating,
-            "cad_malignant": bool(score.probability >= threshold),
-        })
+        rows.append(
+            {
+                "img_id": example["img_id"],
+                "site_id": example["site_id"],
+                "split": example["split"],
+                "generator": example["generator"],
+                "task": example["task"],
+                "label": example["label"],
+                "group": site_group(example["label"], example["task"], malignancy, model.config),
+                "patient_id": example.get("patient_id") or "",
+                "site_x_mm": float(site[0]),
+                "site_y_mm": float(site[1]),
+                "site_z_mm": float(site[2]),
+                "nodule_diameter_mm": _float(example.get("nodule_diameter_mm")),
+                "malignancy_before": _float(malignancy),
+                "cad_probability": score.probability,
+                "cad_logit": score.logit,
+                "cad_rating": score.rating,
+                "cad_malignant": bool(score.probability >= threshold),
+            }
+        )
     return rows
 
 
@@ -213,8 +261,13 @@ def score_examples(
 def _stats(values: np.ndarray, threshold: float) -> dict[str, float]:
     if not len(values):
         return {"n": 0}
-    return {"n": int(len(values)), "mean": float(values.mean()), "median": float(np.median(values)),
-            "std": float(values.std()), "fraction_malignant": float((values >= threshold).mean())}
+    return {
+        "n": int(len(values)),
+        "mean": float(values.mean()),
+        "median": float(np.median(values)),
+        "std": float(values.std()),
+        "fraction_malignant": float((values >= threshold).mean()),
+    }
 
 
 def summarize(rows: list[dict[str, Any]], threshold: float = 0.5) -> dict[str, Any]:
@@ -231,7 +284,9 @@ def summarize(rows: list[dict[str, Any]], threshold: float = 0.5) -> dict[str, A
         groups[group] = stats
     pristine = [r for r in rows if r["group"] in ("pristine_benign", "pristine_malignant")]
     labels = np.array([r["group"] == "pristine_malignant" for r in pristine], int)
-    auc = roc_auc(labels, np.array([r["cad_probability"] for r in pristine])) if len(set(labels)) == 2 else float("nan")
+    auc = (
+        roc_auc(labels, np.array([r["cad_probability"] for r in pristine])) if len(set(labels)) == 2 else float("nan")
+    )
 
     pristine_by_site = {r["site_id"]: r for r in rows if r["label"] == "pristine"}
     by_generator: dict[str, dict[str, Any]] = {}
@@ -241,7 +296,8 @@ def summarize(rows: list[dict[str, Any]], threshold: float = 0.5) -> dict[str, A
             probabilities = np.array([r["cad_probability"] for r in fakes], float)
             pairs = [(pristine_by_site[r["site_id"]], r) for r in fakes if r["site_id"] in pristine_by_site]
             entry = {
-                "n": len(fakes), "mean_probability": float(probabilities.mean()),
+                "n": len(fakes),
+                "mean_probability": float(probabilities.mean()),
                 "fraction_malignant": float((probabilities >= threshold).mean()),
                 "attack_success": float(np.mean([r["cad_malignant"] == ATTACK_VERDICT[task] for r in fakes])),
                 "pairs": len(pairs),
@@ -250,8 +306,13 @@ def summarize(rows: list[dict[str, Any]], threshold: float = 0.5) -> dict[str, A
                 entry["flip_rate"] = float(np.mean([p["cad_malignant"] != f["cad_malignant"] for p, f in pairs]))
                 entry["mean_change"] = float(np.mean([f["cad_probability"] - p["cad_probability"] for p, f in pairs]))
             by_generator.setdefault(generator, {})[task] = entry
-    return {"threshold": threshold, "n_examples": len(rows), "groups": groups, "pristine_auc": float(auc),
-            "by_generator": by_generator}
+    return {
+        "threshold": threshold,
+        "n_examples": len(rows),
+        "groups": groups,
+        "pristine_auc": float(auc),
+        "by_generator": by_generator,
+    }
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -273,14 +334,21 @@ def histogram_figures(rows: list[dict[str, Any]], threshold: float = 0.5) -> dic
 
     bins = np.linspace(0, 1, 21)
     figures = {}
-    titles = {"inject": "Injection: pristine sites vs injected nodules", "remove": "Removal: pristine nodules vs removed sites"}
+    titles = {
+        "inject": "Injection: pristine sites vs injected nodules",
+        "remove": "Removal: pristine nodules vs removed sites",
+    }
     for task, title in titles.items():
         figure = Figure(figsize=(6, 3.6))
         axes = figure.subplots()
         pristine = [r["cad_probability"] for r in rows if r["task"] == task and r["label"] == "pristine"]
         axes.hist(pristine, bins=bins, color="0.6", alpha=0.7, label=f"pristine (n={len(pristine)})")
         for generator in sorted({r["generator"] for r in rows if r["task"] == task and r["label"] == "fake"}):
-            values = [r["cad_probability"] for r in rows if r["task"] == task and r["generator"] == generator and r["label"] == "fake"]
+            values = [
+                r["cad_probability"]
+                for r in rows
+                if r["task"] == task and r["generator"] == generator and r["label"] == "fake"
+            ]
             axes.hist(values, bins=bins, histtype="step", linewidth=2, label=f"{generator} (n={len(values)})")
         _decorate(axes, title, threshold)
         figures[f"hist_{task}.png"] = _png_bytes(figure)

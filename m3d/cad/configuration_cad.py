@@ -1,4 +1,5 @@
 """Configuration of the m3d CAD malignancy scorer (a 3-D CNN on 1 mm nodule cubes)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """The m3d CAD malignancy scorer: a residual 3-D CNN on a 1 mm nodule cube, as a transformers model."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -119,7 +120,9 @@ class CADForMalignancyScoring(CADPreTrainedModel):
     def __init__(self, config: CADConfig) -> None:
         super().__init__(config)
         widths, groups = config.block_out_channels, config.norm_num_groups
-        self.stem = nn.Sequential(nn.Conv3d(1, widths[0], 3, padding=1, bias=False), nn.GroupNorm(groups, widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv3d(1, widths[0], 3, padding=1, bias=False), nn.GroupNorm(groups, widths[0]), nn.ReLU()
+        )
         self.stages = nn.ModuleList(
             CADStage(widths[max(i - 1, 0)], width, config.layers_per_block, groups) for i, width in enumerate(widths)
         )
@@ -132,7 +135,9 @@ class CADForMalignancyScoring(CADPreTrainedModel):
         """Raise a clear ValueError unless ``pixel_values`` is ``(batch, 1, S, S, S)``, S = cube_size."""
         size = self.config.cube_size
         if pixel_values.ndim != 5 or tuple(pixel_values.shape[1:]) != (1, size, size, size):
-            raise ValueError(f"pixel_values must be (batch, 1, {size}, {size}, {size}); got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be (batch, 1, {size}, {size}, {size}); got {tuple(pixel_values.shape)}"
+            )
 
     def forward(
         self,
@@ -154,7 +159,11 @@ class CADForMalignancyScoring(CADPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def loss(
-        self, logits: torch.Tensor, rating: torch.Tensor | None, labels: torch.Tensor | None, ratings: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        rating: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        ratings: torch.Tensor | None,
     ) -> torch.Tensor | None:
         """BCE over the labelled samples + weighted smooth L1 over the rated ones (None if neither). A term
         whose samples are all unlabelled (unrated) is 0 but keeps its head in the graph: every parameter gets
@@ -183,4 +192,3 @@ def register_cad() -> None:
     AutoConfig.register(CADConfig.model_type, CADConfig, exist_ok=True)
     AutoModel.register(CADConfig, CADForMalignancyScoring, exist_ok=True)
     AutoModelForImageClassification.register(CADConfig, CADForMalignancyScoring, exist_ok=True)
-

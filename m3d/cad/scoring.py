@@ -1,4 +1,5 @@
 """Apply the CAD scorer to locations of a scan: cut the 1 mm cube, scale it, score it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,12 @@ def load_cad(path: str | Path, device: str | torch.device = "cpu") -> CADForMali
     """A saved scorer (``save_pretrained`` folder) in eval mode on ``device``; clear errors otherwise."""
     from ..loading import load_saved_model
 
-    model = load_saved_model(path, {CADConfig.model_type}, f"the CAD scorer ({CADConfig.model_type!r})",
-                             CADForMalignancyScoring.from_pretrained)
+    model = load_saved_model(
+        path,
+        {CADConfig.model_type},
+        f"the CAD scorer ({CADConfig.model_type!r})",
+        CADForMalignancyScoring.from_pretrained,
+    )
     return model.to(device).eval()
 
 
@@ -58,7 +63,7 @@ def score_cubes(model: CADForMalignancyScoring, cubes_hu: np.ndarray, batch_size
     dtype = next(model.parameters()).dtype
     scores: list[CADScore] = []
     for start in range(0, len(cubes_hu), batch_size):
-        batch = torch.from_numpy(hu_to_unit(np.asarray(cubes_hu[start:start + batch_size], np.float32)))[:, None]
+        batch = torch.from_numpy(hu_to_unit(np.asarray(cubes_hu[start : start + batch_size], np.float32)))[:, None]
         output = model(pixel_values=batch.to(device=device, dtype=dtype))
         logits = output.logits.float().cpu().numpy()
         ratings = output.rating.float().cpu().numpy() if output.rating is not None else np.full(len(logits), np.nan)

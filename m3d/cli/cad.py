@@ -1,4 +1,5 @@
 """`m3d cad`: malignancy probability of the nodule at a location (the CAD scorer)."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,5 +31,7 @@ def run(args: argparse.Namespace) -> None:
     model = load_cad(args.model, args.device)
     for text, score in zip(args.at, score_locations(model, volume, locations)):
         rating = "" if math.isnan(score.rating) else f"  rating {score.rating:.2f}/5"
-        print(f"{text}: malignancy {score.probability:.4f}{rating}  -> "
-              f"{'MALIGNANT' if score.probability >= args.threshold else 'benign'} at threshold {args.threshold}")
+        print(
+            f"{text}: malignancy {score.probability:.4f}{rating}  -> "
+            f"{'MALIGNANT' if score.probability >= args.threshold else 'benign'} at threshold {args.threshold}"
+        )

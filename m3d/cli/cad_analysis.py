@@ -1,4 +1,5 @@
 """`m3d cad-analysis`: CAD scores at every tampered and pristine site of an M3Dsynth dataset, with histograms."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="a saved CAD scorer folder")
     parser.add_argument("--data", required=True, help="an M3Dsynth dataset folder (data/<generator>/<task>/*.parquet)")
-    parser.add_argument("--out", required=True, help="results folder; writes OUT/cad/ (cad_scores.csv/json, hist_*.png)")
+    parser.add_argument(
+        "--out", required=True, help="results folder; writes OUT/cad/ (cad_scores.csv/json, hist_*.png)"
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="probability from which the verdict is malignant")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     parser.set_defaults(func=run)
@@ -25,5 +28,7 @@ def run(args: argparse.Namespace) -> None:
     groups = result.summary["groups"]
     for group, stats in groups.items():
         if stats["n"]:
-            print(f"  {group:<24} n={stats['n']:<5} mean {stats['mean']:.3f}  malignant {stats['fraction_malignant']:.1%}")
+            print(
+                f"  {group:<24} n={stats['n']:<5} mean {stats['mean']:.3f}  malignant {stats['fraction_malignant']:.1%}"
+            )
     print(f"wrote {result.folder} ({', '.join(sorted(p.name for p in result.files.values()))})")

@@ -1,4 +1,5 @@
 """`m3d card`: write the model card (README.md) of a saved pipeline, detector or CAD folder."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "card", help="write the model card (README.md) of a saved pipeline, detector or CAD folder"
     )
     parser.add_argument("path", help="the saved folder")
-    parser.add_argument("--name", default=None, help="model name in the card and its model-index (default: the folder name)")
-    parser.add_argument("--real-data", action="store_true", help="trained on real scans: drop the phantom-weights caveat")
-    parser.add_argument("--results", default=None, metavar="CELL_JSON",
-                        help="a finished benchmark cell (RESULTS/cells/<cell>.json of m3d bench): its test metrics go in the card")
+    parser.add_argument(
+        "--name", default=None, help="model name in the card and its model-index (default: the folder name)"
+    )
+    parser.add_argument(
+        "--real-data", action="store_true", help="trained on real scans: drop the phantom-weights caveat"
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        metavar="CELL_JSON",
+        help="a finished benchmark cell (RESULTS/cells/<cell>.json of m3d bench): its test metrics go in the card",
+    )
     parser.set_defaults(func=run)
 
 

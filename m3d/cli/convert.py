@@ -1,4 +1,5 @@
 """`m3d convert`: DICOM series <-> NIfTI, HU and physical geometry preserved."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="DICOM series folder or NIfTI file")
     parser.add_argument("target", help="NIfTI file (.nii/.nii.gz) or an output folder for a DICOM series")
     parser.add_argument("--description", default="m3d convert", help="SeriesDescription of a written DICOM series")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the target: the NIfTI file, or the DICOM files in the target folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the target: the NIfTI file, or the DICOM files in the target folder",
+    )
     add_enhanced_option(parser)
     add_scan_options(parser)
     parser.set_defaults(func=run)
@@ -35,6 +39,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         from ..data.dicom import write_dicom_series
 
-        write_dicom_series(volume, target, series_description=args.description, overwrite=args.overwrite,
-                           enhanced=args.enhanced)
+        write_dicom_series(
+            volume, target, series_description=args.description, overwrite=args.overwrite, enhanced=args.enhanced
+        )
     print(f"wrote {target}  {volume.shape} voxels, spacing_mm {tuple(round(s, 4) for s in volume.spacing_mm)}")

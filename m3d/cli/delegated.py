@@ -1,5 +1,6 @@
 """The commands with their own parser (`m3d build` and the Accelerate entry points): `m3d --help` lists
 them, and `m3d NAME ...` hands the rest of the command line to their module's ``main(argv, prog)``."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,21 +26,28 @@ class DelegatedCommand:
 
 
 TRAIN_GENERATOR = DelegatedCommand(
-    "train-generator", "m3d.train.train_generator",
+    "train-generator",
+    "m3d.train.train_generator",
     "train a tampering generator (pix2pix | cyclegan | ddpm) with Accelerate; --help for its options",
 )
 TRAIN_CAD = DelegatedCommand(
-    "train-cad", "m3d.train.train_cad", "train the CAD malignancy scorer with Accelerate; --help for its options",
+    "train-cad",
+    "m3d.train.train_cad",
+    "train the CAD malignancy scorer with Accelerate; --help for its options",
 )
 TRAIN_DETECTOR = DelegatedCommand(
-    "train-detector", "m3d.train.train_detector",
+    "train-detector",
+    "m3d.train.train_detector",
     "fine-tune a forensic detector on M3Dsynth with Accelerate; --help for its options",
 )
 BENCH = DelegatedCommand(
-    "bench", "m3d.train.benchmark", "the M3Dsynth benchmark: detectors x train x test generators -> results folder",
+    "bench",
+    "m3d.train.benchmark",
+    "the M3Dsynth benchmark: detectors x train x test generators -> results folder",
 )
 BUILD = DelegatedCommand(
-    "build", "m3d.build",
+    "build",
+    "m3d.build",
     "build the M3Dsynth dataset folder (phantom default or --lidc-root); --help for its options",
 )
 DELEGATED_COMMANDS: dict[str, DelegatedCommand] = {

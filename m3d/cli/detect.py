@@ -1,4 +1,5 @@
 """`m3d detect`: run a saved detector over a scan: volume score and 3-D localization map."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scan", required=True, help="DICOM series folder or NIfTI file")
     parser.add_argument("--out", default=None, help="write the localization map as NIfTI (.nii.gz)")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="decision threshold on the volume score (default: the model's volume_threshold, calibrated "
-                        "by m3d train-detector on crops of its training crop size; a whole scan's max over more slices runs higher)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="decision threshold on the volume score (default: the model's volume_threshold, calibrated "
+        "by m3d train-detector on crops of its training crop size; a whole scan's max over more slices runs higher)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--bf16", action="store_true", help="run in bfloat16")
     add_scan_options(parser)
@@ -36,8 +41,10 @@ def run(args: argparse.Namespace) -> None:
     result = detect_volume(model, volume, batch_size=args.batch_size, progress=True)
     top = int(result.slice_scores.argmax())
     threshold = model.config.volume_threshold if args.threshold is None else args.threshold
-    print(f"score {result.score:.4f}  (max over {volume.shape[0]} slices, at slice {top})  -> "
-          f"{'MANIPULATED' if result.score > threshold else 'pristine'} at threshold {threshold:.4g}")
+    print(
+        f"score {result.score:.4f}  (max over {volume.shape[0]} slices, at slice {top})  -> "
+        f"{'MANIPULATED' if result.score > threshold else 'pristine'} at threshold {threshold:.4g}"
+    )
     if args.out:
         if result.localization is None:
             raise ValueError(f"{type(model).__name__} does not localize: it has no map to write")

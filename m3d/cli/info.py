@@ -1,4 +1,5 @@
 """`m3d info`: geometry and nodules of a DICOM series, NIfTI file, LIDC XML or LIDC case folder."""
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,9 @@ def describe_path(path: Path, series_instance_uid: str | None = None) -> list[st
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `m3d info`."""
     parser = subparsers.add_parser("info", help="geometry and nodules of a DICOM series, NIfTI file or LIDC case")
-    parser.add_argument("path", help="DICOM series folder, .nii/.nii.gz file, LIDC XML, or a case folder (dicom/ + XML)")
+    parser.add_argument(
+        "path", help="DICOM series folder, .nii/.nii.gz file, LIDC XML, or a case folder (dicom/ + XML)"
+    )
     add_scan_options(parser)
     parser.set_defaults(func=run)
 

@@ -1,4 +1,5 @@
 """`m3d lidc summary`: the LIDC-IDRI annotation database in numbers."""
+
 from __future__ import annotations
 
 import argparse

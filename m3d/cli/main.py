@@ -1,6 +1,7 @@
 """The `m3d` top parser: every sub-command module registers itself (``add_parser``) in the order of
 `m3d --help`; `main` fixes negative ``--at`` coordinates, hands delegated commands their arguments and runs
 the others' handler under m3d's error policy (`m3d.errors.run_guarded`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,23 @@ from typing import Callable, Protocol, Sequence
 
 from .. import __version__
 from ..errors import run_guarded
-from . import (cad, cad_analysis, card, convert, demo, detect, export_official, import_official, info, lidc, phantom,
-               plan, push, report, tamper)
+from . import (
+    cad,
+    cad_analysis,
+    card,
+    convert,
+    demo,
+    detect,
+    export_official,
+    import_official,
+    info,
+    lidc,
+    phantom,
+    plan,
+    push,
+    report,
+    tamper,
+)
 from .delegated import BENCH, BUILD, DELEGATED_COMMANDS, TRAIN_CAD, TRAIN_DETECTOR, TRAIN_GENERATOR
 
 
@@ -22,8 +38,26 @@ class Command(Protocol):
 
 
 COMMANDS: tuple[Command, ...] = (
-    info, convert, phantom, tamper, detect, TRAIN_GENERATOR, TRAIN_CAD, TRAIN_DETECTOR, BENCH, cad, cad_analysis, plan,
-    BUILD, import_official, export_official, push, report, card, lidc, demo,
+    info,
+    convert,
+    phantom,
+    tamper,
+    detect,
+    TRAIN_GENERATOR,
+    TRAIN_CAD,
+    TRAIN_DETECTOR,
+    BENCH,
+    cad,
+    cad_analysis,
+    plan,
+    BUILD,
+    import_official,
+    export_official,
+    push,
+    report,
+    card,
+    lidc,
+    demo,
 )
 
 

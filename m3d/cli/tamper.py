@@ -1,4 +1,5 @@
 """`m3d tamper`: inject a fake nodule into, or remove one from, a scan with a saved generator pipeline."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..constants import TASKS
-from .scans import add_enhanced_option, add_location_options, add_scan_options, find_lidc_xml, load_scan, parse_location
+from .scans import (
+    add_enhanced_option,
+    add_location_options,
+    add_scan_options,
+    find_lidc_xml,
+    load_scan,
+    parse_location,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -14,8 +22,9 @@ if TYPE_CHECKING:
     from ..data.ct import CTVolume
 
 
-def check_sites(scan: Path, volume: CTVolume, task: str, locations_lps_mm: list[np.ndarray],
-                nodules_xml: str | None) -> None:
+def check_sites(
+    scan: Path, volume: CTVolume, task: str, locations_lps_mm: list[np.ndarray], nodules_xml: str | None
+) -> None:
     """Refuse sites that break ``task``'s rule (`m3d.tamper.plan.check_site_rule`) among the nodules of the
     scan's LIDC XML: ``nodules_xml``, or the one of this series in the scan's folder or the case folder above."""
     from ..data.lidc import group_nodules, read_lidc_xml
@@ -46,21 +55,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "tamper", help="inject a fake nodule into, or remove one from, a scan with a saved generator pipeline"
     )
     parser.add_argument("--scan", required=True, help="DICOM series folder or NIfTI file")
-    parser.add_argument("--task", required=True, choices=TASKS,
-                        help="inject a fake malignant nodule at --at, or remove the nodule there")
+    parser.add_argument(
+        "--task",
+        required=True,
+        choices=TASKS,
+        help="inject a fake malignant nodule at --at, or remove the nodule there",
+    )
     add_location_options(parser)
     parser.add_argument("--pipeline", required=True, help="a saved m3d pipeline folder (save_pretrained)")
     parser.add_argument("--out", required=True, help="output folder: dicom/ (tampered series) + mask.nii.gz")
     parser.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (DDPM pipelines)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the generation")
     parser.add_argument("--allow-outside-lung", action="store_true", help="allow a location outside the lungs")
-    parser.add_argument("--nodules", metavar="XML",
-                        help="the series' LIDC XML, to check each site against the task's rule (default: the LIDC XML "
-                        "of this series in the scan's folder or the folder above it)")
-    parser.add_argument("--ignore-site-rule", action="store_true",
-                        help="tamper even where the rule refuses: remove needs a malignant nodule (>= 8 mm, rated "
-                        ">= 3) that fits the 20 mm hole; inject needs no such nodule in the hole")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier output (OUT/dicom, OUT/mask.nii.gz)")
+    parser.add_argument(
+        "--nodules",
+        metavar="XML",
+        help="the series' LIDC XML, to check each site against the task's rule (default: the LIDC XML "
+        "of this series in the scan's folder or the folder above it)",
+    )
+    parser.add_argument(
+        "--ignore-site-rule",
+        action="store_true",
+        help="tamper even where the rule refuses: remove needs a malignant nodule (>= 8 mm, rated "
+        ">= 3) that fits the 20 mm hole; inject needs no such nodule in the hole",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier output (OUT/dicom, OUT/mask.nii.gz)"
+    )
     add_enhanced_option(parser)
     add_scan_options(parser)
     parser.set_defaults(func=run)
@@ -90,8 +111,10 @@ def run(args: argparse.Namespace) -> None:
     sampling = {}
     if args.steps is not None:
         if not isinstance(pipeline, M3DInpaintPipeline):
-            raise ValueError(f"--steps sets a diffusion pipeline's sampling steps; {args.pipeline} holds a "
-                             f"{type(pipeline).__name__}, which has none")
+            raise ValueError(
+                f"--steps sets a diffusion pipeline's sampling steps; {args.pipeline} holds a "
+                f"{type(pipeline).__name__}, which has none"
+            )
         sampling["num_inference_steps"] = args.steps
     result = pipeline(
         volume=volume,
@@ -106,8 +129,9 @@ def run(args: argparse.Namespace) -> None:
     staging = out / f".m3d-tamper.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_dicom_series(result.volumes[0], staging / "dicom", series_description=f"m3d {args.task}",
-                           enhanced=args.enhanced)
+        write_dicom_series(
+            result.volumes[0], staging / "dicom", series_description=f"m3d {args.task}", enhanced=args.enhanced
+        )
         write_mask_nifti(result.masks[0], volume, staging / "mask.nii.gz")
         if series_dir.exists():
             shutil.rmtree(series_dir)

@@ -11,6 +11,7 @@ Conventions (the one place where they are defined):
   increases. A standard axial scan stored with ascending z has the anti-diagonal matrix
   ``[[0, 0, 1], [0, 1, 0], [1, 0, 0]]``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -120,8 +121,16 @@ class CTVolume:
         world (same spacing and direction, origin at voxel ``start``)."""
         start = np.asarray(start_zyx, int)
         stop = np.asarray(stop_zyx, int)
-        if start.shape != (3,) or stop.shape != (3,) or np.any(start < 0) or np.any(stop > self.shape) or np.any(stop <= start):
-            raise ValueError(f"region {tuple(start)}..{tuple(stop)} is empty or outside a volume of shape {self.shape}")
+        if (
+            start.shape != (3,)
+            or stop.shape != (3,)
+            or np.any(start < 0)
+            or np.any(stop > self.shape)
+            or np.any(stop <= start)
+        ):
+            raise ValueError(
+                f"region {tuple(start)}..{tuple(stop)} is empty or outside a volume of shape {self.shape}"
+            )
         hu = self.hu[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
         return replace(self, hu=np.ascontiguousarray(hu), origin_mm=tuple(self.voxel_to_world(start)))
 

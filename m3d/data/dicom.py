@@ -15,6 +15,7 @@ intercept 0, so HU round-trip exactly): derived from the volume's source headers
 Series/SOP UIDs, ImageType DERIVED, geometry and pixels updated), else a complete minimal CT IOD; or, as
 an option, the same as one Enhanced CT Image object.
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,17 +59,37 @@ _PIXEL_DATA = 0x7FE00010
 _NATIVE_LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 _ENHANCED_CT = {EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage}
 # functional groups whose attributes a single-frame slice holds at its top level (read from shared, then per frame)
-_FRAME_GROUPS = ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
-                 "PixelValueTransformationSequence", "FrameVOILUTSequence",
-                 "UnassignedSharedConvertedAttributesSequence", "UnassignedPerFrameConvertedAttributesSequence")
+_FRAME_GROUPS = (
+    "PlanePositionSequence",
+    "PlaneOrientationSequence",
+    "PixelMeasuresSequence",
+    "PixelValueTransformationSequence",
+    "FrameVOILUTSequence",
+    "UnassignedSharedConvertedAttributesSequence",
+    "UnassignedPerFrameConvertedAttributesSequence",
+)
 # tags that describe a multi-frame object as a whole, not one of its frames
-_WHOLE_OBJECT_TAGS = {Tag(keyword) for keyword in (
-    "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
-    "DimensionOrganizationSequence", "DimensionIndexSequence", "DimensionOrganizationType", "PixelData",
-)}
+_WHOLE_OBJECT_TAGS = {
+    Tag(keyword)
+    for keyword in (
+        "NumberOfFrames",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "DimensionOrganizationSequence",
+        "DimensionIndexSequence",
+        "DimensionOrganizationType",
+        "PixelData",
+    )
+}
 # a supplemental palette (Enhanced CT) maps stored values, which the writer changes: it is not kept
-_PALETTE_KEYWORDS = ("PixelPresentation", *(f"{colour}PaletteColorLookupTable{part}"
-                                            for colour in ("Red", "Green", "Blue") for part in ("Descriptor", "Data")))
+_PALETTE_KEYWORDS = (
+    "PixelPresentation",
+    *(
+        f"{colour}PaletteColorLookupTable{part}"
+        for colour in ("Red", "Green", "Blue")
+        for part in ("Descriptor", "Data")
+    ),
+)
 _PIP_NAMES = {"gdcm": "python-gdcm"}  # pydicom's dependency names that differ from the PyPI name
 _WORKERS = min(8, (os.cpu_count() or 1) + 2)
 
@@ -119,9 +140,21 @@ def _starts_with_dicom_tag(path: Path) -> bool:
 
 
 # image attributes read as one number; a damaged header can give them several values, or none
-_SINGLE_NUMBERS = ("Rows", "Columns", "NumberOfFrames", "BitsAllocated", "BitsStored", "PixelRepresentation",
-                   "SamplesPerPixel", "RescaleSlope", "RescaleIntercept", "PixelPaddingValue", "PixelPaddingRangeLimit",
-                   "SliceThickness", "SpacingBetweenSlices")
+_SINGLE_NUMBERS = (
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+)
 
 
 def _check_single_numbers(where: str, header: Dataset) -> None:
@@ -158,24 +191,31 @@ def _try_read(path: Path) -> Dataset | None:
         except pydicom.errors.InvalidDicomError:
             if not _starts_with_dicom_tag(path):
                 if _is_dicom_file(path):  # a .dcm file, or one cut inside its preamble
-                    raise DicomSeriesError(f"{path} is a damaged DICOM file (no DICM marker); repair or remove it") from None
+                    raise DicomSeriesError(
+                        f"{path} is a damaged DICOM file (no DICM marker); repair or remove it"
+                    ) from None
                 return None
             dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)  # legacy file, no preamble
         _decode_header(dataset)
     except Exception as error:  # pydicom raises many types on files that are not DICOM
         if _is_dicom_file(path):
-            raise DicomSeriesError(f"{path} is a damaged DICOM file ({type(error).__name__}: {error}); repair or remove it") from None
+            raise DicomSeriesError(
+                f"{path} is a damaged DICOM file ({type(error).__name__}: {error}); repair or remove it"
+            ) from None
         return None
     if any(keyword not in dataset for keyword in ("SeriesInstanceUID", "Rows", "Columns")):
         file_meta = dataset.get("file_meta", Dataset())
         sop_class = file_meta.get("MediaStorageSOPClassUID") or dataset.get("SOPClassUID")
         meta_length = file_meta.get("FileMetaInformationGroupLength")
         if sop_class is None or (meta_length is not None and path.stat().st_size < 144 + int(meta_length)):
-            raise DicomSeriesError(f"{path} is a damaged DICOM file: its header stops before it says what it holds; "
-                                   "repair or remove it")
+            raise DicomSeriesError(
+                f"{path} is a damaged DICOM file: its header stops before it says what it holds; repair or remove it"
+            )
         if "Image Storage" in getattr(sop_class, "name", ""):
-            raise DicomSeriesError(f"{path} is a damaged DICOM image: a {sop_class.name} file whose header stops "
-                                   "before its series and image size; repair or remove it")
+            raise DicomSeriesError(
+                f"{path} is a damaged DICOM image: a {sop_class.name} file whose header stops "
+                "before its series and image size; repair or remove it"
+            )
         return None  # DICOMDIR, structured reports, presentation states...
     _check_single_numbers(str(path), dataset)
     if "TransferSyntaxUID" not in dataset.file_meta:  # no file meta: the encoding it was read with
@@ -213,7 +253,10 @@ def _series_table(items: list[Item]) -> dict[str, list[Item]]:
 def _info(uid: str, items: list[Item]) -> DicomSeriesInfo:
     header = items[0][1]
     return DicomSeriesInfo(
-        uid, str(header.get("Modality", "")), len(items), str(header.get("SeriesDescription", "")),
+        uid,
+        str(header.get("Modality", "")),
+        len(items),
+        str(header.get("SeriesDescription", "")),
         str(header.get("PatientID", "")),
     )
 
@@ -244,11 +287,15 @@ def _select_series(folder: Path, series_instance_uid: str | None) -> list[Item]:
         if others:
             _warn(f"{folder}: skipped non-CT series: {_describe(others)}")
         if len(ct) > 1:
-            raise DicomSeriesError(f"{folder} holds {len(ct)} CT series; choose one by SeriesInstanceUID: {_describe(ct)}")
+            raise DicomSeriesError(
+                f"{folder} holds {len(ct)} CT series; choose one by SeriesInstanceUID: {_describe(ct)}"
+            )
         chosen = table[ct[0].series_instance_uid]
     info = _info(str(chosen[0][1].SeriesInstanceUID), chosen)
     if info.modality != "CT":
-        raise DicomSeriesError(f"series {info.series_instance_uid} is {info.modality or 'of unknown modality'}, not CT")
+        raise DicomSeriesError(
+            f"series {info.series_instance_uid} is {info.modality or 'of unknown modality'}, not CT"
+        )
     return chosen
 
 
@@ -275,13 +322,16 @@ def _frame_records(path: Path, header: Dataset) -> list[Item]:
         size = int(header.Rows) * int(header.Columns) * 2
         if pixels.length < frames * size:
             raise DicomSeriesError(f"{path.name}: pixel data is truncated ({pixels.length} of {frames * size} bytes)")
-        frame_pixels = [pixels._replace(value=None, length=size, value_tell=pixels.value_tell + index * size)
-                        for index in range(frames)]
+        frame_pixels = [
+            pixels._replace(value=None, length=size, value_tell=pixels.value_tell + index * size)
+            for index in range(frames)
+        ]
     else:  # every frame decoded at once, kept as native little-endian bytes
         decoded = _decode(path, header).reshape(frames, -1)
         vr = "OB" if decoded.itemsize == 1 else "OW"
-        frame_pixels = [DataElement(_PIXEL_DATA, vr, frame.astype(frame.dtype.newbyteorder("<")).tobytes())
-                        for frame in decoded]
+        frame_pixels = [
+            DataElement(_PIXEL_DATA, vr, frame.astype(frame.dtype.newbyteorder("<")).tobytes()) for frame in decoded
+        ]
         file_meta = copy.copy(file_meta)
         file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     records = []
@@ -308,16 +358,22 @@ def _single_frames(items: list[Item]) -> list[Item]:
     path, header = multi[0]
     series = f"series {header.SeriesInstanceUID}"
     if len(multi) > 1:
-        raise DicomSeriesError(f"{path.name} and {multi[1][0].name} are both multi-frame objects of {series}; "
-                               "a series is read from one enhanced CT object: keep one of them")
+        raise DicomSeriesError(
+            f"{path.name} and {multi[1][0].name} are both multi-frame objects of {series}; "
+            "a series is read from one enhanced CT object: keep one of them"
+        )
     if len(items) > 1:
         others = [other.name for other, _ in items if other != path]
-        raise DicomSeriesError(f"{path.name} is a multi-frame object of {series}, which also has {len(others)} "
-                               f"single-frame file(s) ({', '.join(others[:3])}); keep either the object or the slices")
+        raise DicomSeriesError(
+            f"{path.name} is a multi-frame object of {series}, which also has {len(others)} "
+            f"single-frame file(s) ({', '.join(others[:3])}); keep either the object or the slices"
+        )
     sop_class = UID(str(header.get("SOPClassUID", "")))
     if sop_class not in _ENHANCED_CT:
-        raise DicomSeriesError(f"{path.name} is a multi-frame {sop_class.name or 'object'}, not an Enhanced CT image: "
-                               "the geometry of its frames is unknown")
+        raise DicomSeriesError(
+            f"{path.name} is a multi-frame {sop_class.name or 'object'}, not an Enhanced CT image: "
+            "the geometry of its frames is unknown"
+        )
     return _frame_records(path, header)
 
 
@@ -336,7 +392,9 @@ def _require(items: list[Item], keyword: str) -> np.ndarray:
         element = header[keyword]
         values = [element.value] if element.VM == 1 else list(element.value)
         if len(values) != count or not all(isinstance(v, (int, float)) and np.isfinite(float(v)) for v in values):
-            raise DicomSeriesError(f"{_name(path, header)}: {keyword} is {element.value!r}, not {count} finite numbers")
+            raise DicomSeriesError(
+                f"{_name(path, header)}: {keyword} is {element.value!r}, not {count} finite numbers"
+            )
         rows.append([float(v) for v in values])
     return np.array(rows)
 
@@ -375,7 +433,9 @@ def _decoder_advice(syntax: UID, error: Exception) -> str:
         return f"{reason}; every decoder plugin pydicom knows for it is installed: the data may be corrupt"
     preferred = sorted(missing, key=lambda entry: not entry.startswith("pylibjpeg"))[0]
     requirements = preferred.partition(" - requires ")[2].split(" and ")
-    packages = [_PIP_NAMES.get(name, name) for name in (re.split(r"[<>=!~ ]", r)[0] for r in requirements) if name != "numpy"]
+    packages = [
+        _PIP_NAMES.get(name, name) for name in (re.split(r"[<>=!~ ]", r)[0] for r in requirements) if name != "numpy"
+    ]
     plugins = ", ".join(entry.partition(" - ")[0] for entry in missing)
     return f"{reason}; install a decoder, e.g. `pip install {' '.join(packages)}` (missing pydicom plugins: {plugins})"
 
@@ -452,8 +512,10 @@ def _fill_slice(out: np.ndarray, path: Path, header: Dataset) -> bool:
     samples = int(header.get("SamplesPerPixel", 1))
     if samples != 1:
         colour = header.get("PhotometricInterpretation", "")
-        raise DicomSeriesError(f"{_name(path, header)} holds {samples} samples per pixel ({colour} colour); "
-                               "a CT slice holds one grey value per pixel")
+        raise DicomSeriesError(
+            f"{_name(path, header)} holds {samples} samples per pixel ({colour} colour); "
+            "a CT slice holds one grey value per pixel"
+        )
     if int(header.Rows) != out.shape[0] or int(header.Columns) != out.shape[1]:
         raise DicomSeriesError(f"{_name(path, header)}: image size differs from the rest of the series")
     slope, intercept = _rescale(header)
@@ -671,8 +733,14 @@ def _slice_header(
 ) -> Dataset:
     """A copy of ``base`` made into slice ``index`` of the new series: UIDs, geometry and pixels set."""
     header = copy.deepcopy(base)
-    for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit", "SmallestImagePixelValue",
-                    "LargestImagePixelValue", "PixelData", *_PALETTE_KEYWORDS):
+    for keyword in (
+        "PixelPaddingValue",
+        "PixelPaddingRangeLimit",
+        "SmallestImagePixelValue",
+        "LargestImagePixelValue",
+        "PixelData",
+        *_PALETTE_KEYWORDS,
+    ):
         if keyword in header:
             delattr(header, keyword)
     header.SOPClassUID = CTImageStorage
@@ -721,18 +789,28 @@ def _enhanced_header(
     orientation, pixel value transformation, frame type, frame VOI LUT shared; frame content and plane position
     per frame) and the frames indexed by stack position. Frame anatomy and irradiation event, which m3d does not
     know, are left out."""
-    header = _slice_header(volume, 0, base, derived=derived, series_uid=series_uid, sop_uid=sop_uid,
-                           description=description)
+    header = _slice_header(
+        volume, 0, base, derived=derived, series_uid=series_uid, sop_uid=sop_uid, description=description
+    )
     image_type = ["DERIVED", "SECONDARY", "VOLUME", "NONE"]
     shared = _item(
-        PixelMeasuresSequence=[_item(
-            PixelSpacing=header.PixelSpacing, SliceThickness=header.get("SliceThickness") or _ds(volume.spacing_mm[0]),
-            SpacingBetweenSlices=_ds(volume.spacing_mm[0]),
-        )],
+        PixelMeasuresSequence=[
+            _item(
+                PixelSpacing=header.PixelSpacing,
+                SliceThickness=header.get("SliceThickness") or _ds(volume.spacing_mm[0]),
+                SpacingBetweenSlices=_ds(volume.spacing_mm[0]),
+            )
+        ],
         PlaneOrientationSequence=[_item(ImageOrientationPatient=header.ImageOrientationPatient)],
         PixelValueTransformationSequence=[_item(RescaleIntercept="0", RescaleSlope="1", RescaleType="HU")],
-        CTImageFrameTypeSequence=[_item(FrameType=image_type, PixelPresentation="MONOCHROME",
-                                        VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE")],
+        CTImageFrameTypeSequence=[
+            _item(
+                FrameType=image_type,
+                PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME",
+                VolumeBasedCalculationTechnique="NONE",
+            )
+        ],
     )
     if "WindowCenter" in header and "WindowWidth" in header:
         shared.FrameVOILUTSequence = [_item(WindowCenter=header.WindowCenter, WindowWidth=header.WindowWidth)]
@@ -746,16 +824,30 @@ def _enhanced_header(
         )
         for index in range(volume.shape[0])
     ]
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-                    "SpacingBetweenSlices", "SliceLocation", "RescaleSlope", "RescaleIntercept", "RescaleType",
-                    "WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
+    for keyword in (
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "SliceLocation",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "RescaleType",
+        "WindowCenter",
+        "WindowWidth",
+        "WindowCenterWidthExplanation",
+    ):
         if keyword in header:
             delattr(header, keyword)
     organization = _uid(sop_uid, "dimension organization")
     header.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organization)]
     header.DimensionIndexSequence = [
-        _item(DimensionIndexPointer=Tag(keyword), FunctionalGroupPointer=Tag("FrameContentSequence"),
-              DimensionOrganizationUID=organization)
+        _item(
+            DimensionIndexPointer=Tag(keyword),
+            FunctionalGroupPointer=Tag("FrameContentSequence"),
+            DimensionOrganizationUID=organization,
+        )
         for keyword in ("StackID", "InStackPositionNumber")
     ]
     header.SOPClassUID = header.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
@@ -827,11 +919,24 @@ def write_dicom_series(
             base = sources[index] if derived else template
             sop_uid = _uid(uid_seed, series_uid, "sop", index)
             if enhanced:
-                header = _enhanced_header(volume, base, derived=derived, series_uid=series_uid, sop_uid=sop_uid,
-                                          description=series_description)
+                header = _enhanced_header(
+                    volume,
+                    base,
+                    derived=derived,
+                    series_uid=series_uid,
+                    sop_uid=sop_uid,
+                    description=series_description,
+                )
             else:
-                header = _slice_header(volume, index, base, derived=derived, series_uid=series_uid, sop_uid=sop_uid,
-                                       description=series_description)
+                header = _slice_header(
+                    volume,
+                    index,
+                    base,
+                    derived=derived,
+                    series_uid=series_uid,
+                    sop_uid=sop_uid,
+                    description=series_description,
+                )
             header.save_as(staging / name, enforce_file_format=True)
         publish_folder(staging, out_dir)
     except BaseException:

@@ -1,5 +1,6 @@
 """Finding LIDC-IDRI on disk: which XML files are LIDC annotation files, which series they annotate, and
 every DICOM series folder of a download paired with its own XML."""
+
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,6 @@ def xml_series_uid(path: Path) -> str | None:
     with open(path, "rb") as handle:
         match = _SERIES_UID.search(handle.read(65536))
     return match.group(1).decode() if match else None
-
 
 
 def _dicom_series_uid(folder: Path, files: list[str]) -> str | None:

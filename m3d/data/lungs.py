@@ -1,4 +1,5 @@
 """A fast, dependency-free lung segmentation used to check that tampering happens inside the lungs."""
+
 from __future__ import annotations
 
 import numpy as np

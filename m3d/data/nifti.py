@@ -1,5 +1,6 @@
 """NIfTI read/write with nibabel. NIfTI world space is RAS, m3d's is DICOM LPS: the two differ by
 flipping x and y, and nibabel indexes voxels ``(i, j, k)`` = our ``(x, y, z)`` array axes reversed."""
+
 from __future__ import annotations
 
 import os
@@ -116,7 +117,9 @@ def volume_from_nifti_image(
         data_xyz = image.get_fdata(dtype=np.float64) if scaled else np.asarray(image.dataobj)
     except (EOFError, OSError, OverflowError, ValueError, zlib.error) as error:  # the voxels are read only now
         reason = " ".join(str(error).split())  # nibabel's messages span lines
-        raise ValueError(f"{source}: its voxel data cannot be read, the file is truncated or corrupt ({reason})") from None
+        raise ValueError(
+            f"{source}: its voxel data cannot be read, the file is truncated or corrupt ({reason})"
+        ) from None
     if data_xyz.dtype.kind not in "biuf":
         what = f"colour ({', '.join(data_xyz.dtype.names)})" if data_xyz.dtype.names else str(data_xyz.dtype)
         raise ValueError(f"{source} holds {what} voxels; a CT volume holds one number (HU) per voxel")
@@ -124,8 +127,10 @@ def volume_from_nifti_image(
         nonfinite = ~np.isfinite(data_xyz)
         if nonfinite.any():
             if fill_nonfinite_hu is None:
-                raise ValueError(f"{source} holds {int(nonfinite.sum())} NaN or infinite voxels; CT needs a HU value "
-                                 "everywhere (read_nifti(..., fill_nonfinite_hu=-1024) puts air there)")
+                raise ValueError(
+                    f"{source} holds {int(nonfinite.sum())} NaN or infinite voxels; CT needs a HU value "
+                    "everywhere (read_nifti(..., fill_nonfinite_hu=-1024) puts air there)"
+                )
             data_xyz = np.where(nonfinite, fill_nonfinite_hu, data_xyz)
     if data_xyz.dtype != np.int16:
         data_xyz = np.rint(data_xyz) if data_xyz.dtype.kind == "f" else data_xyz

@@ -1,4 +1,5 @@
 """Spacing-aware resampling between voxel grids, all through the volumes' affines (LPS mm)."""
+
 from __future__ import annotations
 
 from dataclasses import replace

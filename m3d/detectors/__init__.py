@@ -5,6 +5,7 @@ loads with ``AutoModel.from_pretrained(path)``. All share `M3DDetectorConfig` (w
 transform), `DetectorOutput` and `detect_volume` (slice-wise inference into a 3-D map; Slab3D, m3d's own,
 reads a slab of slices around each one).
 """
+
 from .hpfcn import HPFCNConfig, HPFCNForForgeryDetection
 from .image_processing_m3d import M3DCTImageProcessor, register_image_processors
 from .mantranet import ManTraNetConfig, ManTraNetForForgeryDetection

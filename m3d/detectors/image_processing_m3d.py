@@ -5,6 +5,7 @@
 beside a detector as ``preprocessor_config.json``, it loads with ``AutoImageProcessor.from_pretrained(folder)`` once
 `register_image_processors` has run.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -101,8 +102,9 @@ class M3DCTImageProcessor(BaseImageProcessor):
         hu = images.hu if isinstance(images, CTVolume) else images
         hu = hu if torch.is_tensor(hu) else np.asarray(hu)
         if hu.ndim not in (2, 3) or hu.shape[0] == 0:
-            raise ValueError(f"expected a HU slice (H, W) or volume (Z, H, W) with at least one slice; got shape "
-                             f"{tuple(hu.shape)}")
+            raise ValueError(
+                f"expected a HU slice (H, W) or volume (Z, H, W) with at least one slice; got shape {tuple(hu.shape)}"
+            )
         if statistics is None and self.input_mode == "percentile":
             statistics = self.volume_statistics(hu)
         volume = hu if hu.ndim == 3 else hu[None]
@@ -138,8 +140,9 @@ class M3DCTImageProcessor(BaseImageProcessor):
         maps = []
         for index, probability in enumerate(torch.sigmoid(logits.float())):
             if target_sizes is not None and tuple(probability.shape[-2:]) != tuple(target_sizes[index]):
-                probability = F.interpolate(probability[None], size=tuple(target_sizes[index]), mode="bilinear",
-                                            align_corners=False)[0]
+                probability = F.interpolate(
+                    probability[None], size=tuple(target_sizes[index]), mode="bilinear", align_corners=False
+                )[0]
             maps.append((probability[0] >= threshold).long())
         return maps
 

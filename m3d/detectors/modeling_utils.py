@@ -1,5 +1,6 @@
 """What every m3d detector shares: the base config (with the CT slice transform), one output class,
 the base `PreTrainedModel` with the standard losses, the Bayar-constrained convolutions and a fast window mean."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,8 +73,10 @@ class M3DDetectorConfig(PreTrainedConfig):
             raise ValueError(f"volume_threshold must be a probability in [0, 1]; got {volume_threshold}")
         check_slice_transform(input_mode, hu_windows, percentiles, slab_slices)
         if input_mode == "slab" and num_channels != slab_slices:
-            raise ValueError(f"input_mode 'slab' gives one channel per slice: num_channels ({num_channels}) must equal "
-                             f"slab_slices ({slab_slices})")
+            raise ValueError(
+                f"input_mode 'slab' gives one channel per slice: num_channels ({num_channels}) must equal "
+                f"slab_slices ({slab_slices})"
+            )
         self.input_mode = input_mode
         self.hu_windows = [list(map(float, w)) for w in hu_windows]
         self.percentiles = list(map(float, percentiles))
@@ -144,7 +147,10 @@ class M3DDetectorPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
+        elif (
+            isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm))
+            and module.weight is not None
+        ):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -218,7 +224,9 @@ class BayarConv3d(nn.Conv3d):
     """`BayarConv2d` in 3-D: each kernel predicts a voxel from its neighbours in the slice and the
     adjacent slices (``kernel_size`` ``(depth, height, width)``, all odd; padded to keep the size)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int] = (3, 5, 5), **kwargs) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int] = (3, 5, 5), **kwargs
+    ) -> None:
         if any(k % 2 == 0 for k in kernel_size):
             raise ValueError(f"BayarConv3d needs odd kernel sizes; got {tuple(kernel_size)}")
         kwargs.setdefault("padding", tuple(k // 2 for k in kernel_size))
@@ -272,5 +280,9 @@ def load_detector(path: str | Path, **kwargs) -> M3DDetectorPreTrainedModel:
 
     from ..loading import load_saved_model
 
-    return load_saved_model(path, _detector_model_types(M3DDetectorConfig), "an m3d detector",
-                            lambda folder: AutoModel.from_pretrained(folder, **kwargs))
+    return load_saved_model(
+        path,
+        _detector_model_types(M3DDetectorConfig),
+        "an m3d detector",
+        lambda folder: AutoModel.from_pretrained(folder, **kwargs),
+    )

@@ -8,6 +8,7 @@ The stock pipeline reads every image as 8-bit RGB, which loses HU; this one take
 Its image processor is the folder's `M3DCTImageProcessor` (``preprocessor_config.json``), whose
 ``post_process_semantic_segmentation`` cuts the detector's map at 0.5.
 """
+
 from __future__ import annotations
 
 from typing import Any

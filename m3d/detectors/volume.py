@@ -3,6 +3,7 @@
 How HU become the model's input is `M3DCTImageProcessor`, built from the model's config
 (`M3DDetectorConfig.input_mode`, ...), so a saved detector always sees its slices the way it was trained.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,14 @@
 """Detection and localization metrics of the M3Dsynth benchmark (NumPy; checked against scikit-learn)."""
-from .detection import auc_interval, balanced_accuracy, balanced_threshold, detection_metrics, pd_at_fpr, roc_auc, roc_curve
+
+from .detection import (
+    auc_interval,
+    balanced_accuracy,
+    balanced_threshold,
+    detection_metrics,
+    pd_at_fpr,
+    roc_auc,
+    roc_curve,
+)
 from .localization import f1_iou, localization_metrics, localization_scores
 
 __all__ = [

@@ -1,6 +1,7 @@
 """Detection metrics of the GRIP protocol (M3Dsynth, TruFor): AUC, balanced accuracy at a fixed
 threshold, and Pd@FPR — the detection rate when the threshold gives a chosen false-alarm rate on
 pristine samples, read off the ROC curve by linear interpolation."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -93,7 +94,9 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float =
     }
 
 
-def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def auc_interval(
+    labels: np.ndarray, scores: np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """A ``level`` confidence interval of the AUC: percentiles of the AUC over ``resamples`` stratified
     bootstrap resamples (pristine and manipulated samples drawn separately, with replacement), seeded."""
     from scipy.stats import rankdata
@@ -103,7 +106,9 @@ def auc_interval(labels: np.ndarray, scores: np.ndarray, level: float = 0.95, re
     positive, scores = _check(labels, scores)
     rng = np.random.default_rng(seed)
     fakes, pristine = scores[positive], scores[~positive]
-    drawn = np.concatenate([rng.choice(fakes, (resamples, fakes.size)), rng.choice(pristine, (resamples, pristine.size))], 1)
+    drawn = np.concatenate(
+        [rng.choice(fakes, (resamples, fakes.size)), rng.choice(pristine, (resamples, pristine.size))], 1
+    )
     ranks = rankdata(drawn, axis=1)  # ties share their mean rank: the Mann-Whitney form of the AUC
     n_fake, n_pristine = fakes.size, pristine.size
     aucs = (ranks[:, :n_fake].sum(1) - n_fake * (n_fake + 1) / 2) / (n_fake * n_pristine)

@@ -2,6 +2,7 @@
 truth, per manipulated volume, then averaged; at a fixed threshold (0.5) and at the best threshold of
 each volume; polarity invariant (the better of the map and its inverse). No boundary band is
 excluded (TruFor's protocol erodes/dilates the mask; m3d scores every voxel)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,9 @@ def _f1_iou(true_positives, false_positives, n_positive: int) -> tuple[np.ndarra
     false_negatives = n_positive - true_positives
     denominator_f1 = 2 * true_positives + false_positives + false_negatives
     denominator_iou = true_positives + false_positives + false_negatives
-    f1 = np.divide(2 * true_positives, denominator_f1, out=np.zeros(np.shape(true_positives)), where=denominator_f1 > 0)
+    f1 = np.divide(
+        2 * true_positives, denominator_f1, out=np.zeros(np.shape(true_positives)), where=denominator_f1 > 0
+    )
     iou = np.divide(true_positives, denominator_iou, out=np.zeros(np.shape(true_positives)), where=denominator_iou > 0)
     return f1, iou
 

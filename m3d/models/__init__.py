@@ -7,6 +7,7 @@ One file each; the module paths are recorded in saved pipelines' ``model_index.j
 
 `PRESETS` holds the reference and the tiny (test) configurations of each network.
 """
+
 from .cyclegan3d import CycleGAN3DDiscriminator, CycleGAN3DGenerator
 from .pix2pix3d import GeneratorOutput, PatchDiscriminator3D, Pix2Pix3DGenerator
 from .unet3d import UNet3DModel, UNet3DOutput
@@ -17,19 +18,42 @@ from .unet3d import UNet3DModel, UNet3DOutput
 # to plausible nodules in minutes to an hour on a 2-core CPU (`m3d.train.demo_pipelines`); "tiny": unit tests.
 PRESETS: dict[str, dict[str, dict]] = {
     "UNet3DModel": {
-        "reference": dict(block_out_channels=(64, 128, 256), layers_per_block=2, attention_levels=(False, False, True),
-                          norm_num_groups=32, num_head_channels=32),
+        "reference": dict(
+            block_out_channels=(64, 128, 256),
+            layers_per_block=2,
+            attention_levels=(False, False, True),
+            norm_num_groups=32,
+            num_head_channels=32,
+        ),
         "default": {},
-        "demo": dict(block_out_channels=(16, 32, 64), layers_per_block=1, attention_levels=(False, False, True),
-                     norm_num_groups=8, num_head_channels=16),
-        "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(False, True),
-                     norm_num_groups=4, num_head_channels=8),
+        "demo": dict(
+            block_out_channels=(16, 32, 64),
+            layers_per_block=1,
+            attention_levels=(False, False, True),
+            norm_num_groups=8,
+            num_head_channels=16,
+        ),
+        "tiny": dict(
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            attention_levels=(False, True),
+            norm_num_groups=4,
+            num_head_channels=8,
+        ),
     },
-    "Pix2Pix3DGenerator": {"reference": dict(gf=100), "default": dict(upsample_mode="trilinear"),
-                           "demo": dict(gf=8, upsample_mode="trilinear"), "tiny": dict(gf=4)},
+    "Pix2Pix3DGenerator": {
+        "reference": dict(gf=100),
+        "default": dict(upsample_mode="trilinear"),
+        "demo": dict(gf=8, upsample_mode="trilinear"),
+        "tiny": dict(gf=4),
+    },
     "PatchDiscriminator3D": {"reference": dict(df=100), "default": {}, "demo": dict(df=8), "tiny": dict(df=4)},
-    "CycleGAN3DGenerator": {"reference": dict(ngf=64, n_blocks=6), "default": {}, "demo": dict(ngf=8, n_blocks=3),
-                            "tiny": dict(ngf=4, n_blocks=2)},
+    "CycleGAN3DGenerator": {
+        "reference": dict(ngf=64, n_blocks=6),
+        "default": {},
+        "demo": dict(ngf=8, n_blocks=3),
+        "tiny": dict(ngf=4, n_blocks=2),
+    },
     "CycleGAN3DDiscriminator": {"reference": dict(df=64), "default": {}, "demo": dict(df=8), "tiny": dict(df=4)},
 }
 

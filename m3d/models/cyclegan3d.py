@@ -25,6 +25,7 @@ is a component of `CycleGAN3DPipeline`. The discriminator is CT-GAN's PatchGAN
 before the activation. Keep the module path stable: saved pipelines record
 ``["m3d.models.cyclegan3d", "CycleGAN3DGenerator"]``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,7 +57,12 @@ def _instance_norm(channels: int) -> nn.Module:
 class ResnetBlock3D(nn.Module):
     def __init__(self, channels: int, padding_mode: str, dropout: float):
         super().__init__()
-        layers: list[nn.Module] = [_pad(padding_mode, 1), nn.Conv3d(channels, channels, 3), _instance_norm(channels), nn.ReLU()]
+        layers: list[nn.Module] = [
+            _pad(padding_mode, 1),
+            nn.Conv3d(channels, channels, 3),
+            _instance_norm(channels),
+            nn.ReLU(),
+        ]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         layers += [_pad(padding_mode, 1), nn.Conv3d(channels, channels, 3), _instance_norm(channels)]

@@ -29,6 +29,7 @@ Width: CT-GAN uses ``gf = df = 100`` (about 163 M generator parameters). The def
 reference size. Keep the module path stable: saved pipelines record
 ``["m3d.models.pix2pix3d", "Pix2Pix3DGenerator"]``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -143,19 +144,23 @@ class Pix2Pix3DGenerator(ModelMixin, ConfigMixin):
         if depth < 2:
             raise ValueError(f"depth must be at least 2; got {depth}")
         if sample_size % 2**depth:
-            raise ValueError(f"sample_size {sample_size} must be divisible by 2**depth = {2 ** depth}")
+            raise ValueError(f"sample_size {sample_size} must be divisible by 2**depth = {2**depth}")
         widths = [gf * min(2**i, 8) for i in range(depth)]
         self.down = nn.ModuleList()
         previous = in_channels
         for i, width in enumerate(widths):
             spatial = sample_size // 2 ** (i + 1)
             norm = nn.Identity() if i == 0 else make_norm(norm_type, width, spatial)
-            self.down.append(nn.Sequential(nn.Conv3d(previous, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), norm))
+            self.down.append(
+                nn.Sequential(nn.Conv3d(previous, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), norm)
+            )
             previous = width
         self.up = nn.ModuleList()
         for i in reversed(range(depth - 1)):
             spatial = sample_size // 2 ** (i + 1)
-            self.up.append(_UpLayer(previous, widths[i], make_norm(norm_type, widths[i], spatial), dropout, upsample_mode))
+            self.up.append(
+                _UpLayer(previous, widths[i], make_norm(norm_type, widths[i], spatial), dropout, upsample_mode)
+            )
             previous = 2 * widths[i]  # after concatenating the skip
         self.conv_out = same_conv(previous, out_channels)
 
@@ -171,7 +176,7 @@ class Pix2Pix3DGenerator(ModelMixin, ConfigMixin):
         """
         if sample.ndim != 5:
             raise ValueError(f"sample must be (B, C, D, H, W); got shape {tuple(sample.shape)}")
-        factor = 2 ** self.config.depth
+        factor = 2**self.config.depth
         if any(n % factor for n in sample.shape[2:]):
             raise ValueError(f"spatial size {tuple(sample.shape[2:])} must be divisible by {factor}")
         skips = []

@@ -17,6 +17,7 @@ diffusers has no volumetric U-Net (``UNet3DConditionModel`` is a video model wit
 and temporal layers), hence this file. Keep its module path stable: saved pipelines record
 ``["m3d.models.unet3d", "UNet3DModel"]`` in ``model_index.json``.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,9 @@ class ResBlock3D(nn.Module):
     """GroupNorm -> SiLU -> conv3d, + projected time embedding, GroupNorm -> SiLU -> dropout -> conv3d
     (zero-initialised), plus a 1x1x1 shortcut when the channel count changes."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float, dropout: float):
+    def __init__(
+        self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float, dropout: float
+    ):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
@@ -177,7 +180,9 @@ class UNet3DModel(ModelMixin, ConfigMixin):
                 f"attention_levels has {len(attention_levels)} entries for {len(channels)} levels in block_out_channels"
             )
         if any(c % norm_num_groups for c in channels):
-            raise ValueError(f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry {channels}")
+            raise ValueError(
+                f"norm_num_groups={norm_num_groups} must divide every block_out_channels entry {channels}"
+            )
         groups, eps = norm_num_groups, norm_eps
         temb_channels = 4 * channels[0]
 
@@ -205,8 +210,10 @@ class UNet3DModel(ModelMixin, ConfigMixin):
                 skip_channels.append(c)
 
         self.mid_block = _Level(
-            [ResBlock3D(previous, previous, temb_channels, groups, eps, dropout),
-             ResBlock3D(previous, previous, temb_channels, groups, eps, dropout)],
+            [
+                ResBlock3D(previous, previous, temb_channels, groups, eps, dropout),
+                ResBlock3D(previous, previous, temb_channels, groups, eps, dropout),
+            ],
             [attention(previous, mid_block_attention), nn.Identity()],
             None,
         )

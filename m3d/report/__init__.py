@@ -11,6 +11,7 @@ It reads what the other steps wrote there (each optional, each section says when
 
 Writes ``report.html``, ``report.md`` and ``report_figures/`` into RESULTS_DIR (or ``--out``).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,23 @@ def overview_section(results_dir: Path, data_dir: Path | None) -> Section:
         "diagnosis changed.",
         "",
     ]
-    facts = {"dataset": str(data_dir) if data_dir else None, "benchmark preset": config.get("preset"),
-             "device": run.get("device"), "seed": config.get("seed", run.get("seed")),
-             "total time": f"{run['seconds']:.0f} s" if "seconds" in run else None}
+    facts = {
+        "dataset": str(data_dir) if data_dir else None,
+        "benchmark preset": config.get("preset"),
+        "device": run.get("device"),
+        "seed": config.get("seed", run.get("seed")),
+        "total time": f"{run['seconds']:.0f} s" if "seconds" in run else None,
+    }
     lines += [f"- {name}: `{value}`" for name, value in facts.items() if value is not None]
     for step, seconds in run.get("steps", {}).items():
         lines.append(f"- step `{step}`: {seconds:.0f} s")
     if run.get("phantom", True):
-        lines += ["", "> Synthetic data: the scans are m3d phantoms (real LIDC-IDRI geometry, pixel and slice spacing, and "
-                  "nodule contours) and the generators, detectors and CAD scorer were trained on them on a CPU. The "
-                  "figures show the method end to end on phantoms; they are not the paper's numbers on LIDC-IDRI."]
+        lines += [
+            "",
+            "> Synthetic data: the scans are m3d phantoms (real LIDC-IDRI geometry, pixel and slice spacing, and "
+            "nodule contours) and the generators, detectors and CAD scorer were trained on them on a CPU. The "
+            "figures show the method end to end on phantoms; they are not the paper's numbers on LIDC-IDRI.",
+        ]
     for note in run.get("notes", []):
         lines += ["", f"> Note: {note}."]
     return Section("Overview", "\n".join(lines))
@@ -66,12 +74,21 @@ def benchmark_sections(results_dir: Path) -> list[Section]:
     text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())  # under the section
     return [
         Section("Benchmark: train generator x test generator", text),
-        Section("ROC curves", "Volume-score ROC of each detector, one curve per test generator.",
-                _figures(list(plots.glob("roc_*.png")), lambda p: p.stem.replace("roc_", "ROC: "))),
-        Section("Score histograms", "Volume scores of pristine crops against each test generator's fakes.",
-                _figures(list(plots.glob("hist_*.png")), lambda p: p.stem.replace("hist_", "").replace("__", " / "))),
-        Section("Detector maps on test crops", "Axial slices through the site: scan, ground truth, map.",
-                _figures(list((plots / "examples").glob("*.png")), lambda p: p.stem.replace("__", " / "))),
+        Section(
+            "ROC curves",
+            "Volume-score ROC of each detector, one curve per test generator.",
+            _figures(list(plots.glob("roc_*.png")), lambda p: p.stem.replace("roc_", "ROC: ")),
+        ),
+        Section(
+            "Score histograms",
+            "Volume scores of pristine crops against each test generator's fakes.",
+            _figures(list(plots.glob("hist_*.png")), lambda p: p.stem.replace("hist_", "").replace("__", " / ")),
+        ),
+        Section(
+            "Detector maps on test crops",
+            "Axial slices through the site: scan, ground truth, map.",
+            _figures(list((plots / "examples").glob("*.png")), lambda p: p.stem.replace("__", " / ")),
+        ),
     ]
 
 
@@ -90,15 +107,27 @@ def cad_section(results_dir: Path) -> Section:
     for group, stats in summary["groups"].items():
         if stats.get("n"):
             lines.append(f"| {group} | {stats['n']} | {stats['mean']:.3f} | {stats['fraction_malignant']:.2f} |")
-    lines += ["", "| generator | task | n | attack success | flip rate vs pristine | mean change |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| generator | task | n | attack success | flip rate vs pristine | mean change |",
+        "|---|---|---|---|---|---|",
+    ]
     for generator, tasks in summary["by_generator"].items():
         for task, entry in tasks.items():
             flip = f"{entry['flip_rate']:.2f}" if "flip_rate" in entry else "–"
             change = f"{entry['mean_change']:+.3f}" if "mean_change" in entry else "–"
-            lines.append(f"| {generator} | {task} | {entry['n']} | {entry['attack_success']:.2f} | {flip} | {change} |")
-    lines += ["", "Attack success: the fraction of fakes that get the attacker's verdict (malignant after an "
-              "injection, benign after a removal)."]
-    figures = [Figure(results_dir / "cad" / name, name.removesuffix(".png").replace("_", " ")) for name in summary.get("figures", [])]
+            lines.append(
+                f"| {generator} | {task} | {entry['n']} | {entry['attack_success']:.2f} | {flip} | {change} |"
+            )
+    lines += [
+        "",
+        "Attack success: the fraction of fakes that get the attacker's verdict (malignant after an "
+        "injection, benign after a removal).",
+    ]
+    figures = [
+        Figure(results_dir / "cad" / name, name.removesuffix(".png").replace("_", " "))
+        for name in summary.get("figures", [])
+    ]
     return Section("Diagnosis (CAD)", "\n".join(lines), figures)
 
 
@@ -113,7 +142,9 @@ def _trained_detectors(results_dir: Path, generator: str) -> dict[str, Path]:
     return found
 
 
-def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per_task: int = 1, device: str = "cpu") -> Section:
+def example_section(
+    results_dir: Path, data_dir: Path | None, out_dir: Path, per_task: int = 1, device: str = "cpu"
+) -> Section:
     """Tri-planar views of test fakes with the ground truth and each detector's full-scan map."""
     if data_dir is None or not Path(data_dir).is_dir():
         return Section("Tampered scans", "No M3Dsynth folder given or named in bench_config.json.")
@@ -129,8 +160,11 @@ def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per
     labels, tasks, generators = (split.features[c] for c in ("label", "task", "generator"))
     chosen: list[int] = []
     for task in TASKS:
-        matches = [i for i, (label, t) in enumerate(zip(split["label"], split["task"]))
-                   if labels.int2str(label) == "fake" and tasks.int2str(t) == task]
+        matches = [
+            i
+            for i, (label, t) in enumerate(zip(split["label"], split["task"]))
+            if labels.int2str(label) == "fake" and tasks.int2str(t) == task
+        ]
         chosen += matches[:per_task]
     figures = []
     transformers_logging.disable_progress_bar()  # one bar per weight file is noise here
@@ -145,16 +179,21 @@ def example_section(results_dir: Path, data_dir: Path | None, out_dir: Path, per
             if detection.localization is not None:
                 maps[f"{name} (score {detection.score:.2f})"] = detection.localization
         title = f"{example['img_id']}: {tasks.int2str(example['task'])} by {generator}"
-        path = save_figure(triplanar_figure(volume, tuple(example["site_voxel_zyx"]), mask, maps, title),
-                           out_dir / "report_figures" / f"triplanar_{example['img_id']}.png")
+        path = save_figure(
+            triplanar_figure(volume, tuple(example["site_voxel_zyx"]), mask, maps, title),
+            out_dir / "report_figures" / f"triplanar_{example['img_id']}.png",
+        )
         figures.append(Figure(path, title + " — scan, ground truth, full-scan detector maps"))
-    text = ("Whole test scans through the tampered site (axial, coronal, sagittal in physical proportions); "
-            "maps of the detectors trained on the same generator, run over every slice.")
+    text = (
+        "Whole test scans through the tampered site (axial, coronal, sagittal in physical proportions); "
+        "maps of the detectors trained on the same generator, run over every slice."
+    )
     return Section("Tampered scans", text if figures else "The test split holds no tampered scan.", figures)
 
 
-def build_report(results_dir: str | Path, out_dir: str | Path | None = None, data_dir: str | Path | None = None,
-                 device: str = "cpu") -> tuple[Path, Path]:
+def build_report(
+    results_dir: str | Path, out_dir: str | Path | None = None, data_dir: str | Path | None = None, device: str = "cpu"
+) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` for ``results_dir``; returns their paths."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():

@@ -3,6 +3,7 @@
 Every view is drawn in physical proportions (the pixel aspect comes from the scan's spacing), in the
 lung window, with the ground truth or map overlaid in colour; files are written as PNG atomically.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,11 +73,25 @@ def triplanar_figure(
         overlay_planes = planes_through(overlay, center_zyx) if overlay is not None else None
         for row, plane in enumerate(PLANES):
             axis = axes[row, column]
-            axis.imshow(scan_planes[plane], cmap="gray", vmin=LUNG_WINDOW_HU[0], vmax=LUNG_WINDOW_HU[1],
-                        aspect=aspects[plane], interpolation="nearest")
+            axis.imshow(
+                scan_planes[plane],
+                cmap="gray",
+                vmin=LUNG_WINDOW_HU[0],
+                vmax=LUNG_WINDOW_HU[1],
+                aspect=aspects[plane],
+                interpolation="nearest",
+            )
             if overlay_planes is not None:
                 shown = np.ma.masked_less(overlay_planes[plane], 0.05)
-                axis.imshow(shown, cmap=colormap, vmin=0.0, vmax=1.0, alpha=0.45, aspect=aspects[plane], interpolation="nearest")
+                axis.imshow(
+                    shown,
+                    cmap=colormap,
+                    vmin=0.0,
+                    vmax=1.0,
+                    alpha=0.45,
+                    aspect=aspects[plane],
+                    interpolation="nearest",
+                )
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:

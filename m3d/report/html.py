@@ -2,6 +2,7 @@
 by relative path) and a self-contained ``report.html`` (figures embedded as data URIs, no server, no
 network: it opens from disk in any browser). Only the Markdown the report itself writes is converted:
 headings, paragraphs, bullet lists, pipe tables and inline code."""
+
 from __future__ import annotations
 
 import base64
@@ -87,7 +88,11 @@ def markdown_to_html(text: str) -> str:
             output.append(f'<p class="note">{_inline(" ".join(quoted))}</p>')
         else:
             paragraph = []
-            while index < len(lines) and lines[index].strip() and not lines[index].lstrip().startswith(("#", "|", "- ", "* ", "> ")):
+            while (
+                index < len(lines)
+                and lines[index].strip()
+                and not lines[index].lstrip().startswith(("#", "|", "- ", "* ", "> "))
+            ):
                 paragraph.append(lines[index].strip())
                 index += 1
             output.append(f"<p>{_inline(' '.join(paragraph))}</p>")
@@ -121,8 +126,9 @@ def write_report(sections: list[Section], out_dir: str | Path, title: str) -> tu
                 f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>"
             )
     page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
-        + "\n".join(body) + "\n</body></html>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
     )
     return _write_atomic(out_dir / "report.html", page), _write_atomic(out_dir / "report.md", "\n".join(markdown))

@@ -8,6 +8,7 @@ is pasted is the *change* the generator made to the cube, added to the scan at i
 scan's own noise texture stays in the replaced region and no seam is visible; voxels outside the cube
 are left untouched.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,7 +95,9 @@ def check_location(
     where = f"location {point_text(center)} mm (LPS x, y, z)"
     index = volume.world_to_voxel(center)
     if not volume.contains_voxel(index):
-        raise TamperLocationError(f"{where} is outside the scan (voxel z, y, x {point_text(index)}, shape {volume.shape})")
+        raise TamperLocationError(
+            f"{where} is outside the scan (voxel z, y, x {point_text(index)}, shape {volume.shape})"
+        )
     corners = _cube_corners_in_scan(volume, cube_affine(volume, center))
     upper = np.asarray(volume.shape) - 0.5
     overshoot_mm = np.maximum(-0.5 - corners.min(0), corners.max(0) - upper).clip(0) * np.asarray(volume.spacing_mm)

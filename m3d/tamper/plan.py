@@ -17,6 +17,7 @@ size < 8 mm, whatever the malignancy ratings and however many readers; each remo
 consecutive slices and each injection 5 voxels off the nodule along both in-plane axes; the first
 injections (in patient order, as many as the removal nodules) get a second site on the other side.
 """
+
 from __future__ import annotations
 
 import csv
@@ -46,7 +47,7 @@ def annotation_volume_mm3(annotation: Annotation, scan: LIDCScan) -> float:
     the annotation alone) times the voxel size (pixel spacing squared times the slice spacing)."""
     mask, _ = Nodule([annotation], np.zeros(3), 0.0, annotation.malignancy, scan).local_mask(1.0)
     spacing_z = scan.slice_spacing_mm if np.isfinite(scan.slice_spacing_mm) else scan.slice_thickness_mm
-    return float(mask.sum()) * scan.pixel_spacing_mm ** 2 * float(spacing_z)
+    return float(mask.sum()) * scan.pixel_spacing_mm**2 * float(spacing_z)
 
 
 def volume_diameter_mm(nodule: Nodule) -> float:
@@ -98,10 +99,16 @@ class PlanCriteria:
         the nodule's centre and, for the first injections, a second one 5 voxels up and left one slice
         below (the release's second pass, inj_1976 to inj_2507, over patients LIDC-IDRI-0001 to 0321)."""
         return cls(
-            removal_min_malignancy=None, removal_min_diameter_mm=8.0, removal_max_diameter_mm=18.0,
-            injection_max_diameter_mm=8.0, injection_max_malignancy=None, size="volume",
-            removal_slice_offsets=(0.0, -1.0), injection_offset_zyx=(0.0, 5.0, 5.0),
-            second_injection_offset_zyx=(-1.0, -5.0, -5.0), fit_in_scan=False,
+            removal_min_malignancy=None,
+            removal_min_diameter_mm=8.0,
+            removal_max_diameter_mm=18.0,
+            injection_max_diameter_mm=8.0,
+            injection_max_malignancy=None,
+            size="volume",
+            removal_slice_offsets=(0.0, -1.0),
+            injection_offset_zyx=(0.0, 5.0, 5.0),
+            second_injection_offset_zyx=(-1.0, -5.0, -5.0),
+            fit_in_scan=False,
         )
 
     def size_mm(self, nodule: Nodule) -> float:
@@ -113,8 +120,10 @@ class PlanCriteria:
         (``size_mm``: the nodule's `size_mm`, when already known)."""
         size = self.size_mm(nodule) if size_mm is None else size_mm
         return (
-            (self.removal_min_malignancy is None
-             or (nodule.malignancy is not None and nodule.malignancy >= self.removal_min_malignancy))
+            (
+                self.removal_min_malignancy is None
+                or (nodule.malignancy is not None and nodule.malignancy >= self.removal_min_malignancy)
+            )
             and size >= self.removal_min_diameter_mm
             and (self.removal_max_diameter_mm is None or size < self.removal_max_diameter_mm)
         )
@@ -202,7 +211,9 @@ def plan_scan(scan: LIDCScan, criteria: PlanCriteria = PlanCriteria()) -> list[S
         if criteria.fit_in_scan and not fits_in_scan(scan, centre, criteria.cube_half_mm):
             continue
         offsets = (
-            [(dz, 0.0, 0.0) for dz in criteria.removal_slice_offsets] if is_removal else [criteria.injection_offset_zyx]
+            [(dz, 0.0, 0.0) for dz in criteria.removal_slice_offsets]
+            if is_removal
+            else [criteria.injection_offset_zyx]
         )
         for offset in offsets:
             where = centre + np.asarray(offset, float)
@@ -296,7 +307,9 @@ def split_patients(
 
 
 def plan_sites(
-    scans: Iterable[LIDCScan], criteria: PlanCriteria = PlanCriteria(), seed: int = 0,
+    scans: Iterable[LIDCScan],
+    criteria: PlanCriteria = PlanCriteria(),
+    seed: int = 0,
     proportions: Mapping[str, int] = OFFICIAL_SPLIT_PATIENTS,
 ) -> list[Site]:
     """All sites over ``scans``, split by patient (`split_patients`). With
@@ -307,7 +320,9 @@ def plan_sites(
     if criteria.second_injection_offset_zyx is not None:
         offset = np.asarray(criteria.second_injection_offset_zyx, float)
         n_removals = len({(s.series_instance_uid, s.extra.get("nodule")) for s in sites if s.task == "remove"})
-        injections = sorted((s for s in sites if s.task == "inject"), key=lambda s: (s.patient_id, s.series_instance_uid))
+        injections = sorted(
+            (s for s in sites if s.task == "inject"), key=lambda s: (s.patient_id, s.series_instance_uid)
+        )
         for first in injections[:n_removals]:
             where = np.asarray(first.extra["nodule_zyx"]) + offset
             where[0] = min(max(where[0], 0.0), max((first.n_slices or 1) - 1, 0))
@@ -351,8 +366,16 @@ def write_plan_csv(sites: list[Site], path: str | Path, generators: Iterable[str
                 z, y, x = (int(round(c)) for c in site.official_zyx())
                 img_id = f"{OFFICIAL_TASK[site.task]}{number:05d}_{GENERATOR_CODES[generator]}"
                 writer.writerow(
-                    [img_id, OFFICIAL_TASK[site.task], GENERATOR_CODES[generator], site.patient_id,
-                     site.series_instance_uid, z, y, x]
+                    [
+                        img_id,
+                        OFFICIAL_TASK[site.task],
+                        GENERATOR_CODES[generator],
+                        site.patient_id,
+                        site.series_instance_uid,
+                        z,
+                        y,
+                        x,
+                    ]
                 )
     temporary.replace(path)
     return path
@@ -365,7 +388,14 @@ def site_record(site: Site) -> dict:
     return record
 
 
-OFFICIAL_SETS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+OFFICIAL_SETS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
 
 
 def read_table(path: Path, columns: Iterable[str]) -> Iterator[tuple[str, dict[str, str]]]:
@@ -380,7 +410,9 @@ def read_table(path: Path, columns: Iterable[str]) -> Iterator[tuple[str, dict[s
             for row in reader:
                 where = f"{path} line {reader.line_num}"
                 if None in row or None in row.values():
-                    raise ValueError(f"{where} does not have the header's {len(reader.fieldnames)} fields: cut or damaged")
+                    raise ValueError(
+                        f"{where} does not have the header's {len(reader.fieldnames)} fields: cut or damaged"
+                    )
                 yield where, row
         except (csv.Error, UnicodeDecodeError) as error:
             raise ValueError(f"{path} line {reader.line_num} is not CSV text ({error})") from None
@@ -418,9 +450,15 @@ def read_official_plan(release_dir: str | Path) -> list[Site]:
         site = sites.get(key)
         if site is None:
             site = sites[key] = Site(
-                task=tasks[row["ty"]], patient_id=row["orig_id"], series_instance_uid=row["sdir_id"],
-                center_zyx=center, diameter_mm=float("nan"), malignancy=None, n_readers=0,
-                split=splits[row["orig_id"]], extra={"generators": [], "img_ids": []},
+                task=tasks[row["ty"]],
+                patient_id=row["orig_id"],
+                series_instance_uid=row["sdir_id"],
+                center_zyx=center,
+                diameter_mm=float("nan"),
+                malignancy=None,
+                n_readers=0,
+                split=splits[row["orig_id"]],
+                extra={"generators": [], "img_ids": []},
             )
         site.extra["generators"].append(row["mod"])
         site.extra["img_ids"].append(row["img_id"])

@@ -12,6 +12,7 @@ than 10 mm (a fake malignant nodule); a **removal** is kept if what remains at t
 8 mm (nothing, or a fake benign nodule). Results that fail are dropped from the dataset; the pristine
 scan of the site is kept either way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -16,6 +16,7 @@ output up before saving, and M3Dsynth's Pix2Pix is CT-GAN. Here, on the 1 mm cub
 
 The feather is a smoothstep of the distance (voxels, chessboard) from the hole's faces.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -58,7 +59,11 @@ def _blur_response(sigma: float) -> np.ndarray:
     (the sampled kernel, not the continuous Gaussian: they differ below a voxel)."""
     impulse = np.zeros(CUBE_SIZE)
     impulse[0] = 1.0
-    return np.real(np.fft.fft(ndimage.gaussian_filter1d(impulse, sigma, mode="wrap"))) if sigma > 0 else np.ones(CUBE_SIZE)
+    return (
+        np.real(np.fft.fft(ndimage.gaussian_filter1d(impulse, sigma, mode="wrap")))
+        if sigma > 0
+        else np.ones(CUBE_SIZE)
+    )
 
 
 def _lag1_of_blurred_noise(sigmas) -> np.ndarray:

@@ -40,6 +40,7 @@ CSV columns: experiment, detector, train_data, test_generator (a generator or ``
 iou_best (empty when undefined, e.g. F1 of non-localizing detectors), volume_threshold (the detector's
 decision threshold, set on its training scans by `train_detector`), crop_size, steps, preset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,31 +64,86 @@ from m3d.detectors import DETECTORS
 from m3d.train import train_detector
 from m3d.train.common import configure_logging, dealt, finite_or_none, gather_dealt, process_state
 from m3d.train.demo_detectors import starting_weights
-from m3d.train.detector_data import DEFAULT_CROP_SIZE, CropCache, evaluation_crops, filter_examples, generators_present, load_split, parse_crop_size
+from m3d.train.detector_data import (
+    DEFAULT_CROP_SIZE,
+    CropCache,
+    evaluation_crops,
+    filter_examples,
+    generators_present,
+    load_split,
+    parse_crop_size,
+)
 from m3d.train.evaluation import DETECTION_KEYS, LOCALIZATION_KEYS, cross_generator_summary, predict_samples, summarize
 from m3d.train.nonmedical import STANDIN_NOTE, make_standin_images
 
 EXPERIMENTS = ("cross_generator", "preliminary")
 PRELIMINARY_DETECTOR = "resnet_gp"
-REFERENCE_DETECTOR = "trufor"  # the strongest published method of the paper's tables: the one m3d's own detector must beat
+REFERENCE_DETECTOR = (
+    "trufor"  # the strongest published method of the paper's tables: the one m3d's own detector must beat
+)
 # the cross-generator grid: the paper's six forensic methods and m3d's own slab3d (the general-purpose detector is the
 # preliminary experiment's)
 FORENSIC_DETECTORS = tuple(name for name in DETECTORS if name != PRELIMINARY_DETECTOR)
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # tiny detectors on 16x64x64 crops at the scans' native resolution, each cell fine-tuned for 100 steps from
     # its shipped phantom-trained starting weights (`m3d.train.demo_detectors`): the grid on 2 CPU cores in minutes
-    "demo": dict(detector_preset="tiny", crop_size=(16, 64, 64), num_epochs=100, max_steps=100, batch_size=16,
-                 learning_rate=2e-3, lr_scheduler="cosine", validation=False, standin_per_class=32, num_threads=1,
-                 starting_weights="demo"),
+    "demo": dict(
+        detector_preset="tiny",
+        crop_size=(16, 64, 64),
+        num_epochs=100,
+        max_steps=100,
+        batch_size=16,
+        learning_rate=2e-3,
+        lr_scheduler="cosine",
+        validation=False,
+        standin_per_class=32,
+        num_threads=1,
+        starting_weights="demo",
+    ),
     # the papers' detector sizes, validation-picked checkpoints (a GPU job)
-    "default": dict(detector_preset="default", crop_size=DEFAULT_CROP_SIZE, num_epochs=10, max_steps=None, batch_size=16,
-                    learning_rate=1e-4, lr_scheduler="constant", validation=True, standin_per_class=1000, num_threads=None,
-                    starting_weights=None),
+    "default": dict(
+        detector_preset="default",
+        crop_size=DEFAULT_CROP_SIZE,
+        num_epochs=10,
+        max_steps=None,
+        batch_size=16,
+        learning_rate=1e-4,
+        lr_scheduler="constant",
+        validation=True,
+        standin_per_class=1000,
+        num_threads=None,
+        starting_weights=None,
+    ),
 }
-CSV_COLUMNS = ("experiment", "detector", "train_data", "test_generator", "task", "n_fake", "n_pristine",
-               *DETECTION_KEYS, *LOCALIZATION_KEYS, "volume_threshold", "crop_size", "steps", "preset")
-SETTINGS_KEYS = ("data", "preset", "crop_size", "num_epochs", "max_steps", "batch_size", "learning_rate", "validation",
-                 "tasks", "seed", "nonmedical", "starting_weights")
+CSV_COLUMNS = (
+    "experiment",
+    "detector",
+    "train_data",
+    "test_generator",
+    "task",
+    "n_fake",
+    "n_pristine",
+    *DETECTION_KEYS,
+    *LOCALIZATION_KEYS,
+    "volume_threshold",
+    "crop_size",
+    "steps",
+    "preset",
+)
+SETTINGS_KEYS = (
+    "data",
+    "preset",
+    "crop_size",
+    "num_epochs",
+    "max_steps",
+    "batch_size",
+    "learning_rate",
+    "validation",
+    "tasks",
+    "seed",
+    "nonmedical",
+    "starting_weights",
+)
 
 logger = logging.getLogger("m3d.train.benchmark")
 
@@ -142,32 +198,67 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", required=True, metavar="DIR", help="M3Dsynth folder (train and test splits)")
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
-    parser.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="default",
-                        help="demo: tiny detectors, a few steps (CPU minutes); default: the papers' sizes (GPU)")
-    parser.add_argument("--detectors", nargs="+", choices=list(DETECTORS), default=list(FORENSIC_DETECTORS),
-                        help="detectors of the train x test generator grid (default: the paper's six forensic methods and m3d's slab3d; "
-                        f"{PRELIMINARY_DETECTOR} is the preliminary experiment's)")
-    parser.add_argument("--train-generators", nargs="+", choices=[g for g in GENERATORS if g != "real"], default=None,
-                        help="default: every generator of the train split")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(BENCH_PRESETS),
+        default="default",
+        help="demo: tiny detectors, a few steps (CPU minutes); default: the papers' sizes (GPU)",
+    )
+    parser.add_argument(
+        "--detectors",
+        nargs="+",
+        choices=list(DETECTORS),
+        default=list(FORENSIC_DETECTORS),
+        help="detectors of the train x test generator grid (default: the paper's six forensic methods and m3d's slab3d; "
+        f"{PRELIMINARY_DETECTOR} is the preliminary experiment's)",
+    )
+    parser.add_argument(
+        "--train-generators",
+        nargs="+",
+        choices=[g for g in GENERATORS if g != "real"],
+        default=None,
+        help="default: every generator of the train split",
+    )
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="default: both")
-    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
-                        help="cross_generator: every detector x train generator x test generator; preliminary: the "
-                        "general-purpose detector trained on non-medical images vs on M3Dsynth")
-    parser.add_argument("--nonmedical", metavar="DIR", default=None,
-                        help="imagefolder of non-medical real/fake images (default: a generated, labelled stand-in)")
-    parser.add_argument("--crop-size", type=parse_crop_size, default=None, metavar="Z,Y,X|full", help="override the preset")
+    parser.add_argument(
+        "--experiments",
+        nargs="+",
+        choices=EXPERIMENTS,
+        default=list(EXPERIMENTS),
+        help="cross_generator: every detector x train generator x test generator; preliminary: the "
+        "general-purpose detector trained on non-medical images vs on M3Dsynth",
+    )
+    parser.add_argument(
+        "--nonmedical",
+        metavar="DIR",
+        default=None,
+        help="imagefolder of non-medical real/fake images (default: a generated, labelled stand-in)",
+    )
+    parser.add_argument(
+        "--crop-size", type=parse_crop_size, default=None, metavar="Z,Y,X|full", help="override the preset"
+    )
     parser.add_argument("--num-epochs", type=int, default=None, help="override the preset")
     parser.add_argument("--max-steps", type=int, default=None, help="override the preset")
     parser.add_argument("--batch-size", type=int, default=None, help="override the preset")
     parser.add_argument("--learning-rate", type=float, default=None, help="override the preset")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default="no",
+        help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)",
+    )
     parser.add_argument("--eval-batch-size", type=int, default=32, help="slices per forward pass when testing")
     parser.add_argument("--example-maps", type=int, default=2, help="fakes per cell kept for the example plots")
     parser.add_argument("--cache-mb", type=int, default=4096, help="memory for decoded crops")
     parser.add_argument("--dataset-cache-dir", default=None, help="datasets' cache folder")
-    parser.add_argument("--cell-workers", type=int, default=None, metavar="N",
-                        help="cells trained at once in N processes of one thread each (default: one per CPU core for "
-                        "the demo preset's single-thread cells in a single-process run, else 1)")
+    parser.add_argument(
+        "--cell-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cells trained at once in N processes of one thread each (default: one per CPU core for "
+        "the demo preset's single-thread cells in a single-process run, else 1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every cell's training")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when an accelerator is present")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -181,8 +272,12 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     return {
-        "data": str(Path(args.data).resolve()), "preset": args.preset, **preset,
-        "crop_size": _crop_text(preset["crop_size"]), "tasks": sorted(args.tasks or TASKS), "seed": args.seed,
+        "data": str(Path(args.data).resolve()),
+        "preset": args.preset,
+        **preset,
+        "crop_size": _crop_text(preset["crop_size"]),
+        "tasks": sorted(args.tasks or TASKS),
+        "seed": args.seed,
         "nonmedical": str(Path(args.nonmedical).resolve()) if args.nonmedical else None,
     }
 
@@ -199,30 +294,55 @@ def plan_cells(args: argparse.Namespace, train_generators: Sequence[str]) -> lis
 # -- one cell -----------------------------------------------------------------------------------
 
 
-def train_arguments(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, images: Path | None,
-                    num_processes: int = 1) -> train_detector.TrainDetectorArguments:
+def train_arguments(
+    cell: Cell,
+    settings: dict[str, Any],
+    args: argparse.Namespace,
+    out: Path,
+    images: Path | None,
+    num_processes: int = 1,
+) -> train_detector.TrainDetectorArguments:
     """The `train_detector` arguments of a cell: a new detector, or for the ``demo`` preset the cell's
     shipped starting weights (`m3d.train.demo_detectors`; the non-medical cell always starts new). The
     settings' batch is split over ``num_processes``: each step trains on the same slices however many
     processes share it."""
     start = starting_weights(cell.detector, cell.train_data) if settings.get("starting_weights") == "demo" else None
-    options = dict(model=str(start)) if start is not None else dict(detector=cell.detector, preset=settings["detector_preset"])
+    options = (
+        dict(model=str(start))
+        if start is not None
+        else dict(detector=cell.detector, preset=settings["detector_preset"])
+    )
     if cell.train_data == "nonmedical":
         options["train_images"] = str(images)
     elif cell.train_data != "m3dsynth":
         options["generators"] = [cell.train_data]
     return train_detector.TrainDetectorArguments(
-        **options, data=args.data, tasks=args.tasks, dataset_cache_dir=args.dataset_cache_dir,
-        crop_size=parse_crop_size(settings["crop_size"]), output_dir=str(out / "runs" / cell.key),
-        num_epochs=settings["num_epochs"], max_steps=settings["max_steps"] or None,
-        batch_size=settings["batch_size"] // num_processes, learning_rate=settings["learning_rate"],
-        lr_scheduler=settings["lr_scheduler"], seed=args.seed, mixed_precision=args.mixed_precision,
-        eval_batch_size=args.eval_batch_size, cache_mb=args.cache_mb, resume_from_checkpoint="latest", log_every=5,
-        validation_split="validation" if settings["validation"] else "none", cpu=args.cpu, no_progress=args.no_progress,
+        **options,
+        data=args.data,
+        tasks=args.tasks,
+        dataset_cache_dir=args.dataset_cache_dir,
+        crop_size=parse_crop_size(settings["crop_size"]),
+        output_dir=str(out / "runs" / cell.key),
+        num_epochs=settings["num_epochs"],
+        max_steps=settings["max_steps"] or None,
+        batch_size=settings["batch_size"] // num_processes,
+        learning_rate=settings["learning_rate"],
+        lr_scheduler=settings["lr_scheduler"],
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        eval_batch_size=args.eval_batch_size,
+        cache_mb=args.cache_mb,
+        resume_from_checkpoint="latest",
+        log_every=5,
+        validation_split="validation" if settings["validation"] else "none",
+        cpu=args.cpu,
+        no_progress=args.no_progress,
     )
 
 
-def run_cell(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, test_crops: dict, images: Path | None) -> None:
+def run_cell(
+    cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, test_crops: dict, images: Path | None
+) -> None:
     """Train (or resume) the cell's detector, evaluate its best checkpoint, write ``cells/<key>.json``."""
     from accelerate import PartialState
 
@@ -245,23 +365,40 @@ def run_cell(cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out
         test_crops[key] = evaluation_crops(test_crops["split"], test_crops["crop_size"], config, args.cache_mb << 20)
     crops: CropCache = test_crops[key]
     mine = dealt(len(crops), state.process_index, state.num_processes)
-    records, examples = predict_samples(model, crops, mine, batch_size=args.eval_batch_size,
-                                        keep_maps=args.example_maps, progress=state.is_main_process and not args.no_progress)
+    records, examples = predict_samples(
+        model,
+        crops,
+        mine,
+        batch_size=args.eval_batch_size,
+        keep_maps=args.example_maps,
+        progress=state.is_main_process and not args.no_progress,
+    )
     records = gather_dealt(records, len(crops), state.num_processes)
     if state.is_main_process:
         summary = json.loads((run_dir / "training_summary.json").read_text())
         result = {
-            "cell": cell.key, "experiment": cell.experiment, "detector": cell.detector, "train_data": cell.train_data,
-            "localizes": bool(type(model).localizes), "steps": summary["steps"], "best": summary["best"],
+            "cell": cell.key,
+            "experiment": cell.experiment,
+            "detector": cell.detector,
+            "train_data": cell.train_data,
+            "localizes": bool(type(model).localizes),
+            "steps": summary["steps"],
+            "best": summary["best"],
             "starting_weights": training_args.model,
-            "train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - start - train_s, 2),
-            "crop_size": settings["crop_size"], "preset": settings["preset"],
-            "volume_threshold": config.volume_threshold, "calibration": summary.get("calibration"),
-            "metrics": summarize(records, config.volume_threshold), "samples": records,
+            "train_s": round(train_s, 2),
+            "eval_s": round(time.perf_counter() - start - train_s, 2),
+            "crop_size": settings["crop_size"],
+            "preset": settings["preset"],
+            "volume_threshold": config.volume_threshold,
+            "calibration": summary.get("calibration"),
+            "metrics": summarize(records, config.volume_threshold),
+            "samples": records,
         }
         if examples:
             buffer = io.BytesIO()
-            arrays = {f"{name}_{i}": example[name] for i, example in enumerate(examples) for name in ("hu", "mask", "map")}
+            arrays = {
+                f"{name}_{i}": example[name] for i, example in enumerate(examples) for name in ("hu", "mask", "map")
+            }
             np.savez_compressed(buffer, ids=np.array([e["info"]["img_id"] for e in examples]), **arrays)
             _write_atomic(out / "cells" / f"{cell.key}_examples.npz", buffer.getvalue())
         _write_atomic(out / "cells" / f"{cell.key}.json", json.dumps(finite_or_none(result), indent=1))
@@ -275,7 +412,11 @@ def _test_crops(args: argparse.Namespace, crop_size) -> dict[str, Any]:
     """The test split and its evaluation crops, decoded on first use and shared by the cells of a process
     (`run_cell` adds per-scan variants for detectors that need them)."""
     test_split = filter_examples(load_split(args.data, "test", args.dataset_cache_dir), tasks=args.tasks)
-    return {"split": test_split, "crop_size": crop_size, "shared": evaluation_crops(test_split, crop_size, None, args.cache_mb << 20)}
+    return {
+        "split": test_split,
+        "crop_size": crop_size,
+        "shared": evaluation_crops(test_split, crop_size, None, args.cache_mb << 20),
+    }
 
 
 def _start_cell_worker(args: argparse.Namespace, crop_size) -> None:
@@ -297,8 +438,15 @@ def load_cells(out: Path) -> list[dict[str, Any]]:
     """Every finished cell of a results folder, in a stable order."""
     order = {e: i for i, e in enumerate(EXPERIMENTS)}
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
-    return sorted(cells, key=lambda c: (order[c["experiment"]], list(DETECTORS).index(c["detector"]),
-                                        GENERATORS.index(c["train_data"]) if c["train_data"] in GENERATORS else 9, c["train_data"]))
+    return sorted(
+        cells,
+        key=lambda c: (
+            order[c["experiment"]],
+            list(DETECTORS).index(c["detector"]),
+            GENERATORS.index(c["train_data"]) if c["train_data"] in GENERATORS else 9,
+            c["train_data"],
+        ),
+    )
 
 
 def result_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -306,59 +454,110 @@ def result_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for cell in cells:
         for test_generator, by_task in cell["metrics"].items():
             for task, metrics in by_task.items():
-                row = {"experiment": cell["experiment"], "detector": cell["detector"], "train_data": cell["train_data"],
-                       "test_generator": test_generator, "task": task}
+                row = {
+                    "experiment": cell["experiment"],
+                    "detector": cell["detector"],
+                    "train_data": cell["train_data"],
+                    "test_generator": test_generator,
+                    "task": task,
+                }
                 row.update({k: metrics.get(k) for k in ("n_fake", "n_pristine", *DETECTION_KEYS, *LOCALIZATION_KEYS)})
-                row.update(volume_threshold=cell.get("volume_threshold", 0.5), crop_size=cell["crop_size"], steps=cell["steps"],
-                           preset=cell["preset"])
+                row.update(
+                    volume_threshold=cell.get("volume_threshold", 0.5),
+                    crop_size=cell["crop_size"],
+                    steps=cell["steps"],
+                    preset=cell["preset"],
+                )
                 rows.append(row)
     return rows
 
 
 def _table(cells: list[dict], test_generators: list[str], cell_text) -> list[str]:
-    lines = ["| Detector | Train \\ Test | " + " | ".join(test_generators) + " |",
-             "|---|---|" + "---|" * len(test_generators)]
+    lines = [
+        "| Detector | Train \\ Test | " + " | ".join(test_generators) + " |",
+        "|---|---|" + "---|" * len(test_generators),
+    ]
     for cell in cells:
         texts = [cell_text(cell, cell["metrics"].get(g, {}).get("all", {})) for g in test_generators]
         lines.append(f"| {cell['detector']} | {cell['train_data']} | " + " | ".join(texts) + " |")
     return lines
 
 
-def tables_markdown(cells: list[dict[str, Any]], meta: dict[str, Any], generalization: dict[str, Any] | None = None) -> str:
+def tables_markdown(
+    cells: list[dict[str, Any]], meta: dict[str, Any], generalization: dict[str, Any] | None = None
+) -> str:
     """The paper's tables (test generators as columns, detector x train generator as rows), then each
     detector on its training generator vs the others (``generalization``: `cross_generator_summary` of
     the cross-generator cells, computed when not given)."""
     cross = [c for c in cells if c["experiment"] == "cross_generator"]
     preliminary = [c for c in cells if c["experiment"] == "preliminary"]
     test_generators = [g for g in GENERATORS if any(g in c["metrics"] for c in cells)] + ["all"]
-    lines = ["# M3Dsynth benchmark", "",
-             f"Preset `{meta['settings']['preset']}`, crops {meta['settings']['crop_size']} (z,y,x voxels), "
-             f"tasks {', '.join(meta['settings']['tasks'])}, device {meta['device']}. Volume score = max over the "
-             "crop's slices; Acc = balanced accuracy at the detector's volume threshold (the best balanced accuracy on "
-             "its own training scans' crops: the max over slices of a slice classifier sits above 0.5 on pristine scans; "
-             "results.csv gives each threshold); Pd@1% = TPR at 1% FPR (ROC linearly interpolated); "
-             "F1 / IoU of the 3-D map per fake, averaged; each column = that generator's fakes vs all pristine crops.", ""]
+    lines = [
+        "# M3Dsynth benchmark",
+        "",
+        f"Preset `{meta['settings']['preset']}`, crops {meta['settings']['crop_size']} (z,y,x voxels), "
+        f"tasks {', '.join(meta['settings']['tasks'])}, device {meta['device']}. Volume score = max over the "
+        "crop's slices; Acc = balanced accuracy at the detector's volume threshold (the best balanced accuracy on "
+        "its own training scans' crops: the max over slices of a slice classifier sits above 0.5 on pristine scans; "
+        "results.csv gives each threshold); Pd@1% = TPR at 1% FPR (ROC linearly interpolated); "
+        "F1 / IoU of the 3-D map per fake, averaged; each column = that generator's fakes vs all pristine crops.",
+        "",
+    ]
     if meta["settings"]["preset"] == "demo":
-        lines += ["> `demo` preset: tiny detectors on 16x64x64 crops at the scans' native resolution, each fine-tuned "
-                  f"{meta['settings']['max_steps']} steps from its phantom-trained starting weights (`m3d.train.demo_detectors`) "
-                  "on a CPU; the paper's detector sizes are the `default` preset.", ""]
+        lines += [
+            "> `demo` preset: tiny detectors on 16x64x64 crops at the scans' native resolution, each fine-tuned "
+            f"{meta['settings']['max_steps']} steps from its phantom-trained starting weights (`m3d.train.demo_detectors`) "
+            "on a CPU; the paper's detector sizes are the `default` preset.",
+            "",
+        ]
 
     def localization(key_f1, key_iou):
         return lambda cell, m: "–" if not cell["localizes"] else f"{_fmt(m.get(key_f1))} / {_fmt(m.get(key_iou))}"
 
     if cross:
-        lines += ["## Localization: F1 / IoU (threshold 0.5)", "", *_table(cross, test_generators, localization("f1", "iou")), ""]
-        lines += ["## Localization: F1 / IoU (best threshold per scan)", "",
-                  *_table(cross, test_generators, localization("f1_best", "iou_best")), ""]
-        lines += ["## Detection: Acc / Pd@1%", "",
-                  *_table(cross, test_generators, lambda c, m: f"{_fmt(m.get('balanced_accuracy'))} / {_fmt(m.get('pd_at_1pct'))}"), ""]
+        lines += [
+            "## Localization: F1 / IoU (threshold 0.5)",
+            "",
+            *_table(cross, test_generators, localization("f1", "iou")),
+            "",
+        ]
+        lines += [
+            "## Localization: F1 / IoU (best threshold per scan)",
+            "",
+            *_table(cross, test_generators, localization("f1_best", "iou_best")),
+            "",
+        ]
+        lines += [
+            "## Detection: Acc / Pd@1%",
+            "",
+            *_table(
+                cross,
+                test_generators,
+                lambda c, m: f"{_fmt(m.get('balanced_accuracy'))} / {_fmt(m.get('pd_at_1pct'))}",
+            ),
+            "",
+        ]
         lines += ["## Detection: AUC (95 % interval)", "", *_table(cross, test_generators, _auc_text), ""]
-        lines += generalization_markdown(cross_generator_summary(cross, REFERENCE_DETECTOR) if generalization is None else generalization)
+        lines += generalization_markdown(
+            cross_generator_summary(cross, REFERENCE_DETECTOR) if generalization is None else generalization
+        )
     if preliminary:
-        lines += ["## Preliminary experiment: general-purpose detector (resnet_gp), Acc / Pd@1% / AUC", "",
-                  f"Non-medical training images: {meta['nonmedical']}.", "",
-                  *_table(preliminary, test_generators, lambda c, m: " / ".join(
-                      _fmt(m.get(k), 2) for k in ("balanced_accuracy", "pd_at_1pct")) + " / " + _auc_text(c, m)), ""]
+        lines += [
+            "## Preliminary experiment: general-purpose detector (resnet_gp), Acc / Pd@1% / AUC",
+            "",
+            f"Non-medical training images: {meta['nonmedical']}.",
+            "",
+            *_table(
+                preliminary,
+                test_generators,
+                lambda c, m: (
+                    " / ".join(_fmt(m.get(k), 2) for k in ("balanced_accuracy", "pd_at_1pct"))
+                    + " / "
+                    + _auc_text(c, m)
+                ),
+            ),
+            "",
+        ]
     lines += findings_markdown(cells)
     return "\n".join(lines)
 
@@ -376,17 +575,27 @@ def generalization_markdown(summary: dict[str, dict[str, Any]]) -> list[str]:
     if not summary or all(s["other"]["auc"] is None for s in summary.values()):
         return []
     reference = f" − {REFERENCE_DETECTOR}" if any("minus_reference" in s for s in summary.values()) else ""
-    lines = ["## Same vs other generators: mean over cells (95 % interval, bootstrap over the test samples)", "",
-             "| Detector | AUC same | AUC other | F1 best same | F1 best other"
-             + (f" | AUC other{reference} | F1 best other{reference} | AUC same{reference}" if reference else "") + " |",
-             "|---|---|---|---|---" + ("|---|---|---" if reference else "") + "|"]
+    lines = [
+        "## Same vs other generators: mean over cells (95 % interval, bootstrap over the test samples)",
+        "",
+        "| Detector | AUC same | AUC other | F1 best same | F1 best other"
+        + (f" | AUC other{reference} | F1 best other{reference} | AUC same{reference}" if reference else "")
+        + " |",
+        "|---|---|---|---|---" + ("|---|---|---" if reference else "") + "|",
+    ]
     for detector, entry in summary.items():
         texts = [_interval_text(entry[group][metric]) for metric in ("auc", "f1_best") for group in ("same", "other")]
         if reference:
             minus = entry.get("minus_reference")
-            texts += ["–"] * 3 if minus is None else [_interval_text(minus["other"]["auc"], True),
-                                                      _interval_text(minus["other"]["f1_best"], True),
-                                                      _interval_text(minus["same"]["auc"], True)]
+            texts += (
+                ["–"] * 3
+                if minus is None
+                else [
+                    _interval_text(minus["other"]["auc"], True),
+                    _interval_text(minus["other"]["f1_best"], True),
+                    _interval_text(minus["same"]["auc"], True),
+                ]
+            )
         lines.append(f"| {detector} | " + " | ".join(texts) + " |")
     return [*lines, ""]
 
@@ -410,9 +619,11 @@ def findings_markdown(cells: list[dict[str, Any]]) -> list[str]:
     same = [(c, auc, acc) for c, auc, acc in same if auc is not None]
     if same:
         strong = [f"{c['detector']}/{c['train_data']}" for c, auc, acc in same if auc >= 0.9 and (acc or 0) >= 0.8]
-        lines.append(f"- **Same generator** (train = test): AUC {min(a for _, a, _ in same):.2f}–{max(a for _, a, _ in same):.2f}; "
-                     f"{len(strong)} of {len(same)} cells reach AUC >= 0.90 with balanced accuracy >= 0.80"
-                     f"{' (' + ', '.join(strong) + ')' if strong else ''}.")
+        lines.append(
+            f"- **Same generator** (train = test): AUC {min(a for _, a, _ in same):.2f}–{max(a for _, a, _ in same):.2f}; "
+            f"{len(strong)} of {len(same)} cells reach AUC >= 0.90 with balanced accuracy >= 0.80"
+            f"{' (' + ', '.join(strong) + ')' if strong else ''}."
+        )
     drops = []
     for cell in cross:
         own = _metric(cell, cell["train_data"])
@@ -424,19 +635,28 @@ def findings_markdown(cells: list[dict[str, Any]]) -> list[str]:
         mean_drop = float(np.mean([d[0] for d in drops]))
         worst = max(drops, key=lambda d: d[0])
         change = f"falls by {mean_drop:.2f}" if mean_drop > 0 else f"rises by {-mean_drop:.2f}"
-        lines.append(f"- **Across generators** (train != test): AUC {change} on average against the training "
-                     f"generator; the largest drop is {worst[1]['detector']} trained on "
-                     f"{worst[1]['train_data']}: {worst[3]:.2f} on {worst[1]['train_data']} -> {worst[4]:.2f} on {worst[2]}.")
+        lines.append(
+            f"- **Across generators** (train != test): AUC {change} on average against the training "
+            f"generator; the largest drop is {worst[1]['detector']} trained on "
+            f"{worst[1]['train_data']}: {worst[3]:.2f} on {worst[1]['train_data']} -> {worst[4]:.2f} on {worst[2]}."
+        )
         for train_data in sorted({d[1]["train_data"] for d in drops}):
             chosen = [d for d in drops if d[1]["train_data"] == train_data]
-            lines.append(f"  - trained on {train_data}: mean AUC {np.mean([d[3] for d in chosen]):.2f} on {train_data}, "
-                         + ", ".join(f"{np.mean([d[4] for d in chosen if d[2] == g]):.2f} on {g}" for g in sorted({d[2] for d in chosen}))
-                         + ".")
+            lines.append(
+                f"  - trained on {train_data}: mean AUC {np.mean([d[3] for d in chosen]):.2f} on {train_data}, "
+                + ", ".join(
+                    f"{np.mean([d[4] for d in chosen if d[2] == g]):.2f} on {g}"
+                    for g in sorted({d[2] for d in chosen})
+                )
+                + "."
+            )
     preliminary = {c["train_data"]: _metric(c, "all") for c in cells if c["experiment"] == "preliminary"}
     if preliminary.get("nonmedical") is not None and preliminary.get("m3dsynth") is not None:
-        lines.append(f"- **Preliminary experiment**: the general-purpose detector trained on non-medical real/fake images "
-                     f"scores AUC {preliminary['nonmedical']:.2f} on M3Dsynth; the same architecture trained on M3Dsynth "
-                     f"{preliminary['m3dsynth']:.2f}.")
+        lines.append(
+            f"- **Preliminary experiment**: the general-purpose detector trained on non-medical real/fake images "
+            f"scores AUC {preliminary['nonmedical']:.2f} on M3Dsynth; the same architecture trained on M3Dsynth "
+            f"{preliminary['m3dsynth']:.2f}."
+        )
     return [*lines, ""] if len(lines) > 2 else []
 
 
@@ -473,7 +693,13 @@ def write_plots(out: Path, cells: list[dict[str, Any]]) -> list[Path]:
                     axis.plot(*points, label=generator, lw=1.4, ls="--" if generator == "all" else "-")
             axis.plot([0, 1], [0, 1], color="0.8", lw=0.8)
             axis.axvline(0.01, color="0.6", lw=0.6, ls=":")
-            axis.set(title=f"{cell['detector']} trained on {cell['train_data']}", xlabel="FPR", ylabel="TPR", xlim=(0, 1), ylim=(0, 1.01))
+            axis.set(
+                title=f"{cell['detector']} trained on {cell['train_data']}",
+                xlabel="FPR",
+                ylabel="TPR",
+                xlim=(0, 1),
+                ylim=(0, 1.01),
+            )
             axis.legend(fontsize=7, loc="lower right")
         written.append(save_figure(figure, out / "plots" / f"roc_{name}.png"))
     for cell in cells:
@@ -524,7 +750,12 @@ def write_outputs(out: str | Path, meta: dict[str, Any] | None = None) -> dict[s
     _write_atomic(paths["csv"], buffer.getvalue())
     cross = [c for c in cells if c["experiment"] == "cross_generator"]
     generalization = cross_generator_summary(cross, REFERENCE_DETECTOR) if cross else {}
-    results = {"meta": meta, "rows": rows, "generalization": generalization, "samples": {c["cell"]: c["samples"] for c in cells}}
+    results = {
+        "meta": meta,
+        "rows": rows,
+        "generalization": generalization,
+        "samples": {c["cell"]: c["samples"] for c in cells},
+    }
     _write_atomic(paths["json"], json.dumps(finite_or_none(results), indent=1))
     _write_atomic(paths["tables"], tables_markdown(cells, meta, generalization))
     write_plots(out, cells)
@@ -546,8 +777,10 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of(args)
     if settings["batch_size"] % state.num_processes:
-        raise ValueError(f"the batch of {settings['batch_size']} slices does not split over {state.num_processes} processes: "
-                         "choose --batch-size a multiple of the number of processes")
+        raise ValueError(
+            f"the batch of {settings['batch_size']} slices does not split over {state.num_processes} processes: "
+            "choose --batch-size a multiple of the number of processes"
+        )
     config_path = out / "bench_config.json"
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
@@ -562,7 +795,9 @@ def run(args: argparse.Namespace) -> int:
     train_generators = args.train_generators or available
     missing = sorted(set(train_generators) - set(available))
     if missing:
-        raise ValueError(f"the train split holds no fakes of {', '.join(missing)} (has {', '.join(available) or 'none'})")
+        raise ValueError(
+            f"the train split holds no fakes of {', '.join(missing)} (has {', '.join(available) or 'none'})"
+        )
     crop_size = parse_crop_size(settings["crop_size"])
     test_crops = _test_crops(args, crop_size)
 
@@ -578,22 +813,34 @@ def run(args: argparse.Namespace) -> int:
                 size = crop_size[1] if crop_size is not None else 256
                 make_standin_images(images, settings["standin_per_class"], size, seed=args.seed)
             state.wait_for_everyone()
-    meta = {"settings": settings, "nonmedical": nonmedical, "device": _device(), "num_processes": state.num_processes,
-            "train_generators": train_generators, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": sys.version.split()[0]}
+    meta = {
+        "settings": settings,
+        "nonmedical": nonmedical,
+        "device": _device(),
+        "num_processes": state.num_processes,
+        "train_generators": train_generators,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "python": sys.version.split()[0],
+    }
 
     todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").is_file()]
     logger.info("%d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     start = time.perf_counter()
     workers = args.cell_workers or (os.cpu_count() or 1 if BENCH_PRESETS[args.preset]["num_threads"] == 1 else 1)
     workers = min(workers, len(todo)) if state.num_processes == 1 else 1
-    bar = tqdm(total=len(todo), desc="benchmark cells", unit="cell", disable=not state.is_main_process or args.no_progress)
+    bar = tqdm(
+        total=len(todo), desc="benchmark cells", unit="cell", disable=not state.is_main_process or args.no_progress
+    )
     if workers > 1:  # independent cells, each in a one-thread process: the cores stay busy with tiny models
         from concurrent.futures import ProcessPoolExecutor, as_completed
         from multiprocessing import get_context
 
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_cell_worker,
-                                 initargs=(args, crop_size)) as pool:
-            for finished in as_completed([pool.submit(_run_cell_in_worker, cell, settings, out, images) for cell in todo]):
+        with ProcessPoolExecutor(
+            workers, mp_context=get_context("spawn"), initializer=_start_cell_worker, initargs=(args, crop_size)
+        ) as pool:
+            for finished in as_completed(
+                [pool.submit(_run_cell_in_worker, cell, settings, out, images) for cell in todo]
+            ):
                 finished.result()
                 bar.update()
     else:
@@ -603,7 +850,9 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     if state.is_main_process:
         paths = write_outputs(out, meta)
-        logger.info("%d cells in %.1f s; wrote %s", len(todo), time.perf_counter() - start, ", ".join(map(str, paths.values())))
+        logger.info(
+            "%d cells in %.1f s; wrote %s", len(todo), time.perf_counter() - start, ", ".join(map(str, paths.values()))
+        )
         print(paths["tables"].read_text())
     return 0
 
@@ -611,8 +860,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d bench`): 0 done, 2 bad input, 130 interrupted (finished cells are kept)."""
     args = build_parser(prog).parse_args(argv)
-    return run_guarded("benchmark", lambda: run(args), (ValueError, FileNotFoundError, NotADirectoryError),
-                       on_interrupt="finished cells are kept, re-run the same command to go on")
+    return run_guarded(
+        "benchmark",
+        lambda: run(args),
+        (ValueError, FileNotFoundError, NotADirectoryError),
+        on_interrupt="finished cells are kept, re-run the same command to go on",
+    )
 
 
 if __name__ == "__main__":

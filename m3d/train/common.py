@@ -6,6 +6,7 @@ files and ``save_pretrained`` folders. The loop the trainers share is `m3d.train
 
 Light to import: Accelerate is imported inside `process_state` and `make_accelerator` only.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,10 @@ def process_state(cpu: bool = False) -> PartialState:
     no_gpu = launched > 1 and get_distributed_backend(get_torch_accelerator_backend()[0]) is None
     state = PartialState(cpu=cpu or launched_on_cpu or no_gpu)
     if launched > 1 and state.num_processes == 1:
-        raise ValueError(f"{launched} processes were launched (WORLD_SIZE) but this one is alone in its group: "
-                         "launch with `accelerate launch --num_processes N` or `torchrun --nproc_per_node N`")
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE) but this one is alone in its group: "
+            "launch with `accelerate launch --num_processes N` or `torchrun --nproc_per_node N`"
+        )
     return state
 
 
@@ -158,7 +161,9 @@ def configure_logging(logger: logging.Logger, prog: str, main_process: bool) -> 
         logger.propagate = False
 
 
-def optimizer_micro_step(accelerator: Accelerator, model, batch: dict, optimizer, scheduler, max_grad_norm: float | None):
+def optimizer_micro_step(
+    accelerator: Accelerator, model, batch: dict, optimizer, scheduler, max_grad_norm: float | None
+):
     """One micro-batch of a model that returns its own ``loss``: forward and backward under
     ``accelerator.accumulate``, gradient clipping at ``max_grad_norm`` (None: off) when gradients sync,
     optimizer and scheduler steps; returns the loss."""
@@ -179,7 +184,10 @@ def training_seconds(log_records: list[dict[str, Any]]) -> float:
     timed = [r for r in log_records if "elapsed_s" in r]
     if not timed:
         return 0.0
-    return float(sum(a["elapsed_s"] for a, b in zip(timed, timed[1:]) if b["elapsed_s"] < a["elapsed_s"]) + timed[-1]["elapsed_s"])
+    return float(
+        sum(a["elapsed_s"] for a, b in zip(timed, timed[1:]) if b["elapsed_s"] < a["elapsed_s"])
+        + timed[-1]["elapsed_s"]
+    )
 
 
 def json_value(value: Any) -> Any:
@@ -279,7 +287,9 @@ def resume_checkpoint(resume_from: str | None, output_dir: str | Path, logger: l
     output_dir = Path(output_dir)
     if not resume_from:
         if complete_checkpoints(output_dir):
-            logger.warning("%s already holds checkpoints; pass --resume-from-checkpoint latest to continue from them", output_dir)
+            logger.warning(
+                "%s already holds checkpoints; pass --resume-from-checkpoint latest to continue from them", output_dir
+            )
         return None
     if resume_from == "latest":
         found = complete_checkpoints(output_dir)
@@ -325,8 +335,12 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        print(f"\n[{self.prog}] {self.signal_name}: finishing this step, saving a checkpoint, then exiting "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n[{self.prog}] {self.signal_name}: finishing this step, saving a checkpoint, then exiting "
+            "(Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> StopRequest:
         for signum in (signal.SIGINT, signal.SIGTERM):

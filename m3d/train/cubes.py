@@ -32,6 +32,7 @@ interpolation and keep the 1 mm grid, so only those are used. With ``shuffle=Tru
 epoch is a permutation drawn from ``(seed, epoch)`` inside the dataset, so the data seen at any
 training step depends only on the seed and the step (exact resumption, any number of workers).
 """
+
 from __future__ import annotations
 
 import logging
@@ -216,7 +217,13 @@ PHANTOM_NODULES: dict[str | None, dict[str, Any]] = {
 
 
 def iter_phantom_cases(
-    n: int, *, seed: int = 0, size: int = 128, max_slices: int | None = None, task: str | None = None, workers: int = 1,
+    n: int,
+    *,
+    seed: int = 0,
+    size: int = 128,
+    max_slices: int | None = None,
+    task: str | None = None,
+    workers: int = 1,
     native_spacing: bool = False,
 ) -> Iterator[TrainingCase]:
     """``n`` synthetic scans made in memory with `m3d.data.phantom.make_phantoms`, case ``i`` seeded
@@ -228,9 +235,18 @@ def iter_phantom_cases(
 
     if n < 1:
         raise ValueError(f"the number of phantoms must be positive; got {n}")
-    for case in make_phantoms(n, seed, workers=workers, size=size, max_slices=max_slices, native_spacing=native_spacing,
-                              **PHANTOM_NODULES[task]):
-        yield TrainingCase(case_id=case.volume.metadata.patient_id, volume=case.volume, nodules=list(group_nodules(case.lidc)))
+    for case in make_phantoms(
+        n,
+        seed,
+        workers=workers,
+        size=size,
+        max_slices=max_slices,
+        native_spacing=native_spacing,
+        **PHANTOM_NODULES[task],
+    ):
+        yield TrainingCase(
+            case_id=case.volume.metadata.patient_id, volume=case.volume, nodules=list(group_nodules(case.lidc))
+        )
 
 
 # -- cubes --------------------------------------------------------------------------------------
@@ -318,7 +334,9 @@ class CubeDataset(Dataset):
             records = [site.describe() for site in sites]
         cubes_hu = np.asarray(cubes_hu, dtype=np.float32)
         if cubes_hu.ndim != 4 or min(cubes_hu.shape[1:]) < crop_size:
-            raise ValueError(f"cubes must be (N, >={crop_size}, >={crop_size}, >={crop_size}); got shape {cubes_hu.shape}")
+            raise ValueError(
+                f"cubes must be (N, >={crop_size}, >={crop_size}, >={crop_size}); got shape {cubes_hu.shape}"
+            )
         if len(cubes_hu) == 0:
             raise ValueError("no training cubes: no nodule site matched (see m3d.train.cubes for the rules)")
         self.cubes_hu = cubes_hu
@@ -338,7 +356,12 @@ class CubeDataset(Dataset):
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_cases(
-        cls, cases: Iterable[TrainingCase], task: str, *, progress: bool = False, cut_size: int = TRAIN_CUBE_SIZE,
+        cls,
+        cases: Iterable[TrainingCase],
+        task: str,
+        *,
+        progress: bool = False,
+        cut_size: int = TRAIN_CUBE_SIZE,
         **kwargs,
     ) -> "CubeDataset":
         """Cut the cubes of ``task``'s sites case by case (each volume is released after its cubes)."""
@@ -355,7 +378,9 @@ class CubeDataset(Dataset):
                 "remove": "benign (median rating <= 2) nodules < 8 mm",
                 "cad": "rated nodules",
             }[task]
-            raise ValueError(f"no {task} training sites in these cases: {wanted} whose 32 mm cube fits in the scan; use more or other scans")
+            raise ValueError(
+                f"no {task} training sites in these cases: {wanted} whose 32 mm cube fits in the scan; use more or other scans"
+            )
         return cls(cubes_hu=np.stack(cubes), records=records, cut_size=cut_size, **kwargs)
 
     @classmethod
@@ -368,8 +393,14 @@ class CubeDataset(Dataset):
         keep = np.asarray(keep, bool)
         if not keep.any():
             raise ValueError("no training cubes left: none of the sites' nodules passes the quality check")
-        return CubeDataset(cubes_hu=self.cubes_hu[keep], records=[r for r, k in zip(self.records, keep) if k], seed=self.seed,
-                           augment=self.augment, shuffle=self.shuffle, crop_size=self.crop_size)
+        return CubeDataset(
+            cubes_hu=self.cubes_hu[keep],
+            records=[r for r, k in zip(self.records, keep) if k],
+            seed=self.seed,
+            augment=self.augment,
+            shuffle=self.shuffle,
+            crop_size=self.crop_size,
+        )
 
     # -- epochs ----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

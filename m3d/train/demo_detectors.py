@@ -15,6 +15,7 @@ was seen in pre-training, and no cell starts from weights that saw another gener
 cross-generator table keeps its meaning. Each recipe is an `m3d train-detector` command line
 (`command_line`); shipping copies ``RUNS/<name>/best`` into the package with its model card.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,16 @@ from typing import Sequence
 DEMO_DIR = Path(__file__).resolve().parents[1] / "detectors" / "demo"
 TRAIN_DATA = ("pix2pix", "cyclegan")
 # (detector, steps, learning rate): tiny detectors, 16 slices per step, 16x64x64 crops.
-SCHEDULE = {"xception": (1600, 1e-2), "unet": (800, 1e-2), "hpfcn": (800, 1e-2), "mantranet": (2400, 4e-3),
-            "mvssnet": (1200, 1e-2), "trufor": (1800, 1e-2), "slab3d": (1200, 1e-2), "resnet_gp": (1600, 1e-2)}
+SCHEDULE = {
+    "xception": (1600, 1e-2),
+    "unet": (800, 1e-2),
+    "hpfcn": (800, 1e-2),
+    "mantranet": (2400, 4e-3),
+    "mvssnet": (1200, 1e-2),
+    "trufor": (1800, 1e-2),
+    "slab3d": (1200, 1e-2),
+    "resnet_gp": (1600, 1e-2),
+}
 RECIPES: dict[str, tuple[str, str]] = {
     **{f"{detector}-{data}": (detector, data) for detector in SCHEDULE for data in TRAIN_DATA},
     "resnet_gp-m3dsynth": ("resnet_gp", "m3dsynth"),  # the preliminary experiment's detector trained on M3Dsynth
@@ -44,10 +53,39 @@ def command_line(name: str, data: str | Path, runs_dir: str | Path) -> list[str]
     """The `m3d train-detector` arguments of recipe ``name``, writing to ``runs_dir/name``."""
     detector, train_data = RECIPES[name]
     steps, learning_rate = SCHEDULE[detector]
-    argv = ["--detector", detector, "--preset", "tiny", "--data", str(data), "--crop-size", "16,64,64",
-            "--batch-size", "16", "--learning-rate", str(learning_rate), "--lr-scheduler", "cosine", "--warmup-steps", "20",
-            "--num-epochs", "1000", "--max-steps", str(steps), "--validation-split", "none", "--seed", "1",
-            "--resume-from-checkpoint", "latest", "--log-every", "20", "--output-dir", str(Path(runs_dir) / name), "--cpu"]
+    argv = [
+        "--detector",
+        detector,
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--crop-size",
+        "16,64,64",
+        "--batch-size",
+        "16",
+        "--learning-rate",
+        str(learning_rate),
+        "--lr-scheduler",
+        "cosine",
+        "--warmup-steps",
+        "20",
+        "--num-epochs",
+        "1000",
+        "--max-steps",
+        str(steps),
+        "--validation-split",
+        "none",
+        "--seed",
+        "1",
+        "--resume-from-checkpoint",
+        "latest",
+        "--log-every",
+        "20",
+        "--output-dir",
+        str(Path(runs_dir) / name),
+        "--cpu",
+    ]
     return argv if train_data == "m3dsynth" else [*argv, "--generators", train_data]
 
 
@@ -58,20 +96,22 @@ def provenance(name: str, run_dir: Path, data: str | Path) -> str:
     losses = [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
     losses = [r for r in losses if "loss" in r]
     argv = " ".join(command_line(name, "runs/detector-pretraining", "runs/demo-detectors"))
-    return "\n".join([
-        "Starting weights of the `m3d demo` benchmark cell of this detector and training set, trained on m3d's",
-        "synthetic chest CT only (phantoms on real LIDC-IDRI geometry with real nodule contours; build seed 1,",
-        "patients the demo never tests on), on a CPU:",
-        "",
-        "```bash",
-        "m3d build --out runs/detector-pretraining --phantoms 30 --seed 1 --generators pix2pix cyclegan --split-patients 1,0,0",
-        f"m3d train-detector {argv}",
-        "```",
-        "",
-        f"- {summary['steps']} optimizer steps of 16 slices, {training_seconds(losses) / 60:.1f} min of training on one CPU thread; loss "
-        f"{losses[0]['loss']:.3f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.3f} (step {losses[-1]['step']}).",
-        "- Fine-tuned and measured by `m3d demo` / `m3d bench --preset demo`; not a detector to use on real scans.",
-    ])
+    return "\n".join(
+        [
+            "Starting weights of the `m3d demo` benchmark cell of this detector and training set, trained on m3d's",
+            "synthetic chest CT only (phantoms on real LIDC-IDRI geometry with real nodule contours; build seed 1,",
+            "patients the demo never tests on), on a CPU:",
+            "",
+            "```bash",
+            "m3d build --out runs/detector-pretraining --phantoms 30 --seed 1 --generators pix2pix cyclegan --split-patients 1,0,0",
+            f"m3d train-detector {argv}",
+            "```",
+            "",
+            f"- {summary['steps']} optimizer steps of 16 slices, {training_seconds(losses) / 60:.1f} min of training on one CPU thread; loss "
+            f"{losses[0]['loss']:.3f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.3f} (step {losses[-1]['step']}).",
+            "- Fine-tuned and measured by `m3d demo` / `m3d bench --preset demo`; not a detector to use on real scans.",
+        ]
+    )
 
 
 def ship(name: str, runs_dir: str | Path, data: str | Path) -> Path:
@@ -84,7 +124,9 @@ def ship(name: str, runs_dir: str | Path, data: str | Path) -> Path:
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is not a saved detector: train {name} first")
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    target = replace_folder(source, DEMO_DIR / name, files=("config.json", "model.safetensors", "preprocessor_config.json"))
+    target = replace_folder(
+        source, DEMO_DIR / name, files=("config.json", "model.safetensors", "preprocessor_config.json")
+    )
     write_model_card(target, name=f"m3d demo {name}", provenance=provenance(name, run_dir, data))
     return target
 

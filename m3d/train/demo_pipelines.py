@@ -14,6 +14,7 @@ card (`m3d.model_cards.write_model_card`): the exact command, the steps, the see
 logged losses; the card's "Measured quality" section comes from ``benchmarks/results/demo_pipelines_quality.json``
 (`update_quality_section`, also ``--cards-only`` after a new measurement).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,23 @@ COMMON = ["--preset", "demo", "--phantom-size", "320", "--phantom-max-slices", "
 # part-solid or ground glass, and on all of them the Pix2Pix injector learnt to grow none (kept 0.00-0.18 on
 # held-out sites; 0.62 on the kept sites only); see the README's "Demo pipelines".
 _GAN = ["--d-learning-rate", "2e-4", "--lambda-l1", "10", "--hole-only"]
-_DDPM = ["--learning-rate", "5e-4", "--hole-only", "--prediction-type", "v_prediction", "--noise-schedule", "squaredcos_cap_v2",
-         "--num-train-timesteps", "1000", "--snr-gamma", "5", "--sampler", "dpmsolver++", "--inference-steps", "25"]
+_DDPM = [
+    "--learning-rate",
+    "5e-4",
+    "--hole-only",
+    "--prediction-type",
+    "v_prediction",
+    "--noise-schedule",
+    "squaredcos_cap_v2",
+    "--num-train-timesteps",
+    "1000",
+    "--snr-gamma",
+    "5",
+    "--sampler",
+    "dpmsolver++",
+    "--inference-steps",
+    "25",
+]
 RECIPES: dict[str, list[str]] = {
     "pix2pix-inject": ["--model", "pix2pix", "--task", "inject", "--phantoms", "80", "--only-kept-sites", "--max-steps", "1200",
                        "--batch-size", "8", *_GAN],
@@ -83,7 +99,9 @@ def provenance(name: str, run_dir: Path) -> str:
         f"nodule sites, {seconds / 60:.1f} min of training on one CPU thread;",
         f"- losses (mean over the logging window): step {first['step']}: "
         + ", ".join(f"{k} {v}" for k, v in first.items() if k != "step")
-        + f"; step {last['step']}: " + ", ".join(f"{k} {v}" for k, v in last.items() if k != "step") + ".",
+        + f"; step {last['step']}: "
+        + ", ".join(f"{k} {v}" for k, v in last.items() if k != "step")
+        + ".",
     ]
     return "\n".join(lines)
 
@@ -127,7 +145,9 @@ def quality_section(name: str, quality: dict) -> str | None:
         f"| two-sample test: a 3-D CNN tells these from real nodule cubes (chance 0.5) | {entry['two_sample_accuracy']} |",
     ]
     if "num_inference_steps" in entry:
-        lines.append(f"| sampler | {entry['scheduler']}, {entry['num_inference_steps']} steps (the folder's default) |")
+        lines.append(
+            f"| sampler | {entry['scheduler']}, {entry['num_inference_steps']} steps (the folder's default) |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -169,9 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs/demo", help="training outputs (and the cube cache) go here")
     parser.add_argument("--only", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--ship-only", action="store_true", help="do not train: ship the runs already there")
-    parser.add_argument("--cards-only", action="store_true",
-                        help="only write the measured quality (benchmarks/results/demo_pipelines_quality.json) into the "
-                             "shipped folders' cards")
+    parser.add_argument(
+        "--cards-only",
+        action="store_true",
+        help="only write the measured quality (benchmarks/results/demo_pipelines_quality.json) into the "
+        "shipped folders' cards",
+    )
     args = parser.parse_args(argv)
     quality = json.loads(QUALITY_JSON.read_text()) if QUALITY_JSON.is_file() else {}
     for name in args.only:

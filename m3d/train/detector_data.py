@@ -7,6 +7,7 @@ a point and shifted to lie inside the scan; an axis shorter than the crop is tak
 its end with air (-1024 HU, mask 0). Whole scans are padded in-plane to a multiple of `INPLANE_MULTIPLE`
 (what every detector's down-sampling accepts); maps are cut back to the scan before scoring.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,9 @@ def check_crop_size(size: Sequence[int] | None) -> CropSize:
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"crop size must be three positive voxel counts Z,Y,X; got {size}")
     if size[1] % INPLANE_MULTIPLE or size[2] % INPLANE_MULTIPLE:
-        raise ValueError(f"crop Y and X must be multiples of {INPLANE_MULTIPLE} (the detectors' down-sampling); got {size}")
+        raise ValueError(
+            f"crop Y and X must be multiples of {INPLANE_MULTIPLE} (the detectors' down-sampling); got {size}"
+        )
     return size  # type: ignore[return-value]
 
 
@@ -136,7 +139,9 @@ def filter_examples(dataset, generators: Sequence[str] | None = None, tasks: Seq
     if tasks:
         keep &= np.isin(_names(dataset, "task", TASKS), list(tasks))
     if not keep.any():
-        raise ValueError(f"no example left after the filters generators={list(generators or [])} tasks={list(tasks or [])}")
+        raise ValueError(
+            f"no example left after the filters generators={list(generators or [])} tasks={list(tasks or [])}"
+        )
     return dataset if keep.all() else dataset.select(np.flatnonzero(keep))
 
 
@@ -214,7 +219,9 @@ class CropCache:
     (least recently used dropped first, re-decoded when needed again). ``make(example, scans)`` cuts
     one crop; ``scans`` (a `ScanResolver` of the dataset) gives whole scans, fakes pasted over their base."""
 
-    def __init__(self, dataset, make: Callable[[dict[str, Any], ScanResolver], Crop], max_bytes: int, crop_size: CropSize = None) -> None:
+    def __init__(
+        self, dataset, make: Callable[[dict[str, Any], ScanResolver], Crop], max_bytes: int, crop_size: CropSize = None
+    ) -> None:
         self.dataset = dataset
         self.scans = ScanResolver(dataset)
         self.make = make
@@ -244,13 +251,19 @@ class CropCache:
         return [self[i] for i in tqdm(range(len(self)), desc=desc, unit="scan", disable=not progress)]
 
 
-def evaluation_crops(dataset, crop_size: CropSize, config: M3DDetectorConfig | None = None, max_bytes: int = 4 << 30) -> CropCache:
+def evaluation_crops(
+    dataset, crop_size: CropSize, config: M3DDetectorConfig | None = None, max_bytes: int = 4 << 30
+) -> CropCache:
     """The evaluation crops of ``dataset`` (fixed ``test_crop_center_zyx``), decoded on first use.
     ``config`` is needed only for input_mode "percentile" (per-scan bounds)."""
     crop_size = check_crop_size(crop_size)
     needs_statistics = config is not None and config.input_mode == "percentile"
-    return CropCache(dataset, lambda ex, scans: decode_crop(ex, crop_size, config if needs_statistics else None, scans=scans),
-                     max_bytes, crop_size)
+    return CropCache(
+        dataset,
+        lambda ex, scans: decode_crop(ex, crop_size, config if needs_statistics else None, scans=scans),
+        max_bytes,
+        crop_size,
+    )
 
 
 # -- training slices ----------------------------------------------------------------------------
@@ -302,8 +315,12 @@ class TrainingSlices(torch.utils.data.Dataset):
         self.margin = jitter_of(crop_size) if crop_size is not None else (0, 0, 0)
         center_key = "site_voxel_zyx"
         self.cache = CropCache(
-            dataset, lambda ex, scans: decode_crop(ex, crop_size, config, center_key=center_key, margin=self.margin, scans=scans),
-            max_cache_bytes, crop_size,
+            dataset,
+            lambda ex, scans: decode_crop(
+                ex, crop_size, config, center_key=center_key, margin=self.margin, scans=scans
+            ),
+            max_cache_bytes,
+            crop_size,
         )
         self.sites: list[_Site] = []
         for crop in self.cache.fill(progress, desc="training crops"):
@@ -341,7 +358,9 @@ class TrainingSlices(torch.utils.data.Dataset):
             y0, x0 = start[1], start[2]
             for z in range(start[0], min(start[0] + size[0], site.region_shape[0])):
                 box = site.boxes.get(z)
-                hit = box is not None and box[0] < y0 + size[1] and box[1] > y0 and box[2] < x0 + size[2] and box[3] > x0
+                hit = (
+                    box is not None and box[0] < y0 + size[1] and box[1] > y0 and box[2] < x0 + size[2] and box[3] > x0
+                )
                 (tampered if hit else pristine).append((index, z))
         half = self.samples_per_epoch // 2 if tampered else 0
         chosen = [*_draw(tampered, half, rng), *_draw(pristine, self.samples_per_epoch - half, rng)]

@@ -9,6 +9,7 @@ at 1 % FPR). Localization (`m3d.metrics.localization_scores`), per fake sample
 then averaged: F1 / IoU of the map binarised at 0.5 and at each sample's best threshold. Metrics are
 given for every test generator (its fakes against all pristine samples) and task, and for all together.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
@@ -74,8 +75,14 @@ def predict_samples(
             if maps is not None and record["label"] == "fake" and truth.any():
                 record.update(localization_scores(maps, truth, threshold))
                 if len(examples) < keep_maps:
-                    examples.append({"info": record, "hu": crop.hu[: crop.valid[0], : crop.valid[1], : crop.valid[2]],
-                                     "mask": truth, "map": maps})
+                    examples.append(
+                        {
+                            "info": record,
+                            "hu": crop.hu[: crop.valid[0], : crop.valid[1], : crop.valid[2]],
+                            "mask": truth,
+                            "map": maps,
+                        }
+                    )
             records.append(record)
     finally:
         model.train(was_training)
@@ -107,8 +114,10 @@ def summarize(records: list[dict[str, Any]], threshold: float = 0.5) -> dict[str
         summary[generator] = {}
         for task in [ALL, *(tasks if len(tasks) > 1 else [])]:
             chosen = [
-                r for r in records
-                if (task == ALL or r["task"] == task) and (generator == ALL or r["label"] == "pristine" or r["generator"] == generator)
+                r
+                for r in records
+                if (task == ALL or r["task"] == task)
+                and (generator == ALL or r["label"] == "pristine" or r["generator"] == generator)
             ]
             summary[generator][task] = _metrics_of(chosen, threshold)
     return summary
@@ -131,10 +140,15 @@ def evaluate_detector(
     Returns ``{"samples": [per-sample records], "metrics": summarize(...), "examples": [kept maps],
     "crop_size": [z, y, x] | "full", "threshold": threshold}``.
     """
-    crops = dataset if isinstance(dataset, CropCache) else evaluation_crops(dataset, crop_size, model.config, max_cache_bytes)
+    crops = (
+        dataset
+        if isinstance(dataset, CropCache)
+        else evaluation_crops(dataset, crop_size, model.config, max_cache_bytes)
+    )
     crop_size = crops.crop_size
-    records, examples = predict_samples(model, crops, batch_size=batch_size, threshold=threshold,
-                                        keep_maps=keep_maps, progress=progress)
+    records, examples = predict_samples(
+        model, crops, batch_size=batch_size, threshold=threshold, keep_maps=keep_maps, progress=progress
+    )
     return {
         "samples": records,
         "metrics": summarize(records, threshold),
@@ -148,8 +162,13 @@ def _sample_key(record: dict[str, Any]) -> tuple:
     return record["img_id"], record["site_id"], record["label"], record["generator"], record["task"]
 
 
-def cross_generator_summary(cells: Sequence[dict[str, Any]], reference: str | None = None, level: float = 0.95,
-                            resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+def cross_generator_summary(
+    cells: Sequence[dict[str, Any]],
+    reference: str | None = None,
+    level: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
     """Per detector, the mean AUC and best-threshold F1 of its cross-generator cells on their training
     generator (``same``: train = test) and on the others (``other``), each with a ``level`` interval,
     and with ``reference`` (a detector name) its paired differences from the reference detector.
@@ -168,8 +187,10 @@ def cross_generator_summary(cells: Sequence[dict[str, Any]], reference: str | No
     for generator in sorted({k[3] for k in keys if k[2] == "fake"}):
         strata[generator] = [i for i, k in enumerate(keys) if k[2] == "fake" and k[3] == generator]
     rng = np.random.default_rng(seed)
-    draws = {name: np.concatenate([np.arange(len(members))[None], rng.integers(0, len(members), (resamples, len(members)))])
-             for name, members in strata.items()}  # row 0: the samples themselves (the point estimate)
+    draws = {
+        name: np.concatenate([np.arange(len(members))[None], rng.integers(0, len(members), (resamples, len(members)))])
+        for name, members in strata.items()
+    }  # row 0: the samples themselves (the point estimate)
 
     def cell_values(cell: dict[str, Any], generator: str) -> tuple[np.ndarray, np.ndarray | None]:
         """AUC and mean F1 (best threshold) of one cell on one test generator, for every draw."""
@@ -195,8 +216,10 @@ def cross_generator_summary(cells: Sequence[dict[str, Any]], reference: str | No
                     group["auc"].append(auc)
                     group["f1_best"].append(f1)
         per_detector[detector] = {
-            name: {metric: (np.mean(values, 0) if values and all(v is not None for v in values) else None)
-                   for metric, values in group.items()}
+            name: {
+                metric: (np.mean(values, 0) if values and all(v is not None for v in values) else None)
+                for metric, values in group.items()
+            }
             for name, group in groups.items()
         }
     tail = (1 - level) / 2 * 100
@@ -209,12 +232,19 @@ def cross_generator_summary(cells: Sequence[dict[str, Any]], reference: str | No
 
     summary: dict[str, dict[str, Any]] = {}
     for detector, groups in per_detector.items():
-        summary[detector] = {name: {metric: interval(v) for metric, v in group.items()} for name, group in groups.items()}
+        summary[detector] = {
+            name: {metric: interval(v) for metric, v in group.items()} for name, group in groups.items()
+        }
         if reference in per_detector and detector != reference:
             summary[detector]["minus_reference"] = {
-                name: {metric: (interval(v - per_detector[reference][name][metric])
-                                if v is not None and per_detector[reference][name][metric] is not None else None)
-                       for metric, v in group.items()}
+                name: {
+                    metric: (
+                        interval(v - per_detector[reference][name][metric])
+                        if v is not None and per_detector[reference][name][metric] is not None
+                        else None
+                    )
+                    for metric, v in group.items()
+                }
                 for name, group in groups.items()
             }
     return summary

@@ -21,6 +21,7 @@ it with its data, model and step, and fills in the hooks:
 Its arguments subclass `TrainingArguments`, the options every trainer has. Kept apart from
 `m3d.train.common`, whose light helpers the builder and the benchmark import too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,7 +101,9 @@ class TrainingLoop:
         self.description = self.name  # the progress bar's
         configure_logging(logger, self.name, self.main_process)
         set_seed(arguments.seed)
-        self.total_batch = arguments.batch_size * self.accelerator.num_processes * arguments.gradient_accumulation_steps
+        self.total_batch = (
+            arguments.batch_size * self.accelerator.num_processes * arguments.gradient_accumulation_steps
+        )
         self.global_step = 0  # optimizer steps done
         self.micro = 0  # micro-batches done (of every epoch)
         self.micro_per_epoch = 0
@@ -114,7 +117,9 @@ class TrainingLoop:
         """Train on one micro-batch (under ``accelerator.accumulate``); returns its losses, ``"loss"`` among them."""
         raise NotImplementedError
 
-    def training_record(self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float) -> dict[str, Any]:
+    def training_record(
+        self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float
+    ) -> dict[str, Any]:
         """The ``logs.jsonl`` record of a log window: ``losses`` are the window's means over the processes."""
         raise NotImplementedError
 
@@ -159,8 +164,14 @@ class TrainingLoop:
         if self.log_with:
             accelerator.init_trackers(self.name, config={k: json_value(v) for k, v in asdict(arguments).items()})
         self.start_time = time.perf_counter()
-        progress = tqdm(total=total_steps, initial=min(self.global_step, total_steps), desc=self.description, unit="step",
-                        disable=not self.show_progress, dynamic_ncols=True)
+        progress = tqdm(
+            total=total_steps,
+            initial=min(self.global_step, total_steps),
+            desc=self.description,
+            unit="step",
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+        )
         sums: dict[str, torch.Tensor] = {}
         count = 0
         self.micro = self.global_step * accumulation
@@ -173,8 +184,15 @@ class TrainingLoop:
                     epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
                     epoch_loader.set_epoch(epoch)
                     for batch in epoch_loader:
-                        torch.manual_seed(step_seed(arguments.seed, self.global_step, self.micro % accumulation,
-                                                    accelerator.process_index, accelerator.num_processes))
+                        torch.manual_seed(
+                            step_seed(
+                                arguments.seed,
+                                self.global_step,
+                                self.micro % accumulation,
+                                accelerator.process_index,
+                                accelerator.num_processes,
+                            )
+                        )
                         losses = self.micro_step(batch)
                         self.micro += 1
                         for key, value in losses.items():
@@ -189,9 +207,11 @@ class TrainingLoop:
                             means = accelerator.reduce(torch.stack([sums[k] / count for k in keys]), reduction="mean")
                             now = time.perf_counter()
                             record = self.training_record(
-                                epoch, dict(zip(keys, means.tolist())),
+                                epoch,
+                                dict(zip(keys, means.tolist())),
                                 steps_per_s=(self.global_step - window_step) / max(now - window_start, 1e-9),
-                                elapsed_s=round(now - self.start_time, 3))
+                                elapsed_s=round(now - self.start_time, 3),
+                            )
                             window_start, window_step = now, self.global_step
                             self.log(record, self.tracker_values(record))
                             progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -209,7 +229,9 @@ class TrainingLoop:
             if interrupted or stop.requested:
                 if self.global_step != self.last_saved and self.global_step > 0:
                     self.save_checkpoint()
-                self.logger.info("interrupted at step %d; resume with --resume-from-checkpoint latest", self.global_step)
+                self.logger.info(
+                    "interrupted at step %d; resume with --resume-from-checkpoint latest", self.global_step
+                )
                 end_trackers(accelerator)
                 return 130
 
@@ -231,8 +253,12 @@ class TrainingLoop:
             state = json.loads((folder / STATE_FILE).read_text())
             self.resume_from(state, folder)
             if state.get("total_batch") != self.total_batch:
-                self.logger.warning("checkpoint used %s %s per step, this run %d: the data order will differ",
-                                    state.get("total_batch"), self.unit, self.total_batch)
+                self.logger.warning(
+                    "checkpoint used %s %s per step, this run %d: the data order will differ",
+                    state.get("total_batch"),
+                    self.unit,
+                    self.total_batch,
+                )
             self.accelerator.load_state(str(folder))
             self.global_step = self.last_saved = int(state["global_step"])
             self.logger.info("resumed from %s at step %d", folder, self.global_step)
@@ -245,10 +271,16 @@ class TrainingLoop:
         accelerator.wait_for_everyone()
         folder = Path(accelerator.save_state())
         if self.main_process:
-            write_json_atomic(folder / STATE_FILE, {
-                "global_step": self.global_step, "seed": self.arguments.seed, "total_batch": self.total_batch,
-                **self.checkpoint_extras(folder), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            })
+            write_json_atomic(
+                folder / STATE_FILE,
+                {
+                    "global_step": self.global_step,
+                    "seed": self.arguments.seed,
+                    "total_batch": self.total_batch,
+                    **self.checkpoint_extras(folder),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
         accelerator.wait_for_everyone()
         self.last_saved = self.global_step
         self.logger.info("checkpoint at step %d: %s", self.global_step, folder)
@@ -266,4 +298,6 @@ class TrainingLoop:
             with open(self.log_path, "a") as handle:
                 handle.write(json.dumps(finite_or_none(record)) + "\n")
         if self.log_with:
-            self.accelerator.log({k: v for k, v in tracked.items() if v is not None and math.isfinite(v)}, step=self.global_step)
+            self.accelerator.log(
+                {k: v for k, v in tracked.items() if v is not None and math.isfinite(v)}, step=self.global_step
+            )

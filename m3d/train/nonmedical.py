@@ -6,6 +6,7 @@ natural-ish textures (1/f colour noise with soft blobs and edges), "fake" ones a
 whose random rectangle was repainted by an untrained up-sampling generator (nearest x2 + 3x3 conv
 stages, the periodic up-sampling trace of GAN decoders). Every output that uses it says so.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,7 @@ def natural_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     image = np.zeros((size, size, 3))
     octave = 4
     while octave <= size:
-        image += _upsample(rng.normal(size=(octave, octave, 3)), size) * (octave ** -0.8)
+        image += _upsample(rng.normal(size=(octave, octave, 3)), size) * (octave**-0.8)
         octave *= 2
     y, x = np.mgrid[:size, :size] / size
     for _ in range(int(rng.integers(2, 5))):
@@ -88,7 +89,9 @@ def make_standin_images(out: str | Path, n_per_class: int = 64, size: int = 64, 
                 patch = generated_patch(rng, height, width)
                 region = image[top : top + height, left : left + width]  # matched to the region's mean and contrast
                 region[:] = (patch - patch.mean()) * region.std() / (patch.std() + 1e-6) + region.mean()
-            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(tmp / label / f"{label}_{number:04d}.png")
+            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(
+                tmp / label / f"{label}_{number:04d}.png"
+            )
     (tmp / "README.md").write_text(STANDIN_README)
     os.replace(tmp, out)
     return out

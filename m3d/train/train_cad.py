@@ -23,6 +23,7 @@ step's randomness is drawn from ``(seed, step)``). Losses and validation metrics
 ``OUTPUT_DIR/logs.jsonl`` (and TensorBoard when installed); the model is saved with ``save_pretrained`` to
 ``OUTPUT_DIR/model`` and the run described in ``OUTPUT_DIR/training_summary.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,14 @@ from ..cad.modeling_cad import IGNORE_INDEX, CADForMalignancyScoring, malignancy
 from ..tamper.cube import hu_to_unit
 from ..data.phantom import phantom_workers
 from ..errors import run_guarded
-from .common import MIXED_PRECISION, ignore_sigint, json_value, optimizer_micro_step, save_pretrained_atomic, write_json_atomic
+from .common import (
+    MIXED_PRECISION,
+    ignore_sigint,
+    json_value,
+    optimizer_micro_step,
+    save_pretrained_atomic,
+    write_json_atomic,
+)
 from .cubes import MAX_SHIFT, CubeDataset
 from .loop import TrainingArguments, TrainingLoop
 
@@ -119,7 +127,14 @@ class TrainCADArguments(TrainingArguments):
 
     def check(self) -> None:
         """ValueError for values the parser lets through."""
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "phantoms",
+            "phantom_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
         if self.max_scans is not None and self.max_scans < 1:
@@ -139,20 +154,32 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "readers; saves a transformers model folder (OUTPUT_DIR/model). Runs under `accelerate launch` too.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", metavar="DIR",
-                        help="start from a saved CAD scorer (save_pretrained folder) instead of a new --preset model")
-    parser.add_argument("--preset", choices=tuple(CAD_PRESETS),
-                        help="network size (m3d.cad.CAD_PRESETS; tiny: tests; default: 48 mm cubes, widths 16-128)")
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        help="start from a saved CAD scorer (save_pretrained folder) instead of a new --preset model",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=tuple(CAD_PRESETS),
+        help="network size (m3d.cad.CAD_PRESETS; tiny: tests; default: 48 mm cubes, widths 16-128)",
+    )
 
     data = parser.add_argument_group("data (one of --data / --lidc-root; else --phantoms synthetic scans)")
     source = data.add_mutually_exclusive_group()
-    source.add_argument("--data", metavar="DIR", help="folder of LIDC-style cases: <case>/dicom/ + LIDC XML (m3d phantom's layout)")
+    source.add_argument(
+        "--data", metavar="DIR", help="folder of LIDC-style cases: <case>/dicom/ + LIDC XML (m3d phantom's layout)"
+    )
     source.add_argument("--lidc-root", metavar="DIR", help="a LIDC-IDRI download: DICOM series folders with their XML")
     data.add_argument("--max-scans", type=int, metavar="N", help="read at most N scans of --data / --lidc-root")
-    data.add_argument("--phantoms", type=int, metavar="N", help="synthetic scans made in memory when no data folder is given")
+    data.add_argument(
+        "--phantoms", type=int, metavar="N", help="synthetic scans made in memory when no data folder is given"
+    )
     data.add_argument("--phantom-size", type=int, help="in-plane matrix of the synthetic scans")
     data.add_argument("--phantom-max-slices", type=int, help="cap on the synthetic scans' slices")
-    data.add_argument("--cube-cache", metavar="DIR", help="keep the cut cubes here (an .npz per data source) and reuse them")
+    data.add_argument(
+        "--cube-cache", metavar="DIR", help="keep the cut cubes here (an .npz per data source) and reuse them"
+    )
     data.add_argument("--validation-fraction", type=float, help="fraction of the patients held out for validation")
 
     run = parser.add_argument_group("training")
@@ -162,17 +189,27 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--learning-rate", type=float, help="AdamW peak rate (5%% warm-up, cosine decay)")
     run.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     run.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step")
-    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
-    run.add_argument("--seed", type=int, help="seeds the data, the split, the augmentations and every step's randomness")
+    run.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)",
+    )
+    run.add_argument(
+        "--seed", type=int, help="seeds the data, the split, the augmentations and every step's randomness"
+    )
     run.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
 
     save = parser.add_argument_group("checkpoints, validation and logs")
-    save.add_argument("--checkpointing-steps", type=int,
-                      help="save a checkpoint every N steps and at the end (0: only on interrupt)")
+    save.add_argument(
+        "--checkpointing-steps", type=int, help="save a checkpoint every N steps and at the end (0: only on interrupt)"
+    )
     save.add_argument("--checkpoints-total-limit", type=int, help="keep at most this many checkpoints")
-    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH",
-                      help="continue from OUTPUT_DIR's newest complete checkpoint (latest; a fresh start if none) or a folder")
+    save.add_argument(
+        "--resume-from-checkpoint",
+        metavar="latest|PATH",
+        help="continue from OUTPUT_DIR's newest complete checkpoint (latest; a fresh start if none) or a folder",
+    )
     save.add_argument("--eval-every", type=int, help="validate every N steps (and at the end; 0: only at the end)")
     save.add_argument("--log-every", type=int, help="write mean losses to logs.jsonl every N steps")
     save.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -195,15 +232,27 @@ def _data_key(args: TrainCADArguments, cut_size: int) -> dict[str, Any]:
     key: dict[str, Any] = {"selection": "cad", "cut_size": cut_size, "version": 1}
     if args.data or args.lidc_root:
         root = Path(args.data or args.lidc_root).resolve()
-        key.update(kind="data" if args.data else "lidc_root", root=str(root), max_scans=args.max_scans,
-                   entries=sorted(p.name for p in root.iterdir()) if root.is_dir() else [])
+        key.update(
+            kind="data" if args.data else "lidc_root",
+            root=str(root),
+            max_scans=args.max_scans,
+            entries=sorted(p.name for p in root.iterdir()) if root.is_dir() else [],
+        )
     else:
-        key.update(kind="phantoms", n=args.phantoms, seed=args.seed, size=args.phantom_size,
-                   max_slices=args.phantom_max_slices, nodules=repr(cubes.PHANTOM_NODULES["cad"]))
+        key.update(
+            kind="phantoms",
+            n=args.phantoms,
+            seed=args.seed,
+            size=args.phantom_size,
+            max_slices=args.phantom_max_slices,
+            nodules=repr(cubes.PHANTOM_NODULES["cad"]),
+        )
     return key
 
 
-def load_cubes(args: TrainCADArguments, cut_size: int, progress: bool, workers: int = 1) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def load_cubes(
+    args: TrainCADArguments, cut_size: int, progress: bool, workers: int = 1
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """HU cubes (``(N, cut, cut, cut)``) and site records of every rated nodule of the data source;
     ``workers`` processes make phantoms."""
     from .cubes import iter_case_folders, iter_lidc_root, iter_phantom_cases
@@ -221,8 +270,14 @@ def load_cubes(args: TrainCADArguments, cut_size: int, progress: bool, workers: 
     elif args.lidc_root:
         cases = iter_lidc_root(args.lidc_root)
     else:
-        cases = iter_phantom_cases(args.phantoms, seed=args.seed, size=args.phantom_size,
-                                   max_slices=args.phantom_max_slices, task="cad", workers=workers)
+        cases = iter_phantom_cases(
+            args.phantoms,
+            seed=args.seed,
+            size=args.phantom_size,
+            max_slices=args.phantom_max_slices,
+            task="cad",
+            workers=workers,
+        )
     if args.max_scans is not None and (args.data or args.lidc_root):
         cases = itertools.islice(cases, args.max_scans)
     dataset = CubeDataset.from_cases(cases, "cad", progress=progress, cut_size=cut_size, crop_size=cut_size)
@@ -235,15 +290,20 @@ def load_cubes(args: TrainCADArguments, cut_size: int, progress: bool, workers: 
 
 
 def _class_counts(labels: np.ndarray) -> dict[str, int]:
-    return {"benign": int((labels == 0).sum()), "malignant": int((labels == 1).sum()),
-            "unlabelled": int((labels == IGNORE_INDEX).sum())}
+    return {
+        "benign": int((labels == 0).sum()),
+        "malignant": int((labels == 1).sum()),
+        "unlabelled": int((labels == IGNORE_INDEX).sum()),
+    }
 
 
 # -- validation ---------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model: CADForMalignancyScoring, dataset: CADCubeDataset, batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: CADForMalignancyScoring, dataset: CADCubeDataset, batch_size: int, device: torch.device
+) -> dict[str, float]:
     """Centred-cube scores of ``dataset`` (no augmentation): ``val_auc`` (malignant vs benign; NaN
     unless both occur), ``val_loss`` and ``val_rating_mae`` (NaN without the rating head)."""
     from ..metrics.detection import roc_auc
@@ -271,7 +331,11 @@ def evaluate(model: CADForMalignancyScoring, dataset: CADCubeDataset, batch_size
     if ratings:
         rated = np.isfinite(dataset.ratings)
         mae = float(np.abs(torch.cat(ratings).numpy()[rated] - dataset.ratings[rated]).mean())
-    return {"val_auc": float(auc), "val_loss": sum(losses) / len(scores) if losses else float("nan"), "val_rating_mae": mae}
+    return {
+        "val_auc": float(auc),
+        "val_loss": sum(losses) / len(scores) if losses else float("nan"),
+        "val_rating_mae": mae,
+    }
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -298,8 +362,12 @@ class CADTraining(TrainingLoop):
 
         # data: every process cuts the same cubes (deterministic); the loader shards the batches
         cut_size = config.cube_size + 2 * CUT_MARGIN
-        cubes_hu, records = load_cubes(args, cut_size, progress=self.show_progress,
-                                       workers=phantom_workers(args.phantoms, accelerator.num_processes))
+        cubes_hu, records = load_cubes(
+            args,
+            cut_size,
+            progress=self.show_progress,
+            workers=phantom_workers(args.phantoms, accelerator.num_processes),
+        )
         train_idx, val_idx = split_by_patient(records, args.validation_fraction, args.seed)
         if not config.rating_head:  # without the rating head only classification targets train
             keep = malignancy_labels([r["malignancy"] for r in records], config) != IGNORE_INDEX
@@ -307,33 +375,72 @@ class CADTraining(TrainingLoop):
         if len(train_idx) == 0:
             raise ValueError("no training sites left after the validation split; use more scans")
         samples = math.ceil(max(len(train_idx), self.total_batch) / self.total_batch) * self.total_batch
-        train_set = CADCubeDataset(cubes_hu=cubes_hu[train_idx], records=[records[i] for i in train_idx], config=config,
-                                   seed=args.seed, augment=True, shuffle=True, samples_per_epoch=samples)
-        self.val_set = (CADCubeDataset(cubes_hu=cubes_hu[val_idx], records=[records[i] for i in val_idx], config=config,
-                                       augment=False) if len(val_idx) else None)
-        self.counts = {"train": _class_counts(train_set.labels),
-                       "validation": _class_counts(self.val_set.labels) if self.val_set else {}}
-        logger.info("%d rated nodules of %d patients: train %s, validation %s", len(records),
-                    len({patient_of(r) for r in records}), self.counts["train"], self.counts["validation"] or "none")
+        train_set = CADCubeDataset(
+            cubes_hu=cubes_hu[train_idx],
+            records=[records[i] for i in train_idx],
+            config=config,
+            seed=args.seed,
+            augment=True,
+            shuffle=True,
+            samples_per_epoch=samples,
+        )
+        self.val_set = (
+            CADCubeDataset(
+                cubes_hu=cubes_hu[val_idx], records=[records[i] for i in val_idx], config=config, augment=False
+            )
+            if len(val_idx)
+            else None
+        )
+        self.counts = {
+            "train": _class_counts(train_set.labels),
+            "validation": _class_counts(self.val_set.labels) if self.val_set else {},
+        }
+        logger.info(
+            "%d rated nodules of %d patients: train %s, validation %s",
+            len(records),
+            len({patient_of(r) for r in records}),
+            self.counts["train"],
+            self.counts["validation"] or "none",
+        )
         loader = torch.utils.data.DataLoader(
-            train_set, batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=args.num_workers,
-            worker_init_fn=ignore_sigint if args.num_workers else None, pin_memory=accelerator.device.type == "cuda",
+            train_set,
+            batch_size=args.batch_size,
+            shuffle=False,
+            drop_last=True,
+            num_workers=args.num_workers,
+            worker_init_fn=ignore_sigint if args.num_workers else None,
+            pin_memory=accelerator.device.type == "cuda",
         )
 
         model = CADForMalignancyScoring.from_pretrained(args.model) if args.model else CADForMalignancyScoring(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         processes = accelerator.num_processes  # the prepared scheduler steps once per process at each optimizer step
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.max_steps) * processes,
-                                                    args.max_steps * processes)
-        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, math.ceil(WARMUP_FRACTION * args.max_steps) * processes, args.max_steps * processes
+        )
+        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
+            model, optimizer, loader, scheduler
+        )
         self.model.train()
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"loss": optimizer_micro_step(self.accelerator, self.model, batch, self.optimizer, self.scheduler, MAX_GRAD_NORM)}
+        return {
+            "loss": optimizer_micro_step(
+                self.accelerator, self.model, batch, self.optimizer, self.scheduler, MAX_GRAD_NORM
+            )
+        }
 
-    def training_record(self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float) -> dict[str, Any]:
-        return {"step": self.global_step, "epoch": epoch, **losses, "lr": self.scheduler.get_last_lr()[0],
-                "steps_per_s": steps_per_s, "elapsed_s": elapsed_s}
+    def training_record(
+        self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float
+    ) -> dict[str, Any]:
+        return {
+            "step": self.global_step,
+            "epoch": epoch,
+            **losses,
+            "lr": self.scheduler.get_last_lr()[0],
+            "steps_per_s": steps_per_s,
+            "elapsed_s": elapsed_s,
+        }
 
     def on_step_end(self) -> None:
         eval_every, step = self.arguments.eval_every, self.global_step
@@ -344,10 +451,16 @@ class CADTraining(TrainingLoop):
         """Score the held-out patients' centred cubes (main process; logged); {} elsewhere or without them."""
         if self.val_set is None or not self.main_process:
             return {}
-        metrics = evaluate(self.accelerator.unwrap_model(self.model), self.val_set, self.arguments.batch_size,
-                           self.accelerator.device)
+        metrics = evaluate(
+            self.accelerator.unwrap_model(self.model), self.val_set, self.arguments.batch_size, self.accelerator.device
+        )
         self.log({"step": self.global_step, **metrics}, metrics)
-        logger.info("step %d: validation AUC %.3f, rating MAE %.3f", self.global_step, metrics["val_auc"], metrics["val_rating_mae"])
+        logger.info(
+            "step %d: validation AUC %.3f, rating MAE %.3f",
+            self.global_step,
+            metrics["val_auc"],
+            metrics["val_rating_mae"],
+        )
         return metrics
 
     def checkpoint_extras(self, folder: Path) -> dict[str, Any]:
@@ -365,13 +478,19 @@ class CADTraining(TrainingLoop):
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in unwrapped.state_dict().items()})
         save_pretrained_atomic(copy.eval(), self.output_dir / "model")
         data = "lidc_root" if args.lidc_root else "data" if args.data else "phantom"
-        write_json_atomic(self.output_dir / "training_summary.json", {
-            "model": "cad", "preset": args.preset, "steps": self.global_step, "training_data": data,
-            "sites": self.counts,
-            "validation": {k: v if math.isfinite(v) else None for k, v in final.items()},
-            "wall_s": round(time.perf_counter() - self.start_time, 3),
-            "args": {k: json_value(v) for k, v in asdict(args).items()},
-        })
+        write_json_atomic(
+            self.output_dir / "training_summary.json",
+            {
+                "model": "cad",
+                "preset": args.preset,
+                "steps": self.global_step,
+                "training_data": data,
+                "sites": self.counts,
+                "validation": {k: v if math.isfinite(v) else None for k, v in final.items()},
+                "wall_s": round(time.perf_counter() - self.start_time, 3),
+                "args": {k: json_value(v) for k, v in asdict(args).items()},
+            },
+        )
         logger.info("saved the CAD scorer to %s", self.output_dir / "model")
 
 

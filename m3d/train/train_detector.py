@@ -30,6 +30,7 @@ best balanced accuracy (`m3d.metrics.balanced_threshold`), recorded in ``trainin
 classifier's 0.5 is not the right cut for the max over a crop's slices. ``--push-to-hub`` uploads
 ``best/`` with huggingface_hub.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,7 +108,9 @@ def detector_config(name: str, preset: str = "default", **overrides: Any) -> M3D
     return config_class(**overrides)
 
 
-def build_detector(name: str | None = None, preset: str = "default", model_path: str | None = None, seed: int = 0, **overrides):
+def build_detector(
+    name: str | None = None, preset: str = "default", model_path: str | None = None, seed: int = 0, **overrides
+):
     """A new detector (``name`` + ``preset``, weights initialised from ``seed``) or one loaded from
     ``model_path`` (a `save_pretrained` folder)."""
     if model_path is not None:
@@ -128,7 +131,9 @@ class ImagePatches(torch.utils.data.Dataset):
     """Random ``size`` patches of an ``imagefolder`` of real/fake images, as 3-channel [-1, 1] inputs
     (smaller images are resized up); patch positions are drawn from ``(seed, epoch, index)``."""
 
-    def __init__(self, folder: str | Path, size: tuple[int, int], seed: int = 0, multiple: int = 1, cache_dir: str | None = None):
+    def __init__(
+        self, folder: str | Path, size: tuple[int, int], seed: int = 0, multiple: int = 1, cache_dir: str | None = None
+    ):
         import datasets
 
         if not Path(folder).is_dir():
@@ -207,7 +212,14 @@ class TrainDetectorArguments(TrainingArguments):
         """ValueError for values the parser lets through."""
         if (self.detector is None) == (self.model is None):
             raise ValueError("give one of --detector (a new detector) and --model (a saved one)")
-        for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every", "cache_mb"):
+        for name in (
+            "num_epochs",
+            "batch_size",
+            "eval_batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "cache_mb",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
         for name in ("max_steps", "slices_per_epoch"):
@@ -232,34 +244,60 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     source = what.add_mutually_exclusive_group(required=True)
     source.add_argument("--detector", choices=list(DETECTORS), help="a new detector of this architecture")
     source.add_argument("--model", metavar="PATH", help="start from a saved detector (save_pretrained folder)")
-    what.add_argument("--preset", choices=PRESET_CHOICES,
-                      help="size of a new detector: tiny (tests, CPU demo) or default (the papers')")
-    what.add_argument("--input-mode", choices=[mode for mode in INPUT_MODES if mode != "slab"],
-                      help="how HU become the 3-channel input of a new 2-D detector (default: the config's hu_windows; "
-                      "slab3d always reads slabs of slices)")
+    what.add_argument(
+        "--preset",
+        choices=PRESET_CHOICES,
+        help="size of a new detector: tiny (tests, CPU demo) or default (the papers')",
+    )
+    what.add_argument(
+        "--input-mode",
+        choices=[mode for mode in INPUT_MODES if mode != "slab"],
+        help="how HU become the 3-channel input of a new 2-D detector (default: the config's hu_windows; "
+        "slab3d always reads slabs of slices)",
+    )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data", metavar="DIR", help="M3Dsynth folder (datasets.load_dataset); needed unless --train-images")
-    data.add_argument("--train-images", metavar="DIR",
-                      help="train on this imagefolder of real/fake images instead of M3Dsynth (--data then only validates)")
-    data.add_argument("--generators", nargs="+", choices=[g for g in GENERATORS if g != "real"],
-                      help="keep these generators' fakes (pristine scans always kept); default all")
+    data.add_argument(
+        "--data", metavar="DIR", help="M3Dsynth folder (datasets.load_dataset); needed unless --train-images"
+    )
+    data.add_argument(
+        "--train-images",
+        metavar="DIR",
+        help="train on this imagefolder of real/fake images instead of M3Dsynth (--data then only validates)",
+    )
+    data.add_argument(
+        "--generators",
+        nargs="+",
+        choices=[g for g in GENERATORS if g != "real"],
+        help="keep these generators' fakes (pristine scans always kept); default all",
+    )
     data.add_argument("--tasks", nargs="+", choices=TASKS, help="keep these tasks; default both")
     data.add_argument("--train-split", help="the split to train on")
     data.add_argument("--validation-split", help="'none' to skip validation")
-    data.add_argument("--calibration-split",
-                      help="scans whose crops set the saved model's volume_threshold (best balanced accuracy of the "
-                      "volume score): 'auto' = the validation split when validating, else the training split; "
-                      "'none' keeps the model's threshold")
-    data.add_argument("--crop-size", type=parse_crop_size, metavar="Z,Y,X|full",
-                      help="crop around the site in voxels (Y, X multiples of 32), or 'full' for whole scans")
-    data.add_argument("--slices-per-epoch", type=int,
-                      help="training slices per epoch (default: twice the tampered slices of the training crops)")
+    data.add_argument(
+        "--calibration-split",
+        help="scans whose crops set the saved model's volume_threshold (best balanced accuracy of the "
+        "volume score): 'auto' = the validation split when validating, else the training split; "
+        "'none' keeps the model's threshold",
+    )
+    data.add_argument(
+        "--crop-size",
+        type=parse_crop_size,
+        metavar="Z,Y,X|full",
+        help="crop around the site in voxels (Y, X multiples of 32), or 'full' for whole scans",
+    )
+    data.add_argument(
+        "--slices-per-epoch",
+        type=int,
+        help="training slices per epoch (default: twice the tampered slices of the training crops)",
+    )
     data.add_argument("--cache-mb", type=int, help="memory for decoded crops (least recently used dropped)")
     data.add_argument("--dataset-cache-dir", help="datasets' cache folder (default: HF_DATASETS_CACHE)")
 
     run = parser.add_argument_group("training")
-    run.add_argument("--output-dir", required=True, metavar="DIR", help="best/, checkpoints/, logs and the summary go here")
+    run.add_argument(
+        "--output-dir", required=True, metavar="DIR", help="best/, checkpoints/, logs and the summary go here"
+    )
     run.add_argument("--num-epochs", type=int, help="passes over the training slices (see --max-steps)")
     run.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
     run.add_argument("--batch-size", type=int, help="slices per process and micro-batch")
@@ -270,19 +308,32 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--warmup-steps", type=int, help="linear warm-up steps of the schedule")
     run.add_argument("--max-grad-norm", type=float, help="clip gradient norms (0: off)")
     run.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step")
-    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
-    run.add_argument("--metric-for-best-model", choices=BEST_METRICS,
-                     help="validation metric (all generators, all tasks) that picks best/; higher is better")
+    run.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)",
+    )
+    run.add_argument(
+        "--metric-for-best-model",
+        choices=BEST_METRICS,
+        help="validation metric (all generators, all tasks) that picks best/; higher is better",
+    )
     run.add_argument("--seed", type=int, help="seed of the weights, the crops and the slice order")
     run.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
 
     save = parser.add_argument_group("checkpoints, logs, Hub")
-    save.add_argument("--checkpointing-steps", type=int,
-                      help="also checkpoint every N steps (checkpoints are always written at epoch ends and on interrupt)")
+    save.add_argument(
+        "--checkpointing-steps",
+        type=int,
+        help="also checkpoint every N steps (checkpoints are always written at epoch ends and on interrupt)",
+    )
     save.add_argument("--checkpoints-total-limit", type=int, help="checkpoints kept (the oldest deleted)")
-    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH",
-                      help="continue from the newest checkpoint in --output-dir, or from PATH")
+    save.add_argument(
+        "--resume-from-checkpoint",
+        metavar="latest|PATH",
+        help="continue from the newest checkpoint in --output-dir, or from PATH",
+    )
     save.add_argument("--log-every", type=int, help="write mean losses to logs.jsonl every N steps")
     save.add_argument("--no-progress", action="store_true", help="no progress bars")
     save.add_argument("--push-to-hub", action="store_true", help="upload best/ to the Hub at the end")
@@ -321,13 +372,18 @@ def calibrate_volume_threshold(model, crops, batch_size: int = 32, progress: boo
     records, _ = predict_samples(model, crops, batch_size=batch_size, progress=progress)
     labels = np.array([r["label"] == "fake" for r in records], dtype=int)
     scores = np.array([r["score"] for r in records])
-    result: dict[str, Any] = {"n_fake": int(labels.sum()), "n_pristine": int(len(labels) - labels.sum()),
-                              "threshold_before": model.config.volume_threshold}
+    result: dict[str, Any] = {
+        "n_fake": int(labels.sum()),
+        "n_pristine": int(len(labels) - labels.sum()),
+        "threshold_before": model.config.volume_threshold,
+    }
     if 0 < labels.sum() < len(labels):
         model.config.volume_threshold = balanced_threshold(labels, scores)
         result["balanced_accuracy_before"] = balanced_accuracy(labels, scores, result["threshold_before"])
     result["threshold"] = model.config.volume_threshold
-    result["balanced_accuracy"] = balanced_accuracy(labels, scores, model.config.volume_threshold) if 0 < labels.sum() < len(labels) else None
+    result["balanced_accuracy"] = (
+        balanced_accuracy(labels, scores, model.config.volume_threshold) if 0 < labels.sum() < len(labels) else None
+    )
     return result
 
 
@@ -358,30 +414,63 @@ class DetectorTraining(TrainingLoop):
         self.cache_bytes = args.cache_mb << 20
 
         if args.train_images:
-            train_set = ImagePatches(args.train_images, tuple(args.crop_size[1:]), seed=args.seed, multiple=self.total_batch,
-                                     cache_dir=args.dataset_cache_dir)
+            train_set = ImagePatches(
+                args.train_images,
+                tuple(args.crop_size[1:]),
+                seed=args.seed,
+                multiple=self.total_batch,
+                cache_dir=args.dataset_cache_dir,
+            )
             described = f"{len(train_set.images)} images of {args.train_images}"
         else:
             split = self.split(args.train_split)
-            train_set = TrainingSlices(split, args.crop_size, model.config, seed=args.seed, samples_per_epoch=args.slices_per_epoch,
-                                       multiple=self.total_batch, max_cache_bytes=self.cache_bytes, progress=self.show_progress)
+            train_set = TrainingSlices(
+                split,
+                args.crop_size,
+                model.config,
+                seed=args.seed,
+                samples_per_epoch=args.slices_per_epoch,
+                multiple=self.total_batch,
+                max_cache_bytes=self.cache_bytes,
+                progress=self.show_progress,
+            )
             described = f"{len(split)} scans of {args.data}"
-        logger.info("%s (%s preset=%s): %s -> %d slices per epoch", self.detector_name, "loaded" if args.model else "new",
-                    args.preset, described, len(train_set))
+        logger.info(
+            "%s (%s preset=%s): %s -> %d slices per epoch",
+            self.detector_name,
+            "loaded" if args.model else "new",
+            args.preset,
+            described,
+            len(train_set),
+        )
 
         self.validation = None
         if args.validation_split.lower() != "none" and args.data is not None:
-            self.validation = evaluation_crops(self.split(args.validation_split), args.crop_size, model.config, self.cache_bytes)
+            self.validation = evaluation_crops(
+                self.split(args.validation_split), args.crop_size, model.config, self.cache_bytes
+            )
 
-        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=False, drop_last=True,
-                                             num_workers=args.num_workers, pin_memory=accelerator.device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            train_set,
+            batch_size=args.batch_size,
+            shuffle=False,
+            drop_last=True,
+            num_workers=args.num_workers,
+            pin_memory=accelerator.device.type == "cuda",
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         register_bayar_constraint(optimizer, model)
         steps_per_epoch = len(train_set) // self.total_batch
         self.total_steps = int(min(args.max_steps or math.inf, args.num_epochs * steps_per_epoch))
-        scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-                                  num_training_steps=self.total_steps * accelerator.num_processes)
-        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer,
+            num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+            num_training_steps=self.total_steps * accelerator.num_processes,
+        )
+        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
+            model, optimizer, loader, scheduler
+        )
         self.best: dict[str, Any] = {"value": None, "step": None, "epoch": None}
         self.history: list[dict[str, Any]] = []
         self.validated_at = -1  # the step of the last validation
@@ -394,11 +483,21 @@ class DetectorTraining(TrainingLoop):
         return filter_examples(load_split(self.source, name, args.dataset_cache_dir), args.generators, args.tasks)
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        loss = optimizer_micro_step(self.accelerator, self.model, batch, self.optimizer, self.scheduler, self.arguments.max_grad_norm)
+        loss = optimizer_micro_step(
+            self.accelerator, self.model, batch, self.optimizer, self.scheduler, self.arguments.max_grad_norm
+        )
         return {"loss": loss}
 
-    def training_record(self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float) -> dict[str, Any]:
-        return {"step": self.global_step, "epoch": epoch, **losses, "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed_s}
+    def training_record(
+        self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float
+    ) -> dict[str, Any]:
+        return {
+            "step": self.global_step,
+            "epoch": epoch,
+            **losses,
+            "lr": self.scheduler.get_last_lr()[0],
+            "elapsed_s": elapsed_s,
+        }
 
     def tracker_values(self, record: dict[str, Any]) -> dict[str, Any]:
         return {"train/loss": record["loss"], "train/lr": record["lr"]}
@@ -424,30 +523,43 @@ class DetectorTraining(TrainingLoop):
         unwrapped = accelerator.unwrap_model(self.model)
         mine = dealt(len(self.validation), accelerator.process_index, accelerator.num_processes)
         with accelerator.autocast():
-            records, _ = predict_samples(unwrapped, self.validation, mine, batch_size=args.eval_batch_size,
-                                         progress=self.show_progress)
+            records, _ = predict_samples(
+                unwrapped, self.validation, mine, batch_size=args.eval_batch_size, progress=self.show_progress
+            )
         records = gather_dealt(records, len(self.validation), accelerator.num_processes)
         metrics = summarize(records, unwrapped.config.volume_threshold)["all"]["all"]
         entry = {"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}}
         self.history.append(finite_or_none(entry))
         value = metrics.get(args.metric_for_best_model)
-        improved = value is not None and math.isfinite(value) and (self.best["value"] is None or value > self.best["value"])
+        improved = (
+            value is not None and math.isfinite(value) and (self.best["value"] is None or value > self.best["value"])
+        )
         if improved:
             self.best.update(value=float(value), step=step, epoch=epoch)
         self.log(entry, {k: v for k, v in entry.items() if k.startswith("val/")})
         if self.main_process and improved:
-            save_pretrained_atomic(unwrapped, self.best_dir, _validation_file({"metric": args.metric_for_best_model, **entry}))
+            save_pretrained_atomic(
+                unwrapped, self.best_dir, _validation_file({"metric": args.metric_for_best_model, **entry})
+            )
             M3DCTImageProcessor.from_detector_config(unwrapped.config).save_pretrained(self.best_dir)
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("auc", "pd_at_1pct", "f1") if metrics.get(k) is not None)
-        logger.info("validation at step %d (epoch %d): %s%s", step, epoch, shown or "undefined", " (best)" if improved else "")
+        logger.info(
+            "validation at step %d (epoch %d): %s%s", step, epoch, shown or "undefined", " (best)" if improved else ""
+        )
 
     def checkpoint_extras(self, folder: Path) -> dict[str, Any]:
-        return {"detector": self.detector_name, "preset": self.arguments.preset, "best": self.best,
-                "history": finite_or_none(self.history)}
+        return {
+            "detector": self.detector_name,
+            "preset": self.arguments.preset,
+            "best": self.best,
+            "history": finite_or_none(self.history),
+        }
 
     def resume_from(self, state: dict[str, Any], folder: Path) -> None:
         if state.get("detector") != self.detector_name:
-            raise ValueError(f"checkpoint {folder} holds a {state.get('detector')} detector; this run builds {self.detector_name}")
+            raise ValueError(
+                f"checkpoint {folder} holds a {state.get('detector')} detector; this run builds {self.detector_name}"
+            )
         self.best, self.history = state["best"], state.get("history", [])
         self.validated_at = self.history[-1]["step"] if self.history else -1
 
@@ -462,20 +574,41 @@ class DetectorTraining(TrainingLoop):
         if calibration_split is not None:
             kept = build_detector(model_path=str(best_dir)).to(accelerator.device)
             crops = evaluation_crops(self.split(calibration_split), args.crop_size, kept.config, self.cache_bytes)
-            calibration = {"split": calibration_split, **calibrate_volume_threshold(kept, crops, args.eval_batch_size, self.show_progress)}
-            write_json_atomic(best_dir / "config.json", json.loads(kept.config.to_json_string()))  # as save_pretrained: no local path
-            logger.info("volume_threshold %.4f from the %s split (%d fakes, %d pristine): balanced accuracy %s",
-                        calibration["threshold"], calibration_split, calibration["n_fake"], calibration["n_pristine"],
-                        calibration["balanced_accuracy"])
+            calibration = {
+                "split": calibration_split,
+                **calibrate_volume_threshold(kept, crops, args.eval_batch_size, self.show_progress),
+            }
+            write_json_atomic(
+                best_dir / "config.json", json.loads(kept.config.to_json_string())
+            )  # as save_pretrained: no local path
+            logger.info(
+                "volume_threshold %.4f from the %s split (%d fakes, %d pristine): balanced accuracy %s",
+                calibration["threshold"],
+                calibration_split,
+                calibration["n_fake"],
+                calibration["n_pristine"],
+                calibration["balanced_accuracy"],
+            )
         _write_card(best_dir, name, args)
         summary = {
-            "detector": name, "preset": args.preset, "steps": self.global_step, "best": self.best, "history": self.history,
+            "detector": name,
+            "preset": args.preset,
+            "steps": self.global_step,
+            "best": self.best,
+            "history": self.history,
             "calibration": calibration,
-            "wall_s": round(time.perf_counter() - self.start_time, 3), "args": {k: json_value(v) for k, v in asdict(args).items()},
+            "wall_s": round(time.perf_counter() - self.start_time, 3),
+            "args": {k: json_value(v) for k, v in asdict(args).items()},
         }
         write_json_atomic(self.output_dir / "training_summary.json", finite_or_none(summary))
-        logger.info("saved %s to %s (best %s: %s at step %s)", name, best_dir, args.metric_for_best_model, self.best["value"],
-                    self.best["step"])
+        logger.info(
+            "saved %s to %s (best %s: %s at step %s)",
+            name,
+            best_dir,
+            args.metric_for_best_model,
+            self.best["value"],
+            self.best["step"],
+        )
         if args.push_to_hub:
             from m3d.hub import push_folder
 
@@ -496,7 +629,9 @@ def _write_card(folder: Path, name: str, args: TrainDetectorArguments) -> None:
     data = f"images {args.train_images}" if args.train_images else f"M3Dsynth {args.data}"
     scope = f"generators {', '.join(args.generators or ['all'])}, tasks {', '.join(args.tasks or ['all'])}"
     crop = "full scans" if args.crop_size is None else "crops " + "x".join(map(str, args.crop_size))
-    write_model_card(folder, name=f"m3d-{name}", provenance=f"Trained with `m3d train-detector` on {data} ({scope}; {crop}).")
+    write_model_card(
+        folder, name=f"m3d-{name}", provenance=f"Trained with `m3d train-detector` on {data} ({scope}; {crop})."
+    )
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -44,6 +44,7 @@ TensorBoard when installed); at the end the pipeline is saved to ``OUTPUT_DIR/pi
 (`Pix2Pix3DPipeline` | `CycleGAN3DPipeline` | `M3DInpaintPipeline`, ``task`` recorded), which
 `m3d.pipelines.load_pipeline` reads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -135,8 +136,16 @@ class TrainGeneratorArguments(TrainingArguments):
 
     def check(self) -> None:
         """ValueError for values the parser lets through."""
-        positive = ["max_steps", "batch_size", "gradient_accumulation_steps", "log_every", "phantoms", "phantom_size",
-                    "inference_steps", "num_train_timesteps"]
+        positive = [
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "phantoms",
+            "phantom_size",
+            "inference_steps",
+            "num_train_timesteps",
+        ]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
@@ -162,82 +171,145 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     what = parser.add_argument_group("what to train")
-    what.add_argument("--model", choices=MODELS, required=True, help="generator: CT-GAN pix2pix, 3-D CycleGAN or conditional DDPM")
-    what.add_argument("--task", choices=TASKS, required=True,
-                      help="inject: learn malignant nodules (median malignancy >= 4, > 10 mm); "
-                      "remove: learn benign ones (median malignancy <= 2, < 8 mm)")
-    what.add_argument("--preset", choices=PRESET_CHOICES,
-                      help="network sizes: m3d.models.PRESETS (tiny: tests; demo: the shipped demo pipelines', trains in "
-                      "minutes on a CPU; default: CPU-sized; reference: the papers')")
+    what.add_argument(
+        "--model", choices=MODELS, required=True, help="generator: CT-GAN pix2pix, 3-D CycleGAN or conditional DDPM"
+    )
+    what.add_argument(
+        "--task",
+        choices=TASKS,
+        required=True,
+        help="inject: learn malignant nodules (median malignancy >= 4, > 10 mm); "
+        "remove: learn benign ones (median malignancy <= 2, < 8 mm)",
+    )
+    what.add_argument(
+        "--preset",
+        choices=PRESET_CHOICES,
+        help="network sizes: m3d.models.PRESETS (tiny: tests; demo: the shipped demo pipelines', trains in "
+        "minutes on a CPU; default: CPU-sized; reference: the papers')",
+    )
 
     data = parser.add_argument_group("data (one of --data / --lidc-root; else --phantoms synthetic scans)")
     source = data.add_mutually_exclusive_group()
-    source.add_argument("--data", metavar="DIR", help="folder of LIDC-style cases: <case>/dicom/ + LIDC XML (m3d phantom's layout)")
+    source.add_argument(
+        "--data", metavar="DIR", help="folder of LIDC-style cases: <case>/dicom/ + LIDC XML (m3d phantom's layout)"
+    )
     source.add_argument("--lidc-root", metavar="DIR", help="a LIDC-IDRI download: DICOM series folders with their XML")
     data.add_argument("--max-scans", type=int, metavar="N", help="read at most N scans of --data / --lidc-root")
-    data.add_argument("--phantoms", type=int, metavar="N", help="synthetic scans made in memory when no data folder is given")
+    data.add_argument(
+        "--phantoms", type=int, metavar="N", help="synthetic scans made in memory when no data folder is given"
+    )
     data.add_argument("--phantom-size", type=int, help="in-plane matrix of the synthetic scans (the builder's)")
     data.add_argument("--phantom-max-slices", type=int, help="cap on the synthetic scans' slices (the builder's)")
-    data.add_argument("--phantom-spacing", choices=PHANTOM_SPACINGS,
-                      help="native: the real series' pixel and slice spacing (as the dataset builder); scaled: the real "
-                      "field of view on --phantom-size pixels (coarser: the cubes are upsampled to 1 mm)")
-    data.add_argument("--cube-cache", metavar="DIR",
-                      help="keep the cut training cubes here (an .npz per task and data source) and reuse them")
+    data.add_argument(
+        "--phantom-spacing",
+        choices=PHANTOM_SPACINGS,
+        help="native: the real series' pixel and slice spacing (as the dataset builder); scaled: the real "
+        "field of view on --phantom-size pixels (coarser: the cubes are upsampled to 1 mm)",
+    )
+    data.add_argument(
+        "--cube-cache",
+        metavar="DIR",
+        help="keep the cut training cubes here (an .npz per task and data source) and reuse them",
+    )
 
     run = parser.add_argument_group("training")
-    run.add_argument("--output-dir", required=True, metavar="DIR", help="checkpoints, logs.jsonl and pipeline/ go here")
+    run.add_argument(
+        "--output-dir", required=True, metavar="DIR", help="checkpoints, logs.jsonl and pipeline/ go here"
+    )
     run.add_argument("--max-steps", type=int, help="optimizer steps in all (a resumed run counts on)")
     run.add_argument("--batch-size", type=int, help="cubes per process and micro-batch")
-    run.add_argument("--only-kept-sites", action="store_true",
-                     help="train only on the sites whose real nodule passes the dataset builder's quality check for the "
-                     "task (m3d.tamper.quality: inject > 10 mm, remove < 8 mm of solid tissue above -400 HU), so the "
-                     "generator learns what the builder keeps (about half of the phantoms' malignant nodules are "
-                     "part-solid or ground glass and measure smaller)")
-    run.add_argument("--init-from", metavar="PIPELINE_DIR",
-                     help="fine-tune: start the generator (GANs) or the UNet (ddpm) from a saved pipeline folder of the same "
-                     "--model and --task (its weights must fit --preset; the discriminators start fresh; a resumed "
-                     "checkpoint takes precedence)")
-    run.add_argument("--learning-rate", type=float,
-                     help="generator / UNet rate (default: pix2pix and cyclegan 2e-4, ddpm 1e-4)")
-    run.add_argument("--d-learning-rate", type=float,
-                     help="discriminator rate (default: pix2pix 1e-6 as CT-GAN; cyclegan = --learning-rate)")
+    run.add_argument(
+        "--only-kept-sites",
+        action="store_true",
+        help="train only on the sites whose real nodule passes the dataset builder's quality check for the "
+        "task (m3d.tamper.quality: inject > 10 mm, remove < 8 mm of solid tissue above -400 HU), so the "
+        "generator learns what the builder keeps (about half of the phantoms' malignant nodules are "
+        "part-solid or ground glass and measure smaller)",
+    )
+    run.add_argument(
+        "--init-from",
+        metavar="PIPELINE_DIR",
+        help="fine-tune: start the generator (GANs) or the UNet (ddpm) from a saved pipeline folder of the same "
+        "--model and --task (its weights must fit --preset; the discriminators start fresh; a resumed "
+        "checkpoint takes precedence)",
+    )
+    run.add_argument(
+        "--learning-rate", type=float, help="generator / UNet rate (default: pix2pix and cyclegan 2e-4, ddpm 1e-4)"
+    )
+    run.add_argument(
+        "--d-learning-rate",
+        type=float,
+        help="discriminator rate (default: pix2pix 1e-6 as CT-GAN; cyclegan = --learning-rate)",
+    )
     run.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step")
-    run.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)")
+    run.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)",
+    )
     run.add_argument("--lambda-l1", type=float, help="pix2pix: weight of the L1 term")
-    run.add_argument("--hole-only", action="store_true",
-                     help="pix2pix, cyclegan: losses and D on G's hole pasted into the real context (as at inference); "
-                     "ddpm: the noise MSE over the hole only")
+    run.add_argument(
+        "--hole-only",
+        action="store_true",
+        help="pix2pix, cyclegan: losses and D on G's hole pasted into the real context (as at inference); "
+        "ddpm: the noise MSE over the hole only",
+    )
     run.add_argument("--lambda-cycle", type=float, help="cyclegan: cycle weight (identity: half of it)")
-    run.add_argument("--full-cycle-weight", type=float,
-                     help="cyclegan: weight of the full -> masked -> full cycle relative to --lambda-cycle (1, CycleGAN's; "
-                     "0: G is never asked to redraw a masked-out nodule exactly, which pulls an injector toward no nodule)")
+    run.add_argument(
+        "--full-cycle-weight",
+        type=float,
+        help="cyclegan: weight of the full -> masked -> full cycle relative to --lambda-cycle (1, CycleGAN's; "
+        "0: G is never asked to redraw a masked-out nodule exactly, which pulls an injector toward no nodule)",
+    )
     run.add_argument("--ema-decay", type=float, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
-    run.add_argument("--prediction-type", choices=PREDICTION_TYPES,
-                     help="ddpm: what the UNet predicts: the noise (the paper), the velocity v or the clean cube")
-    run.add_argument("--noise-schedule", choices=BETA_SCHEDULES,
-                     help="ddpm: linear betas 1e-4 -> 0.02 (the paper) or the cosine schedule (squaredcos_cap_v2)")
+    run.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        help="ddpm: what the UNet predicts: the noise (the paper), the velocity v or the clean cube",
+    )
+    run.add_argument(
+        "--noise-schedule",
+        choices=BETA_SCHEDULES,
+        help="ddpm: linear betas 1e-4 -> 0.02 (the paper) or the cosine schedule (squaredcos_cap_v2)",
+    )
     run.add_argument("--num-train-timesteps", type=int, help="ddpm: diffusion steps of the schedule (the paper: 2000)")
-    run.add_argument("--snr-gamma", type=float,
-                     help="ddpm: min-SNR-gamma loss weighting (Hang et al. 2023 use 5); default: unweighted")
+    run.add_argument(
+        "--snr-gamma",
+        type=float,
+        help="ddpm: min-SNR-gamma loss weighting (Hang et al. 2023 use 5); default: unweighted",
+    )
     run.add_argument("--max-grad-norm", type=float, help="clip gradient norms (default: ddpm 1.0, GANs off)")
     run.add_argument("--seed", type=int, help="seeds the data, the augmentations and every step's randomness")
     run.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
 
     save = parser.add_argument_group("checkpoints and logs")
-    save.add_argument("--checkpointing-steps", type=int,
-                      help="save a checkpoint every N steps and at the end (0: only on interrupt)")
+    save.add_argument(
+        "--checkpointing-steps", type=int, help="save a checkpoint every N steps and at the end (0: only on interrupt)"
+    )
     save.add_argument("--checkpoints-total-limit", type=int, help="keep at most this many checkpoints")
-    save.add_argument("--resume-from-checkpoint", metavar="latest|PATH",
-                      help="continue from OUTPUT_DIR's newest complete checkpoint (latest; a fresh start if none) or a folder")
+    save.add_argument(
+        "--resume-from-checkpoint",
+        metavar="latest|PATH",
+        help="continue from OUTPUT_DIR's newest complete checkpoint (latest; a fresh start if none) or a folder",
+    )
     save.add_argument("--log-every", type=int, help="write mean losses to logs.jsonl every N steps")
     save.add_argument("--no-progress", action="store_true", help="no progress bar")
-    save.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES),
-                      help="dtype of the saved pipeline's weights (from_pretrained loads them as fp32)")
-    save.add_argument("--sampler", choices=SAMPLERS,
-                      help="ddpm: the scheduler saved with the pipeline (the training schedule, sampled with ddpm, ddim or dpmsolver++)")
-    save.add_argument("--inference-steps", type=int,
-                      help="ddpm: the pipeline's default num_inference_steps (saved in model_index.json)")
+    save.add_argument(
+        "--save-dtype",
+        choices=tuple(SAVE_DTYPES),
+        help="dtype of the saved pipeline's weights (from_pretrained loads them as fp32)",
+    )
+    save.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="ddpm: the scheduler saved with the pipeline (the training schedule, sampled with ddpm, ddim or dpmsolver++)",
+    )
+    save.add_argument(
+        "--inference-steps",
+        type=int,
+        help="ddpm: the pipeline's default num_inference_steps (saved in model_index.json)",
+    )
     parser.set_defaults(**TrainGeneratorArguments.defaults())
     return parser
 
@@ -279,7 +351,9 @@ class GeneratorTrainer:
     network_name = "generator"  # the network that the pipeline holds ...
     pipeline_component = "network"  # ... and its component name there
 
-    def __init__(self, task: str, preset: str, lr: float, d_lr: float | None, args: TrainGeneratorArguments | None = None):
+    def __init__(
+        self, task: str, preset: str, lr: float, d_lr: float | None, args: TrainGeneratorArguments | None = None
+    ):
         self.task = task
         self.preset = preset
         self.lr = lr
@@ -296,7 +370,7 @@ class GeneratorTrainer:
         prepared = accelerator.prepare(*[self.networks[n] for n in names], *[self.optimizers[n] for n in opt_names])
         prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
         self.networks = dict(zip(names, prepared[: len(names)]))
-        self.optimizers = dict(zip(opt_names, prepared[len(names):]))
+        self.optimizers = dict(zip(opt_names, prepared[len(names) :]))
         self.accelerator = accelerator
 
     def train(self) -> None:
@@ -326,13 +400,16 @@ class GeneratorTrainer:
         target = self.networks[self.network_name]
         if type(source) is not type(target) or pipe.config.task != self.task:
             found = f"a {type(source).__name__} for {pipe.config.task}"
-            raise ValueError(f"--init-from {folder} holds {found}; --model {self.model} --task {self.task} trains a "
-                             f"{type(target).__name__} for {self.task}")
+            raise ValueError(
+                f"--init-from {folder} holds {found}; --model {self.model} --task {self.task} trains a "
+                f"{type(target).__name__} for {self.task}"
+            )
         try:
             target.load_state_dict(source.state_dict())  # load_pipeline gives fp32; the copy keeps the target's dtype
         except RuntimeError as error:
-            raise ValueError(f"--init-from {folder}: its weights do not fit --preset {self.preset} "
-                             f"({str(error).splitlines()[0]})") from None
+            raise ValueError(
+                f"--init-from {folder}: its weights do not fit --preset {self.preset} ({str(error).splitlines()[0]})"
+            ) from None
 
     def unwrap(self, name: str) -> nn.Module:
         return self.accelerator.unwrap_model(self.networks[name]) if self.accelerator else self.networks[name]
@@ -385,7 +462,12 @@ class Pix2PixTrainer(GeneratorTrainer):
             self._update(loss_g, "generator", [G])
         finally:
             _set_requires_grad([D], True)
-        return {"loss": loss_g.detach(), "loss_g_gan": loss_gan.detach(), "loss_l1": loss_l1.detach(), "loss_d": loss_d.detach()}
+        return {
+            "loss": loss_g.detach(),
+            "loss_g_gan": loss_gan.detach(),
+            "loss_l1": loss_l1.detach(),
+            "loss_d": loss_d.detach(),
+        }
 
     def pipeline(self):
         from ..models import Pix2Pix3DGenerator
@@ -401,7 +483,14 @@ class CycleGANTrainer(GeneratorTrainer):
     model = "cyclegan"
 
     def __init__(
-        self, task, preset, lr, d_lr, args=None, lambda_cycle: float = 10.0, full_cycle_weight: float = 1.0,
+        self,
+        task,
+        preset,
+        lr,
+        d_lr,
+        args=None,
+        lambda_cycle: float = 10.0,
+        full_cycle_weight: float = 1.0,
         hole_only: bool = False,
     ):
         super().__init__(task, preset, lr, d_lr, args)
@@ -416,21 +505,35 @@ class CycleGANTrainer(GeneratorTrainer):
         Fr = CycleGAN3DGenerator(**{**g_config, "in_channels": 1})  # full -> masked
         D_full = CycleGAN3DDiscriminator(**{**d_config, "in_channels": 1})
         D_masked = CycleGAN3DDiscriminator(**{**d_config, "in_channels": 1})
-        self.networks = {"generator": G, "reverse_generator": Fr, "discriminator_full": D_full, "discriminator_masked": D_masked}
+        self.networks = {
+            "generator": G,
+            "reverse_generator": Fr,
+            "discriminator_full": D_full,
+            "discriminator_masked": D_masked,
+        }
         self.optimizers = {
             "generators": torch.optim.Adam(itertools.chain(G.parameters(), Fr.parameters()), lr=lr, betas=GAN_BETAS),
             "discriminators": torch.optim.Adam(
-                itertools.chain(D_full.parameters(), D_masked.parameters()), lr=d_lr if d_lr is not None else lr, betas=GAN_BETAS
+                itertools.chain(D_full.parameters(), D_masked.parameters()),
+                lr=d_lr if d_lr is not None else lr,
+                betas=GAN_BETAS,
             ),
         }
 
     def step(self, batch):
         n = self.networks
-        G, Fr, D_full, D_masked = n["generator"], n["reverse_generator"], n["discriminator_full"], n["discriminator_masked"]
+        G, Fr, D_full, D_masked = (
+            n["generator"],
+            n["reverse_generator"],
+            n["discriminator_full"],
+            n["discriminator_masked"],
+        )
         g_net = self.unwrap("generator")
         mask = batch["mask"]
         real_masked = batch["masked"]  # domain A
-        real_full = batch["full"][torch.randperm(batch["full"].shape[0], device="cpu").to(mask.device)]  # domain B, unpaired
+        real_full = batch["full"][
+            torch.randperm(batch["full"].shape[0], device="cpu").to(mask.device)
+        ]  # domain B, unpaired
 
         def to_full(cube: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             """G's output; with ``hole_only`` its hole pasted into ``context`` (as the pipeline does)."""
@@ -480,8 +583,17 @@ class DDPMTrainer(GeneratorTrainer):
     pipeline_component = "unet"
 
     def __init__(
-        self, task, preset, lr, d_lr=None, args=None, ema_decay: float = 0.9999, hole_only: bool = False,
-        prediction_type: str = "epsilon", beta_schedule: str = "linear", num_train_timesteps: int = 2000,
+        self,
+        task,
+        preset,
+        lr,
+        d_lr=None,
+        args=None,
+        ema_decay: float = 0.9999,
+        hole_only: bool = False,
+        prediction_type: str = "epsilon",
+        beta_schedule: str = "linear",
+        num_train_timesteps: int = 2000,
         snr_gamma: float | None = None,
     ):
         super().__init__(task, preset, lr, None, args)
@@ -521,7 +633,9 @@ class DDPMTrainer(GeneratorTrainer):
         noisy = self.scheduler.add_noise(full, noise, timesteps)
         prediction = unet(torch.cat([noisy, masked, mask], dim=1), timesteps).sample.float()
         weights = mask if self.hole_only else torch.ones_like(mask)  # sampling keeps the known region anyway
-        error = ((prediction - self.target(full, noise, timesteps)) ** 2 * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
+        error = ((prediction - self.target(full, noise, timesteps)) ** 2 * weights).flatten(1).sum(
+            1
+        ) / weights.flatten(1).sum(1)
         loss = (error * self.timestep_weights(timesteps)).mean()
         self._update(loss, "unet", [unet])
         return {"loss": loss.detach()}
@@ -567,8 +681,12 @@ class DDPMTrainer(GeneratorTrainer):
 
         sampler = getattr(self.args, "sampler", "ddpm")
         steps = getattr(self.args, "inference_steps", 50)
-        return M3DInpaintPipeline(unet=self.ema_unet(), scheduler=inference_scheduler(sampler, self.scheduler), task=self.task,
-                                  num_inference_steps=steps)
+        return M3DInpaintPipeline(
+            unet=self.ema_unet(),
+            scheduler=inference_scheduler(sampler, self.scheduler),
+            task=self.task,
+            num_inference_steps=steps,
+        )
 
     def save_extra(self, folder: Path) -> None:
         """The EMA: shadow weights by parameter name (safetensors) + its counters (JSON)."""
@@ -631,11 +749,21 @@ def make_trainer(
     if model == "pix2pix":
         trainer = Pix2PixTrainer(task, preset, lr, d_lr, lambda_l1=lambda_l1, hole_only=hole_only)
     elif model == "cyclegan":
-        trainer = CycleGANTrainer(task, preset, lr, d_lr, lambda_cycle=lambda_cycle, full_cycle_weight=full_cycle_weight,
-                                  hole_only=hole_only)
+        trainer = CycleGANTrainer(
+            task, preset, lr, d_lr, lambda_cycle=lambda_cycle, full_cycle_weight=full_cycle_weight, hole_only=hole_only
+        )
     else:
-        trainer = DDPMTrainer(task, preset, lr, ema_decay=ema_decay, hole_only=hole_only, prediction_type=prediction_type,
-                              beta_schedule=beta_schedule, num_train_timesteps=num_train_timesteps, snr_gamma=snr_gamma)
+        trainer = DDPMTrainer(
+            task,
+            preset,
+            lr,
+            ema_decay=ema_decay,
+            hole_only=hole_only,
+            prediction_type=prediction_type,
+            beta_schedule=beta_schedule,
+            num_train_timesteps=num_train_timesteps,
+            snr_gamma=snr_gamma,
+        )
     if max_grad_norm is not None:
         trainer.max_grad_norm = max_grad_norm if max_grad_norm > 0 else None
     return trainer
@@ -649,17 +777,32 @@ def _data_key(args: TrainGeneratorArguments) -> dict[str, Any]:
     from ..tamper.cube import TRAIN_CUBE_SIZE
     from . import cubes
 
-    rules = [cubes.INJECT_MIN_MALIGNANCY, cubes.INJECT_MIN_DIAMETER_MM, cubes.REMOVE_MAX_MALIGNANCY,
-             cubes.REMOVE_MAX_DIAMETER_MM, TRAIN_CUBE_SIZE]
+    rules = [
+        cubes.INJECT_MIN_MALIGNANCY,
+        cubes.INJECT_MIN_DIAMETER_MM,
+        cubes.REMOVE_MAX_MALIGNANCY,
+        cubes.REMOVE_MAX_DIAMETER_MM,
+        TRAIN_CUBE_SIZE,
+    ]
     key: dict[str, Any] = {"task": args.task, "rules": rules, "version": 1}
     if args.data or args.lidc_root:
         root = Path(args.data or args.lidc_root).resolve()
-        key.update(kind="data" if args.data else "lidc_root", root=str(root), max_scans=args.max_scans,
-                   entries=sorted(p.name for p in root.iterdir()) if root.is_dir() else [])
+        key.update(
+            kind="data" if args.data else "lidc_root",
+            root=str(root),
+            max_scans=args.max_scans,
+            entries=sorted(p.name for p in root.iterdir()) if root.is_dir() else [],
+        )
     else:
-        key.update(kind="phantoms", n=args.phantoms, seed=args.seed, size=args.phantom_size,
-                   max_slices=args.phantom_max_slices, nodules=repr(cubes.PHANTOM_NODULES.get(args.task)),
-                   spacing=args.phantom_spacing)
+        key.update(
+            kind="phantoms",
+            n=args.phantoms,
+            seed=args.seed,
+            size=args.phantom_size,
+            max_slices=args.phantom_max_slices,
+            nodules=repr(cubes.PHANTOM_NODULES.get(args.task)),
+            spacing=args.phantom_spacing,
+        )
     return key
 
 
@@ -679,8 +822,13 @@ def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int
     cache = _cache_path(args)
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
-            dataset = CubeDataset.from_cubes(stored["cubes_hu"], records=json.loads(str(stored["records"])),
-                                             seed=args.seed, augment=True, shuffle=True)
+            dataset = CubeDataset.from_cubes(
+                stored["cubes_hu"],
+                records=json.loads(str(stored["records"])),
+                seed=args.seed,
+                augment=True,
+                shuffle=True,
+            )
         logger.info("training cubes from the cache %s", cache)
     if dataset is None:
         if args.data:
@@ -688,13 +836,20 @@ def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int
         elif args.lidc_root:
             cases = iter_lidc_root(args.lidc_root)
         else:
-            cases = iter_phantom_cases(args.phantoms, seed=args.seed, size=args.phantom_size,
-                                       max_slices=args.phantom_max_slices, task=args.task,
-                                       workers=workers,
-                                       native_spacing=args.phantom_spacing == "native")
+            cases = iter_phantom_cases(
+                args.phantoms,
+                seed=args.seed,
+                size=args.phantom_size,
+                max_slices=args.phantom_max_slices,
+                task=args.task,
+                workers=workers,
+                native_spacing=args.phantom_spacing == "native",
+            )
         if args.max_scans is not None and (args.data or args.lidc_root):
             cases = itertools.islice(cases, args.max_scans)
-        dataset = CubeDataset.from_cases(cases, args.task, seed=args.seed, augment=True, shuffle=True, progress=progress)
+        dataset = CubeDataset.from_cases(
+            cases, args.task, seed=args.seed, augment=True, shuffle=True, progress=progress
+        )
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".{cache.stem}.tmp-{os.getpid()}.npz")
@@ -725,11 +880,20 @@ class GeneratorTraining(TrainingLoop):
         args, accelerator = arguments, self.accelerator
         self.description = f"{args.model} {args.task}"
         # data: every process cuts the same cubes (deterministic); the loader shards the batches
-        self.dataset = build_dataset(args, self.total_batch, progress=self.show_progress,
-                                     workers=phantom_workers(args.phantoms, accelerator.num_processes))
+        self.dataset = build_dataset(
+            args,
+            self.total_batch,
+            progress=self.show_progress,
+            workers=phantom_workers(args.phantoms, accelerator.num_processes),
+        )
         records = self.dataset.records
-        logger.info("%d %s sites -> %d cubes per epoch (%s)", len(self.dataset.cubes_hu), args.task, len(self.dataset),
-                    ", ".join(r["source"] for r in records[:5]) + (" ..." if len(records) > 5 else ""))
+        logger.info(
+            "%d %s sites -> %d cubes per epoch (%s)",
+            len(self.dataset.cubes_hu),
+            args.task,
+            len(self.dataset),
+            ", ".join(r["source"] for r in records[:5]) + (" ..." if len(records) > 5 else ""),
+        )
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=args.batch_size,
@@ -770,21 +934,38 @@ class GeneratorTraining(TrainingLoop):
             self.trainer.after_optimizer_step()
         return losses
 
-    def training_record(self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float) -> dict[str, Any]:
-        return {**losses, "step": self.global_step, "epoch": epoch, "lr": self.trainer.lr, "steps_per_s": steps_per_s,
-                "elapsed_s": elapsed_s}
+    def training_record(
+        self, epoch: int, losses: dict[str, float], steps_per_s: float, elapsed_s: float
+    ) -> dict[str, Any]:
+        return {
+            **losses,
+            "step": self.global_step,
+            "epoch": epoch,
+            "lr": self.trainer.lr,
+            "steps_per_s": steps_per_s,
+            "elapsed_s": elapsed_s,
+        }
 
     def checkpoint_extras(self, folder: Path) -> dict[str, Any]:
         self.trainer.save_extra(folder)
         args = self.arguments
-        return {"model": args.model, "task": args.task, "preset": args.preset, "prediction_type": args.prediction_type,
-                "noise_schedule": args.noise_schedule, "num_train_timesteps": args.num_train_timesteps, **self.data_position()}
+        return {
+            "model": args.model,
+            "task": args.task,
+            "preset": args.preset,
+            "prediction_type": args.prediction_type,
+            "noise_schedule": args.noise_schedule,
+            "num_train_timesteps": args.num_train_timesteps,
+            **self.data_position(),
+        }
 
     def resume_from(self, state: dict[str, Any], folder: Path) -> None:
         for key in ("model", "task", "preset", "prediction_type", "noise_schedule", "num_train_timesteps"):
             if key in state and state[key] != getattr(self.arguments, key):
                 flag = key.replace("_", "-")
-                raise ValueError(f"checkpoint {folder} was trained with --{flag} {state[key]}; got {getattr(self.arguments, key)}")
+                raise ValueError(
+                    f"checkpoint {folder} was trained with --{flag} {state[key]}; got {getattr(self.arguments, key)}"
+                )
         self.trainer.load_extra(folder)
 
     def save_outputs(self) -> None:
@@ -818,7 +999,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d train-generator` calls it; ``prog`` names it in the usage line): 0 done, 2 bad
     input, 130 interrupted (a checkpoint was saved)."""
     arguments = parse_arguments(argv, prog)
-    return run_guarded("train_generator", lambda: train(arguments), (ValueError, FileNotFoundError, NotADirectoryError))
+    return run_guarded(
+        "train_generator", lambda: train(arguments), (ValueError, FileNotFoundError, NotADirectoryError)
+    )
 
 
 if __name__ == "__main__":

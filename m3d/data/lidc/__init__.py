@@ -19,6 +19,7 @@ Conventions
   exclusion ROI (``inclusion=False``) removes its interior and its outline. An ROI enclosing no pixel
   centre (a single point marking a nodule < 3 mm, a segment, a tiny loop) marks its own pixels instead.
 """
+
 from .database import DB_INSTALL_HINT, LIDCDatabase, ScanGeometry, UnknownScanError, default_db_path
 from .geometry import check_axial_grid, volume_z_positions
 from .grouping import MAX_READERS, NOMINAL_PIXEL_SPACING_MM, NoduleGroupingWarning, group_nodules

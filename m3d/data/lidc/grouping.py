@@ -1,4 +1,5 @@
 """Readers' annotations to physical nodules: `group_nodules`, pylidc's clustering by contour distance."""
+
 from __future__ import annotations
 
 import warnings
@@ -62,8 +63,14 @@ def _valid_group(group: list[int], readers: list[str], cap: int) -> bool:
 
 
 def _split_groups(
-    group: list[int], distances: np.ndarray, tolerance: float, readers: list[str], cap: int, factor: float,
-    min_tolerance: float, forced: list[int],
+    group: list[int],
+    distances: np.ndarray,
+    tolerance: float,
+    readers: list[str],
+    cap: int,
+    factor: float,
+    min_tolerance: float,
+    forced: list[int],
 ) -> list[list[int]]:
     """Connected components of ``distances <= tolerance`` within ``group``; a component with more than
     ``cap`` annotations or a repeated reader is split again with a smaller tolerance (pylidc's rule,
@@ -90,7 +97,7 @@ def _constrained_linkage(group: list[int], distances: np.ndarray, readers: list[
     repeat a reader."""
     clusters = {i: [i] for i in group}
     owner = {i: i for i in group}
-    pairs = sorted((distances[i, j], i, j) for n, i in enumerate(group) for j in group[n + 1:])
+    pairs = sorted((distances[i, j], i, j) for n, i in enumerate(group) for j in group[n + 1 :])
     for _, i, j in pairs:
         first, second = owner[i], owner[j]
         if first != second and _valid_group(clusters[first] + clusters[second], readers, cap):

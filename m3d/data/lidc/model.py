@@ -1,5 +1,6 @@
 """The LIDC annotation data model: a scan (`LIDCScan`) holds one `Annotation` per reader and nodule, each a
 list of `ContourROI` outlines in pixel coordinates, and the readers' `NonNodule` marks."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """A physical nodule (`Nodule`): the readers' annotations of it, its centroid, size, rating and masks."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

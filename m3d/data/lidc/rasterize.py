@@ -6,6 +6,7 @@ centres strictly inside the polygon (contour pixels excluded, as pylidc's ``bool
 ROI (``inclusion=False``) removes its interior and its outline. An ROI enclosing no pixel centre (a single
 point marking a nodule < 3 mm, a segment, a tiny loop) marks its own pixels instead.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence

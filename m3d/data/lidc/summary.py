@@ -1,5 +1,6 @@
 """Counts over the whole annotation database and its grouped nodules (`summarize`), as a table
 (`format_summary`)."""
+
 from __future__ import annotations
 
 import math

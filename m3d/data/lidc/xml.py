@@ -3,6 +3,7 @@
 The ``LidcReadMessage`` files ship next to each LIDC-IDRI CT series (namespace ``http://www.nih.gov``).
 Chest X-ray reads (``IdriReadMessage`` with ``CXRreadingSession``) are refused with a clear error.
 """
+
 from __future__ import annotations
 
 import math

@@ -43,6 +43,7 @@ patient drawn from a seed), `constants` (the anatomy's and tissues' named values
 `nodules` (transplant and paint), `noise` (texture fields, scanner noise), `tubes` and `grid` (rendering
 primitives).
 """
+
 from .cases import generate_phantoms, make_phantoms, phantom_workers, write_phantom_case
 from .constants import HU_CLIP
 from .make import PhantomCase, make_phantom

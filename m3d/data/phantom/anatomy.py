@@ -5,6 +5,7 @@ Coordinates: ``X`` (mm, patient left +, image columns), ``Y`` (mm, posterior +, 
 to the centre of the field of view, and ``Z`` = DICOM z (mm, superior +). Anatomical height is
 ``s = (z_apex - Z) / length``: 0 at the lung apex, 1 at the deepest diaphragm recess.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,16 +14,64 @@ from dataclasses import dataclass
 import numpy as np
 
 from .constants import (
-    APEX_HEIGHT_S, APEX_MARGIN_MM, BASE_MARGIN_MM, BLOOD_HU, BODY_SIZE_PERIOD_MM, BODY_SIZE_VARIATION, BREAST_MM,
-    BREAST_PROBABILITY, CAVITY_CENTRE_Y_MM, CAVITY_DEPTH_RATIO, CAVITY_HALF_WIDTH_MM, CAVITY_OUTLINE_WOBBLE,
-    CHEST_WALL_MUSCLE_MM, CONTRAST_BLOOD_HU, CONTRAST_PROBABILITY, DISC_FRACTION, DOME_HALF_DEPTH_MM,
-    DOME_HALF_WIDTH_MM, DOME_Y_OFFSET_MM, FAT_HU, FIRST_RIB_S, FISSURE_VISIBILITY, HEART_AXIS_ANGLE_DEG,
-    HEART_CENTRE_S, HEART_CENTRE_X_MM, HEART_DEPTH_FRACTION, HEART_HALF_HEIGHT_S, HEART_HALF_LENGTH_MM,
-    HEART_HALF_WIDTH_MM, HEART_TOP_S, HORIZONTAL_FISSURE_S, LEFT_DOME_TOP_S, LEFT_DOME_X_MM, LEFT_OBLIQUE_FISSURE_S,
-    LIVER_HU, LUNG_DEPENDENT_GRADIENT_HU, LUNG_HU, LUNG_LENGTH_MM, LUNG_TEXTURE_HU, MUSCLE_HU, NOISE_GRAIN_MM,
-    NOMINAL_CAVITY_HALF_AXES_MM, PERICARDIAL_FAT_MM, POSTERIOR_FAT_EXCESS, RIB_ANTERIOR_DROP_S, RIB_HEIGHT_MM,
-    RIB_JITTER_S, RIB_SPACING_S, RIB_THICKNESS_MM, RIGHT_DOME_TOP_S, RIGHT_DOME_X_MM, RIGHT_OBLIQUE_FISSURE_S,
-    SCANNER_NOISE_HU, STOMACH_AIR, SUBCUTANEOUS_FAT_GAMMA, SUBCUTANEOUS_FAT_MM, TABLE_GAP_MM, TABLE_PROBABILITY,
+    APEX_HEIGHT_S,
+    APEX_MARGIN_MM,
+    BASE_MARGIN_MM,
+    BLOOD_HU,
+    BODY_SIZE_PERIOD_MM,
+    BODY_SIZE_VARIATION,
+    BREAST_MM,
+    BREAST_PROBABILITY,
+    CAVITY_CENTRE_Y_MM,
+    CAVITY_DEPTH_RATIO,
+    CAVITY_HALF_WIDTH_MM,
+    CAVITY_OUTLINE_WOBBLE,
+    CHEST_WALL_MUSCLE_MM,
+    CONTRAST_BLOOD_HU,
+    CONTRAST_PROBABILITY,
+    DISC_FRACTION,
+    DOME_HALF_DEPTH_MM,
+    DOME_HALF_WIDTH_MM,
+    DOME_Y_OFFSET_MM,
+    FAT_HU,
+    FIRST_RIB_S,
+    FISSURE_VISIBILITY,
+    HEART_AXIS_ANGLE_DEG,
+    HEART_CENTRE_S,
+    HEART_CENTRE_X_MM,
+    HEART_DEPTH_FRACTION,
+    HEART_HALF_HEIGHT_S,
+    HEART_HALF_LENGTH_MM,
+    HEART_HALF_WIDTH_MM,
+    HEART_TOP_S,
+    HORIZONTAL_FISSURE_S,
+    LEFT_DOME_TOP_S,
+    LEFT_DOME_X_MM,
+    LEFT_OBLIQUE_FISSURE_S,
+    LIVER_HU,
+    LUNG_DEPENDENT_GRADIENT_HU,
+    LUNG_HU,
+    LUNG_LENGTH_MM,
+    LUNG_TEXTURE_HU,
+    MUSCLE_HU,
+    NOISE_GRAIN_MM,
+    NOMINAL_CAVITY_HALF_AXES_MM,
+    PERICARDIAL_FAT_MM,
+    POSTERIOR_FAT_EXCESS,
+    RIB_ANTERIOR_DROP_S,
+    RIB_HEIGHT_MM,
+    RIB_JITTER_S,
+    RIB_SPACING_S,
+    RIB_THICKNESS_MM,
+    RIGHT_DOME_TOP_S,
+    RIGHT_DOME_X_MM,
+    RIGHT_OBLIQUE_FISSURE_S,
+    SCANNER_NOISE_HU,
+    STOMACH_AIR,
+    SUBCUTANEOUS_FAT_GAMMA,
+    SUBCUTANEOUS_FAT_MM,
+    TABLE_GAP_MM,
+    TABLE_PROBABILITY,
     VERTEBRA_RADIUS_MM,
 )
 
@@ -224,9 +273,11 @@ def diaphragm_s(anatomy: Anatomy, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     s_base = np.ones(np.broadcast(X, Y).shape, dtype=np.float32)
     for s_top, dome_x, dome_y in (anatomy.right_dome, anatomy.left_dome):
         bump = np.clip(
-            1.0 - ((X - dome_x) / anatomy.dome_half_width) ** 2
+            1.0
+            - ((X - dome_x) / anatomy.dome_half_width) ** 2
             - ((Y - anatomy.y_at(0.45) - dome_y) / anatomy.dome_half_depth) ** 2,
-            0.0, 1.0,
+            0.0,
+            1.0,
         )
         s_base = np.minimum(s_base, 1.0 - (1.0 - s_top) * bump)
     return s_base

@@ -1,5 +1,6 @@
 """Many phantoms: numbered cases made in order (on several processes) and written to disk as DICOM, LIDC
 XML, masks and a JSON record, atomically and resumably."""
+
 from __future__ import annotations
 
 import json
@@ -170,8 +171,12 @@ def generate_phantoms(
             continue
         bar.set_postfix_str(patient_id)
         case = make_phantom(
-            np.random.SeedSequence([int(seed), index]), size=size, db=db, max_slices=max_slices,
-            n_nodules=n_nodules, patient_id=patient_id,
+            np.random.SeedSequence([int(seed), index]),
+            size=size,
+            db=db,
+            max_slices=max_slices,
+            n_nodules=n_nodules,
+            patient_id=patient_id,
         )
         folders.append(write_phantom_case(case, out_dir))
     return folders

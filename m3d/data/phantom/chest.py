@@ -1,5 +1,6 @@
 """The chest before nodules and scanner noise: the analytic slices, the mediastinal tubes and the lung
 vessel trees with their bronchi, on the scan's grid."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,11 @@ def _fill_balls(mask: np.ndarray, grid: Grid, centres: Sequence[np.ndarray], rad
         x0, x1 = index_range(grid.x_mm, centre[0] - radius, centre[0] + radius)
         if z0 >= z1 or y0 >= y1 or x0 >= x1:
             continue
-        distance2 = ((grid.z_mm[z0:z1, None, None] - centre[2]) ** 2 + (grid.y_mm[None, y0:y1, None] - centre[1]) ** 2
-                     + (grid.x_mm[None, None, x0:x1] - centre[0]) ** 2)
+        distance2 = (
+            (grid.z_mm[z0:z1, None, None] - centre[2]) ** 2
+            + (grid.y_mm[None, y0:y1, None] - centre[1]) ** 2
+            + (grid.x_mm[None, None, x0:x1] - centre[0]) ** 2
+        )
         mask[z0:z1, y0:y1, x0:x1] |= distance2 < radius**2
 
 

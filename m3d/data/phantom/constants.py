@@ -1,6 +1,7 @@
 """The phantom's named constants: the CT value range, the nominal chest its landmarks are written for, the
 ranges the patient's anatomy is drawn from (``(low, high)`` of a uniform draw unless noted) and fixed
 tissue values (HU)."""
+
 from __future__ import annotations
 
 HU_CLIP = (-1024, 3071)  # the range a 12-bit CT stores

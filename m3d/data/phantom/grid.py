@@ -1,4 +1,5 @@
 """The phantom's voxel grid in mm and the partial-volume compositing of a tissue over what is there."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

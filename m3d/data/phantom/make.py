@@ -1,5 +1,6 @@
 """`make_phantom`: one synthetic chest CT (`PhantomCase`) on a real LIDC scan's geometry, with real LIDC
 nodules transplanted, from a seed."""
+
 from __future__ import annotations
 
 import zlib

@@ -1,5 +1,6 @@
 """The mediastinum as tubes: great vessels, airways, esophagus, clavicles, lymph nodes and aortic
 calcifications, from landmarks written for the nominal chest (`Anatomy.point`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -113,16 +114,30 @@ def make_mediastinum(anatomy: Anatomy, rng: np.random.Generator) -> Mediastinum:
     clavicles = Tubes.concat(
         [
             Tubes.from_polyline(
-                [at(side * 18, -0.25, -0.02), at(side * 60, -0.2, -0.1), at(side * 120, 0.05, -0.2),
-                 at(side * 150, 0.3, -0.22)],
+                [
+                    at(side * 18, -0.25, -0.02),
+                    at(side * 60, -0.2, -0.1),
+                    at(side * 120, 0.05, -0.2),
+                    at(side * 150, 0.3, -0.22),
+                ],
                 [7, 6.5, 6, 7],
             )
             for side in (-1, 1)
         ]
     )
     return Mediastinum(
-        vessels=[aorta, arch_branches, superior_vena_cava, brachiocephalic_veins, pulmonary_trunk,
-                 left_pulmonary_artery, right_pulmonary_artery, pulmonary_veins, inferior_vena_cava, azygos],
+        vessels=[
+            aorta,
+            arch_branches,
+            superior_vena_cava,
+            brachiocephalic_veins,
+            pulmonary_trunk,
+            left_pulmonary_artery,
+            right_pulmonary_artery,
+            pulmonary_veins,
+            inferior_vena_cava,
+            azygos,
+        ],
         airways=airways,
         esophagus=esophagus,
         bones=clavicles,
@@ -137,14 +152,22 @@ def make_mediastinum(anatomy: Anatomy, rng: np.random.Generator) -> Mediastinum:
 
 def _lymph_nodes(anatomy: Anatomy, rng: np.random.Generator) -> Tubes:
     """A few normal-sized nodes (short axis < 10 mm) at the usual mediastinal stations."""
-    stations = [(-14, 0.62, 0.26), (-12, 0.66, 0.31), (10, 0.62, 0.33), (0, 0.9, 0.39), (-35, 0.7, 0.40),
-                (38, 0.78, 0.37), (-6, 0.35, 0.2), (6, 0.95, 0.55)]
+    stations = [
+        (-14, 0.62, 0.26),
+        (-12, 0.66, 0.31),
+        (10, 0.62, 0.33),
+        (0, 0.9, 0.39),
+        (-35, 0.7, 0.40),
+        (38, 0.78, 0.37),
+        (-6, 0.35, 0.2),
+        (6, 0.95, 0.55),
+    ]
     parts = []
     for x, fraction, s in stations:
         if rng.random() < 0.55:
-            centre = np.array(anatomy.point(
-                x + rng.normal(0, 3), fraction + rng.normal(0, 0.03), s + rng.normal(0, 0.015)
-            ))
+            centre = np.array(
+                anatomy.point(x + rng.normal(0, 3), fraction + rng.normal(0, 0.03), s + rng.normal(0, 0.015))
+            )
             half_axis = rng.normal(0, 1, 3)
             half_axis *= rng.uniform(1.0, 4.0) / np.linalg.norm(half_axis)
             radius = rng.uniform(2.5, 4.5)

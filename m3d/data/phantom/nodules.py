@@ -1,5 +1,6 @@
 """Real LIDC nodules in the phantom: their contours moved to a site inside the lung (`place_nodule`) and
 their consensus mask painted from the readers' ratings (`paint_nodule`)."""
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,11 @@ def _transplant(
         if not rois:
             continue
         reader = annotation.reader or f"reader-{reader_index}"
-        out.append(Annotation(f"P{number}R{reader_index}-{annotation.nodule_id}", reader, rois,
-                              dict(annotation.characteristics)))
+        out.append(
+            Annotation(
+                f"P{number}R{reader_index}-{annotation.nodule_id}", reader, rois, dict(annotation.characteristics)
+            )
+        )
     return out
 
 
@@ -164,8 +168,14 @@ def _place_nodule(
         row, col = divmod(flat % (ny * nx), nx)
         shift_z, shift_y, shift_x = k - half_z, row - half_xy, col - half_xy
         at_z, at_y, at_x = grown_z + shift_z, grown_y + shift_y, grown_x + shift_x
-        if (at_z.min() < 0 or at_y.min() < 0 or at_x.min() < 0
-                or at_z.max() >= nz or at_y.max() >= ny or at_x.max() >= nx):
+        if (
+            at_z.min() < 0
+            or at_y.min() < 0
+            or at_x.min() < 0
+            or at_z.max() >= nz
+            or at_y.max() >= ny
+            or at_x.max() >= nx
+        ):
             continue
         if not lung[at_z, at_y, at_x].all():
             continue
@@ -175,8 +185,10 @@ def _place_nodule(
             distances = np.sqrt((((hila_kyx - [k, row, col]) * [step, pixel, pixel]) ** 2).sum(axis=1))
             if np.min(distances) < HILUM_CLEARANCE_MM + radius_mm:
                 continue
-        if any(np.linalg.norm(centre_mm - other_centre) < radius_mm + other_radius + thickness + 3.0
-               for other_centre, other_radius in others):
+        if any(
+            np.linalg.norm(centre_mm - other_centre) < radius_mm + other_radius + thickness + 3.0
+            for other_centre, other_radius in others
+        ):
             continue
         bright = anatomy_hu[union_z + shift_z, union_y + shift_y, union_x + shift_x] > -400
         if bright.mean() > MAX_BRIGHT_FRACTION:
@@ -249,31 +261,39 @@ def _paint_nodule(
         pocket = np.clip((depth_fraction - 0.7) / 0.1, 0.0, 1.0)
         nodule_hu = nodule_hu + pocket * ((-90.0 if internal == 3 else -900.0) - nodule_hu)
     background = hu[box]
-    background += (alpha * np.maximum(nodule_hu - background, 0.0)
-                   + alpha * np.minimum(nodule_hu - background, 0.0) * (nodule_hu < -500))
+    background += alpha * np.maximum(nodule_hu - background, 0.0) + alpha * np.minimum(nodule_hu - background, 0.0) * (
+        nodule_hu < -500
+    )
 
 
-def transplant_nodules(pool: list[SourceNodule], rng: np.random.Generator, chest: Chest, grid: Grid, n_wanted: int
-                       ) -> list[PlacedNodule]:
+def transplant_nodules(
+    pool: list[SourceNodule], rng: np.random.Generator, chest: Chest, grid: Grid, n_wanted: int
+) -> list[PlacedNodule]:
     """Up to ``n_wanted`` nodules of ``pool``, in order, each at a random site of the chest where it fits."""
     pixel, step = grid.pixel_spacing, grid.slice_step
-    hila_kyx = np.array([[(h[2] - grid.z_mm[0]) / step, (h[1] - grid.y_mm[0]) / pixel, (h[0] - grid.x_mm[0]) / pixel]
-                         for h in chest.hila])
+    hila_kyx = np.array(
+        [
+            [(h[2] - grid.z_mm[0]) / step, (h[1] - grid.y_mm[0]) / pixel, (h[0] - grid.x_mm[0]) / pixel]
+            for h in chest.hila
+        ]
+    )
     others: list[tuple[np.ndarray, float]] = []
     placed: list[PlacedNodule] = []
     for source in pool:
         if len(placed) >= n_wanted:
             break
         number = len(placed)
-        moved = _place_nodule(source, rng, chest.lung_mask, chest.hu, grid.z_mm, pixel, others, hila_kyx, number,
-                              grid.thickness)
+        moved = _place_nodule(
+            source, rng, chest.lung_mask, chest.hu, grid.z_mm, pixel, others, hila_kyx, number, grid.thickness
+        )
         if moved is not None:
             placed.append(PlacedNodule(number, source, moved))
     return placed
 
 
-def paint_nodules(scan: LIDCScan, placed: list[PlacedNodule], hu: np.ndarray, grid: Grid, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def paint_nodules(
+    scan: LIDCScan, placed: list[PlacedNodule], hu: np.ndarray, grid: Grid, rng: np.random.Generator
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Paint the 50 % consensus mask of each of the phantom's own nodules (``scan`` holds the transplanted
     annotations) into ``hu``; returns the union of the masks and one record per placed nodule."""
     pixel = grid.pixel_spacing
@@ -290,16 +310,18 @@ def paint_nodules(scan: LIDCScan, placed: list[PlacedNodule], hu: np.ndarray, gr
         for number in numbers:
             source = by_number[number].source
             centre_z, centre_y, centre_x = (float(v) for v in nodule.centroid_zyx)
-            records.append({
-                "number": number,
-                "source_series_uid": source.scan.series_instance_uid,
-                "source_patient_id": source.scan.patient_id,
-                "source_nodule_index": source.index,
-                "source_diameter_mm": round(source.diameter_mm, 3),
-                "n_readers": len(by_number[number].annotations),
-                "centre_zyx": [round(centre_z, 2), round(centre_y, 2), round(centre_x, 2)],
-                "malignancy": [a.characteristics.get("malignancy") for a in by_number[number].annotations],
-                **ratings,
-            })
+            records.append(
+                {
+                    "number": number,
+                    "source_series_uid": source.scan.series_instance_uid,
+                    "source_patient_id": source.scan.patient_id,
+                    "source_nodule_index": source.index,
+                    "source_diameter_mm": round(source.diameter_mm, 3),
+                    "n_readers": len(by_number[number].annotations),
+                    "centre_zyx": [round(centre_z, 2), round(centre_y, 2), round(centre_x, 2)],
+                    "malignancy": [a.characteristics.get("malignancy") for a in by_number[number].annotations],
+                    **ratings,
+                }
+            )
     records.sort(key=lambda r: r["number"])
     return nodule_mask, records

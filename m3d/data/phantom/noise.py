@@ -1,4 +1,5 @@
 """Noise: smooth correlated random fields (tissue texture) and the scanner's blur and noise."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """The analytic anatomy rendered one axial slice at a time: body wall, lungs, heart, abdomen, fissures,
 spine, ribs, sternum, scapulae and the CT table."""
+
 from __future__ import annotations
 
 import math
@@ -50,9 +51,10 @@ class SliceRenderer:
         ) ** (-1.0 / exponent)
         wobble = 1.0 + sum(amp * np.cos(k * table_angle + phase) for k, amp, phase in anatomy.cavity_fourier)
         self.table_cavity_r = superellipse * wobble
-        self.anterior_r = float(anatomy.cavity_half_depth * (
-            1.0 + sum(amp * np.cos(-k * np.pi / 2 + phase) for k, amp, phase in anatomy.cavity_fourier)
-        ))
+        self.anterior_r = float(
+            anatomy.cavity_half_depth
+            * (1.0 + sum(amp * np.cos(-k * np.pi / 2 + phase) for k, amp, phase in anatomy.cavity_fourier))
+        )
         self.table_outline_exponent = 2.1 + 1.2 * np.clip(self.table_sin * 1.5, 0.0, 1.0)
 
         # angular patterns of the wall layers (functions of phi = angle from the posterior midline)
@@ -89,7 +91,7 @@ class SliceRenderer:
             np.copyto(s_apex, anatomy.apex_height_s * distance2, where=(X > self.x_midline) == (side > 0))
         self.s_apex = s_apex
         dependent = np.clip((Y - anatomy.y_at(0.0)) / (anatomy.y_vertebra + 20.0 - anatomy.y_at(0.0)), 0.0, 1.0)
-        self.dependent = (dependent ** 1.5).astype(np.float32)
+        self.dependent = (dependent**1.5).astype(np.float32)
 
     # ---------------------------------------------------------------------------------------------
     def _tables(self, s: float, z: float) -> dict:
@@ -103,8 +105,13 @@ class SliceRenderer:
         shoulder = min(max((0.12 - s) / 0.25, 0.0), 1.0)
         breast_z = math.exp(-0.5 * ((s - 0.55) / 0.2) ** 2)
         cavity_r = self.table_cavity_r * self.scale
-        muscle = (anatomy.muscle_mm + 36.0 * anatomy.scale_y * self.pat_paraspinal + 14.0 * upper * self.pat_pectoral
-                  + 45.0 * shoulder * self.pat_shoulder + (10.0 + 16.0 * upper) * self.pat_scapular)
+        muscle = (
+            anatomy.muscle_mm
+            + 36.0 * anatomy.scale_y * self.pat_paraspinal
+            + 14.0 * upper * self.pat_pectoral
+            + 45.0 * shoulder * self.pat_shoulder
+            + (10.0 + 16.0 * upper) * self.pat_scapular
+        )
         fat = anatomy.fat_mm * self.pat_fat
         muscle_r = cavity_r + 1.5 + anatomy.rib_thickness + muscle
         layers_r = muscle_r + fat + 1.5
@@ -206,8 +213,13 @@ class SliceRenderer:
             if anatomy.contrast:
                 lerp(part, ramp(heart_sd + 9.0, edge) * part_cavity, anatomy.blood_hu + 8.0 * n_mid[window])
         # lungs
-        lung_hu = (anatomy.lung_hu + anatomy.lung_gradient * self.dependent + anatomy.lung_texture * n_lung
-                   + 0.5 * anatomy.lung_texture * n_mid + 6.0 * n_fine)
+        lung_hu = (
+            anatomy.lung_hu
+            + anatomy.lung_gradient * self.dependent
+            + anatomy.lung_texture * n_lung
+            + 0.5 * anatomy.lung_texture * n_mid
+            + 6.0 * n_fine
+        )
         lerp(hu, lung, lung_hu)
         self._fissures(hu, lung, s)
         # bones
@@ -240,8 +252,10 @@ class SliceRenderer:
             return None
         reach = max(heart.half_length, heart.half_width) + margin
         window = self._window(
-            min(centre_x - reach, atrium_x - 60), max(centre_x + reach, atrium_x + 60),
-            min(centre_y - reach, atrium_y - 40), max(centre_y + reach, atrium_y + 40),
+            min(centre_x - reach, atrium_x - 60),
+            max(centre_x + reach, atrium_x + 60),
+            min(centre_y - reach, atrium_y - 40),
+            max(centre_y + reach, atrium_y + 40),
         )
         if window is None:
             return None
@@ -249,11 +263,15 @@ class SliceRenderer:
         cos_angle, sin_angle = math.cos(heart.angle), math.sin(heart.angle)
         along = (X - centre_x) * cos_angle - (Y - centre_y) * sin_angle
         across = (X - centre_x) * sin_angle + (Y - centre_y) * cos_angle
-        heart_q = ((along / heart.half_length) ** 2 + (across / heart.half_width) ** 2
-                   + ((z - centre_z) / half_height) ** 2)
+        heart_q = (
+            (along / heart.half_length) ** 2 + (across / heart.half_width) ** 2 + ((z - centre_z) / half_height) ** 2
+        )
         heart_sd = (np.sqrt(heart_q) - 1.0) * 0.5 * (heart.half_length + heart.half_width)
-        atrium_q = (((X - atrium_x) / (36 * anatomy.scale_x)) ** 2 + ((Y - atrium_y) / (22 * anatomy.scale_y)) ** 2
-                    + ((z - atrium_z) / atrium_half_height) ** 2)
+        atrium_q = (
+            ((X - atrium_x) / (36 * anatomy.scale_x)) ** 2
+            + ((Y - atrium_y) / (22 * anatomy.scale_y)) ** 2
+            + ((z - atrium_z) / atrium_half_height) ** 2
+        )
         heart_sd = np.minimum(heart_sd, (np.sqrt(atrium_q) - 1.0) * 25.0)
         heart_sd = np.maximum(heart_sd, (s - self.s_base[window] - 0.01) * anatomy.length)
         apex_fat = heart.fat_mm + 6.0 * np.clip(along / heart.half_length, 0, 1) ** 2
@@ -290,13 +308,15 @@ class SliceRenderer:
         liver = ramp(X - liver_edge, 6.0) * ramp(2.0 - depth_below, edge)
         lerp(hu, abdomen * liver, anatomy.liver_hu + 4.0 * n_mid + 4.0 * n_fine)
         # spleen: left posterolateral
-        spleen_q = (((X - 85 * anatomy.scale_x) / (32 * anatomy.scale_x)) ** 2
-                    + ((Y - anatomy.y_at(0.85)) / (50 * anatomy.scale_y)) ** 2)
+        spleen_q = ((X - 85 * anatomy.scale_x) / (32 * anatomy.scale_x)) ** 2 + (
+            (Y - anatomy.y_at(0.85)) / (50 * anatomy.scale_y)
+        ) ** 2
         spleen = ramp((np.sqrt(spleen_q) - 1.0) * 35.0, edge) * ramp(4.0 - depth_below, edge)
         lerp(hu, abdomen * spleen, anatomy.liver_hu - 10.0 + 4.0 * n_fine)
         # stomach: left anterior, gas anteriorly (the patient is supine)
-        stomach_q = (((X - 55 * anatomy.scale_x) / (48 * anatomy.scale_x)) ** 2
-                     + ((Y - anatomy.y_at(0.3)) / (40 * anatomy.scale_y)) ** 2)
+        stomach_q = ((X - 55 * anatomy.scale_x) / (48 * anatomy.scale_x)) ** 2 + (
+            (Y - anatomy.y_at(0.3)) / (40 * anatomy.scale_y)
+        ) ** 2
         stomach_sd = (np.sqrt(stomach_q) - 1.0) * 42.0
         stomach = ramp(stomach_sd, edge) * ramp(4.0 - depth_below, edge)
         lerp(hu, abdomen * stomach, 35.0 + 5 * n_fine)
@@ -448,8 +468,12 @@ class SliceRenderer:
         if not len(pixels):
             return
         radius, phi = self.radius.ravel()[pixels], self.phi.ravel()[pixels]
-        plate_r = (rib_ring.ravel()[pixels] + anatomy.rib_thickness * 0.5 + 10.0
-                   + 8.0 * np.clip((phi - 0.2 * np.pi) / (0.3 * np.pi), 0, 1))
+        plate_r = (
+            rib_ring.ravel()[pixels]
+            + anatomy.rib_thickness * 0.5
+            + 10.0
+            + 8.0 * np.clip((phi - 0.2 * np.pi) / (0.3 * np.pi), 0, 1)
+        )
         plate = ramp(np.abs(radius - plate_r) - 2.0 - 2.0 * (phi < 0.2 * np.pi), edge)
         along = ramp((np.abs(phi - centre) - width) * radius, edge)
         lerp_at(hu, pixels, plate * along * body.ravel()[pixels], 450.0 + 60 * n_fine.ravel()[pixels])

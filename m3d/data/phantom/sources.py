@@ -1,5 +1,6 @@
 """The real LIDC scans a phantom borrows, read through `LIDCDatabase`: the scan that gives the geometry and
 the outlined nodules that are transplanted into the phantom."""
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,11 @@ def geometry_candidates(scans: list[ScanGeometry]) -> list[ScanGeometry]:
     an outlined nodule (failing that, any scan with enough evenly spaced slices)."""
     low, high = SLICE_STEP_RANGE_MM
     eligible = [
-        g for g in scans
-        if g.evenly_spaced and g.n_outlined > 0 and low <= g.slice_step_mm <= high
+        g
+        for g in scans
+        if g.evenly_spaced
+        and g.n_outlined > 0
+        and low <= g.slice_step_mm <= high
         and len(g.z_positions_mm) >= MIN_SLICES
     ]
     if not eligible:
@@ -94,8 +98,14 @@ def nodule_pool(
     pool = _source_nodules(db.scan(geometry.series_instance_uid), min_diameter_mm)
     rng.shuffle(pool)
     step = geometry.slice_step_mm
-    donors = [g for g in scans if g.series_instance_uid != geometry.series_instance_uid and g.n_outlined > 0
-              and g.evenly_spaced and abs(g.slice_step_mm - step) <= 0.01 * step + 1e-4]
+    donors = [
+        g
+        for g in scans
+        if g.series_instance_uid != geometry.series_instance_uid
+        and g.n_outlined > 0
+        and g.evenly_spaced
+        and abs(g.slice_step_mm - step) <= 0.01 * step + 1e-4
+    ]
     order = rng.permutation(len(donors)) if donors else []
     tried = 0
     for j in order:

@@ -1,5 +1,6 @@
 """Tubes (chains of capsules) in mm and their rendering: partial-volume painting, sub-voxel splatting and
 a signed distance field."""
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,10 @@ def _boxes(grid: Grid, tubes: Tubes, margin: float, slab: bool) -> tuple[np.ndar
         [
             np.searchsorted(grid.z_mm, low[:, 2] - half_thickness, "left"),
             np.searchsorted(grid.z_mm, high[:, 2] + half_thickness, "right"),
-            np.searchsorted(grid.y_mm, low[:, 1], "left"), np.searchsorted(grid.y_mm, high[:, 1], "right"),
-            np.searchsorted(grid.x_mm, low[:, 0], "left"), np.searchsorted(grid.x_mm, high[:, 0], "right"),
+            np.searchsorted(grid.y_mm, low[:, 1], "left"),
+            np.searchsorted(grid.y_mm, high[:, 1], "right"),
+            np.searchsorted(grid.x_mm, low[:, 0], "left"),
+            np.searchsorted(grid.x_mm, high[:, 0], "right"),
         ],
         axis=1,
     )

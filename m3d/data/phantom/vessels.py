@@ -1,5 +1,6 @@
 """Lung vessel trees grown by territory splitting (Murray's law radii) and the bronchi alongside the
 larger arteries."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,11 @@ def lung_points(
     step = LUNG_SAMPLING_STEP_MM
     half_width = anatomy.cavity_half_width + 20.0
     x_mm = np.arange(-half_width, half_width + step, step)
-    y_mm = np.arange(anatomy.cavity_centre_y - anatomy.cavity_half_depth - 20.0,
-                     anatomy.cavity_centre_y + anatomy.cavity_half_depth + 20.0, step)
+    y_mm = np.arange(
+        anatomy.cavity_centre_y - anatomy.cavity_half_depth - 20.0,
+        anatomy.cavity_centre_y + anatomy.cavity_half_depth + 20.0,
+        step,
+    )
     z_mm = np.arange(anatomy.z_of(1.02), anatomy.z_of(-0.05), step)
     grid = Grid(x_mm, y_mm, z_mm, thickness=step)
     renderer = SliceRenderer(anatomy, grid, rng, mediastinum, want_hu=False)
@@ -116,5 +120,7 @@ def bronchial_tree(arteries: Tubes, min_radius: float) -> tuple[Tubes, Tubes]:
     direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-6)
     bronchus_start = beside(artery_start, direction)
     bronchus_end = beside(artery_end, direction)
-    return (Tubes(bronchus_start, bronchus_end, wall, wall * 0.95),
-            Tubes(bronchus_start, bronchus_end, lumen, lumen * 0.95))
+    return (
+        Tubes(bronchus_start, bronchus_end, wall, wall * 0.95),
+        Tubes(bronchus_start, bronchus_end, lumen, lumen * 0.95),
+    )

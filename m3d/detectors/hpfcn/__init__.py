@@ -1,4 +1,5 @@
 """HP-FCN (Li & Huang, ICCV 2019): high-pass fully convolutional inpainting localizer."""
+
 from .configuration_hpfcn import HPFCNConfig
 from .modeling_hpfcn import HIGH_PASS_KERNELS, HPFCNForForgeryDetection
 

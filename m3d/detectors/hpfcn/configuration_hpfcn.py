@@ -1,4 +1,5 @@
 """Configuration of HP-FCN (Li & Huang, ICCV 2019)."""
+
 from __future__ import annotations
 
 from ..modeling_utils import M3DDetectorConfig

@@ -1,4 +1,5 @@
 """HP-FCN: high-pass filtered fully convolutional network for inpainting localization."""
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,12 @@ class PreActBottleneck(nn.Module):
         self.shortcut = None if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1, stride=stride)
         self.stride = stride
         self.residual = nn.Sequential(
-            nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
             nn.Conv2d(width, out_channels, 1),
         )
 
@@ -129,10 +134,17 @@ class HPFCNForForgeryDetection(M3DDetectorPreTrainedModel):
         probability_of_truth = torch.exp(-bce)
         return ((1 - probability_of_truth) ** self.config.focal_gamma * bce).mean()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None,
-                return_dict: bool = True) -> DetectorOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DetectorOutput:
         if pixel_values.shape[-1] % 16 or pixel_values.shape[-2] % 16:
-            raise ValueError(f"HP-FCN input height and width must be multiples of 16; got {tuple(pixel_values.shape[-2:])}")
+            raise ValueError(
+                f"HP-FCN input height and width must be multiples of 16; got {tuple(pixel_values.shape[-2:])}"
+            )
         x = self.encoder(self.high_pass(pixel_values))
         x = F.relu(self.decoder_norm(self.up2(self.up1(x))))
         localization_logits = self.head(x)
@@ -143,4 +155,3 @@ class HPFCNForForgeryDetection(M3DDetectorPreTrainedModel):
             loss = focal if loss is None else loss + focal
         output = DetectorOutput(loss=loss, logits=logits, localization_logits=localization_logits)
         return output if return_dict else output.to_tuple()
-

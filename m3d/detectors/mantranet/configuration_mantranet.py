@@ -1,4 +1,5 @@
 """Configuration of ManTra-Net (Wu, AbdAlmageed & Natarajan, CVPR 2019)."""
+
 from __future__ import annotations
 
 from ..modeling_utils import M3DDetectorConfig
@@ -98,7 +99,10 @@ class ManTraNetConfig(M3DDetectorConfig):
         ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1; got {value}")
-        for name, value in (("lstm_kernel_size", lstm_kernel_size), ("prediction_kernel_size", prediction_kernel_size)):
+        for name, value in (
+            ("lstm_kernel_size", lstm_kernel_size),
+            ("prediction_kernel_size", prediction_kernel_size),
+        ):
             if int(value) < 1 or int(value) % 2 == 0:
                 raise ValueError(f"{name} must be an odd positive integer; got {value}")
         if transform_activation not in TRANSFORM_ACTIVATIONS:

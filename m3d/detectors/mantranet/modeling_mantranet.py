@@ -1,5 +1,6 @@
 """ManTra-Net (Wu, AbdAlmageed & Natarajan, CVPR 2019): a manipulation-trace feature extractor followed
 by a local-anomaly detection network. Reference: the Keras code of ISICV/ManTraNet (``modelCore.py``)."""
+
 from __future__ import annotations
 
 import torch
@@ -203,9 +204,12 @@ class ManTraNetAnomalyNetwork(nn.Module):
             config.anomaly_channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum, affine=False
         )
         self.global_std = ManTraNetGlobalStd(config.anomaly_channels, config.min_std_init)
-        self.lstm = ConvLSTMCell(config.anomaly_channels, config.lstm_channels, config.lstm_kernel_size,
-                                 config.anomaly_padding_mode)
-        self.prediction = ManTraNetPaddedConv(config.lstm_channels, 1, config.prediction_kernel_size, config.anomaly_padding_mode)
+        self.lstm = ConvLSTMCell(
+            config.anomaly_channels, config.lstm_channels, config.lstm_kernel_size, config.anomaly_padding_mode
+        )
+        self.prediction = ManTraNetPaddedConv(
+            config.lstm_channels, 1, config.prediction_kernel_size, config.anomaly_padding_mode
+        )
 
     def deviations(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``window mean - x`` for each window (means over the pixels inside the image only), then
@@ -284,4 +288,3 @@ class ManTraNetForForgeryDetection(M3DDetectorPreTrainedModel):
         if not return_dict:
             return tuple(v for v in (loss, logits, localization_logits) if v is not None)
         return DetectorOutput(loss=loss, logits=logits, localization_logits=localization_logits)
-

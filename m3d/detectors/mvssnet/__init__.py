@@ -1,4 +1,5 @@
 """MVSS-Net (Chen et al., ICCV 2021)."""
+
 from .configuration_mvssnet import MVSSNetConfig
 from .modeling_mvssnet import MVSSNetForForgeryDetection, mask_boundary, sobel_kernels
 

@@ -1,4 +1,5 @@
 """Configuration of MVSS-Net (Chen, Dong, Li, Wang & Wang, ICCV 2021)."""
+
 from __future__ import annotations
 
 from ..modeling_utils import M3DDetectorConfig

@@ -1,6 +1,7 @@
 """MVSS-Net (Chen, Dong, Li, Wang & Wang, "Image Manipulation Detection by Multi-View Multi-Scale
 Supervision", ICCV 2021): an edge-supervised RGB branch and a noise-sensitive (Bayar) branch fused by a
 dual-attention head. Reference: dong03/MVSS-Net (``models/mvssnet.py``)."""
+
 from __future__ import annotations
 
 import torch
@@ -213,16 +214,16 @@ class MVSSNetForForgeryDetection(M3DDetectorPreTrainedModel):
         self.edge_branch = MVSSEdgeBranch(stage_channels, config.use_sobel)
         fused = stage_channels[-1]
         if config.use_noise_branch:
-            self.register_buffer(
-                "grey_weights", torch.tensor(config.grey_weights).view(1, -1, 1, 1), persistent=False
-            )
+            self.register_buffer("grey_weights", torch.tensor(config.grey_weights).view(1, -1, 1, 1), persistent=False)
             self.bayar = BayarConv2d(1, config.noise_channels, config.bayar_kernel_size)
             self.noise_backbone = build_backbone(config, config.noise_channels)
             fused += list(self.noise_backbone.out_channels)[-1]
         else:
             self.bayar = None
             self.noise_backbone = None
-        self.head = MVSSDualAttentionHead(fused, config.head_reduction, config.attention_reduction, config.head_dropout)
+        self.head = MVSSDualAttentionHead(
+            fused, config.head_reduction, config.attention_reduction, config.head_dropout
+        )
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -271,7 +272,9 @@ class MVSSNetForForgeryDetection(M3DDetectorPreTrainedModel):
             terms = []
             if masks is not None:
                 masks = masks.float().view_as(localization_logits)
-                terms.append(config.seg_loss_weight * squared_dice_loss(localization_logits, masks, config.dice_smooth))
+                terms.append(
+                    config.seg_loss_weight * squared_dice_loss(localization_logits, masks, config.dice_smooth)
+                )
                 edge = self.edge_target(masks, tuple(edge_logits.shape[-2:]))
                 terms.append(config.edge_loss_weight * squared_dice_loss(edge_logits, edge, config.dice_smooth))
                 if labels is None:
@@ -281,7 +284,4 @@ class MVSSNetForForgeryDetection(M3DDetectorPreTrainedModel):
             loss = torch.stack(terms).sum()
         if not return_dict:
             return tuple(v for v in (loss, logits, localization_logits, auxiliary) if v is not None)
-        return DetectorOutput(
-            loss=loss, logits=logits, localization_logits=localization_logits, auxiliary=auxiliary
-        )
-
+        return DetectorOutput(loss=loss, logits=logits, localization_logits=localization_logits, auxiliary=auxiliary)

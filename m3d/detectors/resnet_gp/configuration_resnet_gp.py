@@ -1,4 +1,5 @@
 """Configuration of the general-purpose real/fake detector (Corvi et al., ICASSP 2023)."""
+
 from __future__ import annotations
 
 from ..modeling_utils import M3DDetectorConfig

@@ -1,6 +1,7 @@
 """The general-purpose real/fake detector (a ResNet-50 without its first stride) and the bottleneck
 ResNet backbone it shares with MVSS-Net. Written without torchvision (which does not import beside
 this torch)."""
+
 from __future__ import annotations
 
 import torch
@@ -146,8 +147,13 @@ class ResNetGPForForgeryDetection(M3DDetectorPreTrainedModel):
         self.classifier = nn.Linear(self.backbone.out_channels[-1], 1)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None,
-                return_dict: bool = True) -> DetectorOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DetectorOutput:
         x = pixel_values
         if self.config.imagenet_normalize:
             mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -156,4 +162,3 @@ class ResNetGPForForgeryDetection(M3DDetectorPreTrainedModel):
         logits = self.classifier(features.mean(dim=(2, 3))).squeeze(1)
         output = DetectorOutput(loss=self.standard_loss(logits, None, labels, None), logits=logits)
         return output if return_dict else output.to_tuple()
-

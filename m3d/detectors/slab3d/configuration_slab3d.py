@@ -1,4 +1,5 @@
 """Configuration of Slab3D, m3d's own volumetric detector."""
+
 from __future__ import annotations
 
 from ..modeling_utils import M3DDetectorConfig
@@ -51,12 +52,18 @@ class Slab3DConfig(M3DDetectorConfig):
         if len(widths) < 1 or min(widths) < 1:
             raise ValueError(f"widths must be one or more positive integers; got {widths}")
         if bayar_channels < 0 or len(bayar_kernel) != 3 or any(k < 1 or k % 2 == 0 for k in bayar_kernel):
-            raise ValueError(f"bayar_channels must be >= 0 and bayar_kernel three odd sizes; got {bayar_channels}, {bayar_kernel}")
+            raise ValueError(
+                f"bayar_channels must be >= 0 and bayar_kernel three odd sizes; got {bayar_channels}, {bayar_kernel}"
+            )
         if residual_unit_hu <= 0:
             raise ValueError(f"residual_unit_hu must be positive; got {residual_unit_hu}")
         if noise_window < 1 or noise_window % 2 == 0:
             raise ValueError(f"noise_window must be a positive odd number of voxels; got {noise_window}")
-        if not encoder_inputs or set(encoder_inputs) - set(ENCODER_INPUTS) or len(set(encoder_inputs)) != len(encoder_inputs):
+        if (
+            not encoder_inputs
+            or set(encoder_inputs) - set(ENCODER_INPUTS)
+            or len(set(encoder_inputs)) != len(encoder_inputs)
+        ):
             raise ValueError(f"encoder_inputs must be distinct names among {ENCODER_INPUTS}; got {encoder_inputs}")
         if image_pooling not in IMAGE_POOLINGS:
             raise ValueError(f"image_pooling must be one of {IMAGE_POOLINGS}; got {image_pooling!r}")

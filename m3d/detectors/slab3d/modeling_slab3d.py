@@ -1,4 +1,5 @@
 """Slab3D: m3d's own volumetric detector of generative CT manipulation."""
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,12 @@ def factorized_conv3d(in_channels: int, out_channels: int) -> nn.Sequential:
     factorisation: in-plane and through-plane filters apart, as CT slices are thicker than their pixels;
     a tiny training step takes 0.6 s on one CPU thread, 1.2 s with two full 3x3x3 convs)."""
     return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True),
-        nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0), bias=False), nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True),
+        nn.Conv3d(in_channels, out_channels, (1, 3, 3), padding=(0, 1, 1), bias=False),
+        nn.BatchNorm3d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0), bias=False),
+        nn.BatchNorm3d(out_channels),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -86,17 +91,25 @@ class Slab3DForForgeryDetection(M3DDetectorPreTrainedModel):
         # pixel values span [-1, 1] over the window: one unit is half its width in HU
         self.residual_scale = (window_high - window_low) / 2 / config.residual_unit_hu
         self.register_buffer("high_pass_kernels", HIGH_PASS_KERNELS_3D.unsqueeze(1).clone(), persistent=True)
-        self.bayar = (BayarConv3d(1, config.bayar_channels, tuple(config.bayar_kernel), padding=0)
-                      if config.bayar_channels else None)
+        self.bayar = (
+            BayarConv3d(1, config.bayar_channels, tuple(config.bayar_kernel), padding=0)
+            if config.bayar_channels
+            else None
+        )
         residual_channels = len(HIGH_PASS_KERNELS_3D) + config.bayar_channels
         widths = config.widths
         sizes = {"intensity": 1, "residuals": residual_channels, "consistency": residual_channels}
-        self.encoder = nn.ModuleList([factorized_conv3d(sum(sizes[name] for name in config.encoder_inputs), widths[0])])
+        self.encoder = nn.ModuleList(
+            [factorized_conv3d(sum(sizes[name] for name in config.encoder_inputs), widths[0])]
+        )
         self.encoder.extend(factorized_conv3d(widths[i], widths[i + 1]) for i in range(len(widths) - 1))
         self.pool = nn.MaxPool3d((1, 2, 2))
         self.collapse = nn.ModuleList(nn.Conv3d(width, width, (config.slab_slices, 1, 1)) for width in widths)
         self.upsample = nn.ModuleList(
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(widths[i + 1], widths[i], 3, padding=1))
+            nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(widths[i + 1], widths[i], 3, padding=1),
+            )
             for i in reversed(range(len(widths) - 1))
         )
         self.decoder = nn.ModuleList(double_conv(2 * widths[i], widths[i]) for i in reversed(range(len(widths) - 1)))
@@ -113,17 +126,27 @@ class Slab3DForForgeryDetection(M3DDetectorPreTrainedModel):
             parts.append(self.bayar(F.pad(slab, (width, width, height, height, depth, depth), mode="replicate")))
         return torch.cat(parts, 1) * self.residual_scale
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None,
-                return_dict: bool = True) -> DetectorOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DetectorOutput:
         """``pixel_values`` ``(batch, slab_slices, H, W)``: the slab of each slice (`slices_to_input`)."""
         self.check_pixel_values(pixel_values)
         multiple = 2 ** (len(self.config.widths) - 1)
         if pixel_values.shape[-1] % multiple or pixel_values.shape[-2] % multiple:
-            raise ValueError(f"Slab3D input height and width must be multiples of {multiple}; got {tuple(pixel_values.shape[-2:])}")
+            raise ValueError(
+                f"Slab3D input height and width must be multiples of {multiple}; got {tuple(pixel_values.shape[-2:])}"
+            )
         slab = pixel_values.unsqueeze(1)
         residuals = self.residuals(slab)
-        inputs = {"intensity": lambda: slab, "residuals": lambda: residuals,
-                  "consistency": lambda: noise_consistency(residuals, self.config.noise_window)}
+        inputs = {
+            "intensity": lambda: slab,
+            "residuals": lambda: residuals,
+            "consistency": lambda: noise_consistency(residuals, self.config.noise_window),
+        }
         x = torch.cat([inputs[name]() for name in self.config.encoder_inputs], 1)
         skips = []
         for level, (block, collapse) in enumerate(zip(self.encoder, self.collapse)):
@@ -137,4 +160,3 @@ class Slab3DForForgeryDetection(M3DDetectorPreTrainedModel):
         loss = self.standard_loss(logits, localization_logits, labels, masks)
         output = DetectorOutput(loss=loss, logits=logits, localization_logits=localization_logits)
         return output if return_dict else output.to_tuple()
-

@@ -1,4 +1,5 @@
 """TruFor (Guillaro et al., CVPR 2023)."""
+
 from .configuration_trufor import TruForConfig
 from .modeling_trufor import (
     TruForForForgeryDetection,

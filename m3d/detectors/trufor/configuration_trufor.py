@@ -1,4 +1,5 @@
 """Configuration of TruFor (Guillaro, Cozzolino, Sud, Dufour & Verdoliva, CVPR 2023)."""
+
 from __future__ import annotations
 
 from ..modeling_utils import M3DDetectorConfig

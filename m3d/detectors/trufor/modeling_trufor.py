@@ -7,6 +7,7 @@ The MiT streams are built from transformers' Segformer blocks (`SegformerOverlap
 `SegformerLayer`), so their attention dispatches through ``config._attn_implementation`` (SDPA by
 default); every other piece is batched tensor code (no Python loop over pixels or samples).
 """
+
 from __future__ import annotations
 
 import math
@@ -330,7 +331,9 @@ class TruForDualEncoder(nn.Module):
         self.rgb_stages = stream()
         self.noise_stages = stream()
         self.frms = nn.ModuleList(
-            TruForFeatureRectifyModule(size, config.frm_reduction, config.frm_lambda_channel, config.frm_lambda_spatial)
+            TruForFeatureRectifyModule(
+                size, config.frm_reduction, config.frm_lambda_channel, config.frm_lambda_spatial
+            )
             for size in config.hidden_sizes
         )
         self.ffms = nn.ModuleList(
@@ -655,9 +658,7 @@ class TruForForForgeryDetection(M3DDetectorPreTrainedModel):
         if not return_dict:
             outputs = (logits, anomaly_logits, confidence)
             return ((loss,) + outputs) if loss is not None else outputs
-        return DetectorOutput(
-            loss=loss, logits=logits, localization_logits=anomaly_logits, confidence=confidence
-        )
+        return DetectorOutput(loss=loss, logits=logits, localization_logits=anomaly_logits, confidence=confidence)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -710,7 +711,7 @@ def _convert_key(key: str) -> str | None:
     index, rest = rest.split(".", 1)
     for old, new in _ORIGINAL_BLOCK_RENAMES:
         if rest.startswith(old + "."):
-            return f"{prefix}.blocks.{index}.{new}{rest[len(old):]}"
+            return f"{prefix}.blocks.{index}.{new}{rest[len(old) :]}"
     return None
 
 
@@ -741,4 +742,3 @@ def convert_original_trufor_state_dict(state_dict: dict[str, torch.Tensor]) -> d
             value = value[1:2] - value[0:1]
         converted[new_key] = value
     return converted
-

@@ -1,4 +1,5 @@
 """U-Net (Ronneberger et al., MICCAI 2015) as a manipulation localizer."""
+
 from .configuration_unet import UNetConfig
 from .modeling_unet import UNetForForgeryDetection
 

@@ -1,4 +1,5 @@
 """Configuration of the U-Net localizer (Ronneberger et al., MICCAI 2015)."""
+
 from __future__ import annotations
 
 from ..modeling_utils import M3DDetectorConfig

@@ -1,4 +1,5 @@
 """U-Net as a per-pixel manipulation localizer."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,12 @@ from .configuration_unet import UNetConfig
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     """Two padded 3x3 conv -> BN -> ReLU."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -47,16 +52,25 @@ class UNetForForgeryDetection(M3DDetectorPreTrainedModel):
         self.encoder = nn.ModuleList([double_conv(config.num_channels, widths[0])])
         self.encoder.extend(double_conv(widths[i], widths[i + 1]) for i in range(config.depth))
         self.pool = nn.MaxPool2d(2)
-        self.upsample = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(config.depth)))
+        self.upsample = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(config.depth))
+        )
         self.decoder = nn.ModuleList(double_conv(2 * widths[i], widths[i]) for i in reversed(range(config.depth)))
         self.head = nn.Conv2d(widths[0], 1, 1)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None,
-                return_dict: bool = True) -> DetectorOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DetectorOutput:
         multiple = 2**self.config.depth
         if pixel_values.shape[-1] % multiple or pixel_values.shape[-2] % multiple:
-            raise ValueError(f"U-Net input height and width must be multiples of {multiple}; got {tuple(pixel_values.shape[-2:])}")
+            raise ValueError(
+                f"U-Net input height and width must be multiples of {multiple}; got {tuple(pixel_values.shape[-2:])}"
+            )
         skips, x = [], pixel_values
         for level, block in enumerate(self.encoder):
             x = block(x if level == 0 else self.pool(x))
@@ -68,4 +82,3 @@ class UNetForForgeryDetection(M3DDetectorPreTrainedModel):
         loss = self.standard_loss(logits, localization_logits, labels, masks)
         output = DetectorOutput(loss=loss, logits=logits, localization_logits=localization_logits)
         return output if return_dict else output.to_tuple()
-

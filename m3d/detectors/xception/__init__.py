@@ -1,4 +1,5 @@
 """Xception (Chollet, CVPR 2017): the detection-only baseline."""
+
 from .configuration_xception import XceptionConfig
 from .modeling_xception import XceptionForForgeryDetection
 

@@ -1,4 +1,5 @@
 """Configuration of the Xception real/fake slice classifier (Chollet, CVPR 2017)."""
+
 from __future__ import annotations
 
 from ..modeling_utils import M3DDetectorConfig
@@ -26,8 +27,11 @@ class XceptionConfig(M3DDetectorConfig):
         dropout: float = 0.0,
         **kwargs,
     ) -> None:
-        for name, values, length in (("stem_channels", stem_channels, 2), ("entry_channels", entry_channels, 3),
-                                     ("exit_channels", exit_channels, 3)):
+        for name, values, length in (
+            ("stem_channels", stem_channels, 2),
+            ("entry_channels", entry_channels, 3),
+            ("exit_channels", exit_channels, 3),
+        ):
             if len(values) != length or min(values) < 1:
                 raise ValueError(f"{name} must be {length} positive integers; got {values}")
         if middle_blocks < 0:

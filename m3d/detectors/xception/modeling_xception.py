@@ -1,4 +1,5 @@
 """Xception as a slice-level real/fake classifier."""
+
 from __future__ import annotations
 
 import torch
@@ -21,10 +22,14 @@ class SeparableConv2d(nn.Sequential):
 class XceptionBlock(nn.Module):
     """``reps`` x (ReLU -> separable conv -> BN), optional 3x3/2 max-pool, plus a (1x1 conv) shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, reps: int, stride: int, start_with_relu: bool, grow_first: bool):
+    def __init__(
+        self, in_channels: int, out_channels: int, reps: int, stride: int, start_with_relu: bool, grow_first: bool
+    ):
         super().__init__()
         self.skip = (
-            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+            nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
             if out_channels != in_channels or stride != 1
             else nn.Identity()
         )
@@ -66,8 +71,12 @@ class XceptionForForgeryDetection(M3DDetectorPreTrainedModel):
         stem_a, stem_b = config.stem_channels
         entry, exit_ = config.entry_channels, config.exit_channels
         self.stem = nn.Sequential(
-            nn.Conv2d(config.num_channels, stem_a, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem_a), nn.ReLU(),
-            nn.Conv2d(stem_a, stem_b, 3, padding=1, bias=False), nn.BatchNorm2d(stem_b), nn.ReLU(),
+            nn.Conv2d(config.num_channels, stem_a, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(stem_a),
+            nn.ReLU(),
+            nn.Conv2d(stem_a, stem_b, 3, padding=1, bias=False),
+            nn.BatchNorm2d(stem_b),
+            nn.ReLU(),
         )
         blocks = [
             XceptionBlock(stem_b, entry[0], 2, 2, start_with_relu=False, grow_first=True),
@@ -78,17 +87,25 @@ class XceptionForForgeryDetection(M3DDetectorPreTrainedModel):
         blocks.append(XceptionBlock(entry[2], exit_[0], 2, 2, start_with_relu=True, grow_first=False))
         self.blocks = nn.Sequential(*blocks)
         self.exit = nn.Sequential(
-            SeparableConv2d(exit_[0], exit_[1]), nn.BatchNorm2d(exit_[1]), nn.ReLU(),
-            SeparableConv2d(exit_[1], exit_[2]), nn.BatchNorm2d(exit_[2]), nn.ReLU(),
+            SeparableConv2d(exit_[0], exit_[1]),
+            nn.BatchNorm2d(exit_[1]),
+            nn.ReLU(),
+            SeparableConv2d(exit_[1], exit_[2]),
+            nn.BatchNorm2d(exit_[2]),
+            nn.ReLU(),
         )
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(exit_[2], 1)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, masks: torch.Tensor | None = None,
-                return_dict: bool = True) -> DetectorOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DetectorOutput:
         features = self.exit(self.blocks(self.stem(pixel_values)))
         logits = self.classifier(self.dropout(features.mean(dim=(2, 3)))).squeeze(1)
         output = DetectorOutput(loss=self.standard_loss(logits, None, labels, None), logits=logits)
         return output if return_dict else output.to_tuple()
-

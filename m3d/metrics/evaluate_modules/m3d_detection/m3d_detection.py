@@ -1,5 +1,6 @@
 """`evaluate` module for M3Dsynth detection: AUC, balanced accuracy at 0.5 and Pd@1 % of volume
 scores (a thin wrapper over `m3d.metrics.detection_metrics`)."""
+
 import datasets
 import evaluate
 
@@ -26,7 +27,9 @@ class M3DDetection(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("float64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("float64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references, threshold: float = 0.5) -> dict:

@@ -1,5 +1,6 @@
 """`evaluate` module for M3Dsynth localization: F1 and IoU of 3-D probability maps against the ground
 truth masks, per manipulated volume and averaged (a thin wrapper over `m3d.metrics.localization_metrics`)."""
+
 import datasets
 import evaluate
 import numpy
