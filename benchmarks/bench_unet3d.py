@@ -255,14 +255,11 @@ def bench_pipelines(
         def run(cls=cls, kwargs=kwargs):
             pipe = make(cls).to(device, dtype)
             pipe.set_progress_bar_config(disable=True)
-            call = lambda: pipe(
-                cubes,
-                batch_size=batch,
-                output_type="pt",
-                progress=False,
-                generator=torch.Generator().manual_seed(0),
-                **kwargs,
-            )  # noqa: E731
+
+            def call():
+                generator = torch.Generator().manual_seed(0)
+                return pipe(cubes, batch_size=batch, output_type="pt", progress=False, generator=generator, **kwargs)
+
             stats = timed(call, device, repeats, 1)
             stats["cubes_per_s"] = batch / stats["median_s"]
             if name == "ddpm":

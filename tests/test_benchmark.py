@@ -198,11 +198,12 @@ def test_cross_generator_summary_separates_same_and_other_generators_with_paired
     perfect = lambda generator, i: 0.5 + 0.01 * i if generator == "real" else 1.0 + 0.01 * i  # noqa: E731
     cells = [_cell("ours", g, perfect) for g in ("pix2pix", "cyclegan")]
     for train in ("pix2pix", "cyclegan"):
-        own = lambda generator, i, t=train: (
-            perfect(generator, i)
-            if generator in ("real", t)  # noqa: E731
-            else chance[("real", "pix2pix", "cyclegan").index(generator), i]
-        )
+
+        def own(generator, i, t=train):
+            if generator in ("real", t):
+                return perfect(generator, i)
+            return chance[("real", "pix2pix", "cyclegan").index(generator), i]
+
         cells.append(_cell("trufor", train, own))
     summary = cross_generator_summary(cells, reference="trufor", resamples=200)
     assert summary["ours"]["same"]["auc"] == [1.0, 1.0, 1.0] and summary["ours"]["other"]["auc"] == [1.0, 1.0, 1.0]
