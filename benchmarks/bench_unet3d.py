@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from m3d.models import PRESETS, UNet3DModel  # noqa: E402
+from m3d.models import UNet3DModel  # noqa: E402
+from m3d.presets import lookup_preset  # noqa: E402
 
 CUBE = 32
 SDPA_VARIANTS = {
@@ -104,7 +105,7 @@ def timed(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) 
 
 
 def unet_config(preset: str) -> dict[str, Any]:
-    return dict(PRESETS["UNet3DModel"][preset])
+    return lookup_preset(UNet3DModel.presets, preset, "UNet3DModel")
 
 
 def build_m3d_unet(config: dict[str, Any]) -> torch.nn.Module:
@@ -234,16 +235,6 @@ def bench_pipelines(
     """Cubes/s of full generation with each pipeline (random weights: speed only)."""
     from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline
 
-    def make(cls):
-        if preset == "demo":
-            from m3d.train.train_generator import component_config
-
-            if cls is M3DInpaintPipeline:
-                return cls.from_preset("default", task="inject", **component_config("UNet3DModel", "demo"))
-            name = "Pix2Pix3DGenerator" if cls is Pix2Pix3DPipeline else "CycleGAN3DGenerator"
-            return cls.from_preset("default", task="inject", **component_config(name, "demo"))
-        return cls.from_preset(preset, task="inject")
-
     cubes = torch.rand((batch, 1, CUBE, CUBE, CUBE), generator=torch.Generator().manual_seed(0)) * 2 - 1
     results = {}
     for name, cls, kwargs in (
@@ -253,7 +244,7 @@ def bench_pipelines(
     ):
 
         def run(cls=cls, kwargs=kwargs):
-            pipe = make(cls).to(device, dtype)
+            pipe = cls.from_preset(preset, task="inject").to(device, dtype)
             pipe.set_progress_bar_config(disable=True)
 
             def call():
@@ -284,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preset",
         default=None,
-        choices=list(PRESETS["UNet3DModel"]),
+        choices=list(UNet3DModel.presets),
         help="network sizes (default: reference on CUDA, demo on CPU)",
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")

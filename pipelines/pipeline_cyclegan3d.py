@@ -43,10 +43,8 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
 
     @classmethod
     def from_preset(cls, preset: str = "default", task: str = "inject", **overrides: Any) -> "CycleGAN3DPipeline":
-        """A randomly initialised pipeline with a `m3d.models.PRESETS` network."""
-        from ..models import PRESETS
-
-        return cls(network=CycleGAN3DGenerator(**{**PRESETS["CycleGAN3DGenerator"][preset], **overrides}), task=task)
+        """A randomly initialised pipeline with a `CycleGAN3DGenerator.presets` network (``overrides`` on top)."""
+        return cls(network=CycleGAN3DGenerator.from_preset(preset, **overrides), task=task)
 
     @torch.no_grad()
     def __call__(

@@ -124,11 +124,9 @@ class M3DInpaintPipeline(M3DTamperPipeline):
 
     @classmethod
     def from_preset(cls, preset: str = "default", task: str = "inject", **unet_overrides) -> "M3DInpaintPipeline":
-        """A randomly initialised pipeline with a `m3d.models.PRESETS` UNet ("reference", "default",
+        """A randomly initialised pipeline with a `UNet3DModel.presets` UNet ("reference", "default", "demo",
         "tiny") and the default 2,000-step scheduler — the starting point of training."""
-        from ..models import PRESETS
-
-        unet = UNet3DModel(**{**PRESETS["UNet3DModel"][preset], **unet_overrides})
+        unet = UNet3DModel.from_preset(preset, **unet_overrides)
         return cls(unet=unet, scheduler=default_scheduler(), task=task)
 
     @torch.no_grad()

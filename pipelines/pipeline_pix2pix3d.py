@@ -46,10 +46,8 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
 
     @classmethod
     def from_preset(cls, preset: str = "default", task: str = "inject", **overrides: Any) -> "Pix2Pix3DPipeline":
-        """A randomly initialised pipeline with a `m3d.models.PRESETS` network."""
-        from ..models import PRESETS
-
-        return cls(network=Pix2Pix3DGenerator(**{**PRESETS["Pix2Pix3DGenerator"][preset], **overrides}), task=task)
+        """A randomly initialised pipeline with a `Pix2Pix3DGenerator.presets` network (``overrides`` on top)."""
+        return cls(network=Pix2Pix3DGenerator.from_preset(preset, **overrides), task=task)
 
     @torch.no_grad()
     def __call__(

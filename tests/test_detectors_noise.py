@@ -96,7 +96,7 @@ def assert_bayar_constraint(model, conv: BayarConv2d, x: torch.Tensor, **targets
 @pytest.fixture(scope="module")
 def mantranet() -> ManTraNetForForgeryDetection:
     torch.manual_seed(0)
-    return ManTraNetForForgeryDetection(ManTraNetConfig.tiny())
+    return ManTraNetForForgeryDetection(ManTraNetConfig.from_preset("tiny"))
 
 
 def test_mantranet_forward_loss_backward(mantranet):
@@ -104,7 +104,7 @@ def test_mantranet_forward_loss_backward(mantranet):
 
 
 def test_mantranet_any_size():
-    model = ManTraNetForForgeryDetection(ManTraNetConfig.tiny()).eval()
+    model = ManTraNetForForgeryDetection(ManTraNetConfig.from_preset("tiny")).eval()
     with torch.no_grad():
         out = model(pixel_values=torch.zeros(1, 3, 40, 56))
     assert out.localization_logits.shape == (1, 1, 40, 56)
@@ -117,7 +117,7 @@ def test_mantranet_image_logit_is_max_of_map(mantranet):
     with torch.no_grad():
         out = mantranet(pixel_values=pixels())
     torch.testing.assert_close(out.logits, out.localization_logits.flatten(1).amax(1))
-    model = ManTraNetForForgeryDetection(ManTraNetConfig.tiny(image_pooling="mean")).eval()
+    model = ManTraNetForForgeryDetection(ManTraNetConfig.from_preset("tiny", image_pooling="mean")).eval()
     with torch.no_grad():
         out = model(pixel_values=pixels())
     torch.testing.assert_close(out.logits, out.localization_logits.flatten(1).mean(1))
@@ -136,7 +136,9 @@ def test_mantranet_anomaly_head_border(padding, flat):
     conv padded symmetrically the map stays flat; with Keras' zero padding its border differs from the
     interior (what the max-pooled image logit then finds, whatever the content)."""
     torch.manual_seed(0)
-    head = ManTraNetForForgeryDetection(ManTraNetConfig.tiny(anomaly_padding_mode=padding)).eval().anomaly
+    head = (
+        ManTraNetForForgeryDetection(ManTraNetConfig.from_preset("tiny", anomaly_padding_mode=padding)).eval().anomaly
+    )
     deviations = torch.rand(2, head.projection.out_channels, 1, 1).expand(-1, -1, 24, 24)
     state = None
     with torch.no_grad():
@@ -148,7 +150,7 @@ def test_mantranet_anomaly_head_border(padding, flat):
 
 
 def test_mantranet_tiny_pads_its_anomaly_head_symmetrically():
-    assert ManTraNetConfig.tiny().anomaly_padding_mode == "symmetric"
+    assert ManTraNetConfig.from_preset("tiny").anomaly_padding_mode == "symmetric"
     assert ManTraNetConfig().anomaly_padding_mode == "zeros"  # the released model
     with pytest.raises(ValueError, match="anomaly_padding_mode"):
         ManTraNetConfig(anomaly_padding_mode="reflect")
@@ -198,14 +200,14 @@ def test_mantranet_srm_kernels_rebuilt_when_missing_from_checkpoint(mantranet, t
 
 
 def test_mantranet_srm_kernels_stay_fixed_and_bayar_constraint_holds(mantranet):
-    model = ManTraNetForForgeryDetection(ManTraNetConfig.tiny())
+    model = ManTraNetForForgeryDetection(ManTraNetConfig.from_preset("tiny"))
     srm = model.featex.first.srm_kernels.clone()
     assert_bayar_constraint(model, model.featex.first.bayar, pixels(), labels=torch.tensor([1, 0]), masks=box_masks())
     torch.testing.assert_close(model.featex.first.srm_kernels, srm, rtol=0, atol=0)
 
 
 def test_mantranet_components():
-    model = ManTraNetForForgeryDetection(ManTraNetConfig.tiny())
+    model = ManTraNetForForgeryDetection(ManTraNetConfig.from_preset("tiny"))
     # symmetric padding repeats the edge pixel, as TensorFlow's "symmetric" mode
     x = torch.arange(12.0).view(1, 1, 3, 4)
     expected = np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="symmetric")
@@ -282,7 +284,7 @@ from m3d.detectors.mvssnet.modeling_mvssnet import MVSSSobelGate, squared_dice_l
 @pytest.fixture(scope="module")
 def mvssnet() -> MVSSNetForForgeryDetection:
     torch.manual_seed(0)
-    return MVSSNetForForgeryDetection(MVSSNetConfig.tiny())
+    return MVSSNetForForgeryDetection(MVSSNetConfig.from_preset("tiny"))
 
 
 def test_mvssnet_forward_loss_backward(mvssnet):
@@ -360,7 +362,7 @@ def test_mvssnet_sobel_kernels_rebuilt_when_missing_from_checkpoint(mvssnet, tmp
 
 
 def test_mvssnet_bayar_constraint_after_step():
-    model = MVSSNetForForgeryDetection(MVSSNetConfig.tiny())
+    model = MVSSNetForForgeryDetection(MVSSNetConfig.from_preset("tiny"))
     assert model.bayar.weight.shape == (3, 1, 5, 5)
     kernels = model.edge_branch.sobel[0].kernels.clone()
     assert_bayar_constraint(model, model.bayar, pixels(), labels=torch.tensor([1, 0]), masks=box_masks())
@@ -368,7 +370,9 @@ def test_mvssnet_bayar_constraint_after_step():
 
 
 def test_mvssnet_without_optional_branches():
-    model = MVSSNetForForgeryDetection(MVSSNetConfig.tiny(use_sobel=False, use_noise_branch=False)).eval()
+    model = MVSSNetForForgeryDetection(
+        MVSSNetConfig.from_preset("tiny", use_sobel=False, use_noise_branch=False)
+    ).eval()
     assert model.noise_backbone is None and model.edge_branch.sobel is None
     with torch.no_grad():
         out = model(pixel_values=pixels(size=96))

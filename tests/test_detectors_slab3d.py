@@ -17,14 +17,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(**overrides) -> Slab3DForForgeryDetection:
     torch.manual_seed(0)
-    return Slab3DForForgeryDetection(Slab3DConfig.tiny(**overrides)).eval()
+    return Slab3DForForgeryDetection(Slab3DConfig.from_preset("tiny", **overrides)).eval()
 
 
 def test_slab_input_is_the_neighbouring_slices_and_repeats_the_ends():
     hu = np.stack([np.full((8, 8), -1000.0 + 100 * z) for z in range(6)]).astype(
         np.float32
     )  # slice z at -1000 + 100 z HU
-    config = Slab3DConfig.tiny()
+    config = Slab3DConfig.from_preset("tiny")
     assert input_slices(config) == 5 and config.num_channels == 5
     pixels = slices_to_input(hu, [0, 3, 5], config)
     assert pixels.shape == (3, 5, 8, 8)

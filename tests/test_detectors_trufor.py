@@ -49,7 +49,7 @@ def small_volume(seed: int = 0) -> np.ndarray:
 
 def tiny_model(seed: int = 0, **kwargs) -> TruForForForgeryDetection:
     torch.manual_seed(seed)
-    return TruForForForgeryDetection(TruForConfig.tiny(**kwargs))
+    return TruForForForgeryDetection(TruForConfig.from_preset("tiny", **kwargs))
 
 
 def randomise_batch_norms(model: torch.nn.Module) -> None:

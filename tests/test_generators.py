@@ -9,7 +9,6 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from m3d.data.ct import CTVolume
 from m3d.models import (
-    PRESETS,
     CycleGAN3DDiscriminator,
     CycleGAN3DGenerator,
     PatchDiscriminator3D,
@@ -90,25 +89,27 @@ def saved_folders(tmp_path_factory):
 # -- networks ------------------------------------------------------------------------------------
 def test_every_network_has_every_cli_preset():
     """One preset mechanism: train-generator's --preset choices are exactly the keys of each network's
-    m3d.models.PRESETS entry, and each builds its network."""
+    ``presets``, each builds its network, and an unknown name is a one-line error naming the choices."""
     from m3d.train.train_generator import PRESET_CHOICES
 
-    classes = {
-        "UNet3DModel": UNet3DModel,
-        "Pix2Pix3DGenerator": Pix2Pix3DGenerator,
-        "PatchDiscriminator3D": PatchDiscriminator3D,
-        "CycleGAN3DGenerator": CycleGAN3DGenerator,
-        "CycleGAN3DDiscriminator": CycleGAN3DDiscriminator,
-    }
-    assert set(PRESETS) == set(classes)
-    for name, presets in PRESETS.items():
-        assert set(presets) == set(PRESET_CHOICES), name
+    for network in (
+        UNet3DModel,
+        Pix2Pix3DGenerator,
+        PatchDiscriminator3D,
+        CycleGAN3DGenerator,
+        CycleGAN3DDiscriminator,
+    ):
+        assert set(network.presets) == set(PRESET_CHOICES), network.__name__
         for preset in ("tiny", "demo"):
-            assert isinstance(classes[name](**presets[preset]), classes[name])
+            model = network.from_preset(preset)
+            assert isinstance(model, network)
+            assert all(model.config[key] == value for key, value in network.presets[preset].items())
+        with pytest.raises(ValueError, match="preset must be one of reference, default, demo, tiny; got 'huge'"):
+            network.from_preset("huge")
 
 
 def test_unet_shapes_and_timesteps():
-    unet = randomize(UNet3DModel(**PRESETS["UNet3DModel"]["tiny"])).eval()
+    unet = randomize(UNet3DModel.from_preset("tiny")).eval()
     x = torch.randn(2, 3, 32, 32, 32)
     with torch.no_grad():
         out = unet(x, 10).sample
@@ -124,12 +125,12 @@ def test_unet_shapes_and_timesteps():
 
 
 def test_unet_untrained_predicts_zero_noise():
-    unet = UNet3DModel(**PRESETS["UNet3DModel"]["tiny"])  # zero-initialised output convolution
+    unet = UNet3DModel.from_preset("tiny")  # zero-initialised output convolution
     assert unet(torch.randn(1, 3, 32, 32, 32), 7).sample.abs().max() == 0
 
 
 def test_unet_bf16_and_channels_last_3d():
-    unet = randomize(UNet3DModel(**PRESETS["UNet3DModel"]["tiny"])).eval()
+    unet = randomize(UNet3DModel.from_preset("tiny")).eval()
     x = torch.randn(1, 3, 32, 32, 32)
     with torch.no_grad():
         reference = unet(x, 100).sample
@@ -143,7 +144,7 @@ def test_unet_bf16_and_channels_last_3d():
 
 
 def test_unet_gradient_checkpointing_matches():
-    unet = randomize(UNet3DModel(**PRESETS["UNet3DModel"]["tiny"]))
+    unet = randomize(UNet3DModel.from_preset("tiny"))
     x = torch.randn(1, 3, 32, 32, 32)
     plain = unet(x, 5).sample
     unet.enable_gradient_checkpointing()
@@ -180,7 +181,7 @@ def test_discriminators_give_2x2x2_patches():
 
 
 def test_cyclegan_generator_shapes_and_dtype():
-    generator = CycleGAN3DGenerator(**PRESETS["CycleGAN3DGenerator"]["tiny"])
+    generator = CycleGAN3DGenerator.from_preset("tiny")
     out = generator(torch.randn(1, 1, 32, 32, 32)).sample
     assert out.shape == (1, 1, 32, 32, 32) and out.dtype == torch.float32 and out.abs().max() <= 1
     with torch.no_grad():

@@ -37,7 +37,7 @@ def registered():
 def tiny(mode: str) -> UNetForForgeryDetection | Slab3DForForgeryDetection:
     torch.manual_seed(0)
     if mode == "slab":
-        return Slab3DForForgeryDetection(Slab3DConfig.tiny(slab_slices=3, widths=(4, 8, 8))).eval()
+        return Slab3DForForgeryDetection(Slab3DConfig.from_preset("tiny", slab_slices=3, widths=(4, 8, 8))).eval()
     return UNetForForgeryDetection(UNetConfig(input_mode=mode, base_channels=4, depth=2)).eval()
 
 

@@ -156,6 +156,28 @@ def test_filters_by_generator_and_task(mini_m3dsynth, hf_cache):
         load_split(mini_m3dsynth, "nope", hf_cache)
 
 
+def test_every_detector_and_the_cad_scorer_have_the_cli_presets():
+    """One preset mechanism: each detector config's ``presets`` are train-detector's --preset choices, the
+    tiny ones build their (small) models, the CAD config has the same names, and an unknown name is a
+    one-line error naming the choices."""
+    from m3d.cad import CADConfig
+    from m3d.detectors import DETECTORS
+
+    for name, (config_class, model_class) in DETECTORS.items():
+        assert set(config_class.presets) == set(train_detector.PRESET_CHOICES), name
+        config = train_detector.detector_config(name, "tiny")
+        assert all(
+            getattr(config, key) == value or list(getattr(config, key)) == list(value)
+            for key, value in config_class.presets["tiny"].items()
+        ), name
+        assert sum(p.numel() for p in model_class(config).parameters()) < 1_000_000, name
+        with pytest.raises(
+            ValueError, match=f"{config_class.__name__}: preset must be one of tiny, default; got 'huge'"
+        ):
+            train_detector.detector_config(name, "huge")
+    assert set(CADConfig.presets) == set(train_detector.PRESET_CHOICES)
+
+
 def test_training_slices_are_balanced_deterministic_and_labelled_by_the_mask(mini_m3dsynth, hf_cache):
     train = load_split(mini_m3dsynth, "train", hf_cache)
     config = train_detector.detector_config("unet", "tiny")

@@ -294,11 +294,11 @@ def test_a_tiny_ddpms_samples_move_toward_its_training_nodules(case, monkeypatch
     UNet without attention and at half the tiny width keeps it to seconds at 32^3."""
     from accelerate import Accelerator
 
-    from m3d.models import PRESETS
+    from m3d.models import UNet3DModel
     from m3d.pipelines import inference_scheduler
 
     monkeypatch.setitem(
-        PRESETS["UNet3DModel"],
+        UNet3DModel.presets,
         "tiny",
         dict(
             block_out_channels=(4, 8),

@@ -5,7 +5,7 @@ tampered site of an M3Dsynth dataset by `m3d.cad.analysis`.
 Importing this package registers the scorer with transformers' Auto classes (``model_type="m3d_cad"``).
 """
 
-from .configuration_cad import CAD_PRESETS, CADConfig
+from .configuration_cad import CADConfig
 from .modeling_cad import (
     IGNORE_INDEX,
     CADForMalignancyScoring,
@@ -19,7 +19,6 @@ from .scoring import CADScore, cad_cube, load_cad, score_cubes, score_locations
 register_cad()
 
 __all__ = [
-    "CAD_PRESETS",
     "IGNORE_INDEX",
     "CADConfig",
     "CADForMalignancyScoring",

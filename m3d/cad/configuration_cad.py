@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from transformers import PreTrainedConfig
 
+from ..presets import PresetMixin
+
 MIN_CUBE_SIZE, MAX_CUBE_SIZE = 32, 64  # mm (voxels at 1 mm)
 
-# Network sizes; "tiny" is for tests, "default" is what `m3d train-cad` trains.
-CAD_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(cube_size=32, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2),
-    "default": dict(),
-}
 
-
-class CADConfig(PreTrainedConfig):
+class CADConfig(PresetMixin, PreTrainedConfig):
     """Configuration of `CADForMalignancyScoring`.
 
     Args:
@@ -37,6 +32,11 @@ class CADConfig(PreTrainedConfig):
     """
 
     model_type = "m3d_cad"
+    # network sizes: "tiny" for tests, "default" what `m3d train-cad` trains
+    presets = {
+        "tiny": dict(cube_size=32, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2),
+        "default": {},
+    }
 
     def __init__(
         self,
@@ -79,10 +79,3 @@ class CADConfig(PreTrainedConfig):
         kwargs.setdefault("id2label", {0: "benign", 1: "malignant"})  # the one logit's sigmoid is P(malignant)
         kwargs.setdefault("label2id", {"benign": 0, "malignant": 1})
         super().__init__(**kwargs)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "CADConfig":
-        """A config of `CAD_PRESETS` (``tiny`` | ``default``), with ``overrides``."""
-        if name not in CAD_PRESETS:
-            raise ValueError(f"preset must be one of {tuple(CAD_PRESETS)}; got {name!r}")
-        return cls(**{**CAD_PRESETS[name], **overrides})

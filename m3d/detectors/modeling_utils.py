@@ -13,6 +13,8 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..presets import PresetMixin
+
 INPUT_MODES = ("hu_windows", "percentile", "adjacent_slices", "slab")
 # (low, high) HU: lung, mediastinum, wide — the default three-channel view of one CT slice.
 DEFAULT_HU_WINDOWS = ((-1350.0, 150.0), (-160.0, 240.0), (-1000.0, 400.0))
@@ -35,7 +37,7 @@ def check_slice_transform(
         raise ValueError(f"slab_slices must be a positive odd number; got {slab_slices}")
 
 
-class M3DDetectorConfig(PreTrainedConfig):
+class M3DDetectorConfig(PresetMixin, PreTrainedConfig):
     """Base config of the m3d detectors; holds how HU become the model's 3-channel slice input (the transform
     itself is `M3DCTImageProcessor`, saved beside a trained detector as ``preprocessor_config.json``).
 

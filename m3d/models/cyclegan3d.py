@@ -33,6 +33,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from ..presets import PresetMixin
+
 from .pix2pix3d import GeneratorOutput, PatchDiscriminator3D
 
 __all__ = ["CycleGAN3DGenerator", "CycleGAN3DDiscriminator"]
@@ -72,7 +74,7 @@ class ResnetBlock3D(nn.Module):
         return x + self.block(x)
 
 
-class CycleGAN3DGenerator(ModelMixin, ConfigMixin):
+class CycleGAN3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
     """3-D CycleGAN ResNet generator (see module doc).
 
     Args:
@@ -86,6 +88,14 @@ class CycleGAN3DGenerator(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+
+    # "reference": CycleGAN's ngf = 64 with 6 residual blocks
+    presets = {
+        "reference": dict(ngf=64, n_blocks=6),
+        "default": {},
+        "demo": dict(ngf=8, n_blocks=3),
+        "tiny": dict(ngf=4, n_blocks=2),
+    }
 
     @register_to_config
     def __init__(
@@ -142,6 +152,8 @@ class CycleGAN3DGenerator(ModelMixin, ConfigMixin):
 class CycleGAN3DDiscriminator(PatchDiscriminator3D):
     """`PatchDiscriminator3D` with CycleGAN's defaults: unconditional, InstanceNorm, norm then
     LeakyReLU. One per domain in training (D_filled for G's outputs, D_masked for F's)."""
+
+    presets = {"reference": dict(df=64), "default": {}, "demo": dict(df=8), "tiny": dict(df=4)}
 
     @register_to_config
     def __init__(

@@ -40,6 +40,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..presets import PresetMixin
+
 __all__ = ["Pix2Pix3DGenerator", "PatchDiscriminator3D", "GeneratorOutput", "make_norm", "same_conv"]
 
 NORM_TYPES = ("batch", "instance", "none")
@@ -110,7 +112,7 @@ class _UpLayer(nn.Module):
         return self.norm(x)
 
 
-class Pix2Pix3DGenerator(ModelMixin, ConfigMixin):
+class Pix2Pix3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
     """CT-GAN's 3-D U-Net generator (see module doc).
 
     Args:
@@ -125,6 +127,15 @@ class Pix2Pix3DGenerator(ModelMixin, ConfigMixin):
         sample_size: the cube's edge in voxels (32).
         upsample_mode: ``"nearest"`` (CT-GAN) or ``"trilinear"`` (no period-2 texture).
     """
+
+    # "reference": CT-GAN's gf = 100 and nearest-neighbour upsampling; "default" and "demo" upsample trilinearly
+    # (no period-2 texture)
+    presets = {
+        "reference": dict(gf=100),
+        "default": dict(upsample_mode="trilinear"),
+        "demo": dict(gf=8, upsample_mode="trilinear"),
+        "tiny": dict(gf=4),
+    }
 
     @register_to_config
     def __init__(
@@ -193,7 +204,7 @@ class Pix2Pix3DGenerator(ModelMixin, ConfigMixin):
         return GeneratorOutput(sample=out)
 
 
-class PatchDiscriminator3D(ModelMixin, ConfigMixin):
+class PatchDiscriminator3D(PresetMixin, ModelMixin, ConfigMixin):
     """CT-GAN's 3-D PatchGAN discriminator (see module doc).
 
     Args:
@@ -206,6 +217,8 @@ class PatchDiscriminator3D(ModelMixin, ConfigMixin):
 
     ``forward(sample, condition=None)`` returns the raw patch scores ``(B, 1, d, h, w)``.
     """
+
+    presets = {"reference": dict(df=100), "default": {}, "demo": dict(df=8), "tiny": dict(df=4)}
 
     @register_to_config
     def __init__(

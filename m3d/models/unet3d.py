@@ -31,6 +31,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..presets import PresetMixin
+
 __all__ = ["UNet3DModel", "UNet3DOutput", "timestep_embedding"]
 
 
@@ -139,8 +141,11 @@ class _Level(nn.Module):
         return self.attentions[index](h)
 
 
-class UNet3DModel(ModelMixin, ConfigMixin):
+class UNet3DModel(PresetMixin, ModelMixin, ConfigMixin):
     """Volumetric DDPM denoiser (see module doc).
+
+    Presets (`from_preset`): "reference" (a Med-DDPM-like U-Net), "default" (the class defaults), "demo"
+    (the shipped demo pipelines' size, which trains on a 2-core CPU), "tiny" (unit tests).
 
     Args:
         in_channels: input channels; 3 for inpainting = noisy cube, masked cube, hole mask.
@@ -158,6 +163,31 @@ class UNet3DModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+
+    presets = {
+        "reference": dict(
+            block_out_channels=(64, 128, 256),
+            layers_per_block=2,
+            attention_levels=(False, False, True),
+            norm_num_groups=32,
+            num_head_channels=32,
+        ),
+        "default": {},
+        "demo": dict(
+            block_out_channels=(16, 32, 64),
+            layers_per_block=1,
+            attention_levels=(False, False, True),
+            norm_num_groups=8,
+            num_head_channels=16,
+        ),
+        "tiny": dict(
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            attention_levels=(False, True),
+            norm_num_groups=4,
+            num_head_channels=8,
+        ),
+    }
 
     @register_to_config
     def __init__(

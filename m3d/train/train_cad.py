@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..cad.configuration_cad import CAD_PRESETS, CADConfig
+from ..cad.configuration_cad import CADConfig
 from ..cad.modeling_cad import IGNORE_INDEX, CADForMalignancyScoring, malignancy_labels
 from ..tamper.cube import hu_to_unit
 from ..data.phantom import phantom_workers
@@ -161,8 +161,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--preset",
-        choices=tuple(CAD_PRESETS),
-        help="network size (m3d.cad.CAD_PRESETS; tiny: tests; default: 48 mm cubes, widths 16-128)",
+        choices=tuple(CADConfig.presets),
+        help="network size (CADConfig.presets; tiny: tests; default: 48 mm cubes, widths 16-128)",
     )
 
     data = parser.add_argument_group("data (one of --data / --lidc-root; else --phantoms synthetic scans)")

@@ -77,13 +77,6 @@ from m3d.train.loop import TrainingArguments, TrainingLoop
 PRESET_CHOICES = ("tiny", "default")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 BEST_METRICS = (*DETECTION_KEYS, *LOCALIZATION_KEYS)
-# "tiny": a few thousand parameters, for tests and the CPU demo; "default": each config's defaults (the papers' sizes).
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "xception": dict(stem_channels=(4, 8), entry_channels=(8, 8, 16), middle_blocks=1, exit_channels=(16, 16, 16)),
-    "unet": dict(base_channels=4, depth=3),
-    "hpfcn": dict(base_depths=(4, 4, 8, 8), units_per_block=1, decoder_channels=(8, 4)),
-    "resnet_gp": dict(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8)),
-}
 REAL_NAMES = ("real", "pristine", "authentic", "0")
 FAKE_NAMES = ("fake", "manipulated", "tampered", "synthetic", "1")
 BEST_FOLDER = "best"
@@ -95,17 +88,11 @@ logger = logging.getLogger("m3d.train.train_detector")
 
 
 def detector_config(name: str, preset: str = "default", **overrides: Any) -> M3DDetectorConfig:
-    """The config of detector ``name`` at a size preset (``tiny`` | ``default``), with overrides."""
+    """The config of detector ``name`` at a size preset of its config class (``tiny``: a few thousand
+    parameters, for tests and the CPU demo; ``default``: the papers' sizes), with overrides."""
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
-    if preset not in PRESET_CHOICES:
-        raise ValueError(f"preset must be one of {PRESET_CHOICES}; got {preset!r}")
-    config_class = DETECTORS[name][0]
-    if preset == "tiny":
-        if hasattr(config_class, "tiny"):
-            return config_class.tiny(**overrides)
-        return config_class(**{**TINY_CONFIGS[name], **overrides})
-    return config_class(**overrides)
+    return DETECTORS[name][0].from_preset(preset, **overrides)
 
 
 def build_detector(

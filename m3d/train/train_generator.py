@@ -79,13 +79,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 PHANTOM_SPACINGS = ("native", "scaled")  # as m3d.dataset_builder.generate.PHANTOM_SPACINGS
 
-# Component classes per model, as named in `m3d.models.PRESETS`.
-COMPONENTS = {
-    "pix2pix": {"generator": "Pix2Pix3DGenerator", "discriminator": "PatchDiscriminator3D"},
-    "cyclegan": {"generator": "CycleGAN3DGenerator", "discriminator": "CycleGAN3DDiscriminator"},
-    "ddpm": {"unet": "UNet3DModel"},
-}
-
 DEFAULT_LR = {"pix2pix": 2e-4, "cyclegan": 2e-4, "ddpm": 1e-4}
 DEFAULT_D_LR = {"pix2pix": 1e-6, "cyclegan": None}  # None: the generator's rate
 GAN_BETAS = (0.5, 0.999)
@@ -184,7 +177,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     what.add_argument(
         "--preset",
         choices=PRESET_CHOICES,
-        help="network sizes: m3d.models.PRESETS (tiny: tests; demo: the shipped demo pipelines', trains in "
+        help="network sizes: each network's presets (m3d.models; tiny: tests; demo: the shipped demo pipelines', trains in "
         "minutes on a CPU; default: CPU-sized; reference: the papers')",
     )
 
@@ -322,13 +315,6 @@ def parse_arguments(argv: Sequence[str] | None = None, prog: str | None = None) 
 # -- networks and steps -------------------------------------------------------------------------
 
 
-def component_config(class_name: str, preset: str) -> dict[str, Any]:
-    """Constructor arguments of a generator component for a preset of `m3d.models.PRESETS`."""
-    from ..models import PRESETS
-
-    return dict(PRESETS[class_name][preset])
-
-
 def _set_requires_grad(modules: Sequence[nn.Module], flag: bool) -> None:
     for module in modules:
         for parameter in module.parameters():
@@ -434,8 +420,8 @@ class Pix2PixTrainer(GeneratorTrainer):
 
         self.lambda_l1 = lambda_l1
         self.hole_only = hole_only
-        generator = Pix2Pix3DGenerator(**component_config("Pix2Pix3DGenerator", preset))
-        discriminator = PatchDiscriminator3D(**component_config("PatchDiscriminator3D", preset))
+        generator = Pix2Pix3DGenerator.from_preset(preset)
+        discriminator = PatchDiscriminator3D.from_preset(preset)
         self.networks = {"generator": generator, "discriminator": discriminator}
         self.optimizers = {
             "generator": torch.optim.Adam(generator.parameters(), lr=lr, betas=GAN_BETAS),
@@ -499,12 +485,10 @@ class CycleGANTrainer(GeneratorTrainer):
         self.lambda_cycle = lambda_cycle
         self.full_cycle_weight = full_cycle_weight
         self.hole_only = hole_only
-        g_config = component_config("CycleGAN3DGenerator", preset)
-        d_config = component_config("CycleGAN3DDiscriminator", preset)
-        G = CycleGAN3DGenerator(**g_config)  # masked -> full (the pipeline's generator)
-        Fr = CycleGAN3DGenerator(**{**g_config, "in_channels": 1})  # full -> masked
-        D_full = CycleGAN3DDiscriminator(**{**d_config, "in_channels": 1})
-        D_masked = CycleGAN3DDiscriminator(**{**d_config, "in_channels": 1})
+        G = CycleGAN3DGenerator.from_preset(preset)  # masked -> full (the pipeline's generator)
+        Fr = CycleGAN3DGenerator.from_preset(preset, in_channels=1)  # full -> masked
+        D_full = CycleGAN3DDiscriminator.from_preset(preset, in_channels=1)
+        D_masked = CycleGAN3DDiscriminator.from_preset(preset, in_channels=1)
         self.networks = {
             "generator": G,
             "reverse_generator": Fr,
@@ -602,7 +586,7 @@ class DDPMTrainer(GeneratorTrainer):
         from ..models import UNet3DModel
         from ..pipelines import default_scheduler
 
-        unet = UNet3DModel(**component_config("UNet3DModel", preset))
+        unet = UNet3DModel.from_preset(preset)
         self.scheduler = default_scheduler(num_train_timesteps, prediction_type, beta_schedule)
         self.networks = {"unet": unet}
         self.optimizers = {"unet": torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)}

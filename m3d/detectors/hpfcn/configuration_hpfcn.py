@@ -18,6 +18,10 @@ class HPFCNConfig(M3DDetectorConfig):
     """
 
     model_type = "m3d_hpfcn"
+    presets = {
+        "tiny": dict(base_depths=(4, 4, 8, 8), units_per_block=1, decoder_channels=(8, 4)),
+        "default": {},
+    }
 
     def __init__(
         self,

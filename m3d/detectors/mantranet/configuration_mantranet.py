@@ -50,6 +50,25 @@ class ManTraNetConfig(M3DDetectorConfig):
     """
 
     model_type = "m3d_mantranet"
+    # "tiny": a few thousand parameters for tests and the CPU demo: the same structure, narrow and shallow, with the
+    # released windows 7/15/31; the anomaly head padded symmetrically (on small crops zero padding puts the image
+    # logit on the border) and the map's loss weighted 3 (ManTra-Net is a localization network; at weight 1 the
+    # max-pooled image loss wins and the map marks a few pixels of a fake instead of its region)
+    presets = {
+        "tiny": dict(
+            anomaly_padding_mode="symmetric",
+            localization_loss_weight=3.0,
+            featex_block_widths=(8, 8, 16),
+            featex_block_depths=(1, 1, 1),
+            feature_dim=16,
+            anomaly_channels=8,
+            window_sizes=(7, 15, 31),
+            lstm_channels=4,
+            lstm_kernel_size=3,
+            prediction_kernel_size=3,
+        ),
+        "default": {},
+    }
 
     def __init__(
         self,
@@ -137,25 +156,3 @@ class ManTraNetConfig(M3DDetectorConfig):
         self.batch_norm_eps = float(batch_norm_eps)
         self.batch_norm_momentum = float(batch_norm_momentum)
         self.image_pooling = image_pooling
-
-    @classmethod
-    def tiny(cls, **kwargs) -> "ManTraNetConfig":
-        """A few-thousand-parameter config for tests and the CPU demo: the same structure, narrow and
-        shallow, with the released windows 7/15/31; the anomaly head padded symmetrically (on small crops
-        zero padding puts the image logit on the border) and the map's loss weighted 3 (ManTra-Net is
-        a localization network; at weight 1 the max-pooled image loss wins and the map marks a few
-        pixels of a fake instead of its region)."""
-        defaults = dict(
-            anomaly_padding_mode="symmetric",
-            localization_loss_weight=3.0,
-            featex_block_widths=(8, 8, 16),
-            featex_block_depths=(1, 1, 1),
-            feature_dim=16,
-            anomaly_channels=8,
-            window_sizes=(7, 15, 31),
-            lstm_channels=4,
-            lstm_kernel_size=3,
-            prediction_kernel_size=3,
-        )
-        defaults.update(kwargs)
-        return cls(**defaults)

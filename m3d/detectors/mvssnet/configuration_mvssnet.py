@@ -42,6 +42,8 @@ class MVSSNetConfig(M3DDetectorConfig):
     """
 
     model_type = "m3d_mvssnet"
+    # "tiny": tests and the CPU demo, one block per stage, narrow widths
+    presets = {"tiny": dict(backbone_layers=(1, 1, 1, 1), backbone_widths=(4, 8, 8, 16)), "default": {}}
 
     def __init__(
         self,
@@ -110,10 +112,3 @@ class MVSSNetConfig(M3DDetectorConfig):
         self.clf_loss_weight = float(clf_loss_weight)
         self.edge_loss_weight = float(edge_loss_weight)
         self.dice_smooth = float(dice_smooth)
-
-    @classmethod
-    def tiny(cls, **kwargs) -> "MVSSNetConfig":
-        """A small config for tests: one block per stage, narrow widths."""
-        defaults = dict(backbone_layers=(1, 1, 1, 1), backbone_widths=(4, 8, 8, 16))
-        defaults.update(kwargs)
-        return cls(**defaults)

@@ -21,6 +21,7 @@ class ResNetGPConfig(M3DDetectorConfig):
     """
 
     model_type = "m3d_resnet_gp"
+    presets = {"tiny": dict(layers=(1, 1, 1, 1), widths=(4, 4, 8, 8)), "default": {}}
 
     def __init__(
         self,

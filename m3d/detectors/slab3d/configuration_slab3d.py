@@ -33,6 +33,8 @@ class Slab3DConfig(M3DDetectorConfig):
     """
 
     model_type = "m3d_slab3d"
+    # "tiny": the demo's and the tests' size, a 5-slice slab with widths (8, 16, 32)
+    presets = {"tiny": dict(slab_slices=5, widths=(8, 16, 32)), "default": {}}
 
     def __init__(
         self,
@@ -76,8 +78,3 @@ class Slab3DConfig(M3DDetectorConfig):
         self.encoder_inputs = list(encoder_inputs)
         kwargs.setdefault("num_channels", slab_slices)
         super().__init__(input_mode="slab", slab_slices=slab_slices, **kwargs)
-
-    @classmethod
-    def tiny(cls, **kwargs) -> "Slab3DConfig":
-        """The demo's and the tests' size: a 5-slice slab, widths (8, 16, 32)."""
-        return cls(**{"slab_slices": 5, "widths": (8, 16, 32), **kwargs})

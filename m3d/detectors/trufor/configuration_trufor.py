@@ -74,6 +74,19 @@ class TruForConfig(M3DDetectorConfig):
     """
 
     model_type = "m3d_trufor"
+    # "tiny": tests and the CPU demo, narrow single-block stages, a 5-layer 8-channel Noiseprint++
+    presets = {
+        "tiny": dict(
+            hidden_sizes=(16, 32, 48, 64),
+            depths=(1, 1, 1, 1),
+            num_attention_heads=(1, 1, 1, 1),
+            decoder_hidden_size=32,
+            detection_hidden_size=16,
+            noiseprint_num_layers=5,
+            noiseprint_channels=8,
+        ),
+        "default": {},
+    }
 
     def __init__(
         self,
@@ -237,18 +250,3 @@ class TruForConfig(M3DDetectorConfig):
         for stride in self.strides:
             product *= stride
         return product
-
-    @classmethod
-    def tiny(cls, **kwargs) -> "TruForConfig":
-        """A small config for tests: narrow single-block stages, a 5-layer 8-channel Noiseprint++."""
-        defaults = dict(
-            hidden_sizes=(16, 32, 48, 64),
-            depths=(1, 1, 1, 1),
-            num_attention_heads=(1, 1, 1, 1),
-            decoder_hidden_size=32,
-            detection_hidden_size=16,
-            noiseprint_num_layers=5,
-            noiseprint_channels=8,
-        )
-        defaults.update(kwargs)
-        return cls(**defaults)

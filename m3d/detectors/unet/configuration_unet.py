@@ -17,6 +17,7 @@ class UNetConfig(M3DDetectorConfig):
     """
 
     model_type = "m3d_unet"
+    presets = {"tiny": dict(base_channels=4, depth=3), "default": {}}
 
     def __init__(self, base_channels: int = 64, depth: int = 4, image_pooling: str = "max", **kwargs) -> None:
         if base_channels < 1 or depth < 1:

@@ -17,6 +17,10 @@ class XceptionConfig(M3DDetectorConfig):
     """
 
     model_type = "m3d_xception"
+    presets = {
+        "tiny": dict(stem_channels=(4, 8), entry_channels=(8, 8, 16), middle_blocks=1, exit_channels=(16, 16, 16)),
+        "default": {},
+    }
 
     def __init__(
         self,
