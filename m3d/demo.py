@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .presets import lookup_preset
+
 # The demo's scans are at the real LIDC series' pixel and slice spacing (`m3d build` defaults); patients
 # are split 1 : 2 between training and test so that each generator has enough test fakes for an AUC to
 # mean something. On a CPU the DDPM is left out of the build, for the reason the run's notes give:
@@ -44,7 +46,7 @@ SCALES: dict[str, dict[str, Any]] = {
             phantoms=32, generators=("pix2pix", "cyclegan"), split_proportions={"train": 1, "val": 0, "test": 2}
         ),
         bench_preset="demo",
-        bench_args=[],
+        bench_options={},
         cad_preset="default",
         cad_phantoms=16,
         cad_steps=50,
@@ -54,7 +56,7 @@ SCALES: dict[str, dict[str, Any]] = {
     "cuda": dict(
         build=dict(phantoms=96, size=512, max_slices=96),
         bench_preset="default",
-        bench_args=["--mixed-precision", "bf16"],
+        bench_options=dict(mixed_precision="bf16"),
         cad_preset="default",
         cad_phantoms=96,
         cad_steps=2000,
@@ -98,15 +100,11 @@ def run_demo(
 ) -> Path:
     """Run the six steps into ``out``; returns the report's path. ``pipelines_dir``: generators to use
     instead of the shipped ones (`m3d build --pipelines`); ``scale``: keys that replace ``SCALES[device]``'s
-    (``build``: `build_dataset` keywords; ``bench_args``: extra `m3d bench` arguments; ``cad_*``: training)."""
-    if device not in SCALES:
-        raise ValueError(f"device must be one of {sorted(SCALES)}; got {device!r}")
+    (``build``: `build_dataset` keywords; ``bench_options``: `BenchmarkArguments` fields; ``cad_*``: training)."""
+    scale = {**lookup_preset(SCALES, device, "m3d demo --device"), **(scale or {})}
     out = Path(out)
-    scale = {**SCALES[device], **(scale or {})}
     data, results, cad_model = out / "m3dsynth", out / "results", out / "cad_model"
     device_name = _device_name(device)
-    cpu_flag = ["--cpu"] if device == "cpu" else []
-    quiet = [] if progress else ["--no-progress"]
     if not progress:  # the libraries' own weight-loading bars too
         import diffusers
         import transformers
@@ -169,21 +167,16 @@ def run_demo(
         "benchmark",
         timings,
         lambda: _check(
-            benchmark.main(
-                [
-                    "--data",
-                    str(data),
-                    "--out",
-                    str(results),
-                    "--preset",
-                    scale["bench_preset"],
-                    "--seed",
-                    str(seed),
-                    *scale["bench_args"],
-                    *cpu_flag,
-                    *quiet,
-                ],
-                prog="m3d bench",
+            benchmark.run(
+                benchmark.BenchmarkArguments(
+                    data=str(data),
+                    out=str(results),
+                    preset=scale["bench_preset"],
+                    seed=seed,
+                    cpu=device == "cpu",
+                    no_progress=not progress,
+                    **scale["bench_options"],
+                )
             ),
             "the benchmark",
         ),

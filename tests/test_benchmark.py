@@ -220,3 +220,15 @@ def test_cross_generator_summary_separates_same_and_other_generators_with_paired
     )
     table = "\n".join(benchmark.generalization_markdown(summary))
     assert "| ours | 1.00 (1.00–1.00) | 1.00 (1.00–1.00) | 0.80" in table and "AUC other − trufor" in table
+
+
+def test_benchmark_arguments_are_the_command_line_and_full_crops_override_the_preset():
+    """`BenchmarkArguments` (what `m3d demo` calls `run` with) has the parser's defaults, and ``--crop-size
+    full`` means whole scans rather than "not given" (the preset's crops)."""
+    parsed = benchmark.build_parser().parse_args(["--data", "d", "--out", "o"])
+    assert benchmark.BenchmarkArguments(**vars(parsed)) == benchmark.BenchmarkArguments(data="d", out="o")
+    assert benchmark.settings_of(benchmark.BenchmarkArguments(data="d", out="o"))["crop_size"] != "full"
+    full = benchmark.BenchmarkArguments(data="d", out="o", crop_size="full")
+    assert benchmark.settings_of(full)["crop_size"] == "full"
+    with pytest.raises(ValueError, match="crop size must be Z,Y,X voxels or 'full'"):
+        benchmark.settings_of(benchmark.BenchmarkArguments(data="d", out="o", crop_size="big"))

@@ -10,18 +10,13 @@ from m3d.demo import SCALES, run_demo
 TOY_SCALE = dict(
     # tiny scans (the real field of view on 64 pixels); random nets fail the quality check
     build=dict(phantoms=4, size=64, max_slices=40, phantom_spacing="scaled", quality=None, num_inference_steps=1),
-    bench_args=[
-        "--detectors",
-        "unet",
-        "--experiments",
-        "cross_generator",
-        "--train-generators",
-        "pix2pix",
-        "--max-steps",
-        "2",
-        "--crop-size",
-        "8,32,32",
-    ],
+    bench_options=dict(
+        detectors=["unet"],
+        experiments=["cross_generator"],
+        train_generators=["pix2pix"],
+        max_steps=2,
+        crop_size="8,32,32",
+    ),
     cad_preset="tiny",
     cad_phantoms=2,
     cad_steps=2,

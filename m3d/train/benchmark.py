@@ -52,13 +52,14 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from m3d.errors import run_guarded
+from m3d.presets import lookup_preset
 from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS
 from m3d.train import train_detector
@@ -188,6 +189,35 @@ def _device() -> str:
 # -- arguments ----------------------------------------------------------------------------------
 
 
+@dataclass(kw_only=True)
+class BenchmarkArguments:
+    """The options of `m3d bench` (fields = command-line options, with the same defaults), so that Python
+    callers (`m3d demo`) run the benchmark with `run` rather than an argv list."""
+
+    data: str
+    out: str
+    preset: str = "default"
+    detectors: list[str] = field(default_factory=lambda: list(FORENSIC_DETECTORS))
+    train_generators: list[str] | None = None
+    tasks: list[str] | None = None
+    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
+    nonmedical: str | None = None
+    crop_size: str | None = None  # "Z,Y,X" or "full" (the whole scan); None: the preset's
+    num_epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    mixed_precision: str = "no"
+    eval_batch_size: int = 32
+    example_maps: int = 2
+    cache_mb: int = 4096
+    dataset_cache_dir: str | None = None
+    cell_workers: int | None = None
+    seed: int = 0
+    cpu: bool = False
+    no_progress: bool = False
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m m3d.train.benchmark",
@@ -235,7 +265,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="imagefolder of non-medical real/fake images (default: a generated, labelled stand-in)",
     )
     parser.add_argument(
-        "--crop-size", type=parse_crop_size, default=None, metavar="Z,Y,X|full", help="override the preset"
+        "--crop-size", default=None, metavar="Z,Y,X|full", help="override the preset (full: whole scans)"
     )
     parser.add_argument("--num-epochs", type=int, default=None, help="override the preset")
     parser.add_argument("--max-steps", type=int, default=None, help="override the preset")
@@ -265,12 +295,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+def settings_of(args: BenchmarkArguments) -> dict[str, Any]:
     """The settings that define a results folder: preset values with the command line's overrides."""
-    preset = dict(BENCH_PRESETS[args.preset])
-    for key in ("crop_size", "num_epochs", "max_steps", "batch_size", "learning_rate"):
+    preset = lookup_preset(BENCH_PRESETS, args.preset, "m3d benchmark --preset")
+    for key in ("num_epochs", "max_steps", "batch_size", "learning_rate"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
+    if args.crop_size is not None:  # parsed here: "full" is None, which would read as "not given" in the field
+        preset["crop_size"] = parse_crop_size(args.crop_size)
     return {
         "data": str(Path(args.data).resolve()),
         "preset": args.preset,
@@ -282,7 +314,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def plan_cells(args: argparse.Namespace, train_generators: Sequence[str]) -> list[Cell]:
+def plan_cells(args: BenchmarkArguments, train_generators: Sequence[str]) -> list[Cell]:
     cells = []
     if "cross_generator" in args.experiments:
         cells += [Cell("cross_generator", d, g) for d in args.detectors for g in train_generators]
@@ -297,7 +329,7 @@ def plan_cells(args: argparse.Namespace, train_generators: Sequence[str]) -> lis
 def train_arguments(
     cell: Cell,
     settings: dict[str, Any],
-    args: argparse.Namespace,
+    args: BenchmarkArguments,
     out: Path,
     images: Path | None,
     num_processes: int = 1,
@@ -341,7 +373,7 @@ def train_arguments(
 
 
 def run_cell(
-    cell: Cell, settings: dict[str, Any], args: argparse.Namespace, out: Path, test_crops: dict, images: Path | None
+    cell: Cell, settings: dict[str, Any], args: BenchmarkArguments, out: Path, test_crops: dict, images: Path | None
 ) -> None:
     """Train (or resume) the cell's detector, evaluate its best checkpoint, write ``cells/<key>.json``."""
     from accelerate import PartialState
@@ -408,7 +440,7 @@ def run_cell(
 _WORKER: dict[str, Any] = {}  # a cell worker process's arguments and decoded test crops
 
 
-def _test_crops(args: argparse.Namespace, crop_size) -> dict[str, Any]:
+def _test_crops(args: BenchmarkArguments, crop_size) -> dict[str, Any]:
     """The test split and its evaluation crops, decoded on first use and shared by the cells of a process
     (`run_cell` adds per-scan variants for detectors that need them)."""
     test_split = filter_examples(load_split(args.data, "test", args.dataset_cache_dir), tasks=args.tasks)
@@ -419,7 +451,7 @@ def _test_crops(args: argparse.Namespace, crop_size) -> dict[str, Any]:
     }
 
 
-def _start_cell_worker(args: argparse.Namespace, crop_size) -> None:
+def _start_cell_worker(args: BenchmarkArguments, crop_size) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -765,14 +797,15 @@ def write_outputs(out: str | Path, meta: dict[str, Any] | None = None) -> dict[s
 # -- main ---------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: BenchmarkArguments) -> int:
     import torch
     from tqdm.auto import tqdm
 
     state = process_state(args.cpu)
     configure_logging(logger, "benchmark", state.is_main_process)
-    if BENCH_PRESETS[args.preset]["num_threads"]:  # tiny models: intra-op threads only add contention
-        torch.set_num_threads(BENCH_PRESETS[args.preset]["num_threads"])
+    num_threads = lookup_preset(BENCH_PRESETS, args.preset, "m3d benchmark --preset")["num_threads"]
+    if num_threads:  # tiny models: intra-op threads only add contention
+        torch.set_num_threads(num_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of(args)
@@ -826,7 +859,7 @@ def run(args: argparse.Namespace) -> int:
     todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").is_file()]
     logger.info("%d cells, %d done, %d to run", len(cells), len(cells) - len(todo), len(todo))
     start = time.perf_counter()
-    workers = args.cell_workers or (os.cpu_count() or 1 if BENCH_PRESETS[args.preset]["num_threads"] == 1 else 1)
+    workers = args.cell_workers or (os.cpu_count() or 1 if num_threads == 1 else 1)
     workers = min(workers, len(todo)) if state.num_processes == 1 else 1
     bar = tqdm(
         total=len(todo), desc="benchmark cells", unit="cell", disable=not state.is_main_process or args.no_progress
@@ -859,7 +892,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point (`m3d bench`): 0 done, 2 bad input, 130 interrupted (finished cells are kept)."""
-    args = build_parser(prog).parse_args(argv)
+    args = BenchmarkArguments(**vars(build_parser(prog).parse_args(argv)))
     return run_guarded(
         "benchmark",
         lambda: run(args),
