@@ -21,6 +21,9 @@ the pipeline returns it by default (the GAN pipelines with CT-GAN's touch-ups, `
   reaching the centre): ``kept_fraction`` passes the builder's keep rule; injections count as
   *real-looking* when the nodule is > 10 mm (the keep rule) **and** its mean HU lies in the range of
   real nodules > 10 mm measured the same way on the same held-out scans (5th-95th percentile);
+  ``real_looking_ceiling`` is what a generator that made real nodules exactly would score: the share of
+  the real nodules > 10 mm at the removal sites of ``--ceiling-phantoms`` *other* phantoms (seed + 1)
+  whose mean HU lies in that range (a range from a few nodules leaves real ones out too);
 * the seam (``seam_ratio_mean``): mean |HU difference| of neighbouring voxels across the hole's faces
   divided by the same mean over all other neighbouring pairs of the cube (1 = no seam);
 * periodic artefacts (`spectral_peak_ratio`, `nyquist_power_fraction`): the mean power spectrum of the
@@ -287,6 +290,24 @@ def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float], pr
     return summary
 
 
+def real_looking_ceiling(
+    n_phantoms: int, seed: int, hu_range: tuple[float, float], size: int, max_slices: int | None, spacing: str
+) -> dict | None:
+    """The share of real nodules > 10 mm (kept by the injection rule) at the removal sites of ``n_phantoms``
+    phantoms of ``seed`` whose mean HU lies in ``hu_range``: the ``real_looking_fraction`` of a generator
+    that reproduced real nodules exactly (None if ``n_phantoms`` is 0 or there is no such nodule)."""
+    if n_phantoms == 0:
+        return None
+    cubes, _ = held_out_cubes(n_phantoms, seed, size, max_slices, spacing)
+    measured = [
+        result.measurement for result in (check_quality(cube, "inject") for cube in cubes["remove"]) if result.kept
+    ]
+    if not measured:
+        return None
+    inside = [hu_range[0] <= m.mean_hu <= hu_range[1] for m in measured]
+    return {"phantoms": n_phantoms, "seed": seed, "n": len(measured), "fraction": round(float(np.mean(inside)), 3)}
+
+
 def halves(cubes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Two random halves of ``cubes`` (the two-sample control)."""
     first, second = np.array_split(np.random.default_rng(seed).permutation(len(cubes)), 2)
@@ -339,6 +360,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=DEFAULT_PHANTOMS["spacing"],
         help="native: the real series' pixel spacing; scaled: the real field of view on --size pixels",
     )
+    parser.add_argument(
+        "--ceiling-phantoms",
+        type=int,
+        default=None,
+        help="phantoms (seed + 1) whose real nodules give real_looking_ceiling (default: --phantoms; 0: skip)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-montage", action="store_true")
     args = parser.parse_args(argv)
@@ -348,6 +375,10 @@ def main(argv: list[str] | None = None) -> dict:
     real = [measure_nodule(cube) for cube in pristine["remove"]]
     real_hu = [m.mean_hu for m in real if m.diameter_mm > QualityCriteria().inject_min_diameter_mm]
     hu_range = tuple(round(float(v), 1) for v in np.percentile(real_hu, [5, 95]))
+    ceiling_phantoms = args.phantoms if args.ceiling_phantoms is None else args.ceiling_phantoms
+    ceiling = real_looking_ceiling(
+        ceiling_phantoms, args.seed + 1, hu_range, args.size, args.max_slices, args.phantom_spacing
+    )
     report: dict = {
         "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
@@ -360,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
             **PHANTOM_NODULES,
         },
         "real_nodule_mean_hu_range": list(hu_range),
+        "real_looking_ceiling": ceiling,
         "pristine": {task: summarize(pristine[task], task, hu_range, pristine[task]) for task in TASKS},
         "two_sample_control": {
             task: two_sample_accuracy(*halves(pristine[task], args.seed), seed=0) for task in TASKS

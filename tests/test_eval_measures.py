@@ -62,3 +62,23 @@ def test_two_sample_accuracy_separates_and_controls():
     assert same["accuracy"] <= 0.7
     assert (same["n_a"], same["n_b"]) == (30, 30)
     assert two_sample.two_sample_accuracy(plain[:30], plain[30:], seed=0) == same  # seeded
+
+
+def test_real_looking_ceiling_is_the_share_of_real_kept_nodules_inside_the_range(monkeypatch):
+    """Of the real nodules at the other phantoms' removal sites, those kept by the injection rule (> 10 mm)
+    count, and the ceiling is the share of them whose mean HU lies in the range; none left: None."""
+    z, y, x = np.indices((32, 32, 32)) - 15.5
+    radius = np.sqrt(z**2 + y**2 + x**2)
+
+    def ball(radius_mm: float, hu: float) -> np.ndarray:
+        cube = np.full((32, 32, 32), -850.0, np.float32)
+        cube[radius <= radius_mm] = hu
+        return cube
+
+    cubes = {"remove": np.stack([ball(7.0, -100.0), ball(7.0, -10.0), ball(2.5, -100.0)]), "inject": None}
+    monkeypatch.setattr(eval_demo, "held_out_cubes", lambda *args, **kwargs: (cubes, []))
+    ceiling = eval_demo.real_looking_ceiling(3, 7, (-182.0, -40.0), 320, 48, "native")
+    assert ceiling == {"phantoms": 3, "seed": 7, "n": 2, "fraction": 0.5}
+    assert eval_demo.real_looking_ceiling(0, 7, (-182.0, -40.0), 320, 48, "native") is None
+    cubes["remove"] = cubes["remove"][2:]
+    assert eval_demo.real_looking_ceiling(3, 7, (-182.0, -40.0), 320, 48, "native") is None
