@@ -24,8 +24,11 @@ demo: venv
 test: venv lint
 	$(PY) -m pytest -q -n 2 tests
 
+LINTED = m3d pipelines dataset_builder model_cards tests benchmarks train_detector.py
+
 lint: venv
-	$(VENV)/bin/ruff check m3d pipelines dataset_builder model_cards tests benchmarks train_detector.py
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 bench: venv
 	$(PY) benchmarks/bench_io.py

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"{cell['detector']:>9} {cell['train_data']:>9} {move:>10}: "
                 + "  ".join(
-                    f"{r['test_generator']} AUC {r['auc']:.3f} F1 {r['f1_best'] if r['f1_best'] is None else round(r['f1_best'], 3)}"
+                    f"{r['test_generator']} AUC {r['auc']:.3f} F1 "
+                    f"{r['f1_best'] if r['f1_best'] is None else round(r['f1_best'], 3)}"
                     for r in rows[-len(metrics) :]
                 ),
                 flush=True,

@@ -27,7 +27,8 @@ _CITATION = """@inproceedings{zingarini2024m3dsynth,
 class M3DsynthConfig(datasets.BuilderConfig):
     """A config (which generators and tasks, `writer.CONFIGS`) and where the scans and pipelines come
     from: ``lidc_root`` (default: ``phantoms`` synthetic scans), ``pipelines_dir`` (default: the demo
-    pipelines; phantoms of ``size`` pixels, ``max_slices``, ``phantom_spacing``), ``limit`` scans, ``seed``, ``num_inference_steps``, ``keep_all`` (no quality check)."""
+    pipelines; phantoms of ``size`` pixels, ``max_slices``, ``phantom_spacing``), ``limit`` scans, ``seed``,
+    ``num_inference_steps``, ``keep_all`` (no quality check)."""
 
     lidc_root: str | None = None
     pipelines_dir: str | None = None

@@ -37,7 +37,8 @@ FEATURES = datasets.Features(
     {
         "img_id": datasets.Value("string"),  # unique: "<site_id>_<generator>"
         "site_id": datasets.Value("string"),  # the tampering site; pristine and fakes of one site share it
-        "volume": datasets.Nifti(),  # int16 HU, gzip NIfTI with its RAS affine: the whole scan, or a fake's changed box
+        # int16 HU, gzip NIfTI with its RAS affine: the whole scan, or a fake's changed box
+        "volume": datasets.Nifti(),
         "mask": datasets.Nifti(),  # uint8 ground truth on the volume's grid (the box of a fake); all zero if pristine
         "base_img_id": datasets.Value(
             "string"
@@ -79,7 +80,8 @@ def example_volume(example: dict[str, Any], base: dict[str, Any] | CTVolume | No
         return stored
     if base is None:
         raise ValueError(
-            f"example {example.get('img_id')} stores the box it changed over the pristine scan {example['base_img_id']}: "
+            f"example {example.get('img_id')} stores the box it changed over the pristine scan "
+            f"{example['base_img_id']}: "
             "pass base= (that example) or use m3d.dataset_builder.ScanResolver(dataset).volume(example)"
         )
     pristine = base if isinstance(base, CTVolume) else stored_volume(base)

@@ -192,7 +192,8 @@ def check_pipelines(pipelines_dir: str | Path | None, generators: Sequence[str],
     if missing:
         raise FileNotFoundError(
             f"no saved pipeline in {', '.join(missing)}: train them with `m3d train-generator --model <generator> "
-            f"--task <task>` and pass --pipelines DIR holding <generator>-<task>/ folders (pix2pix|cyclegan|ddpm x inject|remove)"
+            "--task <task>` and pass --pipelines DIR holding <generator>-<task>/ folders "
+            "(pix2pix|cyclegan|ddpm x inject|remove)"
         )
     return root
 

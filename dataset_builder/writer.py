@@ -218,7 +218,8 @@ def build_lock(out: Path) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise BlockingIOError(
-                f"{out} is being written by another build (process {holder}): wait for it to end, or choose another --out"
+                f"{out} is being written by another build (process {holder}): wait for it to end, or "
+                "choose another --out"
             ) from None
         handle.seek(0)
         handle.truncate()

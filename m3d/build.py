@@ -69,7 +69,8 @@ def build_dataset(
     unknown = sorted(set(generators) - set(FAKE_GENERATORS)) + sorted(set(tasks) - set(TASKS))
     if unknown or not generators or not tasks:
         raise ValueError(
-            f"generators must be among {FAKE_GENERATORS} and tasks among {TASKS}; got {list(generators)}, {list(tasks)}"
+            f"generators must be among {FAKE_GENERATORS} and tasks among {TASKS}; got "
+            f"{list(generators)}, {list(tasks)}"
         )
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be positive; got {limit}")

@@ -75,7 +75,8 @@ def folder_kind(path: str | Path) -> str:
     if (path / "manifest.json").is_file() and (path / "data").is_dir():
         return "dataset"
     raise ValueError(
-        f"{path} is not an m3d dataset (manifest.json + data/), pipeline (model_index.json) or model (config.json) folder"
+        f"{path} is not an m3d dataset (manifest.json + data/), pipeline (model_index.json) or model "
+        "(config.json) folder"
     )
 
 
@@ -137,7 +138,8 @@ def _localizes(model_type: str) -> bool:
         if config_class.model_type == model_type:
             return model_class.localizes
     raise ValueError(
-        f"unknown m3d detector model_type {model_type!r}; m3d knows {sorted(c.model_type for c, _ in DETECTORS.values())}"
+        f"unknown m3d detector model_type {model_type!r}; m3d knows "
+        f"{sorted(c.model_type for c, _ in DETECTORS.values())}"
     )
 
 
@@ -214,8 +216,12 @@ def render_model_card(
     if model_index:
         metadata["model-index"] = model_index
     summaries = {
-        "pipeline": f"A {info.class_name} that tampers chest CT scans ({info.task}): part of m3d, a reproduction of M3Dsynth.",
-        "detector": f"A {info.class_name} forensic detector of AI-manipulated chest CT, part of m3d (M3Dsynth benchmark).",
+        "pipeline": (
+            f"A {info.class_name} that tampers chest CT scans ({info.task}): part of m3d, a reproduction of M3Dsynth."
+        ),
+        "detector": (
+            f"A {info.class_name} forensic detector of AI-manipulated chest CT, part of m3d (M3Dsynth benchmark)."
+        ),
         "cad": f"A {info.class_name} nodule malignancy scorer, the diagnostic check of m3d's M3Dsynth reproduction.",
     }
     environment = jinja2.Environment(

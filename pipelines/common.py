@@ -119,7 +119,8 @@ class CubeBatch:
         return 1.0 - self.hole_mask
 
     def condition(self, channels: int) -> torch.Tensor:
-        """What a network is conditioned on: the cubes with the hole set to 0, and with ``channels=2`` the hole mask."""
+        """What a network is conditioned on: the cubes with the hole set to 0, and with ``channels=2`` the hole
+        mask."""
         masked = self.cubes * self.known_mask
         return masked if channels == 1 else torch.cat([masked, self.hole_mask], dim=1)
 
@@ -263,7 +264,7 @@ PIPELINE_CODE_MODULE = "m3d_pipeline"  # the code file a saved folder carries fo
 PIPELINE_CODE = '''"""This pipeline folder's code for ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``:
 m3d's own pipeline classes (``pip install m3d``); ``model_index.json`` names the one the folder holds."""
 from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline  # noqa: F401
-'''
+'''  # noqa: E501 (the text saved folders carry, byte for byte)
 
 
 def pipeline_class_name(entries: dict[str, Any]) -> str | None:

@@ -1,5 +1,6 @@
 """A tiny M3Dsynth-format folder for detector tests, in the builder's layout:
-``<root>/README.md`` (YAML ``configs``, default ``all``) + ``<root>/data/<generator>/<task>/<split>-00000-00000.parquet``;
+``<root>/README.md`` (YAML ``configs``, default ``all``) +
+``<root>/data/<generator>/<task>/<split>-00000-00000.parquet``;
 a fake is stored as the box it changed over the pristine scan of its site, as the builder stores it.
 
 Scans are small synthetic chests (body, two lungs, CT-like noise). A fake changes a blob at the site:

@@ -284,7 +284,8 @@ def _m3dsynth_folder(root, cases, tmp_path):
         columns = {key: [row[key] for row in rows] for key in FEATURES}
         datasets.Dataset.from_dict(columns, features=FEATURES).to_parquet(str(target))
         configs.append(
-            f"- config_name: {generator}_{task}\n  data_files:\n  - split: test\n    path: data/{generator}/{task}/test-*.parquet"
+            f"- config_name: {generator}_{task}\n  data_files:\n  - split: test\n    path: "
+            f"data/{generator}/{task}/test-*.parquet"
         )
     (root / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n# tiny M3Dsynth\n")
     return [row for rows in examples.values() for row in rows]

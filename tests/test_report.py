@@ -43,7 +43,10 @@ def test_triplanar_figure_draws_overlays(tmp_path):
 
 
 def test_markdown_subset():
-    text = "### Scores\n\n| model | F1 |\n|---|---|\n| `unet` | 0.50 |\n\n- one **bold**\n- two\n\n> careful <here>\n\nplain\ntext"
+    text = (
+        "### Scores\n\n| model | F1 |\n|---|---|\n| `unet` | 0.50 |\n\n"
+        "- one **bold**\n- two\n\n> careful <here>\n\nplain\ntext"
+    )
     converted = markdown_to_html(text)
     assert "<h4>Scores</h4>" in converted
     assert "<th>model</th>" in converted and "<td><code>unet</code></td>" in converted and "<td>0.50</td>" in converted

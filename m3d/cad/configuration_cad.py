@@ -64,7 +64,8 @@ class CADConfig(PresetMixin, PreTrainedConfig):
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         if not 1 <= benign_max_rating < malignant_min_rating <= 5:
             raise ValueError(
-                f"need 1 <= benign_max_rating < malignant_min_rating <= 5; got {benign_max_rating}, {malignant_min_rating}"
+                f"need 1 <= benign_max_rating < malignant_min_rating <= 5; got {benign_max_rating}, "
+                f"{malignant_min_rating}"
             )
         self.cube_size = int(cube_size)
         self.block_out_channels = [int(w) for w in block_out_channels]

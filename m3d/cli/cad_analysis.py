@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> None:
     for group, stats in groups.items():
         if stats["n"]:
             print(
-                f"  {group:<24} n={stats['n']:<5} mean {stats['mean']:.3f}  malignant {stats['fraction_malignant']:.1%}"
+                f"  {group:<24} n={stats['n']:<5} mean {stats['mean']:.3f}  malignant "
+                f"{stats['fraction_malignant']:.1%}"
             )
     print(f"wrote {result.folder} ({', '.join(sorted(p.name for p in result.files.values()))})")

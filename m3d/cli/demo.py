@@ -10,7 +10,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="the whole mission on the synthetic default: dataset, benchmark, CAD, cards, report",
-        description="Phantom scans -> mini M3Dsynth (shipped phantom-trained generators) -> detectors trained briefly -> "
+        description="Phantom scans -> mini M3Dsynth (shipped phantom-trained generators) -> "
+        "detectors trained briefly -> "
         "benchmark tables -> CAD check -> model cards -> report.html. Resumes where it stopped; about 10 minutes "
         "on 2 CPU cores. See m3d.demo for the steps and their settings.",
     )

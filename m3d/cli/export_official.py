@@ -10,9 +10,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export-official",
         help="write an m3d dataset folder in the official M3Dsynth release layout (TIFF stacks, tables)",
-        description="The inverse of import-official: <mod>/scan|label/<img_id>/slide%04d.tiff (slices by descending z, "
+        description="The inverse of import-official: <mod>/scan|label/<img_id>/slide%04d.tiff "
+        "(slices by descending z, "
         "HU shifted to be non-negative), real/scan/<img_id>/ for the pristine scans, data/ with data.csv, sets.csv, "
-        "centers.csv, LIDC.csv, and dicom/<patient>/<series>/, the pristine series in place of the LIDC-IDRI download. "
+        "centers.csv, LIDC.csv, and dicom/<patient>/<series>/, the pristine series in place of the "
+        "LIDC-IDRI download. "
         "See m3d.dataset_builder.official_export.",
     )
     parser.add_argument(

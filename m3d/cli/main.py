@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The `m3d` parser with every sub-command's."""
     parser = argparse.ArgumentParser(
         prog="m3d",
-        description="m3d: AI-manipulated 3D CT scans (M3Dsynth). CT I/O and LIDC-IDRI annotations, synthetic chest CT, "
+        description="m3d: AI-manipulated 3D CT scans (M3Dsynth). CT I/O and LIDC-IDRI annotations, "
+        "synthetic chest CT, "
         "nodule injection/removal generators, the M3Dsynth dataset builder, forensic detectors and their benchmark, "
         "the CAD malignancy check, model cards, the report. `m3d demo` runs the whole mission on synthetic scans.",
         epilog="Every command has --help. Bad input gives one line on stderr and exit status 2.",

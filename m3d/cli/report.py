@@ -10,7 +10,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
         help="a self-contained HTML (and Markdown) report of a results folder: tables, ROC, CAD, example scans",
-        description="Reads the benchmark (m3d bench) and CAD (m3d cad-analysis) outputs in RESULTS_DIR and the M3Dsynth "
+        description="Reads the benchmark (m3d bench) and CAD (m3d cad-analysis) outputs in "
+        "RESULTS_DIR and the M3Dsynth "
         "folder the benchmark used; writes report.html (opens from disk, figures embedded) and report.md.",
     )
     parser.add_argument("results_dir", metavar="RESULTS_DIR", help="the folder m3d bench (and m3d cad-analysis) wrote")

@@ -207,7 +207,8 @@ class UNet3DModel(PresetMixin, ModelMixin, ConfigMixin):
         channels = list(block_out_channels)
         if len(attention_levels) != len(channels):
             raise ValueError(
-                f"attention_levels has {len(attention_levels)} entries for {len(channels)} levels in block_out_channels"
+                f"attention_levels has {len(attention_levels)} entries for {len(channels)} levels in "
+                "block_out_channels"
             )
         if any(c % norm_num_groups for c in channels):
             raise ValueError(

@@ -110,7 +110,8 @@ def check_location(
         lungs = segment_lungs(volume) if lung_mask is None else lung_mask
         if not lungs[tuple(np.rint(index).astype(int))]:
             raise TamperLocationError(
-                f"{where} is not inside the lungs (allow_outside_lung=True, --allow-outside-lung on the command line, forces it)"
+                f"{where} is not inside the lungs (allow_outside_lung=True, --allow-outside-lung on "
+                "the command line, forces it)"
             )
     reach_mm = HOLE_SIZE / 2 * CUBE_SPACING_MM
     for other_center, radius_mm in avoid:

@@ -7,13 +7,12 @@ experiment (a general-purpose detector trained on non-medical real/fake images v
 Each *cell* trains one detector (`m3d.train.train_detector`) on one training set — one generator's
 fakes plus the pristine scans (``cross_generator``), or for ``preliminary`` the ``resnet_gp`` detector on
 the non-medical images or on every generator of M3Dsynth — then evaluates its best checkpoint on the
-test split with `m3d.train.evaluation.evaluate_detector`'s protocol (fixed test crops, volume score =
-max over slices; AUC, balanced accuracy at the detector's calibrated volume threshold, Pd@1 %; F1 / IoU at 0.5 and best threshold) for every
-test generator. A finished cell's file is written atomically and never recomputed: re-running the
-command (after an interruption, or with more detectors) does only what is missing; an interrupted
-training resumes from its last checkpoint. The non-medical side reads ``--nonmedical DIR`` (any
-``imagefolder`` with real/fake class folders); without it a procedural stand-in is generated
-(`m3d.train.nonmedical`) and every output says so.
+test split with `m3d.train.evaluation.evaluate_detector`'s protocol (fixed test crops, volume score = max over slices;
+AUC, balanced accuracy at the detector's calibrated volume threshold, Pd@1 %; F1 / IoU at 0.5 and best threshold) for
+every test generator. A finished cell's file is written atomically and never recomputed: re-running the command (after
+an interruption, or with more detectors) does only what is missing; an interrupted training resumes from its last
+checkpoint. The non-medical side reads ``--nonmedical DIR`` (any ``imagefolder`` with real/fake class folders); without
+it a procedural stand-in is generated (`m3d.train.nonmedical`) and every output says so.
 
 Results folder (what ``m3d report`` reads)::
 
@@ -239,7 +238,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         nargs="+",
         choices=list(DETECTORS),
         default=list(FORENSIC_DETECTORS),
-        help="detectors of the train x test generator grid (default: the paper's six forensic methods and m3d's slab3d; "
+        help="detectors of the train x test generator grid (default: the paper's six forensic "
+        "methods and m3d's slab3d; "
         f"{PRELIMINARY_DETECTOR} is the preliminary experiment's)",
     )
     parser.add_argument(
@@ -538,7 +538,8 @@ def tables_markdown(
     if meta["settings"]["preset"] == "demo":
         lines += [
             "> `demo` preset: tiny detectors on 16x64x64 crops at the scans' native resolution, each fine-tuned "
-            f"{meta['settings']['max_steps']} steps from its phantom-trained starting weights (`m3d.train.demo_detectors`) "
+            f"{meta['settings']['max_steps']} steps from its phantom-trained starting weights "
+            "(`m3d.train.demo_detectors`) "
             "on a CPU; the paper's detector sizes are the `default` preset.",
             "",
         ]
@@ -652,7 +653,8 @@ def findings_markdown(cells: list[dict[str, Any]]) -> list[str]:
     if same:
         strong = [f"{c['detector']}/{c['train_data']}" for c, auc, acc in same if auc >= 0.9 and (acc or 0) >= 0.8]
         lines.append(
-            f"- **Same generator** (train = test): AUC {min(a for _, a, _ in same):.2f}–{max(a for _, a, _ in same):.2f}; "
+            "- **Same generator** (train = test): AUC "
+            f"{min(a for _, a, _ in same):.2f}–{max(a for _, a, _ in same):.2f}; "
             f"{len(strong)} of {len(same)} cells reach AUC >= 0.90 with balanced accuracy >= 0.80"
             f"{' (' + ', '.join(strong) + ')' if strong else ''}."
         )

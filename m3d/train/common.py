@@ -55,7 +55,8 @@ STATE_FILE = "training_state.json"  # written last into a checkpoint: without it
 
 # -- processes, Accelerate and logging ----------------------------------------------------------
 
-# where launchers put the number of processes they started: torchrun / `accelerate launch`, then MPI's (as Accelerate reads them)
+# where launchers put the number of processes they started: torchrun / `accelerate launch`, then MPI's (as
+# Accelerate reads them)
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 ONE_CPU_PROCESS = (
     "`accelerate launch --cpu` started this process alone (more CPU processes need its --mpirun_hostfile): run "

@@ -379,7 +379,8 @@ class CubeDataset(Dataset):
                 "cad": "rated nodules",
             }[task]
             raise ValueError(
-                f"no {task} training sites in these cases: {wanted} whose 32 mm cube fits in the scan; use more or other scans"
+                f"no {task} training sites in these cases: {wanted} whose 32 mm cube fits in the "
+                "scan; use more or other scans"
             )
         return cls(cubes_hu=np.stack(cubes), records=records, cut_size=cut_size, **kwargs)
 

@@ -1,9 +1,11 @@
 """Train and ship the starting weights of the demo benchmark's detectors,
 ``m3d/detectors/demo/<detector>-<train_data>/``, on phantom data that the demo never tests on.
 
-    m3d build --out runs/detector-pretraining --phantoms 30 --seed 1 --generators pix2pix cyclegan --split-patients 1,0,0
+    m3d build --out runs/detector-pretraining --phantoms 30 --seed 1 --generators pix2pix cyclegan \
+        --split-patients 1,0,0
     python -m m3d.train.demo_detectors --data runs/detector-pretraining --runs-dir runs/demo-detectors
-    python -m m3d.train.demo_detectors --data runs/detector-pretraining --runs-dir runs/demo-detectors --only hpfcn-pix2pix
+    python -m m3d.train.demo_detectors --data runs/detector-pretraining --runs-dir runs/demo-detectors \
+        --only hpfcn-pix2pix
 
 Why: on 2 CPU cores the demo has about 20 s per benchmark cell, a few hundred steps of a tiny detector,
 which is not enough for the slower architectures (TruFor, MVSS-Net, ManTraNet) to learn from scratch.
@@ -103,13 +105,17 @@ def provenance(name: str, run_dir: Path, data: str | Path) -> str:
             "patients the demo never tests on), on a CPU:",
             "",
             "```bash",
-            "m3d build --out runs/detector-pretraining --phantoms 30 --seed 1 --generators pix2pix cyclegan --split-patients 1,0,0",
+            "m3d build --out runs/detector-pretraining --phantoms 30 --seed 1 --generators pix2pix "
+            "cyclegan --split-patients 1,0,0",
             f"m3d train-detector {argv}",
             "```",
             "",
-            f"- {summary['steps']} optimizer steps of 16 slices, {training_seconds(losses) / 60:.1f} min of training on one CPU thread; loss "
-            f"{losses[0]['loss']:.3f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.3f} (step {losses[-1]['step']}).",
-            "- Fine-tuned and measured by `m3d demo` / `m3d bench --preset demo`; not a detector to use on real scans.",
+            f"- {summary['steps']} optimizer steps of 16 slices, {training_seconds(losses) / 60:.1f} "
+            "min of training on one CPU thread; loss "
+            f"{losses[0]['loss']:.3f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.3f} (step "
+            f"{losses[-1]['step']}).",
+            "- Fine-tuned and measured by `m3d demo` / `m3d bench --preset demo`; not a detector to "
+            "use on real scans.",
         ]
     )
 

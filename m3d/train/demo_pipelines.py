@@ -27,8 +27,9 @@ from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR
 
 QUALITY_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo_pipelines_quality.json"
 
-COMMON = ["--preset", "demo", "--phantom-size", "320", "--phantom-max-slices", "48", "--phantom-spacing", "native", "--seed", "0",
-          "--checkpointing-steps", "200", "--resume-from-checkpoint", "latest", "--save-dtype", "fp16"]  # fmt: skip
+COMMON = ["--preset", "demo", "--phantom-size", "320", "--phantom-max-slices", "48", "--phantom-spacing", "native",
+          "--seed", "0", "--checkpointing-steps", "200", "--resume-from-checkpoint", "latest",
+          "--save-dtype", "fp16"]  # fmt: skip
 # What each demo pipeline is trained with (see the README's "Demo pipelines" for why). The shipped folders
 # whose cards show another command were made by an earlier recipe: their card is what made them. The
 # CycleGAN remover's cycle weight is 2: at CycleGAN's 10 the full -> masked -> full cycle, which asks G to
@@ -56,15 +57,18 @@ _DDPM = [
     "25",
 ]
 RECIPES: dict[str, list[str]] = {
-    "pix2pix-inject": ["--model", "pix2pix", "--task", "inject", "--phantoms", "80", "--only-kept-sites", "--max-steps", "1200",
-                       "--batch-size", "8", *_GAN],
-    "pix2pix-remove": ["--model", "pix2pix", "--task", "remove", "--phantoms", "60", "--max-steps", "1200", "--batch-size", "8", *_GAN],
-    "cyclegan-inject": ["--model", "cyclegan", "--task", "inject", "--phantoms", "80", "--only-kept-sites", "--max-steps", "300",
-                        "--batch-size", "4", "--hole-only"],
-    "cyclegan-remove": ["--model", "cyclegan", "--task", "remove", "--phantoms", "60", "--max-steps", "300", "--batch-size", "4", "--hole-only",
-                        "--lambda-cycle", "2"],
-    "ddpm-inject": ["--model", "ddpm", "--task", "inject", "--phantoms", "40", "--max-steps", "2000", "--batch-size", "4", *_DDPM],
-    "ddpm-remove": ["--model", "ddpm", "--task", "remove", "--phantoms", "60", "--max-steps", "2000", "--batch-size", "4", *_DDPM],
+    "pix2pix-inject": ["--model", "pix2pix", "--task", "inject", "--phantoms", "80", "--only-kept-sites",
+                       "--max-steps", "1200", "--batch-size", "8", *_GAN],
+    "pix2pix-remove": ["--model", "pix2pix", "--task", "remove", "--phantoms", "60",
+                       "--max-steps", "1200", "--batch-size", "8", *_GAN],
+    "cyclegan-inject": ["--model", "cyclegan", "--task", "inject", "--phantoms", "80", "--only-kept-sites",
+                        "--max-steps", "300", "--batch-size", "4", "--hole-only"],
+    "cyclegan-remove": ["--model", "cyclegan", "--task", "remove", "--phantoms", "60",
+                        "--max-steps", "300", "--batch-size", "4", "--hole-only", "--lambda-cycle", "2"],
+    "ddpm-inject": ["--model", "ddpm", "--task", "inject", "--phantoms", "40",
+                    "--max-steps", "2000", "--batch-size", "4", *_DDPM],
+    "ddpm-remove": ["--model", "ddpm", "--task", "remove", "--phantoms", "60",
+                    "--max-steps", "2000", "--batch-size", "4", *_DDPM],
 }  # fmt: skip
 
 
@@ -135,14 +139,17 @@ def quality_section(name: str, quality: dict) -> str | None:
     lines += [
         f"| nodule diameter at the site, median (IQR) | {entry['diameter_mm_median']} mm "
         f"({entry['diameter_mm_iqr'][0]}-{entry['diameter_mm_iqr'][1]}) |",
-        f"| seam ratio (across the hole's faces / elsewhere; pristine {pristine['seam_ratio_mean']}) | {entry['seam_ratio_mean']} |",
+        f"| seam ratio (across the hole's faces / elsewhere; pristine {pristine['seam_ratio_mean']}) "
+        f"| {entry['seam_ratio_mean']} |",
     ]
     if "seam_ratio_raw" in entry:
         lines.append(f"| ... without CT-GAN's touch-ups (`touch_up=False`) | {entry['seam_ratio_raw']} |")
     lines += [
-        f"| sharpest spectral peak in the hole (pristine {pristine['spectral_peak_ratio']}) | {entry['spectral_peak_ratio']} |",
+        f"| sharpest spectral peak in the hole (pristine {pristine['spectral_peak_ratio']}) | "
+        f"{entry['spectral_peak_ratio']} |",
         f"| vessels kept around the site (pristine 1) | {entry['vessel_continuity']} |",
-        f"| two-sample test: a 3-D CNN tells these from real nodule cubes (chance 0.5) | {entry['two_sample_accuracy']} |",
+        "| two-sample test: a 3-D CNN tells these from real nodule cubes (chance 0.5) | "
+        f"{entry['two_sample_accuracy']} |",
     ]
     if "num_inference_steps" in entry:
         lines.append(

@@ -3,7 +3,8 @@
     m3d train-detector --detector unet --preset tiny --data m3dsynth --generators pix2pix --output-dir runs/unet
     accelerate launch -m m3d.train.train_detector --detector trufor --data m3dsynth --mixed-precision bf16 ...
     accelerate launch m3d/train/train_detector.py --model runs/unet/best --data m3dsynth ...   # continue from weights
-    train(TrainDetectorArguments(detector="unet", preset="tiny", data="m3dsynth", output_dir="runs/unet"))  # from Python
+    # from Python:
+    train(TrainDetectorArguments(detector="unet", preset="tiny", data="m3dsynth", output_dir="runs/unet"))
 
 Data (`m3d.train.detector_data`): ``--data DIR`` is an M3Dsynth folder (``datasets.load_dataset(DIR)``),
 restricted to ``--generators`` (their fakes + every pristine scan) and ``--tasks``. Every epoch each

@@ -25,24 +25,23 @@ Losses and optimisers:
   outputs (translation, cycle, identity) is its hole pasted into the real context.
 * ddpm: MSE of the UNet's prediction over the cube (over the hole with ``--hole-only``: sampling replaces
   the known region anyway); the UNet sees ``concat(noisy, masked, mask)``. Defaults are the paper's:
-  epsilon prediction on 2,000 linear steps (`default_scheduler`). The demo recipe, chosen to converge
-  on a CPU budget (`m3d.train.demo_pipelines`; the shipped demo weights predate it): ``--prediction-type v_prediction --noise-schedule squaredcos_cap_v2
-  --num-train-timesteps 1000 --snr-gamma 5`` (v-prediction on the cosine schedule with min-SNR-5
-  weighting: the high-noise steps, where the epsilon loss says little about the cube, get an x0-like
-  weight, and the low-noise ones stop dominating). AdamW(1e-4); gradient norm clipped at 1; an EMA of
-  the UNet (diffusers `EMAModel`, ``--ema-decay``) is what is saved, with ``--sampler`` (ddpm, ddim or
-  dpmsolver++ on the same schedule) as its scheduler and ``--inference-steps`` as its default steps.
+  epsilon prediction on 2,000 linear steps (`default_scheduler`). The demo recipe, chosen to converge on a CPU budget
+  (`m3d.train.demo_pipelines`; the shipped demo weights predate it): ``--prediction-type v_prediction --noise-schedule
+  squaredcos_cap_v2 --num-train-timesteps 1000 --snr-gamma 5`` (v-prediction on the cosine schedule with min-SNR-5
+  weighting: the high-noise steps, where the epsilon loss says little about the cube, get an x0-like weight, and the
+  low-noise ones stop dominating). AdamW(1e-4); gradient norm clipped at 1; an EMA of the UNet (diffusers `EMAModel`,
+  ``--ema-decay``) is what is saved, with ``--sampler`` (ddpm, ddim or dpmsolver++ on the same schedule) as its
+  scheduler and ``--inference-steps`` as its default steps.
 
 Accelerate runs it (devices, processes, ``--mixed-precision``, ``--gradient-accumulation-steps``).
-Checkpoints (`Accelerator.save_state`, every ``--checkpointing-steps``, at the end, and on Ctrl-C /
-SIGTERM) go to ``OUTPUT_DIR/checkpoints/checkpoint_<n>/`` with ``training_state.json`` (written last:
-a checkpoint without it is incomplete and ignored) and, for the DDPM, the EMA weights
-(``ema_unet/ema.safetensors`` + ``ema_state.json``). ``--resume-from-checkpoint latest|PATH`` restores models, optimisers, RNG states,
-the step counter and the data position: all randomness of a step is drawn from ``(seed, step)``, so a
-resumed run continues exactly as an uninterrupted one. Losses go to ``OUTPUT_DIR/logs.jsonl`` (and
-TensorBoard when installed); at the end the pipeline is saved to ``OUTPUT_DIR/pipeline``
-(`Pix2Pix3DPipeline` | `CycleGAN3DPipeline` | `M3DInpaintPipeline`, ``task`` recorded), which
-`m3d.pipelines.load_pipeline` reads.
+Checkpoints (`Accelerator.save_state`, every ``--checkpointing-steps``, at the end, and on Ctrl-C / SIGTERM) go to
+``OUTPUT_DIR/checkpoints/checkpoint_<n>/`` with ``training_state.json`` (written last: a checkpoint without it is
+incomplete and ignored) and, for the DDPM, the EMA weights (``ema_unet/ema.safetensors`` + ``ema_state.json``).
+``--resume-from-checkpoint latest|PATH`` restores models, optimisers, RNG states, the step counter and the data
+position: all randomness of a step is drawn from ``(seed, step)``, so a resumed run continues exactly as an
+uninterrupted one. Losses go to ``OUTPUT_DIR/logs.jsonl`` (and TensorBoard when installed); at the end the pipeline is
+saved to ``OUTPUT_DIR/pipeline`` (`Pix2Pix3DPipeline` | `CycleGAN3DPipeline` | `M3DInpaintPipeline`, ``task``
+recorded), which `m3d.pipelines.load_pipeline` reads.
 """
 
 from __future__ import annotations
@@ -177,7 +176,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     what.add_argument(
         "--preset",
         choices=PRESET_CHOICES,
-        help="network sizes: each network's presets (m3d.models; tiny: tests; demo: the shipped demo pipelines', trains in "
+        help="network sizes: each network's presets (m3d.models; tiny: tests; demo: the shipped demo "
+        "pipelines', trains in "
         "minutes on a CPU; default: CPU-sized; reference: the papers')",
     )
 
@@ -296,7 +296,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     save.add_argument(
         "--sampler",
         choices=SAMPLERS,
-        help="ddpm: the scheduler saved with the pipeline (the training schedule, sampled with ddpm, ddim or dpmsolver++)",
+        help=(
+            "ddpm: the scheduler saved with the pipeline (the training schedule, sampled with ddpm, "
+            "ddim or dpmsolver++)"
+        ),
     )
     save.add_argument(
         "--inference-steps",

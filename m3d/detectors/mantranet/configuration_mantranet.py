@@ -137,7 +137,8 @@ class ManTraNetConfig(M3DDetectorConfig):
             raise ValueError(f"min_std_init must be > 0; got {min_std_init}")
         if not batch_norm_eps > 0 or not 0 < batch_norm_momentum <= 1:
             raise ValueError(
-                f"need batch_norm_eps > 0 and 0 < batch_norm_momentum <= 1; got {batch_norm_eps}, {batch_norm_momentum}"
+                f"need batch_norm_eps > 0 and 0 < batch_norm_momentum <= 1; got {batch_norm_eps}, "
+                f"{batch_norm_momentum}"
             )
         self.first_layer_filters = int(first_layer_filters)
         self.featex_block_widths = widths

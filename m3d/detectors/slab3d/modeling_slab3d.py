@@ -65,8 +65,8 @@ class Slab3DForForgeryDetection(M3DDetectorPreTrainedModel):
        whatever the scanner;
     3. a **3-D encoder** over ``encoder_inputs`` (by default the residuals and the consistency channels,
        not the HU themselves): per level a factorised 3-D conv (`factorized_conv3d`: 1x3x3 in the slice,
-       then 3x1x1 across slices, each + BN + ReLU: kernels made for thick slices), in-plane 2x max-pooling between levels (the slice axis is never pooled:
-       slabs are thin and slices thick), widths ``widths``;
+       then 3x1x1 across slices, each + BN + ReLU: kernels made for thick slices), in-plane 2x max-pooling
+       between levels (the slice axis is never pooled: slabs are thin and slices thick), widths ``widths``;
     4. each level **collapsed onto the centre slice** by a learned ``(slab_slices, 1, 1)`` convolution,
        then a 2-D U-Net decoder (bilinear 2x up-sampling + 3x3 conv, skip concatenation, two 3x3 conv)
        to a logit map of the centre slice at the input size; run over every slice (`detect_volume`), the

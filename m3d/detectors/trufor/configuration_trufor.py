@@ -133,7 +133,8 @@ class TruForConfig(M3DDetectorConfig):
         super().__init__(**kwargs)
         if self.num_channels != 3:
             raise ValueError(
-                f"TruFor needs 3-channel inputs (Noiseprint++ and the RGB stream); got num_channels={self.num_channels}"
+                "TruFor needs 3-channel inputs (Noiseprint++ and the RGB stream); got "
+                f"num_channels={self.num_channels}"
             )
         if int(noiseprint_num_layers) < 2:
             raise ValueError(f"noiseprint_num_layers must be >= 2; got {noiseprint_num_layers}")
@@ -180,7 +181,8 @@ class TruForConfig(M3DDetectorConfig):
                 raise ValueError(f"{name} must be in [0, 1); got {value}")
         if not layer_norm_eps > 0 or not decoder_batch_norm_eps > 0:
             raise ValueError(
-                f"layer_norm_eps and decoder_batch_norm_eps must be > 0; got {layer_norm_eps}, {decoder_batch_norm_eps}"
+                f"layer_norm_eps and decoder_batch_norm_eps must be > 0; got {layer_norm_eps}, "
+                f"{decoder_batch_norm_eps}"
             )
         if int(frm_reduction) < 1 or int(ffm_reduction) < 1:
             raise ValueError(f"frm_reduction and ffm_reduction must be >= 1; got {frm_reduction}, {ffm_reduction}")
