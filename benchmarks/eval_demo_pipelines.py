@@ -22,8 +22,8 @@ the pipeline returns it by default (the GAN pipelines with CT-GAN's touch-ups, `
   *real-looking* when the nodule is > 10 mm (the keep rule) **and** its mean HU lies in the range of
   real nodules > 10 mm measured the same way on the same held-out scans (5th-95th percentile);
   ``real_looking_ceiling`` is what a generator that made real nodules exactly would score: the share of
-  the real nodules > 10 mm at the removal sites of ``--ceiling-phantoms`` *other* phantoms (seed + 1)
-  whose mean HU lies in that range (a range from a few nodules leaves real ones out too);
+  the real nodules > 10 mm at the removal sites of ``--ceiling-phantoms`` (80: about 35 nodules) *other*
+  phantoms (seed + 1) whose mean HU lies in that range (a range from a few nodules leaves real ones out too);
 * the seam (``seam_ratio_mean``): mean |HU difference| of neighbouring voxels across the hole's faces
   divided by the same mean over all other neighbouring pairs of the cube (1 = no seam);
 * periodic artefacts (`spectral_peak_ratio`, `nyquist_power_fraction`): the mean power spectrum of the
@@ -85,6 +85,7 @@ from two_sample_test import two_sample_accuracy  # the script beside this one (i
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "pipelines" / "demo"
 MONTAGE_SITES = 4
+CEILING_PHANTOMS = 80  # phantoms whose real nodules > 10 mm (about 35) give real_looking_ceiling
 SPECTRUM_HIGHPASS_SIGMA_MM = 1.0  # residual = cube - Gaussian blur: keeps >= 70 % of a period-4 pattern
 SPECTRUM_MIN_RADIUS = 2.0  # frequency bins nearer DC than this (index units of the 20-voxel hole) are ignored
 SPECTRUM_BACKGROUND_BINS = 5  # a spectral peak is measured against the median of its 5^3 neighbouring bins
@@ -363,8 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--ceiling-phantoms",
         type=int,
-        default=None,
-        help="phantoms (seed + 1) whose real nodules give real_looking_ceiling (default: --phantoms; 0: skip)",
+        default=CEILING_PHANTOMS,
+        help="phantoms (seed + 1) whose real nodules > 10 mm give real_looking_ceiling (0: skip)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-montage", action="store_true")
@@ -375,9 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
     real = [measure_nodule(cube) for cube in pristine["remove"]]
     real_hu = [m.mean_hu for m in real if m.diameter_mm > QualityCriteria().inject_min_diameter_mm]
     hu_range = tuple(round(float(v), 1) for v in np.percentile(real_hu, [5, 95]))
-    ceiling_phantoms = args.phantoms if args.ceiling_phantoms is None else args.ceiling_phantoms
     ceiling = real_looking_ceiling(
-        ceiling_phantoms, args.seed + 1, hu_range, args.size, args.max_slices, args.phantom_spacing
+        args.ceiling_phantoms, args.seed + 1, hu_range, args.size, args.max_slices, args.phantom_spacing
     )
     report: dict = {
         "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
