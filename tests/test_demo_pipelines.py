@@ -142,3 +142,38 @@ def test_broken_pipeline_folders_are_one_clear_error(tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
             load_pipeline(path)
         assert str(path) in str(error.value)
+
+
+def test_fine_tune_stage_starts_from_the_first_and_its_card_gives_both(tmp_path):
+    """A recipe with a second stage: its command replaces the first's options (no option twice) and starts
+    from the first stage's pipeline; the card shows both commands, the first stage's facts taken from the
+    card of the weights it started from when its run is not there."""
+    from m3d.train import demo_pipelines as demo
+
+    name = next(iter(demo.FINE_TUNES))
+    first = demo.command_line(name, tmp_path, tmp_path / "cache")
+    second = demo.command_line(name, tmp_path, tmp_path / "cache", fine_tune=True)
+    options = [a for a in second if a.startswith("--")]
+    assert len(options) == len(set(options))
+    assert second[second.index("--init-from") + 1] == str(tmp_path / name / "pipeline")
+    assert second[second.index("--output-dir") + 1] == str(tmp_path / f"{name}-finetune")
+    for option, value in zip(demo.FINE_TUNES[name][::2], demo.FINE_TUNES[name][1::2]):
+        if not value.startswith("--"):
+            assert second[second.index(option) + 1] == value
+    assert first[first.index("--phantoms") + 1] != second[second.index("--phantoms") + 1]
+
+    run = tmp_path / f"{name}-finetune"
+    run.mkdir()
+    (run / "training_summary.json").write_text('{"steps": 30, "args": {"seed": 0}, "sites": ["a", "b"]}')
+    (run / "logs.jsonl").write_text(
+        '{"loss": 0.5, "step": 10, "elapsed_s": 6.0}\n{"loss": 0.25, "step": 30, "elapsed_s": 18.0}\n'
+    )
+    old_card = tmp_path / "README.md"
+    old_card.write_text(
+        "# card\n\n## How it was made\ntext\n\n```bash\nm3d train-generator --old\n```\n\n"
+        "- 2000 optimizer steps, first stage;\n- losses: first stage.\n\n## Citation\n"
+    )
+    card = demo.provenance(name, tmp_path, first_stage_facts=demo._card_facts(old_card))
+    assert card.count("```bash") == 2 and "two stages" in card
+    assert card.index("- 2000 optimizer steps, first stage;") < card.index("--init-from") < card.index("- 30 optimizer")
+    assert demo._card_facts(old_card) == ["- 2000 optimizer steps, first stage;", "- losses: first stage."]

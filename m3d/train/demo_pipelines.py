@@ -11,7 +11,9 @@ spacing, 320^2 in-plane, 48 slices) seeded 0, weights saved as fp16 safetensors 
 fp32). A run checkpoints every 200 steps and a repeated command resumes it (raise ``--max-steps`` in
 the recipe to train on). Shipping copies ``RUNS/<name>/pipeline`` into the package and writes its model
 card (`m3d.model_cards.write_model_card`): the exact command, the steps, the seed, the first and last
-logged losses; the card's "Measured quality" section comes from ``benchmarks/results/demo_pipelines_quality.json``
+logged losses. A recipe of `FINE_TUNES` has a second stage that fine-tunes the first's pipeline and is what ships;
+its card gives both commands (the first stage's facts from its run, or from the card of the weights it started
+from); the card's "Measured quality" section comes from ``benchmarks/results/demo_pipelines_quality.json``
 (`update_quality_section`, also ``--cards-only`` after a new measurement).
 """
 
@@ -70,11 +72,44 @@ RECIPES: dict[str, list[str]] = {
     "ddpm-remove": ["--model", "ddpm", "--task", "remove", "--phantoms", "60",
                     "--max-steps", "2000", "--batch-size", "4", *_DDPM],
 }  # fmt: skip
+# Second stages: the recipe's pipeline fine-tuned (``--init-from RUNS/<name>/pipeline``) with these options in place
+# of the recipe's; the folder that ships is the second stage's (``RUNS/<name>-finetune``). The DDPMs learn from
+# more phantoms (160: 69 kept injection sites, 98 removal sites) at a lower rate than a first run can afford.
+FINE_TUNES: dict[str, list[str]] = {
+    "ddpm-inject": ["--phantoms", "160", "--only-kept-sites", "--max-steps", "2000", "--learning-rate", "2e-4"],
+    "ddpm-remove": ["--phantoms", "160", "--max-steps", "2000", "--learning-rate", "2e-4"],
+}
+FINE_TUNE_SUFFIX = "-finetune"
 
 
-def command_line(name: str, runs_dir: str | Path, cube_cache: str | Path) -> list[str]:
-    """The `m3d train-generator` arguments of recipe ``name``, writing to ``runs_dir/name``."""
-    return [*RECIPES[name], *COMMON, "--cube-cache", str(cube_cache), "--output-dir", str(Path(runs_dir) / name)]
+def _with_options(argv: list[str], options: list[str]) -> list[str]:
+    """``argv`` with each option of ``options`` (``--name value`` or a ``--flag``) set: a value replaced
+    where ``argv`` has the option, the rest appended."""
+    argv, extra, i = list(argv), [], 0
+    while i < len(options):
+        name = options[i]
+        has_value = i + 1 < len(options) and not options[i + 1].startswith("--")
+        if name in argv:
+            if has_value:
+                argv[argv.index(name) + 1] = options[i + 1]
+        else:
+            extra += options[i : i + 1 + has_value]
+        i += 1 + has_value
+    return [*argv, *extra]
+
+
+def run_dir(name: str, runs_dir: str | Path, fine_tune: bool = False) -> Path:
+    """Where recipe ``name`` (or its fine-tune) trains."""
+    return Path(runs_dir) / (name + FINE_TUNE_SUFFIX if fine_tune else name)
+
+
+def command_line(name: str, runs_dir: str | Path, cube_cache: str | Path, fine_tune: bool = False) -> list[str]:
+    """The `m3d train-generator` arguments of recipe ``name`` (``fine_tune``: of its second stage, `FINE_TUNES`,
+    which starts from the first stage's pipeline), writing to `run_dir`."""
+    argv = [*RECIPES[name], *COMMON, "--cube-cache", str(cube_cache)]
+    if fine_tune:
+        argv = _with_options(argv, FINE_TUNES[name]) + ["--init-from", str(run_dir(name, runs_dir) / "pipeline")]
+    return [*argv, "--output-dir", str(run_dir(name, runs_dir, fine_tune))]
 
 
 def _losses(run_dir: Path) -> tuple[dict, dict, float]:
@@ -86,19 +121,11 @@ def _losses(run_dir: Path) -> tuple[dict, dict, float]:
     return keep(records[0]), keep(records[-1]), training_seconds(records)
 
 
-def provenance(name: str, run_dir: Path) -> str:
-    """The card's "How it was made": command, steps, seed, losses."""
-    summary = json.loads((run_dir / "training_summary.json").read_text())
-    first, last, seconds = _losses(run_dir)
-    argv = " ".join(command_line(name, "runs/demo", "runs/demo/cache"))
-    lines = [
-        "Trained on m3d's synthetic chest CT only (phantoms on real LIDC-IDRI geometry with real LIDC nodule",
-        "contours and ratings; no patient images), on a CPU:",
-        "",
-        "```bash",
-        f"m3d train-generator {argv}",
-        "```",
-        "",
+def _stage_facts(run: Path) -> list[str]:
+    """The steps, seed, sites, training time and losses of a finished run, as card bullets."""
+    summary = json.loads((run / "training_summary.json").read_text())
+    first, last, seconds = _losses(run)
+    return [
         f"- {summary['steps']} optimizer steps, seed {summary['args']['seed']}, {len(summary['sites'])} training "
         f"nodule sites, {seconds / 60:.1f} min of training on one CPU thread;",
         f"- losses (mean over the logging window): step {first['step']}: "
@@ -107,7 +134,35 @@ def provenance(name: str, run_dir: Path) -> str:
         + ", ".join(f"{k} {v}" for k, v in last.items() if k != "step")
         + ".",
     ]
+
+
+def provenance(name: str, runs_dir: Path, first_stage_facts: list[str] | None = None) -> str:
+    """The card's "How it was made": each stage's command, steps, seed, losses (``first_stage_facts``: those
+    of a first stage whose run is not in ``runs_dir``, as its earlier card gave them)."""
+    lines = [
+        "Trained on m3d's synthetic chest CT only (phantoms on real LIDC-IDRI geometry with real LIDC nodule",
+        "contours and ratings; no patient images), on a CPU"
+        + (", in two stages (the second fine-tunes the first's pipeline):" if name in FINE_TUNES else ":"),
+    ]
+    for fine_tune in (False, True) if name in FINE_TUNES else (False,):
+        argv = " ".join(command_line(name, "runs/demo", "runs/demo/cache", fine_tune))
+        run = run_dir(name, runs_dir, fine_tune)
+        facts = _stage_facts(run) if (run / "training_summary.json").is_file() else first_stage_facts
+        if facts is None:
+            raise FileNotFoundError(f"{run} holds no finished run of {name}")
+        lines += ["", "```bash", f"m3d train-generator {argv}", "```", "", *facts]
     return "\n".join(lines)
+
+
+def _card_facts(card: Path) -> list[str] | None:
+    """The bullets after the first command of an existing card's "How it was made" section: the facts of the
+    first stage of the weights it describes."""
+    if not card.is_file() or "## How it was made" not in card.read_text():
+        return None
+    section = card.read_text().split("## How it was made", 1)[1].split("\n## ", 1)[0]
+    stages = section.split("```bash")
+    first = stages[1].split("```", 1)[-1] if len(stages) > 1 else ""
+    return [line for line in first.splitlines() if line.startswith("- ")] or None
 
 
 QUALITY_HEADING = "## Measured quality"
@@ -180,12 +235,12 @@ def ship(name: str, runs_dir: str | Path) -> Path:
     from ..model_cards import write_model_card
     from .common import replace_folder
 
-    run_dir = Path(runs_dir) / name
-    source = run_dir / "pipeline"
+    source = run_dir(name, runs_dir, fine_tune=name in FINE_TUNES) / "pipeline"
     if not (source / "model_index.json").is_file():
         raise FileNotFoundError(f"{source} is not a saved pipeline: train {name} first")
+    card = provenance(name, Path(runs_dir), first_stage_facts=_card_facts(DEMO_PIPELINES_DIR / name / "README.md"))
     target = replace_folder(source, DEMO_PIPELINES_DIR / name)
-    write_model_card(target, name=f"m3d demo {name}", provenance=provenance(name, run_dir))
+    write_model_card(target, name=f"m3d demo {name}", provenance=card)
     return target
 
 
@@ -207,9 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.only:
         if not args.cards_only:
             if not args.ship_only:
-                code = train_generator(command_line(name, args.runs_dir, Path(args.runs_dir) / "cache"))
-                if code:
-                    return code
+                for fine_tune in (False, True) if name in FINE_TUNES else (False,):
+                    code = train_generator(command_line(name, args.runs_dir, Path(args.runs_dir) / "cache", fine_tune))
+                    if code:
+                        return code
             print(f"shipped {ship(name, args.runs_dir)}")
         if update_quality_section(DEMO_PIPELINES_DIR / name, name, quality):
             print(f"measured quality written into {DEMO_PIPELINES_DIR / name / 'README.md'}")
