@@ -177,3 +177,35 @@ def test_fine_tune_stage_starts_from_the_first_and_its_card_gives_both(tmp_path)
     assert card.count("```bash") == 2 and "two stages" in card
     assert card.index("- 2000 optimizer steps, first stage;") < card.index("--init-from") < card.index("- 30 optimizer")
     assert demo._card_facts(old_card) == ["- 2000 optimizer steps, first stage;", "- losses: first stage."]
+
+
+def test_injection_cards_give_the_real_looking_ceiling():
+    """An injector's quality section gives the share of real nodules inside the real-looking range (what a
+    perfect generator would score) beside its own, when the measurement has it."""
+    from m3d.train.demo_pipelines import quality_section
+
+    entry = {
+        "task": "inject",
+        "n": 34,
+        "kept_fraction": 0.88,
+        "real_looking_fraction": 0.53,
+        "diameter_mm_median": 15.0,
+        "diameter_mm_iqr": [13.0, 17.0],
+        "seam_ratio_mean": 0.85,
+        "spectral_peak_ratio": 12.0,
+        "vessel_continuity": 0.9,
+        "two_sample_accuracy": 0.65,
+    }
+    quality = {
+        "held_out": {"phantoms": 20, "seed": 2024},
+        "pristine": {"inject": {"seam_ratio_mean": 0.96, "spectral_peak_ratio": 3.8}},
+        "real_nodule_mean_hu_range": [-181.8, -40.5],
+        "real_looking_ceiling": {"phantoms": 80, "seed": 2025, "n": 43, "fraction": 0.791},
+        "pipelines": {"ddpm-inject": entry},
+    }
+    text = quality_section("ddpm-inject", quality)
+    assert "| ... and mean HU within real nodules' [-181.8, -40.5] | 53% |" in text
+    assert "43 real nodules > 10 mm of other phantoms" in text and text.rstrip().endswith("| 0.65 |")
+    assert "| 79% |" in text
+    del quality["real_looking_ceiling"]
+    assert "other phantoms" not in quality_section("ddpm-inject", quality)

@@ -188,6 +188,12 @@ def quality_section(name: str, quality: dict) -> str | None:
             f"| grown nodule > 10 mm | {entry['kept_fraction']:.0%} |",
             f"| ... and mean HU within real nodules' [{low:g}, {high:g}] | {entry['real_looking_fraction']:.0%} |",
         ]
+        ceiling = quality.get("real_looking_ceiling")
+        if ceiling:
+            lines.append(
+                f"| ... the same for {ceiling['n']} real nodules > 10 mm of other phantoms (the most a generator "
+                f"could score) | {ceiling['fraction']:.0%} |"
+            )
     else:
         lines.append(f"| left < 8 mm | {entry['kept_fraction']:.0%} |")
     pristine = quality["pristine"][entry["task"]]
