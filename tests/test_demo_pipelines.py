@@ -175,7 +175,9 @@ def test_fine_tune_stage_starts_from_the_first_and_its_card_gives_both(tmp_path)
     )
     card = demo.provenance(name, tmp_path, first_stage_facts=demo._card_facts(old_card))
     assert card.count("```bash") == 2 and "two stages" in card
-    assert card.index("- 2000 optimizer steps, first stage;") < card.index("--init-from") < card.index("- 30 optimizer")
+    assert (
+        card.index("- 2000 optimizer steps, first stage;") < card.index("--init-from") < card.index("- 30 optimizer")
+    )
     assert demo._card_facts(old_card) == ["- 2000 optimizer steps, first stage;", "- losses: first stage."]
 
 
