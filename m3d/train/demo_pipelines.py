@@ -41,23 +41,9 @@ COMMON = ["--preset", "demo", "--phantom-size", "320", "--phantom-max-slices", "
 # part-solid or ground glass, and on all of them the Pix2Pix injector learnt to grow none (kept 0.00-0.18 on
 # held-out sites; 0.62 on the kept sites only); see the README's "Demo pipelines".
 _GAN = ["--d-learning-rate", "2e-4", "--lambda-l1", "10", "--hole-only"]
-_DDPM = [
-    "--learning-rate",
-    "5e-4",
-    "--hole-only",
-    "--prediction-type",
-    "v_prediction",
-    "--noise-schedule",
-    "squaredcos_cap_v2",
-    "--num-train-timesteps",
-    "1000",
-    "--snr-gamma",
-    "5",
-    "--sampler",
-    "dpmsolver++",
-    "--inference-steps",
-    "25",
-]
+_DDPM = ["--learning-rate", "5e-4", "--hole-only", "--prediction-type", "v_prediction",
+         "--noise-schedule", "squaredcos_cap_v2", "--num-train-timesteps", "1000", "--snr-gamma", "5",
+         "--sampler", "dpmsolver++", "--inference-steps", "25"]  # fmt: skip
 RECIPES: dict[str, list[str]] = {
     "pix2pix-inject": ["--model", "pix2pix", "--task", "inject", "--phantoms", "80", "--only-kept-sites",
                        "--max-steps", "1200", "--batch-size", "8", *_GAN],
@@ -112,11 +98,11 @@ def command_line(name: str, runs_dir: str | Path, cube_cache: str | Path, fine_t
     return [*argv, "--output-dir", str(run_dir(name, runs_dir, fine_tune))]
 
 
-def _losses(run_dir: Path) -> tuple[dict, dict, float]:
+def _losses(run: Path) -> tuple[dict, dict, float]:
     """The first and last logged losses and the training time (s, over every resumed run)."""
     from .common import training_seconds
 
-    records = [json.loads(line) for line in (run_dir / "logs.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
     keep = lambda r: {k: round(v, 4) for k, v in r.items() if k.startswith("loss")} | {"step": r["step"]}  # noqa: E731
     return keep(records[0]), keep(records[-1]), training_seconds(records)
 
