@@ -62,7 +62,7 @@ from m3d.presets import lookup_preset
 from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS
 from m3d.train import train_detector
-from m3d.train.common import configure_logging, dealt, finite_or_none, gather_dealt, process_state
+from m3d.train.common import configure_logging, dataclass_defaults, dealt, finite_or_none, gather_dealt, process_state
 from m3d.train.demo_detectors import starting_weights
 from m3d.train.detector_data import (
     DEFAULT_CROP_SIZE,
@@ -230,14 +230,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         choices=sorted(BENCH_PRESETS),
-        default="default",
         help="demo: tiny detectors, a few steps (CPU minutes); default: the papers' sizes (GPU)",
     )
     parser.add_argument(
         "--detectors",
         nargs="+",
         choices=list(DETECTORS),
-        default=list(FORENSIC_DETECTORS),
         help="detectors of the train x test generator grid (default: the paper's six forensic "
         "methods and m3d's slab3d; "
         f"{PRELIMINARY_DETECTOR} is the preliminary experiment's)",
@@ -254,7 +252,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--experiments",
         nargs="+",
         choices=EXPERIMENTS,
-        default=list(EXPERIMENTS),
         help="cross_generator: every detector x train generator x test generator; preliminary: the "
         "general-purpose detector trained on non-medical images vs on M3Dsynth",
     )
@@ -274,12 +271,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--mixed-precision",
         choices=("no", "bf16", "fp16"),
-        default="no",
         help="Accelerate mixed precision of the forward passes (bf16 on recent GPUs)",
     )
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="slices per forward pass when testing")
-    parser.add_argument("--example-maps", type=int, default=2, help="fakes per cell kept for the example plots")
-    parser.add_argument("--cache-mb", type=int, default=4096, help="memory for decoded crops")
+    parser.add_argument("--eval-batch-size", type=int, help="slices per forward pass when testing")
+    parser.add_argument("--example-maps", type=int, help="fakes per cell kept for the example plots")
+    parser.add_argument("--cache-mb", type=int, help="memory for decoded crops")
     parser.add_argument("--dataset-cache-dir", default=None, help="datasets' cache folder")
     parser.add_argument(
         "--cell-workers",
@@ -289,9 +285,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="cells trained at once in N processes of one thread each (default: one per CPU core for "
         "the demo preset's single-thread cells in a single-process run, else 1)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of every cell's training")
+    parser.add_argument("--seed", type=int, help="seed of every cell's training")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when an accelerator is present")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(**dataclass_defaults(BenchmarkArguments))
     return parser
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "StopRequest",
     "complete_checkpoints",
     "configure_logging",
+    "dataclass_defaults",
     "dealt",
     "end_trackers",
     "finite_or_none",
@@ -194,6 +195,20 @@ def training_seconds(log_records: list[dict[str, Any]]) -> float:
 def json_value(value: Any) -> Any:
     """``value`` if JSON writes it as is (int, float, str, bool, None), else ``str(value)``."""
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def dataclass_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a dataclass's fields (``default_factory`` ones made), for an argument parser whose options
+    are those fields to take as its own (``parser.set_defaults``): one place holds each default."""
+    from dataclasses import MISSING, fields
+
+    defaults = {}
+    for field in fields(cls):
+        if field.default is not MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not MISSING:
+            defaults[field.name] = field.default_factory()
+    return defaults
 
 
 def finite_or_none(value: Any) -> Any:

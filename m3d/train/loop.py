@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -39,6 +39,7 @@ from .common import (
     STATE_FILE,
     StopRequest,
     configure_logging,
+    dataclass_defaults,
     end_trackers,
     finite_or_none,
     json_value,
@@ -74,7 +75,7 @@ class TrainingArguments:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """The fields' defaults: the trainer's parser takes them as its own (``parser.set_defaults``)."""
-        return {field.name: field.default for field in fields(cls) if field.default is not MISSING}
+        return dataclass_defaults(cls)
 
     @classmethod
     def parse(cls: type[Arguments], parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Arguments:
