@@ -575,3 +575,20 @@ def test_help_runs_as_a_module():
         and args.phantom_size == 320
         and args.phantom_spacing == "native"
     )
+
+
+def test_option_checks_name_the_option_and_allow_none_where_optional(tmp_path):
+    """`TrainingArguments.require_positive`, as `check` uses it: a count below 1 is a one-line error naming
+    the option; an optional one may be None but not 0."""
+    from m3d.train.train_generator import TrainGeneratorArguments, build_parser
+
+    def arguments(*extra: str) -> TrainGeneratorArguments:
+        argv = ["--model", "pix2pix", "--task", "inject", "--output-dir", str(tmp_path), *extra]
+        return TrainGeneratorArguments.parse(build_parser(), argv)
+
+    arguments().check()
+    arguments("--max-scans", "3").check()
+    with pytest.raises(ValueError, match="^--max-scans must be positive; got 0$"):
+        arguments("--max-scans", "0").check()
+    with pytest.raises(ValueError, match="^--phantom-size must be positive; got -2$"):
+        arguments("--phantom-size", "-2").check()

@@ -72,6 +72,16 @@ class TrainingArguments:
     log_every: int = 10
     no_progress: bool = False
 
+    def require_positive(self, *names: str, optional: Sequence[str] = ()) -> None:
+        """ValueError naming the option when one of ``names``, or of ``optional`` unless it is None, is below 1
+        (the `check` of a trainer's arguments)."""
+        for name in (*names, *optional):
+            value = getattr(self, name)
+            if name in optional and value is None:
+                continue
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {value}")
+
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         """The fields' defaults: the trainer's parser takes them as its own (``parser.set_defaults``)."""

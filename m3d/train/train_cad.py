@@ -127,18 +127,15 @@ class TrainCADArguments(TrainingArguments):
 
     def check(self) -> None:
         """ValueError for values the parser lets through."""
-        for name in (
+        self.require_positive(
             "max_steps",
             "batch_size",
             "gradient_accumulation_steps",
             "log_every",
             "phantoms",
             "phantom_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
-        if self.max_scans is not None and self.max_scans < 1:
-            raise ValueError(f"--max-scans must be positive; got {self.max_scans}")
+            optional=("max_scans",),
+        )
         if min(self.checkpointing_steps, self.eval_every, self.num_workers) < 0:
             raise ValueError("--checkpointing-steps, --eval-every and --num-workers must not be negative")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -200,19 +200,15 @@ class TrainDetectorArguments(TrainingArguments):
         """ValueError for values the parser lets through."""
         if (self.detector is None) == (self.model is None):
             raise ValueError("give one of --detector (a new detector) and --model (a saved one)")
-        for name in (
+        self.require_positive(
             "num_epochs",
             "batch_size",
             "eval_batch_size",
             "gradient_accumulation_steps",
             "log_every",
             "cache_mb",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
-        for name in ("max_steps", "slices_per_epoch"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+            optional=("max_steps", "slices_per_epoch"),
+        )
         if self.checkpointing_steps < 0 or self.num_workers < 0 or self.warmup_steps < 0:
             raise ValueError("--checkpointing-steps, --num-workers and --warmup-steps must not be negative")
         if self.data is None and self.train_images is None:

@@ -128,7 +128,7 @@ class TrainGeneratorArguments(TrainingArguments):
 
     def check(self) -> None:
         """ValueError for values the parser lets through."""
-        positive = [
+        self.require_positive(
             "max_steps",
             "batch_size",
             "gradient_accumulation_steps",
@@ -137,12 +137,8 @@ class TrainGeneratorArguments(TrainingArguments):
             "phantom_size",
             "inference_steps",
             "num_train_timesteps",
-        ]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
-        if self.max_scans is not None and self.max_scans < 1:
-            raise ValueError(f"--max-scans must be positive; got {self.max_scans}")
+            optional=("max_scans",),
+        )
         if self.checkpointing_steps < 0 or self.num_workers < 0:
             raise ValueError("--checkpointing-steps and --num-workers must not be negative")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
