@@ -261,26 +261,15 @@ def test_resume_with_other_weights_at_the_same_path_is_refused(tmp_path, tiny_pi
         build_dataset(out, **arguments)
 
 
+def tiny_build_argv(out: Path, pipelines_dir: Path) -> list[str]:
+    """`m3d build` of two tiny phantoms with the test pix2pix pipelines, quality check off, no progress bars."""
+    phantoms = ["--size", str(PHANTOMS["size"]), "--max-slices", str(PHANTOMS["max_slices"])]
+    return ["--out", str(out), "--pipelines", str(pipelines_dir), "--generators", "pix2pix", "--phantoms", "2",
+            *phantoms, "--phantom-spacing", PHANTOMS["phantom_spacing"], "--keep-all", "--no-progress"]  # fmt: skip
+
+
 def test_no_progress_prints_no_bars(tmp_path, tiny_pipelines_dir, capsys):
-    argv = [
-        "--out",
-        str(tmp_path / "ds"),
-        "--pipelines",
-        str(tiny_pipelines_dir),
-        "--generators",
-        "pix2pix",
-        "--phantoms",
-        "2",
-        "--size",
-        str(PHANTOMS["size"]),
-        "--max-slices",
-        str(PHANTOMS["max_slices"]),
-        "--phantom-spacing",
-        "scaled",
-        "--keep-all",
-        "--no-progress",
-    ]
-    assert build_main(argv, prog="m3d build") == 0
+    assert build_main(tiny_build_argv(tmp_path / "ds", tiny_pipelines_dir), prog="m3d build") == 0
     captured = capsys.readouterr()
     assert "it/s" not in captured.err and "scan/s" not in captured.err and "%|" not in captured.err, captured.err
     assert "load it with datasets.load_dataset" in captured.out
@@ -312,24 +301,7 @@ def test_a_second_build_into_the_same_folder_at_once_is_refused(tmp_path, tiny_p
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        argv = [
-            "--out",
-            str(out),
-            "--pipelines",
-            str(tiny_pipelines_dir),
-            "--generators",
-            "pix2pix",
-            "--phantoms",
-            "2",
-            "--size",
-            str(PHANTOMS["size"]),
-            "--max-slices",
-            str(PHANTOMS["max_slices"]),
-            "--phantom-spacing",
-            "scaled",
-            "--keep-all",
-            "--no-progress",
-        ]
+        argv = tiny_build_argv(out, tiny_pipelines_dir)
         assert build_main(argv, prog="m3d build") == 2
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and f"being written by another build (process {holder.pid})" in error
