@@ -105,10 +105,11 @@ def held_out_cubes(
     size: int = DEFAULT_PHANTOMS["size"],
     max_slices: int | None = DEFAULT_PHANTOMS["max_slices"],
     spacing: str = DEFAULT_PHANTOMS["spacing"],
+    keep_scans: bool = True,
 ) -> tuple[dict[str, np.ndarray], list]:
     """Pristine 32^3 HU cubes at the plan's injection and removal sites of ``n_phantoms`` new phantoms
     (the builder's nodule settings; ``spacing`` "native" | "scaled" as `phantom_jobs`), and the scans as
-    ``(case, {task: [LPS locations]})``."""
+    ``(case, {task: [LPS locations]})`` (none unless ``keep_scans``: each holds its whole volume)."""
     cubes: dict[str, list[np.ndarray]] = {task: [] for task in TASKS}
     scans = []
     for i in range(n_phantoms):
@@ -127,7 +128,8 @@ def held_out_cubes(
             except TamperLocationError:
                 continue
             locations[site.task].append(location)
-        scans.append((case, locations))
+        if keep_scans:
+            scans.append((case, locations))
     return {task: np.stack(found) for task, found in cubes.items()}, scans
 
 
@@ -299,7 +301,7 @@ def real_looking_ceiling(
     that reproduced real nodules exactly (None if ``n_phantoms`` is 0 or there is no such nodule)."""
     if n_phantoms == 0:
         return None
-    cubes, _ = held_out_cubes(n_phantoms, seed, size, max_slices, spacing)
+    cubes, _ = held_out_cubes(n_phantoms, seed, size, max_slices, spacing, keep_scans=False)
     measured = [
         result.measurement for result in (check_quality(cube, "inject") for cube in cubes["remove"]) if result.kept
     ]
