@@ -143,9 +143,10 @@ def provenance(name: str, runs_dir: Path, first_stage_facts: list[str] | None = 
 def _card_facts(card: Path) -> list[str] | None:
     """The bullets after the first command of an existing card's "How it was made" section: the facts of the
     first stage of the weights it describes."""
-    if not card.is_file() or "## How it was made" not in card.read_text():
+    text = card.read_text() if card.is_file() else ""
+    if "## How it was made" not in text:
         return None
-    section = card.read_text().split("## How it was made", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## How it was made", 1)[1].split("\n## ", 1)[0]
     stages = section.split("```bash")
     first = stages[1].split("```", 1)[-1] if len(stages) > 1 else ""
     return [line for line in first.splitlines() if line.startswith("- ")] or None
