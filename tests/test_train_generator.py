@@ -515,6 +515,35 @@ def test_hole_only_trains(tmp_path, monkeypatch, model):
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_config_overrides_shape_the_generators_and_the_saved_pipeline(tmp_path, monkeypatch, capsys):
+    """--config-overrides changes both CycleGAN generators (not the discriminators) from the preset's config; the
+    saved pipeline records it and loads; an unknown key or a malformed pair is a one-line error."""
+    from m3d.pipelines import load_pipeline
+
+    assert tg.parse_config_overrides("n_downsampling=1, padding_mode=zeros,dropout=0.5") == {
+        "n_downsampling": 1,
+        "padding_mode": "zeros",
+        "dropout": 0.5,
+    }
+    trainer = tg.make_trainer("cyclegan", "inject", "tiny", config_overrides={"n_downsampling": 1})
+    assert [trainer.networks[n].config.n_downsampling for n in ("generator", "reverse_generator")] == [1, 1]
+    assert trainer.networks["reverse_generator"].config.in_channels == 1
+    assert tg.make_trainer("cyclegan", "inject", "tiny").networks["generator"].config.n_downsampling == 2
+
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    argv = _argv(
+        "cyclegan", tmp_path / "run", 1, "--checkpointing-steps", "0", "--config-overrides", "n_downsampling=1"
+    )
+    assert tg.main(argv) == 0
+    assert load_pipeline(tmp_path / "run" / "pipeline").network.config.n_downsampling == 1
+    capsys.readouterr()
+    assert tg.main(_argv("cyclegan", tmp_path / "bad", 1, "--config-overrides", "n_downsample=1")) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "CycleGAN3DGenerator has no n_downsample" in error[0] and "n_downsampling" in error[0]
+    assert tg.main(_argv("ddpm", tmp_path / "bad", 1, "--config-overrides", "layers")) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     calls = []

@@ -89,13 +89,11 @@ class CycleGAN3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
 
-    # "reference": CycleGAN's ngf = 64 with 6 residual blocks. "demo": one stride-2 stage, so the residual blocks
-    # run at 16^3: at 8^3 this narrow a generator, which has no skip connections, drew every hole from 8^3 cells
-    # and left a blotchy period-4 lattice (README, "Demo pipelines").
+    # "reference": CycleGAN's ngf = 64 with 6 residual blocks
     presets = {
         "reference": dict(ngf=64, n_blocks=6),
         "default": {},
-        "demo": dict(ngf=8, n_blocks=3, n_downsampling=1),
+        "demo": dict(ngf=8, n_blocks=3),
         "tiny": dict(ngf=4, n_blocks=2),
     }
 

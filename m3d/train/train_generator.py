@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -96,6 +97,7 @@ class TrainGeneratorArguments(TrainingArguments):
     model: str
     task: str
     preset: str = "default"
+    config_overrides: str | None = None
     data: str | None = None
     lidc_root: str | None = None
     max_scans: int | None = None
@@ -147,6 +149,7 @@ class TrainGeneratorArguments(TrainingArguments):
             raise ValueError(f"--full-cycle-weight must not be negative; got {self.full_cycle_weight}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"--snr-gamma must be positive; got {self.snr_gamma}")
+        check_config_overrides(self.model, parse_config_overrides(self.config_overrides))
         if self.model == "pix2pix" and self.batch_size < 2:
             raise ValueError("pix2pix trains BatchNorm down to a 1^3 bottleneck: --batch-size must be at least 2")
 
@@ -175,6 +178,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="network sizes: each network's presets (m3d.models; tiny: tests; demo: the shipped demo "
         "pipelines', trains in "
         "minutes on a CPU; default: CPU-sized; reference: the papers')",
+    )
+    what.add_argument(
+        "--config-overrides",
+        metavar="KEY=VALUE,...",
+        help="change the generator's (cyclegan: both generators'; ddpm: the UNet's) config from --preset's, e.g. "
+        "n_downsampling=1 (values read as JSON, else as text); the saved pipeline's config records them",
     )
 
     data = parser.add_argument_group("data (one of --data / --lidc-root; else --phantoms synthetic scans)")
@@ -337,10 +346,17 @@ class GeneratorTrainer:
     pipeline_component = "network"  # ... and its component name there
 
     def __init__(
-        self, task: str, preset: str, lr: float, d_lr: float | None, args: TrainGeneratorArguments | None = None
+        self,
+        task: str,
+        preset: str,
+        lr: float,
+        d_lr: float | None,
+        args: TrainGeneratorArguments | None = None,
+        config_overrides: dict[str, Any] | None = None,
     ):
         self.task = task
         self.preset = preset
+        self.config_overrides = dict(config_overrides or {})
         self.lr = lr
         self.d_lr = d_lr
         self.args = args
@@ -413,13 +429,23 @@ class GeneratorTrainer:
 class Pix2PixTrainer(GeneratorTrainer):
     model = "pix2pix"
 
-    def __init__(self, task, preset, lr, d_lr, args=None, lambda_l1: float = 100.0, hole_only: bool = False):
-        super().__init__(task, preset, lr, d_lr, args)
+    def __init__(
+        self,
+        task,
+        preset,
+        lr,
+        d_lr,
+        args=None,
+        config_overrides=None,
+        lambda_l1: float = 100.0,
+        hole_only: bool = False,
+    ):
+        super().__init__(task, preset, lr, d_lr, args, config_overrides)
         from ..models import PatchDiscriminator3D, Pix2Pix3DGenerator
 
         self.lambda_l1 = lambda_l1
         self.hole_only = hole_only
-        generator = Pix2Pix3DGenerator.from_preset(preset)
+        generator = Pix2Pix3DGenerator.from_preset(preset, **self.config_overrides)
         discriminator = PatchDiscriminator3D.from_preset(preset)
         self.networks = {"generator": generator, "discriminator": discriminator}
         self.optimizers = {
@@ -474,18 +500,19 @@ class CycleGANTrainer(GeneratorTrainer):
         lr,
         d_lr,
         args=None,
+        config_overrides=None,
         lambda_cycle: float = 10.0,
         full_cycle_weight: float = 1.0,
         hole_only: bool = False,
     ):
-        super().__init__(task, preset, lr, d_lr, args)
+        super().__init__(task, preset, lr, d_lr, args, config_overrides)
         from ..models import CycleGAN3DDiscriminator, CycleGAN3DGenerator
 
         self.lambda_cycle = lambda_cycle
         self.full_cycle_weight = full_cycle_weight
         self.hole_only = hole_only
-        G = CycleGAN3DGenerator.from_preset(preset)  # masked -> full (the pipeline's generator)
-        Fr = CycleGAN3DGenerator.from_preset(preset, in_channels=1)  # full -> masked
+        G = CycleGAN3DGenerator.from_preset(preset, **self.config_overrides)  # masked -> full (the pipeline's)
+        Fr = CycleGAN3DGenerator.from_preset(preset, **{**self.config_overrides, "in_channels": 1})  # full -> masked
         D_full = CycleGAN3DDiscriminator.from_preset(preset, in_channels=1)
         D_masked = CycleGAN3DDiscriminator.from_preset(preset, in_channels=1)
         self.networks = {
@@ -572,6 +599,7 @@ class DDPMTrainer(GeneratorTrainer):
         lr,
         d_lr=None,
         args=None,
+        config_overrides=None,
         ema_decay: float = 0.9999,
         hole_only: bool = False,
         prediction_type: str = "epsilon",
@@ -579,13 +607,13 @@ class DDPMTrainer(GeneratorTrainer):
         num_train_timesteps: int = 2000,
         snr_gamma: float | None = None,
     ):
-        super().__init__(task, preset, lr, None, args)
+        super().__init__(task, preset, lr, None, args, config_overrides)
         self.hole_only = hole_only
         self.snr_gamma = snr_gamma
         from ..models import UNet3DModel
         from ..pipelines import default_scheduler
 
-        unet = UNet3DModel.from_preset(preset)
+        unet = UNet3DModel.from_preset(preset, **self.config_overrides)
         self.scheduler = default_scheduler(num_train_timesteps, prediction_type, beta_schedule)
         self.networks = {"unet": unet}
         self.optimizers = {"unet": torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)}
@@ -702,11 +730,43 @@ class DDPMTrainer(GeneratorTrainer):
 TRAINERS = {"pix2pix": Pix2PixTrainer, "cyclegan": CycleGANTrainer, "ddpm": DDPMTrainer}
 
 
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """``"n_downsampling=1,ngf=16"`` -> ``{"n_downsampling": 1, "ngf": 16}`` (values read as JSON, else as text)."""
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"--config-overrides takes KEY=VALUE pairs separated by commas; got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def check_config_overrides(model: str, overrides: dict[str, Any]) -> None:
+    """ValueError naming the keys of ``overrides`` that ``model``'s generator network does not take."""
+    from .. import models
+
+    network = {
+        "pix2pix": models.Pix2Pix3DGenerator,
+        "cyclegan": models.CycleGAN3DGenerator,
+        "ddpm": models.UNet3DModel,
+    }[model]
+    known = set(inspect.signature(network.__init__).parameters) - {"self"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"--config-overrides: {network.__name__} has no {', '.join(unknown)}; it takes " + ", ".join(sorted(known))
+        )
+
+
 def make_trainer(
     model: str,
     task: str,
     preset: str = "default",
     *,
+    config_overrides: dict[str, Any] | None = None,
     learning_rate: float | None = None,
     d_learning_rate: float | None = None,
     lambda_l1: float = 100.0,
@@ -727,19 +787,30 @@ def make_trainer(
         raise ValueError(f"task must be one of {TASKS}; got {task!r}")
     if preset not in PRESET_CHOICES:
         raise ValueError(f"preset must be one of {PRESET_CHOICES}; got {preset!r}")
+    check_config_overrides(model, config_overrides or {})
     lr = learning_rate if learning_rate is not None else DEFAULT_LR[model]
     d_lr = d_learning_rate if d_learning_rate is not None else DEFAULT_D_LR.get(model)
     if model == "pix2pix":
-        trainer = Pix2PixTrainer(task, preset, lr, d_lr, lambda_l1=lambda_l1, hole_only=hole_only)
+        trainer = Pix2PixTrainer(
+            task, preset, lr, d_lr, config_overrides=config_overrides, lambda_l1=lambda_l1, hole_only=hole_only
+        )
     elif model == "cyclegan":
         trainer = CycleGANTrainer(
-            task, preset, lr, d_lr, lambda_cycle=lambda_cycle, full_cycle_weight=full_cycle_weight, hole_only=hole_only
+            task,
+            preset,
+            lr,
+            d_lr,
+            config_overrides=config_overrides,
+            lambda_cycle=lambda_cycle,
+            full_cycle_weight=full_cycle_weight,
+            hole_only=hole_only,
         )
     else:
         trainer = DDPMTrainer(
             task,
             preset,
             lr,
+            config_overrides=config_overrides,
             ema_decay=ema_decay,
             hole_only=hole_only,
             prediction_type=prediction_type,
@@ -890,6 +961,7 @@ class GeneratorTraining(TrainingLoop):
             args.model,
             args.task,
             args.preset,
+            config_overrides=parse_config_overrides(args.config_overrides),
             learning_rate=args.learning_rate,
             d_learning_rate=args.d_learning_rate,
             lambda_l1=args.lambda_l1,
