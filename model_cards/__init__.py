@@ -53,6 +53,7 @@ class FolderInfo:
     model_type: str = ""
     input_mode: str = ""
     localizes: bool = False
+    remote_code: bool = False  # the folder holds the code its config's auto_map names (trust_remote_code loads it)
 
 
 def folder_kind(path: str | Path) -> str:
@@ -128,7 +129,15 @@ def _folder_info(path: Path, kind: str) -> FolderInfo:
         model_type=config["model_type"],
         input_mode=str(config.get("input_mode", "")),
         localizes=kind == "detector" and _localizes(config["model_type"]),
+        remote_code=_carries_code(path, config),
     )
+
+
+def _carries_code(path: Path, config: dict) -> bool:
+    """Does the folder hold every module its ``auto_map`` names (``"modeling_x.Class"`` -> ``modeling_x.py``)?"""
+    auto_map = config.get("auto_map") or {}
+    modules = {reference.split("--")[-1].rsplit(".", 1)[0] for reference in auto_map.values()}
+    return bool(modules) and all((path / f"{module}.py").is_file() for module in modules)
 
 
 def _localizes(model_type: str) -> bool:

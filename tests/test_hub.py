@@ -68,7 +68,7 @@ def test_push_errors_are_one_line(tmp_path, dataset_folder, monkeypatch, capsys)
 
 def test_shipped_configs_name_no_local_path(tmp_path):
     """Shipped folders load anywhere: no config.json records where it was loaded from on the machine
-    that made it, and the shipping copy drops that key."""
+    that made it (the shipping copy drops that key) or names modeling code that is not beside it."""
     import m3d
     from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR
     from m3d.train.common import replace_folder
@@ -76,6 +76,15 @@ def test_shipped_configs_name_no_local_path(tmp_path):
     configs = sorted([*Path(m3d.__file__).parent.rglob("config.json"), *DEMO_PIPELINES_DIR.rglob("config.json")])
     assert len(configs) > 20  # detectors, pipelines' models, the CAD scorer
     assert not [str(c) for c in configs if "_name_or_path" in json.loads(c.read_text())]
+    # an auto_map names code beside the config (trust_remote_code would fail on a missing module)
+    auto_maps = {c: json.loads(c.read_text()).get("auto_map", {}) for c in configs}
+    missing = [
+        f"{config}: {reference}"
+        for config, auto_map in auto_maps.items()
+        for reference in auto_map.values()
+        if not (config.parent / (reference.split("--")[-1].rsplit(".", 1)[0] + ".py")).is_file()
+    ]
+    assert not missing
     source = tmp_path / "run"
     source.mkdir()
     (source / "config.json").write_text(json.dumps({"_name_or_path": "/home/someone/run", "model_type": "x"}))

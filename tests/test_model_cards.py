@@ -68,6 +68,22 @@ def test_classifier_card_is_image_classification(folders):
     assert front_matter(render_model_card(root / "xception"))["pipeline_tag"] == "image-classification"
 
 
+def test_detector_card_names_trust_remote_code_only_where_the_code_is(folders, tmp_path):
+    """A detector saved by m3d carries its code and its card says trust_remote_code loads it; a copy without the
+    modules its auto_map names (as the package's demo starting weights) does not claim it."""
+    import json
+    import shutil
+
+    root, _, _ = folders
+    assert "trust_remote_code=True)` loads the same model" in render_model_card(root / "unet")
+    bare = tmp_path / "unet-weights-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(root / "unet" / name, bare / name)
+    assert "trust_remote_code" not in render_model_card(bare)
+    assert json.loads((bare / "config.json").read_text())["auto_map"]  # named, but the modules are not there
+
+
 def test_folder_kind_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         folder_kind(tmp_path / "missing")
