@@ -63,6 +63,16 @@ def code_bundle(module_names: Iterable[str]) -> dict[str, str]:
     return bundle
 
 
+def missing_code(folder: str | Path, config: dict) -> list[str]:
+    """The ``config.auto_map`` references (``"modeling_x.Class"``, or ``"repo--modeling_x.Class"``) whose module
+    file is not in ``folder``: ``trust_remote_code`` loading would fail on each."""
+    return [
+        reference
+        for reference in (config.get("auto_map") or {}).values()
+        if not (Path(folder) / (reference.split("--")[-1].rsplit(".", 1)[0] + ".py")).is_file()
+    ]
+
+
 def save_with_code(model: Any, save_directory: str | Path, auto_classes: Iterable[str]) -> None:
     """Write ``model``'s code bundle into ``save_directory`` and set ``model.config.auto_map`` (AutoConfig and
     each of ``auto_classes``) so that the `save_pretrained` that follows records it."""

@@ -20,6 +20,8 @@ from typing import Iterable
 import jinja2
 import yaml
 
+from ..remote_code import missing_code
+
 TEMPLATES = Path(__file__).with_name("templates")
 LICENSE = "apache-2.0"
 PHANTOM_NOTE = "phantom"  # a folder whose training data is m3d's synthetic CT says so in its config/logs
@@ -129,15 +131,8 @@ def _folder_info(path: Path, kind: str) -> FolderInfo:
         model_type=config["model_type"],
         input_mode=str(config.get("input_mode", "")),
         localizes=kind == "detector" and _localizes(config["model_type"]),
-        remote_code=_carries_code(path, config),
+        remote_code=bool(config.get("auto_map")) and not missing_code(path, config),
     )
-
-
-def _carries_code(path: Path, config: dict) -> bool:
-    """Does the folder hold every module its ``auto_map`` names (``"modeling_x.Class"`` -> ``modeling_x.py``)?"""
-    auto_map = config.get("auto_map") or {}
-    modules = {reference.split("--")[-1].rsplit(".", 1)[0] for reference in auto_map.values()}
-    return bool(modules) and all((path / f"{module}.py").is_file() for module in modules)
 
 
 def _localizes(model_type: str) -> bool:

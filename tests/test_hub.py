@@ -71,22 +71,25 @@ def test_shipped_configs_name_no_local_path(tmp_path):
     that made it (the shipping copy drops that key) or names modeling code that is not beside it."""
     import m3d
     from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR
+    from m3d.remote_code import missing_code
     from m3d.train.common import replace_folder
 
     configs = sorted([*Path(m3d.__file__).parent.rglob("config.json"), *DEMO_PIPELINES_DIR.rglob("config.json")])
     assert len(configs) > 20  # detectors, pipelines' models, the CAD scorer
     assert not [str(c) for c in configs if "_name_or_path" in json.loads(c.read_text())]
     # an auto_map names code beside the config (trust_remote_code would fail on a missing module)
-    auto_maps = {c: json.loads(c.read_text()).get("auto_map", {}) for c in configs}
-    missing = [
-        f"{config}: {reference}"
-        for config, auto_map in auto_maps.items()
-        for reference in auto_map.values()
-        if not (config.parent / (reference.split("--")[-1].rsplit(".", 1)[0] + ".py")).is_file()
-    ]
-    assert not missing
+    missing = {str(c): missing_code(c.parent, json.loads(c.read_text())) for c in configs}
+    assert not {config: references for config, references in missing.items() if references}
     source = tmp_path / "run"
     source.mkdir()
     (source / "config.json").write_text(json.dumps({"_name_or_path": "/home/someone/run", "model_type": "x"}))
     shipped = replace_folder(source, tmp_path / "shipped")
     assert json.loads((shipped / "config.json").read_text()) == {"model_type": "x"}
+    # a copy of only some files drops the auto_map whose code it leaves behind, and keeps one whose code it takes
+    (source / "config.json").write_text(json.dumps({"model_type": "x", "auto_map": {"AutoModel": "modeling_x.X"}}))
+    (source / "modeling_x.py").write_text("")
+    assert "auto_map" not in json.loads(
+        (replace_folder(source, tmp_path / "bare", files=("config.json",)) / "config.json").read_text()
+    )
+    kept = replace_folder(source, tmp_path / "with_code", files=("config.json", "modeling_x.py"))
+    assert json.loads((kept / "config.json").read_text())["auto_map"] == {"AutoModel": "modeling_x.X"}

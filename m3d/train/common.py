@@ -252,7 +252,10 @@ def save_pretrained_atomic(model_or_pipeline: Any, folder: Path, extra_files: di
 def replace_folder(source: Path, target: Path, files: tuple[str, ...] | None = None) -> Path:
     """Copy ``source`` (or only its ``files``) to ``target``, replacing it whole: copied under a temporary
     name beside it, made world-readable, then renamed, so ``target`` is never half-written. The copy is
-    for shipping: its configs lose ``_name_or_path`` (where the source was loaded from on this machine)."""
+    for shipping: its configs lose ``_name_or_path`` (where the source was loaded from on this machine), and
+    ``auto_map`` where the copy lacks the code it names (the copy loads through m3d's registered classes)."""
+    from ..remote_code import missing_code
+
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     if files is None:
@@ -263,7 +266,11 @@ def replace_folder(source: Path, target: Path, files: tuple[str, ...] | None = N
             shutil.copy(source / file, temporary / file)
     for config in temporary.rglob("config.json"):
         payload = json.loads(config.read_text())
-        if payload.pop("_name_or_path", None) is not None:
+        changed = payload.pop("_name_or_path", None) is not None
+        if "auto_map" in payload and missing_code(config.parent, payload):
+            del payload["auto_map"]
+            changed = True
+        if changed:
             config.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     for path in [temporary, *temporary.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)

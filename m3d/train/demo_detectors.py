@@ -124,7 +124,7 @@ def ship(name: str, runs_dir: str | Path, data: str | Path) -> Path:
     """Copy ``runs_dir/name/best`` to ``m3d/detectors/demo/name`` (replacing it; its weights, config and image
     processor, not its code) with its model card."""
     from ..model_cards import write_model_card
-    from .common import replace_folder, write_json_atomic
+    from .common import replace_folder
 
     run_dir = Path(runs_dir) / name
     source = run_dir / "best"
@@ -134,11 +134,6 @@ def ship(name: str, runs_dir: str | Path, data: str | Path) -> Path:
     target = replace_folder(
         source, DEMO_DIR / name, files=("config.json", "model.safetensors", "preprocessor_config.json")
     )
-    # without the code files the run saved beside it, the config's auto_map would name modules the folder lacks:
-    # the package's copy loads through m3d's own registration
-    config = json.loads((target / "config.json").read_text())
-    if config.pop("auto_map", None) is not None:
-        write_json_atomic(target / "config.json", config)
     write_model_card(target, name=f"m3d demo {name}", provenance=provenance(name, run_dir, data))
     return target
 
