@@ -22,11 +22,12 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from ..constants import TASKS
+from ..constants import CUBE_SPACING_MM, TASKS
 from ..data.ct import CTVolume
 from ..data.lungs import segment_lungs
 from ..loading import read_json_object
 from ..tamper.cube import CUBE_SIZE, Cube, extract_cube, hole_mask, hu_to_unit, paste_cube, unit_to_hu
+from ..tamper.nodule_shape import random_nodule_mask, sample_target_diameter_mm
 from ..tamper.touch_up import touch_up as touch_up_cube
 
 OUTPUT_TYPES = ("np", "pt", "volume")
@@ -34,6 +35,8 @@ OUTPUT_TYPES = ("np", "pt", "volume")
 # diffusers reserves ``generator`` for random generators)
 RENAMED_COMPONENTS = {"generator": "network"}
 MODEL_LOADING_KWARGS = ("dtype", "torch_dtype", "use_safetensors", "variant", "low_cpu_mem_usage")
+
+NODULE_MASK_CHANNELS = 3  # a GAN network with 3 input channels also sees the mask of the nodule to draw
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
@@ -104,14 +107,30 @@ def as_cube_batch(cubes: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.clamp(-1, 1)
 
 
+def network_input(
+    masked: torch.Tensor, hole_mask: torch.Tensor, channels: int, nodule_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What a GAN network with ``channels`` input channels sees: the ``masked`` cubes (1), with the ``hole_mask``
+    (2), and with the mask of the nodule to draw (`NODULE_MASK_CHANNELS`); all ``(b, 1, 32, 32, 32)``."""
+    if channels == 1:
+        return masked
+    if channels == 2:
+        return torch.cat([masked, hole_mask], dim=1)
+    if channels == NODULE_MASK_CHANNELS and nodule_mask is not None:
+        return torch.cat([masked, hole_mask, nodule_mask.to(masked.dtype)], dim=1)
+    raise ValueError(f"a network with {channels} input channels needs {'a nodule mask' if channels == 3 else '1-3'}")
+
+
 @dataclass
 class CubeBatch:
     """One batch of cubes on the network's device: ``cubes`` the originals ``(b, 1, 32, 32, 32)`` in [-1, 1],
-    ``hole_mask`` 1 in the centre hole (same shape), and the cubes' own random generators."""
+    ``hole_mask`` 1 in the centre hole (same shape), the cubes' own random generators, and for mask-conditioned
+    networks the mask of the nodule to draw in each (same shape)."""
 
     cubes: torch.Tensor
     hole_mask: torch.Tensor
     generators: list[torch.Generator]
+    nodule_mask: torch.Tensor | None = None
 
     @property
     def known_mask(self) -> torch.Tensor:
@@ -119,10 +138,9 @@ class CubeBatch:
         return 1.0 - self.hole_mask
 
     def condition(self, channels: int) -> torch.Tensor:
-        """What a network is conditioned on: the cubes with the hole set to 0, and with ``channels=2`` the hole
-        mask."""
-        masked = self.cubes * self.known_mask
-        return masked if channels == 1 else torch.cat([masked, self.hole_mask], dim=1)
+        """What a network is conditioned on (`network_input`): the cubes with the hole set to 0, with
+        ``channels=2`` the hole mask, with ``channels=3`` also the target nodule mask."""
+        return network_input(self.cubes * self.known_mask, self.hole_mask, channels, self.nodule_mask)
 
 
 @dataclass
@@ -134,6 +152,7 @@ class CubeInputs:
     hole_mask: torch.Tensor
     volume: CTVolume | None = None
     sites: list[Cube] | None = None
+    nodule_mask: torch.Tensor | None = None  # the target nodule of a mask-conditioned network, 1 inside
 
     def __len__(self) -> int:
         return self.cubes.shape[0]
@@ -145,6 +164,7 @@ class CubeInputs:
                 self.cubes[start : start + batch_size].to(device),
                 self.hole_mask[start : start + batch_size].to(device),
                 generators[start : start + batch_size],
+                None if self.nodule_mask is None else self.nodule_mask[start : start + batch_size].to(device),
             )
             for start in range(0, len(self), batch_size)
         ]
@@ -182,6 +202,43 @@ class CubeProcessor:
         else:
             unit = as_cube_batch(cubes)
         return CubeInputs(unit, self.hole.to(torch.float32).expand_as(unit), volume, sites)
+
+    def nodule_masks(
+        self,
+        inputs: CubeInputs,
+        task: str,
+        generators: list[torch.Generator],
+        nodule_masks: np.ndarray | torch.Tensor | None = None,
+        diameter_mm: float | tuple[float, float] | None = None,
+    ) -> CubeInputs:
+        """``inputs`` with the mask of the nodule a mask-conditioned network draws in each cube: ``nodule_masks``
+        as given (``(N, [1,] 32, 32, 32)``, nonzero inside; only their part in the hole counts), or one drawn per
+        cube by `random_nodule_mask` from its generator, of a diameter (mm) drawn from ``diameter_mm`` (one value or
+        a ``(low, high)`` range; None: the task's `TARGET_NODULE_DIAMETER_MM`)."""
+        if nodule_masks is not None:
+            masks = torch.as_tensor(
+                np.array(nodule_masks.detach().cpu() if torch.is_tensor(nodule_masks) else nodule_masks)
+            )
+            masks = masks[:, None] if masks.ndim == 4 else masks
+            if tuple(masks.shape) != (len(inputs), 1, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE):
+                edge = f"{CUBE_SIZE}, {CUBE_SIZE}, {CUBE_SIZE}"
+                raise ValueError(
+                    f"nodule_masks must be ({len(inputs)}, 1, {edge}) or ({len(inputs)}, {edge}), one per cube; "
+                    f"got shape {tuple(masks.shape)}"
+                )
+            masks = (masks != 0) & self.hole
+        else:
+            drawn = []
+            for stream in generators:
+                rng = numpy_rng(stream)
+                drawn.append(
+                    random_nodule_mask(
+                        rng, sample_target_diameter_mm(rng, task, diameter_mm), CUBE_SIZE, CUBE_SPACING_MM
+                    )
+                )
+            masks = torch.from_numpy(np.stack(drawn))[:, None]
+        inputs.nodule_mask = masks.to(torch.float32)
+        return inputs
 
     def postprocess(
         self,
@@ -345,8 +402,16 @@ class M3DTamperPipeline(DiffusionPipeline):
         batch_size: int,
         keep_context: bool = True,
         touch_up: bool = False,
+        nodule_masks: Any = None,
+        mask_conditioned: bool = False,
     ) -> None:
-        """One clear `ValueError` for a call that cannot work, before anything is computed."""
+        """One clear `ValueError` for a call that cannot work, before anything is computed (``mask_conditioned``:
+        whether the network sees a target nodule mask, which ``nodule_masks`` gives)."""
+        if nodule_masks is not None and not mask_conditioned:
+            raise ValueError(
+                f"this {type(self).__name__}'s network is not conditioned on a nodule mask (it takes "
+                f"{NODULE_MASK_CHANNELS - 1} input channels or fewer): do not pass `nodule_masks`"
+            )
         if task is not None and check_task_name(task) != self.config.task:
             raise ValueError(
                 f"this {type(self).__name__} holds weights trained for task {self.config.task!r}; "

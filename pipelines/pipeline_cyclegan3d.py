@@ -5,8 +5,10 @@ forward pass.
 Training uses both directions (G: masked -> filled, F: filled -> masked, two PatchGAN discriminators,
 cycle-consistency losses); as in the paper only G is used at inference, so only G is a component.
 The network sees the cube with its centre hole set to 0 (``in_channels=1``) or that plus the hole
-mask (``in_channels=2``). It is deterministic (no dropout, InstanceNorm); ``generator`` seeds
-the touch-ups' noise. ``keep_context`` and the touch-ups as in `Pix2Pix3DPipeline`.
+mask (``in_channels=2``), or also the mask of the nodule to draw (``in_channels=3``, as LeFusion conditions on a
+lesion mask: ``nodule_masks``, or one drawn per cube, `m3d.tamper.nodule_shape`). It is deterministic (no dropout,
+InstanceNorm); ``generator`` seeds the drawn nodule masks and the touch-ups' noise. ``keep_context`` and the
+touch-ups as in `Pix2Pix3DPipeline`.
 
 One task per folder: ``task`` ("inject" | "remove") is recorded in ``model_index.json``.
 """
@@ -20,7 +22,14 @@ import torch
 
 from ..data.ct import CTVolume
 from ..models.cyclegan3d import CycleGAN3DGenerator
-from .common import GeneratorArg, M3DPipelineOutput, M3DTamperPipeline, check_task_name, per_sample_generators
+from .common import (
+    NODULE_MASK_CHANNELS,
+    GeneratorArg,
+    M3DPipelineOutput,
+    M3DTamperPipeline,
+    check_task_name,
+    per_sample_generators,
+)
 
 __all__ = ["CycleGAN3DPipeline"]
 
@@ -63,6 +72,8 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         return_dict: bool = True,
         keep_context: bool = True,
         touch_up: bool | None = None,
+        nodule_masks: np.ndarray | torch.Tensor | None = None,
+        nodule_diameter_mm: float | tuple[float, float] | None = None,
     ) -> M3DPipelineOutput | tuple:
         """Fill the centre hole of ``cubes``, or of 32 mm cubes cut from ``volume``, in one forward pass.
 
@@ -84,6 +95,11 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
             keep_context: replace only the hole (else keep the whole generated cube).
             touch_up: CT-GAN's touch-ups (`m3d.tamper.touch_up`): the scan's noise on the generated hole and
                 a blend into the original; None (the default) = ``keep_context``, which they need.
+            nodule_masks: for a mask-conditioned network (``in_channels=3``), where to draw the nodule in each cube:
+                ``(B, [1,] 32, 32, 32)``, nonzero inside the nodule (its part in the hole counts). None: one mask per
+                cube drawn from the cube's generator (`m3d.tamper.nodule_shape.random_nodule_mask`).
+            nodule_diameter_mm: the drawn masks' equivalent diameter (mm): one value or a ``(low, high)`` range
+                (None: the task's `m3d.constants.TARGET_NODULE_DIAMETER_MM`).
 
         Returns:
             `M3DPipelineOutput` (or the tuple): the cubes, and with a scan the tampered scan and the mask of
@@ -91,13 +107,19 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         """
         touch_up = keep_context if touch_up is None else touch_up
         # 1. Check inputs
-        self.check_inputs(cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up)
+        mask_conditioned = self.network.config.in_channels == NODULE_MASK_CHANNELS
+        self.check_inputs(
+            cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up,
+            nodule_masks, mask_conditioned,
+        )  # fmt: skip
 
         # 2. Preprocess: cut each site's cube at 1 mm, scale the HU window to [-1, 1], mask the hole
         inputs = self.cube_processor.preprocess(
             cubes, volume, locations_lps_mm, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung
         )
         generators = per_sample_generators(generator, len(inputs))
+        if mask_conditioned:  # the nodule to draw in each cube: given, or drawn from the cube's generator
+            inputs = self.cube_processor.nodule_masks(inputs, self.task, generators, nodule_masks, nodule_diameter_mm)
 
         # 3. One forward pass per batch
         filled = []

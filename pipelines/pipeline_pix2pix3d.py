@@ -2,7 +2,9 @@
 fills the masked centre of a 32 mm CT cube in one forward pass of its network, a `Pix2Pix3DGenerator`.
 
 The network sees the cube with its 20^3 centre hole set to 0 (``in_channels=1``, as CT-GAN) or that
-plus the hole mask (``in_channels=2``). Inference is deterministic by default (CT-GAN runs Keras'
+plus the hole mask (``in_channels=2``), or also the mask of the nodule to draw (``in_channels=3``, as LeFusion
+conditions on a lesion mask: ``nodule_masks``, or one drawn per cube from ``generator``,
+`m3d.tamper.nodule_shape`). Inference is deterministic by default (CT-GAN runs Keras'
 ``predict``, dropout off); ``stochastic=True`` turns on pix2pix's test-time dropout, seeded by
 ``generator`` (one stream per cube). By default only the hole is replaced (``keep_context=True``):
 the rest of the cube stays the scan's own voxels; ``keep_context=False`` keeps the whole generated
@@ -23,7 +25,14 @@ import torch
 
 from ..data.ct import CTVolume
 from ..models.pix2pix3d import Pix2Pix3DGenerator
-from .common import GeneratorArg, M3DPipelineOutput, M3DTamperPipeline, check_task_name, per_sample_generators
+from .common import (
+    NODULE_MASK_CHANNELS,
+    GeneratorArg,
+    M3DPipelineOutput,
+    M3DTamperPipeline,
+    check_task_name,
+    per_sample_generators,
+)
 
 __all__ = ["Pix2Pix3DPipeline"]
 
@@ -67,6 +76,8 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
         stochastic: bool = False,
         keep_context: bool = True,
         touch_up: bool | None = None,
+        nodule_masks: np.ndarray | torch.Tensor | None = None,
+        nodule_diameter_mm: float | tuple[float, float] | None = None,
     ) -> M3DPipelineOutput | tuple:
         """Fill the centre hole of ``cubes``, or of 32 mm cubes cut from ``volume``, in one forward pass.
 
@@ -90,6 +101,11 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
             keep_context: replace only the hole (else keep the whole generated cube, as CT-GAN).
             touch_up: CT-GAN's touch-ups (`m3d.tamper.touch_up`): the scan's noise on the generated hole and
                 a blend into the original; None (the default) = ``keep_context``, which they need.
+            nodule_masks: for a mask-conditioned network (``in_channels=3``), where to draw the nodule in each cube:
+                ``(B, [1,] 32, 32, 32)``, nonzero inside the nodule (its part in the hole counts). None: one mask per
+                cube drawn from the cube's generator (`m3d.tamper.nodule_shape.random_nodule_mask`).
+            nodule_diameter_mm: the drawn masks' equivalent diameter (mm): one value or a ``(low, high)`` range
+                (None: the task's `m3d.constants.TARGET_NODULE_DIAMETER_MM`).
 
         Returns:
             `M3DPipelineOutput` (or the tuple): the cubes, and with a scan the tampered scan and the mask of
@@ -97,13 +113,19 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
         """
         touch_up = keep_context if touch_up is None else touch_up
         # 1. Check inputs
-        self.check_inputs(cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up)
+        mask_conditioned = self.network.config.in_channels == NODULE_MASK_CHANNELS
+        self.check_inputs(
+            cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up,
+            nodule_masks, mask_conditioned,
+        )  # fmt: skip
 
         # 2. Preprocess: cut each site's cube at 1 mm, scale the HU window to [-1, 1], mask the hole
         inputs = self.cube_processor.preprocess(
             cubes, volume, locations_lps_mm, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung
         )
         generators = per_sample_generators(generator, len(inputs))
+        if mask_conditioned:  # the nodule to draw in each cube: given, or drawn from the cube's generator
+            inputs = self.cube_processor.nodule_masks(inputs, self.task, generators, nodule_masks, nodule_diameter_mm)
 
         # 3. One forward pass per batch
         filled = []

@@ -388,6 +388,32 @@ def test_task_mismatch_and_bad_inputs_fail_clearly():
         call(pipe, torch.zeros(1, 1, 16, 16, 16))
 
 
+@pytest.mark.parametrize("kind", ["pix2pix", "cyclegan"])
+def test_mask_conditioned_gans_draw_where_the_nodule_mask_says(kind):
+    """A network with ``in_channels=3`` sees the target nodule mask: given masks change the output, drawn ones come
+    from each cube's generator (same seed, same cubes), and the inputs are checked."""
+    cls, component, _ = PIPELINES[kind]
+    pipe = cls.from_preset("tiny", task="inject", in_channels=3)
+    randomize(getattr(pipe, component))
+    pipe.set_progress_bar_config(disable=True)
+    cubes = random_cubes(2)
+    seeded = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    drawn = call(pipe, cubes, generator=seeded()).cubes
+    np.testing.assert_array_equal(drawn, call(pipe, cubes, generator=seeded()).cubes)
+    assert not np.array_equal(drawn, call(pipe, cubes, generator=seeded(), nodule_diameter_mm=5.0).cubes)
+    ball = np.broadcast_to(hole_mask((CUBE_SIZE,) * 3, 8), (2, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE))
+    with_ball = call(pipe, cubes, generator=seeded(), nodule_masks=ball).cubes
+    without = call(pipe, cubes, generator=seeded(), nodule_masks=np.zeros_like(ball)).cubes
+    assert not np.array_equal(with_ball, without)
+    np.testing.assert_array_equal(with_ball[:, :, ~hole_mask()], without[:, :, ~hole_mask()])
+    with pytest.raises(ValueError, match="nodule_masks must be"):
+        call(pipe, cubes, nodule_masks=ball[:1])
+    with pytest.raises(ValueError, match="fit the hole"):
+        call(pipe, cubes, nodule_diameter_mm=25.0)
+    with pytest.raises(ValueError, match="not conditioned on a nodule mask"):
+        call(tiny_pipeline(kind), cubes, nodule_masks=ball)
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "pix2pix"])
 def test_volume_path_changes_only_the_cube(kind):
     volume = phantom()

@@ -1,7 +1,17 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from m3d.tamper.quality import QualityCriteria, check_quality, measure_nodule
+from m3d.constants import CUBE_SIZE, HOLE_SIZE
+from m3d.tamper.cube import hole_mask
+from m3d.tamper.nodule_shape import random_nodule_mask, sample_target_diameter_mm
+from m3d.tamper.quality import (
+    QualityCriteria,
+    check_quality,
+    distance_from_centre_mm,
+    measure_nodule,
+    nodule_mask,
+)
 
 
 def _cube(radius_mm: float = 0.0, center=(15.5, 15.5, 15.5), background: float = -850.0, seed: int = 0) -> np.ndarray:
@@ -52,3 +62,52 @@ def test_keep_rule():
         check_quality(_cube(3.0), "swap")
     with pytest.raises(ValueError, match="cubic"):
         measure_nodule(np.zeros((32, 32, 30)))
+
+
+# -- the target nodule masks of mask-conditioned generators ---------------------------------------
+
+
+@pytest.mark.parametrize("diameter_mm", [5.0, 12.0, 16.5])
+def test_random_nodule_masks_have_the_asked_volume_and_stay_inside_the_hole(diameter_mm):
+    rng = np.random.default_rng(1)
+    masks = [random_nodule_mask(rng, diameter_mm) for _ in range(6)]
+    inside = hole_mask((CUBE_SIZE,) * 3, HOLE_SIZE - 2)
+    for mask in masks:
+        assert mask.shape == (CUBE_SIZE,) * 3 and not (mask & ~inside).any()
+        assert abs((6 * mask.sum() / np.pi) ** (1 / 3) - diameter_mm) < 0.3
+        assert ndimage.label(mask, np.ones((3, 3, 3)))[1] == 1 and mask[15:17, 15:17, 15:17].all()
+    assert len({mask.tobytes() for mask in masks}) == len(masks)  # every draw its own shape
+    np.testing.assert_array_equal(
+        random_nodule_mask(np.random.default_rng(7), diameter_mm),
+        random_nodule_mask(np.random.default_rng(7), diameter_mm),
+    )
+    with pytest.raises(ValueError, match="fit the hole"):
+        random_nodule_mask(rng, 19.0)
+
+
+def test_random_nodule_masks_are_lobulated_not_balls():
+    """The shapes are not spheres: their surface is larger than a ball's of the same volume."""
+    rng = np.random.default_rng(2)
+    ratios = []
+    for _ in range(10):
+        mask = random_nodule_mask(rng, 14.0)
+        surface = (mask & ~ndimage.binary_erosion(mask)).sum()
+        ball = (
+            distance_from_centre_mm(mask.shape) <= np.sort(distance_from_centre_mm(mask.shape).ravel())[mask.sum() - 1]
+        )
+        ratios.append(surface / (ball & ~ndimage.binary_erosion(ball)).sum())
+    assert np.median(ratios) > 1.1
+
+
+@pytest.mark.parametrize("task", ["inject", "remove"])
+def test_a_nodule_drawn_solid_in_a_target_mask_passes_the_keep_rule(task):
+    """The default diameters of `TARGET_NODULE_DIAMETER_MM` give nodules the builder keeps when a generator fills
+    the mask with solid tissue: > 10 mm for an injection, < 8 mm for a removal, as the quality check measures."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        mask = random_nodule_mask(rng, sample_target_diameter_mm(rng, task, None))
+        cube_hu = np.where(mask, 20.0, -850.0)
+        result = check_quality(cube_hu, task)
+        assert result.kept, result.reason
+        measured = nodule_mask(cube_hu)
+        assert not (measured & ~mask).any() and measured.sum() == result.measurement.volume_mm3

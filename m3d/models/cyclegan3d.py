@@ -78,7 +78,8 @@ class CycleGAN3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
     """3-D CycleGAN ResNet generator (see module doc).
 
     Args:
-        in_channels: 1 (masked cube) or 2 (+ hole mask) for G; 1 for the reverse generator F.
+        in_channels: 1 (masked cube), 2 (+ hole mask) or 3 (+ the mask of the nodule to draw,
+            `m3d.tamper.nodule_shape`) for G; 1 for the reverse generator F.
         out_channels: 1.
         ngf: filters of the first layer (CycleGAN: 64; default 32 for CPU demos).
         n_blocks: residual blocks at the lowest resolution (default 6).

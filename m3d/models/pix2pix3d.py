@@ -116,7 +116,8 @@ class Pix2Pix3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
     """CT-GAN's 3-D U-Net generator (see module doc).
 
     Args:
-        in_channels: 1 (the masked cube, as CT-GAN) or 2 (masked cube + hole mask).
+        in_channels: 1 (the masked cube, as CT-GAN), 2 (masked cube + hole mask) or 3 (+ the mask of the nodule
+            to draw, `m3d.tamper.nodule_shape`).
         out_channels: 1.
         gf: filters of the first layer (CT-GAN: 100; default 32 for CPU demos).
         depth: encoder layers; 5 takes a 32^3 cube to 1^3 as CT-GAN; the input size must be

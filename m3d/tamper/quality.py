@@ -70,16 +70,26 @@ def central_component(solid: np.ndarray, center_radius_mm: float, spacing_mm: fl
     return np.isin(labels, central) if central.size else np.zeros(solid.shape, bool)
 
 
+def nodule_mask(
+    cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
+) -> np.ndarray:
+    """The voxels of the nodule at the centre of a cube of HU (any cubic shape, isotropic ``spacing_mm``), as
+    `measure_nodule` measures it: the `central_component` of the voxels above ``criteria.threshold_hu`` inside the
+    centre hole (``HOLE_SIZE``^3 voxels, or the whole cube when it is smaller)."""
+    hu = np.asarray(cube_hu, np.float32)
+    if hu.ndim != 3 or len(set(hu.shape)) != 1:
+        raise ValueError(f"cube_hu must be a cubic 3-D array; got shape {hu.shape}")
+    solid = (hu > criteria.threshold_hu) & hole_mask(hu.shape, min(HOLE_SIZE, hu.shape[0]))
+    return central_component(solid, criteria.center_radius_mm, spacing_mm)
+
+
 def measure_nodule(
     cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
 ) -> NoduleMeasurement:
     """Measure the nodule at the centre of a cube of HU (any cubic shape, isotropic ``spacing_mm``;
     the generator's centre hole is ``HOLE_SIZE``^3 voxels when the cube is the 32^3 tamper cube)."""
     hu = np.asarray(cube_hu, np.float32)
-    if hu.ndim != 3 or len(set(hu.shape)) != 1:
-        raise ValueError(f"cube_hu must be a cubic 3-D array; got shape {hu.shape}")
-    solid = (hu > criteria.threshold_hu) & hole_mask(hu.shape, min(HOLE_SIZE, hu.shape[0]))
-    nodule = central_component(solid, criteria.center_radius_mm, spacing_mm)
+    nodule = nodule_mask(hu, criteria, spacing_mm)
     volume_mm3 = float(nodule.sum()) * spacing_mm**3
     return NoduleMeasurement(
         diameter_mm=float((6 * volume_mm3 / np.pi) ** (1 / 3)),
@@ -107,4 +117,4 @@ def check_quality(
     return QualityResult(measurement=measurement, kept=kept, reason=reason)
 
 
-__all__ = ["NoduleMeasurement", "QualityCriteria", "QualityResult", "check_quality", "measure_nodule"]
+__all__ = ["NoduleMeasurement", "QualityCriteria", "QualityResult", "check_quality", "measure_nodule", "nodule_mask"]

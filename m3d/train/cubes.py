@@ -56,6 +56,7 @@ from ..tamper.cube import (
     hole_mask,
     hu_to_unit,
 )
+from ..tamper.quality import nodule_mask
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +297,10 @@ class Augmentation:
 class CubeDataset(Dataset):
     """Generator training samples: CT-GAN-augmented 32^3 crops of 40 mm cubes around nodule sites.
 
-    Each item is ``dict(full, masked, mask)``: ``full`` ``(1, 32, 32, 32)`` float32 in [-1, 1]
-    (`hu_to_unit`), ``masked`` the same with the 20^3 centre hole set to 0, ``mask`` 1.0 in the hole.
+    Each item is ``dict(full, masked, mask, nodule_mask)``: ``full`` ``(1, 32, 32, 32)`` float32 in [-1, 1]
+    (`hu_to_unit`), ``masked`` the same with the 20^3 centre hole set to 0, ``mask`` 1.0 in the hole,
+    ``nodule_mask`` 1.0 on the nodule at the centre as the quality check measures it
+    (`m3d.tamper.quality.nodule_mask`): what a mask-conditioned generator is told to draw.
 
     Args:
         sites: `NoduleSite` objects; a 40 mm cube is cut around each one now (float32 HU, in memory).
@@ -437,8 +440,14 @@ class CubeDataset(Dataset):
         return self.augmentation(index).apply(self.cubes_hu[self.cube_index(index)], self.crop_size)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        full = torch.from_numpy(hu_to_unit(self.crop(index)).astype(np.float32))[None]
-        return {"full": full, "masked": full.masked_fill(self._mask.bool(), 0.0), "mask": self._mask.clone()}
+        crop_hu = self.crop(index)
+        full = torch.from_numpy(hu_to_unit(crop_hu).astype(np.float32))[None]
+        return {
+            "full": full,
+            "masked": full.masked_fill(self._mask.bool(), 0.0),
+            "mask": self._mask.clone(),
+            "nodule_mask": torch.from_numpy(nodule_mask(crop_hu)).to(torch.float32)[None],
+        }
 
 
 __all__ = [

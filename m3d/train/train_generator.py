@@ -334,8 +334,14 @@ def _lsgan(scores: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(scores, torch.ones_like(scores) if real else torch.zeros_like(scores))
 
 
-def _generator_input(network: nn.Module, cube: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return cube if network.config.in_channels == 1 else torch.cat([cube, mask], dim=1)
+def _generator_input(
+    network: nn.Module, cube: torch.Tensor, mask: torch.Tensor, nodule_mask: torch.Tensor
+) -> torch.Tensor:
+    """What the pipeline gives ``network`` (`m3d.pipelines.common.network_input`): the cube, the hole mask as its
+    ``in_channels`` ask, and for a mask-conditioned network the mask of the nodule to draw."""
+    from ..pipelines.common import network_input
+
+    return network_input(cube, mask, network.config.in_channels, nodule_mask)
 
 
 class GeneratorTrainer:
@@ -456,7 +462,7 @@ class Pix2PixTrainer(GeneratorTrainer):
     def step(self, batch):
         G, D = self.networks["generator"], self.networks["discriminator"]
         full, masked, mask = batch["full"], batch["masked"], batch["mask"]
-        fake = G(_generator_input(self.unwrap("generator"), masked, mask)).sample.float()
+        fake = G(_generator_input(self.unwrap("generator"), masked, mask, batch["nodule_mask"])).sample.float()
         l1_weights = torch.ones_like(mask)
         if self.hole_only:  # the candidate the pipeline returns: generated hole, real context
             fake = mask * fake + (1 - mask) * full
@@ -541,13 +547,14 @@ class CycleGANTrainer(GeneratorTrainer):
         g_net = self.unwrap("generator")
         mask = batch["mask"]
         real_masked = batch["masked"]  # domain A
-        real_full = batch["full"][
-            torch.randperm(batch["full"].shape[0], device="cpu").to(mask.device)
-        ]  # domain B, unpaired
+        unpaired = torch.randperm(batch["full"].shape[0], device="cpu").to(mask.device)
+        real_full = batch["full"][unpaired]  # domain B, unpaired
+        real_nodules = batch["nodule_mask"][unpaired]  # its nodules: what a mask-conditioned G is told to draw
 
         def to_full(cube: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            """G's output; with ``hole_only`` its hole pasted into ``context`` (as the pipeline does)."""
-            out = G(_generator_input(g_net, cube, mask)).sample.float()
+            """G's output, drawing ``real_nodules``; with ``hole_only`` its hole pasted into ``context`` (as the
+            pipeline does)."""
+            out = G(_generator_input(g_net, cube, mask, real_nodules)).sample.float()
             return mask * out + (1 - mask) * context if self.hole_only else out
 
         _set_requires_grad([D_full, D_masked], False)

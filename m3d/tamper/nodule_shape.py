@@ -1,0 +1,79 @@
+"""Target nodule shapes: where a mask-conditioned generator is asked to draw the nodule (as LeFusion conditions
+its lesion inpainting on a lesion mask).
+
+A generator trained with ``in_channels=3`` sees, besides the masked cube and the hole mask, the mask of the nodule
+to draw. In training that is the real nodule's mask, measured on the training cube as the builder's quality check
+measures it (`m3d.tamper.quality.nodule_mask`: the solid part, above -400 HU, reaching the centre). At tampering time
+the pipeline draws one with `random_nodule_mask`: a lobulated body with a few thin spicules and an irregular margin
+(the margins the LIDC readers rate: lobulation, spiculation), scaled to an equivalent diameter drawn from the task's range
+(`TARGET_NODULE_DIAMETER_MM`) and kept one voxel inside the hole so that the generated nodule does not meet the
+hole's faces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from ..constants import CUBE_SIZE, CUBE_SPACING_MM, HOLE_SIZE, TARGET_NODULE_DIAMETER_MM
+from .cube import hole_mask
+
+__all__ = ["random_nodule_mask", "sample_target_diameter_mm"]
+
+_LOBES = (2, 6)  # number of lobes (inclusive range)
+_SPICULES = (0, 6)
+# relative amplitude of the margin's fine irregularity: real phantom nodules' solid parts (above -400 HU) have 1.05-2.2
+# times (10th-90th percentile, median 1.26) the surface of a ball of their volume; these shapes 1.06-1.46 (median 1.22)
+_ROUGHNESS = (0.05, 0.2)
+
+
+def sample_target_diameter_mm(
+    rng: np.random.Generator, task: str, diameter_mm: float | tuple[float, float] | None
+) -> float:
+    """One target diameter (mm): ``diameter_mm`` itself, uniform in its ``(low, high)`` range, or (None) uniform
+    in the task's `TARGET_NODULE_DIAMETER_MM`."""
+    bounds = TARGET_NODULE_DIAMETER_MM[task] if diameter_mm is None else diameter_mm
+    if np.ndim(bounds) == 0:
+        return float(bounds)
+    low, high = (float(v) for v in bounds)
+    return float(rng.uniform(low, high))
+
+
+def _unit_vectors(rng: np.random.Generator, count: int) -> np.ndarray:
+    vectors = rng.normal(size=(count, 3))
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def random_nodule_mask(
+    rng: np.random.Generator, diameter_mm: float, size: int = CUBE_SIZE, spacing_mm: float = CUBE_SPACING_MM
+) -> np.ndarray:
+    """A bool ``size``^3 mask of a lobulated, possibly spiculated nodule at the cube's centre whose volume is that
+    of a sphere of ``diameter_mm`` (as far as the hole allows), inside the centre hole less one voxel."""
+    if not 0 < diameter_mm < (HOLE_SIZE - 2) * spacing_mm:
+        raise ValueError(
+            f"diameter_mm must be in (0, {(HOLE_SIZE - 2) * spacing_mm:g}) to fit the hole; got {diameter_mm}"
+        )
+    grid = (np.indices((size,) * 3, dtype=np.float32) - (size - 1) / 2) * spacing_mm
+    radius = np.sqrt((grid**2).sum(0))
+    directions = grid / np.maximum(radius, 1e-6)
+    # the shape's radius in each direction, relative to its mean: an ellipsoid, lobes (broad bumps), spicules
+    axes = rng.uniform(0.8, 1.25, 3)
+    rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    rotated = np.einsum("ij,jxyz->ixyz", rotation.T.astype(np.float32), directions)
+    relative = 1.0 / np.sqrt(((rotated / axes[:, None, None, None]) ** 2).sum(0))
+    for lobe in _unit_vectors(rng, int(rng.integers(_LOBES[0], _LOBES[1] + 1))):
+        cosine = np.einsum("i,ixyz->xyz", lobe.astype(np.float32), directions)
+        relative += rng.uniform(0.1, 0.3) * np.exp(rng.uniform(2.0, 6.0) * (cosine - 1))
+    for spicule in _unit_vectors(rng, int(rng.integers(_SPICULES[0], _SPICULES[1] + 1))):
+        cosine = np.einsum("i,ixyz->xyz", spicule.astype(np.float32), directions)
+        relative += rng.uniform(0.3, 0.8) * np.exp(rng.uniform(80.0, 200.0) * (cosine - 1))
+    roughness = ndimage.gaussian_filter(rng.normal(size=relative.shape), 1.0)  # a margin as irregular as real ones
+    relative *= 1 + rng.uniform(*_ROUGHNESS) * roughness / roughness.std()
+    inside = hole_mask((size,) * 3, HOLE_SIZE - 2)
+    target_voxels = np.pi / 6 * diameter_mm**3 / spacing_mm**3
+    shape_radius = radius / relative  # a voxel is inside when this is below the mean radius
+    candidates = np.sort(shape_radius[inside])
+    count = int(np.clip(round(target_voxels), 1, candidates.size))
+    mask = inside & (shape_radius <= candidates[count - 1])
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    return labels == labels[(size // 2,) * 3]  # a spicule thinner than a voxel can leave fragments: the body only
