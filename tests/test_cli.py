@@ -266,3 +266,27 @@ def test_a_bug_is_a_traceback_a_user_error_one_line(capsys):
         run_guarded("m3d", lambda: {}["missing"])
     assert run_guarded("m3d", unknown_scan) == 2
     assert capsys.readouterr().err.strip() == "m3d: error: no LIDC scan with patient id 'x'"  # no KeyError quotes
+
+
+def test_tamper_nodule_diameter_reaches_a_mask_conditioned_pipeline_only(removal_site, tmp_path, capsys):
+    """``--nodule-diameter-mm`` sets the nodule a mask-conditioned GAN draws (in_channels=3); a pipeline whose
+    network sees no nodule mask refuses it in one line, before anything is written."""
+    from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR as DEMO_DIR
+    from m3d.pipelines import Pix2Pix3DPipeline
+
+    scan, _, location, _ = removal_site
+    conditioned = tmp_path / "conditioned"
+    Pix2Pix3DPipeline.from_preset("tiny", task="remove", in_channels=3).save_pretrained(conditioned)
+
+    def tamper(pipeline, out: str, diameter: str) -> int:
+        return main(
+            ["tamper", "--scan", str(scan), "--task", "remove", "--at", ",".join(map(str, location)), "--mm",
+             "--ignore-site-rule", "--pipeline", str(pipeline), "--out", str(tmp_path / out),
+             "--nodule-diameter-mm", diameter]
+        )  # fmt: skip
+
+    assert tamper(DEMO_DIR / "pix2pix-remove", "plain", "5") == 2
+    assert "sees no nodule mask" in capsys.readouterr().err and not (tmp_path / "plain" / "dicom").exists()
+    assert tamper(conditioned, "bad", "30") == 2 and "fit the hole" in capsys.readouterr().err
+    assert tamper(conditioned, "good", "5") == 0, capsys.readouterr().err
+    assert (tmp_path / "good" / "mask.nii.gz").is_file()

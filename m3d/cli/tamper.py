@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..constants import TASKS
+from ..constants import TARGET_NODULE_DIAMETER_MM, TASKS
 from .scans import (
     add_enhanced_option,
     add_location_options,
@@ -66,6 +66,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder: dicom/ (tampered series) + mask.nii.gz")
     parser.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (DDPM pipelines)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the generation")
+    parser.add_argument(
+        "--nodule-diameter-mm",
+        type=float,
+        default=None,
+        help="the diameter (mm) of the nodule a mask-conditioned GAN pipeline draws at each site (default: drawn "
+        f"per site in the task's range, inject {TARGET_NODULE_DIAMETER_MM['inject']}, "
+        f"remove {TARGET_NODULE_DIAMETER_MM['remove']})",
+    )
     parser.add_argument("--allow-outside-lung", action="store_true", help="allow a location outside the lungs")
     parser.add_argument(
         "--nodules",
@@ -97,6 +105,7 @@ def run(args: argparse.Namespace) -> None:
     from ..data.dicom import check_out_dir, write_dicom_series
     from ..data.nifti import write_mask_nifti
     from ..pipelines import M3DInpaintPipeline, load_pipeline
+    from ..pipelines.common import NODULE_MASK_CHANNELS
 
     out = Path(args.out)
     series_dir, mask_path = out / "dicom", out / "mask.nii.gz"
@@ -116,6 +125,13 @@ def run(args: argparse.Namespace) -> None:
                 f"{type(pipeline).__name__}, which has none"
             )
         sampling["num_inference_steps"] = args.steps
+    if args.nodule_diameter_mm is not None:
+        if getattr(getattr(pipeline, "network", None), "config", {}).get("in_channels") != NODULE_MASK_CHANNELS:
+            raise ValueError(
+                f"--nodule-diameter-mm sets the nodule a mask-conditioned GAN pipeline draws; {args.pipeline} holds a "
+                f"{type(pipeline).__name__} whose network sees no nodule mask"
+            )
+        sampling["nodule_diameter_mm"] = args.nodule_diameter_mm
     result = pipeline(
         volume=volume,
         locations_lps_mm=locations,
