@@ -56,6 +56,7 @@ class FolderInfo:
     input_mode: str = ""
     localizes: bool = False
     remote_code: bool = False  # the folder holds the code its config's auto_map names (trust_remote_code loads it)
+    nodule_mask: bool = False  # a pipeline whose network also sees the mask of the nodule to draw
 
 
 def folder_kind(path: str | Path) -> str:
@@ -102,6 +103,14 @@ def count_parameters(path: str | Path) -> int:
     return AutoModel.from_pretrained(path).num_parameters()
 
 
+def _sees_nodule_mask(path: Path) -> bool:
+    """Whether a pipeline folder's GAN network is conditioned on a target nodule mask (`m3d.tamper.nodule_shape`)."""
+    from ..pipelines.common import NODULE_MASK_CHANNELS
+
+    config = path / "network" / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("in_channels") == NODULE_MASK_CHANNELS
+
+
 def _folder_info(path: Path, kind: str) -> FolderInfo:
     hint = path.name
     if kind == "pipeline":
@@ -120,6 +129,7 @@ def _folder_info(path: Path, kind: str) -> FolderInfo:
             hint,
             task=str(index.get("task", "")),
             components=components,
+            nodule_mask=_sees_nodule_mask(path),
         )
     config = json.loads((path / "config.json").read_text())
     architectures = config.get("architectures") or [config["model_type"]]

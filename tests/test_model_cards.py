@@ -34,6 +34,13 @@ def test_pipeline_card_metadata_and_facts(folders):
     assert "model-index" not in metadata  # no results given: no empty evaluation entries
     assert f"{pipeline_parameters:,}" in text
     assert "Dual use" in text and "Demonstration weights" in text and "zingarini2024m3dsynth" in text
+    assert "nodule_masks" not in text
+
+
+def test_pipeline_card_says_a_mask_conditioned_network_draws_a_nodule_mask(tmp_path):
+    Pix2Pix3DPipeline.from_preset("tiny", task="inject", in_channels=3).save_pretrained(tmp_path / "pix2pix-inject")
+    text = render_model_card(tmp_path / "pix2pix-inject")
+    assert "nodule_masks=" in text and "TARGET_NODULE_DIAMETER_MM" in text
 
 
 def test_detector_card_results_become_model_index(folders):
