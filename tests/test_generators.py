@@ -154,7 +154,7 @@ def test_unet_gradient_checkpointing_matches():
     assert unet.conv_in.weight.grad is not None
 
 
-@pytest.mark.parametrize("in_channels", [1, 2])
+@pytest.mark.parametrize("in_channels", [1, 2, 3])
 @pytest.mark.parametrize("norm_type", ["batch", "instance"])
 def test_pix2pix_generator_shapes(in_channels, norm_type):
     generator = Pix2Pix3DGenerator(in_channels=in_channels, gf=4, norm_type=norm_type)
@@ -167,6 +167,24 @@ def test_pix2pix_generator_shapes(in_channels, norm_type):
         seeded = [generator(x, dropout_generator=torch.Generator().manual_seed(1)).sample for _ in range(2)]
         other = generator(x, dropout_generator=torch.Generator().manual_seed(2)).sample
     assert torch.equal(*seeded) and not torch.equal(seeded[0], other)
+
+
+@pytest.mark.parametrize("input_skip", [False, True])
+def test_pix2pix_input_skip_is_a_full_resolution_path(input_skip):
+    """With the U-Net's own layers silenced, only ``input_skip`` lets a one-voxel change of the input reach the
+    output, and there only near that voxel (the output convolution's 4^3 reach)."""
+    generator = Pix2Pix3DGenerator(in_channels=3, gf=4, input_skip=input_skip, upsample_mode="trilinear").eval()
+    with torch.no_grad():
+        for parameter in [*generator.down.parameters(), *generator.up.parameters()]:
+            parameter.zero_()
+        generator.conv_out[1].weight.normal_(0, 0.1)
+        x = torch.zeros(1, 3, 32, 32, 32)
+        poked = x.clone()
+        poked[0, 2, 16, 16, 16] = 1.0
+        change = (generator(poked).sample - generator(x).sample).abs()[0, 0]
+    assert (change.max() > 0) == input_skip
+    changed = torch.nonzero(change > 0)
+    assert ((changed - 16).abs() <= 2).all()
 
 
 def test_discriminators_give_2x2x2_patches():

@@ -127,6 +127,10 @@ class Pix2Pix3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
             ``dropout_generator`` is given to ``forward``.
         sample_size: the cube's edge in voxels (32).
         upsample_mode: ``"nearest"`` (CT-GAN) or ``"trilinear"`` (no period-2 texture).
+        input_skip: concatenate the input itself to the last upsampled features, before the output convolution: a
+            full-resolution path (CT-GAN's U-Net has none: its first layer halves the resolution, so every output
+            voxel is drawn from 16^3 features and, upsampled trilinearly, no edge is sharper than 2 voxels; with a
+            nodule mask as input the nodule's margin can follow it voxel by voxel).
     """
 
     # "reference": CT-GAN's gf = 100 and nearest-neighbour upsampling; "default" and "demo" upsample trilinearly
@@ -149,6 +153,7 @@ class Pix2Pix3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
         dropout: float = 0.5,
         sample_size: int = 32,
         upsample_mode: str = "nearest",
+        input_skip: bool = False,
     ):
         super().__init__()
         if upsample_mode not in UPSAMPLE_MODES:
@@ -174,7 +179,7 @@ class Pix2Pix3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
                 _UpLayer(previous, widths[i], make_norm(norm_type, widths[i], spatial), dropout, upsample_mode)
             )
             previous = 2 * widths[i]  # after concatenating the skip
-        self.conv_out = same_conv(previous, out_channels)
+        self.conv_out = same_conv(previous + (in_channels if input_skip else 0), out_channels)
 
     def forward(
         self,
@@ -199,7 +204,10 @@ class Pix2Pix3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
         skips.pop()  # the bottleneck itself
         for layer in self.up:
             h = torch.cat([layer(h, dropout_generator), skips.pop()], dim=1)
-        out = torch.tanh(self.conv_out(upsample(h, self.config.upsample_mode)))
+        h = upsample(h, self.config.upsample_mode)
+        if self.config.input_skip:
+            h = torch.cat([h, sample], dim=1)
+        out = torch.tanh(self.conv_out(h))
         if not return_dict:
             return (out,)
         return GeneratorOutput(sample=out)

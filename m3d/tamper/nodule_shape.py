@@ -5,9 +5,9 @@ A generator trained with ``in_channels=3`` sees, besides the masked cube and the
 to draw. In training that is the real nodule's mask, measured on the training cube as the builder's quality check
 measures it (`m3d.tamper.quality.nodule_mask`: the solid part, above -400 HU, reaching the centre). At tampering time
 the pipeline draws one with `random_nodule_mask`: a lobulated body with a few thin spicules and an irregular margin
-(the margins the LIDC readers rate: lobulation, spiculation), scaled to an equivalent diameter drawn from the task's range
-(`TARGET_NODULE_DIAMETER_MM`) and kept one voxel inside the hole so that the generated nodule does not meet the
-hole's faces.
+(the margins the LIDC readers rate: lobulation, spiculation), scaled to an equivalent diameter drawn from the task's
+range (`TARGET_NODULE_DIAMETER_MM`) and kept one voxel inside the hole so that the generated nodule does not meet
+the hole's faces.
 """
 
 from __future__ import annotations
