@@ -2,10 +2,14 @@
 masked centre of a 32 mm CT cube.
 
 The denoiser (`m3d.models.unet3d.UNet3DModel`) sees ``concat(x_t, masked cube, hole mask)``: the
-masked cube is an extra input channel, as in the paper. Sampling adds RePaint-style known-region
-consistency: after every scheduler step the voxels outside the hole are replaced by the original
-cube forward-noised to the step's target timestep (``scheduler.add_noise(original, noise, t_prev)``),
-and after the last step by the exact original, so the output equals the input outside the hole.
+masked cube is an extra input channel, as in the paper. A UNet with ``in_channels=4`` also sees the mask of the
+nodule to draw (as LeFusion conditions its lesion inpainting on a lesion mask): ``nodule_masks``, or one drawn per
+cube from its generator (`m3d.tamper.nodule_shape`), as in the mask-conditioned GAN pipelines.
+
+Sampling adds RePaint-style known-region consistency: after every scheduler step the voxels outside the hole
+are replaced by the original cube forward-noised to the step's target timestep
+(``scheduler.add_noise(original, noise, t_prev)``), and after the last step by the exact original, so the
+output equals the input outside the hole.
 
 Schedulers: any diffusers scheduler with ``set_timesteps`` / ``step`` / ``add_noise`` —
 `DDPMScheduler` (the training schedule; slow), `DDIMScheduler` (``eta`` is passed through) and
@@ -38,7 +42,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..data.ct import CTVolume
 from ..models.unet3d import UNet3DModel
-from .common import GeneratorArg, M3DPipelineOutput, M3DTamperPipeline, check_task_name, per_sample_generators
+from .common import (
+    NODULE_MASK_CHANNELS,
+    GeneratorArg,
+    M3DPipelineOutput,
+    M3DTamperPipeline,
+    check_task_name,
+    per_sample_generators,
+)
 
 __all__ = [
     "M3DInpaintPipeline",
@@ -100,7 +111,8 @@ class M3DInpaintPipeline(M3DTamperPipeline):
     """Fill the centre hole of 32^3 CT cubes with a conditional 3-D DDPM (see module doc).
 
     Args:
-        unet: the `UNet3DModel` denoiser (``in_channels=3``: noisy cube, masked cube, mask).
+        unet: the `UNet3DModel` denoiser (``in_channels=3``: noisy cube, masked cube, hole mask; 4: and the mask of
+            the nodule to draw).
         scheduler: a diffusers scheduler (default training schedule: `default_scheduler`).
         task: ``"inject"`` or ``"remove"``: what the weights were trained for.
         num_inference_steps: the sampling steps a call uses when it names none: what these weights
@@ -113,9 +125,10 @@ class M3DInpaintPipeline(M3DTamperPipeline):
         self, unet: UNet3DModel, scheduler: SchedulerMixin, task: str = "inject", num_inference_steps: int = 50
     ):
         super().__init__()
-        if unet.config.in_channels != 3:
+        if unet.config.in_channels not in (3, 1 + NODULE_MASK_CHANNELS):
             raise ValueError(
-                f"the inpainting UNet takes 3 channels (noisy, masked, mask); got {unet.config.in_channels}"
+                "the inpainting UNet takes 3 channels (noisy, masked, hole mask) or 4 (and the nodule mask); got "
+                f"{unet.config.in_channels}"
             )
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
@@ -147,6 +160,8 @@ class M3DInpaintPipeline(M3DTamperPipeline):
         allow_outside_lung: bool = False,
         return_dict: bool = True,
         touch_up: bool = True,
+        nodule_masks: np.ndarray | torch.Tensor | None = None,
+        nodule_diameter_mm: float | tuple[float, float] | None = None,
     ) -> M3DPipelineOutput | tuple:
         """Inpaint the centre hole of ``cubes`` or of 32 mm cubes cut from ``volume``.
 
@@ -172,6 +187,9 @@ class M3DInpaintPipeline(M3DTamperPipeline):
             touch_up: CT-GAN's touch-ups (`m3d.tamper.touch_up`), on by default as in the GAN pipelines:
                 the sampler fits the hole to the known region at every step, yet the raw fills leave a seam
                 (measured on held-out sites: 1.48-1.62, pristine 0.96-1.05; 0.87-1.02 with them).
+            nodule_masks, nodule_diameter_mm: for a mask-conditioned UNet (``in_channels=4``), the nodule to draw in
+                each cube, as in `Pix2Pix3DPipeline`: given masks, or masks drawn from the cubes' generators (of this
+                diameter, mm, one value or a range; None: the task's `m3d.constants.TARGET_NODULE_DIAMETER_MM`).
 
         Returns:
             `M3DPipelineOutput` (or the tuple): the cubes (equal to the input outside the hole), and with a
@@ -180,7 +198,11 @@ class M3DInpaintPipeline(M3DTamperPipeline):
         if num_inference_steps is None:
             num_inference_steps = self.config.get("num_inference_steps", 50)  # folders saved before the key
         # 1. Check inputs
-        self.check_inputs(cubes, volume, locations_lps_mm, task, output_type, batch_size, touch_up=touch_up)
+        condition_channels = self.unet.config.in_channels - 1  # what the UNet sees besides the noisy cube
+        self.check_inputs(
+            cubes, volume, locations_lps_mm, task, output_type, batch_size, touch_up=touch_up,
+            nodule_masks=nodule_masks, mask_conditioned=condition_channels == NODULE_MASK_CHANNELS,
+        )  # fmt: skip
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
 
@@ -189,6 +211,8 @@ class M3DInpaintPipeline(M3DTamperPipeline):
             cubes, volume, locations_lps_mm, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung
         )
         generators = per_sample_generators(generator, len(inputs))
+        if condition_channels == NODULE_MASK_CHANNELS:  # the nodule to draw in each cube: given, or drawn
+            inputs = self.cube_processor.nodule_masks(inputs, self.task, generators, nodule_masks, nodule_diameter_mm)
 
         # 3. Denoise each batch; after every step the known region is the original noised to the step's target
         #    timestep (RePaint), after the last the exact original
@@ -197,7 +221,7 @@ class M3DInpaintPipeline(M3DTamperPipeline):
             for batch in inputs.batches(batch_size, generators, self._execution_device):
                 self.scheduler.set_timesteps(num_inference_steps, device=batch.cubes.device)
                 timesteps = self.scheduler.timesteps
-                condition = batch.condition(channels=2)
+                condition = batch.condition(channels=condition_channels)
                 extra_step_kwargs = self.prepare_extra_step_kwargs(batch.generators, eta)
 
                 sample = randn_tensor(

@@ -406,12 +406,12 @@ def test_task_mismatch_and_bad_inputs_fail_clearly():
         call(pipe, torch.zeros(1, 1, 16, 16, 16))
 
 
-@pytest.mark.parametrize("kind", ["pix2pix", "cyclegan"])
-def test_mask_conditioned_gans_draw_where_the_nodule_mask_says(kind):
-    """A network with ``in_channels=3`` sees the target nodule mask: given masks change the output, drawn ones come
-    from each cube's generator (same seed, same cubes), and the inputs are checked."""
+@pytest.mark.parametrize("kind, in_channels", [("pix2pix", 3), ("cyclegan", 3), ("ddpm", 4)])
+def test_mask_conditioned_pipelines_draw_where_the_nodule_mask_says(kind, in_channels):
+    """A network that sees the target nodule mask (the GANs' ``in_channels=3``, the UNet's 4): given masks change
+    the output, drawn ones come from each cube's generator (same seed, same cubes), and the inputs are checked."""
     cls, component, _ = PIPELINES[kind]
-    pipe = cls.from_preset("tiny", task="inject", in_channels=3)
+    pipe = cls.from_preset("tiny", task="inject", in_channels=in_channels)
     randomize(getattr(pipe, component))
     pipe.set_progress_bar_config(disable=True)
     cubes = random_cubes(2)

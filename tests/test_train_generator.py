@@ -270,8 +270,9 @@ DDPM_CPU_RECIPE = dict(
         ("cyclegan", 32, 2, 10, {"config_overrides": {"in_channels": 3}}),
         ("ddpm", 16, 4, 30, {}),
         ("ddpm", 16, 4, 30, DDPM_CPU_RECIPE),
+        ("ddpm", 16, 4, 30, {**DDPM_CPU_RECIPE, "config_overrides": {"in_channels": 4}}),
     ],
-    ids=["pix2pix", "cyclegan", "cyclegan-nodule-mask", "ddpm", "ddpm-v-min-snr"],
+    ids=["pix2pix", "cyclegan", "cyclegan-nodule-mask", "ddpm", "ddpm-v-min-snr", "ddpm-nodule-mask"],
 )
 def test_a_tiny_models_loss_falls(case, model, size, count, steps, options):
     """A few steps on a fixed batch (fixed dropout, noise and timesteps too) make the loss fall. The
@@ -482,6 +483,29 @@ def test_full_cycle_weight_drops_the_redraw_cycle(case, full_cycle_weight):
     trainer.networks["reverse_generator"].forward = lambda sample, **_: SimpleNamespace(sample=batch["masked"])
     loss_cycle = float(trainer.step(batch)["loss_cycle"])
     assert loss_cycle == 0.0 if full_cycle_weight == 0 else loss_cycle > 0.01
+
+
+@pytest.mark.parametrize("model, in_channels", [("pix2pix", 3), ("cyclegan", 3), ("ddpm", 4)])
+def test_init_from_widens_a_trained_network_for_a_nodule_mask(tmp_path, model, in_channels):
+    """--init-from a network without the nodule-mask input into one with it: the new input channel starts at zero
+    weight, so the widened network computes what the saved one did whatever the mask, and training starts there."""
+    from m3d.pipelines import load_pipeline
+
+    trainer = tg.make_trainer(model, "inject", "tiny")
+    trainer.pipeline().save_pretrained(tmp_path / "saved")
+    saved = getattr(load_pipeline(tmp_path / "saved"), trainer.pipeline_component).eval()
+    widened = tg.make_trainer(model, "inject", "tiny", config_overrides={"in_channels": in_channels})
+    widened.init_from(tmp_path / "saved")
+    network = widened.networks[widened.network_name].eval()
+    base = saved.config.in_channels
+    assert base < in_channels
+    x = torch.rand(2, base, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE)
+    extra = () if model != "ddpm" else (torch.tensor([10, 500]),)
+    with torch.no_grad():
+        expected = saved(x, *extra).sample
+        for value in (0.0, 1.0):
+            added = torch.full((2, in_channels - base, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE), value)
+            torch.testing.assert_close(network(torch.cat([x, added], dim=1), *extra).sample, expected)
 
 
 @pytest.mark.parametrize("model", ["pix2pix", "ddpm"])

@@ -335,13 +335,36 @@ def _lsgan(scores: torch.Tensor, real: bool) -> torch.Tensor:
 
 
 def _generator_input(
-    network: nn.Module, cube: torch.Tensor, mask: torch.Tensor, nodule_mask: torch.Tensor
+    network: nn.Module, cube: torch.Tensor, mask: torch.Tensor, nodule_mask: torch.Tensor, condition_only: bool = False
 ) -> torch.Tensor:
     """What the pipeline gives ``network`` (`m3d.pipelines.common.network_input`): the cube, the hole mask as its
-    ``in_channels`` ask, and for a mask-conditioned network the mask of the nodule to draw."""
+    ``in_channels`` ask, and for a mask-conditioned network the mask of the nodule to draw (``condition_only``:
+    the DDPM's condition, its input less the noisy cube)."""
     from ..pipelines.common import network_input
 
-    return network_input(cube, mask, network.config.in_channels, nodule_mask)
+    return network_input(cube, mask, network.config.in_channels - condition_only, nodule_mask)
+
+
+def widen_input_channels(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``source``'s weights, where the ``target`` network takes more input channels (a nodule mask added to a trained
+    network): a convolution whose input dimension is larger in ``target`` gets its new input channels at zero, so that
+    the widened network starts out computing what ``source`` did (as diffusers widens Stable Diffusion's UNet for
+    inpainting). Other mismatches are left for ``load_state_dict`` to report."""
+    widened = dict(source)
+    for name, weights in source.items():
+        wanted = target.get(name)
+        if wanted is None or wanted.ndim < 2 or wanted.shape == weights.shape:
+            continue
+        if (
+            wanted.shape[0] == weights.shape[0]
+            and wanted.shape[2:] == weights.shape[2:]
+            and wanted.shape[1] > weights.shape[1]
+        ):
+            padding = torch.zeros(
+                (weights.shape[0], wanted.shape[1] - weights.shape[1], *weights.shape[2:]), dtype=weights.dtype
+            )
+            widened[name] = torch.cat([weights, padding], dim=1)
+    return widened
 
 
 class GeneratorTrainer:
@@ -411,8 +434,8 @@ class GeneratorTrainer:
                 f"--init-from {folder} holds {found}; --model {self.model} --task {self.task} trains a "
                 f"{type(target).__name__} for {self.task}"
             )
-        try:
-            target.load_state_dict(source.state_dict())  # load_pipeline gives fp32; the copy keeps the target's dtype
+        try:  # load_pipeline gives fp32; the copy keeps the target's dtype
+            target.load_state_dict(widen_input_channels(source.state_dict(), target.state_dict()))
         except RuntimeError as error:
             raise ValueError(
                 f"--init-from {folder}: its weights do not fit --preset {self.preset} ({str(error).splitlines()[0]})"
@@ -649,7 +672,8 @@ class DDPMTrainer(GeneratorTrainer):
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (full.shape[0],), device=full.device, dtype=torch.long)
         noisy = self.scheduler.add_noise(full, noise, timesteps)
-        prediction = unet(torch.cat([noisy, masked, mask], dim=1), timesteps).sample.float()
+        condition = _generator_input(self.unwrap("unet"), masked, mask, batch["nodule_mask"], condition_only=True)
+        prediction = unet(torch.cat([noisy, condition], dim=1), timesteps).sample.float()
         weights = mask if self.hole_only else torch.ones_like(mask)  # sampling keeps the known region anyway
         error = ((prediction - self.target(full, noise, timesteps)) ** 2 * weights).flatten(1).sum(
             1
