@@ -144,41 +144,59 @@ def test_broken_pipeline_folders_are_one_clear_error(tmp_path):
         assert str(path) in str(error.value)
 
 
-def test_fine_tune_stage_starts_from_the_first_and_its_card_gives_both(tmp_path):
-    """A recipe with a second stage: its command replaces the first's options (no option twice) and starts
-    from the first stage's pipeline; the card shows both commands, the first stage's facts taken from the
-    card of the weights it started from when its run is not there."""
+def test_fine_tune_stages_start_from_the_previous_one_and_the_card_gives_all(tmp_path):
+    """A recipe with later stages: each command sets its options on top of the previous stage's (no option twice)
+    and starts from the previous stage's pipeline; the card shows every command, the facts of stages whose run is
+    not there taken from the card of the weights the next stage started from."""
     from m3d.train import demo_pipelines as demo
 
     name = next(iter(demo.FINE_TUNES))
-    first = demo.command_line(name, tmp_path, tmp_path / "cache")
-    second = demo.command_line(name, tmp_path, tmp_path / "cache", fine_tune=True)
-    options = [a for a in second if a.startswith("--")]
-    assert len(options) == len(set(options))
-    assert second[second.index("--init-from") + 1] == str(tmp_path / name / "pipeline")
-    assert second[second.index("--output-dir") + 1] == str(tmp_path / f"{name}-finetune")
-    for option, value in zip(demo.FINE_TUNES[name][::2], demo.FINE_TUNES[name][1::2]):
-        if not value.startswith("--"):
-            assert second[second.index(option) + 1] == value
-    assert first[first.index("--phantoms") + 1] != second[second.index("--phantoms") + 1]
+    count = demo.stage_count(name)
+    assert count == 1 + len(demo.FINE_TUNES[name]) >= 3
+    commands = [demo.command_line(name, tmp_path, tmp_path / "cache", stage) for stage in range(count)]
+    for stage, argv in enumerate(commands):
+        options = [a for a in argv if a.startswith("--")]
+        assert len(options) == len(set(options))
+        assert argv[argv.index("--output-dir") + 1] == str(demo.run_dir(name, tmp_path, stage))
+        if stage:
+            assert argv[argv.index("--init-from") + 1] == str(demo.run_dir(name, tmp_path, stage - 1) / "pipeline")
+            for option, value in zip(demo.FINE_TUNES[name][stage - 1][::2], demo.FINE_TUNES[name][stage - 1][1::2]):
+                if not value.startswith("--"):
+                    assert argv[argv.index(option) + 1] == value
+    assert "--init-from" not in commands[0]
+    assert commands[0][commands[0].index("--phantoms") + 1] != commands[1][commands[1].index("--phantoms") + 1]
+    assert commands[2][commands[2].index("--phantoms") + 1] == commands[1][commands[1].index("--phantoms") + 1]
+    assert len({str(demo.run_dir(name, tmp_path, stage)) for stage in range(count)}) == count
+    with pytest.raises(ValueError, match="no stage"):
+        demo.command_line(name, tmp_path, tmp_path / "cache", count)
 
-    run = tmp_path / f"{name}-finetune"
-    run.mkdir()
-    (run / "training_summary.json").write_text('{"steps": 30, "args": {"seed": 0}, "sites": ["a", "b"]}')
-    (run / "logs.jsonl").write_text(
+    last = demo.run_dir(name, tmp_path, count - 1)
+    last.mkdir()
+    (last / "training_summary.json").write_text('{"steps": 30, "args": {"seed": 0}, "sites": ["a", "b"]}')
+    (last / "logs.jsonl").write_text(
         '{"loss": 0.5, "step": 10, "elapsed_s": 6.0}\n{"loss": 0.25, "step": 30, "elapsed_s": 18.0}\n'
     )
     old_card = tmp_path / "README.md"
     old_card.write_text(
         "# card\n\n## How it was made\ntext\n\n```bash\nm3d train-generator --old\n```\n\n"
-        "- 2000 optimizer steps, first stage;\n- losses: first stage.\n\n## Citation\n"
+        "- 2000 optimizer steps, first stage;\n- losses: first stage.\n\n```bash\nm3d train-generator --older\n```\n\n"
+        "- 1000 optimizer steps, second stage.\n\n## Citation\n"
     )
-    card = demo.provenance(name, tmp_path, first_stage_facts=demo._card_facts(old_card))
-    assert card.count("```bash") == 2 and "two stages" in card
+    facts = demo._card_facts(old_card)
+    assert facts == [
+        ["- 2000 optimizer steps, first stage;", "- losses: first stage."],
+        ["- 1000 optimizer steps, second stage."],
+    ]
+    card = demo.provenance(name, tmp_path, earlier_facts=facts)
+    assert card.count("```bash") == count and f"in {count} stages" in card
     assert (
-        card.index("- 2000 optimizer steps, first stage;") < card.index("--init-from") < card.index("- 30 optimizer")
+        card.index("- 2000 optimizer steps, first stage;")
+        < card.index("- 1000 optimizer steps, second stage.")
+        < card.index("- 30 optimizer")
     )
-    assert demo._card_facts(old_card) == ["- 2000 optimizer steps, first stage;", "- losses: first stage."]
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        demo.provenance(name, tmp_path, earlier_facts=facts[:1])
+    assert demo._card_facts(tmp_path / "missing.md") == []
 
 
 def test_injection_cards_give_the_real_looking_ceiling():

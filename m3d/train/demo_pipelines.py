@@ -11,9 +11,9 @@ spacing, 320^2 in-plane, 48 slices) seeded 0, weights saved as fp16 safetensors 
 fp32). A run checkpoints every 200 steps and a repeated command resumes it (raise ``--max-steps`` in
 the recipe to train on). Shipping copies ``RUNS/<name>/pipeline`` into the package and writes its model
 card (`m3d.model_cards.write_model_card`): the exact command, the steps, the seed, the first and last
-logged losses. A recipe of `FINE_TUNES` has a second stage that fine-tunes the first's pipeline and is what ships;
-its card gives both commands (the first stage's facts from its run, or from the card of the weights it started
-from); the card's "Measured quality" section comes from ``benchmarks/results/demo_pipelines_quality.json``
+logged losses. A recipe of `FINE_TUNES` has later stages, each fine-tuning the previous one's pipeline; the last
+ships, and its card gives every stage's command (each stage's facts from its run, or from the card of the weights
+the next stage started from); the card's "Measured quality" section comes from ``benchmarks/results/demo_pipelines_quality.json``
 (`update_quality_section`, also ``--cards-only`` after a new measurement).
 """
 
@@ -62,14 +62,26 @@ RECIPES: dict[str, list[str]] = {
     "ddpm-remove": ["--model", "ddpm", "--task", "remove", "--phantoms", "60",
                     "--max-steps", "2000", "--batch-size", "4", *_DDPM],
 }  # fmt: skip
-# Second stages: the recipe's pipeline fine-tuned (``--init-from RUNS/<name>/pipeline``) with these options in place
-# of the recipe's; the folder that ships is the second stage's (``RUNS/<name>-finetune``). The DDPMs learn from
-# more phantoms (160: 69 kept injection sites, 98 removal sites) at a lower rate than a first run can afford.
-FINE_TUNES: dict[str, list[str]] = {
-    "ddpm-inject": ["--phantoms", "160", "--only-kept-sites", "--max-steps", "2000", "--learning-rate", "2e-4"],
-    "ddpm-remove": ["--phantoms", "160", "--max-steps", "2000", "--learning-rate", "2e-4"],
+# Later stages: each fine-tunes the previous stage's pipeline (``--init-from``) with its options set on top of the
+# previous stage's; the folder that ships is the last stage's (``RUNS/<name>-finetune``, ``-finetune2``, ...). The
+# DDPMs' second stage learns from more phantoms (160: 69 kept injection sites, 98 removal sites) at a lower rate than a
+# first run can afford; their third adds the nodule-mask input (the UNet widened, the new channel starting at zero).
+FINE_TUNES: dict[str, list[list[str]]] = {
+    "ddpm-inject": [
+        ["--phantoms", "160", "--only-kept-sites", "--max-steps", "2000", "--learning-rate", "2e-4"],
+        ["--config-overrides", "in_channels=4", "--max-steps", "1000"],
+    ],
+    "ddpm-remove": [
+        ["--phantoms", "160", "--max-steps", "2000", "--learning-rate", "2e-4"],
+        ["--config-overrides", "in_channels=4", "--max-steps", "1000"],
+    ],
 }
 FINE_TUNE_SUFFIX = "-finetune"
+
+
+def stage_count(name: str) -> int:
+    """How many stages recipe ``name`` trains in (1 + its `FINE_TUNES`)."""
+    return 1 + len(FINE_TUNES.get(name, []))
 
 
 def _with_options(argv: list[str], options: list[str]) -> list[str]:
@@ -88,18 +100,23 @@ def _with_options(argv: list[str], options: list[str]) -> list[str]:
     return [*argv, *extra]
 
 
-def run_dir(name: str, runs_dir: str | Path, fine_tune: bool = False) -> Path:
-    """Where recipe ``name`` (or its fine-tune) trains."""
-    return Path(runs_dir) / (name + FINE_TUNE_SUFFIX if fine_tune else name)
+def run_dir(name: str, runs_dir: str | Path, stage: int = 0) -> Path:
+    """Where stage ``stage`` of recipe ``name`` trains (0: the recipe itself)."""
+    suffix = "" if stage == 0 else FINE_TUNE_SUFFIX + (str(stage) if stage > 1 else "")
+    return Path(runs_dir) / (name + suffix)
 
 
-def command_line(name: str, runs_dir: str | Path, cube_cache: str | Path, fine_tune: bool = False) -> list[str]:
-    """The `m3d train-generator` arguments of recipe ``name`` (``fine_tune``: of its second stage, `FINE_TUNES`,
-    which starts from the first stage's pipeline), writing to `run_dir`."""
+def command_line(name: str, runs_dir: str | Path, cube_cache: str | Path, stage: int = 0) -> list[str]:
+    """The `m3d train-generator` arguments of stage ``stage`` of recipe ``name`` (0: the recipe; later: its
+    `FINE_TUNES`, each starting from the previous stage's pipeline), writing to `run_dir`."""
+    if not 0 <= stage < stage_count(name):
+        raise ValueError(f"{name} trains in {stage_count(name)} stage(s); no stage {stage}")
     argv = [*RECIPES[name], *COMMON, "--cube-cache", str(cube_cache)]
-    if fine_tune:
-        argv = _with_options(argv, FINE_TUNES[name]) + ["--init-from", str(run_dir(name, runs_dir) / "pipeline")]
-    return [*argv, "--output-dir", str(run_dir(name, runs_dir, fine_tune))]
+    for options in FINE_TUNES.get(name, [])[:stage]:
+        argv = _with_options(argv, options)
+    if stage:
+        argv += ["--init-from", str(run_dir(name, runs_dir, stage - 1) / "pipeline")]
+    return [*argv, "--output-dir", str(run_dir(name, runs_dir, stage))]
 
 
 def _losses(run: Path) -> tuple[dict, dict, float]:
@@ -126,34 +143,39 @@ def _stage_facts(run: Path) -> list[str]:
     ]
 
 
-def provenance(name: str, runs_dir: Path, first_stage_facts: list[str] | None = None) -> str:
-    """The card's "How it was made": each stage's command, steps, seed, losses (``first_stage_facts``: those
-    of a first stage whose run is not in ``runs_dir``, as its earlier card gave them)."""
+def provenance(name: str, runs_dir: Path, earlier_facts: Sequence[list[str]] = ()) -> str:
+    """The card's "How it was made": each stage's command, steps, seed, losses (``earlier_facts[k]``: those of stage
+    k when its run is not in ``runs_dir``, as the card of the weights the next stage started from gave them)."""
+    count = stage_count(name)
+    stages = f", in {count} stages (each fine-tunes the previous one's pipeline):" if count > 1 else ":"
     lines = [
         "Trained on m3d's synthetic chest CT only (phantoms on real LIDC-IDRI geometry with real LIDC nodule",
-        "contours and ratings; no patient images), on a CPU"
-        + (", in two stages (the second fine-tunes the first's pipeline):" if name in FINE_TUNES else ":"),
+        "contours and ratings; no patient images), on a CPU" + stages,
     ]
-    for fine_tune in (False, True) if name in FINE_TUNES else (False,):
-        argv = " ".join(command_line(name, "runs/demo", "runs/demo/cache", fine_tune))
-        run = run_dir(name, runs_dir, fine_tune)
-        facts = _stage_facts(run) if (run / "training_summary.json").is_file() else first_stage_facts
-        if facts is None:
+    for stage in range(count):
+        argv = " ".join(command_line(name, "runs/demo", "runs/demo/cache", stage))
+        run = run_dir(name, runs_dir, stage)
+        if (run / "training_summary.json").is_file():
+            facts = _stage_facts(run)
+        elif stage < len(earlier_facts) and earlier_facts[stage]:
+            facts = earlier_facts[stage]
+        else:
             raise FileNotFoundError(f"{run} holds no finished run of {name}")
         lines += ["", "```bash", f"m3d train-generator {argv}", "```", "", *facts]
     return "\n".join(lines)
 
 
-def _card_facts(card: Path) -> list[str] | None:
-    """The bullets after the first command of an existing card's "How it was made" section: the facts of the
-    first stage of the weights it describes."""
+def _card_facts(card: Path) -> list[list[str]]:
+    """The bullets after each command of an existing card's "How it was made" section: the facts of each stage of
+    the weights it describes (none if the card is not there)."""
     text = card.read_text() if card.is_file() else ""
     if "## How it was made" not in text:
-        return None
+        return []
     section = text.split("## How it was made", 1)[1].split("\n## ", 1)[0]
-    stages = section.split("```bash")
-    first = stages[1].split("```", 1)[-1] if len(stages) > 1 else ""
-    return [line for line in first.splitlines() if line.startswith("- ")] or None
+    return [
+        [line for line in stage.split("```", 1)[-1].splitlines() if line.startswith("- ")]
+        for stage in section.split("```bash")[1:]
+    ]
 
 
 QUALITY_HEADING = "## Measured quality"
@@ -232,10 +254,10 @@ def ship(name: str, runs_dir: str | Path) -> Path:
     from ..model_cards import write_model_card
     from .common import replace_folder
 
-    source = run_dir(name, runs_dir, fine_tune=name in FINE_TUNES) / "pipeline"
+    source = run_dir(name, runs_dir, stage_count(name) - 1) / "pipeline"
     if not (source / "model_index.json").is_file():
         raise FileNotFoundError(f"{source} is not a saved pipeline: train {name} first")
-    card = provenance(name, Path(runs_dir), first_stage_facts=_card_facts(DEMO_PIPELINES_DIR / name / "README.md"))
+    card = provenance(name, Path(runs_dir), earlier_facts=_card_facts(DEMO_PIPELINES_DIR / name / "README.md"))
     target = replace_folder(source, DEMO_PIPELINES_DIR / name)
     write_model_card(target, name=f"m3d demo {name}", provenance=card)
     return target
@@ -259,8 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.only:
         if not args.cards_only:
             if not args.ship_only:
-                for fine_tune in (False, True) if name in FINE_TUNES else (False,):
-                    code = train_generator(command_line(name, args.runs_dir, Path(args.runs_dir) / "cache", fine_tune))
+                for stage in range(stage_count(name)):
+                    code = train_generator(command_line(name, args.runs_dir, Path(args.runs_dir) / "cache", stage))
                     if code:
                         return code
             print(f"shipped {ship(name, args.runs_dir)}")
