@@ -27,7 +27,7 @@ from ..data.ct import CTVolume
 from ..data.lungs import segment_lungs
 from ..loading import read_json_object
 from ..tamper.cube import CUBE_SIZE, Cube, extract_cube, hole_mask, hu_to_unit, paste_cube, unit_to_hu
-from ..tamper.nodule_shape import random_nodule_mask, sample_target_diameter_mm
+from ..tamper.nodule_shape import bank_nodule_mask, random_nodule_mask, sample_target_diameter_mm
 from ..tamper.touch_up import touch_up as touch_up_cube
 
 OUTPUT_TYPES = ("np", "pt", "volume")
@@ -37,6 +37,7 @@ RENAMED_COMPONENTS = {"generator": "network"}
 MODEL_LOADING_KWARGS = ("dtype", "torch_dtype", "use_safetensors", "variant", "low_cpu_mem_usage")
 
 NODULE_MASK_CHANNELS = 3  # a GAN network with 3 input channels also sees the mask of the nodule to draw
+NODULE_MASK_BANK_FILE = "nodule_masks.npz"  # a saved mask-conditioned pipeline's bank of training nodule masks
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
@@ -210,11 +211,13 @@ class CubeProcessor:
         generators: list[torch.Generator],
         nodule_masks: np.ndarray | torch.Tensor | None = None,
         diameter_mm: float | tuple[float, float] | None = None,
+        bank: np.ndarray | None = None,
     ) -> CubeInputs:
         """``inputs`` with the mask of the nodule a mask-conditioned network draws in each cube: ``nodule_masks``
         as given (``(N, [1,] 32, 32, 32)``, nonzero inside; only their part in the hole counts), or one drawn per
-        cube by `random_nodule_mask` from its generator, of a diameter (mm) drawn from ``diameter_mm`` (one value or
-        a ``(low, high)`` range; None: the task's `TARGET_NODULE_DIAMETER_MM`)."""
+        cube from its generator: from the pipeline's ``bank`` of training nodule masks (`bank_nodule_mask`; of about
+        ``diameter_mm`` when given: one value or a ``(low, high)`` range), or without a bank a `random_nodule_mask`
+        of a diameter drawn from ``diameter_mm`` (None: the task's `TARGET_NODULE_DIAMETER_MM`)."""
         if nodule_masks is not None:
             masks = torch.as_tensor(
                 np.array(nodule_masks.detach().cpu() if torch.is_tensor(nodule_masks) else nodule_masks)
@@ -231,11 +234,11 @@ class CubeProcessor:
             drawn = []
             for stream in generators:
                 rng = numpy_rng(stream)
-                drawn.append(
-                    random_nodule_mask(
-                        rng, sample_target_diameter_mm(rng, task, diameter_mm), CUBE_SIZE, CUBE_SPACING_MM
-                    )
-                )
+                if bank is not None:
+                    drawn.append(bank_nodule_mask(rng, bank, diameter_mm, CUBE_SIZE))
+                    continue
+                diameter = sample_target_diameter_mm(rng, task, diameter_mm)
+                drawn.append(random_nodule_mask(rng, diameter, CUBE_SIZE, CUBE_SPACING_MM))
             masks = torch.from_numpy(np.stack(drawn))[:, None]
         inputs.nodule_mask = masks.to(torch.float32)
         return inputs
@@ -299,6 +302,15 @@ class CubeProcessor:
         return [tampered], [changed_any]
 
 
+def read_nodule_mask_bank(path: Path) -> np.ndarray | None:
+    """The ``(N, 20, 20, 20)`` bool masks of a saved pipeline's `NODULE_MASK_BANK_FILE` (None if it has none)."""
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        shape = tuple(int(n) for n in saved["shape"])
+        return np.unpackbits(saved["bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
+
+
 @contextmanager
 def remote_code_lock() -> Iterator[None]:
     """Hold the machine-wide lock on diffusers' copy of local pipeline code for the block. diffusers copies
@@ -346,6 +358,9 @@ class M3DTamperPipeline(DiffusionPipeline):
     def __init__(self) -> None:
         super().__init__()
         self.cube_processor = CubeProcessor()
+        # a mask-conditioned pipeline's (N, 20, 20, 20) bool masks of the nodules its network was trained on, drawn
+        # from when a call gives no `nodule_masks` (saved beside the weights as NODULE_MASK_BANK_FILE)
+        self.nodule_mask_bank: np.ndarray | None = None
 
     def to_json_string(self) -> str:
         entries = json.loads(super().to_json_string())
@@ -355,6 +370,12 @@ class M3DTamperPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         (Path(save_directory) / f"{PIPELINE_CODE_MODULE}.py").write_text(PIPELINE_CODE)
+        bank_file = Path(save_directory) / NODULE_MASK_BANK_FILE
+        if self.nodule_mask_bank is not None:
+            bank = np.asarray(self.nodule_mask_bank, bool)
+            np.savez_compressed(bank_file, shape=np.array(bank.shape), bits=np.packbits(bank.ravel()))
+        else:
+            bank_file.unlink(missing_ok=True)
         super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -365,7 +386,9 @@ class M3DTamperPipeline(DiffusionPipeline):
             kwargs.setdefault("trust_remote_code", True)  # m3d's own import line, nothing else
         kwargs = {**cls._load_renamed_components(folder, kwargs), **kwargs}
         with remote_code_lock():
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipeline.nodule_mask_bank = read_nodule_mask_bank(folder / NODULE_MASK_BANK_FILE)
+        return pipeline
 
     @classmethod
     def _load_renamed_components(cls, folder: Path, kwargs: dict[str, Any]) -> dict[str, torch.nn.Module]:

@@ -212,7 +212,9 @@ class M3DInpaintPipeline(M3DTamperPipeline):
         )
         generators = per_sample_generators(generator, len(inputs))
         if condition_channels == NODULE_MASK_CHANNELS:  # the nodule to draw in each cube: given, or drawn
-            inputs = self.cube_processor.nodule_masks(inputs, self.task, generators, nodule_masks, nodule_diameter_mm)
+            inputs = self.cube_processor.nodule_masks(
+                inputs, self.task, generators, nodule_masks, nodule_diameter_mm, self.nodule_mask_bank
+            )
 
         # 3. Denoise each batch; after every step the known region is the original noised to the step's target
         #    timestep (RePaint), after the last the exact original

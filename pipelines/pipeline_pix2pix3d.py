@@ -125,7 +125,9 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
         )
         generators = per_sample_generators(generator, len(inputs))
         if mask_conditioned:  # the nodule to draw in each cube: given, or drawn from the cube's generator
-            inputs = self.cube_processor.nodule_masks(inputs, self.task, generators, nodule_masks, nodule_diameter_mm)
+            inputs = self.cube_processor.nodule_masks(
+                inputs, self.task, generators, nodule_masks, nodule_diameter_mm, self.nodule_mask_bank
+            )
 
         # 3. One forward pass per batch
         filled = []

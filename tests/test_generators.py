@@ -432,6 +432,31 @@ def test_mask_conditioned_pipelines_draw_where_the_nodule_mask_says(kind, in_cha
         call(tiny_pipeline(kind), cubes, nodule_masks=ball)
 
 
+def test_a_saved_nodule_mask_bank_loads_and_is_drawn_from(tmp_path):
+    pipe = Pix2Pix3DPipeline.from_preset("tiny", task="inject", in_channels=3)
+    randomize(pipe.network)
+    pipe.set_progress_bar_config(disable=True)
+    cubes, seeded = random_cubes(2), lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    bank = np.zeros((1, 20, 20, 20), bool)
+    bank[0, 7:13, 7:13, 7:13] = True
+    pipe.nodule_mask_bank = bank
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = Pix2Pix3DPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(loaded.nodule_mask_bank, bank)
+    from_bank = call(loaded, cubes, generator=seeded(), touch_up=False).cubes
+    cube_mask = np.zeros((2, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE), bool)
+    cube_mask[:, 13:19, 13:19, 13:19] = True  # the bank's one cube of 6 mm, in the 32^3 cube (any turn)
+    given = call(loaded, cubes, generator=seeded(), nodule_masks=cube_mask, touch_up=False).cubes
+    np.testing.assert_array_equal(from_bank, given)
+    assert not np.array_equal(
+        from_bank, call(pipe.__class__(pipe.network, "inject"), cubes, generator=seeded(), touch_up=False).cubes
+    )
+    loaded.nodule_mask_bank = None
+    loaded.save_pretrained(tmp_path / "saved")  # no bank now: no stale file
+    assert Pix2Pix3DPipeline.from_pretrained(tmp_path / "saved").nodule_mask_bank is None
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "pix2pix"])
 def test_volume_path_changes_only_the_cube(kind):
     volume = phantom()

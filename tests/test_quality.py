@@ -4,7 +4,12 @@ from scipy import ndimage
 
 from m3d.constants import CUBE_SIZE, HOLE_SIZE
 from m3d.tamper.cube import hole_mask
-from m3d.tamper.nodule_shape import random_nodule_mask, sample_target_diameter_mm
+from m3d.tamper.nodule_shape import (
+    bank_nodule_mask,
+    equivalent_diameter_mm,
+    random_nodule_mask,
+    sample_target_diameter_mm,
+)
 from m3d.tamper.quality import (
     QualityCriteria,
     check_quality,
@@ -111,3 +116,19 @@ def test_a_nodule_drawn_solid_in_a_target_mask_passes_the_keep_rule(task):
         assert result.kept, result.reason
         measured = nodule_mask(cube_hu)
         assert not (measured & ~mask).any() and measured.sum() == result.measurement.volume_mm3
+
+
+def test_bank_masks_are_the_banks_shapes_turned_and_of_the_asked_size():
+    rng = np.random.default_rng(4)
+    hole = hole_mask((CUBE_SIZE,) * 3)
+    bank = np.stack([random_nodule_mask(rng, d)[hole].reshape(20, 20, 20) for d in (6.0, 12.0, 16.0)])
+    sizes = bank.reshape(3, -1).sum(1)
+    for _ in range(10):
+        mask = bank_nodule_mask(rng, bank)
+        assert mask.shape == (CUBE_SIZE,) * 3 and not (mask & ~hole).any() and mask.sum() in sizes
+    assert bank_nodule_mask(rng, bank, 11.0).sum() == sizes[1]
+    assert bank_nodule_mask(rng, bank, (14.0, 20.0)).sum() == sizes[2]
+    assert bank_nodule_mask(rng, bank, (30.0, 40.0)).sum() == sizes[2]  # none inside: the nearest
+    turned = {bank_nodule_mask(np.random.default_rng(seed), bank[1:2]).tobytes() for seed in range(8)}
+    assert len(turned) > 1  # flips and quarter turns
+    np.testing.assert_allclose(equivalent_diameter_mm(bank), [6.0, 12.0, 16.0], atol=0.3)

@@ -606,6 +606,32 @@ def test_config_overrides_shape_the_generators_and_the_saved_pipeline(tmp_path, 
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
+def test_a_mask_conditioned_pipeline_saves_the_masks_of_its_training_nodules(tmp_path, monkeypatch):
+    """A mask-conditioned run saves, beside the weights, the measured masks of its training nodules that pass the
+    task's keep rule (the fake phantoms' 12 and 14 mm spheres), and the loaded pipeline draws its nodules from them."""
+    from m3d.pipelines import load_pipeline
+    from m3d.tamper.nodule_shape import equivalent_diameter_mm
+
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    argv = _argv("pix2pix", tmp_path / "run", 1, "--checkpointing-steps", "0", "--config-overrides", "in_channels=3")
+    assert tg.main(argv) == 0
+    pipe = load_pipeline(tmp_path / "run" / "pipeline")
+    bank = pipe.nodule_mask_bank
+    assert bank.shape[1:] == (20, 20, 20) and len(bank) >= 2
+    assert ((equivalent_diameter_mm(bank) > 11) & (equivalent_diameter_mm(bank) < 15)).all()
+    cubes = torch.full((3, 1, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE), -0.8)
+    with torch.no_grad():
+        pipe(cubes, generator=torch.Generator().manual_seed(0), progress=False)
+    drawn = pipe.cube_processor.nodule_masks(
+        pipe.cube_processor.preprocess(cubes), "inject", [torch.Generator().manual_seed(i) for i in range(3)],
+        bank=bank,
+    ).nodule_mask[:, 0].bool().numpy()  # fmt: skip
+    volumes = sorted({int(m.sum()) for m in bank})
+    assert all(int(m.sum()) in volumes for m in drawn)
+    assert tg.main(_argv("pix2pix", tmp_path / "plain", 1, "--checkpointing-steps", "0")) == 0
+    assert load_pipeline(tmp_path / "plain" / "pipeline").nodule_mask_bank is None
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     calls = []

@@ -18,7 +18,7 @@ from scipy import ndimage
 from ..constants import CUBE_SIZE, CUBE_SPACING_MM, HOLE_SIZE, TARGET_NODULE_DIAMETER_MM
 from .cube import hole_mask
 
-__all__ = ["random_nodule_mask", "sample_target_diameter_mm"]
+__all__ = ["bank_nodule_mask", "equivalent_diameter_mm", "random_nodule_mask", "sample_target_diameter_mm"]
 
 _LOBES = (2, 6)  # number of lobes (inclusive range)
 _SPICULES = (0, 6)
@@ -77,3 +77,43 @@ def random_nodule_mask(
     mask = inside & (shape_radius <= candidates[count - 1])
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     return labels == labels[(size // 2,) * 3]  # a spicule thinner than a voxel can leave fragments: the body only
+
+
+def equivalent_diameter_mm(masks: np.ndarray, spacing_mm: float = CUBE_SPACING_MM) -> np.ndarray:
+    """The diameter (mm) of the sphere of each mask's volume; ``masks`` ``(N, ...)`` bool."""
+    volumes = np.asarray(masks, bool).reshape(len(masks), -1).sum(1) * spacing_mm**3
+    return (6 * volumes / np.pi) ** (1 / 3)
+
+
+def bank_nodule_mask(
+    rng: np.random.Generator,
+    bank: np.ndarray,
+    diameter_mm: float | tuple[float, float] | None = None,
+    size: int = CUBE_SIZE,
+) -> np.ndarray:
+    """A bool ``size``^3 mask at the cube's centre: one of ``bank``'s ``(N, 20, 20, 20)`` hole masks (the measured
+    nodules a generator was trained on), flipped along each axis with probability 1/2 and turned by a
+    multiple of 90 degrees in the axial plane (the training augmentations); with ``diameter_mm``, one whose equivalent
+    diameter is nearest that value or, for a ``(low, high)`` range, one inside it (the nearest to it if none is)."""
+    bank = np.asarray(bank, bool)
+    diameters = equivalent_diameter_mm(bank)
+    if diameter_mm is None:
+        choices = np.arange(len(bank))
+    elif np.ndim(diameter_mm) == 0:
+        choices = np.flatnonzero(
+            np.abs(diameters - float(diameter_mm)) == np.abs(diameters - float(diameter_mm)).min()
+        )
+    else:
+        low, high = sorted(float(v) for v in diameter_mm)
+        choices = np.flatnonzero((diameters >= low) & (diameters <= high))
+        if not choices.size:
+            distance = np.maximum(low - diameters, diameters - high)
+            choices = np.flatnonzero(distance == distance.min())
+    shape = bank[int(rng.choice(choices))]
+    for axis in range(3):
+        if rng.random() < 0.5:
+            shape = np.flip(shape, axis)
+    shape = np.rot90(shape, int(rng.integers(4)), axes=(1, 2))
+    mask = np.zeros((size,) * 3, bool)
+    mask[hole_mask((size,) * 3, HOLE_SIZE)] = shape.ravel()
+    return mask

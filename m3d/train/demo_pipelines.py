@@ -13,8 +13,9 @@ the recipe to train on). Shipping copies ``RUNS/<name>/pipeline`` into the packa
 card (`m3d.model_cards.write_model_card`): the exact command, the steps, the seed, the first and last
 logged losses. A recipe of `FINE_TUNES` has later stages, each fine-tuning the previous one's pipeline; the last
 ships, and its card gives every stage's command (each stage's facts from its run, or from the card of the weights
-the next stage started from); the card's "Measured quality" section comes from ``benchmarks/results/demo_pipelines_quality.json``
-(`update_quality_section`, also ``--cards-only`` after a new measurement).
+the next stage started from); the card's "Measured quality" section comes from
+``benchmarks/results/demo_pipelines_quality.json`` (`update_quality_section`, also ``--cards-only`` after a new
+measurement).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..constants import FAKE_GENERATORS, TASKS
+from ..constants import FAKE_GENERATORS, HOLE_SIZE, TASKS
 from ..errors import run_guarded
 from .common import MIXED_PRECISION, ignore_sigint, json_value, save_pretrained_atomic, write_json_atomic
 from .loop import TrainingArguments, TrainingLoop
@@ -950,6 +950,31 @@ def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int
 # -- training -----------------------------------------------------------------------------------
 
 
+def mask_conditioned(pipeline) -> bool:
+    """Whether ``pipeline``'s network also sees the mask of the nodule to draw."""
+    from ..pipelines.common import NODULE_MASK_CHANNELS
+
+    network = getattr(pipeline, "network", None)
+    if network is not None:
+        return network.config.in_channels == NODULE_MASK_CHANNELS
+    return pipeline.unet.config.in_channels == 1 + NODULE_MASK_CHANNELS
+
+
+def nodule_mask_bank(cubes_hu: np.ndarray, task: str) -> np.ndarray:
+    """The ``(N, 20, 20, 20)`` hole masks of the training nodules (`m3d.tamper.quality.nodule_mask` of each cube's
+    centred 32^3 crop) whose size passes ``task``'s keep rule: what a mask-conditioned pipeline draws from."""
+    from ..tamper.cube import hole_mask
+    from ..tamper.quality import check_quality, nodule_mask
+    from .cubes import center_crop
+
+    crops = [center_crop(cube) for cube in cubes_hu]
+    hole = hole_mask()
+    masks = [nodule_mask(crop)[hole].reshape((HOLE_SIZE,) * 3) for crop in crops if check_quality(crop, task).kept]
+    if not masks:
+        raise ValueError(f"no training nodule passes the {task} keep rule: a mask-conditioned pipeline has no masks")
+    return np.stack(masks)
+
+
 class GeneratorTraining(TrainingLoop):
     """A generator's run: the task's cubes, the model's `GeneratorTrainer` (networks, optimisers, step, EMA)."""
 
@@ -1057,6 +1082,8 @@ class GeneratorTraining(TrainingLoop):
     def save_outputs(self) -> None:
         args = self.arguments
         pipeline = self.trainer.pipeline()
+        if mask_conditioned(pipeline):
+            pipeline.nodule_mask_bank = nodule_mask_bank(self.dataset.cubes_hu, args.task)
         if args.save_dtype != "fp32":
             for module in pipeline.components.values():
                 if isinstance(module, nn.Module):
