@@ -107,8 +107,11 @@ def _sees_nodule_mask(path: Path) -> bool:
     """Whether a pipeline folder's GAN network is conditioned on a target nodule mask (`m3d.tamper.nodule_shape`)."""
     from ..pipelines.common import NODULE_MASK_CHANNELS
 
-    config = path / "network" / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("in_channels") == NODULE_MASK_CHANNELS
+    for component, channels in (("network", NODULE_MASK_CHANNELS), ("unet", 1 + NODULE_MASK_CHANNELS)):
+        config = path / component / "config.json"
+        if config.is_file():
+            return json.loads(config.read_text()).get("in_channels") == channels
+    return False
 
 
 def _folder_info(path: Path, kind: str) -> FolderInfo:

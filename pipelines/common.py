@@ -415,6 +415,16 @@ class M3DTamperPipeline(DiffusionPipeline):
     def task(self) -> str:
         return self.config.task
 
+    @property
+    def mask_conditioned(self) -> bool:
+        """Whether the network also sees the mask of the nodule to draw (a GAN network with `NODULE_MASK_CHANNELS`
+        input channels, a UNet with one more: the noisy cube)."""
+        network = getattr(self, "network", None)
+        if network is not None:
+            return network.config.in_channels == NODULE_MASK_CHANNELS
+        unet = getattr(self, "unet", None)
+        return unet is not None and unet.config.in_channels == 1 + NODULE_MASK_CHANNELS
+
     def check_inputs(
         self,
         cubes: np.ndarray | torch.Tensor | None,

@@ -23,7 +23,6 @@ import torch
 from ..data.ct import CTVolume
 from ..models.cyclegan3d import CycleGAN3DGenerator
 from .common import (
-    NODULE_MASK_CHANNELS,
     GeneratorArg,
     M3DPipelineOutput,
     M3DTamperPipeline,
@@ -107,10 +106,9 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         """
         touch_up = keep_context if touch_up is None else touch_up
         # 1. Check inputs
-        mask_conditioned = self.network.config.in_channels == NODULE_MASK_CHANNELS
         self.check_inputs(
             cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up,
-            nodule_masks, mask_conditioned,
+            nodule_masks, self.mask_conditioned,
         )  # fmt: skip
 
         # 2. Preprocess: cut each site's cube at 1 mm, scale the HU window to [-1, 1], mask the hole
@@ -118,7 +116,7 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
             cubes, volume, locations_lps_mm, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung
         )
         generators = per_sample_generators(generator, len(inputs))
-        if mask_conditioned:  # the nodule to draw in each cube: given, or drawn from the cube's generator
+        if self.mask_conditioned:  # the nodule to draw in each cube: given, or drawn from the cube's generator
             inputs = self.cube_processor.nodule_masks(
                 inputs, self.task, generators, nodule_masks, nodule_diameter_mm, self.nodule_mask_bank
             )

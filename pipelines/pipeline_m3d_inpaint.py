@@ -201,7 +201,7 @@ class M3DInpaintPipeline(M3DTamperPipeline):
         condition_channels = self.unet.config.in_channels - 1  # what the UNet sees besides the noisy cube
         self.check_inputs(
             cubes, volume, locations_lps_mm, task, output_type, batch_size, touch_up=touch_up,
-            nodule_masks=nodule_masks, mask_conditioned=condition_channels == NODULE_MASK_CHANNELS,
+            nodule_masks=nodule_masks, mask_conditioned=self.mask_conditioned,
         )  # fmt: skip
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
@@ -211,7 +211,7 @@ class M3DInpaintPipeline(M3DTamperPipeline):
             cubes, volume, locations_lps_mm, lung_mask=lung_mask, allow_outside_lung=allow_outside_lung
         )
         generators = per_sample_generators(generator, len(inputs))
-        if condition_channels == NODULE_MASK_CHANNELS:  # the nodule to draw in each cube: given, or drawn
+        if self.mask_conditioned:  # the nodule to draw in each cube: given, or drawn
             inputs = self.cube_processor.nodule_masks(
                 inputs, self.task, generators, nodule_masks, nodule_diameter_mm, self.nodule_mask_bank
             )

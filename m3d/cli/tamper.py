@@ -70,8 +70,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--nodule-diameter-mm",
         type=float,
         default=None,
-        help="the diameter (mm) of the nodule a mask-conditioned GAN pipeline draws at each site (default: drawn "
-        f"per site in the task's range, inject {TARGET_NODULE_DIAMETER_MM['inject']}, "
+        help="the size (mm) of the nodule a mask-conditioned pipeline draws at each site: the mask of its training "
+        "nodules nearest that diameter (default: any of them; a folder without its bank of training masks draws a "
+        f"shape of that diameter, by default in the task's range: inject {TARGET_NODULE_DIAMETER_MM['inject']}, "
         f"remove {TARGET_NODULE_DIAMETER_MM['remove']})",
     )
     parser.add_argument("--allow-outside-lung", action="store_true", help="allow a location outside the lungs")
@@ -105,7 +106,6 @@ def run(args: argparse.Namespace) -> None:
     from ..data.dicom import check_out_dir, write_dicom_series
     from ..data.nifti import write_mask_nifti
     from ..pipelines import M3DInpaintPipeline, load_pipeline
-    from ..pipelines.common import NODULE_MASK_CHANNELS
 
     out = Path(args.out)
     series_dir, mask_path = out / "dicom", out / "mask.nii.gz"
@@ -126,9 +126,9 @@ def run(args: argparse.Namespace) -> None:
             )
         sampling["num_inference_steps"] = args.steps
     if args.nodule_diameter_mm is not None:
-        if getattr(getattr(pipeline, "network", None), "config", {}).get("in_channels") != NODULE_MASK_CHANNELS:
+        if not pipeline.mask_conditioned:
             raise ValueError(
-                f"--nodule-diameter-mm sets the nodule a mask-conditioned GAN pipeline draws; {args.pipeline} holds a "
+                f"--nodule-diameter-mm sets the nodule a mask-conditioned pipeline draws; {args.pipeline} holds a "
                 f"{type(pipeline).__name__} whose network sees no nodule mask"
             )
         sampling["nodule_diameter_mm"] = args.nodule_diameter_mm

@@ -4,10 +4,12 @@ its lesion inpainting on a lesion mask).
 A generator trained with ``in_channels=3`` sees, besides the masked cube and the hole mask, the mask of the nodule
 to draw. In training that is the real nodule's mask, measured on the training cube as the builder's quality check
 measures it (`m3d.tamper.quality.nodule_mask`: the solid part, above -400 HU, reaching the centre). At tampering time
-the pipeline draws one with `random_nodule_mask`: a lobulated body with a few thin spicules and an irregular margin
-(the margins the LIDC readers rate: lobulation, spiculation), scaled to an equivalent diameter drawn from the task's
-range (`TARGET_NODULE_DIAMETER_MM`) and kept one voxel inside the hole so that the generated nodule does not meet
-the hole's faces.
+a pipeline saved by training draws one from its bank of those training masks (`bank_nodule_mask`, turned as the
+training augmentations turn cubes). Without a bank it draws `random_nodule_mask`: a lobulated body with a few thin
+spicules and an irregular margin, scaled to an equivalent diameter drawn from the task's range
+(`TARGET_NODULE_DIAMETER_MM`) and kept one voxel inside the hole. Those shapes give the fakes away: on held-out
+phantom sites a small 3-D CNN told a mask-conditioned Pix2Pix's injections from real nodules 0.86 of the time with
+them and 0.54 with real nodules' masks.
 """
 
 from __future__ import annotations

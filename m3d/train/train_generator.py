@@ -950,16 +950,6 @@ def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int
 # -- training -----------------------------------------------------------------------------------
 
 
-def mask_conditioned(pipeline) -> bool:
-    """Whether ``pipeline``'s network also sees the mask of the nodule to draw."""
-    from ..pipelines.common import NODULE_MASK_CHANNELS
-
-    network = getattr(pipeline, "network", None)
-    if network is not None:
-        return network.config.in_channels == NODULE_MASK_CHANNELS
-    return pipeline.unet.config.in_channels == 1 + NODULE_MASK_CHANNELS
-
-
 def nodule_mask_bank(cubes_hu: np.ndarray, task: str) -> np.ndarray:
     """The ``(N, 20, 20, 20)`` hole masks of the training nodules (`m3d.tamper.quality.nodule_mask` of each cube's
     centred 32^3 crop) whose size passes ``task``'s keep rule: what a mask-conditioned pipeline draws from."""
@@ -1082,7 +1072,7 @@ class GeneratorTraining(TrainingLoop):
     def save_outputs(self) -> None:
         args = self.arguments
         pipeline = self.trainer.pipeline()
-        if mask_conditioned(pipeline):
+        if pipeline.mask_conditioned:
             pipeline.nodule_mask_bank = nodule_mask_bank(self.dataset.cubes_hu, args.task)
         if args.save_dtype != "fp32":
             for module in pipeline.components.values():
