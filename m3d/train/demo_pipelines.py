@@ -40,7 +40,10 @@ COMMON = ["--preset", "demo", "--phantom-size", "320", "--phantom-max-slices", "
 # injector keeps 10 (at 2 it grew no nodule at all). The injectors train on the sites whose nodule the
 # builder would keep (--only-kept-sites, of 80 phantoms): half of the phantoms' malignant nodules are
 # part-solid or ground glass, and on all of them the Pix2Pix injector learnt to grow none (kept 0.00-0.18 on
-# held-out sites; 0.62 on the kept sites only); see the README's "Demo pipelines". The CycleGAN remover has one
+# held-out sites; 0.62 on the kept sites only); see the README's "Demo pipelines". Both GAN injectors also see the
+# mask of the nodule to draw (in_channels=3; the pipeline draws it from its training nodules' masks): unconditioned,
+# they grew a nodule > 10 mm at 0.62 (Pix2Pix, trilinear) and 0.18 (CycleGAN) of held-out sites. The CycleGAN remover
+# has one
 # stride-2 stage, so its residual blocks run at 16^3: at the preset's two (8^3) this narrow generator, which has no
 # skip connections, drew each hole from 8^3 cells and left a blotchy period-4 lattice (spectral peak 24, pristine
 # 7.9; 12 at one stage). The injector keeps two: at one it grew blurred slabs, not nodules (real-looking 0.09).
@@ -50,11 +53,12 @@ _DDPM = ["--learning-rate", "5e-4", "--hole-only", "--prediction-type", "v_predi
          "--sampler", "dpmsolver++", "--inference-steps", "25"]  # fmt: skip
 RECIPES: dict[str, list[str]] = {
     "pix2pix-inject": ["--model", "pix2pix", "--task", "inject", "--phantoms", "80", "--only-kept-sites",
-                       "--max-steps", "1200", "--batch-size", "8", *_GAN],
+                       "--max-steps", "1200", "--batch-size", "8", *_GAN, "--config-overrides", "in_channels=3"],
     "pix2pix-remove": ["--model", "pix2pix", "--task", "remove", "--phantoms", "60",
                        "--max-steps", "1200", "--batch-size", "8", *_GAN],
     "cyclegan-inject": ["--model", "cyclegan", "--task", "inject", "--phantoms", "80", "--only-kept-sites",
-                        "--max-steps", "300", "--batch-size", "4", "--hole-only"],
+                        "--max-steps", "900", "--batch-size", "4", "--hole-only",
+                        "--config-overrides", "in_channels=3"],
     "cyclegan-remove": ["--model", "cyclegan", "--task", "remove", "--phantoms", "60", "--max-steps", "900",
                         "--batch-size", "4", "--hole-only", "--lambda-cycle", "2",
                         "--config-overrides", "n_downsampling=1"],
