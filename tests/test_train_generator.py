@@ -632,6 +632,23 @@ def test_a_mask_conditioned_pipeline_saves_the_masks_of_its_training_nodules(tmp
     assert load_pipeline(tmp_path / "plain" / "pipeline").nodule_mask_bank is None
 
 
+def test_the_mask_bank_smooths_out_the_slice_staircase():
+    """A nodule drawn on 2.5 mm slices and cut at 1 mm has a staircase along z (its area per slice jumps); the bank's
+    mask of it changes along z nearly as smoothly as along y."""
+    grid = np.indices((40, 40, 40)).astype(float) - 19.5
+    z_slices = np.round(grid[0] / 2.5) * 2.5  # each voxel takes the radius of its 2.5 mm slice
+    cube_hu = np.where(np.sqrt(z_slices**2 + grid[1] ** 2 + grid[2] ** 2) <= 8.0, 30.0, -850.0)[None]
+
+    def area_jumps(mask: np.ndarray, axes: tuple[int, int]) -> float:
+        return float(np.abs(np.diff(mask.sum(axis=axes), 2)).mean())
+
+    raw = nodule_mask(center_crop(cube_hu[0]))[hole_mask()].reshape(20, 20, 20)
+    (smoothed,) = tg.nodule_mask_bank(cube_hu, "inject")
+    assert area_jumps(raw, (1, 2)) > 1.5 * area_jumps(raw, (0, 2))
+    assert area_jumps(smoothed, (1, 2)) < 1.35 * area_jumps(smoothed, (0, 2))
+    assert area_jumps(smoothed, (1, 2)) < 0.7 * area_jumps(raw, (1, 2))
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     calls = []
