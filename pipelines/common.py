@@ -358,9 +358,21 @@ class M3DTamperPipeline(DiffusionPipeline):
     def __init__(self) -> None:
         super().__init__()
         self.cube_processor = CubeProcessor()
-        # a mask-conditioned pipeline's (N, 20, 20, 20) bool masks of the nodules its network was trained on, drawn
-        # from when a call gives no `nodule_masks` (saved beside the weights as NODULE_MASK_BANK_FILE)
-        self.nodule_mask_bank: np.ndarray | None = None
+        self._nodule_mask_bank: np.ndarray | None | str = "unread"
+
+    @property
+    def nodule_mask_bank(self) -> np.ndarray | None:
+        """A mask-conditioned pipeline's ``(N, 20, 20, 20)`` bool masks of the nodules its network was trained on,
+        drawn from when a call gives no ``nodule_masks``: saved beside the weights (`NODULE_MASK_BANK_FILE`) and read
+        from the folder the pipeline was loaded from (by m3d's loaders or diffusers' generic one) when first used."""
+        if isinstance(self._nodule_mask_bank, str):
+            folder = self.config.get("_name_or_path")
+            self._nodule_mask_bank = read_nodule_mask_bank(Path(folder) / NODULE_MASK_BANK_FILE) if folder else None
+        return self._nodule_mask_bank
+
+    @nodule_mask_bank.setter
+    def nodule_mask_bank(self, bank: np.ndarray | None) -> None:
+        self._nodule_mask_bank = None if bank is None else np.asarray(bank, bool)
 
     def to_json_string(self) -> str:
         entries = json.loads(super().to_json_string())
@@ -386,9 +398,7 @@ class M3DTamperPipeline(DiffusionPipeline):
             kwargs.setdefault("trust_remote_code", True)  # m3d's own import line, nothing else
         kwargs = {**cls._load_renamed_components(folder, kwargs), **kwargs}
         with remote_code_lock():
-            pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        pipeline.nodule_mask_bank = read_nodule_mask_bank(folder / NODULE_MASK_BANK_FILE)
-        return pipeline
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def _load_renamed_components(cls, folder: Path, kwargs: dict[str, Any]) -> dict[str, torch.nn.Module]:

@@ -135,13 +135,16 @@ def test_every_shipped_pipeline_loads_with_diffusers_generic_entry_point(tmp_pat
 from diffusers import DiffusionPipeline
 for folder in {folders!r}:
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-    print(folder.rsplit("/", 1)[-1], type(pipe).__name__, pipe.task)
+    masks = 0 if pipe.nodule_mask_bank is None else len(pipe.nodule_mask_bank)
+    print(folder.rsplit("/", 1)[-1], type(pipe).__name__, pipe.task, pipe.mask_conditioned, masks)
 """,
         tmp_path,
     )
     names = {"pix2pix": "Pix2Pix3DPipeline", "cyclegan": "CycleGAN3DPipeline", "ddpm": "M3DInpaintPipeline"}
     rows = [line.split() for line in out.strip().splitlines()[-6:]]
-    assert rows == [[folder, names[folder.split("-")[0]], folder.split("-")[1]] for folder, _, _ in rows]
+    assert [row[:3] for row in rows] == [[f, names[f.split("-")[0]], f.split("-")[1]] for f, *_ in rows]
+    for folder, _, _, conditioned, masks in rows:  # a mask-conditioned folder's bank of training masks comes along
+        assert (conditioned == "True") == (int(masks) > 0), folder
 
 
 def test_a_folder_saved_before_the_code_file_still_loads(tmp_path):
