@@ -306,9 +306,12 @@ def read_nodule_mask_bank(path: Path) -> np.ndarray | None:
     """The ``(N, 20, 20, 20)`` bool masks of a saved pipeline's `NODULE_MASK_BANK_FILE` (None if it has none)."""
     if not path.is_file():
         return None
-    with np.load(path) as saved:
-        shape = tuple(int(n) for n in saved["shape"])
-        return np.unpackbits(saved["bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
+    try:
+        with np.load(path) as saved:
+            shape = tuple(int(n) for n in saved["shape"])
+            return np.unpackbits(saved["bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable nodule-mask bank ({error}); save the pipeline again") from None
 
 
 @contextmanager

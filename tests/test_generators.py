@@ -452,6 +452,9 @@ def test_a_saved_nodule_mask_bank_loads_and_is_drawn_from(tmp_path):
     assert not np.array_equal(
         from_bank, call(pipe.__class__(pipe.network, "inject"), cubes, generator=seeded(), touch_up=False).cubes
     )
+    (tmp_path / "saved" / "nodule_masks.npz").write_bytes(b"not a bank")
+    with pytest.raises(ValueError, match="not a readable nodule-mask bank"):
+        _ = Pix2Pix3DPipeline.from_pretrained(tmp_path / "saved").nodule_mask_bank
     loaded.nodule_mask_bank = None
     loaded.save_pretrained(tmp_path / "saved")  # no bank now: no stale file
     assert Pix2Pix3DPipeline.from_pretrained(tmp_path / "saved").nodule_mask_bank is None
