@@ -89,29 +89,22 @@ def count_parameters(path: str | Path) -> int:
     path = Path(path)
     kind = folder_kind(path)
     if kind == "pipeline":
-        import torch
-
         from ..pipelines import load_pipeline
 
-        pipeline = load_pipeline(path)
-        return sum(
-            p.numel() for c in pipeline.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()
-        )
+        return _pipeline_parameters(load_pipeline(path))
     from transformers import AutoModel
 
     importlib.import_module("m3d.cad" if kind == "cad" else "m3d.detectors")  # registers them with the Auto classes
     return AutoModel.from_pretrained(path).num_parameters()
 
 
-def _sees_nodule_mask(path: Path) -> bool:
-    """Whether a pipeline folder's GAN network is conditioned on a target nodule mask (`m3d.tamper.nodule_shape`)."""
-    from ..pipelines.common import NODULE_MASK_CHANNELS
+def _pipeline_parameters(pipeline) -> int:
+    """Trainable-parameter count of all the models of a loaded pipeline."""
+    import torch
 
-    for component, channels in (("network", NODULE_MASK_CHANNELS), ("unet", 1 + NODULE_MASK_CHANNELS)):
-        config = path / component / "config.json"
-        if config.is_file():
-            return json.loads(config.read_text()).get("in_channels") == channels
-    return False
+    return sum(
+        p.numel() for c in pipeline.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()
+    )
 
 
 def _folder_info(path: Path, kind: str) -> FolderInfo:
@@ -123,16 +116,18 @@ def _folder_info(path: Path, kind: str) -> FolderInfo:
             for name, value in index.items()
             if not name.startswith("_") and isinstance(value, list) and len(value) == 2
         }
+        from ..pipelines import load_pipeline
         from ..pipelines.common import pipeline_class_name
 
+        pipeline = load_pipeline(path)
         return FolderInfo(
             kind,
             pipeline_class_name(index),
-            count_parameters(path),
+            _pipeline_parameters(pipeline),
             hint,
             task=str(index.get("task", "")),
             components=components,
-            nodule_mask=_sees_nodule_mask(path),
+            nodule_mask=pipeline.mask_conditioned,
         )
     config = json.loads((path / "config.json").read_text())
     architectures = config.get("architectures") or [config["model_type"]]
