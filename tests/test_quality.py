@@ -4,16 +4,12 @@ from scipy import ndimage
 
 from m3d.constants import CUBE_SIZE, HOLE_SIZE
 from m3d.tamper.cube import hole_mask
-from m3d.tamper.nodule_shape import (
-    bank_nodule_mask,
-    equivalent_diameter_mm,
-    random_nodule_mask,
-    sample_target_diameter_mm,
-)
+from m3d.tamper.nodule_shape import bank_nodule_mask, random_nodule_mask, sample_target_diameter_mm
 from m3d.tamper.quality import (
     QualityCriteria,
     check_quality,
     distance_from_centre_mm,
+    equivalent_diameter_mm,
     measure_nodule,
     nodule_mask,
 )

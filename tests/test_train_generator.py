@@ -610,7 +610,7 @@ def test_a_mask_conditioned_pipeline_saves_the_masks_of_its_training_nodules(tmp
     """A mask-conditioned run saves, beside the weights, the measured masks of its training nodules that pass the
     task's keep rule (the fake phantoms' 12 and 14 mm spheres), and the loaded pipeline draws its nodules from them."""
     from m3d.pipelines import load_pipeline
-    from m3d.tamper.nodule_shape import equivalent_diameter_mm
+    from m3d.tamper.quality import equivalent_diameter_mm
 
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     argv = _argv("pix2pix", tmp_path / "run", 1, "--checkpointing-steps", "0", "--config-overrides", "in_channels=3")

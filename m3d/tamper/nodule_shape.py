@@ -19,8 +19,9 @@ from scipy import ndimage
 
 from ..constants import CUBE_SIZE, CUBE_SPACING_MM, HOLE_SIZE, TARGET_NODULE_DIAMETER_MM
 from .cube import hole_mask
+from .quality import equivalent_diameter_mm
 
-__all__ = ["bank_nodule_mask", "equivalent_diameter_mm", "random_nodule_mask", "sample_target_diameter_mm"]
+__all__ = ["bank_nodule_mask", "random_nodule_mask", "sample_target_diameter_mm"]
 
 _LOBES = (2, 6)  # number of lobes (inclusive range)
 _SPICULES = (0, 6)
@@ -81,12 +82,6 @@ def random_nodule_mask(
     return labels == labels[(size // 2,) * 3]  # a spicule thinner than a voxel can leave fragments: the body only
 
 
-def equivalent_diameter_mm(masks: np.ndarray, spacing_mm: float = CUBE_SPACING_MM) -> np.ndarray:
-    """The diameter (mm) of the sphere of each mask's volume; ``masks`` ``(N, ...)`` bool."""
-    volumes = np.asarray(masks, bool).reshape(len(masks), -1).sum(1) * spacing_mm**3
-    return (6 * volumes / np.pi) ** (1 / 3)
-
-
 def bank_nodule_mask(
     rng: np.random.Generator,
     bank: np.ndarray,
@@ -102,9 +97,8 @@ def bank_nodule_mask(
     if diameter_mm is None:
         choices = np.arange(len(bank))
     elif np.ndim(diameter_mm) == 0:
-        choices = np.flatnonzero(
-            np.abs(diameters - float(diameter_mm)) == np.abs(diameters - float(diameter_mm)).min()
-        )
+        distance = np.abs(diameters - float(diameter_mm))
+        choices = np.flatnonzero(distance == distance.min())
     else:
         low, high = sorted(float(v) for v in diameter_mm)
         choices = np.flatnonzero((diameters >= low) & (diameters <= high))

@@ -83,6 +83,12 @@ def nodule_mask(
     return central_component(solid, criteria.center_radius_mm, spacing_mm)
 
 
+def equivalent_diameter_mm(masks: np.ndarray, spacing_mm: float = CUBE_SPACING_MM) -> np.ndarray:
+    """The diameter (mm) of the sphere of each mask's volume, ``(6 V / pi)^(1/3)``; ``masks`` ``(N, ...)`` bool."""
+    volumes = np.asarray(masks, bool).reshape(len(masks), -1).sum(1) * spacing_mm**3
+    return (6 * volumes / np.pi) ** (1 / 3)
+
+
 def measure_nodule(
     cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
 ) -> NoduleMeasurement:
@@ -92,7 +98,7 @@ def measure_nodule(
     nodule = nodule_mask(hu, criteria, spacing_mm)
     volume_mm3 = float(nodule.sum()) * spacing_mm**3
     return NoduleMeasurement(
-        diameter_mm=float((6 * volume_mm3 / np.pi) ** (1 / 3)),
+        diameter_mm=float(equivalent_diameter_mm(nodule[None], spacing_mm)[0]),
         volume_mm3=volume_mm3,
         mean_hu=float(hu[nodule].mean()) if nodule.any() else float("nan"),
     )
@@ -117,4 +123,12 @@ def check_quality(
     return QualityResult(measurement=measurement, kept=kept, reason=reason)
 
 
-__all__ = ["NoduleMeasurement", "QualityCriteria", "QualityResult", "check_quality", "measure_nodule", "nodule_mask"]
+__all__ = [
+    "NoduleMeasurement",
+    "QualityCriteria",
+    "QualityResult",
+    "check_quality",
+    "equivalent_diameter_mm",
+    "measure_nodule",
+    "nodule_mask",
+]

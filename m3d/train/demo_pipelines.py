@@ -42,11 +42,11 @@ COMMON = ["--preset", "demo", "--phantom-size", "320", "--phantom-max-slices", "
 # part-solid or ground glass, and on all of them the Pix2Pix injector learnt to grow none (kept 0.00-0.18 on
 # held-out sites; 0.62 on the kept sites only); see the README's "Demo pipelines". Both GAN injectors also see the
 # mask of the nodule to draw (in_channels=3; the pipeline draws it from its training nodules' masks): unconditioned,
-# they grew a nodule > 10 mm at 0.62 (Pix2Pix, trilinear) and 0.18 (CycleGAN) of held-out sites. The CycleGAN remover
-# has one
-# stride-2 stage, so its residual blocks run at 16^3: at the preset's two (8^3) this narrow generator, which has no
-# skip connections, drew each hole from 8^3 cells and left a blotchy period-4 lattice (spectral peak 24, pristine
-# 7.9; 12 at one stage). The injector keeps two: at one it grew blurred slabs, not nodules (real-looking 0.09).
+# they grew a nodule > 10 mm at 0.62 (Pix2Pix, trilinear) and 0.18 (CycleGAN) of held-out sites. The CycleGAN
+# remover has one stride-2 stage, so its residual blocks run at 16^3: at the preset's two (8^3) this narrow
+# generator, which has no skip connections, drew each hole from 8^3 cells and left a blotchy period-4 lattice
+# (spectral peak 24, pristine 7.9; 12 at one stage). The injector keeps two: at one it grew blurred slabs, not
+# nodules (real-looking 0.09).
 _GAN = ["--d-learning-rate", "2e-4", "--lambda-l1", "10", "--hole-only"]
 _DDPM = ["--learning-rate", "5e-4", "--hole-only", "--prediction-type", "v_prediction",
          "--noise-schedule", "squaredcos_cap_v2", "--num-train-timesteps", "1000", "--snr-gamma", "5",
