@@ -43,6 +43,7 @@ from .pipeline_m3d_inpaint import (
     default_scheduler,
     inference_scheduler,
 )
+from .nodule_mask_bank import NoduleMaskBank
 from .pipeline_pix2pix3d import Pix2Pix3DPipeline
 
 PIPELINE_CLASSES: dict[str, type[M3DTamperPipeline]] = {
@@ -136,6 +137,7 @@ __all__ = [
     "M3DInpaintPipeline",
     "M3DPipelineOutput",
     "M3DTamperPipeline",
+    "NoduleMaskBank",
     "Pix2Pix3DPipeline",
     "default_scheduler",
     "inference_scheduler",

@@ -29,6 +29,7 @@ from ..loading import read_json_object
 from ..tamper.cube import CUBE_SIZE, Cube, extract_cube, hole_mask, hu_to_unit, paste_cube, unit_to_hu
 from ..tamper.nodule_shape import bank_nodule_mask, random_nodule_mask, sample_target_diameter_mm
 from ..tamper.touch_up import touch_up as touch_up_cube
+from .nodule_mask_bank import NoduleMaskBank
 
 OUTPUT_TYPES = ("np", "pt", "volume")
 # a component's name in folders saved before it was renamed -> its name now (``generator`` was the GANs' network:
@@ -37,7 +38,6 @@ RENAMED_COMPONENTS = {"generator": "network"}
 MODEL_LOADING_KWARGS = ("dtype", "torch_dtype", "use_safetensors", "variant", "low_cpu_mem_usage")
 
 NODULE_MASK_CHANNELS = 3  # a GAN network with 3 input channels also sees the mask of the nodule to draw
-NODULE_MASK_BANK_FILE = "nodule_masks.npz"  # a saved mask-conditioned pipeline's bank of training nodule masks
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
@@ -211,7 +211,7 @@ class CubeProcessor:
         generators: list[torch.Generator],
         nodule_masks: np.ndarray | torch.Tensor | None = None,
         diameter_mm: float | tuple[float, float] | None = None,
-        bank: np.ndarray | None = None,
+        bank: NoduleMaskBank | None = None,
     ) -> CubeInputs:
         """``inputs`` with the mask of the nodule a mask-conditioned network draws in each cube: ``nodule_masks``
         as given (``(N, [1,] 32, 32, 32)``, nonzero inside; only their part in the hole counts), or one drawn per
@@ -231,11 +231,11 @@ class CubeProcessor:
                 )
             masks = (masks != 0) & self.hole
         else:
-            drawn = []
+            drawn, bank_masks = [], None if bank is None else bank.masks
             for stream in generators:
                 rng = numpy_rng(stream)
-                if bank is not None:
-                    drawn.append(bank_nodule_mask(rng, bank, diameter_mm, CUBE_SIZE))
+                if bank_masks is not None:
+                    drawn.append(bank_nodule_mask(rng, bank_masks, diameter_mm, CUBE_SIZE))
                     continue
                 diameter = sample_target_diameter_mm(rng, task, diameter_mm)
                 drawn.append(random_nodule_mask(rng, diameter, CUBE_SIZE, CUBE_SPACING_MM))
@@ -302,18 +302,6 @@ class CubeProcessor:
         return [tampered], [changed_any]
 
 
-def read_nodule_mask_bank(path: Path) -> np.ndarray | None:
-    """The ``(N, 20, 20, 20)`` bool masks of a saved pipeline's `NODULE_MASK_BANK_FILE` (None if it has none)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path) as saved:
-            shape = tuple(int(n) for n in saved["shape"])
-            return np.unpackbits(saved["bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
-    except (OSError, KeyError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable nodule-mask bank ({error}); save the pipeline again") from None
-
-
 @contextmanager
 def remote_code_lock() -> Iterator[None]:
     """Hold the machine-wide lock on diffusers' copy of local pipeline code for the block. diffusers copies
@@ -356,26 +344,16 @@ class M3DTamperPipeline(DiffusionPipeline):
     A saved folder carries `PIPELINE_CODE` (``m3d_pipeline.py``) and names its class through it, so that the
     generic ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it (m3d installed);
     m3d's own loaders run that file only when it is exactly m3d's one import line. They also load local folders
-    saved before a component was renamed (`RENAMED_COMPONENTS`)."""
+    saved before a component was renamed (`RENAMED_COMPONENTS`).
+
+    A mask-conditioned pipeline also holds the ``nodule_mask_bank`` component (`NoduleMaskBank`): the masks of
+    the nodules its network was trained on, drawn from when a call gives no ``nodule_masks``."""
+
+    _optional_components = ["nodule_mask_bank"]
 
     def __init__(self) -> None:
         super().__init__()
         self.cube_processor = CubeProcessor()
-        self._nodule_mask_bank: np.ndarray | None | str = "unread"
-
-    @property
-    def nodule_mask_bank(self) -> np.ndarray | None:
-        """A mask-conditioned pipeline's ``(N, 20, 20, 20)`` bool masks of the nodules its network was trained on,
-        drawn from when a call gives no ``nodule_masks``: saved beside the weights (`NODULE_MASK_BANK_FILE`) and read
-        from the folder the pipeline was loaded from (by m3d's loaders or diffusers' generic one) when first used."""
-        if isinstance(self._nodule_mask_bank, str):
-            folder = self.config.get("_name_or_path")
-            self._nodule_mask_bank = read_nodule_mask_bank(Path(folder) / NODULE_MASK_BANK_FILE) if folder else None
-        return self._nodule_mask_bank
-
-    @nodule_mask_bank.setter
-    def nodule_mask_bank(self, bank: np.ndarray | None) -> None:
-        self._nodule_mask_bank = None if bank is None else np.asarray(bank, bool)
 
     def to_json_string(self) -> str:
         entries = json.loads(super().to_json_string())
@@ -385,12 +363,6 @@ class M3DTamperPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         (Path(save_directory) / f"{PIPELINE_CODE_MODULE}.py").write_text(PIPELINE_CODE)
-        bank_file = Path(save_directory) / NODULE_MASK_BANK_FILE
-        if self.nodule_mask_bank is not None:
-            bank = np.asarray(self.nodule_mask_bank, bool)
-            np.savez_compressed(bank_file, shape=np.array(bank.shape), bits=np.packbits(bank.ravel()))
-        else:
-            bank_file.unlink(missing_ok=True)
         super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod

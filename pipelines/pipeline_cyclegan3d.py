@@ -29,6 +29,7 @@ from .common import (
     check_task_name,
     per_sample_generators,
 )
+from .nodule_mask_bank import NoduleMaskBank
 
 __all__ = ["CycleGAN3DPipeline"]
 
@@ -40,13 +41,17 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         network: the trained masked -> tissue `CycleGAN3DGenerator` (G), saved as the ``network`` component
             (folders saved before call it ``generator`` and still load).
         task: ``"inject"`` or ``"remove"``: what the weights were trained for.
+        nodule_mask_bank: a mask-conditioned network's training nodule masks (`NoduleMaskBank`), drawn from when a
+            call gives no ``nodule_masks``.
     """
 
     model_cpu_offload_seq = "network"
 
-    def __init__(self, network: CycleGAN3DGenerator, task: str = "inject"):
+    def __init__(
+        self, network: CycleGAN3DGenerator, task: str = "inject", nodule_mask_bank: NoduleMaskBank | None = None
+    ):
         super().__init__()
-        self.register_modules(network=network)
+        self.register_modules(network=network, nodule_mask_bank=nodule_mask_bank)
         self.register_to_config(task=check_task_name(task))
 
     @classmethod

@@ -50,6 +50,7 @@ from .common import (
     check_task_name,
     per_sample_generators,
 )
+from .nodule_mask_bank import NoduleMaskBank
 
 __all__ = [
     "M3DInpaintPipeline",
@@ -117,12 +118,19 @@ class M3DInpaintPipeline(M3DTamperPipeline):
         task: ``"inject"`` or ``"remove"``: what the weights were trained for.
         num_inference_steps: the sampling steps a call uses when it names none: what these weights
             and this scheduler were checked with (saved in ``model_index.json``).
+        nodule_mask_bank: a mask-conditioned UNet's training nodule masks (`NoduleMaskBank`), drawn from when a
+            call gives no ``nodule_masks``.
     """
 
     model_cpu_offload_seq = "unet"
 
     def __init__(
-        self, unet: UNet3DModel, scheduler: SchedulerMixin, task: str = "inject", num_inference_steps: int = 50
+        self,
+        unet: UNet3DModel,
+        scheduler: SchedulerMixin,
+        task: str = "inject",
+        num_inference_steps: int = 50,
+        nodule_mask_bank: NoduleMaskBank | None = None,
     ):
         super().__init__()
         if unet.config.in_channels not in (3, 1 + NODULE_MASK_CHANNELS):
@@ -132,7 +140,7 @@ class M3DInpaintPipeline(M3DTamperPipeline):
             )
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be positive; got {num_inference_steps}")
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, nodule_mask_bank=nodule_mask_bank)
         self.register_to_config(task=check_task_name(task), num_inference_steps=int(num_inference_steps))
 
     @classmethod

@@ -32,6 +32,7 @@ from .common import (
     check_task_name,
     per_sample_generators,
 )
+from .nodule_mask_bank import NoduleMaskBank
 
 __all__ = ["Pix2Pix3DPipeline"]
 
@@ -43,13 +44,17 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
         network: the trained `Pix2Pix3DGenerator` (saved as the ``network`` component; folders saved before
             call it ``generator`` and still load).
         task: ``"inject"`` or ``"remove"``: what the weights were trained for.
+        nodule_mask_bank: a mask-conditioned network's training nodule masks (`NoduleMaskBank`), drawn from when a
+            call gives no ``nodule_masks``.
     """
 
     model_cpu_offload_seq = "network"
 
-    def __init__(self, network: Pix2Pix3DGenerator, task: str = "inject"):
+    def __init__(
+        self, network: Pix2Pix3DGenerator, task: str = "inject", nodule_mask_bank: NoduleMaskBank | None = None
+    ):
         super().__init__()
-        self.register_modules(network=network)
+        self.register_modules(network=network, nodule_mask_bank=nodule_mask_bank)
         self.register_to_config(task=check_task_name(task))
 
     @classmethod

@@ -1,6 +1,7 @@
 """Generator networks (m3d.models) and tampering pipelines (m3d.pipelines): tiny configs, CPU."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from m3d.pipelines import (
     CycleGAN3DPipeline,
     M3DInpaintPipeline,
     M3DPipelineOutput,
+    NoduleMaskBank,
     Pix2Pix3DPipeline,
     default_scheduler,
     inference_scheduler,
@@ -439,11 +441,11 @@ def test_a_saved_nodule_mask_bank_loads_and_is_drawn_from(tmp_path):
     cubes, seeded = random_cubes(2), lambda: torch.Generator().manual_seed(5)  # noqa: E731
     bank = np.zeros((1, 20, 20, 20), bool)
     bank[0, 7:13, 7:13, 7:13] = True
-    pipe.nodule_mask_bank = bank
+    pipe.register_modules(nodule_mask_bank=NoduleMaskBank.from_masks(bank))
     pipe.save_pretrained(tmp_path / "saved")
-    loaded = Pix2Pix3DPipeline.from_pretrained(tmp_path / "saved")
+    loaded = Pix2Pix3DPipeline.from_pretrained(tmp_path / "saved", dtype=torch.float16).to(torch.float32)
     loaded.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(loaded.nodule_mask_bank, bank)
+    np.testing.assert_array_equal(loaded.nodule_mask_bank.masks, bank)  # the bit-packed buffer is no float
     from_bank = call(loaded, cubes, generator=seeded(), touch_up=False).cubes
     cube_mask = np.zeros((2, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE), bool)
     cube_mask[:, 13:19, 13:19, 13:19] = True  # the bank's one cube of 6 mm, in the 32^3 cube (any turn)
@@ -452,12 +454,30 @@ def test_a_saved_nodule_mask_bank_loads_and_is_drawn_from(tmp_path):
     assert not np.array_equal(
         from_bank, call(pipe.__class__(pipe.network, "inject"), cubes, generator=seeded(), touch_up=False).cubes
     )
-    (tmp_path / "saved" / "nodule_masks.npz").write_bytes(b"not a bank")
-    with pytest.raises(ValueError, match="not a readable nodule-mask bank"):
-        _ = Pix2Pix3DPipeline.from_pretrained(tmp_path / "saved").nodule_mask_bank
-    loaded.nodule_mask_bank = None
-    loaded.save_pretrained(tmp_path / "saved")  # no bank now: no stale file
+    loaded.register_modules(nodule_mask_bank=None)
+    loaded.save_pretrained(tmp_path / "saved")  # no bank now: none comes back
     assert Pix2Pix3DPipeline.from_pretrained(tmp_path / "saved").nodule_mask_bank is None
+
+
+def test_the_nodule_mask_bank_is_a_component_a_hub_download_fetches(tmp_path):
+    """diffusers downloads a Hub pipeline's ``model_index.json``, its code file and its components' folders only;
+    the bank is one of those components, so a copy of just those files draws from the same masks."""
+    pipe = CycleGAN3DPipeline.from_preset("tiny", task="inject", in_channels=3)
+    masks = np.random.default_rng(0).random((3, 20, 20, 20)) > 0.7
+    pipe.register_modules(nodule_mask_bank=NoduleMaskBank.from_masks(masks))
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["nodule_mask_bank"] == ["m3d.pipelines.nodule_mask_bank", "NoduleMaskBank"]
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    for name in ("model_index.json", "m3d_pipeline.py"):
+        shutil.copy(tmp_path / "saved" / name, fetched / name)
+    for name, entry in index.items():
+        if not name.startswith("_") and isinstance(entry, list) and entry[0]:
+            shutil.copytree(tmp_path / "saved" / name, fetched / name)
+    np.testing.assert_array_equal(load_pipeline(fetched).nodule_mask_bank.masks, masks)
+    with pytest.raises(ValueError, match=r"must be \(N, edge, edge, edge\)"):
+        NoduleMaskBank.from_masks(masks[0])
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "pix2pix"])

@@ -40,7 +40,7 @@ def test_pipeline_card_metadata_and_facts(folders):
 def test_pipeline_card_says_a_mask_conditioned_network_draws_a_nodule_mask(tmp_path):
     Pix2Pix3DPipeline.from_preset("tiny", task="inject", in_channels=3).save_pretrained(tmp_path / "pix2pix-inject")
     text = render_model_card(tmp_path / "pix2pix-inject")
-    assert "nodule_masks=" in text and "nodule_masks.npz" in text
+    assert "nodule_masks=" in text and "nodule_mask_bank" in text
 
 
 def test_detector_card_results_become_model_index(folders):

@@ -18,7 +18,7 @@ import torch
 
 from m3d.data.ct import CTVolume
 from m3d.tamper.cube import CUBE_SIZE, extract_cube, hole_mask, hu_to_unit, unit_to_hu
-from m3d.tamper.quality import nodule_mask
+from m3d.tamper.quality import check_quality, equivalent_diameter_mm, nodule_mask
 from m3d.train import cubes as cubes_module
 from m3d.train import train_generator as tg
 from m3d.train.common import STATE_FILE, complete_checkpoints
@@ -607,16 +607,16 @@ def test_config_overrides_shape_the_generators_and_the_saved_pipeline(tmp_path, 
 
 
 def test_a_mask_conditioned_pipeline_saves_the_masks_of_its_training_nodules(tmp_path, monkeypatch):
-    """A mask-conditioned run saves, beside the weights, the measured masks of its training nodules that pass the
-    task's keep rule (the fake phantoms' 12 and 14 mm spheres), and the loaded pipeline draws its nodules from them."""
+    """A mask-conditioned run saves, as the pipeline's ``nodule_mask_bank`` component, the measured masks of its
+    training nodules that pass the task's keep rule (the fake phantoms' 12 and 14 mm spheres), and the loaded pipeline
+    draws its nodules from them."""
     from m3d.pipelines import load_pipeline
-    from m3d.tamper.quality import equivalent_diameter_mm
 
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     argv = _argv("pix2pix", tmp_path / "run", 1, "--checkpointing-steps", "0", "--config-overrides", "in_channels=3")
     assert tg.main(argv) == 0
     pipe = load_pipeline(tmp_path / "run" / "pipeline")
-    bank = pipe.nodule_mask_bank
+    bank = pipe.nodule_mask_bank.masks
     assert bank.shape[1:] == (20, 20, 20) and len(bank) >= 2
     assert ((equivalent_diameter_mm(bank) > 11) & (equivalent_diameter_mm(bank) < 15)).all()
     cubes = torch.full((3, 1, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE), -0.8)
@@ -624,7 +624,7 @@ def test_a_mask_conditioned_pipeline_saves_the_masks_of_its_training_nodules(tmp
         pipe(cubes, generator=torch.Generator().manual_seed(0), progress=False)
     drawn = pipe.cube_processor.nodule_masks(
         pipe.cube_processor.preprocess(cubes), "inject", [torch.Generator().manual_seed(i) for i in range(3)],
-        bank=bank,
+        bank=pipe.nodule_mask_bank,
     ).nodule_mask[:, 0].bool().numpy()  # fmt: skip
     volumes = sorted({int(m.sum()) for m in bank})
     assert all(int(m.sum()) in volumes for m in drawn)
@@ -643,10 +643,24 @@ def test_the_mask_bank_smooths_out_the_slice_staircase():
         return float(np.abs(np.diff(mask.sum(axis=axes), 2)).mean())
 
     raw = nodule_mask(center_crop(cube_hu[0]))[hole_mask()].reshape(20, 20, 20)
-    (smoothed,) = tg.nodule_mask_bank(cube_hu, "inject")
+    (smoothed,) = tg.nodule_mask_bank(cube_hu, "inject").masks
     assert area_jumps(raw, (1, 2)) > 1.5 * area_jumps(raw, (0, 2))
     assert area_jumps(smoothed, (1, 2)) < 1.35 * area_jumps(smoothed, (0, 2))
     assert area_jumps(smoothed, (1, 2)) < 0.7 * area_jumps(raw, (1, 2))
+
+
+def test_the_mask_bank_keeps_the_masks_that_pass_the_keep_rule_once_smoothed():
+    """A 10.3 mm nodule passes the injection keep rule (> 10 mm) but its smoothed mask does not: the generator would
+    draw a nodule the builder drops, so the bank leaves it out."""
+    grid = np.indices((40, 40, 40)).astype(float) - 19.5
+    z_slices = np.round(grid[0] / 2.5) * 2.5
+    radius = np.sqrt(z_slices**2 + grid[1] ** 2 + grid[2] ** 2)
+    borderline, large = (np.where(radius <= r, 30.0, -850.0) for r in (5.25, 6.5))
+    assert check_quality(center_crop(borderline), "inject").kept
+    bank = tg.nodule_mask_bank(np.stack([borderline, large]), "inject")
+    assert len(bank) == 1 and equivalent_diameter_mm(bank.masks)[0] > 12
+    with pytest.raises(ValueError, match="no training nodule passes the inject keep rule"):
+        tg.nodule_mask_bank(borderline[None], "inject")
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):

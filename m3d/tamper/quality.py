@@ -110,17 +110,24 @@ def check_quality(
     """Measure the generated cube and apply the keep/drop rule of ``task`` ("inject" | "remove")."""
     measurement = measure_nodule(cube_hu, criteria, spacing_mm)
     diameter = measurement.diameter_mm
+    kept = bool(passes_keep_rule(diameter, task, criteria))
     if task == "inject":
-        limit = criteria.inject_min_diameter_mm
-        kept = diameter > limit
-        reason = f"grown nodule {diameter:.1f} mm {'>' if kept else '<='} {limit:g} mm"
-    elif task == "remove":
-        limit = criteria.remove_max_diameter_mm
-        kept = diameter < limit
-        reason = f"remaining nodule {diameter:.1f} mm {'<' if kept else '>='} {limit:g} mm"
+        reason = f"grown nodule {diameter:.1f} mm {'>' if kept else '<='} {criteria.inject_min_diameter_mm:g} mm"
     else:
-        raise ValueError(f"task must be 'inject' or 'remove'; got {task!r}")
+        reason = f"remaining nodule {diameter:.1f} mm {'<' if kept else '>='} {criteria.remove_max_diameter_mm:g} mm"
     return QualityResult(measurement=measurement, kept=kept, reason=reason)
+
+
+def passes_keep_rule(
+    diameter_mm: float | np.ndarray, task: str, criteria: QualityCriteria = QualityCriteria()
+) -> bool | np.ndarray:
+    """Whether a nodule of ``diameter_mm`` (one value or an array) passes ``task``'s keep rule: an injected nodule
+    larger than ``inject_min_diameter_mm``, what a removal leaves smaller than ``remove_max_diameter_mm``."""
+    if task == "inject":
+        return np.asarray(diameter_mm) > criteria.inject_min_diameter_mm
+    if task == "remove":
+        return np.asarray(diameter_mm) < criteria.remove_max_diameter_mm
+    raise ValueError(f"task must be 'inject' or 'remove'; got {task!r}")
 
 
 __all__ = [
@@ -131,4 +138,5 @@ __all__ = [
     "equivalent_diameter_mm",
     "measure_nodule",
     "nodule_mask",
+    "passes_keep_rule",
 ]

@@ -58,7 +58,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,9 @@ from ..constants import FAKE_GENERATORS, HOLE_SIZE, TASKS
 from ..errors import run_guarded
 from .common import MIXED_PRECISION, ignore_sigint, json_value, save_pretrained_atomic, write_json_atomic
 from .loop import TrainingArguments, TrainingLoop
+
+if TYPE_CHECKING:
+    from ..pipelines import NoduleMaskBank
 
 MODELS = FAKE_GENERATORS  # one generator model per name
 PRESET_CHOICES = ("tiny", "demo", "default", "reference")
@@ -956,27 +959,31 @@ def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int
 STAIRCASE_SIGMA = (2.0, 0.7, 0.7)
 
 
-def nodule_mask_bank(cubes_hu: np.ndarray, task: str) -> np.ndarray:
-    """The ``(N, 20, 20, 20)`` hole masks of the training nodules (`m3d.tamper.quality.nodule_mask` of each cube's
-    centred 32^3 crop, the slice staircase smoothed out: `STAIRCASE_SIGMA`) whose size passes ``task``'s keep rule:
+def nodule_mask_bank(cubes_hu: np.ndarray, task: str) -> NoduleMaskBank:
+    """The hole masks of the training nodules (`m3d.tamper.quality.nodule_mask` of each cube's centred 32^3 crop,
+    the slice staircase smoothed out: `STAIRCASE_SIGMA`) whose size, once smoothed, passes ``task``'s keep rule:
     what a mask-conditioned pipeline draws from."""
     from scipy import ndimage
 
+    from ..pipelines import NoduleMaskBank
     from ..tamper.cube import hole_mask
-    from ..tamper.quality import check_quality, nodule_mask
+    from ..tamper.quality import equivalent_diameter_mm, nodule_mask, passes_keep_rule
     from .cubes import center_crop
 
-    crops = [center_crop(cube) for cube in cubes_hu]
     hole = hole_mask()
-    masks = [
-        ndimage.gaussian_filter(nodule_mask(crop).astype(np.float32), STAIRCASE_SIGMA)[hole].reshape((HOLE_SIZE,) * 3)
-        > 0.5
-        for crop in crops
-        if check_quality(crop, task).kept
-    ]
-    if not masks:
+    masks = np.stack(
+        [
+            ndimage.gaussian_filter(nodule_mask(center_crop(cube)).astype(np.float32), STAIRCASE_SIGMA)[hole].reshape(
+                (HOLE_SIZE,) * 3
+            )
+            > 0.5
+            for cube in cubes_hu
+        ]
+    )
+    kept = passes_keep_rule(equivalent_diameter_mm(masks), task)
+    if not kept.any():
         raise ValueError(f"no training nodule passes the {task} keep rule: a mask-conditioned pipeline has no masks")
-    return np.stack(masks)
+    return NoduleMaskBank.from_masks(masks[kept])
 
 
 class GeneratorTraining(TrainingLoop):
@@ -1087,10 +1094,10 @@ class GeneratorTraining(TrainingLoop):
         args = self.arguments
         pipeline = self.trainer.pipeline()
         if pipeline.mask_conditioned:
-            pipeline.nodule_mask_bank = nodule_mask_bank(self.dataset.cubes_hu, args.task)
+            pipeline.register_modules(nodule_mask_bank=nodule_mask_bank(self.dataset.cubes_hu, args.task))
         if args.save_dtype != "fp32":
             for module in pipeline.components.values():
-                if isinstance(module, nn.Module):
+                if isinstance(module, nn.Module) and any(True for _ in module.parameters()):  # not the mask bank
                     module.to(dtype=SAVE_DTYPES[args.save_dtype])
         pipeline_dir = save_pretrained_atomic(pipeline, self.output_dir / "pipeline")
         summary = {
