@@ -23,7 +23,10 @@ the pipeline returns it by default (the GAN pipelines with CT-GAN's touch-ups, `
   real nodules > 10 mm measured the same way on the same held-out scans (5th-95th percentile);
   ``real_looking_ceiling`` is what a generator that made real nodules exactly would score: the share of
   the real nodules > 10 mm at the removal sites of ``--ceiling-phantoms`` (80: about 35 nodules) *other*
-  phantoms (seed + 1) whose mean HU lies in that range (a range from a few nodules leaves real ones out too);
+  phantoms (seed + 1) whose mean HU lies in that range (a range from a few nodules leaves real ones out too).
+  ``real_looking_by_site`` (and the ceiling's ``by_site``) splits it by whether the site is at the chest wall
+  (`chest_wall_fraction`: at least 30 % of the cube's context, outside the hole, is tissue above -300 HU thicker
+  than a 3 mm ball): there the measured nodule can take in the wall;
 * the seam (``seam_ratio_mean``): mean |HU difference| of neighbouring voxels across the hole's faces
   divided by the same mean over all other neighbouring pairs of the cube (1 = no seam);
 * periodic artefacts (`spectral_peak_ratio`, `nyquist_power_fraction`): the mean power spectrum of the
@@ -92,6 +95,9 @@ SPECTRUM_BACKGROUND_BINS = 5  # a spectral peak is measured against the median o
 VESSEL_MIN_HU = -500.0  # phantom vessels are blood (35-260 HU) in lung (about -850 HU), with partial volume
 SHELL_INNER_RADIUS_MM = 5.0  # the vessel shell: the hole minus the central 10 mm ball
 MIN_SHELL_VESSEL_VOXELS = 10  # sites whose pristine shell holds fewer vessel voxels give no continuity ratio
+CHEST_WALL_MIN_HU = -300.0  # chest wall, mediastinum, diaphragm: soft tissue and bone
+CHEST_WALL_OPENING_MM = 3.0  # dense tissue thicker than a ball of this radius: not a vessel
+CHEST_WALL_SITE_FRACTION = 0.3  # a site "at the chest wall": its cube's context is at least this much wall
 
 
 def demo_folders() -> list[Path]:
@@ -254,6 +260,25 @@ def vessel_faces_continuity(cubes_hu: np.ndarray) -> float | None:
     return round(continuing / crossing, 3) if crossing else None
 
 
+def chest_wall_fraction(cube_hu: np.ndarray) -> float:
+    """The share of the cube's context (outside the hole, the same before and after tampering) that is chest wall:
+    tissue above `CHEST_WALL_MIN_HU` thicker than a ball of `CHEST_WALL_OPENING_MM` (vessels are thinner)."""
+    radius = int(round(CHEST_WALL_OPENING_MM))
+    ball = (np.indices((2 * radius + 1,) * 3) - radius) ** 2
+    wall = ndimage.binary_opening(cube_hu > CHEST_WALL_MIN_HU, structure=ball.sum(0) <= radius**2)
+    return float(wall[~hole_mask(cube_hu.shape)].mean())
+
+
+def real_looking_by_chest_wall(plausible: np.ndarray, pristine_hu: np.ndarray) -> dict:
+    """``plausible`` (real-looking per site) split by whether the site is at the chest wall
+    (`chest_wall_fraction` of its pristine cube >= `CHEST_WALL_SITE_FRACTION`)."""
+    at_wall = np.array([chest_wall_fraction(cube) >= CHEST_WALL_SITE_FRACTION for cube in pristine_hu])
+    return {
+        where: {"n": int(sites.sum()), "fraction": round(float(plausible[sites].mean()), 3) if sites.any() else None}
+        for where, sites in (("at_chest_wall", at_wall), ("away_from_chest_wall", ~at_wall))
+    }
+
+
 def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int, **options) -> tuple[np.ndarray, float]:
     """The pipeline's cubes (HU) for pristine ``cubes_hu`` and the seconds it took (``options``: call
     arguments such as ``touch_up=False``)."""
@@ -290,6 +315,7 @@ def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float], pr
             round(float(np.nanmedian(mean_hu)), 1) if np.isfinite(mean_hu).any() else None
         )
         summary["real_looking_fraction"] = round(float(plausible.mean()), 3)
+        summary["real_looking_by_site"] = real_looking_by_chest_wall(plausible, pristine_hu)
     return summary
 
 
@@ -302,13 +328,19 @@ def real_looking_ceiling(
     if n_phantoms == 0:
         return None
     cubes, _ = held_out_cubes(n_phantoms, seed, size, max_slices, spacing, keep_scans=False)
-    measured = [
-        result.measurement for result in (check_quality(cube, "inject") for cube in cubes["remove"]) if result.kept
-    ]
-    if not measured:
+    results = [check_quality(cube, "inject") for cube in cubes["remove"]]
+    kept = np.array([result.kept for result in results])
+    if not kept.any():
         return None
-    inside = [hu_range[0] <= m.mean_hu <= hu_range[1] for m in measured]
-    return {"phantoms": n_phantoms, "seed": seed, "n": len(measured), "fraction": round(float(np.mean(inside)), 3)}
+    mean_hu = np.array([result.measurement.mean_hu for result in results])[kept]
+    inside = (mean_hu >= hu_range[0]) & (mean_hu <= hu_range[1])
+    return {
+        "phantoms": n_phantoms,
+        "seed": seed,
+        "n": int(kept.sum()),
+        "fraction": round(float(inside.mean()), 3),
+        "by_site": real_looking_by_chest_wall(inside, cubes["remove"][kept]),
+    }
 
 
 def halves(cubes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
