@@ -200,8 +200,8 @@ def test_fine_tune_stages_start_from_the_previous_one_and_the_card_gives_all(tmp
 
 
 def test_injection_cards_give_the_real_looking_ceiling():
-    """An injector's quality section gives the share of real nodules inside the real-looking range (what a
-    perfect generator would score) beside its own, when the measurement has it."""
+    """An injector's quality section gives the share of real nodules inside the real-looking range beside its own,
+    when the measurement has it, and its own at the sites at the chest wall and away from it."""
     from m3d.train.demo_pipelines import quality_section
 
     entry = {
@@ -215,17 +215,32 @@ def test_injection_cards_give_the_real_looking_ceiling():
         "spectral_peak_ratio": 12.0,
         "vessel_continuity": 0.9,
         "two_sample_accuracy": 0.65,
+        "real_looking_by_site": {
+            "at_chest_wall": {"n": 11, "fraction": 0.364},
+            "away_from_chest_wall": {"n": 23, "fraction": 0.609},
+        },
     }
     quality = {
         "held_out": {"phantoms": 20, "seed": 2024},
         "pristine": {"inject": {"seam_ratio_mean": 0.96, "spectral_peak_ratio": 3.8}},
         "real_nodule_mean_hu_range": [-181.8, -40.5],
-        "real_looking_ceiling": {"phantoms": 80, "seed": 2025, "n": 43, "fraction": 0.791},
+        "real_looking_ceiling": {
+            "phantoms": 80,
+            "seed": 2025,
+            "n": 43,
+            "fraction": 0.791,
+            "by_site": {
+                "at_chest_wall": {"n": 0, "fraction": None},
+                "away_from_chest_wall": {"n": 43, "fraction": 0.791},
+            },
+        },
         "pipelines": {"ddpm-inject": entry},
     }
     text = quality_section("ddpm-inject", quality)
     assert "| ... and mean HU within real nodules' [-181.8, -40.5] | 53% |" in text
     assert "43 real nodules > 10 mm of other phantoms" in text and text.rstrip().endswith("| 0.65 |")
-    assert "| 79% |" in text
+    assert "| 79% |" in text and "(43 away from the chest wall)" in text
+    assert "| ... at the 11 sites at the chest wall | 36% |" in text
+    assert "| ... at the 23 sites away from the chest wall | 61% |" in text
     del quality["real_looking_ceiling"]
     assert "other phantoms" not in quality_section("ddpm-inject", quality)

@@ -64,6 +64,20 @@ def test_two_sample_accuracy_separates_and_controls():
     assert two_sample.two_sample_accuracy(plain[:30], plain[30:], seed=0) == same  # seeded
 
 
+def test_sites_at_the_chest_wall_are_told_by_their_context():
+    """A cube whose context is one third thick dense tissue (a wall) is at the chest wall; lung with vessels thinner
+    than the opening ball, and whatever fills the hole, do not count."""
+    lung = np.full((32, 32, 32), -850.0, np.float32)
+    lung[:, 10:12, :] = 40.0  # a 2 mm vessel sheet: thinner than the 3 mm ball
+    lung[8:24, 8:24, 8:24] = 60.0  # a 16 mm nodule in the hole
+    wall = lung.copy()
+    wall[:, :, :11] = 40.0  # the chest wall: 11 of 32 columns
+    assert eval_demo.chest_wall_fraction(lung) < 0.05
+    assert eval_demo.chest_wall_fraction(wall) > eval_demo.CHEST_WALL_SITE_FRACTION
+    split = eval_demo.real_looking_by_chest_wall(np.array([True, False, True]), np.stack([wall, wall, lung]))
+    assert split == {"at_chest_wall": {"n": 2, "fraction": 0.5}, "away_from_chest_wall": {"n": 1, "fraction": 1.0}}
+
+
 def test_real_looking_ceiling_is_the_share_of_real_kept_nodules_inside_the_range(monkeypatch):
     """Of the real nodules at the other phantoms' removal sites, those kept by the injection rule (> 10 mm)
     count, and the ceiling is the share of them whose mean HU lies in the range; none left: None."""
@@ -78,7 +92,8 @@ def test_real_looking_ceiling_is_the_share_of_real_kept_nodules_inside_the_range
     cubes = {"remove": np.stack([ball(7.0, -100.0), ball(7.0, -10.0), ball(2.5, -100.0)]), "inject": None}
     monkeypatch.setattr(eval_demo, "held_out_cubes", lambda *args, **kwargs: (cubes, []))
     ceiling = eval_demo.real_looking_ceiling(3, 7, (-182.0, -40.0), 320, 48, "native")
-    assert ceiling == {"phantoms": 3, "seed": 7, "n": 2, "fraction": 0.5}
+    away = {"at_chest_wall": {"n": 0, "fraction": None}, "away_from_chest_wall": {"n": 2, "fraction": 0.5}}
+    assert ceiling == {"phantoms": 3, "seed": 7, "n": 2, "fraction": 0.5, "by_site": away}
     assert eval_demo.real_looking_ceiling(0, 7, (-182.0, -40.0), 320, 48, "native") is None
     cubes["remove"] = cubes["remove"][2:]
     assert eval_demo.real_looking_ceiling(3, 7, (-182.0, -40.0), 320, 48, "native") is None

@@ -206,11 +206,16 @@ def quality_section(name: str, quality: dict) -> str | None:
             f"| grown nodule > 10 mm | {entry['kept_fraction']:.0%} |",
             f"| ... and mean HU within real nodules' [{low:g}, {high:g}] | {entry['real_looking_fraction']:.0%} |",
         ]
+        for where, sites in entry.get("real_looking_by_site", {}).items():
+            if sites["n"]:
+                place = where.replace("_", " ").replace("chest", "the chest")
+                lines.append(f"| ... at the {sites['n']} sites {place} | {sites['fraction']:.0%} |")
         ceiling = quality.get("real_looking_ceiling")
         if ceiling:
             lines.append(
-                f"| ... the same for {ceiling['n']} real nodules > 10 mm of other phantoms (the most a generator "
-                f"could score) | {ceiling['fraction']:.0%} |"
+                f"| ... the same for {ceiling['n']} real nodules > 10 mm of other phantoms "
+                f"({ceiling['by_site']['away_from_chest_wall']['n']} away from the chest wall) | "
+                f"{ceiling['fraction']:.0%} |"
             )
     else:
         lines.append(f"| left < 8 mm | {entry['kept_fraction']:.0%} |")
