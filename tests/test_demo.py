@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 
 from m3d.cli import main
 from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, phantom_jobs
-from m3d.demo import SCALES, run_demo
+from m3d.demo import DEMO_OUTPUTS, SCALES, clear_outputs, run_demo
 
 TOY_SCALE = dict(
     # tiny scans (the real field of view on 64 pixels); random nets fail the quality check
@@ -55,6 +56,16 @@ def test_demo_runs_every_step_and_resumes(tmp_path, tiny_pipelines_dir, capsys):
     before = [path.stat().st_mtime_ns for path in kept]
     run_demo(out, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False)
     assert [path.stat().st_mtime_ns for path in kept] == before  # resumed: nothing finished was redone
+    with pytest.raises(ValueError, match="built with other options.*--overwrite"):
+        run_demo(out, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False, seed=1)
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt, which m3d demo does not write"):
+        run_demo(out, overwrite=True, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False, seed=1)
+    assert all((out / name).is_dir() for name in DEMO_OUTPUTS)  # refused before anything was deleted
+    (out / "notes.txt").unlink()
+    clear_outputs(out)
+    assert not any(out.iterdir())
 
 
 def test_demo_cli_errors(tmp_path, capsys):

@@ -24,6 +24,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="generator pipelines to use instead of the shipped demo ones (<generator>-<task>/ folders)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again: delete what an earlier run wrote in --out (needed after the shipped weights or the "
+        "options changed)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -33,6 +39,11 @@ def run(args: argparse.Namespace) -> None:
     from ..demo import run_demo
 
     report = run_demo(
-        args.out, device=args.device, seed=args.seed, progress=not args.no_progress, pipelines_dir=args.pipelines
+        args.out,
+        overwrite=args.overwrite,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        pipelines_dir=args.pipelines,
     )
     print(f"[m3d demo] report: {report.resolve()}")
