@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 eval_demo = importlib.import_module("eval_demo_pipelines")
 two_sample = importlib.import_module("two_sample_test")
 chest_wall_check = importlib.import_module("chest_wall_check")
+mask_following = importlib.import_module("mask_following")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,15 @@ def test_the_chest_wall_left_out_is_the_thick_tissue_reaching_the_faces():
     hu_range = (-182.0, -40.0)
     assert not chest_wall_check.real_looking(grown, hu_range)  # measured with the wall: too big and too bright
     assert chest_wall_check.real_looking(np.where(wall, -1000.0, grown), hu_range)
+
+
+def test_a_bank_mask_cut_by_the_hole_lies_along_its_faces():
+    inside, cut = np.zeros((2, 20, 20, 20), bool)
+    inside[7:13, 7:13, 7:13] = True
+    cut[5:15, 5:15, 0:10] = True  # a nodule the hole's face cuts: a 10 x 10 patch on it
+    assert mask_following.face_voxels(np.stack([inside, cut])).tolist() == [0, 100]
+    assert mask_following.dice(inside, inside) == 1.0
+    assert mask_following.dice(inside, cut) == pytest.approx(2 * 6 * 6 * 3 / (6**3 + 10**3))  # they share 6x6x3
 
 
 def test_real_looking_ceiling_is_the_share_of_real_kept_nodules_inside_the_range(monkeypatch):

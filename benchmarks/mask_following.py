@@ -1,0 +1,95 @@
+"""Do the shipped mask-conditioned injectors draw the nodule they are given, and what are they given?
+
+    .venv/bin/python benchmarks/mask_following.py               # the three shipped injectors, 20 phantoms
+
+Per injector: its bank of training-nodule masks (`m3d.pipelines.NoduleMaskBank`), how many of those masks reach the
+faces of the 20 mm hole (a nodule cut to the hole, which a generator that follows it draws with straight edges), and,
+at the held-out injection sites of `benchmarks/eval_demo_pipelines.py` given one bank mask each, the Dice of the grown
+nodule (`m3d.tamper.quality.nodule_mask`, with the pristine chest wall left out as `chest_wall_check.py` does) with
+that mask, at the sites at the chest wall and away from it.
+
+Writes ``benchmarks/results/mask_following_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from chest_wall_check import INJECTORS, chest_wall  # the scripts beside this one (their folder is on sys.path)
+from eval_demo_pipelines import CHEST_WALL_SITE_FRACTION, DEMO_DIR, chest_wall_fraction, held_out_cubes
+from m3d.pipelines import load_pipeline
+from m3d.tamper.cube import hole_mask, hu_to_unit, unit_to_hu
+from m3d.tamper.nodule_shape import bank_nodule_mask
+from m3d.tamper.quality import nodule_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+FACE_VOXELS = 20  # a mask along this many of the hole's face voxels is cut by the hole, not touched by a vessel
+
+
+def face_voxels(masks: np.ndarray) -> np.ndarray:
+    """How many voxels of each ``(N, e, e, e)`` mask lie on the faces of its box."""
+    box = np.ones(masks.shape[1:], bool)
+    faces = box & ~ndimage.binary_erosion(box)
+    return masks[:, faces].sum(1)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--phantoms", type=int, default=20, help="held-out phantoms (as the evaluation)")
+    parser.add_argument("--seed", type=int, default=2024, help="held-out phantom seed (as the evaluation)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mask_following_cpu.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    pristine, _ = held_out_cubes(args.phantoms, args.seed, keep_scans=False)
+    sites = pristine["inject"]
+    at_wall = np.array([chest_wall_fraction(cube) >= CHEST_WALL_SITE_FRACTION for cube in sites])
+    walls = [chest_wall(cube) for cube in sites]
+    report = {
+        "what": __doc__.split("\n\n")[0].replace("\n", " "),
+        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "held_out": {"phantoms": args.phantoms, "seed": args.seed},
+        "sites": {"n": len(sites), "at_chest_wall": int(at_wall.sum())},
+        "pipelines": {},
+    }
+    for name in INJECTORS:
+        pipe = load_pipeline(DEMO_DIR / name)
+        bank = pipe.nodule_mask_bank.masks
+        rng = np.random.default_rng(0)
+        given = np.stack([bank_nodule_mask(rng, bank) for _ in sites])
+        out = pipe(
+            cubes=hu_to_unit(sites)[:, None],
+            nodule_masks=given,
+            generator=torch.Generator().manual_seed(0),
+            progress=False,
+        )
+        grown = np.where(hole_mask(), unit_to_hu(out.cubes[:, 0]), sites)
+        scores = np.array(
+            [dice(nodule_mask(np.where(wall, -1000.0, cube)), mask) for cube, wall, mask in zip(grown, walls, given)]
+        )
+        on_faces = face_voxels(bank)
+        report["pipelines"][name] = {
+            "bank_masks": len(bank),
+            "masks_reaching_the_hole_faces": int((on_faces > 0).sum()),
+            f"masks_along_{FACE_VOXELS}_or_more_face_voxels": int((on_faces >= FACE_VOXELS).sum()),
+            "dice_median_at_chest_wall": round(float(np.median(scores[at_wall])), 3),
+            "dice_median_away_from_chest_wall": round(float(np.median(scores[~at_wall])), 3),
+        }
+        print(json.dumps({name: report["pipelines"][name]}), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
