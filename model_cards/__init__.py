@@ -111,11 +111,6 @@ def _folder_info(path: Path, kind: str) -> FolderInfo:
     hint = path.name
     if kind == "pipeline":
         index = json.loads((path / "model_index.json").read_text())
-        components = {
-            name: value[1]
-            for name, value in index.items()
-            if not name.startswith("_") and isinstance(value, list) and len(value) == 2
-        }
         from ..pipelines import load_pipeline
         from ..pipelines.common import pipeline_class_name
 
@@ -126,7 +121,7 @@ def _folder_info(path: Path, kind: str) -> FolderInfo:
             _pipeline_parameters(pipeline),
             hint,
             task=str(index.get("task", "")),
-            components=components,
+            components={name: type(c).__name__ for name, c in pipeline.components.items() if c is not None},
             nodule_mask=pipeline.mask_conditioned,
         )
     config = json.loads((path / "config.json").read_text())

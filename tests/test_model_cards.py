@@ -35,6 +35,7 @@ def test_pipeline_card_metadata_and_facts(folders):
     assert f"{pipeline_parameters:,}" in text
     assert "Dual use" in text and "Demonstration weights" in text and "zingarini2024m3dsynth" in text
     assert "nodule_masks" not in text
+    assert "| components | `network`: Pix2Pix3DGenerator |" in text  # no absent optional component (the mask bank)
 
 
 def test_pipeline_card_says_a_mask_conditioned_network_draws_a_nodule_mask(tmp_path):
