@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,66 +26,81 @@ import torch
 from scipy import ndimage
 
 from eval_demo_pipelines import (  # the script beside this one (its folder is on sys.path)
-    CHEST_WALL_MIN_HU,
-    CHEST_WALL_OPENING_MM,
-    CHEST_WALL_SITE_FRACTION,
     DEMO_DIR,
-    chest_wall_fraction,
+    at_chest_wall,
     generate,
     held_out_cubes,
+    real_nodule_hu_range,
+    thick_tissue,
 )
 from m3d.pipelines import load_pipeline
-from m3d.tamper.quality import QualityCriteria, measure_nodule
+from m3d.tamper.quality import measure_nodule, passes_keep_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 INJECTORS = ("pix2pix-inject", "cyclegan-inject", "ddpm-inject")
 
 
 def chest_wall(cube_hu: np.ndarray) -> np.ndarray:
-    """The cube's chest wall: tissue above `CHEST_WALL_MIN_HU` thicker than a ball of `CHEST_WALL_OPENING_MM`
-    that reaches the cube's faces, grown by one voxel."""
-    radius = int(round(CHEST_WALL_OPENING_MM))
-    ball = ((np.indices((2 * radius + 1,) * 3) - radius) ** 2).sum(0) <= radius**2
-    thick, _ = ndimage.label(ndimage.binary_opening(cube_hu > CHEST_WALL_MIN_HU, structure=ball))
+    """The cube's chest wall: its `thick_tissue` that reaches the cube's faces, grown by one voxel."""
+    thick, _ = ndimage.label(thick_tissue(cube_hu))
     faces = np.unique(np.concatenate([np.moveaxis(thick, axis, 0)[[0, -1]].ravel() for axis in range(3)]))
     return ndimage.binary_dilation(np.isin(thick, faces[faces > 0]))
 
 
 def real_looking(cube_hu: np.ndarray, hu_range: tuple[float, float]) -> bool:
     measured = measure_nodule(cube_hu)
-    return bool(
-        measured.diameter_mm > QualityCriteria().inject_min_diameter_mm
-        and hu_range[0] <= measured.mean_hu <= hu_range[1]
-    )
+    return bool(passes_keep_rule(measured.diameter_mm, "inject") and hu_range[0] <= measured.mean_hu <= hu_range[1])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@dataclass
+class HeldOutSites:
+    """What the diagnostics start from: their arguments (held-out phantoms as the evaluation's, ``--out``), the
+    pristine cubes of the held-out sites, which injection sites are at the chest wall and each one's `chest_wall`,
+    and the report's header."""
+
+    args: argparse.Namespace
+    pristine: dict[str, np.ndarray]
+    at_wall: np.ndarray
+    walls: list[np.ndarray]
+    report: dict
+
+    def write(self, report: dict) -> dict:
+        """Write ``report`` to ``--out`` (as JSON) and return it."""
+        self.args.out.parent.mkdir(parents=True, exist_ok=True)
+        self.args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+
+def held_out_sites(description: str, default_out: Path, argv: list[str] | None) -> HeldOutSites:
+    """Parse a diagnostic's arguments and cut its held-out sites (``description``: its docstring)."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--phantoms", type=int, default=20, help="held-out phantoms (as the evaluation)")
     parser.add_argument("--seed", type=int, default=2024, help="held-out phantom seed (as the evaluation)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "chest_wall_check_cpu.json")
+    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     pristine, _ = held_out_cubes(args.phantoms, args.seed, keep_scans=False)
-    real = [measure_nodule(cube) for cube in pristine["remove"]]
-    real_hu = [m.mean_hu for m in real if m.diameter_mm > QualityCriteria().inject_min_diameter_mm]
-    hu_range = tuple(round(float(v), 1) for v in np.percentile(real_hu, [5, 95]))
     sites = pristine["inject"]
-    at_wall = np.array([chest_wall_fraction(cube) >= CHEST_WALL_SITE_FRACTION for cube in sites])
-    walls = [chest_wall(cube) for cube in sites]
+    at_wall = at_chest_wall(sites)
     report = {
-        "what": __doc__.split("\n\n")[0].replace("\n", " "),
+        "what": description.split("\n\n")[0].replace("\n", " "),
         "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "held_out": {"phantoms": args.phantoms, "seed": args.seed},
-        "real_nodule_mean_hu_range": list(hu_range),
         "sites": {"n": len(sites), "at_chest_wall": int(at_wall.sum())},
-        "pipelines": {},
     }
+    return HeldOutSites(args, pristine, at_wall, [chest_wall(cube) for cube in sites], report)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    held_out = held_out_sites(__doc__, ROOT / "benchmarks" / "results" / "chest_wall_check_cpu.json", argv)
+    sites, at_wall = held_out.pristine["inject"], held_out.at_wall
+    hu_range = real_nodule_hu_range(held_out.pristine["remove"])
+    report = {**held_out.report, "real_nodule_mean_hu_range": list(hu_range), "pipelines": {}}
     for name in INJECTORS:
         generated, _ = generate(load_pipeline(DEMO_DIR / name), sites, seed=0)
         as_measured = np.array([real_looking(cube, hu_range) for cube in generated])
         wall_left_out = np.array(
-            [real_looking(np.where(wall, -1000.0, cube), hu_range) for cube, wall in zip(generated, walls)]
+            [real_looking(np.where(wall, -1000.0, cube), hu_range) for cube, wall in zip(generated, held_out.walls)]
         )
         report["pipelines"][name] = {
             "at_chest_wall": {
@@ -97,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
         }
         print(json.dumps({name: report["pipelines"][name]}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return held_out.write(report)
 
 
 if __name__ == "__main__":

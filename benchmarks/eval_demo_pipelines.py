@@ -82,6 +82,7 @@ from m3d.tamper.quality import (
     check_quality,
     distance_from_centre_mm,
     measure_nodule,
+    passes_keep_rule,
 )
 from two_sample_test import two_sample_accuracy  # the script beside this one (its folder is on sys.path)
 
@@ -260,19 +261,36 @@ def vessel_faces_continuity(cubes_hu: np.ndarray) -> float | None:
     return round(continuing / crossing, 3) if crossing else None
 
 
-def chest_wall_fraction(cube_hu: np.ndarray) -> float:
-    """The share of the cube's context (outside the hole, the same before and after tampering) that is chest wall:
-    tissue above `CHEST_WALL_MIN_HU` thicker than a ball of `CHEST_WALL_OPENING_MM` (vessels are thinner)."""
+def thick_tissue(cube_hu: np.ndarray) -> np.ndarray:
+    """Tissue above `CHEST_WALL_MIN_HU` thicker than a ball of `CHEST_WALL_OPENING_MM` (vessels are thinner)."""
     radius = int(round(CHEST_WALL_OPENING_MM))
-    ball = (np.indices((2 * radius + 1,) * 3) - radius) ** 2
-    wall = ndimage.binary_opening(cube_hu > CHEST_WALL_MIN_HU, structure=ball.sum(0) <= radius**2)
-    return float(wall[~hole_mask(cube_hu.shape)].mean())
+    ball = ((np.indices((2 * radius + 1,) * 3) - radius) ** 2).sum(0) <= radius**2
+    return ndimage.binary_opening(cube_hu > CHEST_WALL_MIN_HU, structure=ball)
+
+
+def chest_wall_fraction(cube_hu: np.ndarray) -> float:
+    """The share of the cube's context (outside the hole, the same before and after tampering) that is chest wall
+    (`thick_tissue`)."""
+    return float(thick_tissue(cube_hu)[~hole_mask(cube_hu.shape)].mean())
+
+
+def at_chest_wall(pristine_hu: np.ndarray) -> np.ndarray:
+    """Per site, whether it is at the chest wall: `chest_wall_fraction` of its pristine cube >=
+    `CHEST_WALL_SITE_FRACTION`."""
+    return np.array([chest_wall_fraction(cube) >= CHEST_WALL_SITE_FRACTION for cube in pristine_hu])
+
+
+def real_nodule_hu_range(real_cubes_hu: np.ndarray) -> tuple[float, float]:
+    """The 5th-95th percentile of the mean HU of the real nodules > 10 mm (the injection keep rule) in
+    ``real_cubes_hu``: the range a real-looking injected nodule's mean HU lies in."""
+    real = [measure_nodule(cube) for cube in real_cubes_hu]
+    real_hu = [m.mean_hu for m in real if passes_keep_rule(m.diameter_mm, "inject")]
+    return tuple(round(float(v), 1) for v in np.percentile(real_hu, [5, 95]))
 
 
 def real_looking_by_chest_wall(plausible: np.ndarray, pristine_hu: np.ndarray) -> dict:
-    """``plausible`` (real-looking per site) split by whether the site is at the chest wall
-    (`chest_wall_fraction` of its pristine cube >= `CHEST_WALL_SITE_FRACTION`)."""
-    at_wall = np.array([chest_wall_fraction(cube) >= CHEST_WALL_SITE_FRACTION for cube in pristine_hu])
+    """``plausible`` (real-looking per site) split by whether the site is at the chest wall (`at_chest_wall`)."""
+    at_wall = at_chest_wall(pristine_hu)
     return {
         where: {"n": int(sites.sum()), "fraction": round(float(plausible[sites].mean()), 3) if sites.any() else None}
         for where, sites in (("at_chest_wall", at_wall), ("away_from_chest_wall", ~at_wall))
@@ -407,9 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
 
     pristine, scans = held_out_cubes(args.phantoms, args.seed, args.size, args.max_slices, args.phantom_spacing)
-    real = [measure_nodule(cube) for cube in pristine["remove"]]
-    real_hu = [m.mean_hu for m in real if m.diameter_mm > QualityCriteria().inject_min_diameter_mm]
-    hu_range = tuple(round(float(v), 1) for v in np.percentile(real_hu, [5, 95]))
+    hu_range = real_nodule_hu_range(pristine["remove"])
     ceiling = real_looking_ceiling(
         args.ceiling_phantoms, args.seed + 1, hu_range, args.size, args.max_slices, args.phantom_spacing
     )

@@ -13,17 +13,15 @@ Writes ``benchmarks/results/mask_following_cpu.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from chest_wall_check import INJECTORS, chest_wall  # the scripts beside this one (their folder is on sys.path)
-from eval_demo_pipelines import CHEST_WALL_SITE_FRACTION, DEMO_DIR, chest_wall_fraction, held_out_cubes
+from chest_wall_check import INJECTORS, held_out_sites  # the scripts beside this one (their folder is on sys.path)
+from eval_demo_pipelines import DEMO_DIR
 from m3d.pipelines import load_pipeline
 from m3d.tamper.cube import hole_mask, hu_to_unit, unit_to_hu
 from m3d.tamper.nodule_shape import bank_nodule_mask
@@ -45,23 +43,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phantoms", type=int, default=20, help="held-out phantoms (as the evaluation)")
-    parser.add_argument("--seed", type=int, default=2024, help="held-out phantom seed (as the evaluation)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mask_following_cpu.json")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    pristine, _ = held_out_cubes(args.phantoms, args.seed, keep_scans=False)
-    sites = pristine["inject"]
-    at_wall = np.array([chest_wall_fraction(cube) >= CHEST_WALL_SITE_FRACTION for cube in sites])
-    walls = [chest_wall(cube) for cube in sites]
-    report = {
-        "what": __doc__.split("\n\n")[0].replace("\n", " "),
-        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "held_out": {"phantoms": args.phantoms, "seed": args.seed},
-        "sites": {"n": len(sites), "at_chest_wall": int(at_wall.sum())},
-        "pipelines": {},
-    }
+    held_out = held_out_sites(__doc__, ROOT / "benchmarks" / "results" / "mask_following_cpu.json", argv)
+    sites, at_wall = held_out.pristine["inject"], held_out.at_wall
+    report = {**held_out.report, "pipelines": {}}
     for name in INJECTORS:
         pipe = load_pipeline(DEMO_DIR / name)
         bank = pipe.nodule_mask_bank.masks
@@ -75,7 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         grown = np.where(hole_mask(), unit_to_hu(out.cubes[:, 0]), sites)
         scores = np.array(
-            [dice(nodule_mask(np.where(wall, -1000.0, cube)), mask) for cube, wall, mask in zip(grown, walls, given)]
+            [
+                dice(nodule_mask(np.where(wall, -1000.0, cube)), mask)
+                for cube, wall, mask in zip(grown, held_out.walls, given)
+            ]
         )
         on_faces = face_voxels(bank)
         report["pipelines"][name] = {
@@ -86,9 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dice_median_away_from_chest_wall": round(float(np.median(scores[~at_wall])), 3),
         }
         print(json.dumps({name: report["pipelines"][name]}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return held_out.write(report)
 
 
 if __name__ == "__main__":
