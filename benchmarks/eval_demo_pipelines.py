@@ -17,8 +17,9 @@ Per pipeline, on the generated 32^3 cube (1 mm; the hole generated, the rest the
 the pipeline returns it by default (the GAN pipelines with CT-GAN's touch-ups, `m3d.tamper.touch_up`;
 ``seam_ratio_raw``: the seam without them), and for the pristine cubes of each task as the reference:
 
-* the nodule at the centre, measured by `m3d.tamper.quality.measure_nodule` (component above -400 HU
-  reaching the centre): ``kept_fraction`` passes the builder's keep rule; injections count as
+* the nodule at the centre, measured as the builder's check measures it (`m3d.tamper.quality.check_quality`: the
+  component above -400 HU reaching the centre; an injected nodule without the site's chest wall, taken from the
+  pristine cube): ``kept_fraction`` passes the builder's keep rule; injections count as
   *real-looking* when the nodule is > 10 mm (the keep rule) **and** its mean HU lies in the range of
   real nodules > 10 mm measured the same way on the same held-out scans (5th-95th percentile);
   ``real_looking_ceiling`` is what a generator that made real nodules exactly would score: the share of
@@ -26,7 +27,7 @@ the pipeline returns it by default (the GAN pipelines with CT-GAN's touch-ups, `
   phantoms (seed + 1) whose mean HU lies in that range (a range from a few nodules leaves real ones out too).
   ``real_looking_by_site`` (and the ceiling's ``by_site``) splits it by whether the site is at the chest wall
   (`chest_wall_fraction`: at least 30 % of the cube's context, outside the hole, is tissue above -300 HU thicker
-  than a 3 mm ball): there the measured nodule can take in the wall;
+  than a 3 mm ball);
 * the seam (``seam_ratio_mean``): mean |HU difference| of neighbouring voxels across the hole's faces
   divided by the same mean over all other neighbouring pairs of the cube (1 = no seam);
 * periodic artefacts (`spectral_peak_ratio`, `nyquist_power_fraction`): the mean power spectrum of the
@@ -83,6 +84,7 @@ from m3d.tamper.quality import (
     distance_from_centre_mm,
     measure_nodule,
     passes_keep_rule,
+    thick_tissue,
 )
 from two_sample_test import two_sample_accuracy  # the script beside this one (its folder is on sys.path)
 
@@ -96,8 +98,6 @@ SPECTRUM_BACKGROUND_BINS = 5  # a spectral peak is measured against the median o
 VESSEL_MIN_HU = -500.0  # phantom vessels are blood (35-260 HU) in lung (about -850 HU), with partial volume
 SHELL_INNER_RADIUS_MM = 5.0  # the vessel shell: the hole minus the central 10 mm ball
 MIN_SHELL_VESSEL_VOXELS = 10  # sites whose pristine shell holds fewer vessel voxels give no continuity ratio
-CHEST_WALL_MIN_HU = -300.0  # chest wall, mediastinum, diaphragm: soft tissue and bone
-CHEST_WALL_OPENING_MM = 3.0  # dense tissue thicker than a ball of this radius: not a vessel
 CHEST_WALL_SITE_FRACTION = 0.3  # a site "at the chest wall": its cube's context is at least this much wall
 
 
@@ -261,13 +261,6 @@ def vessel_faces_continuity(cubes_hu: np.ndarray) -> float | None:
     return round(continuing / crossing, 3) if crossing else None
 
 
-def thick_tissue(cube_hu: np.ndarray) -> np.ndarray:
-    """Tissue above `CHEST_WALL_MIN_HU` thicker than a ball of `CHEST_WALL_OPENING_MM` (vessels are thinner)."""
-    radius = int(round(CHEST_WALL_OPENING_MM))
-    ball = ((np.indices((2 * radius + 1,) * 3) - radius) ** 2).sum(0) <= radius**2
-    return ndimage.binary_opening(cube_hu > CHEST_WALL_MIN_HU, structure=ball)
-
-
 def chest_wall_fraction(cube_hu: np.ndarray) -> float:
     """The share of the cube's context (outside the hole, the same before and after tampering) that is chest wall
     (`thick_tissue`)."""
@@ -312,7 +305,7 @@ def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int, **options
 def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float], pristine_hu: np.ndarray) -> dict:
     """Quality figures of a set of (generated or pristine) cubes for ``task``; ``pristine_hu``: the
     pristine cubes of the same sites (the cubes themselves for the reference)."""
-    results = [check_quality(cube, task) for cube in cubes_hu]
+    results = [check_quality(cube, task, pristine_hu=pristine) for cube, pristine in zip(cubes_hu, pristine_hu)]
     diameters = np.array([r.measurement.diameter_mm for r in results])
     mean_hu = np.array([r.measurement.mean_hu for r in results])
     kept = np.array([r.kept for r in results])

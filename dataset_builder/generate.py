@@ -315,7 +315,7 @@ def scan_examples(
 
     from ..cad.scoring import score_locations
     from ..pipelines import M3DInpaintPipeline
-    from ..tamper.cube import TamperLocationError, check_location, unit_to_hu
+    from ..tamper.cube import TamperLocationError, check_location, extract_cube, unit_to_hu
 
     def scored(example: dict[str, Any], scan: CTVolume) -> dict[str, Any]:
         if cad_model is not None:
@@ -334,6 +334,7 @@ def scan_examples(
             for generator in ("real", *generators):
                 yield None, Outcome(f"{site_job.site_id}_{generator}", generator, task, "skipped", str(error))
             continue
+        pristine_hu = extract_cube(volume, location, allow_outside_lung=True).hu  # the site's wall, for the check
         empty = np.zeros(volume.shape, bool)
         real = scored(
             make_example(job, site_job, "real", volume, empty, diameter_mm=site_job.site.diameter_mm), volume
@@ -355,7 +356,10 @@ def scan_examples(
             )
             tampered, mask = out.volumes[0], out.masks[0]
             verdict = check_quality(
-                unit_to_hu(np.asarray(out.cubes[0, 0], np.float32)), task, quality or QualityCriteria()
+                unit_to_hu(np.asarray(out.cubes[0, 0], np.float32)),
+                task,
+                quality or QualityCriteria(),
+                pristine_hu=pristine_hu,
             )
             if quality is not None and not verdict.kept:
                 yield None, Outcome(img_id, generator, task, "dropped", verdict.reason)

@@ -80,21 +80,6 @@ def test_sites_at_the_chest_wall_are_told_by_their_context():
     assert split == {"at_chest_wall": {"n": 2, "fraction": 0.5}, "away_from_chest_wall": {"n": 1, "fraction": 1.0}}
 
 
-def test_the_chest_wall_left_out_is_the_thick_tissue_reaching_the_faces():
-    """A nodule grown against the wall measures as one block with it; with the pristine cube's wall (thick tissue
-    reaching the cube's faces, not a nodule inside the hole) set to air, the nodule alone is measured."""
-    z, y, x = np.indices((32, 32, 32)) - 15.5
-    pristine = np.full((32, 32, 32), -850.0, np.float32)
-    pristine[:, :, :9] = 40.0  # the chest wall, 7 mm from the centre
-    pristine[np.sqrt(z**2 + y**2 + x**2) <= 3.0] = 30.0  # a 6 mm benign nodule at the site, inside the hole
-    wall = chest_wall_check.chest_wall(pristine)
-    assert wall[6:26, 6:26, :9].all() and not wall[14:18, 14:18, 14:18].any()  # (the corners are rounded)
-    grown = np.where(np.sqrt(z**2 + y**2 + (x + 2.0) ** 2) <= 6.5, -60.0, pristine)  # 13 mm, touching the wall
-    hu_range = (-182.0, -40.0)
-    assert not chest_wall_check.real_looking(grown, hu_range)  # measured with the wall: too big and too bright
-    assert chest_wall_check.real_looking(np.where(wall, -1000.0, grown), hu_range)
-
-
 def test_a_bank_mask_cut_by_the_hole_lies_along_its_faces():
     inside, cut = np.zeros((2, 20, 20, 20), bool)
     inside[7:13, 7:13, 7:13] = True

@@ -5,7 +5,10 @@ Measurement (`measure_nodule`): voxels above ``threshold_hu`` (-400 HU: solid ti
 parenchyma) inside the generator's centre hole (the 20^3 region it filled), opened with a 6-connected
 structuring element so that thin vessels touching the nodule are cut off, then the 26-connected
 component(s) reaching the central ball of radius ``center_radius_mm``. Its size is the equivalent
-diameter ``(6 V / pi)^(1/3)`` (the sphere of the same volume, V in mm^3), with its mean HU.
+diameter ``(6 V / pi)^(1/3)`` (the sphere of the same volume, V in mm^3), with its mean HU. An injected nodule is
+measured without the site's chest wall (`chest_wall` of the pristine cube), as a radiologist measures a
+juxtapleural nodule without the pleura: with it, a nodule grown against the wall took in wall and bone, measured
+17-19 mm where the nodule alone was 9-10 mm, and its mean HU was the wall's.
 
 Rule (`QualityCriteria`, the M3Dsynth targets): an **injection** is kept if the grown nodule is larger
 than 10 mm (a fake malignant nodule); a **removal** is kept if what remains at the site is smaller than
@@ -32,6 +35,8 @@ class QualityCriteria:
 
     threshold_hu: float = -400.0
     center_radius_mm: float = 3.0
+    chest_wall_min_hu: float = -300.0  # chest wall, mediastinum, diaphragm: soft tissue and bone
+    chest_wall_opening_mm: float = 3.0  # tissue thicker than a ball of this radius is wall, not a vessel
     inject_min_diameter_mm: float = 10.0
     remove_max_diameter_mm: float = 8.0
 
@@ -70,16 +75,49 @@ def central_component(solid: np.ndarray, center_radius_mm: float, spacing_mm: fl
     return np.isin(labels, central) if central.size else np.zeros(solid.shape, bool)
 
 
-def nodule_mask(
+def ball_structure(radius_voxels: int) -> np.ndarray:
+    """The bool ball of ``radius_voxels`` (a ``2 r + 1`` cube), a structuring element for morphology."""
+    offsets = np.indices((2 * radius_voxels + 1,) * 3) - radius_voxels
+    return (offsets**2).sum(0) <= radius_voxels**2
+
+
+def thick_tissue(
     cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
+) -> np.ndarray:
+    """Tissue above ``criteria.chest_wall_min_hu`` thicker than a ball of ``criteria.chest_wall_opening_mm``
+    (vessels are thinner)."""
+    radius = int(round(criteria.chest_wall_opening_mm / spacing_mm))
+    return ndimage.binary_opening(np.asarray(cube_hu) > criteria.chest_wall_min_hu, structure=ball_structure(radius))
+
+
+def chest_wall(
+    cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
+) -> np.ndarray:
+    """The cube's chest wall (with mediastinum and diaphragm): its `thick_tissue` that reaches the cube's faces,
+    grown by one voxel (the partial-volume rim)."""
+    thick, _ = ndimage.label(thick_tissue(cube_hu, criteria, spacing_mm))
+    faces = np.unique(np.concatenate([np.moveaxis(thick, axis, 0)[[0, -1]].ravel() for axis in range(3)]))
+    return ndimage.binary_dilation(np.isin(thick, faces[faces > 0]))
+
+
+def nodule_mask(
+    cube_hu: np.ndarray,
+    criteria: QualityCriteria = QualityCriteria(),
+    spacing_mm: float = CUBE_SPACING_MM,
+    leave_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The voxels of the nodule at the centre of a cube of HU (any cubic shape, isotropic ``spacing_mm``), as
     `measure_nodule` measures it: the `central_component` of the voxels above ``criteria.threshold_hu`` inside the
-    centre hole (``HOLE_SIZE``^3 voxels, or the whole cube when it is smaller)."""
+    centre hole (``HOLE_SIZE``^3 voxels, or the whole cube when it is smaller), less ``leave_out`` (bool, the
+    cube's shape: e.g. the site's `chest_wall`)."""
     hu = np.asarray(cube_hu, np.float32)
     if hu.ndim != 3 or len(set(hu.shape)) != 1:
         raise ValueError(f"cube_hu must be a cubic 3-D array; got shape {hu.shape}")
     solid = (hu > criteria.threshold_hu) & hole_mask(hu.shape, min(HOLE_SIZE, hu.shape[0]))
+    if leave_out is not None:
+        if np.shape(leave_out) != hu.shape:
+            raise ValueError(f"leave_out must have the cube's shape {hu.shape}; got {np.shape(leave_out)}")
+        solid &= ~np.asarray(leave_out, bool)
     return central_component(solid, criteria.center_radius_mm, spacing_mm)
 
 
@@ -90,12 +128,16 @@ def equivalent_diameter_mm(masks: np.ndarray, spacing_mm: float = CUBE_SPACING_M
 
 
 def measure_nodule(
-    cube_hu: np.ndarray, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
+    cube_hu: np.ndarray,
+    criteria: QualityCriteria = QualityCriteria(),
+    spacing_mm: float = CUBE_SPACING_MM,
+    leave_out: np.ndarray | None = None,
 ) -> NoduleMeasurement:
     """Measure the nodule at the centre of a cube of HU (any cubic shape, isotropic ``spacing_mm``;
-    the generator's centre hole is ``HOLE_SIZE``^3 voxels when the cube is the 32^3 tamper cube)."""
+    the generator's centre hole is ``HOLE_SIZE``^3 voxels when the cube is the 32^3 tamper cube), without the
+    voxels of ``leave_out`` (see `nodule_mask`)."""
     hu = np.asarray(cube_hu, np.float32)
-    nodule = nodule_mask(hu, criteria, spacing_mm)
+    nodule = nodule_mask(hu, criteria, spacing_mm, leave_out)
     volume_mm3 = float(nodule.sum()) * spacing_mm**3
     return NoduleMeasurement(
         diameter_mm=float(equivalent_diameter_mm(nodule[None], spacing_mm)[0]),
@@ -105,10 +147,20 @@ def measure_nodule(
 
 
 def check_quality(
-    cube_hu: np.ndarray, task: str, criteria: QualityCriteria = QualityCriteria(), spacing_mm: float = CUBE_SPACING_MM
+    cube_hu: np.ndarray,
+    task: str,
+    criteria: QualityCriteria = QualityCriteria(),
+    spacing_mm: float = CUBE_SPACING_MM,
+    pristine_hu: np.ndarray | None = None,
 ) -> QualityResult:
-    """Measure the generated cube and apply the keep/drop rule of ``task`` ("inject" | "remove")."""
-    measurement = measure_nodule(cube_hu, criteria, spacing_mm)
+    """Measure the generated cube and apply the keep/drop rule of ``task`` ("inject" | "remove"). For an
+    injection, ``pristine_hu`` (the site's cube before tampering) gives the chest wall left out of the
+    measurement (`chest_wall`). A removal is measured whole: the nodule to remove may be merged with the wall in
+    the pristine cube, and leaving the wall out would leave it out too."""
+    leave_out = None
+    if task == "inject" and pristine_hu is not None:
+        leave_out = chest_wall(pristine_hu, criteria, spacing_mm)
+    measurement = measure_nodule(cube_hu, criteria, spacing_mm, leave_out)
     diameter = measurement.diameter_mm
     kept = bool(passes_keep_rule(diameter, task, criteria))
     if task == "inject":
@@ -131,12 +183,15 @@ def passes_keep_rule(
 
 
 __all__ = [
+    "ball_structure",
     "NoduleMeasurement",
     "QualityCriteria",
     "QualityResult",
     "check_quality",
+    "chest_wall",
     "equivalent_diameter_mm",
     "measure_nodule",
     "nodule_mask",
     "passes_keep_rule",
+    "thick_tissue",
 ]

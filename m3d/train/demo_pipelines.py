@@ -203,7 +203,7 @@ def quality_section(name: str, quality: dict) -> str | None:
     if entry["task"] == "inject":
         low, high = quality["real_nodule_mean_hu_range"]
         lines += [
-            f"| grown nodule > 10 mm | {entry['kept_fraction']:.0%} |",
+            f"| grown nodule > 10 mm (the site's chest wall left out) | {entry['kept_fraction']:.0%} |",
             f"| ... and mean HU within real nodules' [{low:g}, {high:g}] | {entry['real_looking_fraction']:.0%} |",
         ]
         for where, sites in entry.get("real_looking_by_site", {}).items():
