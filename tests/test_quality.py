@@ -4,10 +4,11 @@ from scipy import ndimage
 
 from m3d.constants import CUBE_SIZE, HOLE_SIZE
 from m3d.tamper.cube import hole_mask
-from m3d.tamper.nodule_shape import bank_nodule_mask, random_nodule_mask, sample_target_diameter_mm
+from m3d.tamper.nodule_shape import bank_nodule_mask, fit_mask_in_hole, random_nodule_mask, sample_target_diameter_mm
 from m3d.tamper.quality import (
     QualityCriteria,
     check_quality,
+    chest_wall,
     distance_from_centre_mm,
     equivalent_diameter_mm,
     measure_nodule,
@@ -49,6 +50,52 @@ def test_thin_vessel_touching_the_nodule_is_cut_off():
     with_vessel = hu.copy()
     with_vessel[15, 15, :] = 30.0  # a 1-voxel vessel across the cube
     assert measure_nodule(with_vessel).diameter_mm == pytest.approx(measure_nodule(hu).diameter_mm, abs=0.1)
+
+
+def _against_the_wall() -> tuple[np.ndarray, np.ndarray]:
+    """A site 7 mm from the chest wall with a 6 mm benign nodule (pristine), and a 13 mm nodule grown there, against
+    the wall."""
+    z, y, x = np.indices((32, 32, 32)) - 15.5
+    pristine = np.full((32, 32, 32), -850.0, np.float32)
+    pristine[:, :, :9] = 40.0
+    pristine[np.sqrt(z**2 + y**2 + x**2) <= 3.0] = 30.0
+    grown = np.where(np.sqrt(z**2 + y**2 + (x + 2.0) ** 2) <= 6.5, -60.0, pristine).astype(np.float32)
+    return pristine, grown
+
+
+def test_the_chest_wall_is_the_thick_tissue_reaching_the_faces():
+    pristine, _ = _against_the_wall()
+    wall = chest_wall(pristine)
+    assert wall[6:26, 6:26, :9].all() and wall[6:26, 6:26, 9].all()  # grown by one voxel (the corners are rounded)
+    assert not wall[:, :, 11:].any()  # not the benign nodule inside the hole, nor a vessel
+    with_vessel = pristine.copy()
+    with_vessel[20, 20, 9:] = 40.0  # a 1-voxel vessel leaving the wall
+    assert not chest_wall(with_vessel)[20, 20, 11:].any()
+
+
+def test_an_injection_against_the_chest_wall_is_measured_without_the_wall():
+    """Measured whole, the nodule grown against the wall takes in wall: too large and too bright. With the pristine
+    cube's wall left out, what is measured is the nodule: its mean HU and a diameter under its 13 mm."""
+    pristine, grown = _against_the_wall()
+    whole = check_quality(grown, "inject").measurement
+    alone = check_quality(grown, "inject", pristine_hu=pristine)
+    assert whole.diameter_mm > 15 and whole.mean_hu > -20  # real nodules > 10 mm: -182 to -40 HU
+    assert 10 < alone.measurement.diameter_mm < 13 and alone.kept
+    assert alone.measurement.mean_hu == pytest.approx(-60.0, abs=1.0)
+    lone = np.where(grown == -60.0, -60.0, -850.0)  # the same nodule away from any wall: nothing is left out
+    assert check_quality(lone, "inject", pristine_hu=np.full_like(lone, -850.0)).measurement == measure_nodule(lone)
+
+
+def test_a_removal_is_measured_whole_even_with_the_pristine_cube():
+    """A juxtapleural nodule merged with the wall in the pristine cube would be left out with it, and a removal
+    that left it in place would pass: a removal ignores the pristine cube."""
+    pristine, grown = _against_the_wall()
+    assert not check_quality(grown, "remove", pristine_hu=grown).kept
+
+
+def test_measuring_refuses_a_leave_out_mask_of_another_shape():
+    with pytest.raises(ValueError, match="leave_out must have the cube's shape"):
+        measure_nodule(_cube(4.0), leave_out=np.zeros((20, 20, 20), bool))
 
 
 def test_keep_rule():
@@ -128,3 +175,40 @@ def test_bank_masks_are_the_banks_shapes_turned_and_of_the_asked_size():
     turned = {bank_nodule_mask(np.random.default_rng(seed), bank[1:2]).tobytes() for seed in range(8)}
     assert len(turned) > 1  # flips and quarter turns
     np.testing.assert_allclose(equivalent_diameter_mm(bank), [6.0, 12.0, 16.0], atol=0.3)
+
+
+def _ball_mask(radius_vox: float, centre=(15.5, 15.5, 15.5)) -> np.ndarray:
+    grid = np.indices((CUBE_SIZE,) * 3).astype(float)
+    return np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) <= radius_vox
+
+
+def test_a_mask_that_fits_the_hole_is_kept_as_it_is():
+    mask = _ball_mask(6.0)
+    np.testing.assert_array_equal(fit_mask_in_hole(mask), mask[hole_mask()].reshape((HOLE_SIZE,) * 3))
+
+
+def test_a_mask_larger_than_the_hole_is_scaled_to_fit_it_keeping_its_shape():
+    """A 24 mm ball (the hole is 20 mm) comes back as a 20 mm ball inside the hole, not as a block cut by it."""
+    fitted = fit_mask_in_hole(_ball_mask(12.0))
+    cut = _ball_mask(12.0)[hole_mask()].reshape((HOLE_SIZE,) * 3)
+    assert fitted[0].sum() < 0.2 * cut[0].sum() and not fitted[0, 0].any()  # touches a face, no edge or corner
+    assert equivalent_diameter_mm(fitted[None])[0] == pytest.approx(20.0, abs=1.0)
+    assert np.array_equal(fitted, np.flip(fitted, 0)) and np.array_equal(fitted, fitted.transpose(2, 1, 0))
+
+
+def test_a_vessel_leaving_the_nodule_stays_and_does_not_count_as_the_nodule():
+    """A 2-voxel vessel from a 10 mm nodule to the cube's face: the nodule fits the hole, so the mask is kept as it
+    is, vessel included (cut by the hole as vessels are); a 22 mm nodule with it is scaled to fit the hole, not
+    dropped as a nodule that the cube cuts."""
+    vessel = np.zeros((CUBE_SIZE,) * 3, bool)
+    vessel[15:17, 15:17, 15:] = True
+    with_vessel = _ball_mask(5.0) | vessel
+    np.testing.assert_array_equal(fit_mask_in_hole(with_vessel), with_vessel[hole_mask()].reshape((HOLE_SIZE,) * 3))
+    large = fit_mask_in_hole(_ball_mask(11.0) | vessel)
+    assert large is not None and 16.0 < equivalent_diameter_mm(large[None])[0] < 20.5
+
+
+def test_a_nodule_cut_by_the_cube_has_no_mask():
+    assert fit_mask_in_hole(_ball_mask(17.0)) is None  # 34 mm: the cube cuts it
+    with pytest.raises(ValueError, match="mask must have shape"):
+        fit_mask_in_hole(np.zeros((20, 20, 20), bool))

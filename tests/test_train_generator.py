@@ -663,6 +663,19 @@ def test_the_mask_bank_keeps_the_masks_that_pass_the_keep_rule_once_smoothed():
         tg.nodule_mask_bank(borderline[None], "inject")
 
 
+def test_the_mask_bank_holds_masks_that_fit_the_hole():
+    """A 22 mm nodule: its bank mask is the nodule shrunk to fit the 20 mm hole, not a block cut by the hole's faces;
+    a nodule the 32 mm cube cuts gives no mask."""
+    grid = np.indices((40, 40, 40)).astype(float) - 19.5
+    radius = np.sqrt((grid**2).sum(0))
+    large = np.where(radius <= 11.0, 30.0, -850.0)
+    too_large = np.where(radius <= 17.5, 30.0, -850.0)
+    (fitted,) = tg.nodule_mask_bank(np.stack([large, too_large]), "inject").masks
+    assert fitted[0].sum() < 40 and not fitted[0, 0].any()  # it touches the hole's face; a cut block would fill it
+    assert 17 < equivalent_diameter_mm(fitted[None])[0] < 20.5
+    assert check_quality(center_crop(large), "inject").measurement.diameter_mm >= 18  # cut by the hole: a block
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     calls = []

@@ -19,15 +19,17 @@ from scipy import ndimage
 
 from ..constants import CUBE_SIZE, CUBE_SPACING_MM, HOLE_SIZE, TARGET_NODULE_DIAMETER_MM
 from .cube import hole_mask
-from .quality import equivalent_diameter_mm
+from .quality import QualityCriteria, ball_structure, central_component, equivalent_diameter_mm
 
-__all__ = ["bank_nodule_mask", "random_nodule_mask", "sample_target_diameter_mm"]
+__all__ = ["bank_nodule_mask", "fit_mask_in_hole", "random_nodule_mask", "sample_target_diameter_mm"]
 
 _LOBES = (2, 6)  # number of lobes (inclusive range)
 _SPICULES = (0, 6)
 # relative amplitude of the margin's fine irregularity: real phantom nodules' solid parts (above -400 HU) have 1.05-2.2
 # times (10th-90th percentile, median 1.26) the surface of a ball of their volume; these shapes 1.06-1.46 (median 1.22)
 _ROUGHNESS = (0.05, 0.2)
+CENTRE_RADIUS_MM = QualityCriteria().center_radius_mm  # a nodule's body reaches the central ball the check looks in
+BODY_RADIUS = 3  # voxels: a nodule's body is the part of its mask a ball of this radius fits in (vessels are thinner)
 
 
 def sample_target_diameter_mm(
@@ -113,3 +115,35 @@ def bank_nodule_mask(
     mask = np.zeros((size,) * 3, bool)
     mask[hole_mask((size,) * 3, HOLE_SIZE)] = shape.ravel()
     return mask
+
+
+def fit_mask_in_hole(mask: np.ndarray) -> np.ndarray | None:
+    """A real nodule's mask on the ``CUBE_SIZE``^3 grid (bool, nodule at the centre) made to fit the hole. The
+    nodule is the mask's body (the part a ball of `BODY_RADIUS` fits in, where it reaches the centre) grown by a
+    voxel within the mask; the rest is vessels and spicules leaving it. When the nodule reaches beyond the hole,
+    the whole mask is scaled down about the centre until the nodule fits the hole. Returns the ``HOLE_SIZE``^3 hole
+    mask, or None when the nodule reaches the cube's faces (cut by the cube: its shape is unknown).
+
+    Cut to the hole as it was, a large nodule's mask had flat faces, and a generator that follows its mask drew a
+    nodule with straight edges (23 of 30 masks of the demo GAN injectors' banks reached the hole's faces). Leaving
+    a voxel of lung between the nodule and the faces made the nodules smaller and rounder than real ones: the
+    two-sample test (hole only) told a Pix2Pix's from real nodules 0.87 of the time, against 0.80 fitted to the
+    hole (34 held-out sites)."""
+    mask = np.asarray(mask, bool)
+    if mask.shape != (CUBE_SIZE,) * 3:
+        raise ValueError(f"mask must have shape {(CUBE_SIZE,) * 3}; got {mask.shape}")
+    body = central_component(ndimage.binary_opening(mask, structure=ball_structure(BODY_RADIUS)), CENTRE_RADIUS_MM)
+    nodule = mask & ndimage.binary_dilation(body) if body.any() else mask
+    if (nodule & ~hole_mask((CUBE_SIZE,) * 3, CUBE_SIZE - 2)).any():
+        return None
+    centre = (CUBE_SIZE - 1) / 2
+    reach = np.abs(np.argwhere(nodule) - centre).max() + 0.5 if nodule.any() else 0.0
+    scale = min(1.0, HOLE_SIZE / 2 / max(reach, 1e-6))
+    if scale < 1.0:  # sample the mask at centre + offset / scale: the nodule shrunk by ``scale`` about the centre
+        mask = (
+            ndimage.affine_transform(
+                mask.astype(np.float32), np.full(3, 1 / scale), offset=centre * (1 - 1 / scale), order=1
+            )
+            > 0.5
+        )
+    return mask[hole_mask((CUBE_SIZE,) * 3, HOLE_SIZE)].reshape((HOLE_SIZE,) * 3)

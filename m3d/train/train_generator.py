@@ -960,26 +960,31 @@ STAIRCASE_SIGMA = (2.0, 0.7, 0.7)
 
 
 def nodule_mask_bank(cubes_hu: np.ndarray, task: str) -> NoduleMaskBank:
-    """The hole masks of the training nodules (`m3d.tamper.quality.nodule_mask` of each cube's centred 32^3 crop,
-    the slice staircase smoothed out: `STAIRCASE_SIGMA`) whose size, once smoothed, passes ``task``'s keep rule:
-    what a mask-conditioned pipeline draws from."""
+    """The masks of the training nodules that a mask-conditioned pipeline draws from: each cube's nodule as the
+    builder's quality check finds it (`m3d.tamper.quality.central_component` of the solid voxels of its centred
+    32^3 crop), the slice staircase smoothed out (`STAIRCASE_SIGMA`) and made to fit the hole
+    (`m3d.tamper.nodule_shape.fit_mask_in_hole`); those whose size then passes ``task``'s keep rule."""
     from scipy import ndimage
 
     from ..pipelines import NoduleMaskBank
-    from ..tamper.cube import hole_mask
-    from ..tamper.quality import equivalent_diameter_mm, nodule_mask, passes_keep_rule
+    from ..tamper.nodule_shape import fit_mask_in_hole
+    from ..tamper.quality import QualityCriteria, central_component, equivalent_diameter_mm, passes_keep_rule
     from .cubes import center_crop
 
-    hole = hole_mask()
-    masks = np.stack(
-        [
-            ndimage.gaussian_filter(nodule_mask(center_crop(cube)).astype(np.float32), STAIRCASE_SIGMA)[hole].reshape(
-                (HOLE_SIZE,) * 3
+    criteria = QualityCriteria()
+    fitted = [
+        fit_mask_in_hole(
+            ndimage.gaussian_filter(
+                central_component(center_crop(cube) > criteria.threshold_hu, criteria.center_radius_mm).astype(
+                    np.float32
+                ),
+                STAIRCASE_SIGMA,
             )
             > 0.5
-            for cube in cubes_hu
-        ]
-    )
+        )
+        for cube in cubes_hu
+    ]
+    masks = np.stack([mask for mask in fitted if mask is not None] or [np.zeros((HOLE_SIZE,) * 3, bool)])
     kept = passes_keep_rule(equivalent_diameter_mm(masks), task)
     if not kept.any():
         raise ValueError(f"no training nodule passes the {task} keep rule: a mask-conditioned pipeline has no masks")
