@@ -125,10 +125,9 @@ def fit_mask_in_hole(mask: np.ndarray) -> np.ndarray | None:
     mask, or None when the nodule reaches the cube's faces (cut by the cube: its shape is unknown).
 
     Cut to the hole as it was, a large nodule's mask had flat faces, and a generator that follows its mask drew a
-    nodule with straight edges (23 of 30 masks of the demo GAN injectors' banks reached the hole's faces). Leaving
-    a voxel of lung between the nodule and the faces made the nodules smaller and rounder than real ones: the
-    two-sample test (hole only) told a Pix2Pix's from real nodules 0.87 of the time, against 0.80 fitted to the
-    hole (34 held-out sites)."""
+    nodule with straight edges (23 of 30 masks of the demo GAN injectors' banks reached the hole's faces). With a
+    voxel of lung left between the nodule and the faces, the two-sample test told a Pix2Pix's nodules from real ones
+    0.87 of the time, against 0.75-0.80 fitted to the hole (`generator_experiments_mask_fit_cpu.json`)."""
     mask = np.asarray(mask, bool)
     if mask.shape != (CUBE_SIZE,) * 3:
         raise ValueError(f"mask must have shape {(CUBE_SIZE,) * 3}; got {mask.shape}")
