@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/mask_following.py               # the three shipped injectors, 20 phantoms
 
 Per injector: its bank of training-nodule masks (`m3d.pipelines.NoduleMaskBank`), how many of those masks reach the
-faces of the 20 mm hole (a nodule cut to the hole, which a generator that follows it draws with straight edges), and,
+faces of the 20 mm hole and along how many face voxels (a nodule cut to the hole, which a generator that follows it
+draws with straight edges, lies along hundreds; one scaled to just fit the hole, `fit_mask_in_hole`, touches each face
+in a patch of about 25), and,
 at the held-out injection sites of `benchmarks/eval_demo_pipelines.py` given one bank mask each, the Dice of the grown
 nodule (`m3d.tamper.quality.nodule_mask`, with the pristine chest wall left out as `chest_wall_check.py` does) with
 that mask, at the sites at the chest wall and away from it.
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             "bank_masks": len(bank),
             "masks_reaching_the_hole_faces": int((on_faces > 0).sum()),
             f"masks_along_{FACE_VOXELS}_or_more_face_voxels": int((on_faces >= FACE_VOXELS).sum()),
+            "face_voxels_median": float(np.median(on_faces)),
+            "face_voxels_max": int(on_faces.max()),
             "dice_median_at_chest_wall": round(float(np.median(scores[at_wall])), 3),
             "dice_median_away_from_chest_wall": round(float(np.median(scores[~at_wall])), 3),
         }
