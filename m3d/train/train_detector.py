@@ -573,6 +573,12 @@ class DetectorTraining(TrainingLoop):
                 calibration["n_pristine"],
                 calibration["balanced_accuracy"],
             )
+            if calibration["balanced_accuracy"] is not None and calibration["balanced_accuracy"] <= 0.5:
+                logger.warning(
+                    "the volume scores do not separate the %s split's fakes from its pristine scans: the detection "
+                    "output has collapsed (try a lower --learning-rate)",
+                    calibration_split,
+                )
         _write_card(best_dir, name, args)
         summary = {
             "detector": name,
