@@ -35,7 +35,7 @@ SCHEDULE = {
     "hpfcn": (800, 1e-2),
     "mantranet": (2400, 4e-3),
     "mvssnet": (1200, 1e-2),
-    "trufor": (1800, 3e-3),  # at 1e-2 the detection head of the pix2pix cell died (2026-12-04)
+    "trufor": (1800, 1e-2),
     "slab3d": (1200, 1e-2),
     "resnet_gp": (1600, 1e-2),
 }

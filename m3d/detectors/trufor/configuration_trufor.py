@@ -74,14 +74,15 @@ class TruForConfig(M3DDetectorConfig):
     """
 
     model_type = "m3d_trufor"
-    # "tiny": tests and the CPU demo, narrow single-block stages, a 5-layer 8-channel Noiseprint++
+    # "tiny": tests and the CPU demo, narrow single-block stages, a 5-layer 8-channel Noiseprint++; the detection head
+    # keeps TruFor's 128 units (it reads 8 pooled numbers, so it costs nothing; with 16, its ReLUs died or saturated in
+    # the demo's pre-training)
     presets = {
         "tiny": dict(
             hidden_sizes=(16, 32, 48, 64),
             depths=(1, 1, 1, 1),
             num_attention_heads=(1, 1, 1, 1),
             decoder_hidden_size=32,
-            detection_hidden_size=16,
             noiseprint_num_layers=5,
             noiseprint_channels=8,
         ),
