@@ -96,6 +96,8 @@ def test_a_removal_is_measured_whole_even_with_the_pristine_cube():
 def test_measuring_refuses_a_leave_out_mask_of_another_shape():
     with pytest.raises(ValueError, match="leave_out must have the cube's shape"):
         measure_nodule(_cube(4.0), leave_out=np.zeros((20, 20, 20), bool))
+    with pytest.raises(ValueError, match="pristine_hu must have cube_hu's shape"):
+        check_quality(_cube(4.0), "inject", pristine_hu=_cube(4.0)[:20, :20, :20])
 
 
 def test_keep_rule():

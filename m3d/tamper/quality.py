@@ -159,6 +159,8 @@ def check_quality(
     the pristine cube, and leaving the wall out would leave it out too."""
     leave_out = None
     if task == "inject" and pristine_hu is not None:
+        if np.shape(pristine_hu) != np.shape(cube_hu):
+            raise ValueError(f"pristine_hu must have cube_hu's shape {np.shape(cube_hu)}; got {np.shape(pristine_hu)}")
         leave_out = chest_wall(pristine_hu, criteria, spacing_mm)
     measurement = measure_nodule(cube_hu, criteria, spacing_mm, leave_out)
     diameter = measurement.diameter_mm
@@ -183,10 +185,10 @@ def passes_keep_rule(
 
 
 __all__ = [
-    "ball_structure",
     "NoduleMeasurement",
     "QualityCriteria",
     "QualityResult",
+    "ball_structure",
     "check_quality",
     "chest_wall",
     "equivalent_diameter_mm",
