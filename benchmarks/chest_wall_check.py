@@ -30,18 +30,14 @@ from eval_demo_pipelines import (  # the script beside this one (its folder is o
     at_chest_wall,
     generate,
     held_out_cubes,
+    real_looking,
     real_nodule_hu_range,
 )
 from m3d.pipelines import load_pipeline
-from m3d.tamper.quality import chest_wall, measure_nodule, passes_keep_rule
+from m3d.tamper.quality import check_quality, chest_wall
 
 ROOT = Path(__file__).resolve().parents[1]
 INJECTORS = ("pix2pix-inject", "cyclegan-inject", "ddpm-inject")
-
-
-def real_looking(cube_hu: np.ndarray, hu_range: tuple[float, float], leave_out: np.ndarray | None = None) -> bool:
-    measured = measure_nodule(cube_hu, leave_out=leave_out)
-    return bool(passes_keep_rule(measured.diameter_mm, "inject") and hu_range[0] <= measured.mean_hu <= hu_range[1])
 
 
 @dataclass
@@ -90,9 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = {**held_out.report, "real_nodule_mean_hu_range": list(hu_range), "pipelines": {}}
     for name in INJECTORS:
         generated, _ = generate(load_pipeline(DEMO_DIR / name), sites, seed=0)
-        as_measured = np.array([real_looking(cube, hu_range) for cube in generated])
-        wall_left_out = np.array(
-            [real_looking(cube, hu_range, leave_out=wall) for cube, wall in zip(generated, held_out.walls)]
+        as_measured = real_looking([check_quality(cube, "inject") for cube in generated], hu_range)
+        wall_left_out = real_looking(
+            [check_quality(cube, "inject", pristine_hu=pristine) for cube, pristine in zip(generated, sites)], hu_range
         )
         report["pipelines"][name] = {
             "at_chest_wall": {

@@ -79,6 +79,7 @@ from m3d.tamper.cube import HOLE_SIZE, TamperLocationError, extract_cube, hole_m
 from m3d.tamper.plan import plan_scan
 from m3d.tamper.quality import (
     QualityCriteria,
+    QualityResult,
     central_component,
     check_quality,
     distance_from_centre_mm,
@@ -281,6 +282,13 @@ def real_nodule_hu_range(real_cubes_hu: np.ndarray) -> tuple[float, float]:
     return tuple(round(float(v), 1) for v in np.percentile(real_hu, [5, 95]))
 
 
+def real_looking(results: list[QualityResult], hu_range: tuple[float, float]) -> np.ndarray:
+    """Per measured nodule: kept by the injection rule and its mean HU within ``hu_range`` (the real nodules')."""
+    kept = np.array([result.kept for result in results], bool)
+    mean_hu = np.array([result.measurement.mean_hu for result in results], float)
+    return kept & (mean_hu >= hu_range[0]) & (mean_hu <= hu_range[1])
+
+
 def real_looking_by_chest_wall(plausible: np.ndarray, pristine_hu: np.ndarray) -> dict:
     """``plausible`` (real-looking per site) split by whether the site is at the chest wall (`at_chest_wall`)."""
     at_wall = at_chest_wall(pristine_hu)
@@ -321,7 +329,7 @@ def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float], pr
         "vessel_faces_continuity": vessel_faces_continuity(cubes_hu),
     }
     if task == "inject":
-        plausible = kept & (mean_hu >= hu_range[0]) & (mean_hu <= hu_range[1])
+        plausible = real_looking(results, hu_range)
         summary["nodule_mean_hu_median"] = (
             round(float(np.nanmedian(mean_hu)), 1) if np.isfinite(mean_hu).any() else None
         )
@@ -343,8 +351,7 @@ def real_looking_ceiling(
     kept = np.array([result.kept for result in results])
     if not kept.any():
         return None
-    mean_hu = np.array([result.measurement.mean_hu for result in results])[kept]
-    inside = (mean_hu >= hu_range[0]) & (mean_hu <= hu_range[1])
+    inside = real_looking(results, hu_range)[kept]
     return {
         "phantoms": n_phantoms,
         "seed": seed,

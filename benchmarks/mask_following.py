@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         grown = np.where(hole_mask(), unit_to_hu(out.cubes[:, 0]), sites)
         scores = np.array(
-            [
-                dice(nodule_mask(np.where(wall, -1000.0, cube)), mask)
-                for cube, wall, mask in zip(grown, held_out.walls, given)
-            ]
+            [dice(nodule_mask(cube, leave_out=wall), mask) for cube, wall, mask in zip(grown, held_out.walls, given)]
         )
         on_faces = face_voxels(bank)
         report["pipelines"][name] = {
