@@ -334,7 +334,8 @@ def scan_examples(
             for generator in ("real", *generators):
                 yield None, Outcome(f"{site_job.site_id}_{generator}", generator, task, "skipped", str(error))
             continue
-        pristine_hu = extract_cube(volume, location, allow_outside_lung=True).hu  # the site's wall, for the check
+        # the site's chest wall, which the check leaves out of an injected nodule
+        pristine_hu = extract_cube(volume, location, allow_outside_lung=True).hu if task == "inject" else None
         empty = np.zeros(volume.shape, bool)
         real = scored(
             make_example(job, site_job, "real", volume, empty, diameter_mm=site_job.site.diameter_mm), volume
