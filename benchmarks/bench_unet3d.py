@@ -335,35 +335,35 @@ def main(argv: list[str] | None = None) -> int:
         pass
     print(f"[bench_unet3d] {name} ({device}), preset {preset}, batch {batch}, {report['dtype']}", flush=True)
 
-    for variant in variants:
-        result = guarded(
-            lambda: bench_variant(lambda: build_m3d_unet(config), variant, device, dtype, batch, steps, warmup)
-        )
-        report["m3d_unet3d"][variant] = result
-        print(f"  m3d  {variant:26s} {_line(result)}", flush=True)
-
+    output = Path(args.output) if args.output else ROOT / "benchmarks" / "results" / f"unet3d_{slug(name)}.json"
+    monai_version = None
     if args.no_monai:
         report["monai"] = {"skipped": "--no-monai"}
     else:
         try:
-            import monai  # noqa: F401
+            import monai
 
-            report["monai"] = {"version": monai.__version__}
+            monai_version = monai.__version__
+            report["monai"] = {"version": monai_version}
         except ImportError as error:
             report["monai"] = {
                 "skipped": f"monai is not importable here ({error}); install monai (+ einops) to compare"
             }
-        if "version" in report["monai"]:
-            for variant in variants:
-                result = guarded(
-                    lambda: bench_variant(
-                        lambda: build_monai_unet(config), variant, device, dtype, batch, steps, warmup
-                    )
-                )
-                report["monai"][variant] = result
-                print(f"  monai {variant:25s} {_line(result)}", flush=True)
-        else:
             print(f"  monai: {report['monai']['skipped']}", flush=True)
+
+    # variant by variant, m3d then MONAI, the file rewritten after each: a run cut short keeps comparable pairs
+    for variant in variants:
+        report["m3d_unet3d"][variant] = result = guarded(
+            lambda: bench_variant(lambda: build_m3d_unet(config), variant, device, dtype, batch, steps, warmup)
+        )
+        print(f"  m3d  {variant:26s} {_line(result)}", flush=True)
+        write_report(report, output)
+        if monai_version is not None:
+            report["monai"][variant] = result = guarded(
+                lambda: bench_variant(lambda: build_monai_unet(config), variant, device, dtype, batch, steps, warmup)
+            )
+            print(f"  monai {variant:25s} {_line(result)}", flush=True)
+            write_report(report, output)
 
     if not args.no_pipelines:
         report["pipelines"] = bench_pipelines(
@@ -375,13 +375,17 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"  pipeline {key:10s} {result['cubes_per_s']:.2f} cubes/s (full generation)", flush=True)
 
-    output = Path(args.output) if args.output else ROOT / "benchmarks" / "results" / f"unet3d_{slug(name)}.json"
+    write_report(report, output)
+    print(f"[bench_unet3d] wrote {output}", flush=True)
+    return 0
+
+
+def write_report(report: dict[str, Any], output: Path) -> None:
+    """Write ``report`` to ``output`` atomically (a temporary file, then a rename)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, output)
-    print(f"[bench_unet3d] wrote {output}", flush=True)
-    return 0
 
 
 def _line(result: dict[str, Any]) -> str:
