@@ -40,7 +40,7 @@ DEMO_WITHOUT_DDPM = (
 # --phantoms 16 --max-steps 400 --seed 0 --cpu`: 430 s on these 2 cores, validation AUC 0.72; its card says
 # so) and is fine-tuned briefly: training it from scratch took half of the demo's budget.
 DEMO_CAD = Path(__file__).resolve().parent / "cad" / "demo"
-DEMO_OUTPUTS = ("cad_model", "m3dsynth", "results")  # what a run writes in its --out folder
+DEMO_OUTPUTS = ("cad_model", "m3dsynth", "results", "datasets_cache")  # what a run writes in its --out folder
 SCALES: dict[str, dict[str, Any]] = {
     # 2 CPU cores: about 12 minutes in all (README, "make demo")
     "cpu": dict(
@@ -123,6 +123,7 @@ def run_demo(
     scale = {**lookup_preset(SCALES, device, "m3d demo --device"), **(scale or {})}
     out = Path(out)
     data, results, cad_model = out / "m3dsynth", out / "results", out / "cad_model"
+    cache = out / "datasets_cache"  # `datasets`' copy of the scans: removed with the run, not left in ~/.cache
     device_name = _device_name(device)
     if not progress:  # the libraries' own weight-loading bars too
         import diffusers
@@ -196,6 +197,7 @@ def run_demo(
                     seed=seed,
                     cpu=device == "cpu",
                     no_progress=not progress,
+                    dataset_cache_dir=str(cache),
                     **scale["bench_options"],
                 )
             ),
@@ -237,5 +239,5 @@ def run_demo(
     }
     results.mkdir(parents=True, exist_ok=True)
     (results / "run.json").write_text(json.dumps(run, indent=2))
-    html_path, _ = _step("report", timings, lambda: build_report(results, device=device))
+    html_path, _ = _step("report", timings, lambda: build_report(results, device=device, dataset_cache_dir=cache))
     return html_path

@@ -24,9 +24,12 @@ TOY_SCALE = dict(
 )
 
 
-def test_demo_runs_every_step_and_resumes(tmp_path, tiny_pipelines_dir, capsys):
+def test_demo_runs_every_step_and_resumes(tmp_path, tiny_pipelines_dir, datasets_cache, capsys):
     out = tmp_path / "demo"
+    cached_before = set(datasets_cache.iterdir())
     report = run_demo(out, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False)
+    assert set(datasets_cache.iterdir()) == cached_before  # `datasets` cached the scans in the run's folder
+    assert any((out / "datasets_cache").glob("m3dsynth-*"))
     assert report == out / "results" / "report.html" and report.is_file()
     run = json.loads((out / "results" / "run.json").read_text())
     assert list(run["steps"]) == [

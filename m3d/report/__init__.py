@@ -143,9 +143,15 @@ def _trained_detectors(results_dir: Path, generator: str) -> dict[str, Path]:
 
 
 def example_section(
-    results_dir: Path, data_dir: Path | None, out_dir: Path, per_task: int = 1, device: str = "cpu"
+    results_dir: Path,
+    data_dir: Path | None,
+    out_dir: Path,
+    per_task: int = 1,
+    device: str = "cpu",
+    dataset_cache_dir: str | Path | None = None,
 ) -> Section:
-    """Tri-planar views of test fakes with the ground truth and each detector's full-scan map."""
+    """Tri-planar views of test fakes with the ground truth and each detector's full-scan map
+    (``dataset_cache_dir``: `datasets`' cache folder, default its own)."""
     if data_dir is None or not Path(data_dir).is_dir():
         return Section("Tampered scans", "No M3Dsynth folder given or named in bench_config.json.")
     import datasets
@@ -155,7 +161,9 @@ def example_section(
     from ..dataset_builder.features import folder_cache_dir
     from ..detectors import detect_volume, load_detector
 
-    split = datasets.load_dataset(str(data_dir), split="test", cache_dir=str(folder_cache_dir(data_dir)))
+    split = datasets.load_dataset(
+        str(data_dir), split="test", cache_dir=str(folder_cache_dir(data_dir, dataset_cache_dir))
+    )
     scans = ScanResolver(split)
     labels, tasks, generators = (split.features[c] for c in ("label", "task", "generator"))
     chosen: list[int] = []
@@ -192,9 +200,14 @@ def example_section(
 
 
 def build_report(
-    results_dir: str | Path, out_dir: str | Path | None = None, data_dir: str | Path | None = None, device: str = "cpu"
+    results_dir: str | Path,
+    out_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    device: str = "cpu",
+    dataset_cache_dir: str | Path | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.md`` for ``results_dir``; returns their paths."""
+    """Write ``report.html`` and ``report.md`` for ``results_dir``; returns their paths (``dataset_cache_dir``:
+    where `datasets` caches the M3Dsynth folder, default its own cache)."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise FileNotFoundError(f"{results_dir} is not a results folder")
@@ -205,7 +218,7 @@ def build_report(
     sections = [
         overview_section(results_dir, data_dir),
         *benchmark_sections(results_dir),
-        example_section(results_dir, data_dir, out_dir, device=device),
+        example_section(results_dir, data_dir, out_dir, device=device, dataset_cache_dir=dataset_cache_dir),
         cad_section(results_dir),
     ]
     return write_report(sections, out_dir, TITLE)
