@@ -346,9 +346,21 @@ def test_load_detector_errors_name_the_folder(tmp_path):
     assert load_detector(starting_weights("unet", "pix2pix")).config.model_type == "m3d_unet"
 
 
-def test_a_detector_whose_scores_collapsed_is_not_shipped(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "measured, message",
+    [
+        ({"balanced_accuracy": 0.5}, "balanced accuracy 0.50 (< 0.6): its detection output has collapsed"),
+        (
+            {"balanced_accuracy": 0.96, "tied_pair_fraction": 0.13},
+            "gives 13% of its training (fake, pristine) scan pairs the same score (> 2%): its detection output "
+            "has saturated",
+        ),
+    ],
+)
+def test_a_detector_whose_scores_collapsed_is_not_shipped(tmp_path, capsys, measured, message):
     """A pre-training run whose volume scores do not separate its own training scans (a dead detection head gives
-    every scan the same score) is refused with one line, and the shipped starting weights stay as they were."""
+    every scan the same score), or tie many of them at the top (a saturated head), is refused with one line, and
+    the shipped starting weights stay as they were."""
     import json
     import shutil
 
@@ -358,9 +370,9 @@ def test_a_detector_whose_scores_collapsed_is_not_shipped(tmp_path, capsys):
     before = (shipped / "model.safetensors").read_bytes()
     run = tmp_path / "runs" / "unet-pix2pix"
     shutil.copytree(shipped, run / "best")
-    calibration = {"split": "train", "balanced_accuracy": 0.5, "threshold": 0.3, "n_fake": 80, "n_pristine": 84}
+    calibration = {"split": "train", "threshold": 0.3, "n_fake": 80, "n_pristine": 84, **measured}
     (run / "training_summary.json").write_text(json.dumps({"steps": 800, "calibration": calibration}))
     argv = ["--data", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--only", "unet-pix2pix", "--ship-only"]
     assert demo_detectors.main(argv) == 2
-    assert "balanced accuracy 0.50 (< 0.6): its detection output has collapsed" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert (shipped / "model.safetensors").read_bytes() == before

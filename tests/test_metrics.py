@@ -12,6 +12,7 @@ from m3d.metrics import (
     pd_at_fpr,
     roc_auc,
     roc_curve,
+    tied_pair_fraction,
 )
 
 
@@ -30,6 +31,17 @@ def test_roc_and_auc_match_scikit_learn(scored):
     np.testing.assert_allclose(fpr, ref_fpr)
     np.testing.assert_allclose(tpr, ref_tpr)
     assert roc_auc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores))
+
+
+def test_tied_pair_fraction_is_what_the_auc_counts_as_half(scored):
+    labels, scores = scored
+    fakes, pristine = scores[labels == 1], scores[labels == 0]
+    tied = tied_pair_fraction(labels, scores)
+    assert tied == pytest.approx((fakes[:, None] == pristine[None, :]).mean()) and tied > 0
+    assert roc_auc(labels, scores) == pytest.approx((fakes[:, None] > pristine[None, :]).mean() + tied / 2)
+    saturated = np.where(scores > 0.6, 1.0, scores)  # a head that puts most fakes and some pristine at the top
+    assert tied_pair_fraction(labels, saturated) > 0.1
+    assert tied_pair_fraction(labels, np.arange(labels.size) / labels.size) == 0
 
 
 def test_balanced_accuracy_matches_scikit_learn(scored):

@@ -8,6 +8,7 @@ from .detection import (
     pd_at_fpr,
     roc_auc,
     roc_curve,
+    tied_pair_fraction,
 )
 from .localization import f1_iou, localization_metrics, localization_scores
 
@@ -22,4 +23,5 @@ __all__ = [
     "pd_at_fpr",
     "roc_auc",
     "roc_curve",
+    "tied_pair_fraction",
 ]

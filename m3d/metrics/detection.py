@@ -63,6 +63,16 @@ def balanced_accuracy(labels: np.ndarray, scores: np.ndarray, threshold: float =
     return float(0.5 * (predicted[positive].mean() + (~predicted[~positive]).mean()))
 
 
+def tied_pair_fraction(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Share of (fake, pristine) pairs whose scores are equal: the ROC AUC counts each as half right, so a
+    saturated output (many scans at exactly the top score, of both classes) caps the AUC at 1 - half of it."""
+    positive, scores = _check(labels, scores)
+    values, index = np.unique(scores, return_inverse=True)
+    fakes = np.bincount(index[positive], minlength=values.size)
+    pristine = np.bincount(index[~positive], minlength=values.size)
+    return float((fakes * pristine).sum() / (positive.sum() * (~positive).sum()))
+
+
 def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     """The threshold of probability ``scores`` with the highest balanced accuracy (``score > threshold``
     called manipulated): a cut between two consecutive distinct scores, placed at their midpoint in

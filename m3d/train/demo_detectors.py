@@ -128,6 +128,7 @@ def ship(name: str, runs_dir: str | Path, data: str | Path) -> Path:
     processor, not its code) with its model card."""
     from ..model_cards import write_model_card
     from .common import replace_folder
+    from .train_detector import MAX_TIED_PAIR_FRACTION
 
     run_dir = Path(runs_dir) / name
     source = run_dir / "best"
@@ -139,6 +140,12 @@ def ship(name: str, runs_dir: str | Path, data: str | Path) -> Path:
         raise ValueError(
             f"{name} separates its own training scans with balanced accuracy {accuracy:.2f} (< "
             f"{MIN_TRAIN_BALANCED_ACCURACY}): its detection output has collapsed; not shipped"
+        )
+    tied = calibration.get("tied_pair_fraction")
+    if tied is not None and tied > MAX_TIED_PAIR_FRACTION:  # nor one whose output has saturated
+        raise ValueError(
+            f"{name} gives {tied:.0%} of its training (fake, pristine) scan pairs the same score (> "
+            f"{MAX_TIED_PAIR_FRACTION:.0%}): its detection output has saturated; not shipped"
         )
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     target = replace_folder(

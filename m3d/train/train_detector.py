@@ -52,7 +52,7 @@ from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, load_detector, register_bayar_constraint
 from m3d.detectors.image_processing_m3d import M3DCTImageProcessor
 from m3d.detectors.modeling_utils import INPUT_MODES
-from m3d.metrics import balanced_accuracy, balanced_threshold
+from m3d.metrics import balanced_accuracy, balanced_threshold, tied_pair_fraction
 from m3d.train.common import (
     MIXED_PRECISION,
     dealt,
@@ -350,6 +350,10 @@ def calibration_split_name(args: TrainDetectorArguments) -> str | None:
     return args.validation_split if args.validation_split.lower() != "none" else args.train_split
 
 
+# more (fake, pristine) pairs of the calibration scans than this with the same score: the output has saturated
+MAX_TIED_PAIR_FRACTION = 0.02
+
+
 def calibrate_volume_threshold(model, crops, batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
     """Set ``model.config.volume_threshold`` to the best-balanced-accuracy threshold of its volume scores
     on ``crops`` (kept when they lack fakes or pristine scans); returns what was measured."""
@@ -364,6 +368,7 @@ def calibrate_volume_threshold(model, crops, batch_size: int = 32, progress: boo
     if 0 < labels.sum() < len(labels):
         model.config.volume_threshold = balanced_threshold(labels, scores)
         result["balanced_accuracy_before"] = balanced_accuracy(labels, scores, result["threshold_before"])
+        result["tied_pair_fraction"] = tied_pair_fraction(labels, scores)
     result["threshold"] = model.config.volume_threshold
     result["balanced_accuracy"] = (
         balanced_accuracy(labels, scores, model.config.volume_threshold) if 0 < labels.sum() < len(labels) else None
@@ -578,6 +583,14 @@ class DetectorTraining(TrainingLoop):
                     "the volume scores do not separate the %s split's fakes from its pristine scans: the detection "
                     "output has collapsed (try a lower --learning-rate)",
                     calibration_split,
+                )
+            if calibration.get("tied_pair_fraction", 0) > MAX_TIED_PAIR_FRACTION:
+                logger.warning(
+                    "%.0f%% of the %s split's (fake, pristine) pairs have the same volume score: the detection "
+                    "output has saturated, which caps its AUC at %.2f",
+                    100 * calibration["tied_pair_fraction"],
+                    calibration_split,
+                    1 - calibration["tied_pair_fraction"] / 2,
                 )
         _write_card(best_dir, name, args)
         summary = {
