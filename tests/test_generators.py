@@ -230,6 +230,20 @@ def test_cyclegan_upsampling_prints_no_checkerboard():
     assert nyquist_power_fraction(out) < 0.02
 
 
+def test_cyclegan_skip_connections_add_wiring_not_weights(tmp_path):
+    """``skip_connections`` keeps CycleGAN's parameters (the plain generator's state dict loads) and changes what
+    the generator computes; the option round-trips through save/load."""
+    torch.manual_seed(0)
+    plain = CycleGAN3DGenerator(ngf=4, n_blocks=1, in_channels=3).eval()
+    skipped = CycleGAN3DGenerator(ngf=4, n_blocks=1, in_channels=3, skip_connections=True).eval()
+    skipped.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 32, 32, 32)
+    assert (skipped(x).sample - plain(x).sample).abs().max() > 1e-3
+    skipped.save_pretrained(tmp_path / "skipped")
+    loaded = CycleGAN3DGenerator.from_pretrained(tmp_path / "skipped").eval()
+    assert loaded.config.skip_connections is True and torch.allclose(loaded(x).sample, skipped(x).sample)
+
+
 def test_pix2pix_trilinear_upsampling_halves_the_period_2_texture():
     """One random Pix2Pix generator's weights on a smooth cube: with CT-GAN's nearest-neighbour
     upsampling the output holds over twice the period-2 power it holds with trilinear upsampling

@@ -45,8 +45,8 @@ COMMON = ["--preset", "demo", "--phantom-size", "320", "--phantom-max-slices", "
 # they grew a nodule > 10 mm at 0.62 (Pix2Pix, trilinear) and 0.18 (CycleGAN) of held-out sites. The CycleGAN
 # remover has one stride-2 stage, so its residual blocks run at 16^3: at the preset's two (8^3) this narrow
 # generator, which has no skip connections, drew each hole from 8^3 cells and left a blotchy period-4 lattice
-# (spectral peak 24, pristine 7.9; 12 at one stage). The injector keeps two: at one it grew blurred slabs, not
-# nodules (real-looking 0.09).
+# (spectral peak 24, pristine 7.9; 12 at one stage). The injector keeps two (at one it grew blurred slabs, not
+# nodules: real-looking 0.09) and has skip connections instead: without them it left the same lattice (peak 19).
 _GAN = ["--d-learning-rate", "2e-4", "--lambda-l1", "10", "--hole-only"]
 _DDPM = ["--learning-rate", "5e-4", "--hole-only", "--prediction-type", "v_prediction",
          "--noise-schedule", "squaredcos_cap_v2", "--num-train-timesteps", "1000", "--snr-gamma", "5",
@@ -58,7 +58,7 @@ RECIPES: dict[str, list[str]] = {
                        "--max-steps", "1200", "--batch-size", "8", *_GAN],
     "cyclegan-inject": ["--model", "cyclegan", "--task", "inject", "--phantoms", "80", "--only-kept-sites",
                         "--max-steps", "900", "--batch-size", "4", "--hole-only",
-                        "--config-overrides", "in_channels=3"],
+                        "--config-overrides", "in_channels=3,skip_connections=true"],
     "cyclegan-remove": ["--model", "cyclegan", "--task", "remove", "--phantoms", "60", "--max-steps", "900",
                         "--batch-size", "4", "--hole-only", "--lambda-cycle", "2",
                         "--config-overrides", "n_downsampling=1"],
