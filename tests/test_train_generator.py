@@ -267,12 +267,12 @@ DDPM_CPU_RECIPE = dict(
     [
         ("pix2pix", 32, 4, 30, {}),
         ("cyclegan", 32, 2, 10, {}),
-        ("cyclegan", 32, 2, 10, {"config_overrides": {"in_channels": 3}}),
+        ("cyclegan", 32, 2, 10, {"config_overrides": {"in_channels": 3, "skip_connections": True}}),
         ("ddpm", 16, 4, 30, {}),
         ("ddpm", 16, 4, 30, DDPM_CPU_RECIPE),
         ("ddpm", 16, 4, 30, {**DDPM_CPU_RECIPE, "config_overrides": {"in_channels": 4}}),
     ],
-    ids=["pix2pix", "cyclegan", "cyclegan-nodule-mask", "ddpm", "ddpm-v-min-snr", "ddpm-nodule-mask"],
+    ids=["pix2pix", "cyclegan", "cyclegan-nodule-mask-skips", "ddpm", "ddpm-v-min-snr", "ddpm-nodule-mask"],
 )
 def test_a_tiny_models_loss_falls(case, model, size, count, steps, options):
     """A few steps on a fixed batch (fixed dropout, noise and timesteps too) make the loss fall. The
