@@ -63,8 +63,8 @@ def training_loss(run_dir: Path, since_step: int) -> float | None:
 def curve(name: str, data: str, detector: str, args, work: Path) -> list[dict]:
     preset = BENCH_PRESETS["demo"]
     crop = tuple(args.crop_size)
-    train_split = filter_examples(load_split(data, "train"), [args.generator])
-    test_split = filter_examples(load_split(data, "test"), [args.generator])
+    train_split = filter_examples(load_split(data, "train", args.dataset_cache_dir), [args.generator])
+    test_split = filter_examples(load_split(data, "test", args.dataset_cache_dir), [args.generator])
     run_dir = work / f"{name}-{detector}"
     rows, previous = [], 0
     for step in range(args.eval_every, args.steps + 1, args.eval_every):
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=preset["learning_rate"])
     parser.add_argument("--threads", type=int, default=preset["num_threads"] or 2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset-cache-dir", help="datasets' cache folder (default: HF_DATASETS_CACHE)")
     parser.add_argument(
         "--out", type=Path, default=None, help="result JSON (default: results/learning_curves_<device>.json)"
     )

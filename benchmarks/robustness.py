@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quantum-hu", type=int, default=16, help="HU step of the re-quantisation")
     parser.add_argument("--reslice-factor", type=float, default=1.5, help="new slice spacing over the old one")
     parser.add_argument("--seed", type=int, default=0, help="seed of the added noise")
+    parser.add_argument("--dataset-cache-dir", help="datasets' cache folder (default: HF_DATASETS_CACHE)")
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "robustness_demo.json"), help="JSON to write"
     )
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not cells:
         parser.error(f"{args.results} holds no cross-generator cell of {', '.join(args.detectors)}")
     crop_size = tuple(int(n) for n in cells[0]["crop_size"].split(","))
-    split = filter_examples(load_split(args.data, "test"))
+    split = filter_examples(load_split(args.data, "test", args.dataset_cache_dir))
     crops = evaluation_crops(split, crop_size).fill()
     variants = {}
     for move in COUNTER_MOVES:
