@@ -435,6 +435,24 @@ def test_checkpoints_resume_and_pipeline(tmp_path, monkeypatch, model):
     assert torch.equal(out[0, 0][~hole], cube[0, 0][~hole])
 
 
+def test_lr_decay_steps_lower_every_rate_linearly_over_the_last_steps(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    run = tmp_path / "run"
+    assert tg.main(_argv("pix2pix", run, 4, "--lr-decay-steps", "2")) == 0
+    base, d_base = tg.DEFAULT_LR["pix2pix"], tg.DEFAULT_D_LR["pix2pix"]
+    logged = [json.loads(line)["lr"] for line in (run / "logs.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([base, base, base, base / 2])
+    last = complete_checkpoints(run)[-1]  # the optimisers as saved at step 4: both rates halved
+    rates = sorted(
+        group["lr"]
+        for path in last.glob("optimizer*.bin")
+        for group in torch.load(path, weights_only=True)["param_groups"]
+    )
+    assert rates == pytest.approx(sorted([base / 2, d_base / 2]))
+    assert tg.main(_argv("pix2pix", tmp_path / "bad", 4, "--lr-decay-steps", "5")) == 2
+    assert "--lr-decay-steps must be between 0 and --max-steps (4); got 5" in capsys.readouterr().err
+
+
 def test_saved_pipeline_dtype_and_sampler(tmp_path, monkeypatch):
     from diffusers import DPMSolverMultistepScheduler
 

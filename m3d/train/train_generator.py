@@ -115,6 +115,7 @@ class TrainGeneratorArguments(TrainingArguments):
     batch_size: int = 8
     learning_rate: float | None = None
     d_learning_rate: float | None = None
+    lr_decay_steps: int = 0
     lambda_l1: float = 100.0
     hole_only: bool = False
     lambda_cycle: float = 10.0
@@ -146,6 +147,10 @@ class TrainGeneratorArguments(TrainingArguments):
         )
         if self.checkpointing_steps < 0 or self.num_workers < 0:
             raise ValueError("--checkpointing-steps and --num-workers must not be negative")
+        if not 0 <= self.lr_decay_steps <= self.max_steps:
+            raise ValueError(
+                f"--lr-decay-steps must be between 0 and --max-steps ({self.max_steps}); got {self.lr_decay_steps}"
+            )
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError("--checkpoints-total-limit must be positive")
         if self.full_cycle_weight < 0:
@@ -241,6 +246,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--d-learning-rate",
         type=float,
         help="discriminator rate (default: pix2pix 1e-6 as CT-GAN; cyclegan = --learning-rate)",
+    )
+    run.add_argument(
+        "--lr-decay-steps",
+        type=int,
+        metavar="N",
+        help="every rate falls linearly toward zero over the last N of --max-steps (CycleGAN's schedule: half of "
+        "them); 0: constant rates",
     )
     run.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step")
     run.add_argument(
@@ -396,10 +408,13 @@ class GeneratorTrainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.max_grad_norm: float | None = None
         self.accelerator = None
+        self.base_rates: dict[str, list[float]] = {}
 
     def prepare(self, accelerator) -> None:
-        """Wrap the networks and optimisers with Accelerate (call once)."""
+        """Wrap the networks and optimisers with Accelerate (call once); the optimisers' rates now are the
+        base rates that `scale_learning_rates` scales."""
         names, opt_names = list(self.networks), list(self.optimizers)
+        self.base_rates = {n: [group["lr"] for group in self.optimizers[n].param_groups] for n in opt_names}
         prepared = accelerator.prepare(*[self.networks[n] for n in names], *[self.optimizers[n] for n in opt_names])
         prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
         self.networks = dict(zip(names, prepared[: len(names)]))
@@ -409,6 +424,13 @@ class GeneratorTrainer:
     def train(self) -> None:
         for network in self.networks.values():
             network.train()
+
+    def scale_learning_rates(self, factor: float) -> None:
+        """Set every optimiser's rates to ``factor`` times its base rates (a resumed optimiser's saved rates
+        are overwritten too: the schedule is a function of the step alone)."""
+        for name, optimizer in self.optimizers.items():
+            for group, base in zip(optimizer.param_groups, self.base_rates[name]):
+                group["lr"] = base * factor
 
     def _update(self, loss: torch.Tensor, optimizer: str, modules: Sequence[nn.Module]) -> None:
         accelerator = self.accelerator
@@ -1054,7 +1076,14 @@ class GeneratorTraining(TrainingLoop):
         self.loader = accelerator.prepare(loader)
         self.trainer.train()
 
+    def learning_rate_factor(self, steps_done: int) -> float:
+        """The schedule at the optimizer step after ``steps_done``: 1, then falling linearly over the last
+        N = ``--lr-decay-steps`` steps to 1/N at the last (CycleGAN's linear decay)."""
+        decay, remaining = self.arguments.lr_decay_steps, self.arguments.max_steps - steps_done
+        return min(1.0, remaining / decay) if decay else 1.0
+
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.trainer.scale_learning_rates(self.learning_rate_factor(self.global_step))
         with self.accelerator.accumulate(*self.trainer.networks.values()):
             losses = self.trainer.step(batch)
         if self.accelerator.sync_gradients:
@@ -1068,7 +1097,7 @@ class GeneratorTraining(TrainingLoop):
             **losses,
             "step": self.global_step,
             "epoch": epoch,
-            "lr": self.trainer.lr,
+            "lr": self.trainer.lr * self.learning_rate_factor(self.global_step - 1),  # the step just taken
             "steps_per_s": steps_per_s,
             "elapsed_s": elapsed_s,
         }
