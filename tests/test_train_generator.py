@@ -650,6 +650,36 @@ def test_a_mask_conditioned_pipeline_saves_the_masks_of_its_training_nodules(tmp
     assert load_pipeline(tmp_path / "plain" / "pipeline").nodule_mask_bank is None
 
 
+def test_nodule_diameter_mm_sets_the_size_a_pipeline_draws_by_default(tmp_path, monkeypatch, capsys):
+    """``--nodule-diameter-mm LOW HIGH`` is saved in the bank's config, and a call that names no size draws only
+    the bank's masks of that size; a range no kept mask lies in, or a network without a nodule mask, is an error."""
+    from m3d.pipelines import load_pipeline
+
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    masked = ("--checkpointing-steps", "0", "--config-overrides", "in_channels=3")
+    assert tg.main(_argv("pix2pix", tmp_path / "any", 1, *masked)) == 0
+    diameters = equivalent_diameter_mm(load_pipeline(tmp_path / "any" / "pipeline").nodule_mask_bank.masks)
+    largest = float(diameters.max())
+    assert float(diameters.min()) < largest - 1  # the 12 and the 14 mm nodules
+    sized = ("--nodule-diameter-mm", f"{largest - 0.5}", f"{largest + 0.5}")
+    assert tg.main(_argv("pix2pix", tmp_path / "sized", 1, *masked, *sized)) == 0
+    pipe = load_pipeline(tmp_path / "sized" / "pipeline")
+    assert pipe.nodule_mask_bank.config.diameter_mm == pytest.approx([largest - 0.5, largest + 0.5])
+    cubes = torch.full((6, 1, CUBE_SIZE, CUBE_SIZE, CUBE_SIZE), -0.8)
+    drawn = pipe.cube_processor.nodule_masks(
+        pipe.cube_processor.preprocess(cubes), "inject", [torch.Generator().manual_seed(i) for i in range(6)],
+        bank=pipe.nodule_mask_bank,
+    ).nodule_mask[:, 0].bool().numpy()  # fmt: skip
+    assert equivalent_diameter_mm(drawn) == pytest.approx([largest] * 6)
+    capsys.readouterr()
+    assert tg.main(_argv("pix2pix", tmp_path / "none", 1, *masked, "--nodule-diameter-mm", "30", "40")) == 2
+    assert "no kept training nodule mask measures 30-40 mm (--nodule-diameter-mm)" in capsys.readouterr().err
+    assert tg.main(_argv("pix2pix", tmp_path / "plain", 1, "--nodule-diameter-mm", "3", "7")) == 2
+    assert "this one sees no nodule mask" in capsys.readouterr().err
+    assert tg.main(_argv("pix2pix", tmp_path / "bad", 1, *masked, "--nodule-diameter-mm", "7", "3")) == 2
+    assert "--nodule-diameter-mm must be LOW HIGH with 0 <= LOW <= HIGH" in capsys.readouterr().err
+
+
 def test_the_mask_bank_smooths_out_the_slice_staircase():
     """A nodule drawn on 2.5 mm slices and cut at 1 mm has a staircase along z (its area per slice jumps); the bank's
     mask of it changes along z nearly as smoothly as along y."""

@@ -131,6 +131,7 @@ class TrainGeneratorArguments(TrainingArguments):
     save_dtype: str = "fp32"
     sampler: str = "ddpm"
     inference_steps: int = 50
+    nodule_diameter_mm: list[float] | None = None
 
     def check(self) -> None:
         """ValueError for values the parser lets through."""
@@ -155,6 +156,10 @@ class TrainGeneratorArguments(TrainingArguments):
             raise ValueError("--checkpoints-total-limit must be positive")
         if self.full_cycle_weight < 0:
             raise ValueError(f"--full-cycle-weight must not be negative; got {self.full_cycle_weight}")
+        if self.nodule_diameter_mm is not None and not 0 <= self.nodule_diameter_mm[0] <= self.nodule_diameter_mm[1]:
+            raise ValueError(
+                f"--nodule-diameter-mm must be LOW HIGH with 0 <= LOW <= HIGH; got {self.nodule_diameter_mm}"
+            )
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"--snr-gamma must be positive; got {self.snr_gamma}")
         check_config_overrides(self.model, parse_config_overrides(self.config_overrides))
@@ -325,6 +330,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--inference-steps",
         type=int,
         help="ddpm: the pipeline's default num_inference_steps (saved in model_index.json)",
+    )
+    save.add_argument(
+        "--nodule-diameter-mm",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="a mask-conditioned pipeline draws, when a call names no size, the training nodule masks of this "
+        "equivalent diameter (saved in nodule_mask_bank/config.json; default: any of them)",
     )
     parser.set_defaults(**TrainGeneratorArguments.defaults())
     return parser
@@ -981,11 +994,12 @@ def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int
 STAIRCASE_SIGMA = (2.0, 0.7, 0.7)
 
 
-def nodule_mask_bank(cubes_hu: np.ndarray, task: str) -> NoduleMaskBank:
+def nodule_mask_bank(cubes_hu: np.ndarray, task: str, diameter_mm: Sequence[float] | None = None) -> NoduleMaskBank:
     """The masks of the training nodules that a mask-conditioned pipeline draws from: each cube's nodule as the
     builder's quality check finds it (`m3d.tamper.quality.central_component` of the solid voxels of its centred
     32^3 crop), the slice staircase smoothed out (`STAIRCASE_SIGMA`) and made to fit the hole
-    (`m3d.tamper.nodule_shape.fit_mask_in_hole`); those whose size then passes ``task``'s keep rule."""
+    (`m3d.tamper.nodule_shape.fit_mask_in_hole`); those whose size then passes ``task``'s keep rule. The bank draws
+    in ``diameter_mm`` (low, high) when a call names no size: ValueError when none of its masks lies there."""
     from scipy import ndimage
 
     from ..pipelines import NoduleMaskBank
@@ -1007,10 +1021,15 @@ def nodule_mask_bank(cubes_hu: np.ndarray, task: str) -> NoduleMaskBank:
         for cube in cubes_hu
     ]
     masks = np.stack([mask for mask in fitted if mask is not None] or [np.zeros((HOLE_SIZE,) * 3, bool)])
-    kept = passes_keep_rule(equivalent_diameter_mm(masks), task)
+    diameters = equivalent_diameter_mm(masks)
+    kept = passes_keep_rule(diameters, task)
     if not kept.any():
         raise ValueError(f"no training nodule passes the {task} keep rule: a mask-conditioned pipeline has no masks")
-    return NoduleMaskBank.from_masks(masks[kept])
+    if diameter_mm is not None:
+        low, high = diameter_mm
+        if not (kept & (diameters >= low) & (diameters <= high)).any():
+            raise ValueError(f"no kept training nodule mask measures {low:g}-{high:g} mm (--nodule-diameter-mm)")
+    return NoduleMaskBank.from_masks(masks[kept], diameter_mm)
 
 
 class GeneratorTraining(TrainingLoop):
@@ -1072,6 +1091,10 @@ class GeneratorTraining(TrainingLoop):
         self.trainer.args = args
         if args.init_from:
             self.trainer.init_from(args.init_from)
+        if args.nodule_diameter_mm is not None and not self.trainer.pipeline().mask_conditioned:
+            raise ValueError(
+                "--nodule-diameter-mm sizes the nodules a mask-conditioned network draws; this one sees no nodule mask"
+            )
         self.trainer.prepare(accelerator)
         self.loader = accelerator.prepare(loader)
         self.trainer.train()
@@ -1128,7 +1151,8 @@ class GeneratorTraining(TrainingLoop):
         args = self.arguments
         pipeline = self.trainer.pipeline()
         if pipeline.mask_conditioned:
-            pipeline.register_modules(nodule_mask_bank=nodule_mask_bank(self.dataset.cubes_hu, args.task))
+            bank = nodule_mask_bank(self.dataset.cubes_hu, args.task, args.nodule_diameter_mm)
+            pipeline.register_modules(nodule_mask_bank=bank)
         if args.save_dtype != "fp32":
             for module in pipeline.components.values():
                 if isinstance(module, nn.Module) and any(True for _ in module.parameters()):  # not the mask bank
