@@ -244,3 +244,15 @@ def test_injection_cards_give_the_real_looking_ceiling():
     assert "| ... at the 23 sites away from the chest wall | 61% |" in text
     del quality["real_looking_ceiling"]
     assert "other phantoms" not in quality_section("ddpm-inject", quality)
+
+
+def test_a_later_stage_sets_its_options_and_all_their_values_on_top_of_the_previous_ones():
+    from m3d.train import demo_pipelines as demo
+
+    argv = ["--a", "1", "--b", "2", "3", "--flag"]
+    assert demo._with_options(argv, ["--b", "4", "5", "--flag", "--c", "6", "7", "--d", "-1"]) == [
+        "--a", "1", "--b", "4", "5", "--flag", "--c", "6", "7", "--d", "-1",
+    ]  # fmt: skip
+    last = demo.command_line("ddpm-remove", "runs", "cache", demo.stage_count("ddpm-remove") - 1)
+    start = last.index("--nodule-diameter-mm")
+    assert last[start + 1 : start + 3] == ["3", "7"] and last.count("--nodule-diameter-mm") == 1

@@ -93,18 +93,20 @@ def stage_count(name: str) -> int:
 
 
 def _with_options(argv: list[str], options: list[str]) -> list[str]:
-    """``argv`` with each option of ``options`` (``--name value`` or a ``--flag``) set: a value replaced
+    """``argv`` with each option of ``options`` (``--name`` and its values, or a ``--flag``) set: its values replaced
     where ``argv`` has the option, the rest appended."""
     argv, extra, i = list(argv), [], 0
     while i < len(options):
-        name = options[i]
-        has_value = i + 1 < len(options) and not options[i + 1].startswith("--")
+        end = i + 1
+        while end < len(options) and not options[end].startswith("--"):
+            end += 1
+        name, values = options[i], options[i + 1 : end]
         if name in argv:
-            if has_value:
-                argv[argv.index(name) + 1] = options[i + 1]
+            start = argv.index(name) + 1
+            argv[start : start + len(values)] = values
         else:
-            extra += options[i : i + 1 + has_value]
-        i += 1 + has_value
+            extra += options[i:end]
+        i = end
     return [*argv, *extra]
 
 
