@@ -71,7 +71,7 @@ RECIPES: dict[str, list[str]] = {
 # previous stage's; the folder that ships is the last stage's (``RUNS/<name>-finetune``, ``-finetune2``, ...). The
 # DDPMs' second stage learns from more phantoms (160: 69 kept injection sites, 98 removal sites) at a lower rate than a
 # first run can afford; their third adds the nodule-mask input (the UNet widened, the new channel starting at zero).
-# The remover draws, unless told a size, its benign training nodules of 3-7 mm (the task's target): 40 % of its bank's
+# The remover draws, unless told a size, its benign training nodules of 3-7 mm (the task's target): 40 of its bank's 88
 # masks are empty (removal sites with no solid nodule), and from those it drew blobs the builder dropped as >= 8 mm
 # (validation sites: kept 0.95 -> 1.00, two-sample 0.77 -> 0.75; `generator_experiments_ddpm_remove_size_cpu.json`).
 FINE_TUNES: dict[str, list[list[str]]] = {
