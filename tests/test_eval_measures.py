@@ -108,3 +108,13 @@ def test_real_looking_ceiling_is_the_share_of_real_kept_nodules_inside_the_range
     assert eval_demo.real_looking_ceiling(0, 7, (-182.0, -40.0), 320, 48, "native") is None
     cubes["remove"] = cubes["remove"][2:]
     assert eval_demo.real_looking_ceiling(3, 7, (-182.0, -40.0), 320, 48, "native") is None
+
+
+def test_proportion_interval_is_wilsons_and_checks_its_input():
+    assert eval_demo.proportion_interval(0, 10) == pytest.approx([0.0, 0.278], abs=1e-3)
+    assert eval_demo.proportion_interval(10, 10) == pytest.approx([0.722, 1.0], abs=1e-3)
+    low, high = eval_demo.proportion_interval(16, 18)
+    assert low < 16 / 18 < high and high - low > 0.25  # 18 sites: a wide interval
+    assert eval_demo.proportion_interval(160, 180)[1] - eval_demo.proportion_interval(160, 180)[0] < high - low
+    with pytest.raises(ValueError, match="successes <= n"):
+        eval_demo.proportion_interval(5, 4)
