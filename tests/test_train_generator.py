@@ -674,6 +674,7 @@ def test_nodule_diameter_mm_sets_the_size_a_pipeline_draws_by_default(tmp_path, 
     capsys.readouterr()
     assert tg.main(_argv("pix2pix", tmp_path / "none", 1, *masked, "--nodule-diameter-mm", "30", "40")) == 2
     assert "no kept training nodule mask measures 30-40 mm (--nodule-diameter-mm)" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "checkpoints").exists()  # stopped before training
     assert tg.main(_argv("pix2pix", tmp_path / "plain", 1, "--nodule-diameter-mm", "3", "7")) == 2
     assert "this one sees no nodule mask" in capsys.readouterr().err
     assert tg.main(_argv("pix2pix", tmp_path / "bad", 1, *masked, "--nodule-diameter-mm", "7", "3")) == 2

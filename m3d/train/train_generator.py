@@ -1091,10 +1091,15 @@ class GeneratorTraining(TrainingLoop):
         self.trainer.args = args
         if args.init_from:
             self.trainer.init_from(args.init_from)
-        if args.nodule_diameter_mm is not None and not self.trainer.pipeline().mask_conditioned:
+        mask_conditioned = self.trainer.pipeline().mask_conditioned
+        if args.nodule_diameter_mm is not None and not mask_conditioned:
             raise ValueError(
                 "--nodule-diameter-mm sizes the nodules a mask-conditioned network draws; this one sees no nodule mask"
             )
+        # the masks the saved pipeline will draw from, made before training so that bad ones stop the run at once
+        self.nodule_mask_bank = (
+            nodule_mask_bank(self.dataset.cubes_hu, args.task, args.nodule_diameter_mm) if mask_conditioned else None
+        )
         self.trainer.prepare(accelerator)
         self.loader = accelerator.prepare(loader)
         self.trainer.train()
@@ -1150,9 +1155,8 @@ class GeneratorTraining(TrainingLoop):
     def save_outputs(self) -> None:
         args = self.arguments
         pipeline = self.trainer.pipeline()
-        if pipeline.mask_conditioned:
-            bank = nodule_mask_bank(self.dataset.cubes_hu, args.task, args.nodule_diameter_mm)
-            pipeline.register_modules(nodule_mask_bank=bank)
+        if self.nodule_mask_bank is not None:
+            pipeline.register_modules(nodule_mask_bank=self.nodule_mask_bank)
         if args.save_dtype != "fp32":
             for module in pipeline.components.values():
                 if isinstance(module, nn.Module) and any(True for _ in module.parameters()):  # not the mask bank
