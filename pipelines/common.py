@@ -217,8 +217,8 @@ class CubeProcessor:
         as given (``(N, [1,] 32, 32, 32)``, nonzero inside; only their part in the hole counts), or one drawn per
         cube from its generator: from the pipeline's ``bank`` of training nodule masks (`bank_nodule_mask`; of about
         ``diameter_mm`` when given: one value or a ``(low, high)`` range; else in the bank's own ``diameter_mm``),
-        or without a bank a `random_nodule_mask`
-        of a diameter drawn from ``diameter_mm`` (None: the task's `TARGET_NODULE_DIAMETER_MM`)."""
+        or without a bank a `random_nodule_mask` of a diameter drawn from ``diameter_mm`` (None: the task's
+        `TARGET_NODULE_DIAMETER_MM`)."""
         if nodule_masks is not None:
             masks = torch.as_tensor(
                 np.array(nodule_masks.detach().cpu() if torch.is_tensor(nodule_masks) else nodule_masks)
@@ -233,11 +233,11 @@ class CubeProcessor:
             masks = (masks != 0) & self.hole
         else:
             drawn, bank_masks = [], None if bank is None else bank.masks
+            bank_size = bank.config.diameter_mm if bank is not None and diameter_mm is None else diameter_mm
             for stream in generators:
                 rng = numpy_rng(stream)
                 if bank_masks is not None:
-                    size = bank.config.diameter_mm if diameter_mm is None else diameter_mm
-                    drawn.append(bank_nodule_mask(rng, bank_masks, size, CUBE_SIZE))
+                    drawn.append(bank_nodule_mask(rng, bank_masks, bank_size, CUBE_SIZE))
                     continue
                 diameter = sample_target_diameter_mm(rng, task, diameter_mm)
                 drawn.append(random_nodule_mask(rng, diameter, CUBE_SIZE, CUBE_SPACING_MM))
