@@ -413,7 +413,7 @@ def test_checkpoints_resume_and_pipeline(tmp_path, monkeypatch, model):
     assert [json.loads((p / STATE_FILE).read_text())["global_step"] for p in checkpoints] == [2, 4]
     assert _steps(run) == [1, 2, 3, 4]
     if model == "ddpm":
-        assert (checkpoints[0] / tg.EMA_FOLDER / "ema.safetensors").is_file()
+        assert (checkpoints[0] / "ema_unet" / "ema.safetensors").is_file()
 
     if model != "cyclegan":  # the resumed run ends exactly where an uninterrupted one does
         straight = tmp_path / "straight"
@@ -433,6 +433,34 @@ def test_checkpoints_resume_and_pipeline(tmp_path, monkeypatch, model):
     hole = torch.from_numpy(hole_mask())
     assert out.shape == cube.shape and torch.isfinite(out).all()
     assert torch.equal(out[0, 0][~hole], cube[0, 0][~hole])
+
+
+def test_gan_ema_is_checkpointed_resumed_and_saved(tmp_path, monkeypatch):
+    """--ema-decay gives a GAN's generator an EMA: checkpointed (``ema_generator/``) and restored, so a resumed
+    run ends where an uninterrupted one does; the saved pipeline holds its weights (BatchNorm statistics from
+    the trained network). Another decay on resume, or one outside (0, 1), is one clear error."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    run, straight, ema = tmp_path / "run", tmp_path / "straight", ["--ema-decay", "0.5"]
+    assert tg.main(_argv("pix2pix", run, 2, *ema)) == 0
+    assert tg.main(_argv("pix2pix", run, 4, *ema, "--resume-from-checkpoint", "latest")) == 0
+    assert tg.main(_argv("pix2pix", straight, 4, *ema, "--checkpointing-steps", "0")) == 0
+    saved, uninterrupted = _weights(run, "pix2pix"), _weights(straight, "pix2pix")
+    assert saved.keys() == uninterrupted.keys()
+    assert all(torch.equal(saved[key], uninterrupted[key]) for key in saved)
+
+    last = complete_checkpoints(run)[-1]
+    shadow = load_file(str(last / "ema_generator" / "ema.safetensors"))
+    trained = load_file(str(last / "model.safetensors"))
+    assert {k for k in saved if k not in shadow} == {k for k in trained if "running" in k or "batches" in k}
+    for key, value in saved.items():
+        assert torch.equal(value, (shadow if key in shadow else trained)[key]), key
+    assert any(not torch.equal(shadow[key], trained[key]) for key in shadow)  # an average, not the last weights
+
+    assert tg.main(_argv("pix2pix", run, 6, "--ema-decay", "0.9", "--resume-from-checkpoint", "latest")) == 2
+    assert tg.main(_argv("pix2pix", run, 6, "--resume-from-checkpoint", "latest")) == 2
+    assert tg.main(_argv("cyclegan", tmp_path / "bad", 2, "--ema-decay", "1")) == 2
 
 
 def test_lr_decay_steps_lower_every_rate_linearly_over_the_last_steps(tmp_path, monkeypatch, capsys):

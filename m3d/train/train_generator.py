@@ -32,11 +32,15 @@ Losses and optimisers:
   low-noise ones stop dominating). AdamW(1e-4); gradient norm clipped at 1; an EMA of the UNet (diffusers `EMAModel`,
   ``--ema-decay``) is what is saved, with ``--sampler`` (ddpm, ddim or dpmsolver++ on the same schedule) as its
   scheduler and ``--inference-steps`` as its default steps.
+* ``--ema-decay`` gives a GAN's generator the same average (none by default): a GAN's weights swing with the
+  balance of generator and discriminator from step to step, and their average is steadier (Yazici et al. 2019,
+  "The Unusual Effectiveness of Averaging in GAN Training").
 
 Accelerate runs it (devices, processes, ``--mixed-precision``, ``--gradient-accumulation-steps``).
 Checkpoints (`Accelerator.save_state`, every ``--checkpointing-steps``, at the end, and on Ctrl-C / SIGTERM) go to
 ``OUTPUT_DIR/checkpoints/checkpoint_<n>/`` with ``training_state.json`` (written last: a checkpoint without it is
-incomplete and ignored) and, for the DDPM, the EMA weights (``ema_unet/ema.safetensors`` + ``ema_state.json``).
+incomplete and ignored) and the EMA weights when there is an EMA (``ema_unet/`` for the DDPM, ``ema_generator/`` for
+a GAN run with ``--ema-decay``: ``ema.safetensors`` + ``ema_state.json``).
 ``--resume-from-checkpoint latest|PATH`` restores models, optimisers, RNG states, the step counter and the data
 position: all randomness of a step is drawn from ``(seed, step)``, so a resumed run continues exactly as an
 uninterrupted one. Losses go to ``OUTPUT_DIR/logs.jsonl`` (and TensorBoard when installed); at the end the pipeline is
@@ -85,7 +89,7 @@ PHANTOM_SPACINGS = ("native", "scaled")  # as m3d.dataset_builder.generate.PHANT
 DEFAULT_LR = {"pix2pix": 2e-4, "cyclegan": 2e-4, "ddpm": 1e-4}
 DEFAULT_D_LR = {"pix2pix": 1e-6, "cyclegan": None}  # None: the generator's rate
 GAN_BETAS = (0.5, 0.999)
-EMA_FOLDER = "ema_unet"
+DEFAULT_EMA_DECAY = {"ddpm": 0.9999}  # the GANs keep no EMA unless --ema-decay asks
 
 logger = logging.getLogger("m3d.train.train_generator")
 
@@ -120,7 +124,7 @@ class TrainGeneratorArguments(TrainingArguments):
     hole_only: bool = False
     lambda_cycle: float = 10.0
     full_cycle_weight: float = 1.0
-    ema_decay: float = 0.9999
+    ema_decay: float | None = None
     prediction_type: str = "epsilon"
     noise_schedule: str = "linear"
     num_train_timesteps: int = 2000
@@ -160,6 +164,8 @@ class TrainGeneratorArguments(TrainingArguments):
             raise ValueError(
                 f"--nodule-diameter-mm must be LOW HIGH with 0 <= LOW <= HIGH; got {self.nodule_diameter_mm}"
             )
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be between 0 and 1 (exclusive); got {self.ema_decay}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"--snr-gamma must be positive; got {self.snr_gamma}")
         check_config_overrides(self.model, parse_config_overrides(self.config_overrides))
@@ -279,7 +285,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="cyclegan: weight of the full -> masked -> full cycle relative to --lambda-cycle (1, CycleGAN's; "
         "0: G is never asked to redraw a masked-out nodule exactly, which pulls an injector toward no nodule)",
     )
-    run.add_argument("--ema-decay", type=float, help="ddpm: EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
+    run.add_argument(
+        "--ema-decay",
+        type=float,
+        help="keep an exponential moving average of the pipeline's network with this decay (warmed up as "
+        "min(decay, (1+n)/(10+n))) and save it instead of the last weights (ddpm: 0.9999 by default; the GANs: "
+        "none by default)",
+    )
     run.add_argument(
         "--prediction-type",
         choices=PREDICTION_TYPES,
@@ -422,6 +434,21 @@ class GeneratorTrainer:
         self.max_grad_norm: float | None = None
         self.accelerator = None
         self.base_rates: dict[str, list[float]] = {}
+        self.ema = None
+
+    @property
+    def ema_folder(self) -> str:
+        """The checkpoint's folder for the EMA of the pipeline's network (``ema_unet`` for the DDPM)."""
+        return f"ema_{self.network_name}"
+
+    def start_ema(self, decay: float) -> None:
+        """Average the pipeline's network from its current weights on (diffusers `EMAModel`): what is saved."""
+        from diffusers.training_utils import EMAModel
+
+        network = self.unwrap(self.network_name)
+        self.ema = EMAModel(network.parameters(), decay=decay, model_cls=type(network), model_config=network.config)
+        if self.accelerator:
+            self.ema.to(self.accelerator.device)
 
     def prepare(self, accelerator) -> None:
         """Wrap the networks and optimisers with Accelerate (call once); the optimisers' rates now are the
@@ -433,6 +460,8 @@ class GeneratorTrainer:
         self.networks = dict(zip(names, prepared[: len(names)]))
         self.optimizers = dict(zip(opt_names, prepared[len(names) :]))
         self.accelerator = accelerator
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
 
     def train(self) -> None:
         for network in self.networks.values():
@@ -457,7 +486,9 @@ class GeneratorTrainer:
         raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
-        """Called once per optimizer step (after gradients were synchronised)."""
+        """Called once per optimizer step (after gradients were synchronised): the EMA's step."""
+        if self.ema is not None:
+            self.ema.step(self.unwrap(self.network_name).parameters())
 
     def init_from(self, folder: str | Path) -> None:
         """Load the pipeline network's weights from the saved pipeline ``folder`` (before `prepare`)."""
@@ -478,6 +509,8 @@ class GeneratorTrainer:
             raise ValueError(
                 f"--init-from {folder}: its weights do not fit --preset {self.preset} ({str(error).splitlines()[0]})"
             ) from None
+        if self.ema is not None:
+            self.start_ema(self.ema.decay)  # the average starts from the loaded weights
 
     def unwrap(self, name: str) -> nn.Module:
         return self.accelerator.unwrap_model(self.networks[name]) if self.accelerator else self.networks[name]
@@ -485,12 +518,49 @@ class GeneratorTrainer:
     def pipeline(self):
         raise NotImplementedError
 
-    # checkpoint extras (the EMA)
+    def pipeline_network(self) -> nn.Module:
+        """A float CPU copy of the pipeline's network in eval mode: the EMA weights when there is an EMA (its
+        buffers, e.g. BatchNorm statistics, from the trained network), else the trained ones."""
+        network = self.unwrap(self.network_name)
+        copy = type(network).from_config(network.config)
+        copy.load_state_dict({k: v.detach().float().cpu() for k, v in network.state_dict().items()})
+        if self.ema is not None:
+            self.ema.copy_to(copy.parameters())
+        return copy.float().cpu().eval()
+
+    # checkpoint extras: the EMA
     def save_extra(self, folder: Path) -> None:
-        pass
+        """The EMA: shadow weights by parameter name (safetensors) + its counters (JSON)."""
+        if self.ema is None:
+            return
+        from safetensors.torch import save_file
+
+        state = self.ema.state_dict()
+        shadow = state.pop("shadow_params")
+        names = [name for name, _ in self.unwrap(self.network_name).named_parameters()]
+        target = folder / self.ema_folder
+        target.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, shadow)}, str(target / "ema.safetensors"))
+        write_json_atomic(target / "ema_state.json", {k: json_value(v) for k, v in state.items()})
 
     def load_extra(self, folder: Path) -> None:
-        pass
+        if self.ema is None:
+            return
+        from safetensors.torch import load_file
+
+        target = folder / self.ema_folder
+        if not (target / "ema.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{target / 'ema.safetensors'} missing: checkpoint {folder} keeps no EMA of the {self.network_name}"
+            )
+        weights = load_file(str(target / "ema.safetensors"))
+        names = [name for name, _ in self.unwrap(self.network_name).named_parameters()]
+        if sorted(weights) != sorted(names):
+            raise ValueError(f"{target} holds EMA weights of another {self.network_name} configuration")
+        state = json.loads((target / "ema_state.json").read_text())
+        state["shadow_params"] = [weights[n] for n in names]
+        self.ema.load_state_dict(state)
+        self.ema.to(self.accelerator.device if self.accelerator else "cpu")
 
 
 class Pix2PixTrainer(GeneratorTrainer):
@@ -548,13 +618,9 @@ class Pix2PixTrainer(GeneratorTrainer):
         }
 
     def pipeline(self):
-        from ..models import Pix2Pix3DGenerator
         from ..pipelines import Pix2Pix3DPipeline
 
-        generator = self.unwrap("generator")
-        copy = Pix2Pix3DGenerator.from_config(generator.config)
-        copy.load_state_dict({k: v.detach().float().cpu() for k, v in generator.state_dict().items()})
-        return Pix2Pix3DPipeline(network=copy.eval(), task=self.task)
+        return Pix2Pix3DPipeline(network=self.pipeline_network(), task=self.task)
 
 
 class CycleGANTrainer(GeneratorTrainer):
@@ -646,13 +712,9 @@ class CycleGANTrainer(GeneratorTrainer):
         }
 
     def pipeline(self):
-        from ..models import CycleGAN3DGenerator
         from ..pipelines import CycleGAN3DPipeline
 
-        generator = self.unwrap("generator")
-        copy = CycleGAN3DGenerator.from_config(generator.config)
-        copy.load_state_dict({k: v.detach().float().cpu() for k, v in generator.state_dict().items()})
-        return CycleGAN3DPipeline(network=copy.eval(), task=self.task)
+        return CycleGAN3DPipeline(network=self.pipeline_network(), task=self.task)
 
 
 class DDPMTrainer(GeneratorTrainer):
@@ -668,7 +730,6 @@ class DDPMTrainer(GeneratorTrainer):
         d_lr=None,
         args=None,
         config_overrides=None,
-        ema_decay: float = 0.9999,
         hole_only: bool = False,
         prediction_type: str = "epsilon",
         beta_schedule: str = "linear",
@@ -685,23 +746,7 @@ class DDPMTrainer(GeneratorTrainer):
         self.scheduler = default_scheduler(num_train_timesteps, prediction_type, beta_schedule)
         self.networks = {"unet": unet}
         self.optimizers = {"unet": torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)}
-        self.ema = self._ema_of_unet(ema_decay)
         self.max_grad_norm = 1.0
-
-    def _ema_of_unet(self, decay: float):
-        """A diffusers `EMAModel` starting from the UNet's current weights."""
-        from diffusers.training_utils import EMAModel
-
-        unet = self.networks["unet"]
-        return EMAModel(unet.parameters(), decay=decay, model_cls=type(unet), model_config=unet.config)
-
-    def init_from(self, folder: str | Path) -> None:
-        super().init_from(folder)
-        self.ema = self._ema_of_unet(self.ema.decay)  # the average starts from the loaded weights
-
-    def prepare(self, accelerator) -> None:
-        super().prepare(accelerator)
-        self.ema.to(accelerator.device)
 
     def step(self, batch):
         unet = self.networks["unet"]
@@ -745,55 +790,17 @@ class DDPMTrainer(GeneratorTrainer):
             return clipped / (snr + 1)
         return clipped
 
-    def after_optimizer_step(self) -> None:
-        self.ema.step(self.unwrap("unet").parameters())
-
-    def ema_unet(self):
-        from ..models import UNet3DModel
-
-        unet = self.unwrap("unet")
-        copy = UNet3DModel.from_config(unet.config)
-        self.ema.copy_to(copy.parameters())
-        return copy.float().cpu().eval()
-
     def pipeline(self):
         from ..pipelines import M3DInpaintPipeline, inference_scheduler
 
         sampler = getattr(self.args, "sampler", "ddpm")
         steps = getattr(self.args, "inference_steps", 50)
         return M3DInpaintPipeline(
-            unet=self.ema_unet(),
+            unet=self.pipeline_network(),
             scheduler=inference_scheduler(sampler, self.scheduler),
             task=self.task,
             num_inference_steps=steps,
         )
-
-    def save_extra(self, folder: Path) -> None:
-        """The EMA: shadow weights by parameter name (safetensors) + its counters (JSON)."""
-        from safetensors.torch import save_file
-
-        state = self.ema.state_dict()
-        shadow = state.pop("shadow_params")
-        names = [name for name, _ in self.unwrap("unet").named_parameters()]
-        target = folder / EMA_FOLDER
-        target.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, shadow)}, str(target / "ema.safetensors"))
-        write_json_atomic(target / "ema_state.json", {k: json_value(v) for k, v in state.items()})
-
-    def load_extra(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        target = folder / EMA_FOLDER
-        if not (target / "ema.safetensors").is_file():
-            raise FileNotFoundError(f"{target / 'ema.safetensors'} missing: not a DDPM checkpoint of this script")
-        weights = load_file(str(target / "ema.safetensors"))
-        names = [name for name, _ in self.unwrap("unet").named_parameters()]
-        if sorted(weights) != sorted(names):
-            raise ValueError(f"{target} holds EMA weights of another UNet configuration")
-        state = json.loads((target / "ema_state.json").read_text())
-        state["shadow_params"] = [weights[n] for n in names]
-        self.ema.load_state_dict(state)
-        self.ema.to(self.accelerator.device if self.accelerator else "cpu")
 
 
 TRAINERS = {"pix2pix": Pix2PixTrainer, "cyclegan": CycleGANTrainer, "ddpm": DDPMTrainer}
@@ -842,7 +849,7 @@ def make_trainer(
     hole_only: bool = False,
     lambda_cycle: float = 10.0,
     full_cycle_weight: float = 1.0,
-    ema_decay: float = 0.9999,
+    ema_decay: float | None = None,
     max_grad_norm: float | None = None,
     prediction_type: str = "epsilon",
     beta_schedule: str = "linear",
@@ -880,13 +887,15 @@ def make_trainer(
             preset,
             lr,
             config_overrides=config_overrides,
-            ema_decay=ema_decay,
             hole_only=hole_only,
             prediction_type=prediction_type,
             beta_schedule=beta_schedule,
             num_train_timesteps=num_train_timesteps,
             snr_gamma=snr_gamma,
         )
+    ema_decay = ema_decay if ema_decay is not None else DEFAULT_EMA_DECAY.get(model)
+    if ema_decay is not None:
+        trainer.start_ema(ema_decay)
     if max_grad_norm is not None:
         trainer.max_grad_norm = max_grad_norm if max_grad_norm > 0 else None
     return trainer
@@ -1140,6 +1149,7 @@ class GeneratorTraining(TrainingLoop):
             "prediction_type": args.prediction_type,
             "noise_schedule": args.noise_schedule,
             "num_train_timesteps": args.num_train_timesteps,
+            "ema_decay": self.trainer.ema.decay if self.trainer.ema is not None else None,
             **self.data_position(),
         }
 
@@ -1150,6 +1160,9 @@ class GeneratorTraining(TrainingLoop):
                 raise ValueError(
                     f"checkpoint {folder} was trained with --{flag} {state[key]}; got {getattr(self.arguments, key)}"
                 )
+        ema_decay = self.trainer.ema.decay if self.trainer.ema is not None else None
+        if state.get("ema_decay", ema_decay) != ema_decay:
+            raise ValueError(f"checkpoint {folder} was trained with --ema-decay {state['ema_decay']}; got {ema_decay}")
         self.trainer.load_extra(folder)
 
     def save_outputs(self) -> None:
