@@ -44,7 +44,8 @@ the pipeline returns it by default (the GAN pipelines with CT-GAN's touch-ups, `
   class the generator is meant to produce (chance 0.5). Injections are generated at the injection sites
   (small benign nodules), so their real counterparts are the pristine cubes of the *removal* sites (real
   nodules >= 8 mm); removals are compared with the pristine cubes of the injection sites (real nodules
-  < 8 mm); ``two_sample`` holds the fold accuracies and ``n_a`` (generated) / ``n_b`` (real) cubes.
+  < 8 mm); the mean of 5 repeated 5-fold cross-validations; ``two_sample`` holds each repeat's and each fold's
+  accuracy and ``n_a`` (generated) / ``n_b`` (real) cubes.
   ``two_sample_control``: the same test on two random halves of each task's pristine cubes, which must
   come out at chance;
 * speed: cubes/s of the generator on the batch of all sites (``cubes_per_s``) and of full generation

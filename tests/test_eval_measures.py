@@ -58,12 +58,15 @@ def test_two_sample_accuracy_separates_and_controls():
     rng = np.random.default_rng(1)
     plain = two_sample.synthetic_cubes(60, rng)
     sphere = two_sample.synthetic_cubes(30, rng, sphere_radius_mm=4.0)
-    different = two_sample.two_sample_accuracy(plain[:30], sphere, seed=0)
-    same = two_sample.two_sample_accuracy(plain[:30], plain[30:], seed=0)
-    assert different["accuracy"] >= 0.9 and len(different["fold_accuracies"]) == 5
+    different = two_sample.two_sample_accuracy(plain[:30], sphere, seed=0, repeats=2)
+    same = two_sample.two_sample_accuracy(plain[:30], plain[30:], seed=0, repeats=2)
+    assert different["accuracy"] >= 0.9 and [len(folds) for folds in different["fold_accuracies"]] == [5, 5]
     assert same["accuracy"] <= 0.7
-    assert (same["n_a"], same["n_b"]) == (30, 30)
-    assert two_sample.two_sample_accuracy(plain[:30], plain[30:], seed=0) == same  # seeded
+    assert (same["n_a"], same["n_b"], same["repeats"]) == (30, 30, 2)
+    assert same["accuracy"] == pytest.approx(np.mean(same["fold_accuracies"]), abs=5e-4)
+    assert two_sample.two_sample_accuracy(plain[:30], plain[30:], seed=0, repeats=2) == same  # seeded
+    second = two_sample.two_sample_accuracy(plain[:30], sphere, seed=1, repeats=1)  # repeat k: seed + k
+    assert second["fold_accuracies"] == different["fold_accuracies"][1:]
 
 
 def test_sites_at_the_chest_wall_are_told_by_their_context():
