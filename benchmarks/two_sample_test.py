@@ -8,9 +8,10 @@ global mean and max pooling, linear) on the generator's 20^3 centre hole of each
 lung window [-1000, 400] HU and scaled to [-1, 1], with random flips along each axis as augmentation,
 and reports the held-out *balanced* accuracy (mean recall of the two sets: chance is 0.5 whatever the
 set sizes) of a stratified k-fold cross-validation, repeated with other splits and initial weights and
-averaged (one split's figure moves by 0.02-0.03 from seed to seed on 35 + 21 cubes). Only the hole is shown, so the test asks whether the
-generated content itself looks like the reference set, not whether the seam is visible (the seam ratio
-measures that). Seeded and on the CPU: the same inputs and seed give the same figures.
+averaged (one split's figure moves by 0.02-0.03 from seed to seed on 35 + 21 cubes). Only the hole is
+shown, so the test asks whether the generated content itself looks like the reference set, not whether
+the seam is visible (the seam ratio measures that). Seeded and on the CPU: the same inputs and seed give
+the same figures.
 """
 
 from __future__ import annotations
