@@ -437,6 +437,11 @@ class GeneratorTrainer:
         self.ema = None
 
     @property
+    def ema_decay(self) -> float | None:
+        """The EMA's decay, None without an EMA."""
+        return self.ema.decay if self.ema is not None else None
+
+    @property
     def ema_folder(self) -> str:
         """The checkpoint's folder for the EMA of the pipeline's network (``ema_unet`` for the DDPM)."""
         return f"ema_{self.network_name}"
@@ -526,7 +531,7 @@ class GeneratorTrainer:
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in network.state_dict().items()})
         if self.ema is not None:
             self.ema.copy_to(copy.parameters())
-        return copy.float().cpu().eval()
+        return copy.eval()
 
     # checkpoint extras: the EMA
     def save_extra(self, folder: Path) -> None:
@@ -1149,7 +1154,7 @@ class GeneratorTraining(TrainingLoop):
             "prediction_type": args.prediction_type,
             "noise_schedule": args.noise_schedule,
             "num_train_timesteps": args.num_train_timesteps,
-            "ema_decay": self.trainer.ema.decay if self.trainer.ema is not None else None,
+            "ema_decay": self.trainer.ema_decay,
             **self.data_position(),
         }
 
@@ -1160,7 +1165,7 @@ class GeneratorTraining(TrainingLoop):
                 raise ValueError(
                     f"checkpoint {folder} was trained with --{flag} {state[key]}; got {getattr(self.arguments, key)}"
                 )
-        ema_decay = self.trainer.ema.decay if self.trainer.ema is not None else None
+        ema_decay = self.trainer.ema_decay
         if state.get("ema_decay", ema_decay) != ema_decay:
             raise ValueError(f"checkpoint {folder} was trained with --ema-decay {state['ema_decay']}; got {ema_decay}")
         self.trainer.load_extra(folder)
