@@ -15,7 +15,11 @@ of a task sees the same sites.
 
 Per pipeline, on the generated 32^3 cube (1 mm; the hole generated, the rest the scan's own voxels) as
 the pipeline returns it by default (the GAN pipelines with CT-GAN's touch-ups, `m3d.tamper.touch_up`;
-``seam_ratio_raw``: the seam without them), and for the pristine cubes of each task as the reference:
+``seam_ratio_raw``: the seam without them), and for the pristine cubes of each task as the reference. Each
+pipeline fills the sites ``--draws`` times (generation seeds 0, 1, ...: other drawn nodule masks, other sampling
+noise); its figures are the mean over the draws (`mean_over_draws`; each draw's own, with its Wilson intervals
+and two-sample folds, under ``draws``): at the same 18-34 sites one draw's kept fraction moved by up to 0.11
+between seeds, more than one site's worth.
 
 * the nodule at the centre, measured as the builder's check measures it (`m3d.tamper.quality.check_quality`: the
   component above -400 HU reaching the centre; an injected nodule without the site's chest wall, taken from the
@@ -48,7 +52,7 @@ the pipeline returns it by default (the GAN pipelines with CT-GAN's touch-ups, `
   accuracy and ``n_a`` (generated) / ``n_b`` (real) cubes.
   ``two_sample_control``: the same test on two random halves of each task's pristine cubes, which must
   come out at chance;
-* speed: cubes/s of the generator on the batch of all sites (``cubes_per_s``) and of full generation
+* speed: cubes/s of the generator on the batch of all sites, over all draws (``cubes_per_s``), and of full generation
   on whole scans, scan by scan: cut, fill, paste back (``scan_cubes_per_s``).
 
 The targets of issue 13: ``kept_fraction`` >= 0.90; injections ``real_looking_fraction`` >= 0.80; seam
@@ -57,7 +61,7 @@ cubes' of the task; ``two_sample_accuracy`` <= 0.75.
 
 Writes ``benchmarks/results/demo_pipelines_quality.json`` (device named) and, unless
 ``--no-montage``, ``benchmarks/results/demo_pipelines_montage.png`` (central axial slice of four sites
-per task: the pristine cube, then each generator).
+per task: the pristine cube, then each generator's first draw).
 """
 
 from __future__ import annotations
@@ -101,6 +105,8 @@ SPECTRUM_BACKGROUND_BINS = 5  # a spectral peak is measured against the median o
 VESSEL_MIN_HU = -500.0  # phantom vessels are blood (35-260 HU) in lung (about -850 HU), with partial volume
 SHELL_INNER_RADIUS_MM = 5.0  # the vessel shell: the hole minus the central 10 mm ball
 MIN_SHELL_VESSEL_VOXELS = 10  # sites whose pristine shell holds fewer vessel voxels give no continuity ratio
+DRAWS = 3  # one draw's kept fraction moved by up to 0.11 between generation seeds at the same 18-34 sites
+RANGED_FIGURES = ("kept_fraction", "real_looking_fraction", "two_sample_accuracy")  # also given as their range
 CHEST_WALL_SITE_FRACTION = 0.3  # a site "at the chest wall": its cube's context is at least this much wall
 
 
@@ -326,6 +332,49 @@ def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int, **options
     return np.where(hole_mask(), generated, cubes_hu).astype(np.float32), seconds
 
 
+def measure_draw(
+    pipe: M3DTamperPipeline, pristine_hu: np.ndarray, real_hu: np.ndarray, hu_range: tuple[float, float], seed: int
+) -> tuple[np.ndarray, dict]:
+    """One draw of ``pipe`` at the sites ``pristine_hu`` (generation seed ``seed``: the drawn nodule masks and the
+    sampling noise): the generated cubes and their figures (`summarize`, the two-sample test against ``real_hu``
+    and, for a pipeline whose touch-ups are on by default, the seam without them, ``seam_ratio_raw``)."""
+    task = pipe.config.task
+    generated, _ = generate(pipe, pristine_hu, seed=seed)
+    figures = {"seed": seed, **summarize(generated, task, hu_range, pristine_hu)}
+    two_sample = two_sample_accuracy(generated, real_hu, seed=0)
+    figures.update(two_sample_accuracy=two_sample.pop("accuracy"), two_sample=two_sample)
+    touch_up = inspect.signature(pipe.__call__).parameters.get("touch_up")
+    if touch_up is not None and touch_up.default is not False:  # on by default: the seam without it too
+        raw, _ = generate(pipe, pristine_hu, seed=seed, touch_up=False)
+        figures["seam_ratio_raw"] = round(float(np.mean([seam_ratio(cube) for cube in raw])), 3)
+    return generated, figures
+
+
+def mean_over_draws(draws: list[dict]) -> dict:
+    """The figures of several draws at the same sites as one: numbers (also inside nested dicts, and lists of
+    numbers element by element) averaged, counts kept; the `RANGED_FIGURES` also as ``<figure>_range`` (lowest,
+    highest draw); what has no meaningful mean (the Wilson intervals, the two-sample folds, the seed) is left to
+    ``draws``."""
+    mean: dict = {}
+    for key, first in draws[0].items():
+        values = [draw[key] for draw in draws]
+        if key == "seed" or key.endswith("_ci95") or key == "two_sample":
+            continue
+        if isinstance(first, dict):
+            mean[key] = mean_over_draws(values)
+        elif first is None or any(value is None for value in values):
+            mean[key] = None
+        elif isinstance(first, list):
+            mean[key] = [round(float(np.mean(column)), 3) for column in zip(*values)]
+        elif isinstance(first, int) and len(set(values)) == 1:  # a count, the same in every draw
+            mean[key] = first
+        else:
+            mean[key] = round(float(np.mean(values)), 3)
+            if key in RANGED_FIGURES:
+                mean[f"{key}_range"] = [min(values), max(values)]
+    return mean
+
+
 def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float], pristine_hu: np.ndarray) -> dict:
     """Quality figures of a set of (generated or pristine) cubes for ``task``; ``pristine_hu``: the
     pristine cubes of the same sites (the cubes themselves for the reference)."""
@@ -437,9 +486,17 @@ def main(argv: list[str] | None = None) -> dict:
         default=CEILING_PHANTOMS,
         help="phantoms (seed + 1) whose real nodules > 10 mm give real_looking_ceiling (0: skip)",
     )
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=DRAWS,
+        help="draws per pipeline (generation seeds 0, 1, ...: masks and sampling noise); figures are their mean",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-montage", action="store_true")
     args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error(f"--draws must be at least 1; got {args.draws}")
     torch.manual_seed(0)
 
     pristine, scans = held_out_cubes(args.phantoms, args.seed, args.size, args.max_slices, args.phantom_spacing)
@@ -458,6 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
             "spacing": args.phantom_spacing,
             **PHANTOM_NODULES,
         },
+        "draws": args.draws,
         "real_nodule_mean_hu_range": list(hu_range),
         "real_looking_ceiling": ceiling,
         "pristine": {task: summarize(pristine[task], task, hu_range, pristine[task]) for task in TASKS},
@@ -472,24 +530,19 @@ def main(argv: list[str] | None = None) -> dict:
     for folder in args.pipelines or demo_folders():
         pipe = load_pipeline(folder)
         task = pipe.config.task
-        generated, seconds = generate(pipe, pristine[task], seed=0)
+        start = time.perf_counter()
+        draws = [measure_draw(pipe, pristine[task], real_targets[task], hu_range, seed) for seed in range(args.draws)]
+        seconds = time.perf_counter() - start
         entry = {
             "folder": str(folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder),
             "class": type(pipe).__name__,
             "task": task,
-            **summarize(generated, task, hu_range, pristine[task]),
+            **mean_over_draws([figures for _, figures in draws]),
+            "draws": [figures for _, figures in draws],
+            "cubes_per_s": round(len(pristine[task]) * args.draws / seconds, 2),
+            "scan_cubes_per_s": round(scan_cubes_per_s(pipe, scans), 2),
         }
-        two_sample = two_sample_accuracy(generated, real_targets[task], seed=0)
-        entry.update(
-            two_sample_accuracy=two_sample.pop("accuracy"),
-            two_sample=two_sample,
-            cubes_per_s=round(len(generated) / seconds, 2),
-            scan_cubes_per_s=round(scan_cubes_per_s(pipe, scans), 2),
-        )
-        touch_up = inspect.signature(pipe.__call__).parameters.get("touch_up")
-        if touch_up is not None and touch_up.default is not False:  # on by default: the seam without it too
-            raw, _ = generate(pipe, pristine[task], seed=0, touch_up=False)
-            entry["seam_ratio_raw"] = round(float(np.mean([seam_ratio(cube) for cube in raw])), 3)
+        generated = draws[0][0]
         if "num_inference_steps" in pipe.config:
             entry.update(scheduler=type(pipe.scheduler).__name__, num_inference_steps=pipe.config.num_inference_steps)
         report["pipelines"][folder.name] = entry

@@ -121,3 +121,41 @@ def test_proportion_interval_is_wilsons_and_checks_its_input():
     assert eval_demo.proportion_interval(160, 180)[1] - eval_demo.proportion_interval(160, 180)[0] < high - low
     with pytest.raises(ValueError, match="successes <= n"):
         eval_demo.proportion_interval(5, 4)
+
+
+def test_mean_over_draws_averages_figures_keeps_counts_and_ranges_the_targets():
+    draws = [
+        {"seed": 0, "n": 18, "kept_fraction": 0.889, "kept_fraction_ci95": [0.67, 0.97], "spectral_peak_ratio": 3.0,
+         "diameter_mm_iqr": [4.0, 6.0], "vessel_continuity": None, "two_sample_accuracy": 0.6,
+         "two_sample": {"fold_accuracies": [[0.5]]}, "by_site": {"wall": {"n": 3, "fraction": 0.5}}},
+        {"seed": 1, "n": 18, "kept_fraction": 1.0, "kept_fraction_ci95": [0.82, 1.0], "spectral_peak_ratio": 4.0,
+         "diameter_mm_iqr": [5.0, 7.0], "vessel_continuity": 1.2, "two_sample_accuracy": 0.7,
+         "two_sample": {"fold_accuracies": [[0.7]]}, "by_site": {"wall": {"n": 3, "fraction": 1.0}}},
+    ]  # fmt: skip
+    mean = eval_demo.mean_over_draws(draws)
+    assert mean == {
+        "n": 18,
+        "kept_fraction": pytest.approx(0.9445, abs=1e-3),
+        "kept_fraction_range": [0.889, 1.0],
+        "spectral_peak_ratio": 3.5,
+        "diameter_mm_iqr": [4.5, 6.5],
+        "vessel_continuity": None,  # a draw without the figure: no mean
+        "two_sample_accuracy": 0.65,
+        "two_sample_accuracy_range": [0.6, 0.7],
+        "by_site": {"wall": {"n": 3, "fraction": 0.75}},
+    }  # seed, Wilson intervals and folds stay in the draws
+
+
+def test_measure_draw_gives_each_seed_its_own_draw(lung_cubes):
+    from m3d.pipelines import Pix2Pix3DPipeline
+
+    pipe = Pix2Pix3DPipeline.from_preset("tiny", task="remove")
+    real = lung_cubes[::-1].copy()
+    first, figures = eval_demo.measure_draw(pipe, lung_cubes, real, (-100.0, 100.0), seed=0)
+    again, _ = eval_demo.measure_draw(pipe, lung_cubes, real, (-100.0, 100.0), seed=0)
+    other, other_figures = eval_demo.measure_draw(pipe, lung_cubes, real, (-100.0, 100.0), seed=1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)  # the touch-ups' noise is the seed's
+    assert figures["seed"] == 0 and other_figures["seed"] == 1 and figures["n"] == len(lung_cubes)
+    assert {"kept_fraction", "spectral_peak_ratio", "two_sample_accuracy", "seam_ratio_raw"} <= set(figures)
+    np.testing.assert_array_equal(first[:, ~hole_mask()], lung_cubes[:, ~hole_mask()])  # only the hole is generated
