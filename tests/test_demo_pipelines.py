@@ -81,6 +81,7 @@ def test_cards_get_the_measured_quality_section(tmp_path):
         "task": "remove",
         "n": 12,
         "kept_fraction": 0.92,
+        "kept_fraction_range": [0.89, 0.94],
         "diameter_mm_median": 0.0,
         "diameter_mm_iqr": [0.0, 1.0],
         "seam_ratio_mean": 1.1,
@@ -92,6 +93,7 @@ def test_cards_get_the_measured_quality_section(tmp_path):
     pristine = {"seam_ratio_mean": 1.0, "spectral_peak_ratio": 10.0}
     quality = {
         "held_out": {"phantoms": 20, "seed": 2024},
+        "draws": 3,
         "pristine": {"remove": pristine},
         "pipelines": {"pix2pix-remove": entry},
     }
@@ -101,7 +103,8 @@ def test_cards_get_the_measured_quality_section(tmp_path):
     text = card.read_text()
     assert text.count(QUALITY_HEADING) == 1 and "| 1.05 |" in text and "| 1.1 |" not in text
     assert text.index("## How it was made") < text.index(QUALITY_HEADING) < text.index("## Citation")
-    assert "| left < 8 mm | 92% |" in text and "touch_up=False" in text
+    assert "| left < 8 mm | 92% (draws 89%-94%) |" in text and "touch_up=False" in text
+    assert "the mean of 3 draws (generation seeds 0-2" in text
     assert not update_quality_section(tmp_path, "ddpm-remove", quality)
 
 

@@ -197,6 +197,20 @@ def _card_facts(card: Path) -> list[list[str]]:
 QUALITY_HEADING = "## Measured quality"
 
 
+def draws_text(draws: int) -> str:
+    """How the figures of a quality JSON of ``draws`` draws per pipeline came about."""
+    if draws == 1:
+        return "one draw (generation seed 0)"
+    return f"the mean of {draws} draws (generation seeds 0-{draws - 1}: other nodule masks, other sampling noise)"
+
+
+def fraction_text(entry: dict, key: str) -> str:
+    """A fraction of the quality JSON as a percentage, with its lowest and highest draw when it has several."""
+    low, high = entry.get(f"{key}_range", (entry[key], entry[key]))
+    spread = f" (draws {low:.0%}-{high:.0%})" if low != high else ""
+    return f"{entry[key]:.0%}{spread}"
+
+
 def quality_section(name: str, quality: dict) -> str | None:
     """The card's "Measured quality" section from the quality JSON (None if it does not hold ``name``)."""
     entry = quality.get("pipelines", {}).get(name)
@@ -206,7 +220,8 @@ def quality_section(name: str, quality: dict) -> str | None:
     lines = [
         QUALITY_HEADING,
         f"On held-out phantom sites (`benchmarks/eval_demo_pipelines.py`: {held_out['phantoms']} phantoms, seed "
-        f"{held_out['seed']}; {entry['n']} {entry['task']} sites), as the pipeline returns cubes by default:",
+        f"{held_out['seed']}; {entry['n']} {entry['task']} sites), as the pipeline returns cubes by default; "
+        f"{draws_text(quality.get('draws', 1))}:",
         "",
         "| figure | value |",
         "|---|---|",
@@ -214,8 +229,9 @@ def quality_section(name: str, quality: dict) -> str | None:
     if entry["task"] == "inject":
         low, high = quality["real_nodule_mean_hu_range"]
         lines += [
-            f"| grown nodule > 10 mm (the site's chest wall left out) | {entry['kept_fraction']:.0%} |",
-            f"| ... and mean HU within real nodules' [{low:g}, {high:g}] | {entry['real_looking_fraction']:.0%} |",
+            f"| grown nodule > 10 mm (the site's chest wall left out) | {fraction_text(entry, 'kept_fraction')} |",
+            f"| ... and mean HU within real nodules' [{low:g}, {high:g}] | "
+            f"{fraction_text(entry, 'real_looking_fraction')} |",
         ]
         for where, sites in entry.get("real_looking_by_site", {}).items():
             if sites["n"]:
@@ -229,7 +245,7 @@ def quality_section(name: str, quality: dict) -> str | None:
                 f"{ceiling['fraction']:.0%} |"
             )
     else:
-        lines.append(f"| left < 8 mm | {entry['kept_fraction']:.0%} |")
+        lines.append(f"| left < 8 mm | {fraction_text(entry, 'kept_fraction')} |")
     pristine = quality["pristine"][entry["task"]]
     lines += [
         f"| nodule diameter at the site, median (IQR) | {entry['diameter_mm_median']} mm "
