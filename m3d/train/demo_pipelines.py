@@ -248,8 +248,8 @@ def quality_section(name: str, quality: dict) -> str | None:
         lines.append(f"| left < 8 mm | {fraction_text(entry, 'kept_fraction')} |")
     pristine = quality["pristine"][entry["task"]]
     lines += [
-        f"| nodule diameter at the site, median (IQR) | {entry['diameter_mm_median']} mm "
-        f"({entry['diameter_mm_iqr'][0]}-{entry['diameter_mm_iqr'][1]}) |",
+        f"| nodule diameter at the site, median (IQR) | {entry['diameter_mm_median']:.1f} mm "
+        f"({entry['diameter_mm_iqr'][0]:.1f}-{entry['diameter_mm_iqr'][1]:.1f}) |",
         f"| seam ratio (across the hole's faces / elsewhere; pristine {pristine['seam_ratio_mean']}) "
         f"| {entry['seam_ratio_mean']} |",
     ]
