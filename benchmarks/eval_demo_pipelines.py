@@ -532,20 +532,20 @@ def main(argv: list[str] | None = None) -> dict:
         pipe = load_pipeline(folder)
         task = pipe.config.task
         draws = [measure_draw(pipe, pristine[task], real_targets[task], hu_range, seed) for seed in range(args.draws)]
+        cubes, figures, seconds = zip(*draws)
         entry = {
             "folder": str(folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder),
             "class": type(pipe).__name__,
             "task": task,
-            **mean_over_draws([figures for _, figures, _ in draws]),
-            "draws": [figures for _, figures, _ in draws],
-            "cubes_per_s": round(len(pristine[task]) * args.draws / sum(seconds for *_, seconds in draws), 2),
+            **mean_over_draws(list(figures)),
+            "draws": list(figures),
+            "cubes_per_s": round(len(pristine[task]) * args.draws / sum(seconds), 2),
             "scan_cubes_per_s": round(scan_cubes_per_s(pipe, scans), 2),
         }
-        generated = draws[0][0]
         if "num_inference_steps" in pipe.config:
             entry.update(scheduler=type(pipe.scheduler).__name__, num_inference_steps=pipe.config.num_inference_steps)
         report["pipelines"][folder.name] = entry
-        rows[task].append((folder.name, generated[:MONTAGE_SITES]))
+        rows[task].append((folder.name, cubes[0][:MONTAGE_SITES]))  # the first draw
         print(json.dumps({folder.name: entry}))
 
     args.out.mkdir(parents=True, exist_ok=True)
