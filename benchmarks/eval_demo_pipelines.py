@@ -81,7 +81,7 @@ from m3d.constants import FAKE_GENERATORS as GENERATORS, TASKS
 from m3d.data.phantom import make_phantom
 from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, PHANTOM_NODULES, PHANTOM_SPACINGS
 from m3d.pipelines import M3DTamperPipeline, load_pipeline
-from m3d.tamper.cube import HOLE_SIZE, TamperLocationError, extract_cube, hole_mask, hu_to_unit, unit_to_hu
+from m3d.tamper.cube import CUBE_SIZE, HOLE_SIZE, TamperLocationError, extract_cube, hole_mask, hu_to_unit, unit_to_hu
 from m3d.tamper.plan import plan_scan
 from m3d.tamper.quality import (
     QualityCriteria,
@@ -146,7 +146,8 @@ def held_out_cubes(
             locations[site.task].append(location)
         if keep_scans:
             scans.append((case, locations))
-    return {task: np.stack(found) for task, found in cubes.items()}, scans
+    empty = np.empty((0,) + (CUBE_SIZE,) * 3, np.float32)  # a task without a site (a few small phantoms)
+    return {task: np.stack(found) if found else empty for task, found in cubes.items()}, scans
 
 
 def scan_cubes_per_s(pipe: M3DTamperPipeline, scans: list) -> float:
@@ -199,6 +200,11 @@ def _frequency_index() -> np.ndarray:
 
 
 def spectral_peak_ratio(cubes_hu: np.ndarray) -> float:
+    """`spectral_peak`'s ratio."""
+    return spectral_peak(cubes_hu)[0]
+
+
+def spectral_peak(cubes_hu: np.ndarray) -> tuple[float, tuple[int, int, int]]:
     """The sharpest peak of the holes' mean high-pass power spectrum (`_hole_power_spectrum`): the
     largest ratio of a bin's power to the median power of its `SPECTRUM_BACKGROUND_BINS`^3 neighbourhood
     (the spectrum is periodic, so the neighbourhood wraps), over the bins at least `SPECTRUM_MIN_RADIUS`
@@ -206,11 +212,14 @@ def spectral_peak_ratio(cubes_hu: np.ndarray) -> float:
     fills a few bins and stands far above its neighbours; noise gives a few units. The median is taken
     locally, not over the whole spectrum, because the spectrum falls steeply with frequency and a global
     ratio mostly measures how much nodule and vessel a hole holds (a generated 15 mm nodule scores far
-    above a pristine 4 mm one without any artefact)."""
+    above a pristine 4 mm one without any artefact). Returns the ratio and the peak's bin as its frequency index
+    (z, y, x) (`_frequency_index`: index k along an axis is a period of ``HOLE_SIZE / |k|`` voxels)."""
     power = _hole_power_spectrum(cubes_hu)
     prominence = power / ndimage.median_filter(power, size=SPECTRUM_BACKGROUND_BINS, mode="wrap")
-    beyond = np.sqrt((_frequency_index() ** 2).sum(0)) >= SPECTRUM_MIN_RADIUS
-    return float(prominence[beyond].max())
+    frequency = _frequency_index()
+    prominence[np.sqrt((frequency**2).sum(0)) < SPECTRUM_MIN_RADIUS] = 0.0
+    peak = np.unravel_index(np.argmax(prominence), prominence.shape)
+    return float(prominence[peak]), tuple(int(k[peak]) for k in frequency)
 
 
 def nyquist_power_fraction(cubes_hu: np.ndarray) -> float:

@@ -1,6 +1,7 @@
 """The issue-13 measures of benchmarks/eval_demo_pipelines.py and the two-sample test, on synthetic cubes."""
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ eval_demo = importlib.import_module("eval_demo_pipelines")
 two_sample = importlib.import_module("two_sample_test")
 chest_wall_check = importlib.import_module("chest_wall_check")
 mask_following = importlib.import_module("mask_following")
+pristine_spread = importlib.import_module("pristine_spread")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,47 @@ def test_checkerboard_raises_the_spectral_peak(lung_cubes):
     )
     assert checkered_peak > 10 * plain_peak
     assert checkered_nyquist > 0.3 and checkered_nyquist > 10 * plain_nyquist
+
+
+def test_spectral_peak_names_the_frequency_of_a_planted_pattern(lung_cubes):
+    """Planes 40 HU brighter every 2.5 voxels along z (a thick-slice period) peak at index +-8 along z (20 / 2.5)."""
+    z = np.indices((32, 32, 32))[0]
+    striped = lung_cubes + np.where(hole_mask(), 40.0 * np.cos(2 * np.pi * z / 2.5), 0.0).astype(np.float32)
+    ratio, peak_bin = eval_demo.spectral_peak(striped)
+    assert abs(peak_bin[0]) == 8 and peak_bin[1:] == (0, 0)
+    assert ratio == eval_demo.spectral_peak_ratio(striped) > 10 * eval_demo.spectral_peak_ratio(lung_cubes)
+
+
+def test_pristine_spread_measures_each_set_and_summarizes_the_sets(monkeypatch, tmp_path, lung_cubes):
+    """Each set gives its sites' spectral peak and the two-sample accuracy of its real cubes against the
+    reference's; a set without removal sites gives None there, and the summary leaves it out."""
+    z = np.indices((32, 32, 32))[0]
+    striped = lung_cubes + np.where(hole_mask(), 40.0 * np.cos(2 * np.pi * z / 2.5), 0.0).astype(np.float32)
+    empty = lung_cubes[:0]
+    sets = {
+        2024: {"inject": lung_cubes, "remove": striped},
+        10: {"inject": lung_cubes[::-1].copy(), "remove": striped[::-1].copy()},
+        11: {"inject": lung_cubes, "remove": empty},
+    }
+    monkeypatch.setattr(pristine_spread, "held_out_cubes", lambda n, seed, **kwargs: (sets[seed], []))
+    report = pristine_spread.main(
+        ["--sets", "2", "--phantoms", "1", "--seed", "10", "--out", str(tmp_path / "s.json")]
+    )
+    first, second = report["sets"]
+    assert first["remove"]["spectral_peak_ratio"] > 10 * first["inject"]["spectral_peak_ratio"]
+    assert abs(first["remove"]["spectral_peak_bin"][0]) == 8
+    assert 0.0 <= first["inject"]["two_sample_accuracy"] <= 1.0  # the set's remove cubes against the reference's
+    assert second["remove"] == {
+        "sites": 0,
+        "spectral_peak_ratio": None,
+        "spectral_peak_bin": None,
+        "two_sample_accuracy": second["remove"]["two_sample_accuracy"],
+    }
+    assert second["inject"]["two_sample_accuracy"] is None  # no real nodule cubes in this set
+    peak = report["remove"]["spectral_peak_ratio"]
+    assert peak["values"] == [first["remove"]["spectral_peak_ratio"], None]
+    assert peak["median"] == pytest.approx(peak["values"][0], abs=1e-3) and peak["range"] == [peak["values"][0]] * 2
+    assert json.loads((tmp_path / "s.json").read_text())["seeds"] == [10, 11]
 
 
 def test_vessel_continuity_kept_and_cut(lung_cubes):
