@@ -51,7 +51,11 @@ between seeds, more than one site's worth.
   < 8 mm); the mean of 5 repeated 5-fold cross-validations; ``two_sample`` holds each repeat's and each fold's
   accuracy and ``n_a`` (generated) / ``n_b`` (real) cubes.
   ``two_sample_control``: the same test on two random halves of each task's pristine cubes, which must
-  come out at chance;
+  come out at chance; ``two_sample_oracle``: the same test for an exact injector (`oracle_injections`: the
+  nodules of the ceiling's real nodules > 10 mm pasted into the injection sites' holes, ``--draws`` draws): the
+  injection sites' surroundings, which the hole shows, differ from those of real large nodules (nearer the chest
+  wall), so even real nodules there are told apart; at most what a generator can reach here (the paste may leave
+  traces of its own);
 * speed: cubes/s of the generator on the batch of all sites, over all draws (``cubes_per_s``), and of full generation
   on whole scans, scan by scan: cut, fill, paste back (``scan_cubes_per_s``).
 
@@ -415,26 +419,65 @@ def summarize(cubes_hu: np.ndarray, task: str, hu_range: tuple[float, float], pr
     return summary
 
 
-def real_looking_ceiling(
-    n_phantoms: int, seed: int, hu_range: tuple[float, float], size: int, max_slices: int | None, spacing: str
-) -> dict | None:
-    """The share of real nodules > 10 mm (kept by the injection rule) at the removal sites of ``n_phantoms``
-    phantoms of ``seed`` whose mean HU lies in ``hu_range``: the ``real_looking_fraction`` of a generator
-    that reproduced real nodules exactly (None if ``n_phantoms`` is 0 or there is no such nodule)."""
+def ceiling_nodules(n_phantoms: int, seed: int, size: int, max_slices: int | None, spacing: str) -> np.ndarray:
+    """The pristine cubes of the real nodules > 10 mm (kept by the injection rule) at the removal sites of
+    ``n_phantoms`` phantoms of ``seed``: what an injector that made real nodules exactly would draw (none if
+    ``n_phantoms`` is 0)."""
     if n_phantoms == 0:
-        return None
+        return np.empty((0,) + (CUBE_SIZE,) * 3, np.float32)
     cubes, _ = held_out_cubes(n_phantoms, seed, size, max_slices, spacing, keep_scans=False)
-    results = [check_quality(cube, "inject") for cube in cubes["remove"]]
-    kept = np.array([result.kept for result in results])
-    if not kept.any():
+    kept = np.array([check_quality(cube, "inject").kept for cube in cubes["remove"]], bool)
+    return cubes["remove"][kept]
+
+
+def real_looking_ceiling(real_nodules_hu: np.ndarray, hu_range: tuple[float, float]) -> dict | None:
+    """The share of the real nodules ``real_nodules_hu`` (`ceiling_nodules`) whose mean HU lies in ``hu_range``:
+    the ``real_looking_fraction`` of a generator that reproduced real nodules exactly (None without nodules)."""
+    if not len(real_nodules_hu):
         return None
-    inside = real_looking(results, hu_range)[kept]
+    inside = real_looking([check_quality(cube, "inject") for cube in real_nodules_hu], hu_range)
     return {
-        "phantoms": n_phantoms,
-        "seed": seed,
-        "n": int(kept.sum()),
+        "n": len(real_nodules_hu),
         "fraction": round(float(inside.mean()), 3),
-        "by_site": real_looking_by_chest_wall(inside, cubes["remove"][kept]),
+        "by_site": real_looking_by_chest_wall(inside, real_nodules_hu),
+    }
+
+
+def oracle_injections(sites_hu: np.ndarray, real_nodules_hu: np.ndarray, seed: int) -> np.ndarray:
+    """An exact injector: into the hole of each site's cube, the nodule of a real cube (its `central_nodule_mask`
+    within the hole) drawn from ``real_nodules_hu`` by ``seed`` (each at most once while they last); everything
+    else is the site's own."""
+    picks = np.random.default_rng(seed).choice(
+        len(real_nodules_hu), len(sites_hu), replace=len(real_nodules_hu) < len(sites_hu)
+    )
+    hole = hole_mask(sites_hu.shape[1:])
+    return np.stack(
+        [
+            np.where(central_nodule_mask(real) & hole, real, site)
+            for site, real in zip(sites_hu, real_nodules_hu[picks])
+        ]
+    ).astype(np.float32)
+
+
+def two_sample_oracle(
+    sites_hu: np.ndarray, real_nodules_hu: np.ndarray, reference_hu: np.ndarray, draws: int
+) -> dict | None:
+    """The two-sample accuracy of `oracle_injections` at ``sites_hu`` against ``reference_hu``, the mean of
+    ``draws`` draws (seeds 0, 1, ...: other real nodules per site): what the test gives an injector whose nodules
+    are real, so what the injection sites' surroundings alone give away (None without sites or nodules)."""
+    if not len(sites_hu) or not len(real_nodules_hu):
+        return None
+    accuracies = [
+        two_sample_accuracy(oracle_injections(sites_hu, real_nodules_hu, seed), reference_hu, seed=0)["accuracy"]
+        for seed in range(draws)
+    ]
+    if None in accuracies:
+        return None
+    return {
+        "accuracy": round(float(np.mean(accuracies)), 3),
+        "accuracy_range": [min(accuracies), max(accuracies)],
+        "draws": draws,
+        "real_nodules": len(real_nodules_hu),
     }
 
 
@@ -511,9 +554,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     pristine, scans = held_out_cubes(args.phantoms, args.seed, args.size, args.max_slices, args.phantom_spacing)
     hu_range = real_nodule_hu_range(pristine["remove"])
-    ceiling = real_looking_ceiling(
-        args.ceiling_phantoms, args.seed + 1, hu_range, args.size, args.max_slices, args.phantom_spacing
+    real_nodules = ceiling_nodules(
+        args.ceiling_phantoms, args.seed + 1, args.size, args.max_slices, args.phantom_spacing
     )
+    ceiling = real_looking_ceiling(real_nodules, hu_range)
+    if ceiling is not None:
+        ceiling = {"phantoms": args.ceiling_phantoms, "seed": args.seed + 1, **ceiling}
+    real_targets = {"inject": pristine["remove"], "remove": pristine["inject"]}  # real nodules of each task's result
     report: dict = {
         "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
@@ -532,10 +579,12 @@ def main(argv: list[str] | None = None) -> dict:
         "two_sample_control": {
             task: two_sample_accuracy(*halves(pristine[task], args.seed), seed=0) for task in TASKS
         },
+        "two_sample_oracle": {
+            "inject": two_sample_oracle(pristine["inject"], real_nodules, real_targets["inject"], args.draws)
+        },
         "pipelines": {},
     }
-    print(json.dumps({"pristine": report["pristine"], "two_sample_control": report["two_sample_control"]}))
-    real_targets = {"inject": pristine["remove"], "remove": pristine["inject"]}  # real nodules of each task's result
+    print(json.dumps({key: report[key] for key in ("pristine", "two_sample_control", "two_sample_oracle")}))
     rows = {task: [(f"{task} site: pristine", pristine[task][:MONTAGE_SITES])] for task in TASKS}
     for folder in args.pipelines or demo_folders():
         pipe = load_pipeline(folder)

@@ -135,25 +135,41 @@ def test_a_bank_mask_cut_by_the_hole_lies_along_its_faces():
     assert mask_following.dice(inside, cut) == pytest.approx(2 * 6 * 6 * 3 / (6**3 + 10**3))  # they share 6x6x3
 
 
+def _ball_cube(radius_mm: float, hu: float, background_hu: float = -850.0) -> np.ndarray:
+    """A 32^3 cube of ``background_hu`` with a centred ball of ``hu``."""
+    cube = np.full((32, 32, 32), background_hu, np.float32)
+    cube[eval_demo.distance_from_centre_mm(cube.shape) <= radius_mm] = hu
+    return cube
+
+
 def test_real_looking_ceiling_is_the_share_of_real_kept_nodules_inside_the_range(monkeypatch):
     """Of the real nodules at the other phantoms' removal sites, those kept by the injection rule (> 10 mm)
     count, and the ceiling is the share of them whose mean HU lies in the range; none left: None."""
-    z, y, x = np.indices((32, 32, 32)) - 15.5
-    radius = np.sqrt(z**2 + y**2 + x**2)
-
-    def ball(radius_mm: float, hu: float) -> np.ndarray:
-        cube = np.full((32, 32, 32), -850.0, np.float32)
-        cube[radius <= radius_mm] = hu
-        return cube
-
-    cubes = {"remove": np.stack([ball(7.0, -100.0), ball(7.0, -10.0), ball(2.5, -100.0)]), "inject": None}
+    cubes = {"remove": np.stack([_ball_cube(7.0, -100.0), _ball_cube(7.0, -10.0), _ball_cube(2.5, -100.0)])}
     monkeypatch.setattr(eval_demo, "held_out_cubes", lambda *args, **kwargs: (cubes, []))
-    ceiling = eval_demo.real_looking_ceiling(3, 7, (-182.0, -40.0), 320, 48, "native")
+    real_nodules = eval_demo.ceiling_nodules(3, 7, 320, 48, "native")
+    assert len(real_nodules) == 2  # the 5 mm ball is not > 10 mm
+    ceiling = eval_demo.real_looking_ceiling(real_nodules, (-182.0, -40.0))
     away = {"at_chest_wall": {"n": 0, "fraction": None}, "away_from_chest_wall": {"n": 2, "fraction": 0.5}}
-    assert ceiling == {"phantoms": 3, "seed": 7, "n": 2, "fraction": 0.5, "by_site": away}
-    assert eval_demo.real_looking_ceiling(0, 7, (-182.0, -40.0), 320, 48, "native") is None
-    cubes["remove"] = cubes["remove"][2:]
-    assert eval_demo.real_looking_ceiling(3, 7, (-182.0, -40.0), 320, 48, "native") is None
+    assert ceiling == {"n": 2, "fraction": 0.5, "by_site": away}
+    assert len(eval_demo.ceiling_nodules(0, 7, 320, 48, "native")) == 0
+    assert eval_demo.real_looking_ceiling(real_nodules[:0], (-182.0, -40.0)) is None
+
+
+def test_oracle_injections_paste_real_nodules_into_the_sites_holes_only():
+    """Each site gets one real cube's central nodule inside the hole, each real nodule used once while they last;
+    the site's own voxels everywhere else (its context, and the real cube's lung around the nodule)."""
+    sites = np.stack([_ball_cube(0.0, 0.0, background_hu=-800.0 - i) for i in range(3)])
+    real = np.stack([_ball_cube(6.0, 40.0 + 10 * i, background_hu=-900.0) for i in range(3)])
+    real[:, 0, 0, 0] = 100.0  # bright tissue in the corner, outside the hole: never pasted
+    oracle = eval_demo.oracle_injections(sites, real, seed=0)
+    ball = eval_demo.distance_from_centre_mm((32, 32, 32)) <= 6.0
+    assert sorted(np.unique(oracle[:, ball]).tolist()) == [40.0, 50.0, 60.0]
+    for pasted, site in zip(oracle, sites):
+        assert np.array_equal(pasted[~ball], site[~ball])
+    twice = eval_demo.oracle_injections(np.concatenate([sites, sites]), real[:1], seed=1)
+    assert (twice[:, ball] == 40.0).all()  # fewer real nodules than sites: drawn again
+    assert eval_demo.two_sample_oracle(sites, real[:0], real, draws=1) is None
 
 
 def test_proportion_interval_is_wilsons_and_checks_its_input():

@@ -262,6 +262,12 @@ def quality_section(name: str, quality: dict) -> str | None:
         "| two-sample test: a 3-D CNN tells these from real nodule cubes (chance 0.5) | "
         f"{entry['two_sample_accuracy']} |",
     ]
+    oracle = (quality.get("two_sample_oracle") or {}).get(entry["task"])
+    if oracle:
+        lines.append(
+            f"| ... the same for {oracle['real_nodules']} real nodules > 10 mm of other phantoms pasted at these "
+            f"sites (what the sites' surroundings give away) | {oracle['accuracy']} |"
+        )
     if "num_inference_steps" in entry:
         lines.append(
             f"| sampler | {entry['scheduler']}, {entry['num_inference_steps']} steps (the folder's default) |"
