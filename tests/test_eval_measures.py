@@ -159,7 +159,7 @@ def test_real_looking_ceiling_is_the_share_of_real_kept_nodules_inside_the_range
 def test_oracle_injections_paste_real_nodules_into_the_sites_holes_only():
     """Each site gets one real cube's central nodule inside the hole, each real nodule used once while they last;
     the site's own voxels everywhere else (its context, and the real cube's lung around the nodule)."""
-    sites = np.stack([_ball_cube(0.0, 0.0, background_hu=-800.0 - i) for i in range(3)])
+    sites = np.stack([np.full((32, 32, 32), -800.0 - i, np.float32) for i in range(3)])
     real = np.stack([_ball_cube(6.0, 40.0 + 10 * i, background_hu=-900.0) for i in range(3)])
     real[:, 0, 0, 0] = 100.0  # bright tissue in the corner, outside the hole: never pasted
     oracle = eval_demo.oracle_injections(sites, real, seed=0)
