@@ -17,6 +17,7 @@ two_sample = importlib.import_module("two_sample_test")
 chest_wall_check = importlib.import_module("chest_wall_check")
 mask_following = importlib.import_module("mask_following")
 pristine_spread = importlib.import_module("pristine_spread")
+slice_phase = importlib.import_module("slice_phase")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,44 @@ def test_pristine_spread_measures_each_set_and_summarizes_the_sets(monkeypatch, 
     assert peak["values"] == [first["remove"]["spectral_peak_ratio"], None]
     assert peak["median"] == pytest.approx(peak["values"][0], abs=1e-3) and peak["range"] == [peak["values"][0]] * 2
     assert json.loads((tmp_path / "s.json").read_text())["seeds"] == [10, 11]
+
+
+def _slice_striped(cubes: np.ndarray, phases: list[float], amplitude_hu: float = 40.0) -> np.ndarray:
+    """``cubes`` with their holes' z planes modulated at period 2.5 voxels, cube i at phase ``phases[i]``."""
+    z = np.indices((32, 32, 32))[0]
+    return np.stack(
+        [
+            cube + np.where(hole_mask(), amplitude_hu * np.cos(2 * np.pi * z / 2.5 + phase), 0.0)
+            for cube, phase in zip(cubes, phases)
+        ]
+    ).astype(np.float32)
+
+
+def test_slice_phase_tells_a_fixed_pattern_from_the_slices_of_each_scan(lung_cubes):
+    """A modulation at the same phase in every hole concentrates the phases (about 1); one whose phase differs
+    from site to site, as the real slices', does not; the amplitude comes back in HU."""
+    fixed = _slice_striped(lung_cubes, [0.3] * 4)
+    scattered = _slice_striped(lung_cubes, [0.0, np.pi / 2, np.pi, 3 * np.pi / 2])
+    fixed_amplitudes = slice_phase.plane_modulation(fixed)
+    assert np.allclose(np.abs(fixed_amplitudes), 40.0, rtol=0.25)
+    assert slice_phase.phase_concentration(fixed_amplitudes) > 0.95
+    assert slice_phase.phase_concentration(slice_phase.plane_modulation(scattered)) < 0.2
+    assert np.median(np.abs(slice_phase.plane_modulation(lung_cubes))) < 5.0
+    with pytest.raises(ValueError, match="cubes must be"):
+        slice_phase.plane_modulation(lung_cubes[:, :20])
+
+
+def test_slice_phase_measures_a_shipped_pipeline_and_its_sites(monkeypatch, tmp_path, lung_cubes):
+    sites = {"inject": lung_cubes, "remove": _slice_striped(lung_cubes, [0.0, np.pi / 2, np.pi, 3 * np.pi / 2])}
+    monkeypatch.setattr(slice_phase, "held_out_cubes", lambda n, seed, **kwargs: (sites, []))
+    folder = eval_demo.DEMO_DIR / "pix2pix-remove"
+    report = slice_phase.main(["--phantoms", "1", "--pipelines", str(folder), "--out", str(tmp_path / "p.json")])
+    assert report["pristine"]["remove"]["amplitude_hu_median"] > 30.0
+    assert report["pristine"]["remove"]["phase_concentration"] < 0.2
+    measured = report["pipelines"]["pix2pix-remove"]
+    assert measured["task"] == "remove" and measured["sites"] == 4
+    assert 0.0 <= measured["phase_concentration"] <= 1.0
+    assert json.loads((tmp_path / "p.json").read_text())["pipelines"] == report["pipelines"]
 
 
 def test_vessel_continuity_kept_and_cut(lung_cubes):
