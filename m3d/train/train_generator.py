@@ -968,6 +968,8 @@ def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int
             )
         logger.info("training cubes from the cache %s", cache)
     if dataset is None:
+        source = args.data or args.lidc_root or f"{args.phantoms} synthetic phantoms"
+        logger.info("cutting the %s training cubes from %s (minutes per hundred scans)", args.task, source)
         if args.data:
             cases = iter_case_folders(args.data)
         elif args.lidc_root:
