@@ -772,19 +772,22 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     assert _steps(out) == [1, 2, 3] and (out / "pipeline" / "model_index.json").is_file()
 
 
-def test_cube_cache_is_reused(tmp_path, monkeypatch, capsys):
+def test_cube_cache_is_reused(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    monkeypatch.setattr(tg.logger, "handlers", [*tg.logger.handlers, caplog.handler])  # it does not propagate
+    caplog.set_level("INFO", logger=tg.logger.name)
     cache = tmp_path / "cache"
     assert tg.main(_argv("pix2pix", tmp_path / "a", 1, "--cube-cache", str(cache))) == 0
     (stored,) = cache.glob("cubes_inject_*.npz")
-    assert "cutting the inject training cubes from" in capsys.readouterr().err  # said even with no progress bar
+    assert "cutting the inject training cubes from" in caplog.text  # said even with no progress bar
+    caplog.clear()
 
     def no_phantoms(*args, **kwargs):
         raise AssertionError("the cached cubes should have been used")
 
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", no_phantoms)
     assert tg.main(_argv("pix2pix", tmp_path / "b", 1, "--cube-cache", str(cache))) == 0
-    assert "cutting the" not in capsys.readouterr().err
+    assert "cutting the" not in caplog.text and "from the cache" in caplog.text
     assert _weights(tmp_path / "a", "pix2pix").keys() == _weights(tmp_path / "b", "pix2pix").keys()
     for key, value in _weights(tmp_path / "a", "pix2pix").items():
         assert torch.equal(value, _weights(tmp_path / "b", "pix2pix")[key])
