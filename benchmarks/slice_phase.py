@@ -39,6 +39,7 @@ from eval_demo_pipelines import (  # this folder is on sys.path as a script
     demo_folders,
     generate,
     held_out_cubes,
+    hole_mask,
     load_pipeline,
 )
 
@@ -53,8 +54,8 @@ def plane_modulation(cubes_hu: np.ndarray, frequency_index: int = SLICE_FREQUENC
     cubes_hu = np.asarray(cubes_hu, dtype=np.float64)
     if cubes_hu.ndim != 4 or cubes_hu.shape[1:] != (CUBE_SIZE,) * 3:
         raise ValueError(f"cubes must be (N, {CUBE_SIZE}, {CUBE_SIZE}, {CUBE_SIZE}); got shape {cubes_hu.shape}")
-    lo, hi = (CUBE_SIZE - HOLE_SIZE) // 2, (CUBE_SIZE + HOLE_SIZE) // 2
-    plane_means = cubes_hu[:, lo:hi, lo:hi, lo:hi].mean(axis=(2, 3))
+    holes = cubes_hu[:, hole_mask()].reshape((len(cubes_hu),) + (HOLE_SIZE,) * 3)
+    plane_means = holes.mean(axis=(2, 3))
     plane_means = plane_means - ndimage.gaussian_filter1d(plane_means, DETREND_SIGMA_PLANES, axis=1)
     window = np.hanning(HOLE_SIZE)
     return 2 * np.fft.fft(plane_means * window, axis=1)[:, frequency_index] / window.sum()

@@ -32,6 +32,17 @@ def lung_cubes() -> np.ndarray:
     return (anatomy + np.random.default_rng(0).normal(0.0, 30.0, (4, 32, 32, 32))).astype(np.float32)
 
 
+def _slice_striped(cubes: np.ndarray, phases: list[float], amplitude_hu: float = 40.0) -> np.ndarray:
+    """``cubes`` with their holes' z planes modulated at period 2.5 voxels, cube i at phase ``phases[i]``."""
+    z = np.indices((32, 32, 32))[0]
+    return np.stack(
+        [
+            cube + np.where(hole_mask(), amplitude_hu * np.cos(2 * np.pi * z / 2.5 + phase), 0.0)
+            for cube, phase in zip(cubes, phases)
+        ]
+    ).astype(np.float32)
+
+
 def test_checkerboard_raises_the_spectral_peak(lung_cubes):
     parity = np.indices((32, 32, 32)).sum(0) % 2 * 2 - 1
     checkered = lung_cubes + np.where(hole_mask(), 100.0 * parity, 0.0).astype(np.float32)
@@ -46,8 +57,7 @@ def test_checkerboard_raises_the_spectral_peak(lung_cubes):
 
 def test_spectral_peak_names_the_frequency_of_a_planted_pattern(lung_cubes):
     """Planes 40 HU brighter every 2.5 voxels along z (a thick-slice period) peak at index +-8 along z (20 / 2.5)."""
-    z = np.indices((32, 32, 32))[0]
-    striped = lung_cubes + np.where(hole_mask(), 40.0 * np.cos(2 * np.pi * z / 2.5), 0.0).astype(np.float32)
+    striped = _slice_striped(lung_cubes, [0.0] * len(lung_cubes))
     ratio, peak_bin = eval_demo.spectral_peak(striped)
     assert abs(peak_bin[0]) == 8 and peak_bin[1:] == (0, 0)
     assert ratio == eval_demo.spectral_peak_ratio(striped) > 10 * eval_demo.spectral_peak_ratio(lung_cubes)
@@ -56,8 +66,7 @@ def test_spectral_peak_names_the_frequency_of_a_planted_pattern(lung_cubes):
 def test_pristine_spread_measures_each_set_and_summarizes_the_sets(monkeypatch, tmp_path, lung_cubes):
     """Each set gives its sites' spectral peak and the two-sample accuracy of its real cubes against the
     reference's; a set without removal sites gives None there, and the summary leaves it out."""
-    z = np.indices((32, 32, 32))[0]
-    striped = lung_cubes + np.where(hole_mask(), 40.0 * np.cos(2 * np.pi * z / 2.5), 0.0).astype(np.float32)
+    striped = _slice_striped(lung_cubes, [0.0] * len(lung_cubes))
     empty = lung_cubes[:0]
     sets = {
         2024: {"inject": lung_cubes, "remove": striped},
@@ -83,17 +92,6 @@ def test_pristine_spread_measures_each_set_and_summarizes_the_sets(monkeypatch, 
     assert peak["values"] == [first["remove"]["spectral_peak_ratio"], None]
     assert peak["median"] == pytest.approx(peak["values"][0], abs=1e-3) and peak["range"] == [peak["values"][0]] * 2
     assert json.loads((tmp_path / "s.json").read_text())["seeds"] == [10, 11]
-
-
-def _slice_striped(cubes: np.ndarray, phases: list[float], amplitude_hu: float = 40.0) -> np.ndarray:
-    """``cubes`` with their holes' z planes modulated at period 2.5 voxels, cube i at phase ``phases[i]``."""
-    z = np.indices((32, 32, 32))[0]
-    return np.stack(
-        [
-            cube + np.where(hole_mask(), amplitude_hu * np.cos(2 * np.pi * z / 2.5 + phase), 0.0)
-            for cube, phase in zip(cubes, phases)
-        ]
-    ).astype(np.float32)
 
 
 def test_slice_phase_tells_a_fixed_pattern_from_the_slices_of_each_scan(lung_cubes):
