@@ -183,7 +183,7 @@ def seam_ratio(cube_hu: np.ndarray) -> float:
     return float(np.concatenate(across).mean() / np.concatenate(elsewhere).mean())
 
 
-def _hole_power_spectrum(cubes_hu: np.ndarray) -> np.ndarray:
+def hole_power_spectrum(cubes_hu: np.ndarray) -> np.ndarray:
     """Mean power spectrum (``np.fft`` order, ``HOLE_SIZE``^3) of the holes' high-pass residual: cube
     minus its Gaussian blur (sigma `SPECTRUM_HIGHPASS_SIGMA_MM`, so the nodule and vessels, which differ
     between pristine and generated cubes by design, do not dominate), hole cut out, its mean removed,
@@ -209,7 +209,7 @@ def spectral_peak_ratio(cubes_hu: np.ndarray) -> float:
 
 
 def spectral_peak(cubes_hu: np.ndarray) -> tuple[float, tuple[int, int, int]]:
-    """The sharpest peak of the holes' mean high-pass power spectrum (`_hole_power_spectrum`): the
+    """The sharpest peak of the holes' mean high-pass power spectrum (`hole_power_spectrum`): the
     largest ratio of a bin's power to the median power of its `SPECTRUM_BACKGROUND_BINS`^3 neighbourhood
     (the spectrum is periodic, so the neighbourhood wraps), over the bins at least `SPECTRUM_MIN_RADIUS`
     index units from DC. A periodic pattern (a checkerboard of period 2 or 4 voxels, even of +-10 HU)
@@ -218,7 +218,7 @@ def spectral_peak(cubes_hu: np.ndarray) -> tuple[float, tuple[int, int, int]]:
     ratio mostly measures how much nodule and vessel a hole holds (a generated 15 mm nodule scores far
     above a pristine 4 mm one without any artefact). Returns the ratio and the peak's bin as its frequency index
     (z, y, x) (`_frequency_index`: index k along an axis is a period of ``HOLE_SIZE / |k|`` voxels)."""
-    power = _hole_power_spectrum(cubes_hu)
+    power = hole_power_spectrum(cubes_hu)
     prominence = power / ndimage.median_filter(power, size=SPECTRUM_BACKGROUND_BINS, mode="wrap")
     frequency = _frequency_index()
     prominence[np.sqrt((frequency**2).sum(0)) < SPECTRUM_MIN_RADIUS] = 0.0
@@ -229,7 +229,7 @@ def spectral_peak(cubes_hu: np.ndarray) -> tuple[float, tuple[int, int, int]]:
 def nyquist_power_fraction(cubes_hu: np.ndarray) -> float:
     """Share of the holes' mean high-pass power spectrum in the bins at the Nyquist frequency (index
     HOLE_SIZE/2, period 2 voxels) of any axis, where a checkerboard concentrates."""
-    power = _hole_power_spectrum(cubes_hu)
+    power = hole_power_spectrum(cubes_hu)
     at_nyquist = (np.abs(_frequency_index()) == HOLE_SIZE // 2).any(0)
     return float(power[at_nyquist].sum() / power.sum())
 

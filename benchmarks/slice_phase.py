@@ -12,10 +12,17 @@ on one draw (generation seed 0):
 * ``amplitude_hu_median``: the median over sites of `plane_modulation`'s magnitude (HU), how strong it is;
 * ``phase_concentration``: the length of the mean unit phasor over sites (1: the same phase at every site, a
   pattern fixed to the hole; about ``1 / sqrt(sites)``: phases as scattered as the real slices'), with that
-  chance level beside it.
+  chance level beside it;
+* ``slice_bin``: the bin (index 8, 0, 0) of the holes' mean high-pass power spectrum
+  (`eval_demo_pipelines.hole_power_spectrum`, HU^2): its ``power``, the ``background`` it is measured against
+  (the median of its 5^3 neighbouring bins, as `spectral_peak`) and their ``ratio``, so that a peak can be told
+  from a pattern of its own (high power) or a hole too smooth around it (low background).
 
 A generator that continued the scan would have real cubes' scattered phases; one that draws its own fixed
-pattern concentrates them. Results: ``benchmarks/results/slice_phase_cpu.json``.
+pattern concentrates them. Each pipeline is measured twice: on the ``cube`` it returns and ``in_the_scan``, the
+cube pasted into its scan (`paste_cube`, as the pipeline pastes into a volume: resampled onto the scan's own
+slices) and cut again at 1 mm (`extract_cube`), which is what a reader of the tampered scan gets (the pristine
+cubes are the same either way). Results: ``benchmarks/results/slice_phase_cpu.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from m3d.constants import TASKS
+from m3d.tamper.cube import extract_cube, paste_cube
 
 from eval_demo_pipelines import (  # this folder is on sys.path as a script
     CUBE_SIZE,
@@ -38,8 +46,10 @@ from eval_demo_pipelines import (  # this folder is on sys.path as a script
     ROOT,
     demo_folders,
     generate,
+    SPECTRUM_BACKGROUND_BINS,
     held_out_cubes,
     hole_mask,
+    hole_power_spectrum,
     load_pipeline,
 )
 
@@ -69,15 +79,44 @@ def phase_concentration(amplitudes: np.ndarray) -> float:
     return float(abs(np.mean(amplitudes / np.abs(amplitudes))))
 
 
+def slice_bin(cubes_hu: np.ndarray, frequency_index: int = SLICE_FREQUENCY_INDEX) -> dict:
+    """The power (HU^2) of the holes' mean high-pass spectrum at (``frequency_index``, 0, 0), the median of its
+    neighbouring bins that `eval_demo_pipelines.spectral_peak` measures it against, and their ratio."""
+    power = hole_power_spectrum(cubes_hu)
+    background = ndimage.median_filter(power, size=SPECTRUM_BACKGROUND_BINS, mode="wrap")
+    line = (frequency_index, 0, 0)
+    return {
+        "power": round(float(power[line]), 0),
+        "background": round(float(background[line]), 0),
+        "ratio": round(float(power[line] / background[line]), 2),
+    }
+
+
 def figures(cubes_hu: np.ndarray) -> dict:
-    """`plane_modulation`'s median magnitude and `phase_concentration` over ``cubes_hu``, with the chance level."""
+    """`plane_modulation`'s median magnitude and `phase_concentration` over ``cubes_hu``, with the chance level,
+    and the `slice_bin`."""
     amplitudes = plane_modulation(cubes_hu)
     return {
         "sites": len(cubes_hu),
         "amplitude_hu_median": round(float(np.median(np.abs(amplitudes))), 2),
         "phase_concentration": round(phase_concentration(amplitudes), 2),
         "phase_concentration_chance": round(1 / np.sqrt(len(cubes_hu)), 2),
+        "slice_bin": slice_bin(cubes_hu),
     }
+
+
+def in_the_scan(cubes_hu: np.ndarray, scans: list, task: str) -> np.ndarray:
+    """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
+    order as the cubes) and the 1 mm cube cut again there: what the tampered scan holds, one site at a time."""
+    sites = [(case, location) for case, locations in scans for location in locations[task]]
+    if len(sites) != len(cubes_hu):
+        raise ValueError(f"{len(cubes_hu)} cubes for the {len(sites)} {task} sites of the scans")
+    recut = []
+    for (case, location), cube_hu in zip(sites, cubes_hu):
+        site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
+        tampered, _ = paste_cube(case.volume, site, cube_hu)
+        recut.append(extract_cube(tampered, location, lung_mask=case.lung_mask).hu)
+    return np.stack(recut)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.phantoms < 1:
         parser.error(f"--phantoms must be at least 1; got {args.phantoms}")
-    cubes, _ = held_out_cubes(args.phantoms, args.seed, keep_scans=False)
+    cubes, scans = held_out_cubes(args.phantoms, args.seed)
     report = {
         "device": f"cpu: {platform.processor() or platform.machine()}",
         "torch": torch.__version__,
@@ -108,7 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
         pipe = load_pipeline(folder)
         task = pipe.config.task
         if len(cubes[task]):
-            report["pipelines"][folder.name] = {"task": task, **figures(generate(pipe, cubes[task], seed=0)[0])}
+            generated = generate(pipe, cubes[task], seed=0)[0]
+            report["pipelines"][folder.name] = {
+                "task": task,
+                "cube": figures(generated),
+                "in_the_scan": figures(in_the_scan(generated, scans, task)),
+            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_suffix(".partial")
     partial.write_text(json.dumps(report, indent=2) + "\n")

@@ -4,12 +4,14 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from m3d.tamper.cube import hole_mask
+from m3d.data.ct import CTVolume
+from m3d.tamper.cube import extract_cube, hole_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 eval_demo = importlib.import_module("eval_demo_pipelines")
@@ -108,17 +110,39 @@ def test_slice_phase_tells_a_fixed_pattern_from_the_slices_of_each_scan(lung_cub
         slice_phase.plane_modulation(lung_cubes[:, :20])
 
 
-def test_slice_phase_measures_a_shipped_pipeline_and_its_sites(monkeypatch, tmp_path, lung_cubes):
-    sites = {"inject": lung_cubes, "remove": _slice_striped(lung_cubes, [0.0, np.pi / 2, np.pi, 3 * np.pi / 2])}
-    monkeypatch.setattr(slice_phase, "held_out_cubes", lambda n, seed, **kwargs: (sites, []))
+def test_in_the_scan_resamples_a_fixed_pattern_onto_each_scans_slices(lung_cubes):
+    """A pristine cube pasted back comes out as it was; a z-stripe at the slice period painted at one phase into
+    every hole is sampled by the scan's 2.5 mm slices at the same point of its period on every slice: a constant
+    per site, so what the scan holds keeps almost nothing of the stripe."""
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-850.0, 25.0, (40, 64, 64)).round().astype(np.int16)
+    case = SimpleNamespace(volume=CTVolume(hu, spacing_mm=(2.5, 1.0, 1.0)), lung_mask=np.ones(hu.shape, bool))
+    locations = [np.array([31.5, 31.5, 40.0 + 2.5 * k / 8]) for k in range(8)]  # LPS x, y, z: over one slice
+    scans = [(case, {"inject": [], "remove": locations})]
+    pristine = np.stack([extract_cube(case.volume, location, lung_mask=case.lung_mask).hu for location in locations])
+    assert np.array_equal(slice_phase.in_the_scan(pristine, scans, "remove"), pristine)
+    striped = _slice_striped(pristine, [0.3] * len(pristine))
+    assert slice_phase.phase_concentration(slice_phase.plane_modulation(striped)) > 0.95
+    recut = slice_phase.plane_modulation(slice_phase.in_the_scan(striped, scans, "remove"))
+    assert np.median(np.abs(recut)) < 2.0  # of the 40 HU stripe
+    with pytest.raises(ValueError, match="7 cubes for the 8 remove sites"):
+        slice_phase.in_the_scan(striped[:7], scans, "remove")
+
+
+def test_slice_phase_measures_a_shipped_pipeline_in_its_cube_and_in_the_scan(tmp_path):
     folder = eval_demo.DEMO_DIR / "pix2pix-remove"
-    report = slice_phase.main(["--phantoms", "1", "--pipelines", str(folder), "--out", str(tmp_path / "p.json")])
-    assert report["pristine"]["remove"]["amplitude_hu_median"] > 30.0
-    assert report["pristine"]["remove"]["phase_concentration"] < 0.2
+    out = tmp_path / "p.json"
+    report = slice_phase.main(["--phantoms", "1", "--seed", "0", "--pipelines", str(folder), "--out", str(out)])
+    assert report["pristine"]["remove"]["sites"] == 2
     measured = report["pipelines"]["pix2pix-remove"]
-    assert measured["task"] == "remove" and measured["sites"] == 4
-    assert 0.0 <= measured["phase_concentration"] <= 1.0
-    assert json.loads((tmp_path / "p.json").read_text())["pipelines"] == report["pipelines"]
+    assert measured["task"] == "remove"
+    for view in ("cube", "in_the_scan"):
+        figures = measured[view]
+        assert figures["sites"] == 2 and 0.0 <= figures["phase_concentration"] <= 1.0
+        line = figures["slice_bin"]
+        assert line["power"] > 0 and line["ratio"] == pytest.approx(line["power"] / line["background"], rel=0.01)
+    assert measured["cube"] != measured["in_the_scan"]
+    assert json.loads(out.read_text())["pipelines"] == report["pipelines"]
 
 
 def test_vessel_continuity_kept_and_cut(lung_cubes):
