@@ -1,16 +1,18 @@
 """`Pix2Pix3DPipeline`: M3Dsynth's "pix2pix" generator, i.e. CT-GAN's 3-D conditional GAN, which
 fills the masked centre of a 32 mm CT cube in one forward pass of its network, a `Pix2Pix3DGenerator`.
 
-The network sees the cube with its 20^3 centre hole set to 0 (``in_channels=1``, as CT-GAN) or that
-plus the hole mask (``in_channels=2``), or also the mask of the nodule to draw (``in_channels=3``, as LeFusion
+The network sees the cube with its 20^3 centre hole set to 0 (``in_channels=1``, as CT-GAN) or that plus the
+hole mask (``in_channels=2``), or also the mask of the nodule to draw (``in_channels=3``, as LeFusion
 conditions on a lesion mask: ``nodule_masks``, or one drawn per cube from ``generator``,
-`m3d.tamper.nodule_shape`). Inference is deterministic by default (CT-GAN runs Keras'
-``predict``, dropout off); ``stochastic=True`` turns on pix2pix's test-time dropout, seeded by
-``generator`` (one stream per cube). By default only the hole is replaced (``keep_context=True``):
-the rest of the cube stays the scan's own voxels; ``keep_context=False`` keeps the whole generated
-cube, as CT-GAN pastes it (the paste then blends it in). With the context kept, CT-GAN's touch-ups
-(`m3d.tamper.touch_up`) are applied by default: noise with the grain of the cube's own scanner noise on
-the generated hole, seeded by ``generator``, and a blend into the original instead of a hard paste.
+`m3d.tamper.nodule_shape`). Inference is deterministic unless the folder says otherwise (CT-GAN runs Keras'
+``predict``, dropout off); ``stochastic=True`` turns on pix2pix's test-time dropout, seeded by ``generator``
+(one stream per cube), and a folder saved with ``stochastic=True`` in its config does so by default: the
+decoder learned its texture with the dropout on, and without it the demo remover's holes held a few per mille
+of the real holes' high-pass power (`m3d.train.spectral_loss`). By default only the hole is replaced
+(``keep_context=True``): the rest of the cube stays the scan's own voxels; ``keep_context=False`` keeps the
+whole generated cube, as CT-GAN pastes it (the paste then blends it in). With the context kept, CT-GAN's
+touch-ups (`m3d.tamper.touch_up`) are applied by default: noise with the grain of the cube's own scanner noise
+on the generated hole, seeded by ``generator``, and a blend into the original instead of a hard paste.
 
 One task per folder: ``task`` ("inject" | "remove") is recorded in ``model_index.json``; the
 injector is trained on malignant nodules > 10 mm, the remover on benign nodules < 8 mm.
@@ -46,16 +48,21 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
         task: ``"inject"`` or ``"remove"``: what the weights were trained for.
         nodule_mask_bank: a mask-conditioned network's training nodule masks (`NoduleMaskBank`), drawn from when a
             call gives no ``nodule_masks``.
+        stochastic: the default of the call's ``stochastic`` (pix2pix's test-time dropout).
     """
 
     model_cpu_offload_seq = "network"
 
     def __init__(
-        self, network: Pix2Pix3DGenerator, task: str = "inject", nodule_mask_bank: NoduleMaskBank | None = None
+        self,
+        network: Pix2Pix3DGenerator,
+        task: str = "inject",
+        nodule_mask_bank: NoduleMaskBank | None = None,
+        stochastic: bool = False,
     ):
         super().__init__()
         self.register_modules(network=network, nodule_mask_bank=nodule_mask_bank)
-        self.register_to_config(task=check_task_name(task))
+        self.register_to_config(task=check_task_name(task), stochastic=bool(stochastic))
 
     @classmethod
     def from_preset(cls, preset: str = "default", task: str = "inject", **overrides: Any) -> "Pix2Pix3DPipeline":
@@ -77,7 +84,7 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
         lung_mask: np.ndarray | None = None,
         allow_outside_lung: bool = False,
         return_dict: bool = True,
-        stochastic: bool = False,
+        stochastic: bool | None = None,
         keep_context: bool = True,
         touch_up: bool | None = None,
         nodule_masks: np.ndarray | torch.Tensor | None = None,
@@ -101,7 +108,8 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
             lung_mask, allow_outside_lung: passed to `extract_cube` (the lungs are segmented once when no
                 mask is given).
             return_dict: return `M3DPipelineOutput` (else a tuple ``(cubes, volumes, masks)``).
-            stochastic: pix2pix's test-time dropout, seeded by ``generator``.
+            stochastic: pix2pix's test-time dropout, seeded by ``generator`` (None: the folder's
+                ``config.stochastic``).
             keep_context: replace only the hole (else keep the whole generated cube, as CT-GAN).
             touch_up: CT-GAN's touch-ups (`m3d.tamper.touch_up`): the scan's noise on the generated hole and
                 a blend into the original; None (the default) = ``keep_context``, which they need.
@@ -116,6 +124,7 @@ class Pix2Pix3DPipeline(M3DTamperPipeline):
             the voxels that changed.
         """
         touch_up = keep_context if touch_up is None else touch_up
+        stochastic = self.config.stochastic if stochastic is None else stochastic
         # 1. Check inputs
         self.check_inputs(
             cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up,

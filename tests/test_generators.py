@@ -379,6 +379,28 @@ def test_gan_pipelines_fill_only_the_hole_unless_asked():
     assert not np.array_equal(a, c)
 
 
+def test_a_folder_saved_stochastic_keeps_its_test_time_dropout_by_default(tmp_path):
+    """``stochastic`` saved in the config is the call's default (a call may still turn it off); folders saved
+    before it load deterministic."""
+    cubes = random_cubes(2)
+    deterministic = tiny_pipeline("pix2pix")
+    assert deterministic.config.stochastic is False
+    pipe = Pix2Pix3DPipeline(network=deterministic.network, task="inject", stochastic=True)
+    pipe.save_pretrained(tmp_path / "p2p")
+    loaded = Pix2Pix3DPipeline.from_pretrained(tmp_path / "p2p")
+    assert loaded.config.stochastic is True
+    seeded = [call(loaded, cubes, touch_up=False, generator=torch.Generator().manual_seed(s)).cubes for s in (0, 1)]
+    assert not np.array_equal(*seeded)
+    off = [call(loaded, cubes, touch_up=False, stochastic=False, generator=torch.Generator().manual_seed(s)).cubes
+           for s in (0, 1)]  # fmt: skip
+    np.testing.assert_array_equal(*off)
+    np.testing.assert_array_equal(off[0], call(deterministic, cubes, touch_up=False).cubes)
+    index = json.loads((tmp_path / "p2p" / "model_index.json").read_text())
+    del index["stochastic"]  # as a folder saved before the option
+    (tmp_path / "p2p" / "model_index.json").write_text(json.dumps(index))
+    assert Pix2Pix3DPipeline.from_pretrained(tmp_path / "p2p").config.stochastic is False
+
+
 def test_gan_pipelines_take_no_sampling_steps():
     """One forward pass: the GANs have no ``num_inference_steps`` to ignore."""
     for kind in ("pix2pix", "cyclegan"):

@@ -22,6 +22,7 @@ from m3d.tamper.quality import check_quality, equivalent_diameter_mm, nodule_mas
 from m3d.train import cubes as cubes_module
 from m3d.train import train_generator as tg
 from m3d.train.common import STATE_FILE, complete_checkpoints
+from m3d.train.spectral_loss import hole_spectral_loss
 from m3d.train.cubes import (
     Augmentation,
     CubeDataset,
@@ -505,6 +506,21 @@ def test_saved_pipeline_dtype_and_sampler(tmp_path, monkeypatch):
     assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
 
 
+def test_test_time_dropout_and_the_spectral_loss_on_the_command_line(tmp_path, monkeypatch):
+    """--lambda-spectral trains and logs the loss; --test-time-dropout saves a pix2pix pipeline that generates
+    with its dropout on by default."""
+    from m3d.pipelines import load_pipeline
+
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    out = tmp_path / "run"
+    extra = ("--checkpointing-steps", "0", "--lambda-spectral", "1", "--test-time-dropout")
+    assert tg.main(_argv("pix2pix", out, 2, *extra)) == 0
+    assert all(
+        np.isfinite(json.loads(line)["loss_spectral"]) for line in (out / "logs.jsonl").read_text().splitlines()
+    )
+    assert load_pipeline(out / "pipeline").config.stochastic is True
+
+
 def test_hole_only_losses_ignore_the_generated_context(case):
     from accelerate import Accelerator
 
@@ -514,7 +530,33 @@ def test_hole_only_losses_ignore_the_generated_context(case):
     generator = trainer.networks["generator"]
     perfect_hole = torch.where(batch["mask"].bool(), batch["full"], -1.0).requires_grad_()  # garbage context
     generator.forward = lambda sample, **_: SimpleNamespace(sample=perfect_hole)
-    assert float(trainer.step(batch)["loss_l1"]) == 0.0
+    losses = trainer.step(batch)
+    assert float(losses["loss_l1"]) == 0.0 and float(losses["loss_spectral"]) == 0.0
+
+
+def test_hole_spectral_loss_sees_a_smooth_fill_and_a_painted_pattern_but_not_the_phase():
+    """`hole_spectral_loss`: zero for the real batch itself; a fill without the real texture, or with a z-stripe
+    the real holes lack, costs more than new noise of the real texture; a stripe the real holes have costs as
+    little at another phase; the loss has a gradient, within the high-pass blur's reach of the hole only."""
+    rng = np.random.default_rng(0)
+    mask = torch.from_numpy(hole_mask()).float()[None, None].expand(4, 1, -1, -1, -1)
+
+    def batch(noise_sd: float, stripe: float = 0.0, phase: float = 0.0) -> torch.Tensor:
+        cubes = rng.normal(0.0, noise_sd, (4, 1) + (CUBE_SIZE,) * 3)
+        cubes += stripe * np.cos(2 * np.pi * np.arange(CUBE_SIZE) / 2.5 + phase)[None, None, :, None, None]
+        return torch.tensor(cubes, dtype=torch.float32)
+
+    real, real_striped = batch(0.02), batch(0.02, stripe=0.2)
+    assert float(hole_spectral_loss(real, real, mask)) == 0.0
+    fresh = float(hole_spectral_loss(batch(0.02), real, mask))
+    smooth = float(hole_spectral_loss(batch(0.002), real, mask))
+    striped = float(hole_spectral_loss(batch(0.02, stripe=0.2), real, mask))
+    other_phase = float(hole_spectral_loss(batch(0.02, stripe=0.2, phase=2.0), real_striped, mask))
+    assert fresh < 0.4 and smooth > fresh + 2.0 and striped > fresh + 0.2 and other_phase < fresh + 0.05
+    generated = batch(0.002).requires_grad_()
+    hole_spectral_loss(generated, real, mask).backward()
+    near_the_hole = hole_mask(hole_size=20 + 2 * 4)  # the high-pass blur reaches 4 voxels
+    assert generated.grad[:, :, hole_mask()].abs().sum() > 0 and generated.grad[:, :, ~near_the_hole].abs().sum() == 0
 
 
 @pytest.mark.parametrize("full_cycle_weight", [0.0, 1.0])
@@ -835,3 +877,5 @@ def test_option_checks_name_the_option_and_allow_none_where_optional(tmp_path):
         arguments("--max-scans", "0").check()
     with pytest.raises(ValueError, match="^--phantom-size must be positive; got -2$"):
         arguments("--phantom-size", "-2").check()
+    with pytest.raises(ValueError, match="^--lambda-spectral must not be negative; got -1.0$"):
+        arguments("--lambda-spectral", "-1").check()

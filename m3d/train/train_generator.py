@@ -23,6 +23,8 @@ Losses and optimisers:
   (CycleGAN's settings; ``--d-learning-rate`` defaults to the G rate). No image pool (CycleGAN keeps 50
   past fakes for D); G+F are updated first, then the Ds. ``--hole-only`` as for pix2pix: each of G's
   outputs (translation, cycle, identity) is its hole pasted into the real context.
+* pix2pix and cyclegan: ``--lambda-spectral`` (0, none) x `spectral_loss.hole_spectral_loss`, the texture of G's
+  holes against the real ones' (the paired target for pix2pix, the batch's unpaired full cubes for cyclegan).
 * ddpm: MSE of the UNet's prediction over the cube (over the hole with ``--hole-only``: sampling replaces
   the known region anyway); the UNet sees ``concat(noisy, masked, mask)``. Defaults are the paper's:
   epsilon prediction on 2,000 linear steps (`default_scheduler`). The demo recipe, chosen to converge on a CPU budget
@@ -73,6 +75,7 @@ from ..constants import FAKE_GENERATORS, HOLE_SIZE, TASKS
 from ..errors import run_guarded
 from .common import MIXED_PRECISION, ignore_sigint, json_value, save_pretrained_atomic, write_json_atomic
 from .loop import TrainingArguments, TrainingLoop
+from .spectral_loss import hole_spectral_loss
 
 if TYPE_CHECKING:
     from ..pipelines import NoduleMaskBank
@@ -124,6 +127,7 @@ class TrainGeneratorArguments(TrainingArguments):
     hole_only: bool = False
     lambda_cycle: float = 10.0
     full_cycle_weight: float = 1.0
+    lambda_spectral: float = 0.0
     ema_decay: float | None = None
     prediction_type: str = "epsilon"
     noise_schedule: str = "linear"
@@ -135,6 +139,7 @@ class TrainGeneratorArguments(TrainingArguments):
     save_dtype: str = "fp32"
     sampler: str = "ddpm"
     inference_steps: int = 50
+    test_time_dropout: bool = False
     nodule_diameter_mm: list[float] | None = None
 
     def check(self) -> None:
@@ -160,6 +165,8 @@ class TrainGeneratorArguments(TrainingArguments):
             raise ValueError("--checkpoints-total-limit must be positive")
         if self.full_cycle_weight < 0:
             raise ValueError(f"--full-cycle-weight must not be negative; got {self.full_cycle_weight}")
+        if self.lambda_spectral < 0:
+            raise ValueError(f"--lambda-spectral must not be negative; got {self.lambda_spectral}")
         if self.nodule_diameter_mm is not None and not 0 <= self.nodule_diameter_mm[0] <= self.nodule_diameter_mm[1]:
             raise ValueError(
                 f"--nodule-diameter-mm must be LOW HIGH with 0 <= LOW <= HIGH; got {self.nodule_diameter_mm}"
@@ -286,6 +293,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "0: G is never asked to redraw a masked-out nodule exactly, which pulls an injector toward no nodule)",
     )
     run.add_argument(
+        "--lambda-spectral",
+        type=float,
+        help="pix2pix, cyclegan: weight of the spectral loss (m3d.train.spectral_loss: the mean |log ratio| of the "
+        "generated and real holes' high-pass power per (|k_z|, in-plane radius); 0, the default: none): a fill too "
+        "smooth at some frequencies, or painting a pattern of its own, is off there whatever the phase",
+    )
+    run.add_argument(
         "--ema-decay",
         type=float,
         help="keep an exponential moving average of the pipeline's network with this decay (warmed up as "
@@ -342,6 +356,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--inference-steps",
         type=int,
         help="ddpm: the pipeline's default num_inference_steps (saved in model_index.json)",
+    )
+    save.add_argument(
+        "--test-time-dropout",
+        action="store_true",
+        help="pix2pix: the saved pipeline keeps the decoder's dropout on when it generates (pix2pix's noise; "
+        "saved in model_index.json as its default 'stochastic'): the texture the generator learned with it",
     )
     save.add_argument(
         "--nodule-diameter-mm",
@@ -581,12 +601,14 @@ class Pix2PixTrainer(GeneratorTrainer):
         config_overrides=None,
         lambda_l1: float = 100.0,
         hole_only: bool = False,
+        lambda_spectral: float = 0.0,
     ):
         super().__init__(task, preset, lr, d_lr, args, config_overrides)
         from ..models import PatchDiscriminator3D, Pix2Pix3DGenerator
 
         self.lambda_l1 = lambda_l1
         self.hole_only = hole_only
+        self.lambda_spectral = lambda_spectral
         generator = Pix2Pix3DGenerator.from_preset(preset, **self.config_overrides)
         discriminator = PatchDiscriminator3D.from_preset(preset)
         self.networks = {"generator": generator, "discriminator": discriminator}
@@ -611,7 +633,8 @@ class Pix2PixTrainer(GeneratorTrainer):
         try:
             loss_gan = _lsgan(D(fake, masked), True)
             loss_l1 = ((fake - full).abs() * l1_weights).sum() / l1_weights.sum()
-            loss_g = loss_gan + self.lambda_l1 * loss_l1
+            loss_spectral = hole_spectral_loss(fake, full, mask)
+            loss_g = loss_gan + self.lambda_l1 * loss_l1 + self.lambda_spectral * loss_spectral
             self._update(loss_g, "generator", [G])
         finally:
             _set_requires_grad([D], True)
@@ -619,13 +642,18 @@ class Pix2PixTrainer(GeneratorTrainer):
             "loss": loss_g.detach(),
             "loss_g_gan": loss_gan.detach(),
             "loss_l1": loss_l1.detach(),
+            "loss_spectral": loss_spectral.detach(),
             "loss_d": loss_d.detach(),
         }
 
     def pipeline(self):
         from ..pipelines import Pix2Pix3DPipeline
 
-        return Pix2Pix3DPipeline(network=self.pipeline_network(), task=self.task)
+        return Pix2Pix3DPipeline(
+            network=self.pipeline_network(),
+            task=self.task,
+            stochastic=getattr(self.args, "test_time_dropout", False),
+        )
 
 
 class CycleGANTrainer(GeneratorTrainer):
@@ -642,12 +670,14 @@ class CycleGANTrainer(GeneratorTrainer):
         lambda_cycle: float = 10.0,
         full_cycle_weight: float = 1.0,
         hole_only: bool = False,
+        lambda_spectral: float = 0.0,
     ):
         super().__init__(task, preset, lr, d_lr, args, config_overrides)
         from ..models import CycleGAN3DDiscriminator, CycleGAN3DGenerator
 
         self.lambda_cycle = lambda_cycle
         self.full_cycle_weight = full_cycle_weight
+        self.lambda_spectral = lambda_spectral
         self.hole_only = hole_only
         G = CycleGAN3DGenerator.from_preset(preset, **self.config_overrides)  # masked -> full (the pipeline's)
         Fr = CycleGAN3DGenerator.from_preset(preset, **{**self.config_overrides, "in_channels": 1})  # full -> masked
@@ -700,7 +730,13 @@ class CycleGANTrainer(GeneratorTrainer):
             loss_gan = _lsgan(D_full(fake_full), True) + _lsgan(D_masked(fake_masked), True)
             loss_cycle = F.l1_loss(rec_masked, real_masked) + self.full_cycle_weight * F.l1_loss(rec_full, real_full)
             loss_idt = F.l1_loss(idt_full, real_full) + F.l1_loss(idt_masked, real_masked)
-            loss_g = loss_gan + self.lambda_cycle * loss_cycle + 0.5 * self.lambda_cycle * loss_idt
+            loss_spectral = hole_spectral_loss(fake_full, real_full, mask)
+            loss_g = (
+                loss_gan
+                + self.lambda_cycle * loss_cycle
+                + 0.5 * self.lambda_cycle * loss_idt
+                + self.lambda_spectral * loss_spectral
+            )
             self._update(loss_g, "generators", [G, Fr])
         finally:
             _set_requires_grad([D_full, D_masked], True)
@@ -713,6 +749,7 @@ class CycleGANTrainer(GeneratorTrainer):
             "loss_g_gan": loss_gan.detach(),
             "loss_cycle": loss_cycle.detach(),
             "loss_identity": loss_idt.detach(),
+            "loss_spectral": loss_spectral.detach(),
             "loss_d": loss_d.detach(),
         }
 
@@ -854,6 +891,7 @@ def make_trainer(
     hole_only: bool = False,
     lambda_cycle: float = 10.0,
     full_cycle_weight: float = 1.0,
+    lambda_spectral: float = 0.0,
     ema_decay: float | None = None,
     max_grad_norm: float | None = None,
     prediction_type: str = "epsilon",
@@ -873,7 +911,14 @@ def make_trainer(
     d_lr = d_learning_rate if d_learning_rate is not None else DEFAULT_D_LR.get(model)
     if model == "pix2pix":
         trainer = Pix2PixTrainer(
-            task, preset, lr, d_lr, config_overrides=config_overrides, lambda_l1=lambda_l1, hole_only=hole_only
+            task,
+            preset,
+            lr,
+            d_lr,
+            config_overrides=config_overrides,
+            lambda_l1=lambda_l1,
+            hole_only=hole_only,
+            lambda_spectral=lambda_spectral,
         )
     elif model == "cyclegan":
         trainer = CycleGANTrainer(
@@ -885,6 +930,7 @@ def make_trainer(
             lambda_cycle=lambda_cycle,
             full_cycle_weight=full_cycle_weight,
             hole_only=hole_only,
+            lambda_spectral=lambda_spectral,
         )
     else:
         trainer = DDPMTrainer(
@@ -1097,6 +1143,7 @@ class GeneratorTraining(TrainingLoop):
             hole_only=args.hole_only,
             lambda_cycle=args.lambda_cycle,
             full_cycle_weight=args.full_cycle_weight,
+            lambda_spectral=args.lambda_spectral,
             ema_decay=args.ema_decay,
             max_grad_norm=args.max_grad_norm,
             prediction_type=args.prediction_type,

@@ -1,0 +1,69 @@
+"""The spectral loss of the GAN generators: how far the texture of a generated hole is from a real one's.
+
+A GAN remover fills its hole with tissue too smooth for a thick-slice scan: near the slice frequency along z,
+the demo Pix2Pix remover's hole held 10-40x less power than real holes, which is what made its slice-period
+bin stand out in `benchmarks/eval_demo_pipelines.spectral_peak` (``benchmarks/slice_phase.py``). After Durall
+et al. 2020 ("Watch your up-convolution", their spectral regularization), the loss compares power spectra, not
+voxels, so it asks for the real texture at every frequency without asking for the real phase; as there, the
+spectrum is averaged before it is compared (a batch's mean 3-D spectrum of a few holes varies from batch to
+batch as much as a smooth fill differs from real tissue): over the bins of one (|k_z|, in-plane radius) pair,
+which keeps the slices' z axis apart from the in-plane ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+HIGHPASS_SIGMA_VOXELS = 1.0  # as the measure: the residual of a 1 mm Gaussian blur (nodule and vessels left out)
+_BLUR_RADIUS_VOXELS = 4
+
+
+def gaussian_blur(cubes: torch.Tensor, sigma: float = HIGHPASS_SIGMA_VOXELS) -> torch.Tensor:
+    """``(N, C, D, H, W)`` cubes blurred with a separable Gaussian (edges replicated)."""
+    offsets = torch.arange(-_BLUR_RADIUS_VOXELS, _BLUR_RADIUS_VOXELS + 1, dtype=cubes.dtype, device=cubes.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = cubes.shape[1]
+    for axis in range(3):
+        shape = [channels, 1, 1, 1, 1]
+        shape[2 + axis] = len(kernel)
+        padding = [0] * 6
+        padding[2 * (2 - axis)] = padding[2 * (2 - axis) + 1] = _BLUR_RADIUS_VOXELS
+        cubes = F.conv3d(F.pad(cubes, padding, mode="replicate"), kernel.view(shape), groups=channels)
+    return cubes
+
+
+def _profile_bins(shape: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each bin's (|k_z|, rounded in-plane radius) profile index (flattened) and the bins per index."""
+    kz, ky, kx = torch.meshgrid(*[torch.fft.fftfreq(n, device=device) * n for n in shape], indexing="ij")
+    radius = torch.sqrt(ky**2 + kx**2).round().long()
+    index = (kz.abs().long() * (int(radius.max()) + 1) + radius).flatten()
+    return index, torch.bincount(index)
+
+
+def spectral_profile(cubes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The batch's mean power of the holes' high-pass residual (the box where ``mask`` is 1; mean removed, 3-D
+    Hann window, as `eval_demo_pipelines` measures spectra), averaged over the bins of each (|k_z|, in-plane
+    radius): a 1-D tensor, one value per occupied pair."""
+    where = mask[0, 0].nonzero()
+    low, high = where.min(0).values.tolist(), (where.max(0).values + 1).tolist()
+    residual = cubes.float() - gaussian_blur(cubes.float())
+    holes = residual[:, 0, low[0] : high[0], low[1] : high[1], low[2] : high[2]]
+    holes = holes - holes.mean(dim=(1, 2, 3), keepdim=True)
+    hann = [torch.hann_window(b - a, periodic=False, device=cubes.device) for a, b in zip(low, high)]
+    window = hann[0][:, None, None] * hann[1][None, :, None] * hann[2][None, None, :]
+    power = torch.fft.fftn(holes * window, dim=(1, 2, 3)).abs().square().mean(0)
+    index, counts = _profile_bins(tuple(power.shape), cubes.device)
+    sums = torch.zeros(len(counts), device=cubes.device).index_add_(0, index, power.flatten())
+    occupied = counts > 0
+    return sums[occupied] / counts[occupied]
+
+
+def hole_spectral_loss(generated: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean |log| ratio of the `spectral_profile` of the generated holes to the real holes' (``(N, 1, D, H, W)``
+    cubes; 0 when the textures match, whatever the phase)."""
+    floor = torch.finfo(torch.float32).tiny
+    generated_profile = spectral_profile(generated, mask).clamp_min(floor)
+    real_profile = spectral_profile(real, mask).clamp_min(floor)
+    return (torch.log(generated_profile) - torch.log(real_profile)).abs().mean()
