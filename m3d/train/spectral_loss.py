@@ -1,13 +1,15 @@
 """The spectral loss of the GAN generators: how far the texture of a generated hole is from a real one's.
 
 A GAN remover fills its hole with tissue too smooth for a thick-slice scan: near the slice frequency along z,
-the demo Pix2Pix remover's hole held 10-40x less power than real holes, which is what made its slice-period
+the demo GAN removers' holes held 10-43x less power than real holes, which is what made their slice-period
 bin stand out in `benchmarks/eval_demo_pipelines.spectral_peak` (``benchmarks/slice_phase.py``). After Durall
 et al. 2020 ("Watch your up-convolution", their spectral regularization), the loss compares power spectra, not
 voxels, so it asks for the real texture at every frequency without asking for the real phase; as there, the
 spectrum is averaged before it is compared (a batch's mean 3-D spectrum of a few holes varies from batch to
 batch as much as a smooth fill differs from real tissue): over the bins of one (|k_z|, in-plane radius) pair,
-which keeps the slices' z axis apart from the in-plane ones.
+which keeps the slices' z axis apart from the in-plane ones. A ring average can be met by a lattice: trained with
+it, the demo CycleGAN remover drew one (a peak of 33 at period 3.3 voxels in plane;
+``benchmarks/results/generator_experiments_removers_texture_cpu.json``), so check the spectral peak of what it trains.
 """
 
 from __future__ import annotations
