@@ -879,3 +879,6 @@ def test_option_checks_name_the_option_and_allow_none_where_optional(tmp_path):
         arguments("--phantom-size", "-2").check()
     with pytest.raises(ValueError, match="^--lambda-spectral must not be negative; got -1.0$"):
         arguments("--lambda-spectral", "-1").check()
+    with pytest.raises(ValueError, match="^--test-time-dropout is for pix2pix"):
+        argv = ["--model", "cyclegan", "--task", "inject", "--output-dir", str(tmp_path), "--test-time-dropout"]
+        TrainGeneratorArguments.parse(build_parser(), argv).check()

@@ -167,6 +167,12 @@ class TrainGeneratorArguments(TrainingArguments):
             raise ValueError(f"--full-cycle-weight must not be negative; got {self.full_cycle_weight}")
         if self.lambda_spectral < 0:
             raise ValueError(f"--lambda-spectral must not be negative; got {self.lambda_spectral}")
+        if self.lambda_spectral > 0 and self.model == "ddpm":
+            raise ValueError(
+                "--lambda-spectral is for pix2pix and cyclegan; the ddpm has no generated hole to compare"
+            )
+        if self.test_time_dropout and self.model != "pix2pix":
+            raise ValueError(f"--test-time-dropout is for pix2pix (its decoder's dropout); got --model {self.model}")
         if self.nodule_diameter_mm is not None and not 0 <= self.nodule_diameter_mm[0] <= self.nodule_diameter_mm[1]:
             raise ValueError(
                 f"--nodule-diameter-mm must be LOW HIGH with 0 <= LOW <= HIGH; got {self.nodule_diameter_mm}"
