@@ -203,6 +203,12 @@ def _frequency_index() -> np.ndarray:
     return np.stack(np.meshgrid(k, k, k, indexing="ij"))
 
 
+def spectral_background(power: np.ndarray) -> np.ndarray:
+    """What `spectral_peak` measures each bin of a `hole_power_spectrum` against: the median of its
+    `SPECTRUM_BACKGROUND_BINS`^3 neighbourhood (wrapping, as the spectrum is periodic)."""
+    return ndimage.median_filter(power, size=SPECTRUM_BACKGROUND_BINS, mode="wrap")
+
+
 def spectral_peak_ratio(cubes_hu: np.ndarray) -> float:
     """`spectral_peak`'s ratio."""
     return spectral_peak(cubes_hu)[0]
@@ -219,7 +225,7 @@ def spectral_peak(cubes_hu: np.ndarray) -> tuple[float, tuple[int, int, int]]:
     above a pristine 4 mm one without any artefact). Returns the ratio and the peak's bin as its frequency index
     (z, y, x) (`_frequency_index`: index k along an axis is a period of ``HOLE_SIZE / |k|`` voxels)."""
     power = hole_power_spectrum(cubes_hu)
-    prominence = power / ndimage.median_filter(power, size=SPECTRUM_BACKGROUND_BINS, mode="wrap")
+    prominence = power / spectral_background(power)
     frequency = _frequency_index()
     prominence[np.sqrt((frequency**2).sum(0)) < SPECTRUM_MIN_RADIUS] = 0.0
     peak = np.unravel_index(np.argmax(prominence), prominence.shape)

@@ -46,11 +46,11 @@ from eval_demo_pipelines import (  # this folder is on sys.path as a script
     ROOT,
     demo_folders,
     generate,
-    SPECTRUM_BACKGROUND_BINS,
     held_out_cubes,
     hole_mask,
     hole_power_spectrum,
     load_pipeline,
+    spectral_background,
 )
 
 SLICE_FREQUENCY_INDEX = 8  # of HOLE_SIZE along z: period 2.5 voxels, the 2.5 mm slices at 1 mm
@@ -81,9 +81,10 @@ def phase_concentration(amplitudes: np.ndarray) -> float:
 
 def slice_bin(cubes_hu: np.ndarray, frequency_index: int = SLICE_FREQUENCY_INDEX) -> dict:
     """The power (HU^2) of the holes' mean high-pass spectrum at (``frequency_index``, 0, 0), the median of its
-    neighbouring bins that `eval_demo_pipelines.spectral_peak` measures it against, and their ratio."""
+    neighbouring bins that `eval_demo_pipelines.spectral_peak` measures it against (`spectral_background`), and their
+    ratio."""
     power = hole_power_spectrum(cubes_hu)
-    background = ndimage.median_filter(power, size=SPECTRUM_BACKGROUND_BINS, mode="wrap")
+    background = spectral_background(power)
     line = (frequency_index, 0, 0)
     return {
         "power": round(float(power[line]), 0),

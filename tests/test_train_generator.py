@@ -524,7 +524,7 @@ def test_test_time_dropout_and_the_spectral_loss_on_the_command_line(tmp_path, m
 def test_hole_only_losses_ignore_the_generated_context(case):
     from accelerate import Accelerator
 
-    trainer = tg.make_trainer("pix2pix", "inject", "tiny", hole_only=True)
+    trainer = tg.make_trainer("pix2pix", "inject", "tiny", hole_only=True, lambda_spectral=1.0)
     trainer.prepare(Accelerator(cpu=True))
     batch = next(iter(torch.utils.data.DataLoader(CubeDataset(sites_for_task([case], "inject")), batch_size=2)))
     generator = trainer.networks["generator"]
@@ -565,12 +565,16 @@ def test_full_cycle_weight_drops_the_redraw_cycle(case, full_cycle_weight):
     so what is left of the cycle loss is G redrawing a masked-out nodule: none at --full-cycle-weight 0."""
     from accelerate import Accelerator
 
-    trainer = tg.make_trainer("cyclegan", "inject", "tiny", hole_only=True, full_cycle_weight=full_cycle_weight)
+    trainer = tg.make_trainer(
+        "cyclegan", "inject", "tiny", hole_only=True, full_cycle_weight=full_cycle_weight, lambda_spectral=1.0
+    )
     trainer.prepare(Accelerator(cpu=True))
     batch = next(iter(torch.utils.data.DataLoader(CubeDataset(sites_for_task([case], "inject")), batch_size=2)))
     trainer.networks["reverse_generator"].forward = lambda sample, **_: SimpleNamespace(sample=batch["masked"])
-    loss_cycle = float(trainer.step(batch)["loss_cycle"])
+    losses = trainer.step(batch)
+    loss_cycle = float(losses["loss_cycle"])
     assert loss_cycle == 0.0 if full_cycle_weight == 0 else loss_cycle > 0.01
+    assert torch.isfinite(losses["loss_spectral"])  # the spectral term, on when asked for
 
 
 @pytest.mark.parametrize("model, in_channels", [("pix2pix", 3), ("cyclegan", 3), ("ddpm", 4)])

@@ -639,18 +639,16 @@ class Pix2PixTrainer(GeneratorTrainer):
         try:
             loss_gan = _lsgan(D(fake, masked), True)
             loss_l1 = ((fake - full).abs() * l1_weights).sum() / l1_weights.sum()
-            loss_spectral = hole_spectral_loss(fake, full, mask)
-            loss_g = loss_gan + self.lambda_l1 * loss_l1 + self.lambda_spectral * loss_spectral
+            loss_g = loss_gan + self.lambda_l1 * loss_l1
+            losses = {"loss_g_gan": loss_gan.detach(), "loss_l1": loss_l1.detach()}
+            if self.lambda_spectral > 0:  # not computed (nor back-propagated) when off
+                loss_spectral = hole_spectral_loss(fake, full, mask)
+                loss_g = loss_g + self.lambda_spectral * loss_spectral
+                losses["loss_spectral"] = loss_spectral.detach()
             self._update(loss_g, "generator", [G])
         finally:
             _set_requires_grad([D], True)
-        return {
-            "loss": loss_g.detach(),
-            "loss_g_gan": loss_gan.detach(),
-            "loss_l1": loss_l1.detach(),
-            "loss_spectral": loss_spectral.detach(),
-            "loss_d": loss_d.detach(),
-        }
+        return {"loss": loss_g.detach(), **losses, "loss_d": loss_d.detach()}
 
     def pipeline(self):
         from ..pipelines import Pix2Pix3DPipeline
@@ -736,13 +734,12 @@ class CycleGANTrainer(GeneratorTrainer):
             loss_gan = _lsgan(D_full(fake_full), True) + _lsgan(D_masked(fake_masked), True)
             loss_cycle = F.l1_loss(rec_masked, real_masked) + self.full_cycle_weight * F.l1_loss(rec_full, real_full)
             loss_idt = F.l1_loss(idt_full, real_full) + F.l1_loss(idt_masked, real_masked)
-            loss_spectral = hole_spectral_loss(fake_full, real_full, mask)
-            loss_g = (
-                loss_gan
-                + self.lambda_cycle * loss_cycle
-                + 0.5 * self.lambda_cycle * loss_idt
-                + self.lambda_spectral * loss_spectral
-            )
+            loss_g = loss_gan + self.lambda_cycle * loss_cycle + 0.5 * self.lambda_cycle * loss_idt
+            spectral = {}
+            if self.lambda_spectral > 0:  # not computed (nor back-propagated) when off
+                loss_spectral = hole_spectral_loss(fake_full, real_full, mask)
+                loss_g = loss_g + self.lambda_spectral * loss_spectral
+                spectral["loss_spectral"] = loss_spectral.detach()
             self._update(loss_g, "generators", [G, Fr])
         finally:
             _set_requires_grad([D_full, D_masked], True)
@@ -755,7 +752,7 @@ class CycleGANTrainer(GeneratorTrainer):
             "loss_g_gan": loss_gan.detach(),
             "loss_cycle": loss_cycle.detach(),
             "loss_identity": loss_idt.detach(),
-            "loss_spectral": loss_spectral.detach(),
+            **spectral,
             "loss_d": loss_d.detach(),
         }
 
