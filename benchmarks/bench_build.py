@@ -13,20 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_io import cpu_name  # noqa: E402
-
-from m3d.data.nifti import nifti_image  # noqa: E402
-from m3d.constants import FAKE_GENERATORS  # noqa: E402
-from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR, nifti_bytes, pipeline_folder, phantom_jobs, scan_examples  # noqa: E402
-from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline, load_pipeline  # noqa: E402
+from m3d.data.nifti import nifti_image
+from m3d.constants import FAKE_GENERATORS
+from m3d.devices import cpu_model
+from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR, nifti_bytes, pipeline_folder, phantom_jobs, scan_examples
+from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline, load_pipeline
 
 FULL_BUILD = {"fakes": 8577, "sites": 2235 + 1016}  # official release; one pristine sample per site
 LIDC_SCAN = (250, 512, 512)  # a typical LIDC-IDRI series (slices, rows, columns)
@@ -104,7 +101,7 @@ def main() -> None:
     mix = {"pix2pix": 2009 + 509, "cyclegan": 2220 + 1016, "ddpm": 2009 + 814}
     generation_s = sum(n / per_generator[g]["samples_per_s"] for g, n in mix.items())
     result = {
-        "device": cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(),
+        "device": cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch_threads": torch.get_num_threads(),
         "pipelines": origin,
         "ddpm_steps": args.steps,

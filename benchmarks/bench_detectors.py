@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from m3d.detectors import DETECTORS
+from m3d.devices import describe_device
 
 PEAK_TFLOPS = {  # dense bf16 / fp16 tensor-core peaks
     "H100 80GB HBM3": 989.0,
@@ -28,18 +28,6 @@ PEAK_TFLOPS = {  # dense bf16 / fp16 tensor-core peaks
     "A100": 312.0,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"CPU {platform.machine()}"
 
 
 def synchronize(device: torch.device) -> None:
@@ -90,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    name = device_name(device)
+    name = describe_device(device)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     results = []
     for detector in args.detectors:

@@ -20,16 +20,7 @@ import numpy as np
 
 from m3d.data.ct import CTVolume
 from m3d.data.dicom import read_dicom_series, write_dicom_series
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from m3d.devices import cpu_model
 
 
 def best_of_interleaved(repeats: int, *functions) -> list[float]:
@@ -75,7 +66,7 @@ def main() -> None:
         )
     result = {
         "benchmark": "read a DICOM CT series (best of repeats, warm page cache)",
-        "device": f"{cpu_name()} ({os.cpu_count()} logical cores)",
+        "device": f"{cpu_model()} ({os.cpu_count()} logical cores)",
         "n_slices": args.slices,
         "shape": [args.slices, args.size, args.size],
         "repeats": args.repeats,

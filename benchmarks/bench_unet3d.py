@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import re
 import statistics
 import sys
@@ -45,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from m3d.devices import cpu_model, describe_device  # noqa: E402
+from m3d.files import write_json_atomic  # noqa: E402
 from m3d.models import UNet3DModel  # noqa: E402
 from m3d.presets import lookup_preset  # noqa: E402
 
@@ -57,22 +56,6 @@ SDPA_VARIANTS = {
 }
 ALL_VARIANTS = ["eager", *SDPA_VARIANTS, "channels_last_3d", "compile", "compile_channels_last_3d"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model()
 
 
 def slug(text: str) -> str:
@@ -308,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     config = unet_config(preset)
-    name = device_name(device)
+    name = describe_device(device) if cuda else cpu_model()  # the CPU's plain model: the file name's slug
     report: dict[str, Any] = {
         "benchmark": "unet3d",
         "device": name,
@@ -382,10 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_report(report: dict[str, Any], output: Path) -> None:
     """Write ``report`` to ``output`` atomically (a temporary file, then a rename)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, output)
+    write_json_atomic(output, report, trailing_newline=True, sort_keys=False)
 
 
 def _line(result: dict[str, Any]) -> str:

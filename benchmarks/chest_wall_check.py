@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from eval_demo_pipelines import (  # the script beside this one (its folder is o
     real_looking,
     real_nodule_hu_range,
 )
+from m3d.devices import describe_device
 from m3d.pipelines import load_pipeline
 from m3d.tamper.quality import check_quality, chest_wall
 
@@ -72,7 +72,7 @@ def held_out_sites(description: str, default_out: Path, argv: list[str] | None) 
     at_wall = at_chest_wall(sites)
     report = {
         "what": description.split("\n\n")[0].replace("\n", " "),
-        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": describe_device("cpu"),
         "held_out": {"phantoms": args.phantoms, "seed": args.seed},
         "sites": {"n": len(sites), "at_chest_wall": int(at_wall.sum())},
     }

@@ -73,7 +73,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -83,6 +82,7 @@ from scipy import ndimage
 
 from m3d.constants import FAKE_GENERATORS as GENERATORS, TASKS
 from m3d.data.phantom import make_phantom
+from m3d.devices import describe_device
 from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, PHANTOM_NODULES, PHANTOM_SPACINGS
 from m3d.pipelines import M3DTamperPipeline, load_pipeline
 from m3d.tamper.cube import CUBE_SIZE, HOLE_SIZE, TamperLocationError, extract_cube, hole_mask, hu_to_unit, unit_to_hu
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict:
         ceiling = {"phantoms": args.ceiling_phantoms, "seed": args.seed + 1, **ceiling}
     real_targets = {"inject": pristine["remove"], "remove": pristine["inject"]}  # real nodules of each task's result
     report: dict = {
-        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": describe_device("cpu"),
         "torch": torch.__version__,
         "held_out": {
             "phantoms": args.phantoms,

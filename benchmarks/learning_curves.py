@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_detectors import device_name  # this folder's scripts share it
 from m3d.detectors import DETECTORS
+from m3d.devices import describe_device
 from m3d.metrics import detection_metrics
 from m3d.train import train_detector
 from m3d.train.benchmark import BENCH_PRESETS
@@ -153,7 +153,7 @@ def main() -> None:
         for name, data in folders.items():
             for detector in args.detectors:
                 rows += curve(name, data, detector, args, Path(work))
-    device = device_name(torch.device("cpu"))
+    device = describe_device("cpu")
     out = args.out or RESULTS / f"learning_curves_{device.split('(')[0].strip().lower().replace(' ', '_')[:40]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from m3d.constants import TASKS
+from m3d.devices import describe_device
+from m3d.files import write_json_atomic
 
 from eval_demo_pipelines import ROOT, held_out_cubes, spectral_peak  # this folder is on sys.path as a script
 from two_sample_test import two_sample_accuracy
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(range(args.seed, args.seed + args.sets))
     sets = [set_figures(held_out_cubes(args.phantoms, seed, keep_scans=False)[0], reference) for seed in tqdm(seeds)]
     report = {
-        "device": f"cpu: {platform.processor() or platform.machine()}",
+        "device": describe_device("cpu"),
         "torch": torch.__version__,
         "phantoms_per_set": args.phantoms,
         "seeds": seeds,
@@ -99,10 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             for task in TASKS
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_suffix(".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(args.out)
+    write_json_atomic(args.out, report, trailing_newline=True, sort_keys=False)
     print(json.dumps({task: report[task] for task in TASKS}, indent=2))
     return report
 

@@ -26,8 +26,6 @@ mean best-threshold F1; and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +33,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from m3d.devices import describe_device
+from m3d.files import write_json_atomic
 from m3d.train.benchmark import load_cells
 from m3d.train.detector_data import Crop, evaluation_crops, filter_examples, load_split
 from m3d.train.evaluation import predict_samples, summarize
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ),
                 flush=True,
             )
-    device = f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"
+    device = describe_device("cpu")
     result = {
         "device": device,
         "torch": torch.__version__,
@@ -164,11 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    out = write_json_atomic(Path(args.out), result, indent=1, sort_keys=False)
     print(f"wrote {out}")
     return result
 

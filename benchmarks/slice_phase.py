@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,8 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from m3d.constants import TASKS
+from m3d.devices import describe_device
+from m3d.files import write_json_atomic
 from m3d.tamper.cube import extract_cube, paste_cube
 
 from eval_demo_pipelines import (  # this folder is on sys.path as a script
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--phantoms must be at least 1; got {args.phantoms}")
     cubes, scans = held_out_cubes(args.phantoms, args.seed)
     report = {
-        "device": f"cpu: {platform.processor() or platform.machine()}",
+        "device": describe_device("cpu"),
         "torch": torch.__version__,
         "phantoms": args.phantoms,
         "seed": args.seed,
@@ -154,10 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "cube": figures(generated),
                 "in_the_scan": figures(in_the_scan(generated, scans, task)),
             }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_suffix(".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(args.out)
+    write_json_atomic(args.out, report, trailing_newline=True, sort_keys=False)
     print(json.dumps({"pristine": report["pristine"], **report["pipelines"]}, indent=2))
     return report
 

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..constants import GENERATORS, SPLITS, TASKS
+from ..files import write_json_atomic
 from .features import FEATURES
 from .generate import Outcome, ScanJob
 
@@ -72,13 +73,6 @@ def folder_digest(folder: str | Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + sha256_file(path).encode())
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    temporary.replace(path)
 
 
 @dataclass
@@ -307,7 +301,7 @@ def write_shards(
             "outcomes": Counter(f"{o.generator}/{o.task}/{o.status}" for o in chunk_outcomes),
             "seconds": round(time.perf_counter() - started, 3),
         }
-        write_json_atomic(journal_path, journal.record())
+        write_json_atomic(journal_path, journal.record(), indent=1, trailing_newline=True)
         outcomes += chunk_outcomes
     bar.close()
     return outcomes
@@ -331,7 +325,7 @@ def finalize(out: str | Path, *, pretty_name: str = "M3Dsynth") -> BuildState:
     for path in sorted((out / "data").rglob("*")) if (out / "data").is_dir() else []:
         if path.is_file() and path.relative_to(out).as_posix() not in recorded:
             path.unlink()
-    write_json_atomic(out / MANIFEST, state.record())
+    write_json_atomic(out / MANIFEST, state.record(), indent=1, trailing_newline=True)
     shutil.rmtree(out / JOURNALS, ignore_errors=True)
     write_dataset_card(out, state, pretty_name=pretty_name)
     return state

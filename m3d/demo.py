@@ -18,12 +18,12 @@ with larger settings (`SCALES`).
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .devices import describe_device
 from .presets import lookup_preset
 
 # The demo's scans are at the real LIDC series' pixel and slice spacing (`m3d build` defaults); patients
@@ -65,16 +65,6 @@ SCALES: dict[str, dict[str, Any]] = {
         cad_start=None,
     ),
 }
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible to torch")
-        return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def _step(name: str, timings: dict[str, float], action: Callable[[], Any]) -> Any:
@@ -124,7 +114,12 @@ def run_demo(
     out = Path(out)
     data, results, cad_model = out / "m3dsynth", out / "results", out / "cad_model"
     cache = out / "datasets_cache"  # `datasets`' copy of the scans: removed with the run, not left in ~/.cache
-    device_name = _device_name(device)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible to torch")
+    device_name = describe_device(device)
     if not progress:  # the libraries' own weight-loading bars too
         import diffusers
         import transformers

@@ -44,6 +44,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from ..files import write_atomic
 from .modeling_cad import CADForMalignancyScoring
 from .scoring import load_cad, score_locations
 
@@ -374,12 +375,6 @@ def _decorate(axes, title: str, threshold: float) -> None:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 def _csv_bytes(rows: list[dict[str, Any]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
@@ -431,8 +426,8 @@ def run_cad_analysis(
     summary["figures"] = sorted(figures)
     files = {"csv": folder / CSV_NAME, "json": folder / JSON_NAME}
     for name, payload in figures.items():
-        _write_atomic(folder / name, payload)
+        write_atomic(folder / name, payload)
         files[Path(name).stem] = folder / name
-    _write_atomic(files["csv"], _csv_bytes(rows))
-    _write_atomic(files["json"], json.dumps(_json_safe({"summary": summary, "examples": rows}), indent=2).encode())
+    write_atomic(files["csv"], _csv_bytes(rows))
+    write_atomic(files["json"], json.dumps(_json_safe({"summary": summary, "examples": rows}), indent=2).encode())
     return CADAnalysis(folder=folder, files=files, summary=summary, rows=rows)

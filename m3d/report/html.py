@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import write_atomic
+
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
@@ -99,13 +101,6 @@ def markdown_to_html(text: str) -> str:
     return "\n".join(output)
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-    return path
-
-
 def write_report(sections: list[Section], out_dir: str | Path, title: str) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
@@ -131,4 +126,4 @@ def write_report(sections: list[Section], out_dir: str | Path, title: str) -> tu
         + "\n".join(body)
         + "\n</body></html>\n"
     )
-    return _write_atomic(out_dir / "report.html", page), _write_atomic(out_dir / "report.md", "\n".join(markdown))
+    return write_atomic(out_dir / "report.html", page), write_atomic(out_dir / "report.md", "\n".join(markdown))

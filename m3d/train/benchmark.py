@@ -48,7 +48,6 @@ import io
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,7 +56,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from m3d.devices import describe_device
 from m3d.errors import run_guarded
+from m3d.files import write_atomic
 from m3d.presets import lookup_preset
 from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS
@@ -162,27 +163,12 @@ class Cell:
 # -- small helpers ------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def _crop_text(crop_size) -> str:
     return "full" if crop_size is None else ",".join(map(str, crop_size))
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -429,8 +415,8 @@ def run_cell(
                 f"{name}_{i}": example[name] for i, example in enumerate(examples) for name in ("hu", "mask", "map")
             }
             np.savez_compressed(buffer, ids=np.array([e["info"]["img_id"] for e in examples]), **arrays)
-            _write_atomic(out / "cells" / f"{cell.key}_examples.npz", buffer.getvalue())
-        _write_atomic(out / "cells" / f"{cell.key}.json", json.dumps(finite_or_none(result), indent=1))
+            write_atomic(out / "cells" / f"{cell.key}_examples.npz", buffer.getvalue())
+        write_atomic(out / "cells" / f"{cell.key}.json", json.dumps(finite_or_none(result), indent=1))
     state.wait_for_everyone()
 
 
@@ -778,7 +764,7 @@ def write_outputs(out: str | Path, meta: dict[str, Any] | None = None) -> dict[s
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     paths = {"csv": out / "results.csv", "json": out / "results.json", "tables": out / "tables.md"}
-    _write_atomic(paths["csv"], buffer.getvalue())
+    write_atomic(paths["csv"], buffer.getvalue())
     cross = [c for c in cells if c["experiment"] == "cross_generator"]
     generalization = cross_generator_summary(cross, REFERENCE_DETECTOR) if cross else {}
     results = {
@@ -787,8 +773,8 @@ def write_outputs(out: str | Path, meta: dict[str, Any] | None = None) -> dict[s
         "generalization": generalization,
         "samples": {c["cell"]: c["samples"] for c in cells},
     }
-    _write_atomic(paths["json"], json.dumps(finite_or_none(results), indent=1))
-    _write_atomic(paths["tables"], tables_markdown(cells, meta, generalization))
+    write_atomic(paths["json"], json.dumps(finite_or_none(results), indent=1))
+    write_atomic(paths["tables"], tables_markdown(cells, meta, generalization))
     write_plots(out, cells)
     return paths
 
@@ -820,7 +806,7 @@ def run(args: BenchmarkArguments) -> int:
         if changed:
             raise ValueError(f"{out} holds results made with other settings ({', '.join(changed)}); use another --out")
     elif state.is_main_process:
-        _write_atomic(config_path, json.dumps(settings, indent=2))
+        write_atomic(config_path, json.dumps(settings, indent=2))
 
     train_split = filter_examples(load_split(args.data, "train", args.dataset_cache_dir), tasks=args.tasks)
     available = generators_present(train_split)
@@ -848,7 +834,7 @@ def run(args: BenchmarkArguments) -> int:
     meta = {
         "settings": settings,
         "nonmedical": nonmedical,
-        "device": _device(),
+        "device": describe_device("cuda" if torch.cuda.is_available() else "cpu"),
         "num_processes": state.num_processes,
         "train_generators": train_generators,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -1,8 +1,8 @@
 """Helpers shared by the Accelerate training scripts (`m3d.train.train_generator`, `m3d.train.train_cad`,
 `m3d.train.train_detector`) and the other multi-process entry points (`m3d.build`, `m3d.train.benchmark`):
 the process group (`process_state`), the Accelerator and its project folder, logging, checkpoint lookup
-and resumption, per-step seeds, Ctrl-C / SIGTERM handling, JSON-safe values and atomic writes of JSON
-files and ``save_pretrained`` folders. The loop the trainers share is `m3d.train.loop`.
+and resumption, per-step seeds, Ctrl-C / SIGTERM handling, JSON-safe values and atomic writes of
+``save_pretrained`` folders (single files: `m3d.files`). The loop the trainers share is `m3d.train.loop`.
 
 Light to import: Accelerate is imported inside `process_state` and `make_accelerator` only.
 """
@@ -47,7 +47,6 @@ __all__ = [
     "resume_checkpoint",
     "save_pretrained_atomic",
     "step_seed",
-    "write_json_atomic",
 ]
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -220,13 +219,6 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` as indented, key-sorted JSON to a temporary file beside ``path``, then rename it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def save_pretrained_atomic(model_or_pipeline: Any, folder: Path, extra_files: dict[str, str] | None = None) -> Path:

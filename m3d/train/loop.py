@@ -35,6 +35,7 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
+from ..files import write_json_atomic
 from .common import (
     STATE_FILE,
     StopRequest,
@@ -47,7 +48,6 @@ from .common import (
     next_checkpoint_number,
     resume_checkpoint,
     step_seed,
-    write_json_atomic,
 )
 
 Arguments = TypeVar("Arguments", bound="TrainingArguments")

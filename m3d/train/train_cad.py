@@ -47,13 +47,13 @@ from ..cad.modeling_cad import IGNORE_INDEX, CADForMalignancyScoring, malignancy
 from ..tamper.cube import hu_to_unit
 from ..data.phantom import phantom_workers
 from ..errors import run_guarded
+from ..files import write_json_atomic
 from .common import (
     MIXED_PRECISION,
     ignore_sigint,
     json_value,
     optimizer_micro_step,
     save_pretrained_atomic,
-    write_json_atomic,
 )
 from .cubes import MAX_SHIFT, CubeDataset
 from .loop import TrainingArguments, TrainingLoop

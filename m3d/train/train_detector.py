@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from m3d.errors import run_guarded
+from m3d.files import write_json_atomic
 from m3d.constants import GENERATORS, TASKS
 from m3d.detectors import DETECTORS, M3DDetectorConfig, load_detector, register_bayar_constraint
 from m3d.detectors.image_processing_m3d import M3DCTImageProcessor
@@ -61,7 +62,6 @@ from m3d.train.common import (
     json_value,
     optimizer_micro_step,
     save_pretrained_atomic,
-    write_json_atomic,
 )
 from m3d.train.detector_data import (
     DEFAULT_CROP_SIZE,

@@ -73,7 +73,8 @@ from torch import nn
 
 from ..constants import FAKE_GENERATORS, HOLE_SIZE, TASKS
 from ..errors import run_guarded
-from .common import MIXED_PRECISION, ignore_sigint, json_value, save_pretrained_atomic, write_json_atomic
+from ..files import write_json_atomic
+from .common import MIXED_PRECISION, ignore_sigint, json_value, save_pretrained_atomic
 from .loop import TrainingArguments, TrainingLoop
 from .spectral_loss import hole_spectral_loss
 
