@@ -22,7 +22,7 @@ from m3d.tamper.quality import check_quality, equivalent_diameter_mm, nodule_mas
 from m3d.train import cubes as cubes_module
 from m3d.train import train_generator as tg
 from m3d.train.common import STATE_FILE, complete_checkpoints
-from m3d.train.spectral_loss import hole_spectral_loss
+from m3d.train.spectral_loss import hole_spectral_loss, spectral_peak_excess
 from m3d.train.cubes import (
     Augmentation,
     CubeDataset,
@@ -507,17 +507,16 @@ def test_saved_pipeline_dtype_and_sampler(tmp_path, monkeypatch):
 
 
 def test_test_time_dropout_and_the_spectral_loss_on_the_command_line(tmp_path, monkeypatch):
-    """--lambda-spectral trains and logs the loss; --test-time-dropout saves a pix2pix pipeline that generates
-    with its dropout on by default."""
+    """--lambda-spectral and --lambda-spectral-peak train and log their losses; --test-time-dropout saves a
+    pix2pix pipeline that generates with its dropout on by default."""
     from m3d.pipelines import load_pipeline
 
     monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
     out = tmp_path / "run"
-    extra = ("--checkpointing-steps", "0", "--lambda-spectral", "1", "--test-time-dropout")
-    assert tg.main(_argv("pix2pix", out, 2, *extra)) == 0
-    assert all(
-        np.isfinite(json.loads(line)["loss_spectral"]) for line in (out / "logs.jsonl").read_text().splitlines()
-    )
+    extra = ("--checkpointing-steps", "0", "--lambda-spectral", "1", "--lambda-spectral-peak", "1")
+    assert tg.main(_argv("pix2pix", out, 2, *extra, "--test-time-dropout")) == 0
+    logged = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(row["loss_spectral"]) and np.isfinite(row["loss_spectral_peak"]) for row in logged)
     assert load_pipeline(out / "pipeline").config.stochastic is True
 
 
@@ -559,6 +558,24 @@ def test_hole_spectral_loss_sees_a_smooth_fill_and_a_painted_pattern_but_not_the
     assert generated.grad[:, :, hole_mask()].abs().sum() > 0 and generated.grad[:, :, ~near_the_hole].abs().sum() == 0
 
 
+def test_spectral_peak_excess_sees_a_lattice_the_ring_average_does_not():
+    """`spectral_peak_excess`: zero for the real batch itself; an in-plane lattice on the real texture, which
+    leaves the ring average almost as it is, stands far above what fresh noise of the real texture gives; the
+    loss pulls on the generated holes."""
+    rng = np.random.default_rng(0)
+    mask = torch.from_numpy(hole_mask()).float()[None, None].expand(8, 1, -1, -1, -1)
+    real = torch.tensor(rng.normal(0.0, 0.02, (8, 1) + (CUBE_SIZE,) * 3), dtype=torch.float32)
+    fresh = torch.tensor(rng.normal(0.0, 0.02, (8, 1) + (CUBE_SIZE,) * 3), dtype=torch.float32)
+    lattice = fresh + 0.01 * torch.cos(2 * np.pi * torch.arange(CUBE_SIZE) / 3.3)[None, None, None, :, None]
+    assert float(spectral_peak_excess(real, real, mask)) == 0.0
+    fresh_excess, lattice_excess = (float(spectral_peak_excess(x, real, mask)) for x in (fresh, lattice))
+    assert fresh_excess < 0.5 and lattice_excess > fresh_excess + 2.0
+    assert float(hole_spectral_loss(lattice, real, mask)) < 0.3  # what the ring average alone sees of it
+    generated = lattice.clone().requires_grad_()
+    spectral_peak_excess(generated, real, mask).backward()
+    assert generated.grad[:, :, hole_mask()].abs().sum() > 0
+
+
 @pytest.mark.parametrize("full_cycle_weight", [0.0, 1.0])
 def test_full_cycle_weight_drops_the_redraw_cycle(case, full_cycle_weight):
     """With a reverse generator that re-masks perfectly, the masked -> full -> masked cycle costs nothing,
@@ -566,7 +583,13 @@ def test_full_cycle_weight_drops_the_redraw_cycle(case, full_cycle_weight):
     from accelerate import Accelerator
 
     trainer = tg.make_trainer(
-        "cyclegan", "inject", "tiny", hole_only=True, full_cycle_weight=full_cycle_weight, lambda_spectral=1.0
+        "cyclegan",
+        "inject",
+        "tiny",
+        hole_only=True,
+        full_cycle_weight=full_cycle_weight,
+        lambda_spectral=1.0,
+        lambda_spectral_peak=1.0,
     )
     trainer.prepare(Accelerator(cpu=True))
     batch = next(iter(torch.utils.data.DataLoader(CubeDataset(sites_for_task([case], "inject")), batch_size=2)))
@@ -574,7 +597,7 @@ def test_full_cycle_weight_drops_the_redraw_cycle(case, full_cycle_weight):
     losses = trainer.step(batch)
     loss_cycle = float(losses["loss_cycle"])
     assert loss_cycle == 0.0 if full_cycle_weight == 0 else loss_cycle > 0.01
-    assert torch.isfinite(losses["loss_spectral"])  # the spectral term, on when asked for
+    assert torch.isfinite(losses["loss_spectral"]) and torch.isfinite(losses["loss_spectral_peak"])  # asked for
 
 
 @pytest.mark.parametrize("model, in_channels", [("pix2pix", 3), ("cyclegan", 3), ("ddpm", 4)])
@@ -883,6 +906,11 @@ def test_option_checks_name_the_option_and_allow_none_where_optional(tmp_path):
         arguments("--phantom-size", "-2").check()
     with pytest.raises(ValueError, match="^--lambda-spectral must not be negative; got -1.0$"):
         arguments("--lambda-spectral", "-1").check()
+    with pytest.raises(ValueError, match="^--lambda-spectral-peak must not be negative; got -1.0$"):
+        arguments("--lambda-spectral-peak", "-1").check()
+    with pytest.raises(ValueError, match="^--lambda-spectral-peak is for pix2pix and cyclegan"):
+        argv = ["--model", "ddpm", "--task", "inject", "--output-dir", str(tmp_path), "--lambda-spectral-peak", "1"]
+        TrainGeneratorArguments.parse(build_parser(), argv).check()
     with pytest.raises(ValueError, match="^--test-time-dropout is for pix2pix"):
         argv = ["--model", "cyclegan", "--task", "inject", "--output-dir", str(tmp_path), "--test-time-dropout"]
         TrainGeneratorArguments.parse(build_parser(), argv).check()

@@ -24,7 +24,8 @@ Losses and optimisers:
   past fakes for D); G+F are updated first, then the Ds. ``--hole-only`` as for pix2pix: each of G's
   outputs (translation, cycle, identity) is its hole pasted into the real context.
 * pix2pix and cyclegan: ``--lambda-spectral`` (0, none) x `spectral_loss.hole_spectral_loss`, the texture of G's
-  holes against the real ones' (the paired target for pix2pix, the batch's unpaired full cubes for cyclegan).
+  holes against the real ones' (the paired target for pix2pix, the batch's unpaired full cubes for cyclegan), and
+  ``--lambda-spectral-peak`` (0, none) x `spectral_loss.spectral_peak_excess`, a peak sharper than real ones'.
 * ddpm: MSE of the UNet's prediction over the cube (over the hole with ``--hole-only``: sampling replaces
   the known region anyway); the UNet sees ``concat(noisy, masked, mask)``. Defaults are the paper's:
   epsilon prediction on 2,000 linear steps (`default_scheduler`). The demo recipe, chosen to converge on a CPU budget
@@ -76,7 +77,7 @@ from ..errors import run_guarded
 from ..files import write_json_atomic
 from .common import MIXED_PRECISION, ignore_sigint, json_value, save_pretrained_atomic
 from .loop import TrainingArguments, TrainingLoop
-from .spectral_loss import hole_spectral_loss
+from .spectral_loss import spectral_losses
 
 if TYPE_CHECKING:
     from ..pipelines import NoduleMaskBank
@@ -129,6 +130,7 @@ class TrainGeneratorArguments(TrainingArguments):
     lambda_cycle: float = 10.0
     full_cycle_weight: float = 1.0
     lambda_spectral: float = 0.0
+    lambda_spectral_peak: float = 0.0
     ema_decay: float | None = None
     prediction_type: str = "epsilon"
     noise_schedule: str = "linear"
@@ -166,12 +168,15 @@ class TrainGeneratorArguments(TrainingArguments):
             raise ValueError("--checkpoints-total-limit must be positive")
         if self.full_cycle_weight < 0:
             raise ValueError(f"--full-cycle-weight must not be negative; got {self.full_cycle_weight}")
-        if self.lambda_spectral < 0:
-            raise ValueError(f"--lambda-spectral must not be negative; got {self.lambda_spectral}")
-        if self.lambda_spectral > 0 and self.model == "ddpm":
-            raise ValueError(
-                "--lambda-spectral is for pix2pix and cyclegan; the ddpm has no generated hole to compare"
-            )
+        spectral_weights = {
+            "--lambda-spectral": self.lambda_spectral,
+            "--lambda-spectral-peak": self.lambda_spectral_peak,
+        }
+        for option, weight in spectral_weights.items():
+            if weight < 0:
+                raise ValueError(f"{option} must not be negative; got {weight}")
+            if weight > 0 and self.model == "ddpm":
+                raise ValueError(f"{option} is for pix2pix and cyclegan; the ddpm has no generated hole to compare")
         if self.test_time_dropout and self.model != "pix2pix":
             raise ValueError(f"--test-time-dropout is for pix2pix (its decoder's dropout); got --model {self.model}")
         if self.nodule_diameter_mm is not None and not 0 <= self.nodule_diameter_mm[0] <= self.nodule_diameter_mm[1]:
@@ -305,6 +310,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="pix2pix, cyclegan: weight of the spectral loss (m3d.train.spectral_loss: the mean |log ratio| of the "
         "generated and real holes' high-pass power per (|k_z|, in-plane radius); 0, the default: none): a fill too "
         "smooth at some frequencies, or painting a pattern of its own, is off there whatever the phase",
+    )
+    run.add_argument(
+        "--lambda-spectral-peak",
+        type=float,
+        help="pix2pix, cyclegan: weight of the spectral peak loss (m3d.train.spectral_loss.spectral_peak_excess: how "
+        "much further the sharpest bin of the generated holes' power stands above the real holes' mean over its "
+        "(|k_z|, in-plane radius) ring than the real holes' own sharpest bin; 0, the default: none): a lattice the "
+        "ring-averaged --lambda-spectral cannot see",
     )
     run.add_argument(
         "--ema-decay",
@@ -609,6 +622,7 @@ class Pix2PixTrainer(GeneratorTrainer):
         lambda_l1: float = 100.0,
         hole_only: bool = False,
         lambda_spectral: float = 0.0,
+        lambda_spectral_peak: float = 0.0,
     ):
         super().__init__(task, preset, lr, d_lr, args, config_overrides)
         from ..models import PatchDiscriminator3D, Pix2Pix3DGenerator
@@ -616,6 +630,7 @@ class Pix2PixTrainer(GeneratorTrainer):
         self.lambda_l1 = lambda_l1
         self.hole_only = hole_only
         self.lambda_spectral = lambda_spectral
+        self.lambda_spectral_peak = lambda_spectral_peak
         generator = Pix2Pix3DGenerator.from_preset(preset, **self.config_overrides)
         discriminator = PatchDiscriminator3D.from_preset(preset)
         self.networks = {"generator": generator, "discriminator": discriminator}
@@ -640,12 +655,11 @@ class Pix2PixTrainer(GeneratorTrainer):
         try:
             loss_gan = _lsgan(D(fake, masked), True)
             loss_l1 = ((fake - full).abs() * l1_weights).sum() / l1_weights.sum()
-            loss_g = loss_gan + self.lambda_l1 * loss_l1
-            losses = {"loss_g_gan": loss_gan.detach(), "loss_l1": loss_l1.detach()}
-            if self.lambda_spectral > 0:  # not computed (nor back-propagated) when off
-                loss_spectral = hole_spectral_loss(fake, full, mask)
-                loss_g = loss_g + self.lambda_spectral * loss_spectral
-                losses["loss_spectral"] = loss_spectral.detach()
+            loss_spectral, spectral = spectral_losses(
+                fake, full, mask, self.lambda_spectral, self.lambda_spectral_peak
+            )
+            loss_g = loss_gan + self.lambda_l1 * loss_l1 + loss_spectral
+            losses = {"loss_g_gan": loss_gan.detach(), "loss_l1": loss_l1.detach(), **spectral}
             self._update(loss_g, "generator", [G])
         finally:
             _set_requires_grad([D], True)
@@ -676,6 +690,7 @@ class CycleGANTrainer(GeneratorTrainer):
         full_cycle_weight: float = 1.0,
         hole_only: bool = False,
         lambda_spectral: float = 0.0,
+        lambda_spectral_peak: float = 0.0,
     ):
         super().__init__(task, preset, lr, d_lr, args, config_overrides)
         from ..models import CycleGAN3DDiscriminator, CycleGAN3DGenerator
@@ -683,6 +698,7 @@ class CycleGANTrainer(GeneratorTrainer):
         self.lambda_cycle = lambda_cycle
         self.full_cycle_weight = full_cycle_weight
         self.lambda_spectral = lambda_spectral
+        self.lambda_spectral_peak = lambda_spectral_peak
         self.hole_only = hole_only
         G = CycleGAN3DGenerator.from_preset(preset, **self.config_overrides)  # masked -> full (the pipeline's)
         Fr = CycleGAN3DGenerator.from_preset(preset, **{**self.config_overrides, "in_channels": 1})  # full -> masked
@@ -736,11 +752,10 @@ class CycleGANTrainer(GeneratorTrainer):
             loss_cycle = F.l1_loss(rec_masked, real_masked) + self.full_cycle_weight * F.l1_loss(rec_full, real_full)
             loss_idt = F.l1_loss(idt_full, real_full) + F.l1_loss(idt_masked, real_masked)
             loss_g = loss_gan + self.lambda_cycle * loss_cycle + 0.5 * self.lambda_cycle * loss_idt
-            spectral = {}
-            if self.lambda_spectral > 0:  # not computed (nor back-propagated) when off
-                loss_spectral = hole_spectral_loss(fake_full, real_full, mask)
-                loss_g = loss_g + self.lambda_spectral * loss_spectral
-                spectral["loss_spectral"] = loss_spectral.detach()
+            loss_spectral, spectral = spectral_losses(
+                fake_full, real_full, mask, self.lambda_spectral, self.lambda_spectral_peak
+            )
+            loss_g = loss_g + loss_spectral
             self._update(loss_g, "generators", [G, Fr])
         finally:
             _set_requires_grad([D_full, D_masked], True)
@@ -896,6 +911,7 @@ def make_trainer(
     lambda_cycle: float = 10.0,
     full_cycle_weight: float = 1.0,
     lambda_spectral: float = 0.0,
+    lambda_spectral_peak: float = 0.0,
     ema_decay: float | None = None,
     max_grad_norm: float | None = None,
     prediction_type: str = "epsilon",
@@ -923,6 +939,7 @@ def make_trainer(
             lambda_l1=lambda_l1,
             hole_only=hole_only,
             lambda_spectral=lambda_spectral,
+            lambda_spectral_peak=lambda_spectral_peak,
         )
     elif model == "cyclegan":
         trainer = CycleGANTrainer(
@@ -935,6 +952,7 @@ def make_trainer(
             full_cycle_weight=full_cycle_weight,
             hole_only=hole_only,
             lambda_spectral=lambda_spectral,
+            lambda_spectral_peak=lambda_spectral_peak,
         )
     else:
         trainer = DDPMTrainer(
@@ -1148,6 +1166,7 @@ class GeneratorTraining(TrainingLoop):
             lambda_cycle=args.lambda_cycle,
             full_cycle_weight=args.full_cycle_weight,
             lambda_spectral=args.lambda_spectral,
+            lambda_spectral_peak=args.lambda_spectral_peak,
             ema_decay=args.ema_decay,
             max_grad_norm=args.max_grad_norm,
             prediction_type=args.prediction_type,
