@@ -59,6 +59,12 @@ between seeds, more than one site's worth.
 * speed: cubes/s of the generator on the batch of all sites, over all draws (``cubes_per_s``), and of full generation
   on whole scans, scan by scan: cut, fill, paste back (``scan_cubes_per_s``).
 
+``in_the_scan``: the same figures (two-sample folds left out) for what the tampered scan holds: each generated cube
+pasted into its own scan (`m3d.tamper.cube.paste_cube`, as the builder saves a fake: resampled onto the scan's
+voxels and slices) and the 1 mm cube cut there again (`in_the_scan`). A pristine cube comes back exactly, so the
+pristine references and the real cubes of the two-sample test are the same for both views; what the scan's
+resampling keeps or loses of a generator's traces is what an examiner of the scan can see.
+
 The targets of issue 13: ``kept_fraction`` >= 0.90; injections ``real_looking_fraction`` >= 0.80; seam
 ratio <= 1.20; no spectral peak (``spectral_peak_ratio``, ``nyquist_power_fraction``) above the pristine
 cubes' of the task; ``two_sample_accuracy`` <= 0.75.
@@ -83,9 +89,19 @@ from scipy import ndimage
 from m3d.constants import FAKE_GENERATORS as GENERATORS, TASKS
 from m3d.data.phantom import make_phantom
 from m3d.devices import describe_device
+from m3d.files import write_json_atomic
 from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, PHANTOM_NODULES, PHANTOM_SPACINGS
 from m3d.pipelines import M3DTamperPipeline, load_pipeline
-from m3d.tamper.cube import CUBE_SIZE, HOLE_SIZE, TamperLocationError, extract_cube, hole_mask, hu_to_unit, unit_to_hu
+from m3d.tamper.cube import (
+    CUBE_SIZE,
+    HOLE_SIZE,
+    TamperLocationError,
+    extract_cube,
+    hole_mask,
+    hu_to_unit,
+    paste_cube,
+    unit_to_hu,
+)
 from m3d.tamper.plan import plan_scan
 from m3d.tamper.quality import (
     QualityCriteria,
@@ -169,6 +185,20 @@ def scan_cubes_per_s(pipe: M3DTamperPipeline, scans: list) -> float:
             )
             count += len(locations[pipe.config.task])
     return count / (time.perf_counter() - start)
+
+
+def in_the_scan(cubes_hu: np.ndarray, scans: list, task: str) -> np.ndarray:
+    """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
+    order as the cubes) and the 1 mm cube cut again there: what the tampered scan holds, one site at a time."""
+    sites = [(case, location) for case, locations in scans for location in locations[task]]
+    if len(sites) != len(cubes_hu):
+        raise ValueError(f"{len(cubes_hu)} cubes for the {len(sites)} {task} sites of the scans")
+    recut = []
+    for (case, location), cube_hu in zip(sites, cubes_hu):
+        site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
+        tampered, _ = paste_cube(case.volume, site, cube_hu)
+        recut.append(extract_cube(tampered, location, lung_mask=case.lung_mask).hu)
+    return np.stack(recut)
 
 
 def seam_ratio(cube_hu: np.ndarray) -> float:
@@ -352,12 +382,17 @@ def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int, **options
 
 
 def measure_draw(
-    pipe: M3DTamperPipeline, pristine_hu: np.ndarray, real_hu: np.ndarray, hu_range: tuple[float, float], seed: int
+    pipe: M3DTamperPipeline,
+    pristine_hu: np.ndarray,
+    real_hu: np.ndarray,
+    hu_range: tuple[float, float],
+    seed: int,
+    scans: list | None = None,
 ) -> tuple[np.ndarray, dict, float]:
     """One draw of ``pipe`` at the sites ``pristine_hu`` (generation seed ``seed``: the drawn nodule masks and the
     sampling noise): the generated cubes and their figures (`summarize`, the two-sample test against ``real_hu``
-    and, for a pipeline whose touch-ups are on by default, the seam without them, ``seam_ratio_raw``), and the
-    seconds the generation took."""
+    and, for a pipeline whose touch-ups are on by default, the seam without them, ``seam_ratio_raw``; with the
+    sites' ``scans``, the same figures of the cubes `in_the_scan`), and the seconds the generation took."""
     task = pipe.config.task
     generated, seconds = generate(pipe, pristine_hu, seed=seed)
     figures = {"seed": seed, **summarize(generated, task, hu_range, pristine_hu)}
@@ -367,6 +402,12 @@ def measure_draw(
     if touch_up is not None and touch_up.default is not False:  # on by default: the seam without it too
         raw, _ = generate(pipe, pristine_hu, seed=seed, touch_up=False)
         figures["seam_ratio_raw"] = round(float(np.mean([seam_ratio(cube) for cube in raw])), 3)
+    if scans is not None:
+        recut = in_the_scan(generated, scans, task)
+        figures["in_the_scan"] = {
+            **summarize(recut, task, hu_range, pristine_hu),
+            "two_sample_accuracy": two_sample_accuracy(recut, real_hu, seed=0)["accuracy"],
+        }
     return generated, figures, seconds
 
 
@@ -595,7 +636,9 @@ def main(argv: list[str] | None = None) -> dict:
     for folder in args.pipelines or demo_folders():
         pipe = load_pipeline(folder)
         task = pipe.config.task
-        draws = [measure_draw(pipe, pristine[task], real_targets[task], hu_range, seed) for seed in range(args.draws)]
+        draws = [
+            measure_draw(pipe, pristine[task], real_targets[task], hu_range, seed, scans) for seed in range(args.draws)
+        ]
         cubes, figures, seconds = zip(*draws)
         entry = {
             "folder": str(folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder),
@@ -612,8 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows[task].append((folder.name, cubes[0][:MONTAGE_SITES]))  # the first draw
         print(json.dumps({folder.name: entry}))
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo_pipelines_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(args.out / "demo_pipelines_quality.json", report, trailing_newline=True, sort_keys=False)
     if not args.no_montage:
         montage(rows["inject"] + rows["remove"], args.out / "demo_pipelines_montage.png")
     return report

@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 from m3d.constants import TASKS
 from m3d.devices import describe_device
 from m3d.files import write_json_atomic
-from m3d.tamper.cube import extract_cube, paste_cube
 
 from eval_demo_pipelines import (  # this folder is on sys.path as a script
     CUBE_SIZE,
@@ -50,6 +49,7 @@ from eval_demo_pipelines import (  # this folder is on sys.path as a script
     held_out_cubes,
     hole_mask,
     hole_power_spectrum,
+    in_the_scan,
     load_pipeline,
     spectral_background,
 )
@@ -105,20 +105,6 @@ def figures(cubes_hu: np.ndarray) -> dict:
         "phase_concentration_chance": round(1 / np.sqrt(len(cubes_hu)), 2),
         "slice_bin": slice_bin(cubes_hu),
     }
-
-
-def in_the_scan(cubes_hu: np.ndarray, scans: list, task: str) -> np.ndarray:
-    """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
-    order as the cubes) and the 1 mm cube cut again there: what the tampered scan holds, one site at a time."""
-    sites = [(case, location) for case, locations in scans for location in locations[task]]
-    if len(sites) != len(cubes_hu):
-        raise ValueError(f"{len(cubes_hu)} cubes for the {len(sites)} {task} sites of the scans")
-    recut = []
-    for (case, location), cube_hu in zip(sites, cubes_hu):
-        site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
-        tampered, _ = paste_cube(case.volume, site, cube_hu)
-        recut.append(extract_cube(tampered, location, lung_mask=case.lung_mask).hu)
-    return np.stack(recut)
 
 
 def main(argv: list[str] | None = None) -> dict:

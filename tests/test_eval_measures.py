@@ -120,13 +120,39 @@ def test_in_the_scan_resamples_a_fixed_pattern_onto_each_scans_slices(lung_cubes
     locations = [np.array([31.5, 31.5, 40.0 + 2.5 * k / 8]) for k in range(8)]  # LPS x, y, z: over one slice
     scans = [(case, {"inject": [], "remove": locations})]
     pristine = np.stack([extract_cube(case.volume, location, lung_mask=case.lung_mask).hu for location in locations])
-    assert np.array_equal(slice_phase.in_the_scan(pristine, scans, "remove"), pristine)
+    assert np.array_equal(eval_demo.in_the_scan(pristine, scans, "remove"), pristine)
     striped = _slice_striped(pristine, [0.3] * len(pristine))
     assert slice_phase.phase_concentration(slice_phase.plane_modulation(striped)) > 0.95
-    recut = slice_phase.plane_modulation(slice_phase.in_the_scan(striped, scans, "remove"))
+    recut = slice_phase.plane_modulation(eval_demo.in_the_scan(striped, scans, "remove"))
     assert np.median(np.abs(recut)) < 2.0  # of the 40 HU stripe
     with pytest.raises(ValueError, match="7 cubes for the 8 remove sites"):
-        slice_phase.in_the_scan(striped[:7], scans, "remove")
+        eval_demo.in_the_scan(striped[:7], scans, "remove")
+
+
+def test_measure_draw_also_measures_what_the_scan_holds():
+    """With the sites' scans, a draw's figures also hold the same figures of the cubes pasted into the scans and
+    cut again (`in_the_scan`), which differ from the cube's; the mean over draws keeps the view apart."""
+    from m3d.pipelines import Pix2Pix3DPipeline
+
+    rng = np.random.default_rng(1)
+    hu = rng.normal(-850.0, 25.0, (40, 64, 64)).round().astype(np.int16)
+    case = SimpleNamespace(volume=CTVolume(hu, spacing_mm=(2.5, 1.0, 1.0)), lung_mask=np.ones(hu.shape, bool))
+    locations = [np.array([31.5, 31.5, 40.0 + 2.5 * k / 6]) for k in range(6)]
+    scans = [(case, {"inject": [], "remove": locations})]
+    pristine = np.stack([extract_cube(case.volume, location, lung_mask=case.lung_mask).hu for location in locations])
+    pipe = Pix2Pix3DPipeline.from_preset("tiny", task="remove")
+    generated, figures, _ = eval_demo.measure_draw(pipe, pristine, pristine[::-1].copy(), (-100.0, 100.0), 0, scans)
+    in_scan = figures["in_the_scan"]
+    assert in_scan["n"] == len(locations) and 0.0 <= in_scan["two_sample_accuracy"] <= 1.0
+    assert in_scan["seam_ratio_mean"] != figures["seam_ratio_mean"]
+    assert in_scan["seam_ratio_mean"] == pytest.approx(
+        np.mean([eval_demo.seam_ratio(cube) for cube in eval_demo.in_the_scan(generated, scans, "remove")]), abs=1e-3
+    )
+    _, other, _ = eval_demo.measure_draw(pipe, pristine, pristine[::-1].copy(), (-100.0, 100.0), 1, scans)
+    mean = eval_demo.mean_over_draws([figures, other])["in_the_scan"]
+    assert mean["kept_fraction_range"] == sorted(
+        [figures["in_the_scan"]["kept_fraction"], other["in_the_scan"]["kept_fraction"]]
+    )
 
 
 def test_slice_phase_measures_a_shipped_pipeline_in_its_cube_and_in_the_scan(tmp_path):
