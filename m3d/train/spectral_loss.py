@@ -64,19 +64,14 @@ def hole_power(cubes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.fft.fftn(holes * window, dim=(1, 2, 3)).abs().square().mean(0)
 
 
-def _ring_means(power: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``power`` averaged over the bins of each (|k_z|, in-plane radius) pair: the mean of every index, each bin's
-    index (flattened) and which indices hold bins."""
-    index, counts = _profile_bins(tuple(power.shape), power.device)
-    sums = torch.zeros(len(counts), device=power.device).index_add_(0, index, power.flatten())
-    return sums / counts.clamp_min(1), index, counts > 0
-
-
 def spectral_profile(cubes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`hole_power` averaged over the bins of each (|k_z|, in-plane radius): a 1-D tensor, one value per occupied
     pair."""
-    means, _, occupied = _ring_means(hole_power(cubes, mask))
-    return means[occupied]
+    power = hole_power(cubes, mask)
+    index, counts = _profile_bins(tuple(power.shape), cubes.device)
+    sums = torch.zeros(len(counts), device=cubes.device).index_add_(0, index, power.flatten())
+    occupied = counts > 0
+    return sums[occupied] / counts[occupied]
 
 
 def hole_spectral_loss(generated: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
