@@ -43,9 +43,14 @@ def gaussian_blur(cubes: torch.Tensor, sigma: float = HIGHPASS_SIGMA_VOXELS) -> 
     return cubes
 
 
+def _frequency_index(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The integer frequency index (z, y, x) of each bin of a spectrum of ``shape`` (``torch.fft`` order)."""
+    return torch.meshgrid(*[torch.fft.fftfreq(n, device=device) * n for n in shape], indexing="ij")
+
+
 def _profile_bins(shape: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Each bin's (|k_z|, rounded in-plane radius) profile index (flattened) and the bins per index."""
-    kz, ky, kx = torch.meshgrid(*[torch.fft.fftfreq(n, device=device) * n for n in shape], indexing="ij")
+    kz, ky, kx = _frequency_index(shape, device)
     radius = torch.sqrt(ky**2 + kx**2).round().long()
     index = (kz.abs().long() * (int(radius.max()) + 1) + radius).flatten()
     return index, torch.bincount(index)
@@ -92,7 +97,7 @@ def _sharpest_peak(power: torch.Tensor) -> torch.Tensor:
     windows = padded.unfold(0, PEAK_BACKGROUND_BINS, 1).unfold(1, PEAK_BACKGROUND_BINS, 1)
     windows = windows.unfold(2, PEAK_BACKGROUND_BINS, 1).reshape(*power.shape, -1)
     background = windows.median(dim=-1).values.clamp_min(torch.finfo(torch.float32).tiny)
-    kz, ky, kx = torch.meshgrid(*[torch.fft.fftfreq(n, device=power.device) * n for n in power.shape], indexing="ij")
+    kz, ky, kx = _frequency_index(power.shape, power.device)
     away_from_dc = torch.sqrt(kz**2 + ky**2 + kx**2) >= PEAK_MIN_RADIUS
     return torch.log(power[away_from_dc].clamp_min(torch.finfo(torch.float32).tiny) / background[away_from_dc]).max()
 

@@ -315,9 +315,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--lambda-spectral-peak",
         type=float,
         help="pix2pix, cyclegan: weight of the spectral peak loss (m3d.train.spectral_loss.spectral_peak_excess: how "
-        "much further the sharpest bin of the generated holes' power stands above the real holes' mean over its "
-        "(|k_z|, in-plane radius) ring than the real holes' own sharpest bin; 0, the default: none): a lattice the "
-        "ring-averaged --lambda-spectral cannot see",
+        "much sharper the generated holes' sharpest spectral peak, a bin over the median of its 5^3 neighbours as the "
+        "evaluation measures it, is than the real holes'; 0, the default: none): a lattice the ring-averaged "
+        "--lambda-spectral cannot see",
     )
     run.add_argument(
         "--ema-decay",
@@ -751,11 +751,10 @@ class CycleGANTrainer(GeneratorTrainer):
             loss_gan = _lsgan(D_full(fake_full), True) + _lsgan(D_masked(fake_masked), True)
             loss_cycle = F.l1_loss(rec_masked, real_masked) + self.full_cycle_weight * F.l1_loss(rec_full, real_full)
             loss_idt = F.l1_loss(idt_full, real_full) + F.l1_loss(idt_masked, real_masked)
-            loss_g = loss_gan + self.lambda_cycle * loss_cycle + 0.5 * self.lambda_cycle * loss_idt
             loss_spectral, spectral = spectral_losses(
                 fake_full, real_full, mask, self.lambda_spectral, self.lambda_spectral_peak
             )
-            loss_g = loss_g + loss_spectral
+            loss_g = loss_gan + self.lambda_cycle * loss_cycle + 0.5 * self.lambda_cycle * loss_idt + loss_spectral
             self._update(loss_g, "generators", [G, Fr])
         finally:
             _set_requires_grad([D_full, D_masked], True)
