@@ -114,11 +114,6 @@ def run_demo(
     out = Path(out)
     data, results, cad_model = out / "m3dsynth", out / "results", out / "cad_model"
     cache = out / "datasets_cache"  # `datasets`' copy of the scans: removed with the run, not left in ~/.cache
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible to torch")
     device_name = describe_device(device)
     if not progress:  # the libraries' own weight-loading bars too
         import diffusers

@@ -26,9 +26,12 @@ def cpu_model() -> str:
 
 
 def describe_device(device: str | torch.device) -> str:
-    """A CUDA device's name, or ``"CPU <model> (<N> threads)"`` (torch's intra-op threads) otherwise."""
+    """A CUDA device's name, or ``"CPU <model> (<N> threads)"`` (torch's intra-op threads) otherwise; a one-line
+    error for a CUDA device when torch sees none."""
     import torch
 
     if torch.device(device).type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is visible to torch")
         return torch.cuda.get_device_name(device)
     return f"CPU {cpu_model()} ({torch.get_num_threads()} threads)"
