@@ -315,7 +315,7 @@ def scan_examples(
 
     from ..cad.scoring import score_locations
     from ..pipelines import M3DInpaintPipeline
-    from ..tamper.cube import TamperLocationError, check_location, extract_cube, unit_to_hu
+    from ..tamper.cube import TamperLocationError, check_location, extract_cube
 
     def scored(example: dict[str, Any], scan: CTVolume) -> dict[str, Any]:
         if cad_model is not None:
@@ -356,12 +356,10 @@ def scan_examples(
                 **steps,
             )
             tampered, mask = out.volumes[0], out.masks[0]
-            verdict = check_quality(
-                unit_to_hu(np.asarray(out.cubes[0, 0], np.float32)),
-                task,
-                quality or QualityCriteria(),
-                pristine_hu=pristine_hu,
-            )
+            # what the saved scan holds: pasting resamples the 1 mm cube onto the scan's pixels and slices,
+            # which can shrink an injected nodule or grow a remaining one, so the cube is cut again there
+            saved_hu = extract_cube(tampered, location, allow_outside_lung=True).hu
+            verdict = check_quality(saved_hu, task, quality or QualityCriteria(), pristine_hu=pristine_hu)
             if quality is not None and not verdict.kept:
                 yield None, Outcome(img_id, generator, task, "dropped", verdict.reason)
                 continue

@@ -167,6 +167,57 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, jobs, tiny
     assert files == sorted(["README.md", "manifest.json", *reference.shards])
 
 
+class _SavedScanDiffers:
+    """An injector whose returned cube holds a 12 mm nodule while the scan it returns holds the nodule of
+    ``pasted_radius_mm`` (0: nothing pasted), as a resampling that loses or grows a nodule would."""
+
+    task = "inject"
+
+    def __init__(self, pasted_radius_mm: float):
+        self.pasted_radius_mm = pasted_radius_mm
+        self.saved = []  # (location, tampered scan) per call
+
+    def __call__(self, *, volume, locations_lps_mm, **_):
+        from m3d.pipelines.common import M3DPipelineOutput
+        from m3d.tamper.cube import extract_cube, hu_to_unit, paste_cube
+
+        cube = extract_cube(volume, locations_lps_mm[0], allow_outside_lung=True)
+        radius = np.linalg.norm(np.indices(cube.hu.shape) - 15.5, axis=0)
+        returned = np.where(radius <= 6.0, -100.0, cube.hu).astype(np.float32)
+        pasted = np.where(radius <= self.pasted_radius_mm, -100.0, cube.hu).astype(np.float32)
+        tampered, mask = paste_cube(volume, cube, pasted)
+        self.saved.append((locations_lps_mm[0], tampered))
+        return M3DPipelineOutput(cubes=hu_to_unit(returned)[None, None], volumes=[tampered], masks=[mask])
+
+
+def test_the_quality_check_and_label_measure_the_saved_scan_not_the_returned_cube():
+    from m3d.tamper.cube import extract_cube
+    from m3d.tamper.quality import check_quality
+
+    job = phantom_jobs(1, seed=0, progress=False)[0]  # the real pixel and slice spacing
+    volume = job.load()
+
+    def run(pipeline):
+        pipelines = {("pix2pix", "inject"): pipeline}
+        return [
+            (example, outcome)
+            for example, outcome in scan_examples(job, volume, generators=["pix2pix"], tasks=["inject"], pipelines=pipelines)
+            if outcome.generator == "pix2pix"
+        ]
+
+    nothing_pasted = run(_SavedScanDiffers(0.0))
+    assert nothing_pasted and all(o.status == "dropped" and "<= 10 mm" in o.reason for _, o in nothing_pasted)
+
+    pipeline = _SavedScanDiffers(9.0)
+    examples = run(pipeline)
+    assert examples and all(outcome.status == "kept" for _, outcome in examples)
+    for (example, _), (location, scan) in zip(examples, pipeline.saved):
+        saved_hu = extract_cube(scan, location, allow_outside_lung=True).hu
+        pristine_hu = extract_cube(volume, location, allow_outside_lung=True).hu
+        saved = check_quality(saved_hu, "inject", pristine_hu=pristine_hu).measurement
+        assert example["nodule_diameter_mm"] == saved.diameter_mm > 15  # the 18 mm nodule of the scan, not the returned cube's 12 mm
+
+
 def test_other_options_are_refused_on_resume(tmp_path):
     out = tmp_path / "ds"
     out.mkdir()
