@@ -171,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def train_and_ship() -> int:
+        import torch
+
+        torch.set_num_threads(1)  # what the cards say; two recipes run side by side then share the cores cleanly
         for name in args.only:
             if not args.ship_only:
                 code = train_detector([*command_line(name, args.data, args.runs_dir), "--no-progress"])
