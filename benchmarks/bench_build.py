@@ -22,6 +22,7 @@ import torch
 from m3d.data.nifti import nifti_image
 from m3d.constants import FAKE_GENERATORS
 from m3d.devices import cpu_model
+from m3d.files import write_json_atomic
 from m3d.dataset_builder.generate import DEMO_PIPELINES_DIR, nifti_bytes, pipeline_folder, phantom_jobs, scan_examples
 from m3d.pipelines import CycleGAN3DPipeline, M3DInpaintPipeline, Pix2Pix3DPipeline, load_pipeline
 
@@ -126,7 +127,7 @@ def main() -> None:
         / "results"
         / f"build_{re.sub(r'[^a-z0-9]+', '_', result['device'].lower()).strip('_')}.json"
     )
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(out, result, indent=1, sort_keys=False, trailing_newline=True)
     print(f"wrote {out}")
 
 

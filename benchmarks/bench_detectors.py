@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from m3d.detectors import DETECTORS
 from m3d.devices import describe_device
+from m3d.files import write_json_atomic
 
 PEAK_TFLOPS = {  # dense bf16 / fp16 tensor-core peaks
     "H100 80GB HBM3": 989.0,
@@ -126,7 +127,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
     path = out / f"detectors_{slug}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(path, report, sort_keys=False, trailing_newline=True)
     print(f"wrote {path}")
 
 

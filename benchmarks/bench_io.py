@@ -9,7 +9,6 @@ Writes benchmarks/results/io_<machine>.json with the device named.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -21,6 +20,7 @@ import numpy as np
 from m3d.data.ct import CTVolume
 from m3d.data.dicom import read_dicom_series, write_dicom_series
 from m3d.devices import cpu_model
+from m3d.files import write_json_atomic
 
 
 def best_of_interleaved(repeats: int, *functions) -> list[float]:
@@ -79,7 +79,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"io_{platform.node() or 'machine'}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(path, result, sort_keys=False, trailing_newline=True)
     print(f"{'reader':<28}{'seconds':>10}")
     print(f"{'m3d read_dicom_series':<28}{m3d_seconds:>10.3f}")
     print(f"{'SimpleITK ImageSeriesReader':<28}{sitk_seconds:>10.3f}")

@@ -33,6 +33,7 @@ from eval_demo_pipelines import (  # the script beside this one (its folder is o
     real_nodule_hu_range,
 )
 from m3d.devices import describe_device
+from m3d.files import write_json_atomic
 from m3d.pipelines import load_pipeline
 from m3d.tamper.quality import check_quality, chest_wall
 
@@ -55,7 +56,7 @@ class HeldOutSites:
     def write(self, report: dict) -> dict:
         """Write ``report`` to ``--out`` (as JSON) and return it."""
         self.args.out.parent.mkdir(parents=True, exist_ok=True)
-        self.args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(self.args.out, report, sort_keys=False, trailing_newline=True)
         return report
 
 

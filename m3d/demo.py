@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .devices import describe_device
+from .files import write_json_atomic
 from .presets import lookup_preset
 
 # The demo's scans are at the real LIDC series' pixel and slice spacing (`m3d build` defaults); patients
@@ -228,6 +229,6 @@ def run_demo(
         "notes": [DEMO_WITHOUT_DDPM] if "ddpm" not in generators else [],
     }
     results.mkdir(parents=True, exist_ok=True)
-    (results / "run.json").write_text(json.dumps(run, indent=2))
+    write_json_atomic(results / "run.json", run, sort_keys=False)
     html_path, _ = _step("report", timings, lambda: build_report(results, device=device, dataset_cache_dir=cache))
     return html_path
