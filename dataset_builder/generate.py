@@ -307,7 +307,8 @@ def scan_examples(
     cad_model: Any | None = None,
 ) -> Iterator[tuple[dict[str, Any] | None, Outcome]]:
     """The examples of one scan, in site order: per site of a selected task, the pristine scan, then one
-    tampered scan per generator whose result passes ``quality`` (None: keep all). Yields ``(example or
+    tampered scan per generator whose result passes ``quality`` (None: keep all), measured on the cube cut again
+    from the tampered scan as saved, which also gives an injection's ``nodule_diameter_mm``. Yields ``(example or
     None, outcome)`` per (site, generator). ``num_inference_steps`` goes to the diffusion pipelines (the GANs
     take none; None: each pipeline's own default). With ``cad_model`` (a loaded `m3d.cad` scorer) every example's
     ``malignancy_after`` is the scorer's rating (1-5) at the site of that scan, tampered or not."""

@@ -201,7 +201,9 @@ def test_the_quality_check_and_label_measure_the_saved_scan_not_the_returned_cub
         pipelines = {("pix2pix", "inject"): pipeline}
         return [
             (example, outcome)
-            for example, outcome in scan_examples(job, volume, generators=["pix2pix"], tasks=["inject"], pipelines=pipelines)
+            for example, outcome in scan_examples(
+                job, volume, generators=["pix2pix"], tasks=["inject"], pipelines=pipelines
+            )
             if outcome.generator == "pix2pix"
         ]
 
@@ -215,7 +217,8 @@ def test_the_quality_check_and_label_measure_the_saved_scan_not_the_returned_cub
         saved_hu = extract_cube(scan, location, allow_outside_lung=True).hu
         pristine_hu = extract_cube(volume, location, allow_outside_lung=True).hu
         saved = check_quality(saved_hu, "inject", pristine_hu=pristine_hu).measurement
-        assert example["nodule_diameter_mm"] == saved.diameter_mm > 15  # the 18 mm nodule of the scan, not the returned cube's 12 mm
+        # the 18 mm nodule of the saved scan, not the returned cube's 12 mm
+        assert example["nodule_diameter_mm"] == saved.diameter_mm > 15
 
 
 def test_other_options_are_refused_on_resume(tmp_path):
