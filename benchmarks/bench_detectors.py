@@ -124,7 +124,6 @@ def main() -> None:
         "results": results,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
     path = out / f"detectors_{slug}.json"
     write_json_atomic(path, report, sort_keys=False, trailing_newline=True)

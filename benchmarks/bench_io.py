@@ -77,7 +77,6 @@ def main() -> None:
         "goal": 1.5,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"io_{platform.node() or 'machine'}.json"
     write_json_atomic(path, result, sort_keys=False, trailing_newline=True)
     print(f"{'reader':<28}{'seconds':>10}")

@@ -55,7 +55,6 @@ class HeldOutSites:
 
     def write(self, report: dict) -> dict:
         """Write ``report`` to ``--out`` (as JSON) and return it."""
-        self.args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.args.out, report, sort_keys=False, trailing_newline=True)
         return report
 

@@ -228,7 +228,6 @@ def run_demo(
         "seconds": round(time.perf_counter() - started, 1),
         "notes": [DEMO_WITHOUT_DDPM] if "ddpm" not in generators else [],
     }
-    results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results / "run.json", run, sort_keys=False)
     html_path, _ = _step("report", timings, lambda: build_report(results, device=device, dataset_cache_dir=cache))
     return html_path
