@@ -27,7 +27,7 @@ between seeds, more than one site's worth.
   *real-looking* when the nodule is > 10 mm (the keep rule) **and** its mean HU lies in the range of
   real nodules > 10 mm measured the same way on the same held-out scans (5th-95th percentile);
   ``real_looking_ceiling`` is what a generator that made real nodules exactly would score: the share of
-  the real nodules > 10 mm at the removal sites of ``--ceiling-phantoms`` (80: about 35 nodules) *other*
+  the real nodules > 10 mm at the removal sites of ``--ceiling-phantoms`` (160: about 90 nodules) *other*
   phantoms (seed + 1) whose mean HU lies in that range (a range from a few nodules leaves real ones out too).
   ``real_looking_by_site`` (and the ceiling's ``by_site``) splits it by whether the site is at the chest wall
   (`chest_wall_fraction`: at least 30 % of the cube's context, outside the hole, is tissue above -300 HU thicker
@@ -56,6 +56,12 @@ between seeds, more than one site's worth.
   injection sites' surroundings, which the hole shows, differ from those of real large nodules (nearer the chest
   wall), so even real nodules there are told apart; at most what a generator can reach here (the paste may leave
   traces of its own);
+* the same question without the sites (``two_sample_vs_oracle``, injectors): the generated cubes against the oracle's
+  cubes *at the same sites*, each draw against the oracle of its seed, with the folds drawn over the sites (the
+  paired test, `two_sample_accuracy` with ``paired=True``), so that only what fills the hole differs: how well the
+  classifier tells the generator's nodules from real ones. ``two_sample_oracle_control``: the same paired test on
+  the oracle's cubes from two disjoint halves of the real nodules, which must come out at chance (it does not when
+  a half holds fewer nodules than there are sites and repeats some: 80 ceiling phantoms gave 0.60-0.72, hence 160);
 * speed: cubes/s of the generator on the batch of all sites, over all draws (``cubes_per_s``), and of full generation
   on whole scans, scan by scan: cut, fill, paste back (``scan_cubes_per_s``).
 
@@ -118,7 +124,7 @@ from two_sample_test import two_sample_accuracy  # the script beside this one (i
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "pipelines" / "demo"
 MONTAGE_SITES = 4
-CEILING_PHANTOMS = 80  # phantoms whose real nodules > 10 mm (about 35) give real_looking_ceiling
+CEILING_PHANTOMS = 160  # their real nodules > 10 mm (about 90): real_looking_ceiling, the oracle, two halves >= sites
 SPECTRUM_HIGHPASS_SIGMA_MM = 1.0  # residual = cube - Gaussian blur: keeps >= 70 % of a period-4 pattern
 SPECTRUM_MIN_RADIUS = 2.0  # frequency bins nearer DC than this (index units of the 20-voxel hole) are ignored
 SPECTRUM_BACKGROUND_BINS = 5  # a spectral peak is measured against the median of its 5^3 neighbouring bins
@@ -126,7 +132,12 @@ VESSEL_MIN_HU = -500.0  # phantom vessels are blood (35-260 HU) in lung (about -
 SHELL_INNER_RADIUS_MM = 5.0  # the vessel shell: the hole minus the central 10 mm ball
 MIN_SHELL_VESSEL_VOXELS = 10  # sites whose pristine shell holds fewer vessel voxels give no continuity ratio
 DRAWS = 3  # one draw's kept fraction moved by up to 0.11 between generation seeds at the same 18-34 sites
-RANGED_FIGURES = ("kept_fraction", "real_looking_fraction", "two_sample_accuracy")  # also given as their range
+RANGED_FIGURES = (
+    "kept_fraction",
+    "real_looking_fraction",
+    "two_sample_accuracy",
+    "two_sample_vs_oracle",
+)  # also given as their range
 CHEST_WALL_SITE_FRACTION = 0.3  # a site "at the chest wall": its cube's context is at least this much wall
 
 
@@ -388,16 +399,21 @@ def measure_draw(
     hu_range: tuple[float, float],
     seed: int,
     scans: list | None = None,
+    oracle_hu: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict, float]:
     """One draw of ``pipe`` at the sites ``pristine_hu`` (generation seed ``seed``: the drawn nodule masks and the
-    sampling noise): the generated cubes and their figures (`summarize`, the two-sample test against ``real_hu``
-    and, for a pipeline whose touch-ups are on by default, the seam without them, ``seam_ratio_raw``; with the
-    sites' ``scans``, the same figures of the cubes `in_the_scan`), and the seconds the generation took."""
+    sampling noise): the generated cubes and their figures (`summarize`, the two-sample test against ``real_hu``;
+    with ``oracle_hu``, real nodules pasted into the same sites (`oracle_injections`), the paired test against them,
+    ``two_sample_vs_oracle``; for a pipeline whose touch-ups are on by default, the seam without them,
+    ``seam_ratio_raw``; with the sites' ``scans``, the same figures of the cubes `in_the_scan`), and the seconds the
+    generation took."""
     task = pipe.config.task
     generated, seconds = generate(pipe, pristine_hu, seed=seed)
     figures = {"seed": seed, **summarize(generated, task, hu_range, pristine_hu)}
     two_sample = two_sample_accuracy(generated, real_hu, seed=0)
     figures.update(two_sample_accuracy=two_sample.pop("accuracy"), two_sample=two_sample)
+    if oracle_hu is not None:
+        figures["two_sample_vs_oracle"] = two_sample_accuracy(generated, oracle_hu, seed=0, paired=True)["accuracy"]
     touch_up = inspect.signature(pipe.__call__).parameters.get("touch_up")
     if touch_up is not None and touch_up.default is not False:  # on by default: the seam without it too
         raw, _ = generate(pipe, pristine_hu, seed=seed, touch_up=False)
@@ -528,6 +544,27 @@ def two_sample_oracle(
     }
 
 
+def two_sample_oracle_control(sites_hu: np.ndarray, real_nodules_hu: np.ndarray, draws: int) -> dict | None:
+    """The control of ``two_sample_vs_oracle``: `oracle_injections` at ``sites_hu`` from two disjoint halves of
+    ``real_nodules_hu`` (``draws`` draws: other halves, other nodules per site), told apart by the paired test
+    (`two_sample_accuracy` with ``paired=True``). Two sets of real nodules at the same sites: it must come out at
+    chance, unless the halves hold too few nodules for the sites and repeat them. None without sites or with
+    fewer than two nodules."""
+    if not len(sites_hu) or len(real_nodules_hu) < 2:
+        return None
+    accuracies = []
+    for seed in range(draws):
+        first, second = halves(real_nodules_hu, seed)
+        pair = (oracle_injections(sites_hu, nodules, seed) for nodules in (first, second))
+        accuracies.append(two_sample_accuracy(*pair, seed=0, paired=True)["accuracy"])
+    return {
+        "accuracy": round(float(np.mean(accuracies)), 3),
+        "accuracy_range": [min(accuracies), max(accuracies)],
+        "draws": draws,
+        "real_nodules_per_half": len(real_nodules_hu) // 2,
+    }
+
+
 def halves(cubes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Two random halves of ``cubes`` (the two-sample control)."""
     first, second = np.array_split(np.random.default_rng(seed).permutation(len(cubes)), 2)
@@ -629,15 +666,30 @@ def main(argv: list[str] | None = None) -> dict:
         "two_sample_oracle": {
             "inject": two_sample_oracle(pristine["inject"], real_nodules, real_targets["inject"], args.draws)
         },
+        "two_sample_oracle_control": {
+            "inject": two_sample_oracle_control(pristine["inject"], real_nodules, args.draws)
+        },
         "pipelines": {},
     }
     print(json.dumps({key: report[key] for key in ("pristine", "two_sample_control", "two_sample_oracle")}))
+    print(json.dumps({"two_sample_oracle_control": report["two_sample_oracle_control"]}))
     rows = {task: [(f"{task} site: pristine", pristine[task][:MONTAGE_SITES])] for task in TASKS}
     for folder in args.pipelines or demo_folders():
         pipe = load_pipeline(folder)
         task = pipe.config.task
         draws = [
-            measure_draw(pipe, pristine[task], real_targets[task], hu_range, seed, scans) for seed in range(args.draws)
+            measure_draw(
+                pipe,
+                pristine[task],
+                real_targets[task],
+                hu_range,
+                seed,
+                scans,
+                oracle_injections(pristine[task], real_nodules, seed)
+                if task == "inject" and len(real_nodules)
+                else None,
+            )
+            for seed in range(args.draws)
         ]
         cubes, figures, seconds = zip(*draws)
         entry = {

@@ -12,6 +12,10 @@ averaged (one split's figure moves by 0.02-0.03 from seed to seed on 35 + 21 cub
 shown, so the test asks whether the generated content itself looks like the reference set, not whether
 the seam is visible (the seam ratio measures that). Seeded and on the CPU: the same inputs and seed give
 the same figures.
+
+``paired=True`` is for two sets made at the same sites (cube *i* of each set at site *i*): the folds are drawn
+over the sites, so the two cubes of a site always fall on the same side of a split and the site's context, which
+both show around the hole, tells the classifier nothing.
 """
 
 from __future__ import annotations
@@ -68,6 +72,12 @@ def stratified_folds(labels: np.ndarray, folds: int, rng: np.random.Generator) -
     return [np.concatenate(part) for part in parts]
 
 
+def site_folds(sites: int, folds: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Test indices of ``folds`` folds for paired sets (``sites`` cubes of set A, then their ``sites`` partners
+    of set B): the sites shuffled and dealt out, each fold holding both cubes of its sites."""
+    return [np.concatenate([chunk, chunk + sites]) for chunk in np.array_split(rng.permutation(sites), folds)]
+
+
 def _balanced_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     predicted = logits > 0
     recalls = [(predicted[labels == c] == bool(c)).float().mean().item() for c in (0, 1) if (labels == c).any()]
@@ -103,16 +113,20 @@ def two_sample_accuracy(
     folds: int = FOLDS,
     epochs: int = EPOCHS,
     repeats: int = REPEATS,
+    paired: bool = False,
 ) -> dict:
     """Held-out balanced accuracy of a small 3-D CNN telling cubes A (label 0) from cubes B (label 1).
 
     Stratified ``folds``-fold cross-validation (fewer folds when a set has fewer cubes; at least 2 per
-    set are needed), a fresh model per fold, run ``repeats`` times with the seeds ``seed``, ``seed`` + 1, ...
-    (other splits, initial weights and flips). Returns ``accuracy`` (mean over every fold of every repeat;
-    chance 0.5), ``repeat_accuracies`` (each repeat's mean), ``fold_accuracies`` (repeat by repeat), ``n_a``,
-    ``n_b``, ``folds`` and ``repeats``; ``accuracy`` is None when a set is too small.
+    set are needed; ``paired``: the sets hold the same sites in the same order, and the folds keep each
+    site's two cubes together, `site_folds`), a fresh model per fold, run ``repeats`` times with the seeds
+    ``seed``, ``seed`` + 1, ... (other splits, initial weights and flips). Returns ``accuracy`` (mean over every
+    fold of every repeat; chance 0.5), ``repeat_accuracies`` (each repeat's mean), ``fold_accuracies`` (repeat by
+    repeat), ``n_a``, ``n_b``, ``folds`` and ``repeats``; ``accuracy`` is None when a set is too small.
     """
     n_a, n_b = len(cubes_a_hu), len(cubes_b_hu)
+    if paired and n_a != n_b:
+        raise ValueError(f"paired sets hold one cube per site each; got {n_a} and {n_b} cubes")
     folds = min(folds, n_a, n_b)
     result: dict = {
         "accuracy": None,
@@ -134,7 +148,9 @@ def two_sample_accuracy(
             torch.manual_seed(repeat_seed)
             generator = torch.Generator().manual_seed(repeat_seed)
             accuracies = []
-            for test in stratified_folds(y.numpy(), folds, np.random.default_rng(repeat_seed)):
+            rng = np.random.default_rng(repeat_seed)
+            splits = site_folds(n_a, folds, rng) if paired else stratified_folds(y.numpy(), folds, rng)
+            for test in splits:
                 train = np.setdiff1d(np.arange(len(y)), test)
                 model = _train(x[train], y[train], generator, epochs)
                 with torch.no_grad():

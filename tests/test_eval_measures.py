@@ -155,6 +155,24 @@ def test_measure_draw_also_measures_what_the_scan_holds():
     )
 
 
+def test_measure_draw_tests_an_injector_against_real_nodules_at_the_same_sites(lung_cubes):
+    """With ``oracle_hu`` (real nodules pasted into the same sites), a draw also gives the paired two-sample figure,
+    and the mean over draws its range; without it, no such figure."""
+    from m3d.pipelines import Pix2Pix3DPipeline
+
+    pipe = Pix2Pix3DPipeline.from_preset("tiny", task="inject")
+    real = lung_cubes[::-1].copy()
+    _, figures, _ = eval_demo.measure_draw(pipe, lung_cubes, real, (-100.0, 100.0), 0, oracle_hu=real)
+    _, other, _ = eval_demo.measure_draw(pipe, lung_cubes, real, (-100.0, 100.0), 1, oracle_hu=lung_cubes)
+    assert 0.0 <= figures["two_sample_vs_oracle"] <= 1.0
+    mean = eval_demo.mean_over_draws([figures, other])
+    assert mean["two_sample_vs_oracle_range"] == sorted(
+        [figures["two_sample_vs_oracle"], other["two_sample_vs_oracle"]]
+    )
+    _, without, _ = eval_demo.measure_draw(pipe, lung_cubes, real, (-100.0, 100.0), 0)
+    assert "two_sample_vs_oracle" not in without
+
+
 def test_slice_phase_measures_a_shipped_pipeline_in_its_cube_and_in_the_scan(tmp_path):
     folder = eval_demo.DEMO_DIR / "pix2pix-remove"
     out = tmp_path / "p.json"
@@ -197,6 +215,46 @@ def test_two_sample_accuracy_separates_and_controls():
     assert two_sample.two_sample_accuracy(plain[:30], plain[30:], seed=0, repeats=2) == same  # seeded
     second = two_sample.two_sample_accuracy(plain[:30], sphere, seed=1, repeats=1)  # repeat k: seed + k
     assert second["fold_accuracies"] == different["fold_accuracies"][1:]
+
+
+def test_paired_two_sample_keeps_each_sites_two_cubes_in_one_fold():
+    """Paired sets (cube i of each at site i): every fold holds both cubes of its sites, the folds cover every cube
+    once, and the test still tells a sphere from none at the same sites; sets of unequal size are refused."""
+    folds = two_sample.site_folds(7, 3, np.random.default_rng(0))
+    assert sorted(np.concatenate(folds).tolist()) == list(range(14))
+    for fold in folds:
+        assert sorted(fold[fold >= 7] - 7) == sorted(fold[fold < 7])
+    rng = np.random.default_rng(2)
+    sites = two_sample.synthetic_cubes(20, rng)
+    with_sphere = sites.copy()
+    with_sphere[:, eval_demo.distance_from_centre_mm(sites.shape[1:]) <= 4.0] = 0.0
+    result = two_sample.two_sample_accuracy(sites, with_sphere, seed=0, repeats=1, paired=True)
+    assert result["accuracy"] >= 0.9 and result["folds"] == 5
+    with pytest.raises(ValueError, match="one cube per site"):
+        two_sample.two_sample_accuracy(sites, with_sphere[:-1], paired=True)
+
+
+def test_oracle_control_pastes_two_disjoint_halves_of_the_real_nodules_at_the_same_sites(monkeypatch):
+    """The control of two_sample_vs_oracle: each draw tells real nodules of one half from those of the other half,
+    at the same sites, with the paired test; the figure is the mean of the draws."""
+    sites = np.stack([np.full((32, 32, 32), -800.0 - i, np.float32) for i in range(3)])
+    real = np.stack([_ball_cube(6.0, 10.0 * i, background_hu=-900.0) for i in range(6)])
+    ball = eval_demo.distance_from_centre_mm((32, 32, 32)) <= 6.0
+    calls = []
+
+    def recorded(a, b, seed=0, **options):
+        calls.append((a, b, options))
+        return {"accuracy": 0.5 + 0.1 * len(calls)}
+
+    monkeypatch.setattr(eval_demo, "two_sample_accuracy", recorded)
+    control = eval_demo.two_sample_oracle_control(sites, real, draws=2)
+    assert control == {"accuracy": 0.65, "accuracy_range": [0.6, 0.7], "draws": 2, "real_nodules_per_half": 3}
+    for a, b, options in calls:
+        assert options == {"paired": True}
+        for pasted, site in zip(np.concatenate([a, b]), np.concatenate([sites, sites])):
+            assert np.array_equal(pasted[~ball], site[~ball])
+        assert not set(np.unique(a[:, ball])) & set(np.unique(b[:, ball]))  # no nodule on both sides
+    assert eval_demo.two_sample_oracle_control(sites, real[:1], draws=1) is None
 
 
 def test_sites_at_the_chest_wall_are_told_by_their_context():
