@@ -256,8 +256,16 @@ def test_injection_cards_give_the_real_looking_ceiling():
             "(what the sites' surroundings give away) | 0.7 |"
         )
     )
-    del quality["real_looking_ceiling"], quality["two_sample_oracle"]
+    entry["two_sample_vs_oracle"] = 0.64
+    quality["two_sample_oracle_control"] = {"inject": {"accuracy": 0.51}}
+    assert (
+        quality_section("ddpm-inject", quality)
+        .rstrip()
+        .endswith("(folds by site: only the nodules differ; two halves of the real nodules: 0.51) | 0.64 |")
+    )
+    del quality["real_looking_ceiling"], quality["two_sample_oracle"], quality["two_sample_oracle_control"]
     assert "other phantoms" not in quality_section("ddpm-inject", quality)
+    assert "(folds by site: only the nodules differ) | 0.64 |" in quality_section("ddpm-inject", quality)
 
 
 def test_a_later_stage_sets_its_options_and_all_their_values_on_top_of_the_previous_ones():

@@ -268,6 +268,13 @@ def quality_section(name: str, quality: dict) -> str | None:
             f"| ... the same for {oracle['real_nodules']} real nodules > 10 mm of other phantoms pasted at these "
             f"sites (what the sites' surroundings give away) | {oracle['accuracy']} |"
         )
+    if "two_sample_vs_oracle" in entry:
+        control = (quality.get("two_sample_oracle_control") or {}).get(entry["task"])
+        chance = f"; two halves of the real nodules: {control['accuracy']}" if control else ""
+        lines.append(
+            "| two-sample test against those real nodules pasted at the *same* sites (folds by site: only the "
+            f"nodules differ{chance}) | {entry['two_sample_vs_oracle']} |"
+        )
     if "num_inference_steps" in entry:
         lines.append(
             f"| sampler | {entry['scheduler']}, {entry['num_inference_steps']} steps (the folder's default) |"
