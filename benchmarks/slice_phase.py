@@ -22,7 +22,9 @@ A generator that continued the scan would have real cubes' scattered phases; one
 pattern concentrates them. Each pipeline is measured twice: on the ``cube`` it returns and ``in_the_scan``, the
 cube pasted into its scan (`paste_cube`, as the pipeline pastes into a volume: resampled onto the scan's own
 slices) and cut again at 1 mm (`extract_cube`), which is what a reader of the tampered scan gets (the pristine
-cubes are the same either way). Results: ``benchmarks/results/slice_phase_cpu.json``.
+cubes are the same either way). And once ``without_slices``: on cubes with no slices at all (``slice_free``: lung-like
+white noise, -850 +- 40 HU, `two_sample_test.synthetic_cubes`, as many as the task's sites), where a modulation at
+the slice period can only be the network's own. Results: ``benchmarks/results/slice_phase_cpu.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from m3d.constants import TASKS
 from m3d.devices import describe_device
 from m3d.files import write_json_atomic
 
-from eval_demo_pipelines import (  # this folder is on sys.path as a script
+from two_sample_test import synthetic_cubes  # this folder is on sys.path as a script
+from eval_demo_pipelines import (
     CUBE_SIZE,
     HOLE_SIZE,
     ROOT,
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.phantoms < 1:
         parser.error(f"--phantoms must be at least 1; got {args.phantoms}")
     cubes, scans = held_out_cubes(args.phantoms, args.seed)
+    slice_free = synthetic_cubes(max(len(found) for found in cubes.values()), np.random.default_rng(args.seed))
     report = {
         "device": describe_device("cpu"),
         "torch": torch.__version__,
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "generation_seed": 0,
         "frequency_index": SLICE_FREQUENCY_INDEX,
         "pristine": {task: figures(cubes[task]) for task in TASKS if len(cubes[task])},
+        "slice_free": figures(slice_free),
         "pipelines": {},
     }
     for folder in tqdm(args.pipelines or demo_folders(), desc="pipelines"):
@@ -140,9 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "task": task,
                 "cube": figures(generated),
                 "in_the_scan": figures(in_the_scan(generated, scans, task)),
+                "without_slices": figures(generate(pipe, slice_free[: len(cubes[task])], seed=0)[0]),
             }
     write_json_atomic(args.out, report, trailing_newline=True, sort_keys=False)
-    print(json.dumps({"pristine": report["pristine"], **report["pipelines"]}, indent=2))
+    print(json.dumps({key: report[key] for key in ("pristine", "slice_free", "pipelines")}, indent=2))
     return report
 
 

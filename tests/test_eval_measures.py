@@ -187,6 +187,8 @@ def test_slice_phase_measures_a_shipped_pipeline_in_its_cube_and_in_the_scan(tmp
         assert line["power"] > 0 and line["ratio"] == pytest.approx(line["power"] / line["background"], rel=0.01)
     assert measured["cube"] != measured["in_the_scan"]
     assert json.loads(out.read_text())["pipelines"] == report["pipelines"]
+    assert report["slice_free"]["sites"] == 2 and report["slice_free"]["amplitude_hu_median"] < 5.0  # no slices
+    assert measured["without_slices"]["sites"] == 2 and measured["without_slices"] != report["slice_free"]
 
 
 def test_vessel_continuity_kept_and_cut(lung_cubes):
