@@ -33,9 +33,8 @@ from .presets import lookup_preset
 DEMO_WITHOUT_DDPM = (
     "the DDPM is not in the CPU demo's build: its sampling costs about 2.5 s per site on a CPU (25 "
     "DPM-Solver++ steps of a 3-D UNet; the GANs take milliseconds) and the demo's detectors have no "
-    "starting weights for its fakes (its shipped weights: 88 % of injections real-looking, 83 % of "
-    'removals kept on held-out phantoms; README, "Demo pipelines"); `m3d demo --device cuda` and '
-    "`m3d build` include it"
+    "starting weights for its fakes (how its shipped weights measure on held-out phantoms: their model cards "
+    'and the README, "Demo pipelines"); `m3d demo --device cuda` and `m3d build` include it'
 )
 # The CPU demo's CAD scorer starts from shipped phantom-trained weights (`m3d train-cad --preset default
 # --phantoms 16 --max-steps 400 --seed 0 --cpu`: 430 s on these 2 cores, validation AUC 0.72; its card says
