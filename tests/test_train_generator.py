@@ -865,6 +865,25 @@ def test_cube_cache_is_reused(tmp_path, monkeypatch, caplog):
     assert json.loads((tmp_path / "b" / "training_summary.json").read_text())["sites"][0]["source"] == "synth0/nodule0"
 
 
+def test_site_diameter_trains_on_the_sites_whose_nodule_measures_in_range(tmp_path, monkeypatch, capsys):
+    """--site-diameter-mm keeps the sites whose real nodule the builder measures in range (the fake phantoms'
+    removal sites hold 5 and 6 mm spheres), and no site in range is one error line."""
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    (five, six) = [synthetic_case(nodules=[((24, 42, 42), d, 2.0, "remove")]) for d in (5.0, 6.0)]
+    cubes = np.stack([cut_training_cube(c.volume, c.volume.voxel_to_world((24, 42, 42))) for c in (five, six)])
+    diameters = cubes_module.site_nodule_diameters_mm(cubes)
+    assert 3.0 < diameters[0] < 5.0 < diameters[1] < 7.0, diameters
+    remove = ["--task", "remove", "--model", "pix2pix"]
+    out = tmp_path / "small"
+    assert tg.main(_argv("pix2pix", out, 1, *remove, "--site-diameter-mm", "0", "5")) == 0
+    sources = [site["source"] for site in json.loads((out / "training_summary.json").read_text())["sites"]]
+    assert sources == ["synth0/nodule2", "synth1/nodule2"]  # NODULES[5], the 5 mm one, of each phantom
+    assert tg.main(_argv("pix2pix", tmp_path / "none", 1, *remove, "--site-diameter-mm", "9", "20")) == 2
+    assert "none of the sites' nodules measures 9-20 mm" in capsys.readouterr().err
+    assert tg.main(_argv("pix2pix", tmp_path / "bad", 1, *remove, "--site-diameter-mm", "6", "5")) == 2
+    assert "--site-diameter-mm must be LOW HIGH" in capsys.readouterr().err
+
+
 def test_bad_input_is_one_error_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
         cubes_module, "iter_phantom_cases", lambda n, **_: iter([synthetic_case(nodules=NODULES[2:5])])

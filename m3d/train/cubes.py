@@ -258,12 +258,20 @@ def center_crop(cube: np.ndarray, size: int = CUBE_SIZE) -> np.ndarray:
     return cube[tuple(slice(s, s + size) for s in start)]
 
 
+def site_nodule_diameters_mm(cubes_hu: np.ndarray) -> np.ndarray:
+    """One per training cube: the equivalent diameter (mm; 0 where none) of its real nodule (the centred 32^3
+    crop's) as the dataset builder's quality check measures it (`m3d.tamper.quality.measure_nodule`)."""
+    from ..tamper.quality import measure_nodule
+
+    return np.array([measure_nodule(center_crop(cube)).diameter_mm for cube in cubes_hu], float)
+
+
 def passes_quality_check(cubes_hu: np.ndarray, task: str) -> np.ndarray:
     """One bool per training cube: does its real nodule (the centred 32^3 crop) pass the dataset
     builder's keep rule for ``task`` (`m3d.tamper.quality.check_quality`)?"""
-    from ..tamper.quality import check_quality
+    from ..tamper.quality import passes_keep_rule
 
-    return np.array([check_quality(center_crop(cube), task).kept for cube in cubes_hu], bool)
+    return np.asarray(passes_keep_rule(site_nodule_diameters_mm(cubes_hu), task), bool)
 
 
 @dataclass(frozen=True)
@@ -392,11 +400,12 @@ class CubeDataset(Dataset):
         """From cubes already cut (``(N, 40, 40, 40)`` HU; 32^3 cubes work without shifts)."""
         return cls(cubes_hu=cubes_hu, **kwargs)
 
-    def subset(self, keep: np.ndarray) -> "CubeDataset":
-        """The sites where ``keep`` (one bool per cube) is true, with this dataset's seed and options."""
+    def subset(self, keep: np.ndarray, rule: str = "passes the quality check") -> "CubeDataset":
+        """The sites where ``keep`` (one bool per cube) is true, with this dataset's seed and options; ``rule``
+        says what ``keep`` asks of a site's nodule, for the error when no site is left."""
         keep = np.asarray(keep, bool)
         if not keep.any():
-            raise ValueError("no training cubes left: none of the sites' nodules passes the quality check")
+            raise ValueError(f"no training cubes left: none of the sites' nodules {rule}")
         return CubeDataset(
             cubes_hu=self.cubes_hu[keep],
             records=[r for r, k in zip(self.records, keep) if k],

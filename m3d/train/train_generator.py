@@ -119,6 +119,7 @@ class TrainGeneratorArguments(TrainingArguments):
     phantom_spacing: str = "native"
     cube_cache: str | None = None
     only_kept_sites: bool = False
+    site_diameter_mm: list[float] | None = None
     init_from: str | None = None
     max_steps: int = 500
     batch_size: int = 8
@@ -179,10 +180,12 @@ class TrainGeneratorArguments(TrainingArguments):
                 raise ValueError(f"{option} is for pix2pix and cyclegan; the ddpm has no generated hole to compare")
         if self.test_time_dropout and self.model != "pix2pix":
             raise ValueError(f"--test-time-dropout is for pix2pix (its decoder's dropout); got --model {self.model}")
-        if self.nodule_diameter_mm is not None and not 0 <= self.nodule_diameter_mm[0] <= self.nodule_diameter_mm[1]:
-            raise ValueError(
-                f"--nodule-diameter-mm must be LOW HIGH with 0 <= LOW <= HIGH; got {self.nodule_diameter_mm}"
-            )
+        for option, value in (
+            ("--nodule-diameter-mm", self.nodule_diameter_mm),
+            ("--site-diameter-mm", self.site_diameter_mm),
+        ):
+            if value is not None and not 0 <= value[0] <= value[1]:
+                raise ValueError(f"{option} must be LOW HIGH with 0 <= LOW <= HIGH; got {value}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be between 0 and 1 (exclusive); got {self.ema_decay}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -261,6 +264,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "task (m3d.tamper.quality: inject > 10 mm, remove < 8 mm of solid tissue above -400 HU), so the "
         "generator learns what the builder keeps (about half of the phantoms' malignant nodules are "
         "part-solid or ground glass and measure smaller)",
+    )
+    run.add_argument(
+        "--site-diameter-mm",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="train only on the sites whose real nodule measures LOW-HIGH mm (equivalent diameter of its solid "
+        "tissue above -400 HU as the builder's quality check measures it; 0 where there is none): the size of "
+        "nodule an unconditioned generator learns to draw, e.g. a remover that should leave well under the "
+        "builder's 8 mm",
     )
     run.add_argument(
         "--init-from",
@@ -1020,7 +1033,14 @@ def _cache_path(args: TrainGeneratorArguments) -> Path | None:
 def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int, progress: bool, workers: int = 1):
     """The task's training cubes from ``--data`` / ``--lidc-root`` / phantoms (made by ``workers``
     processes), or the cube cache."""
-    from .cubes import CubeDataset, iter_case_folders, iter_lidc_root, iter_phantom_cases, passes_quality_check
+    from .cubes import (
+        CubeDataset,
+        iter_case_folders,
+        iter_lidc_root,
+        iter_phantom_cases,
+        passes_quality_check,
+        site_nodule_diameters_mm,
+    )
 
     dataset = None
     cache = _cache_path(args)
@@ -1063,6 +1083,10 @@ def build_dataset(args: TrainGeneratorArguments, samples_per_epoch_multiple: int
             os.replace(tmp, cache)
     if args.only_kept_sites:
         dataset = dataset.subset(passes_quality_check(dataset.cubes_hu, args.task))
+    if args.site_diameter_mm is not None:
+        low, high = args.site_diameter_mm
+        diameters = site_nodule_diameters_mm(dataset.cubes_hu)
+        dataset = dataset.subset((diameters >= low) & (diameters <= high), f"measures {low:g}-{high:g} mm")
     multiple = samples_per_epoch_multiple
     dataset.samples_per_epoch = math.ceil(max(len(dataset.cubes_hu), multiple) / multiple) * multiple
     return dataset
