@@ -57,6 +57,7 @@ class FolderInfo:
     localizes: bool = False
     remote_code: bool = False  # the folder holds the code its config's auto_map names (trust_remote_code loads it)
     nodule_mask: bool = False  # a pipeline whose network also sees the mask of the nodule to draw
+    stochastic: bool = False  # a pix2pix pipeline that keeps its decoder's dropout on when it generates
 
 
 def folder_kind(path: str | Path) -> str:
@@ -123,6 +124,7 @@ def _folder_info(path: Path, kind: str) -> FolderInfo:
             task=str(index.get("task", "")),
             components={name: type(c).__name__ for name, c in pipeline.components.items() if c is not None},
             nodule_mask=pipeline.mask_conditioned,
+            stochastic=bool(index.get("stochastic", False)),
         )
     config = json.loads((path / "config.json").read_text())
     architectures = config.get("architectures") or [config["model_type"]]
