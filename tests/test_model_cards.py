@@ -46,11 +46,12 @@ def test_pipeline_card_says_a_mask_conditioned_network_draws_a_nodule_mask(tmp_p
 
 def test_pipeline_card_says_a_stochastic_pix2pix_samples_with_its_dropout(folders, tmp_path):
     root, _, _ = folders
-    assert "test-time dropout" not in render_model_card(root / "pix2pix-remove")
+    plain = render_model_card(root / "pix2pix-remove")
+    assert "test-time dropout" not in plain and "[-1, 1] |\n\n```python" in plain  # the table ends before the code
     network = Pix2Pix3DPipeline.from_preset("tiny", task="remove").network
     Pix2Pix3DPipeline(network=network, task="remove", stochastic=True).save_pretrained(tmp_path / "stochastic")
     text = render_model_card(tmp_path / "stochastic")
-    assert "| sampling | pix2pix's test-time dropout on" in text and "`stochastic=False`" in text
+    assert "| sampling | pix2pix's test-time dropout on" in text and "prediction |\n\n```python" in text
 
 
 def test_detector_card_results_become_model_index(folders):
