@@ -63,6 +63,6 @@ def test_pipeline_folders_saved_before_the_move_name_importable_modules():
     assert len(folders) == 6
     for folder in folders:
         for name, entry in json.loads((folder / "model_index.json").read_text()).items():
-            if isinstance(entry, list) and entry[0].split(".")[0] == "m3d":
+            if isinstance(entry, list) and entry[0] and entry[0].split(".")[0] == "m3d":  # [None, None]: absent
                 assert hasattr(importlib.import_module(entry[0]), entry[1]), (folder.name, name)
     assert type(m3d.pipelines.load_pipeline(DEMO_PIPELINES_DIR / "ddpm-remove")).__name__ == "M3DInpaintPipeline"
