@@ -57,7 +57,7 @@ class FolderInfo:
     localizes: bool = False
     remote_code: bool = False  # the folder holds the code its config's auto_map names (trust_remote_code loads it)
     nodule_mask: bool = False  # a pipeline whose network also sees the mask of the nodule to draw
-    stochastic: bool = False  # a pix2pix pipeline that keeps its decoder's dropout on when it generates
+    stochastic: bool = False  # a GAN pipeline that keeps its network's dropout on when it generates
 
 
 def folder_kind(path: str | Path) -> str:

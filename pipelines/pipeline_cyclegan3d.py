@@ -6,9 +6,11 @@ Training uses both directions (G: masked -> filled, F: filled -> masked, two Pat
 cycle-consistency losses); as in the paper only G is used at inference, so only G is a component.
 The network sees the cube with its centre hole set to 0 (``in_channels=1``) or that plus the hole
 mask (``in_channels=2``), or also the mask of the nodule to draw (``in_channels=3``, as LeFusion conditions on a
-lesion mask: ``nodule_masks``, or one drawn per cube, `m3d.tamper.nodule_shape`). It is deterministic (no dropout,
-InstanceNorm); ``generator`` seeds the drawn nodule masks and the touch-ups' noise. ``keep_context`` and the
-touch-ups as in `Pix2Pix3DPipeline`.
+lesion mask: ``nodule_masks``, or one drawn per cube, `m3d.tamper.nodule_shape`). It is deterministic (InstanceNorm,
+dropout off) unless the folder says otherwise: ``stochastic=True`` keeps the residual blocks' dropout on when it
+generates (a network trained with ``dropout > 0``; pix2pix's test-time noise, as `Pix2Pix3DPipeline`), seeded by
+``generator`` (one stream per cube). ``generator`` also seeds the drawn nodule masks and the touch-ups' noise.
+``keep_context`` and the touch-ups as in `Pix2Pix3DPipeline`.
 
 One task per folder: ``task`` ("inject" | "remove") is recorded in ``model_index.json``.
 """
@@ -43,16 +45,21 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         task: ``"inject"`` or ``"remove"``: what the weights were trained for.
         nodule_mask_bank: a mask-conditioned network's training nodule masks (`NoduleMaskBank`), drawn from when a
             call gives no ``nodule_masks``.
+        stochastic: the default of the call's ``stochastic`` (the residual blocks' dropout at inference).
     """
 
     model_cpu_offload_seq = "network"
 
     def __init__(
-        self, network: CycleGAN3DGenerator, task: str = "inject", nodule_mask_bank: NoduleMaskBank | None = None
+        self,
+        network: CycleGAN3DGenerator,
+        task: str = "inject",
+        nodule_mask_bank: NoduleMaskBank | None = None,
+        stochastic: bool = False,
     ):
         super().__init__()
         self.register_modules(network=network, nodule_mask_bank=nodule_mask_bank)
-        self.register_to_config(task=check_task_name(task))
+        self.register_to_config(task=check_task_name(task), stochastic=bool(stochastic))
 
     @classmethod
     def from_preset(cls, preset: str = "default", task: str = "inject", **overrides: Any) -> "CycleGAN3DPipeline":
@@ -74,6 +81,7 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         lung_mask: np.ndarray | None = None,
         allow_outside_lung: bool = False,
         return_dict: bool = True,
+        stochastic: bool | None = None,
         keep_context: bool = True,
         touch_up: bool | None = None,
         nodule_masks: np.ndarray | torch.Tensor | None = None,
@@ -88,14 +96,16 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
                 ``(x, y, z)`` mm centres; cubes are cut with `extract_cube` (bad locations raise
                 `TamperLocationError` before anything is generated) and pasted back one after another.
             task: optional check that the weights were trained for this task.
-            generator: a `torch.Generator` (seeds one generator per cube, for the touch-ups: same seed ->
-                same cubes, whatever ``batch_size``), a list of one per cube, or None (torch's global RNG).
+            generator: a `torch.Generator` (seeds one generator per cube, for the dropout and the touch-ups: same
+                seed -> same cubes, whatever ``batch_size``), a list of one per cube, or None (torch's global RNG).
             output_type: ``"np"``, ``"pt"`` or ``"volume"`` (requires ``volume``).
             batch_size: cubes per forward pass.
             progress: show a progress bar (one step per batch).
             lung_mask, allow_outside_lung: passed to `extract_cube` (the lungs are segmented once when no
                 mask is given).
             return_dict: return `M3DPipelineOutput` (else a tuple ``(cubes, volumes, masks)``).
+            stochastic: the residual blocks' dropout on, seeded by ``generator`` (None: the folder's
+                ``config.stochastic``); a network without dropout is the same either way.
             keep_context: replace only the hole (else keep the whole generated cube).
             touch_up: CT-GAN's touch-ups (`m3d.tamper.touch_up`): the scan's noise on the generated hole and
                 a blend into the original; None (the default) = ``keep_context``, which they need.
@@ -110,6 +120,7 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
             the voxels that changed.
         """
         touch_up = keep_context if touch_up is None else touch_up
+        stochastic = self.config.stochastic if stochastic is None else stochastic
         # 1. Check inputs
         self.check_inputs(
             cubes, volume, locations_lps_mm, task, output_type, batch_size, keep_context, touch_up,
@@ -131,7 +142,8 @@ class CycleGAN3DPipeline(M3DTamperPipeline):
         with self._generating(progress):
             for batch in self.progress_bar(inputs.batches(batch_size, generators, self._execution_device)):
                 network_input = batch.condition(self.network.config.in_channels).to(self.network.dtype)
-                filled.append(self.network(network_input).sample)
+                dropout_generator = batch.generators if stochastic else None
+                filled.append(self.network(network_input, dropout_generator=dropout_generator).sample)
 
         # 4. Postprocess: keep the known region, touch up, paste back
         output = self.cube_processor.postprocess(

@@ -209,6 +209,28 @@ def test_cyclegan_generator_shapes_and_dtype():
     assert bf16.dtype == torch.bfloat16
 
 
+def test_cyclegan_dropout_is_seeded_noise_at_inference_and_keeps_the_weight_names():
+    """The residual blocks' dropout: on in training, off in eval mode unless a ``dropout_generator`` is given (same
+    seed, same output); a network with dropout has the weight names of one without, so either loads the other's."""
+    torch.manual_seed(0)
+    plain = CycleGAN3DGenerator(ngf=4, n_blocks=2).eval()
+    dropped = CycleGAN3DGenerator(ngf=4, n_blocks=2, dropout=0.5).eval()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dropped(x).sample, plain(x).sample)  # eval: no dropout
+        seeded = [dropped(x, dropout_generator=torch.Generator().manual_seed(1)).sample for _ in range(2)]
+        other = dropped(x, dropout_generator=torch.Generator().manual_seed(2)).sample
+        per_item = dropped(x, dropout_generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).sample
+        unchanged = plain(x, dropout_generator=torch.Generator().manual_seed(1)).sample
+    assert torch.equal(*seeded) and (seeded[0] - other).abs().max() > 1e-3
+    assert not torch.equal(per_item, seeded[0])
+    torch.testing.assert_close(unchanged, plain(x).sample)  # no dropout: the generator changes nothing
+    with torch.no_grad():
+        trained = dropped.train()(x).sample
+    assert (trained - plain(x).sample).abs().max() > 1e-3
+
+
 def nyquist_power_fraction(cube: np.ndarray) -> float:
     """Share of a cube's power spectrum (mean removed) at the Nyquist frequency of any axis."""
     power = np.abs(np.fft.fftn(cube - cube.mean())) ** 2
@@ -377,6 +399,22 @@ def test_gan_pipelines_fill_only_the_hole_unless_asked():
     c = call(pix2pix, cubes, stochastic=True, generator=torch.Generator().manual_seed(1)).cubes
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_a_cyclegan_with_dropout_samples_with_it_when_stochastic():
+    """``stochastic=True`` turns on the residual blocks' dropout, seeded per cube by ``generator``; off, the
+    network is deterministic."""
+    cubes = random_cubes(2)
+    pipe = CycleGAN3DPipeline(network=CycleGAN3DGenerator.from_preset("tiny", dropout=0.5), task="remove")
+    randomize(pipe.network)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.stochastic is False
+    draws = [call(pipe, cubes, stochastic=True, touch_up=False, generator=torch.Generator().manual_seed(s)).cubes
+             for s in (0, 0, 1)]  # fmt: skip
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert not np.array_equal(draws[0], draws[2])
+    off = [call(pipe, cubes, touch_up=False, generator=torch.Generator().manual_seed(s)).cubes for s in (0, 1)]
+    np.testing.assert_array_equal(*off)
 
 
 def test_a_folder_saved_stochastic_keeps_its_test_time_dropout_by_default(tmp_path):

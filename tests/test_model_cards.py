@@ -4,7 +4,7 @@ import yaml
 from m3d.cli import main
 from m3d.detectors import UNetConfig, UNetForForgeryDetection, XceptionConfig, XceptionForForgeryDetection
 from m3d.model_cards import CardResult, folder_kind, render_model_card, write_model_card
-from m3d.pipelines import Pix2Pix3DPipeline
+from m3d.pipelines import CycleGAN3DPipeline, Pix2Pix3DPipeline
 
 
 def front_matter(text: str) -> dict:
@@ -44,14 +44,16 @@ def test_pipeline_card_says_a_mask_conditioned_network_draws_a_nodule_mask(tmp_p
     assert "nodule_masks=" in text and "nodule_mask_bank" in text
 
 
-def test_pipeline_card_says_a_stochastic_pix2pix_samples_with_its_dropout(folders, tmp_path):
+@pytest.mark.parametrize("pipeline_class", [Pix2Pix3DPipeline, CycleGAN3DPipeline])
+def test_pipeline_card_says_a_stochastic_gan_samples_with_its_dropout(folders, tmp_path, pipeline_class):
     root, _, _ = folders
     plain = render_model_card(root / "pix2pix-remove")
-    assert "test-time dropout" not in plain and "[-1, 1] |\n\n```python" in plain  # the table ends before the code
-    network = Pix2Pix3DPipeline.from_preset("tiny", task="remove").network
-    Pix2Pix3DPipeline(network=network, task="remove", stochastic=True).save_pretrained(tmp_path / "stochastic")
+    assert "| sampling |" not in plain and "[-1, 1] |\n\n```python" in plain  # the table ends before the code
+    network = pipeline_class.from_preset("tiny", task="remove").network
+    pipeline_class(network=network, task="remove", stochastic=True).save_pretrained(tmp_path / "stochastic")
     text = render_model_card(tmp_path / "stochastic")
-    assert "| sampling | pix2pix's test-time dropout on" in text and "prediction |\n\n```python" in text
+    assert "| sampling | the network's dropout on, as pix2pix's test-time noise" in text
+    assert "(CT-GAN's way) |\n\n```python" in text
 
 
 def test_detector_card_results_become_model_index(folders):

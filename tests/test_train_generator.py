@@ -520,6 +520,18 @@ def test_test_time_dropout_and_the_spectral_loss_on_the_command_line(tmp_path, m
     assert load_pipeline(out / "pipeline").config.stochastic is True
 
 
+def test_a_cyclegan_trained_with_dropout_saves_a_stochastic_pipeline(tmp_path, monkeypatch):
+    """--test-time-dropout with a cyclegan that has dropout saves a pipeline that samples with it by default."""
+    from m3d.pipelines import load_pipeline
+
+    monkeypatch.setattr(cubes_module, "iter_phantom_cases", fake_phantoms)
+    out = tmp_path / "run"
+    extra = ("--checkpointing-steps", "0", "--config-overrides", "dropout=0.5", "--test-time-dropout")
+    assert tg.main(_argv("cyclegan", out, 1, *extra)) == 0
+    pipe = load_pipeline(out / "pipeline")
+    assert pipe.config.stochastic is True and pipe.network.config.dropout == 0.5
+
+
 def test_hole_only_losses_ignore_the_generated_context(case):
     from accelerate import Accelerator
 
@@ -932,6 +944,9 @@ def test_option_checks_name_the_option_and_allow_none_where_optional(tmp_path):
     with pytest.raises(ValueError, match="^--lambda-spectral-peak is for pix2pix and cyclegan"):
         argv = ["--model", "ddpm", "--task", "inject", "--output-dir", str(tmp_path), "--lambda-spectral-peak", "1"]
         TrainGeneratorArguments.parse(build_parser(), argv).check()
-    with pytest.raises(ValueError, match="^--test-time-dropout is for pix2pix"):
+    with pytest.raises(ValueError, match="^--test-time-dropout is for pix2pix and cyclegan"):
+        argv = ["--model", "ddpm", "--task", "inject", "--output-dir", str(tmp_path), "--test-time-dropout"]
+        TrainGeneratorArguments.parse(build_parser(), argv).check()
+    with pytest.raises(ValueError, match="^--test-time-dropout needs a cyclegan with dropout: add dropout=0.5"):
         argv = ["--model", "cyclegan", "--task", "inject", "--output-dir", str(tmp_path), "--test-time-dropout"]
         TrainGeneratorArguments.parse(build_parser(), argv).check()

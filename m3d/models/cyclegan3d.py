@@ -4,8 +4,9 @@ The generator is the CycleGAN ResNet generator (Zhu et al. 2017, "c7s1-64, d128,
 u128, u64, c7s1-3") made volumetric: ``ReflectionPad3d(3)`` + ``Conv3d(7^3)`` -> InstanceNorm ->
 ReLU; ``n_downsampling`` (2) ``Conv3d(3^3, stride 2)`` -> InstanceNorm -> ReLU doubling the width;
 ``n_blocks`` residual blocks (reflection pad, conv 3^3, InstanceNorm, ReLU, [dropout], reflection
-pad, conv 3^3, InstanceNorm, + input); ``n_downsampling`` x (trilinear upsample x2, pad 1, ``Conv3d(3^3)``)
--> InstanceNorm -> ReLU; ``ReflectionPad3d(3)`` + ``Conv3d(7^3)`` -> tanh.
+pad, conv 3^3, InstanceNorm, + input; the dropout can also run at inference, seeded, as pix2pix's
+noise); ``n_downsampling`` x (trilinear upsample x2, pad 1, ``Conv3d(3^3)``) -> InstanceNorm -> ReLU;
+``ReflectionPad3d(3)`` + ``Conv3d(7^3)`` -> tanh.
 
 Upsampling is resize + convolution rather than CycleGAN's ``ConvTranspose3d(3^3, stride 2)``: a strided
 transposed convolution whose kernel is not divisible by its stride covers the output unevenly, which
@@ -41,7 +42,7 @@ from torch import nn
 
 from ..presets import PresetMixin
 
-from .pix2pix3d import GeneratorOutput, PatchDiscriminator3D
+from .pix2pix3d import GeneratorOutput, PatchDiscriminator3D, seeded_dropout
 
 __all__ = ["CycleGAN3DGenerator", "CycleGAN3DDiscriminator"]
 
@@ -63,21 +64,26 @@ def _instance_norm(channels: int) -> nn.Module:
 
 
 class ResnetBlock3D(nn.Module):
+    """CycleGAN's residual block: pad, conv, norm, ReLU, [dropout], pad, conv, norm, + input. The dropout is applied
+    between ``block[:4]`` and ``block[4:]`` rather than held as a layer, so that a network with dropout has the same
+    weight names as one without (a trained network can be fine-tuned with it)."""
+
     def __init__(self, channels: int, padding_mode: str, dropout: float):
         super().__init__()
-        layers: list[nn.Module] = [
+        self.dropout = dropout
+        self.block = nn.Sequential(
             _pad(padding_mode, 1),
             nn.Conv3d(channels, channels, 3),
             _instance_norm(channels),
             nn.ReLU(),
-        ]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        layers += [_pad(padding_mode, 1), nn.Conv3d(channels, channels, 3), _instance_norm(channels)]
-        self.block = nn.Sequential(*layers)
+            _pad(padding_mode, 1),
+            nn.Conv3d(channels, channels, 3),
+            _instance_norm(channels),
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
+    def forward(self, x: torch.Tensor, dropout_generator=None) -> torch.Tensor:
+        h = seeded_dropout(self.block[:4](x), self.dropout, self.training, dropout_generator)
+        return x + self.block[4:](h)
 
 
 class CycleGAN3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
@@ -90,7 +96,8 @@ class CycleGAN3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
         ngf: filters of the first layer (CycleGAN: 64; default 32 for CPU demos).
         n_blocks: residual blocks at the lowest resolution (default 6).
         n_downsampling: stride-2 stages (2: 32^3 -> 8^3).
-        dropout: dropout inside residual blocks (CycleGAN's default: none).
+        dropout: dropout inside residual blocks (CycleGAN's default: none; its option: 0.5), active in training mode
+            only unless a ``dropout_generator`` is given to ``forward``.
         padding_mode: ``"reflect"`` (CycleGAN), ``"replicate"`` or ``"zeros"``.
         skip_connections: add the encoder's features at each resolution to the decoder's output at that
             resolution (off in CycleGAN; see the module doc).
@@ -142,8 +149,16 @@ class CycleGAN3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
         self.decoder = nn.Sequential(*head)
         self.gradient_checkpointing = False
 
-    def forward(self, sample: torch.Tensor, return_dict: bool = True) -> GeneratorOutput | tuple[torch.Tensor]:
-        """Translate ``sample`` ``(B, in_channels, D, H, W)`` (sizes divisible by ``2 ** n_downsampling``)."""
+    def forward(
+        self,
+        sample: torch.Tensor,
+        dropout_generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> GeneratorOutput | tuple[torch.Tensor]:
+        """Translate ``sample`` ``(B, in_channels, D, H, W)`` (sizes divisible by ``2 ** n_downsampling``).
+
+        ``dropout_generator`` turns on the residual blocks' dropout in eval mode, seeded (pix2pix's test-time noise).
+        """
         if sample.ndim != 5:
             raise ValueError(f"sample must be (B, C, D, H, W); got shape {tuple(sample.shape)}")
         factor = 2**self.config.n_downsampling
@@ -156,9 +171,9 @@ class CycleGAN3DGenerator(PresetMixin, ModelMixin, ConfigMixin):
             h = layer(h)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = self._gradient_checkpointing_func(block, h)
+                h = self._gradient_checkpointing_func(block, h, dropout_generator)
             else:
-                h = block(h)
+                h = block(h, dropout_generator)
         for layer in self.decoder:
             h = layer(h)
             if skips and isinstance(layer, nn.ReLU):  # the end of an upsampling stage

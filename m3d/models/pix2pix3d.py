@@ -84,6 +84,19 @@ def _random_like(x: torch.Tensor, generator: torch.Generator | list[torch.Genera
     return torch.rand(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x.device, x.dtype)
 
 
+def seeded_dropout(
+    x: torch.Tensor, rate: float, training: bool, generator: torch.Generator | list[torch.Generator] | None
+) -> torch.Tensor:
+    """Dropout at ``rate``: torch's in training; in eval mode none, unless ``generator`` is given: then a mask drawn
+    from it (pix2pix's test-time noise, seeded by one generator or one per batch item)."""
+    if rate <= 0 or not (training or generator is not None):
+        return x
+    if training:
+        return F.dropout(x, rate, training=True)
+    keep = (_random_like(x, generator) >= rate).to(x.dtype)
+    return x * keep / (1 - rate)
+
+
 def upsample(x: torch.Tensor, mode: str) -> torch.Tensor:
     """Resize ``x`` by 2 on each spatial axis, by nearest-neighbour copies (CT-GAN) or trilinearly."""
     if mode == "trilinear":
@@ -103,13 +116,7 @@ class _UpLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, dropout_generator=None) -> torch.Tensor:
         x = F.relu(self.conv(upsample(x, self.upsample_mode)))
-        if self.dropout > 0:
-            if self.training:
-                x = F.dropout(x, self.dropout, training=True)
-            elif dropout_generator is not None:  # pix2pix-style test-time noise, seeded
-                keep = (_random_like(x, dropout_generator) >= self.dropout).to(x.dtype)
-                x = x * keep / (1 - self.dropout)
-        return self.norm(x)
+        return self.norm(seeded_dropout(x, self.dropout, self.training, dropout_generator))
 
 
 class Pix2Pix3DGenerator(PresetMixin, ModelMixin, ConfigMixin):

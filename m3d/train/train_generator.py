@@ -169,6 +169,7 @@ class TrainGeneratorArguments(TrainingArguments):
             raise ValueError("--checkpoints-total-limit must be positive")
         if self.full_cycle_weight < 0:
             raise ValueError(f"--full-cycle-weight must not be negative; got {self.full_cycle_weight}")
+        overrides = parse_config_overrides(self.config_overrides)
         spectral_weights = {
             "--lambda-spectral": self.lambda_spectral,
             "--lambda-spectral-peak": self.lambda_spectral_peak,
@@ -178,8 +179,12 @@ class TrainGeneratorArguments(TrainingArguments):
                 raise ValueError(f"{option} must not be negative; got {weight}")
             if weight > 0 and self.model == "ddpm":
                 raise ValueError(f"{option} is for pix2pix and cyclegan; the ddpm has no generated hole to compare")
-        if self.test_time_dropout and self.model != "pix2pix":
-            raise ValueError(f"--test-time-dropout is for pix2pix (its decoder's dropout); got --model {self.model}")
+        if self.test_time_dropout and self.model == "ddpm":
+            raise ValueError("--test-time-dropout is for pix2pix and cyclegan (their dropout); got --model ddpm")
+        if self.test_time_dropout and self.model == "cyclegan" and not overrides.get("dropout"):
+            raise ValueError(
+                "--test-time-dropout needs a cyclegan with dropout: put dropout=0.5 in --config-overrides"
+            )
         for option, value in (
             ("--nodule-diameter-mm", self.nodule_diameter_mm),
             ("--site-diameter-mm", self.site_diameter_mm),
@@ -190,7 +195,7 @@ class TrainGeneratorArguments(TrainingArguments):
             raise ValueError(f"--ema-decay must be between 0 and 1 (exclusive); got {self.ema_decay}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"--snr-gamma must be positive; got {self.snr_gamma}")
-        check_config_overrides(self.model, parse_config_overrides(self.config_overrides))
+        check_config_overrides(self.model, overrides)
         if self.model == "pix2pix" and self.batch_size < 2:
             raise ValueError("pix2pix trains BatchNorm down to a 1^3 bottleneck: --batch-size must be at least 2")
 
@@ -393,8 +398,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     save.add_argument(
         "--test-time-dropout",
         action="store_true",
-        help="pix2pix: the saved pipeline keeps the decoder's dropout on when it generates (pix2pix's noise; "
-        "saved in model_index.json as its default 'stochastic'): the texture the generator learned with it",
+        help="pix2pix, cyclegan: the saved pipeline keeps the network's dropout on when it generates (pix2pix's "
+        "noise; saved in model_index.json as its default 'stochastic'): the texture the generator learned with it "
+        "(a cyclegan needs dropout=0.5 in --config-overrides)",
     )
     save.add_argument(
         "--nodule-diameter-mm",
@@ -787,7 +793,11 @@ class CycleGANTrainer(GeneratorTrainer):
     def pipeline(self):
         from ..pipelines import CycleGAN3DPipeline
 
-        return CycleGAN3DPipeline(network=self.pipeline_network(), task=self.task)
+        return CycleGAN3DPipeline(
+            network=self.pipeline_network(),
+            task=self.task,
+            stochastic=getattr(self.args, "test_time_dropout", False),
+        )
 
 
 class DDPMTrainer(GeneratorTrainer):
