@@ -947,6 +947,6 @@ def test_option_checks_name_the_option_and_allow_none_where_optional(tmp_path):
     with pytest.raises(ValueError, match="^--test-time-dropout is for pix2pix and cyclegan"):
         argv = ["--model", "ddpm", "--task", "inject", "--output-dir", str(tmp_path), "--test-time-dropout"]
         TrainGeneratorArguments.parse(build_parser(), argv).check()
-    with pytest.raises(ValueError, match="^--test-time-dropout needs a cyclegan with dropout: add dropout=0.5"):
+    with pytest.raises(ValueError, match="^--test-time-dropout needs a cyclegan with dropout: put dropout=0.5"):
         argv = ["--model", "cyclegan", "--task", "inject", "--output-dir", str(tmp_path), "--test-time-dropout"]
         TrainGeneratorArguments.parse(build_parser(), argv).check()

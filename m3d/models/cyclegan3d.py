@@ -81,7 +81,9 @@ class ResnetBlock3D(nn.Module):
             _instance_norm(channels),
         )
 
-    def forward(self, x: torch.Tensor, dropout_generator=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, dropout_generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
         h = seeded_dropout(self.block[:4](x), self.dropout, self.training, dropout_generator)
         return x + self.block[4:](h)
 
