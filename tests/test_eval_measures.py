@@ -319,6 +319,44 @@ def test_oracle_injections_paste_real_nodules_into_the_sites_holes_only():
     assert eval_demo.two_sample_oracle(sites, real[:0], real, draws=1) is None
 
 
+def test_oracle_removals_feather_real_lung_into_the_holes_and_measure_their_peak_in_the_scan():
+    """Each removal site's hole takes a real lung cube's hole, whole inside the feather and blended over the hole's
+    faces, each real cube once while they last; the context stays the site's. The oracle's peak is measured on
+    those cubes and on what the scan holds once they are pasted into it."""
+    sites = np.stack([np.full((32, 32, 32), -800.0 - i, np.float32) for i in range(3)])
+    lung = np.stack([np.full((32, 32, 32), -900.0 + 10 * i, np.float32) for i in range(3)])
+    oracle = eval_demo.oracle_removals(sites, lung, seed=0)
+    hole, centre = hole_mask(), (slice(12, 20),) * 3
+    assert sorted(np.unique(oracle[(slice(None), *centre)]).tolist()) == [-900.0, -890.0, -880.0]
+    for filled, site in zip(oracle, sites):
+        assert np.array_equal(filled[~hole], site[~hole])
+        assert np.unique(filled[hole]).size > 2  # the feather's blend between the site and the real lung
+    twice = eval_demo.oracle_removals(np.concatenate([sites, sites]), lung[:1], seed=1)
+    assert (twice[(slice(None), *centre)] == -900.0).all()  # fewer real cubes than sites: drawn again
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-850.0, 25.0, (40, 64, 64)).round().astype(np.int16)
+    case = SimpleNamespace(volume=CTVolume(hu, spacing_mm=(2.5, 1.0, 1.0)), lung_mask=np.ones(hu.shape, bool))
+    locations = [np.array([31.5, 31.5, 40.0 + 2.5 * k / 4]) for k in range(4)]
+    scans = [(case, {"inject": [], "remove": locations})]
+    removal_sites = np.stack([extract_cube(case.volume, spot, lung_mask=case.lung_mask).hu for spot in locations])
+    real_lung = rng.normal(-850.0, 25.0, (5, 32, 32, 32)).astype(np.float32)
+    peaks = eval_demo.spectral_peak_oracle(removal_sites, real_lung, scans, draws=2)
+    filled = [eval_demo.oracle_removals(removal_sites, real_lung, seed) for seed in (0, 1)]
+    cube = [round(eval_demo.spectral_peak_ratio(cubes), 2) for cubes in filled]
+    scan = [round(eval_demo.spectral_peak_ratio(eval_demo.in_the_scan(cubes, scans, "remove")), 2) for cubes in filled]
+    assert peaks == {
+        "cube": round(float(np.mean(cube)), 2),
+        "cube_range": sorted(cube),
+        "in_the_scan": round(float(np.mean(scan)), 2),
+        "in_the_scan_range": sorted(scan),
+        "draws": 2,
+        "real_lung_cubes": 5,
+    }
+    assert peaks["cube"] != peaks["in_the_scan"]
+    assert eval_demo.spectral_peak_oracle(removal_sites, real_lung[:0], scans, draws=1) is None
+
+
 def test_proportion_interval_is_wilsons_and_checks_its_input():
     assert eval_demo.proportion_interval(0, 10) == pytest.approx([0.0, 0.278], abs=1e-3)
     assert eval_demo.proportion_interval(10, 10) == pytest.approx([0.722, 1.0], abs=1e-3)
