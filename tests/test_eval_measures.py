@@ -110,16 +110,21 @@ def test_slice_phase_tells_a_fixed_pattern_from_the_slices_of_each_scan(lung_cub
         slice_phase.plane_modulation(lung_cubes[:, :20])
 
 
+def _scan_with_removal_sites(seed: int, sites: int) -> tuple[list, np.ndarray]:
+    """A lung-noise scan of 2.5 mm slices with ``sites`` removal sites spread over one slice, as `held_out_cubes`
+    gives scans, and the sites' pristine cubes."""
+    hu = np.random.default_rng(seed).normal(-850.0, 25.0, (40, 64, 64)).round().astype(np.int16)
+    case = SimpleNamespace(volume=CTVolume(hu, spacing_mm=(2.5, 1.0, 1.0)), lung_mask=np.ones(hu.shape, bool))
+    locations = [np.array([31.5, 31.5, 40.0 + 2.5 * k / sites]) for k in range(sites)]  # LPS x, y, z
+    pristine = np.stack([extract_cube(case.volume, spot, lung_mask=case.lung_mask).hu for spot in locations])
+    return [(case, {"inject": [], "remove": locations})], pristine
+
+
 def test_in_the_scan_resamples_a_fixed_pattern_onto_each_scans_slices(lung_cubes):
     """A pristine cube pasted back comes out as it was; a z-stripe at the slice period painted at one phase into
     every hole is sampled by the scan's 2.5 mm slices at the same point of its period on every slice: a constant
     per site, so what the scan holds keeps almost nothing of the stripe."""
-    rng = np.random.default_rng(0)
-    hu = rng.normal(-850.0, 25.0, (40, 64, 64)).round().astype(np.int16)
-    case = SimpleNamespace(volume=CTVolume(hu, spacing_mm=(2.5, 1.0, 1.0)), lung_mask=np.ones(hu.shape, bool))
-    locations = [np.array([31.5, 31.5, 40.0 + 2.5 * k / 8]) for k in range(8)]  # LPS x, y, z: over one slice
-    scans = [(case, {"inject": [], "remove": locations})]
-    pristine = np.stack([extract_cube(case.volume, location, lung_mask=case.lung_mask).hu for location in locations])
+    scans, pristine = _scan_with_removal_sites(seed=0, sites=8)
     assert np.array_equal(eval_demo.in_the_scan(pristine, scans, "remove"), pristine)
     striped = _slice_striped(pristine, [0.3] * len(pristine))
     assert slice_phase.phase_concentration(slice_phase.plane_modulation(striped)) > 0.95
@@ -134,16 +139,11 @@ def test_measure_draw_also_measures_what_the_scan_holds():
     cut again (`in_the_scan`), which differ from the cube's; the mean over draws keeps the view apart."""
     from m3d.pipelines import Pix2Pix3DPipeline
 
-    rng = np.random.default_rng(1)
-    hu = rng.normal(-850.0, 25.0, (40, 64, 64)).round().astype(np.int16)
-    case = SimpleNamespace(volume=CTVolume(hu, spacing_mm=(2.5, 1.0, 1.0)), lung_mask=np.ones(hu.shape, bool))
-    locations = [np.array([31.5, 31.5, 40.0 + 2.5 * k / 6]) for k in range(6)]
-    scans = [(case, {"inject": [], "remove": locations})]
-    pristine = np.stack([extract_cube(case.volume, location, lung_mask=case.lung_mask).hu for location in locations])
+    scans, pristine = _scan_with_removal_sites(seed=1, sites=6)
     pipe = Pix2Pix3DPipeline.from_preset("tiny", task="remove")
     generated, figures, _ = eval_demo.measure_draw(pipe, pristine, pristine[::-1].copy(), (-100.0, 100.0), 0, scans)
     in_scan = figures["in_the_scan"]
-    assert in_scan["n"] == len(locations) and 0.0 <= in_scan["two_sample_accuracy"] <= 1.0
+    assert in_scan["n"] == len(pristine) and 0.0 <= in_scan["two_sample_accuracy"] <= 1.0
     assert in_scan["seam_ratio_mean"] != figures["seam_ratio_mean"]
     assert in_scan["seam_ratio_mean"] == pytest.approx(
         np.mean([eval_demo.seam_ratio(cube) for cube in eval_demo.in_the_scan(generated, scans, "remove")]), abs=1e-3
@@ -322,7 +322,8 @@ def test_oracle_injections_paste_real_nodules_into_the_sites_holes_only():
 def test_oracle_removals_feather_real_lung_into_the_holes_and_measure_their_peak_in_the_scan():
     """Each removal site's hole takes a real lung cube's hole, whole inside the feather and blended over the hole's
     faces, each real cube once while they last; the context stays the site's. The oracle's peak is measured on
-    those cubes and on what the scan holds once they are pasted into it."""
+    those cubes and on what the scan holds once they are pasted into it: a stripe the scan's slices cannot hold
+    peaks in the cube and not in the scan."""
     sites = np.stack([np.full((32, 32, 32), -800.0 - i, np.float32) for i in range(3)])
     lung = np.stack([np.full((32, 32, 32), -900.0 + 10 * i, np.float32) for i in range(3)])
     oracle = eval_demo.oracle_removals(sites, lung, seed=0)
@@ -334,13 +335,9 @@ def test_oracle_removals_feather_real_lung_into_the_holes_and_measure_their_peak
     twice = eval_demo.oracle_removals(np.concatenate([sites, sites]), lung[:1], seed=1)
     assert (twice[(slice(None), *centre)] == -900.0).all()  # fewer real cubes than sites: drawn again
 
-    rng = np.random.default_rng(0)
-    hu = rng.normal(-850.0, 25.0, (40, 64, 64)).round().astype(np.int16)
-    case = SimpleNamespace(volume=CTVolume(hu, spacing_mm=(2.5, 1.0, 1.0)), lung_mask=np.ones(hu.shape, bool))
-    locations = [np.array([31.5, 31.5, 40.0 + 2.5 * k / 4]) for k in range(4)]
-    scans = [(case, {"inject": [], "remove": locations})]
-    removal_sites = np.stack([extract_cube(case.volume, spot, lung_mask=case.lung_mask).hu for spot in locations])
-    real_lung = rng.normal(-850.0, 25.0, (5, 32, 32, 32)).astype(np.float32)
+    scans, removal_sites = _scan_with_removal_sites(seed=0, sites=4)
+    lung_noise = np.random.default_rng(1).normal(-850.0, 25.0, (5, 32, 32, 32))
+    real_lung = _slice_striped(lung_noise, [0.3] * 5)  # a stripe at the slice period, which the scan's slices drop
     peaks = eval_demo.spectral_peak_oracle(removal_sites, real_lung, scans, draws=2)
     filled = [eval_demo.oracle_removals(removal_sites, real_lung, seed) for seed in (0, 1)]
     cube = [round(eval_demo.spectral_peak_ratio(cubes), 2) for cubes in filled]
@@ -353,7 +350,7 @@ def test_oracle_removals_feather_real_lung_into_the_holes_and_measure_their_peak
         "draws": 2,
         "real_lung_cubes": 5,
     }
-    assert peaks["cube"] != peaks["in_the_scan"]
+    assert peaks["in_the_scan"] < peaks["cube"] / 2
     assert eval_demo.spectral_peak_oracle(removal_sites, real_lung[:0], scans, draws=1) is None
 
 
