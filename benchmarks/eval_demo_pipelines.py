@@ -114,7 +114,6 @@ from m3d.tamper.cube import (
     unit_to_hu,
 )
 from m3d.tamper.plan import plan_scan
-from m3d.tamper.touch_up import hole_feather
 from m3d.tamper.quality import (
     QualityCriteria,
     QualityResult,
@@ -125,6 +124,7 @@ from m3d.tamper.quality import (
     passes_keep_rule,
     thick_tissue,
 )
+from m3d.tamper.touch_up import hole_feather
 from two_sample_test import two_sample_accuracy  # the script beside this one (its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
