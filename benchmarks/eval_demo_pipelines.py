@@ -641,7 +641,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--pipelines", nargs="+", type=Path, default=None, help="pipeline folders (default: the demo folders)"
     )
-    parser.add_argument("--phantoms", type=int, default=12, help="held-out phantoms")
+    parser.add_argument(
+        "--phantoms", type=int, default=20, help="held-out phantoms (the committed results: 20, about 34 + 18 sites)"
+    )
     parser.add_argument("--seed", type=int, default=2024, help="held-out phantom seed (training used 0)")
     parser.add_argument(
         "--size", type=int, default=DEFAULT_PHANTOMS["size"], help="phantom in-plane matrix (the builder's)"
@@ -670,8 +672,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-montage", action="store_true")
     args = parser.parse_args(argv)
-    if args.draws < 1:
-        parser.error(f"--draws must be at least 1; got {args.draws}")
+    if args.draws < 1 or args.phantoms < 1:
+        parser.error(f"--draws and --phantoms must be at least 1; got {args.draws} and {args.phantoms}")
     torch.manual_seed(0)
 
     pristine, scans = held_out_cubes(args.phantoms, args.seed, args.size, args.max_slices, args.phantom_spacing)

@@ -400,3 +400,10 @@ def test_measure_draw_gives_each_seed_its_own_draw(lung_cubes):
     assert figures["seed"] == 0 and other_figures["seed"] == 1 and figures["n"] == len(lung_cubes) and seconds > 0
     assert {"kept_fraction", "spectral_peak_ratio", "two_sample_accuracy", "seam_ratio_raw"} <= set(figures)
     np.testing.assert_array_equal(first[:, ~hole_mask()], lung_cubes[:, ~hole_mask()])  # only the hole is generated
+
+
+@pytest.mark.parametrize("option", ["--draws", "--phantoms"])
+def test_evaluation_refuses_fewer_than_one_draw_or_phantom(option, capsys):
+    with pytest.raises(SystemExit):
+        eval_demo.main([option, "0", "--no-montage"])
+    assert "--draws and --phantoms must be at least 1" in capsys.readouterr().err
