@@ -512,18 +512,25 @@ def real_looking_ceiling(real_nodules_hu: np.ndarray, hu_range: tuple[float, flo
     }
 
 
+def drawn_per_site(real_hu: np.ndarray, sites: int, seed: int) -> np.ndarray:
+    """One of the real cubes ``real_hu`` per site, drawn by ``seed``: each at most once while they last."""
+    return real_hu[np.random.default_rng(seed).choice(len(real_hu), sites, replace=len(real_hu) < sites)]
+
+
+def mean_and_range(name: str, values: list[float], digits: int) -> dict:
+    """``values`` of several draws as ``{name: their mean, name_range: [lowest, highest]}``."""
+    return {name: round(float(np.mean(values)), digits), f"{name}_range": [min(values), max(values)]}
+
+
 def oracle_injections(sites_hu: np.ndarray, real_nodules_hu: np.ndarray, seed: int) -> np.ndarray:
     """An exact injector: into the hole of each site's cube, the nodule of a real cube (its `central_nodule_mask`
     within the hole) drawn from ``real_nodules_hu`` by ``seed`` (each at most once while they last); everything
     else is the site's own."""
-    picks = np.random.default_rng(seed).choice(
-        len(real_nodules_hu), len(sites_hu), replace=len(real_nodules_hu) < len(sites_hu)
-    )
     hole = hole_mask(sites_hu.shape[1:])
     return np.stack(
         [
             np.where(central_nodule_mask(real) & hole, real, site)
-            for site, real in zip(sites_hu, real_nodules_hu[picks])
+            for site, real in zip(sites_hu, drawn_per_site(real_nodules_hu, len(sites_hu), seed))
         ]
     ).astype(np.float32)
 
@@ -542,12 +549,7 @@ def two_sample_oracle(
     ]
     if None in accuracies:
         return None
-    return {
-        "accuracy": round(float(np.mean(accuracies)), 3),
-        "accuracy_range": [min(accuracies), max(accuracies)],
-        "draws": draws,
-        "real_nodules": len(real_nodules_hu),
-    }
+    return {**mean_and_range("accuracy", accuracies, 3), "draws": draws, "real_nodules": len(real_nodules_hu)}
 
 
 def two_sample_oracle_control(sites_hu: np.ndarray, real_nodules_hu: np.ndarray, draws: int) -> dict | None:
@@ -564,8 +566,7 @@ def two_sample_oracle_control(sites_hu: np.ndarray, real_nodules_hu: np.ndarray,
         pair = (oracle_injections(sites_hu, nodules, seed) for nodules in (first, second))
         accuracies.append(two_sample_accuracy(*pair, seed=0, paired=True)["accuracy"])
     return {
-        "accuracy": round(float(np.mean(accuracies)), 3),
-        "accuracy_range": [min(accuracies), max(accuracies)],
+        **mean_and_range("accuracy", accuracies, 3),
         "draws": draws,
         "real_nodules_per_half": len(real_nodules_hu) // 2,
     }
@@ -576,11 +577,8 @@ def oracle_removals(sites_hu: np.ndarray, real_lung_hu: np.ndarray, seed: int) -
     drawn from ``real_lung_hu`` by ``seed`` (each at most once while they last) and feathered in over the hole's
     faces as the removers' touch-ups blend (`m3d.tamper.touch_up.hole_feather`), without their added noise, which
     real tissue holds already."""
-    picks = np.random.default_rng(seed).choice(
-        len(real_lung_hu), len(sites_hu), replace=len(real_lung_hu) < len(sites_hu)
-    )
     feather = hole_feather()
-    return (feather * real_lung_hu[picks] + (1 - feather) * sites_hu).astype(np.float32)
+    return (feather * drawn_per_site(real_lung_hu, len(sites_hu), seed) + (1 - feather) * sites_hu).astype(np.float32)
 
 
 def spectral_peak_oracle(sites_hu: np.ndarray, real_lung_hu: np.ndarray, scans: list, draws: int) -> dict | None:
@@ -596,11 +594,12 @@ def spectral_peak_oracle(sites_hu: np.ndarray, real_lung_hu: np.ndarray, scans: 
         filled = oracle_removals(sites_hu, real_lung_hu, seed)
         peaks["cube"].append(round(spectral_peak_ratio(filled), 2))
         peaks["in_the_scan"].append(round(spectral_peak_ratio(in_the_scan(filled, scans, "remove")), 2))
-    summary: dict = {}
-    for view, values in peaks.items():
-        summary[view] = round(float(np.mean(values)), 2)
-        summary[f"{view}_range"] = [min(values), max(values)]
-    return {**summary, "draws": draws, "real_lung_cubes": len(real_lung_hu)}
+    return {
+        **mean_and_range("cube", peaks["cube"], 2),
+        **mean_and_range("in_the_scan", peaks["in_the_scan"], 2),
+        "draws": draws,
+        "real_lung_cubes": len(real_lung_hu),
+    }
 
 
 def halves(cubes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
