@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     hu_range = real_nodule_hu_range(held_out.pristine["remove"])
     report = {**held_out.report, "real_nodule_mean_hu_range": list(hu_range), "pipelines": {}}
     for name in INJECTORS:
-        generated, _ = generate(load_pipeline(DEMO_DIR / name), sites, seed=0)
+        generated = generate(load_pipeline(DEMO_DIR / name), sites, seed=0)[0]
         as_measured = real_looking([check_quality(cube, "inject") for cube in generated], hu_range)
         wall_left_out = real_looking(
             [check_quality(cube, "inject", pristine_hu=pristine) for cube, pristine in zip(generated, sites)], hu_range

@@ -67,12 +67,13 @@ between seeds, more than one site's worth.
 
 ``in_the_scan``: the same figures (two-sample folds left out) for what the tampered scan holds: each generated cube
 pasted into its own scan (`m3d.tamper.cube.paste_cube`, as the builder saves a fake: resampled onto the scan's
-voxels and slices) and the 1 mm cube cut there again (`in_the_scan`). A pristine cube comes back exactly, so the
-pristine references and the real cubes of the two-sample test are the same for both views; what the scan's
+voxels and slices, replacing the scan by the pipeline's ``replaced`` weights) and the 1 mm cube cut there again
+(`in_the_scan`). A pristine cube pasted back with nothing replaced comes back exactly, so the pristine references
+and the real cubes of the two-sample test are the same for both views; what the scan's
 resampling keeps or loses of a generator's traces is what an examiner of the scan can see.
 ``spectral_peak_oracle``: the spectral peak of an exact remover (`oracle_removals`: the holes of the injection
 sites' pristine cubes, real lung around a small benign nodule, feathered into the removal sites' holes, ``--draws``
-draws), in the cube and in the scan: pasted into the scan, even real lung takes on the line of the scan's slices,
+draws), in the cube and in the scan: pasted into the scan, even real lung is resampled onto the scan's slices,
 so in the scan a remover's peak is measured against this rather than against the pristine cube, never pasted.
 
 The targets of issue 13: ``kept_fraction`` >= 0.90; injections ``real_looking_fraction`` >= 0.80; seam
@@ -204,16 +205,20 @@ def scan_cubes_per_s(pipe: M3DTamperPipeline, scans: list) -> float:
     return count / (time.perf_counter() - start)
 
 
-def in_the_scan(cubes_hu: np.ndarray, scans: list, task: str) -> np.ndarray:
+def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str) -> np.ndarray:
     """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
-    order as the cubes) and the 1 mm cube cut again there: what the tampered scan holds, one site at a time."""
+    order as the cubes), replacing the scan by its ``replaced`` weights (`paste_cube`; the pipeline's output gives
+    them), and the 1 mm cube cut again there: what the tampered scan holds, one site at a time."""
     sites = [(case, location) for case, locations in scans for location in locations[task]]
-    if len(sites) != len(cubes_hu):
-        raise ValueError(f"{len(cubes_hu)} cubes for the {len(sites)} {task} sites of the scans")
+    if len(sites) != len(cubes_hu) or len(replaced) != len(cubes_hu):
+        raise ValueError(
+            f"{len(cubes_hu)} cubes and {len(replaced)} replaced weights for the {len(sites)} {task} sites of the "
+            "scans"
+        )
     recut = []
-    for (case, location), cube_hu in zip(sites, cubes_hu):
+    for (case, location), cube_hu, share in zip(sites, cubes_hu, replaced):
         site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
-        tampered, _ = paste_cube(case.volume, site, cube_hu)
+        tampered, _ = paste_cube(case.volume, site, cube_hu, replaced=share)
         recut.append(extract_cube(tampered, location, lung_mask=case.lung_mask).hu)
     return np.stack(recut)
 
@@ -386,8 +391,11 @@ def real_looking_by_chest_wall(plausible: np.ndarray, pristine_hu: np.ndarray) -
     }
 
 
-def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int, **options) -> tuple[np.ndarray, float]:
-    """The pipeline's cubes (HU) for pristine ``cubes_hu`` and the seconds it took (``options``: call
+def generate(
+    pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int, **options
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The pipeline's cubes (HU) for pristine ``cubes_hu``, how much of the pristine cube each of their voxels
+    replaces (the output's ``replaced``, as `paste_cube` takes it) and the seconds it took (``options``: call
     arguments such as ``touch_up=False``)."""
     start = time.perf_counter()
     out = pipe(
@@ -395,7 +403,7 @@ def generate(pipe: M3DTamperPipeline, cubes_hu: np.ndarray, seed: int, **options
     )
     seconds = time.perf_counter() - start
     generated = unit_to_hu(out.cubes[:, 0])
-    return np.where(hole_mask(), generated, cubes_hu).astype(np.float32), seconds
+    return np.where(hole_mask(), generated, cubes_hu).astype(np.float32), np.stack(out.replaced), seconds
 
 
 def measure_draw(
@@ -414,7 +422,7 @@ def measure_draw(
     ``seam_ratio_raw``; with the sites' ``scans``, the same figures of the cubes `in_the_scan`), and the seconds the
     generation took."""
     task = pipe.config.task
-    generated, seconds = generate(pipe, pristine_hu, seed=seed)
+    generated, replaced, seconds = generate(pipe, pristine_hu, seed=seed)
     figures = {"seed": seed, **summarize(generated, task, hu_range, pristine_hu)}
     two_sample = two_sample_accuracy(generated, real_hu, seed=0)
     figures.update(two_sample_accuracy=two_sample.pop("accuracy"), two_sample=two_sample)
@@ -422,10 +430,10 @@ def measure_draw(
         figures["two_sample_vs_oracle"] = two_sample_accuracy(generated, oracle_hu, seed=0, paired=True)["accuracy"]
     touch_up = inspect.signature(pipe.__call__).parameters.get("touch_up")
     if touch_up is not None and touch_up.default is not False:  # on by default: the seam without it too
-        raw, _ = generate(pipe, pristine_hu, seed=seed, touch_up=False)
+        raw = generate(pipe, pristine_hu, seed=seed, touch_up=False)[0]
         figures["seam_ratio_raw"] = round(float(np.mean([seam_ratio(cube) for cube in raw])), 3)
     if scans is not None:
-        recut = in_the_scan(generated, scans, task)
+        recut = in_the_scan(generated, replaced, scans, task)
         figures["in_the_scan"] = {
             **summarize(recut, task, hu_range, pristine_hu),
             "two_sample_accuracy": two_sample_accuracy(recut, real_hu, seed=0)["accuracy"],
@@ -585,15 +593,16 @@ def spectral_peak_oracle(sites_hu: np.ndarray, real_lung_hu: np.ndarray, scans: 
     """`spectral_peak_ratio` of `oracle_removals` at the removal sites ``sites_hu``, in the cube and in the scan
     (`in_the_scan`; ``scans`` as `held_out_cubes` gives them), the mean of ``draws`` draws (seeds 0, 1, ...: other
     real lung per site): what a remover whose fill is real lung scores. The pristine cube is the reference in the
-    cube; in the scan it was never pasted, while a fill is resampled onto the scan's slices and cut again, which
-    puts the slices' line on it. None without sites or real lung."""
+    cube; in the scan it was never pasted, while a fill replaces the scan over the feather, resampled onto the scan's
+    slices, and is cut again. None without sites or real lung."""
     if not len(sites_hu) or not len(real_lung_hu):
         return None
     peaks: dict[str, list[float]] = {"cube": [], "in_the_scan": []}
     for seed in range(draws):
         filled = oracle_removals(sites_hu, real_lung_hu, seed)
         peaks["cube"].append(round(spectral_peak_ratio(filled), 2))
-        peaks["in_the_scan"].append(round(spectral_peak_ratio(in_the_scan(filled, scans, "remove")), 2))
+        recut = in_the_scan(filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove")
+        peaks["in_the_scan"].append(round(spectral_peak_ratio(recut), 2))
     return {
         **mean_and_range("cube", peaks["cube"], 2),
         **mean_and_range("in_the_scan", peaks["in_the_scan"], 2),

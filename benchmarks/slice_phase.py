@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
         pipe = load_pipeline(folder)
         task = pipe.config.task
         if len(cubes[task]):
-            generated = generate(pipe, cubes[task], seed=0)[0]
+            generated, replaced, _ = generate(pipe, cubes[task], seed=0)
             report["pipelines"][folder.name] = {
                 "task": task,
                 "cube": figures(generated),
-                "in_the_scan": figures(in_the_scan(generated, scans, task)),
+                "in_the_scan": figures(in_the_scan(generated, replaced, scans, task)),
                 "without_slices": figures(generate(pipe, slice_free[: len(cubes[task])], seed=0)[0]),
             }
     write_json_atomic(args.out, report, trailing_newline=True, sort_keys=False)

@@ -28,6 +28,7 @@ from ..data.lungs import segment_lungs
 from ..loading import read_json_object
 from ..tamper.cube import CUBE_SIZE, Cube, extract_cube, hole_mask, hu_to_unit, paste_cube, unit_to_hu
 from ..tamper.nodule_shape import bank_nodule_mask, random_nodule_mask, sample_target_diameter_mm
+from ..tamper.touch_up import replacement_weight
 from ..tamper.touch_up import touch_up as touch_up_cube
 from .nodule_mask_bank import NoduleMaskBank
 
@@ -55,11 +56,15 @@ class M3DPipelineOutput(BaseOutput):
         masks: with a scan: ``[bool (z, y, x) mask of the voxels that changed]``, aligned with
             ``volumes``; with cubes: one bool ``(32, 32, 32)`` mask per cube of the region the
             generator filled (the centre hole, or the whole cube when the context is not kept).
+        replaced: one float32 ``(32, 32, 32)`` array per cube, 0-1: how much of the input each voxel of the cube
+            replaces, as `m3d.tamper.cube.paste_cube` takes it (1 over the hole, or the whole cube when the context
+            is not kept; with CT-GAN's touch-ups their blend, `m3d.tamper.touch_up.replacement_weight`).
     """
 
     cubes: np.ndarray | torch.Tensor
     volumes: list[CTVolume] | None = None
     masks: list[np.ndarray] | None = None
+    replaced: list[np.ndarray] | None = None
 
 
 def check_task_name(task: str) -> str:
@@ -260,16 +265,21 @@ class CubeProcessor:
         ``touch_up`` CT-GAN's touch-ups for ``task`` (`m3d.tamper.touch_up`, seeded by each cube's generator);
         with a scan as input, pasted back into it (`paste_back`)."""
         out = generated.to("cpu", torch.float32).clamp(-1, 1)
+        region = self.hole[0, 0].numpy() if keep_context else np.ones(self.hole.shape[2:], bool)
         if keep_context:
             out = torch.where(self.hole, out, inputs.cubes)
         if touch_up:
+            replaced = [replacement_weight(unit_to_hu(cube), task).astype(np.float32) for cube in out[:, 0].numpy()]
             out = self.touch_up(inputs, out, task, generators)
-        if inputs.volume is not None:
-            volumes, masks = self.paste_back(inputs, out, keep_context)
         else:
-            region = self.hole[0, 0].numpy() if keep_context else np.ones(self.hole.shape[2:], bool)
+            replaced = [region.astype(np.float32) for _ in range(len(inputs))]
+        if inputs.volume is not None:
+            volumes, masks = self.paste_back(inputs, out, replaced, keep_context)
+        else:
             volumes, masks = None, [region.copy() for _ in range(len(inputs))]
-        return M3DPipelineOutput(cubes=out if output_type == "pt" else out.numpy(), volumes=volumes, masks=masks)
+        return M3DPipelineOutput(
+            cubes=out if output_type == "pt" else out.numpy(), volumes=volumes, masks=masks, replaced=replaced
+        )
 
     def touch_up(
         self, inputs: CubeInputs, cubes: torch.Tensor, task: str, generators: list[torch.Generator]
@@ -289,17 +299,18 @@ class CubeProcessor:
         return torch.where(self.hole, touched, inputs.cubes)
 
     def paste_back(
-        self, inputs: CubeInputs, cubes: torch.Tensor, keep_context: bool
+        self, inputs: CubeInputs, cubes: torch.Tensor, replaced: list[np.ndarray], keep_context: bool
     ) -> tuple[list[CTVolume], list[np.ndarray]]:
-        """``[tampered scan]`` with every cube pasted at its site in turn (outside the hole, with ``keep_context``,
-        the scan's own unclipped HU), and ``[mask of the voxels that changed]``."""
+        """``[tampered scan]`` with every cube pasted at its site in turn, replacing the scan by each cube's
+        ``replaced`` weights (outside the hole, with ``keep_context``, the scan's own unclipped HU), and ``[mask of
+        the voxels that changed]``."""
         hole = self.hole[0, 0].numpy()
         tampered, changed_any = inputs.volume, np.zeros(inputs.volume.shape, bool)
-        for site, generated in zip(inputs.sites, cubes[:, 0].numpy()):
+        for site, generated, share in zip(inputs.sites, cubes[:, 0].numpy(), replaced):
             generated_hu = unit_to_hu(generated)
             if keep_context:
                 generated_hu = np.where(hole, generated_hu, site.hu)
-            tampered, changed = paste_cube(tampered, site, generated_hu.astype(np.float32))
+            tampered, changed = paste_cube(tampered, site, generated_hu.astype(np.float32), replaced=share)
             changed_any |= changed
         return [tampered], [changed_any]
 

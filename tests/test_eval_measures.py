@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from m3d.data.ct import CTVolume
 from m3d.tamper.cube import extract_cube, hole_mask
+from m3d.tamper.touch_up import hole_feather
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 eval_demo = importlib.import_module("eval_demo_pipelines")
@@ -125,13 +126,14 @@ def test_in_the_scan_resamples_a_fixed_pattern_onto_each_scans_slices(lung_cubes
     every hole is sampled by the scan's 2.5 mm slices at the same point of its period on every slice: a constant
     per site, so what the scan holds keeps almost nothing of the stripe."""
     scans, pristine = _scan_with_removal_sites(seed=0, sites=8)
-    assert np.array_equal(eval_demo.in_the_scan(pristine, scans, "remove"), pristine)
+    assert np.array_equal(eval_demo.in_the_scan(pristine, np.zeros_like(pristine), scans, "remove"), pristine)
     striped = _slice_striped(pristine, [0.3] * len(pristine))
     assert slice_phase.phase_concentration(slice_phase.plane_modulation(striped)) > 0.95
-    recut = slice_phase.plane_modulation(eval_demo.in_the_scan(striped, scans, "remove"))
+    hole = np.broadcast_to(hole_mask(), striped.shape)
+    recut = slice_phase.plane_modulation(eval_demo.in_the_scan(striped, hole, scans, "remove"))
     assert np.median(np.abs(recut)) < 2.0  # of the 40 HU stripe
-    with pytest.raises(ValueError, match="7 cubes for the 8 remove sites"):
-        eval_demo.in_the_scan(striped[:7], scans, "remove")
+    with pytest.raises(ValueError, match="7 cubes and 8 replaced weights for the 8 remove sites"):
+        eval_demo.in_the_scan(striped[:7], hole, scans, "remove")
 
 
 def test_measure_draw_also_measures_what_the_scan_holds():
@@ -145,8 +147,11 @@ def test_measure_draw_also_measures_what_the_scan_holds():
     in_scan = figures["in_the_scan"]
     assert in_scan["n"] == len(pristine) and 0.0 <= in_scan["two_sample_accuracy"] <= 1.0
     assert in_scan["seam_ratio_mean"] != figures["seam_ratio_mean"]
+    replaced = eval_demo.generate(pipe, pristine, seed=0)[1]
+    assert replaced.shape == pristine.shape and replaced[:, ~hole_mask()].max() == 0.0
+    recut = eval_demo.in_the_scan(generated, replaced, scans, "remove")
     assert in_scan["seam_ratio_mean"] == pytest.approx(
-        np.mean([eval_demo.seam_ratio(cube) for cube in eval_demo.in_the_scan(generated, scans, "remove")]), abs=1e-3
+        np.mean([eval_demo.seam_ratio(cube) for cube in recut]), abs=1e-3
     )
     _, other, _ = eval_demo.measure_draw(pipe, pristine, pristine[::-1].copy(), (-100.0, 100.0), 1, scans)
     mean = eval_demo.mean_over_draws([figures, other])["in_the_scan"]
@@ -341,7 +346,11 @@ def test_oracle_removals_feather_real_lung_into_the_holes_and_measure_their_peak
     peaks = eval_demo.spectral_peak_oracle(removal_sites, real_lung, scans, draws=2)
     filled = [eval_demo.oracle_removals(removal_sites, real_lung, seed) for seed in (0, 1)]
     cube = [round(eval_demo.spectral_peak_ratio(cubes), 2) for cubes in filled]
-    scan = [round(eval_demo.spectral_peak_ratio(eval_demo.in_the_scan(cubes, scans, "remove")), 2) for cubes in filled]
+    feather = np.broadcast_to(hole_feather(), removal_sites.shape)
+    scan = [
+        round(eval_demo.spectral_peak_ratio(eval_demo.in_the_scan(cubes, feather, scans, "remove")), 2)
+        for cubes in filled
+    ]
     assert peaks == {
         "cube": round(float(np.mean(cube)), 2),
         "cube_range": sorted(cube),

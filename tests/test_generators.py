@@ -26,7 +26,8 @@ from m3d.pipelines import (
     inference_scheduler,
     load_pipeline,
 )
-from m3d.tamper.cube import CUBE_SIZE, TamperLocationError, hole_mask, hu_to_unit
+from m3d.tamper.cube import CUBE_SIZE, TamperLocationError, extract_cube, hole_mask, hu_to_unit, paste_cube, unit_to_hu
+from m3d.tamper.touch_up import hole_feather
 
 HOLE = torch.from_numpy(hole_mask())[None, None]
 PIPELINES = {
@@ -387,11 +388,14 @@ def test_gan_pipelines_fill_only_the_hole_unless_asked():
     cubes = random_cubes(2)
     for kind in ("pix2pix", "cyclegan"):
         pipe = tiny_pipeline(kind)
-        kept = call(pipe, cubes, touch_up=False).cubes
+        raw = call(pipe, cubes, touch_up=False)
+        kept = raw.cubes
         np.testing.assert_array_equal(kept[:, :, ~hole_mask()], cubes.numpy()[:, :, ~hole_mask()])
         whole = call(pipe, cubes, keep_context=False)
         np.testing.assert_array_equal(whole.cubes[:, :, hole_mask()], kept[:, :, hole_mask()])
         assert whole.masks[0].all()
+        np.testing.assert_array_equal(raw.replaced[0], hole_mask())
+        assert whole.replaced[0].all()
         with pytest.raises(ValueError, match="keep_context"):
             call(pipe, cubes, keep_context=False, touch_up=True)
     pix2pix = tiny_pipeline("pix2pix")
@@ -576,6 +580,21 @@ def test_volume_path_changes_only_the_cube(kind):
     footprint[20 - 17 : 20 + 17, 48 - 12 : 48 + 12, 26 - 12 : 26 + 12] = True
     np.testing.assert_array_equal(tampered.hu[~footprint], volume.hu[~footprint])
     assert not changed[~footprint].any()
+
+
+@pytest.mark.parametrize("kind", ["pix2pix", "ddpm"])
+def test_a_remover_replaces_the_scan_where_its_output_says(kind):
+    """With CT-GAN's touch-ups a removal replaces the scan over the hole's feather (``replaced``), and the tampered
+    scan is its cube pasted with those weights."""
+    volume = phantom()
+    location = volume.voxel_to_world((20, 48, 26))
+    pipe = tiny_pipeline(kind, task="remove")
+    out = call(pipe, volume=volume, locations_lps_mm=location, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(out.replaced[0], hole_feather())
+    site = extract_cube(volume, location)
+    generated_hu = np.where(hole_mask(), unit_to_hu(out.cubes[0, 0]), site.hu).astype(np.float32)
+    expected, _ = paste_cube(volume, site, generated_hu, replaced=out.replaced[0])
+    np.testing.assert_array_equal(out.volumes[0].hu, expected.hu)
 
 
 def test_volume_path_two_locations_and_bad_locations():

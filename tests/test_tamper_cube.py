@@ -70,7 +70,7 @@ def test_paste_changes_only_the_cube_and_leaves_no_seam():
     generated = cube.hu.copy()
     z, y, x = np.indices(generated.shape) - (CUBE_SIZE - 1) / 2
     generated[z**2 + y**2 + x**2 < 36] = 30  # a 12 mm solid nodule
-    tampered, changed = paste_cube(volume, cube, generated)
+    tampered, changed = paste_cube(volume, cube, generated, replaced=hole_mask().astype(np.float32))
     assert tampered.hu.dtype == np.int16 and tampered.shape == volume.shape
     assert tampered.hu[30, 48, 27] > -100  # the nodule is there
     footprint_vox = np.ceil(CUBE_SIZE / 2 / np.asarray(volume.spacing_mm)).astype(int) + 1
@@ -89,18 +89,47 @@ def test_paste_changes_only_the_cube_and_leaves_no_seam():
 def test_identity_paste_changes_nothing():
     volume = chest_box()
     cube = extract_cube(volume, lung_center(volume))
-    tampered, changed = paste_cube(volume, cube, cube.hu)
+    tampered, changed = paste_cube(volume, cube, cube.hu, replaced=np.zeros_like(cube.hu))
     np.testing.assert_array_equal(tampered.hu, volume.hu)
     assert not changed.any()
 
 
-def test_replaced_region_keeps_the_scans_noise():
+def test_what_is_not_replaced_keeps_the_scans_noise():
     volume = chest_box()
     cube = extract_cube(volume, lung_center(volume))
-    smooth_fill = np.full_like(cube.hu, -850.0)  # a generator output without any noise
-    tampered, _ = paste_cube(volume, cube, smooth_fill)
+    smooth_fill = np.full_like(cube.hu, -850.0)  # a generator output without any noise, added as a change only
+    tampered, _ = paste_cube(volume, cube, smooth_fill, replaced=np.zeros_like(cube.hu))
     region = (slice(27, 33), slice(42, 54), slice(22, 32))
     assert np.std(tampered.hu[region]) > 0.5 * np.std(volume.hu[region])
+
+
+def test_a_replaced_nodule_leaves_no_outline_in_the_scan():
+    """A fill that replaces a dense nodule takes its place whole, though the scan's 0.8 mm pixels and 1.25 mm slices
+    hold the nodule's edge finer than the 1 mm cube does; adding only the change leaves that edge behind."""
+    volume = chest_box()
+    centre = np.array([30, 48, 27])
+    distance_mm = np.linalg.norm(
+        (np.indices(volume.shape).T - centre).T * np.reshape(volume.spacing_mm, (3, 1, 1, 1)), axis=0
+    )
+    volume = volume.with_hu(np.where(distance_mm < 5.0, 40, volume.hu).astype(np.int16))  # a 10 mm solid nodule
+    cube = extract_cube(volume, lung_center(volume))
+    lung_fill = np.where(hole_mask(), -850.0, cube.hu).astype(np.float32)
+    replaced, _ = paste_cube(volume, cube, lung_fill, replaced=hole_mask().astype(np.float32))
+    added, _ = paste_cube(volume, cube, lung_fill, replaced=np.zeros_like(cube.hu))
+    near_centre = distance_mm < 6.0  # the nodule and its edge, well inside the 20 mm hole
+    assert (replaced.hu[near_centre] == -850).all()
+    assert np.abs(added.hu[near_centre] + 850).max() > 200
+
+
+@pytest.mark.parametrize(
+    "replaced, message",
+    [(np.zeros((20, 20, 20)), r"replaced must have shape \(32, 32, 32\)"), (np.full((32,) * 3, 2.0), "must lie in")],
+)
+def test_paste_refuses_replaced_weights_of_another_shape_or_range(replaced, message):
+    volume = chest_box()
+    cube = extract_cube(volume, lung_center(volume))
+    with pytest.raises(ValueError, match=message):
+        paste_cube(volume, cube, cube.hu, replaced=replaced)
 
 
 @pytest.mark.parametrize(

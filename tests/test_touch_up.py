@@ -12,7 +12,14 @@ import pytest
 from scipy import ndimage
 
 from m3d.tamper.cube import CUBE_SIZE, hole_mask
-from m3d.tamper.touch_up import _highpass, _lag1_correlation, hole_feather, scanner_noise, touch_up
+from m3d.tamper.touch_up import (
+    _highpass,
+    _lag1_correlation,
+    hole_feather,
+    replacement_weight,
+    scanner_noise,
+    touch_up,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 seam_ratio = importlib.import_module("eval_demo_pipelines").seam_ratio  # the benchmark's measure
@@ -80,3 +87,19 @@ def test_injection_keeps_the_lung_and_the_vessel_around_a_new_nodule():
     vessel = HOLE & (original > 0) & (distance > 7)
     assert (touched[vessel] > 0).all()  # the vessel still crosses the hole
     assert seam_ratio(touched) < seam_ratio(generated)
+
+
+def test_the_replacement_weight_is_what_the_touch_up_took_from_the_generator():
+    """A removal replaces the hole by its feather; an injection only the new nodule, not the lung left as lung; the
+    touched-up cube is the generated one where the weight is 1 (plus noise) and the original where it is 0."""
+    original = lung_cube()
+    np.testing.assert_array_equal(replacement_weight(original, "remove"), hole_feather())
+    generated = np.full(SHAPE, -850.0, np.float32)
+    distance = np.sqrt(((np.indices(SHAPE) - 15.5) ** 2).sum(0))
+    generated[distance < 6] = 30.0
+    weight = replacement_weight(generated, "inject")
+    assert weight[distance < 4].min() > 0.99 and weight[HOLE & (distance > 8)].max() < 0.15
+    assert not weight[~HOLE].any()
+    touched = touch_up(generated, original, "inject", np.random.default_rng(0))
+    kept = HOLE & (weight < 1e-3)
+    np.testing.assert_allclose(touched[kept], original[kept], atol=1.0)

@@ -4,9 +4,11 @@ A cube is sampled on a 1 mm isotropic grid whose axes follow the scan's own axes
 location (LPS mm). Generators see it scaled to [-1, 1] from a fixed HU window with the centre hole
 (CT-GAN's 20^3 voxels, [6, 26) on each axis) set to zero. `paste_cube` resamples the result back to
 the scan's grid and blends it in with weights that fall smoothly to zero before the cube's faces. What
-is pasted is the *change* the generator made to the cube, added to the scan at its own resolution, so the
-scan's own noise texture stays in the replaced region and no seam is visible; voxels outside the cube
-are left untouched.
+the generator kept of the cube goes back as the scan's own voxels (only the change is added), and what it
+drew anew replaces the scan beneath it, detail finer than the 1 mm cube included: a 1 mm cube holds a scan
+of 0.5-0.98 mm pixels and 1.25-3 mm slices only in part, and adding the change alone would leave the rest
+of the replaced content behind (the sharp outline of a removed nodule, up to hundreds of HU). Voxels
+outside the cube are left untouched.
 """
 
 from __future__ import annotations
@@ -146,15 +148,25 @@ def _blend_weights() -> np.ndarray:
     return (profile[:, None, None] * profile[None, :, None] * profile[None, None, :]).astype(np.float32)
 
 
-def paste_cube(volume: CTVolume, cube: Cube, generated_hu: np.ndarray) -> tuple[CTVolume, np.ndarray]:
+def paste_cube(
+    volume: CTVolume, cube: Cube, generated_hu: np.ndarray, *, replaced: np.ndarray
+) -> tuple[CTVolume, np.ndarray]:
     """Paste a generated cube (HU, ``(32, 32, 32)``, same grid as ``cube``) back into ``volume``.
 
-    Returns the tampered volume and the boolean ``(z, y, x)`` mask of the voxels that changed. Voxels
-    outside the cube's footprint are bit-identical to the input.
+    ``replaced`` (same shape, 0-1): how much of the scan's own content each generated voxel takes the place of,
+    1 where the generator drew the voxel anew (a generated hole; `m3d.tamper.touch_up.replacement_weight` after
+    CT-GAN's touch-ups), 0 where it kept the scan and at most added to it. There the scan ends up as the generated
+    cube resampled onto its grid; elsewhere the change is added to the scan's own voxels, so an unchanged cube
+    with ``replaced`` 0 pastes back bit-identical. Returns the tampered volume and the boolean ``(z, y, x)`` mask
+    of the voxels that changed. Voxels outside the cube's footprint are bit-identical to the input.
     """
     generated = np.asarray(generated_hu, np.float32)
-    if generated.shape != (CUBE_SIZE,) * 3:
-        raise ValueError(f"generated cube must have shape {(CUBE_SIZE,) * 3}; got {generated.shape}")
+    share = np.asarray(replaced, np.float32)
+    for name, array in (("generated cube", generated), ("replaced", share)):
+        if array.shape != (CUBE_SIZE,) * 3:
+            raise ValueError(f"{name} must have shape {(CUBE_SIZE,) * 3}; got {array.shape}")
+    if share.min() < 0 or share.max() > 1:
+        raise ValueError(f"replaced must lie in [0, 1]; got {share.min():.3g} to {share.max():.3g}")
     corners = _cube_corners_in_scan(volume, cube.affine)
     low = np.clip(np.floor(corners.min(0)).astype(int), 0, None)
     high = np.minimum(np.ceil(corners.max(0)).astype(int) + 1, volume.shape)
@@ -162,10 +174,16 @@ def paste_cube(volume: CTVolume, cube: Cube, generated_hu: np.ndarray) -> tuple[
     region_affine = volume.affine.copy()
     region_affine[:3, 3] = volume.voxel_to_world(low)
     shape = tuple(int(n) for n in high - low)
-    weights = sample_grid(_blend_weights(), cube.affine, region_affine, shape, order=1, cval=0.0)
-    change = sample_grid(generated - cube.hu, cube.affine, region_affine, shape, order=1, cval=0.0)
+
+    def on_scan_grid(array: np.ndarray) -> np.ndarray:
+        return sample_grid(array, cube.affine, region_affine, shape, order=1, cval=0.0)
+
+    weights = on_scan_grid(_blend_weights())
+    change = on_scan_grid(generated - cube.hu)
     original = volume.hu[region].astype(np.float32)
-    blended = np.clip(np.rint(original + weights * change), *SCAN_HU_RANGE)
+    finer_than_cube = original - on_scan_grid(cube.hu)  # the scan's content that the 1 mm cube does not hold
+    replacement = weights * (change - on_scan_grid(share) * finer_than_cube)
+    blended = np.clip(np.rint(original + replacement), *SCAN_HU_RANGE)
     blended = np.where(weights > 0, blended, original).astype(np.int16)
     tampered = volume.hu.copy()
     tampered[region] = blended

@@ -111,16 +111,23 @@ def scanner_noise(original_hu: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return (noise * scale).astype(np.float32)
 
 
+def replacement_weight(generated_hu: np.ndarray, task: str) -> np.ndarray:
+    """How much of the original each voxel of the touched-up cube replaces (0-1, what `paste_cube` takes as
+    ``replaced``): for an injection the hole's feather x ``sigmoid((generated + 700) / 70)`` of the generated
+    cube before its noise, so lung the generator left as lung stays the original's; for a removal the feather."""
+    feather = hole_feather()
+    if task == "inject":
+        return feather / (1 + np.exp(-(generated_hu - INJECT_BLEND_CENTER_HU) / INJECT_BLEND_WIDTH_HU))
+    return feather
+
+
 def touch_up(generated_hu: np.ndarray, original_hu: np.ndarray, task: str, rng: np.random.Generator) -> np.ndarray:
     """The touched-up cube (HU, float32): the original outside the hole, the generated hole with the
-    scan's noise blended into the original inside it (module docstring)."""
-    feather = hole_feather()
+    scan's noise blended into the original inside it (module docstring), with `replacement_weight`."""
+    weight = replacement_weight(generated_hu, task)
     generated = generated_hu.astype(np.float32) + scanner_noise(original_hu, rng)
     original = original_hu.astype(np.float32)
+    blend = weight * generated + (1 - weight) * original
     if task == "inject":
-        weight = feather / (1 + np.exp(-(generated_hu - INJECT_BLEND_CENTER_HU) / INJECT_BLEND_WIDTH_HU))
-        blend = weight * generated + (1 - weight) * original
         blend += (1 - weight) * np.maximum(original - blend, 0)
-    else:
-        blend = feather * generated + (1 - feather) * original
     return np.where(hole_mask(), blend, original).astype(np.float32)
