@@ -677,11 +677,18 @@ def main(argv: list[str] | None = None) -> dict:
         default=DRAWS,
         help="draws per pipeline (generation seeds 0, 1, ...: masks and sampling noise); figures are their mean",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--no-montage", action="store_true")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="folder for demo_pipelines_quality.json and demo_pipelines_montage.png (the committed results' folder)",
+    )
+    parser.add_argument("--no-montage", action="store_true", help="write the JSON only, not the montage")
     args = parser.parse_args(argv)
     if args.draws < 1 or args.phantoms < 1:
         parser.error(f"--draws and --phantoms must be at least 1; got {args.draws} and {args.phantoms}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out must be a folder (the JSON and the montage go into it); {args.out} is a file")
     torch.manual_seed(0)
 
     pristine, scans = held_out_cubes(args.phantoms, args.seed, args.size, args.max_slices, args.phantom_spacing)

@@ -416,3 +416,11 @@ def test_evaluation_refuses_fewer_than_one_draw_or_phantom(option, capsys):
     with pytest.raises(SystemExit):
         eval_demo.main([option, "0", "--no-montage"])
     assert "--draws and --phantoms must be at least 1" in capsys.readouterr().err
+
+
+def test_evaluation_refuses_a_file_as_its_output_folder(tmp_path, capsys):
+    not_a_folder = tmp_path / "demo_pipelines_quality.json"
+    not_a_folder.write_text("{}")
+    with pytest.raises(SystemExit):
+        eval_demo.main(["--out", str(not_a_folder), "--no-montage"])
+    assert "--out must be a folder" in capsys.readouterr().err
