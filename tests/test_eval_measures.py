@@ -21,6 +21,7 @@ chest_wall_check = importlib.import_module("chest_wall_check")
 mask_following = importlib.import_module("mask_following")
 pristine_spread = importlib.import_module("pristine_spread")
 slice_phase = importlib.import_module("slice_phase")
+paste_check = importlib.import_module("paste_check")
 
 
 @pytest.fixture(scope="module")
@@ -424,3 +425,27 @@ def test_evaluation_refuses_a_file_as_its_output_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_demo.main(["--out", str(not_a_folder), "--no-montage"])
     assert "--out must be a folder" in capsys.readouterr().err
+
+
+def test_paste_check_finds_what_adding_the_change_leaves_of_a_removed_nodule():
+    """A dense 12 mm nodule in a scan of 2.5 mm slices and 0.7 mm pixels, its hole filled with flat lung: added as a
+    change, the fill leaves part of the nodule where the 1 mm cube could not hold it, most on its rim; replacing the
+    scan leaves nothing in the hole's core."""
+    shape, spacing = (24, 80, 80), (2.5, 0.7, 0.7)
+    centre = np.array([12, 40, 40])
+    distance_mm = np.linalg.norm((np.indices(shape).T - centre).T * np.reshape(spacing, (3, 1, 1, 1)), axis=0)
+    hu = np.where(distance_mm < 6.0, 30.0, -850.0) + np.random.default_rng(0).normal(0.0, 20.0, shape)
+    case = SimpleNamespace(
+        volume=CTVolume(hu.round().astype(np.int16), spacing_mm=spacing), lung_mask=np.ones(shape, bool)
+    )
+    location = case.volume.voxel_to_world(centre)
+    pristine = extract_cube(case.volume, location, lung_mask=case.lung_mask).hu
+    flat = np.where(hole_mask(), np.float32(paste_check.FLAT_LUNG_HU), pristine).astype(np.float32)
+    figures = {
+        rule: paste_check.left_of_the_scan(paste_check.pasted(case, location, flat, rule)[1][None], pristine[None])
+        for rule in paste_check.RULES
+    }
+    added, replaced = figures["change_added"], figures["replaced"]
+    assert replaced["core_max_hu"] == 0.0 and added["core_max_hu"] > 100
+    assert added["removed_rim_hu"] > 2 * added["lung_hu"] and added["removed_rim_hu"] > 3 * replaced["removed_rim_hu"]
+    assert added["sites_with_a_nodule"] == replaced["sites_with_a_nodule"] == 1

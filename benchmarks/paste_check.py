@@ -1,0 +1,151 @@
+"""Does a removal leave the removed nodule in the tampered scan? The paste's two rules, side by side.
+
+    .venv/bin/python benchmarks/paste_check.py                 # the evaluation's 20 held-out phantoms
+    .venv/bin/python benchmarks/paste_check.py --phantoms 4 --out /tmp/paste_check.json --figure /tmp/paste.png
+
+A 1 mm cube holds a scan of 0.5-0.98 mm pixels and 1.25-3 mm slices only in part: cut from the scan and resampled
+back, it misses what lies between its planes and below 1 mm in-plane, the sharp edge of a nodule above all. At the
+evaluation's held-out removal sites (`eval_demo_pipelines.held_out_cubes`), the hole of each pristine cube is filled
+with flat lung (``FLAT_LUNG_HU``), pasted into its scan (`m3d.tamper.cube.paste_cube`) by two rules, and the 1 mm
+cube cut there again:
+
+* ``change_added``: ``replaced`` 0, the change added to the scan's own voxels (the paste until 2026-12-06): what the
+  cube did not hold of the removed nodule stays;
+* ``replaced``: ``replaced`` 1 over the hole, as the pipelines paste what they draw since: the scan beneath the hole
+  is replaced.
+
+Anything but flat lung in the hole comes from the pristine scan: under either rule, near the hole's faces, what
+the resamplings carry in from the context (the same for both); under ``change_added`` also what the cube did not
+hold. Per rule, in the hole: ``removed_rim_hu``, the mean |HU - flat lung| on the removed nodule's rim (the
+one-voxel shell of the pristine cube's central nodule, `central_nodule_mask`); ``lung_hu``, the same on the pristine
+lung (below ``LUNG_MAX_HU``) 2 voxels or more from the nodule; and ``core_max_hu``, the largest anywhere in the
+hole's core (``CORE_MARGIN_VOXELS`` inside its faces, beyond the two resamplings' reach), 0 when nothing of the scan
+is left there. ``--figure`` draws the first sites' axial slices through the site, pristine and after each rule, at
+the scan's own pixels. Results: ``benchmarks/results/paste_check_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from eval_demo_pipelines import central_nodule_mask, held_out_cubes  # noqa: E402  (the script beside this one)
+
+from m3d.devices import describe_device  # noqa: E402
+from m3d.files import write_json_atomic  # noqa: E402
+from m3d.tamper.cube import extract_cube, hole_mask, paste_cube  # noqa: E402
+
+RULES = ("change_added", "replaced")
+FLAT_LUNG_HU = -850.0
+LUNG_MAX_HU = -600.0
+CORE_MARGIN_VOXELS = 4  # linear resampling onto slices up to 3 mm apart and back reaches this far
+FIGURE_SITES = 3
+FIGURE_HALF_WIDTH_MM = 18.0
+
+
+def pasted(case, location: np.ndarray, filled_hu: np.ndarray, rule: str):
+    """The site's scan with ``filled_hu`` pasted by ``rule``, and the 1 mm cube cut there again."""
+    site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
+    share = hole_mask().astype(np.float32) if rule == "replaced" else np.zeros_like(filled_hu)
+    tampered, _ = paste_cube(case.volume, site, filled_hu, replaced=share)
+    return tampered, extract_cube(tampered, location, lung_mask=case.lung_mask).hu
+
+
+def left_of_the_scan(recut: np.ndarray, pristine: np.ndarray) -> dict:
+    """What the cut-again cubes ``recut`` of flat-lung fills hold of their pristine cubes (module docstring); the rim
+    over the sites with a central nodule."""
+    hole, core = hole_mask(), ndimage.binary_erosion(hole_mask(), iterations=CORE_MARGIN_VOXELS)
+    rim, lung, core_max = [], [], 0.0
+    for again, cube in zip(recut, pristine):
+        left = np.abs(again - FLAT_LUNG_HU)
+        nodule = central_nodule_mask(cube)
+        lung.append(left[hole & (cube < LUNG_MAX_HU) & ~ndimage.binary_dilation(nodule, iterations=2)].mean())
+        core_max = max(core_max, float(left[core].max()))
+        if nodule.any():
+            rim.append(left[hole & nodule & ~ndimage.binary_erosion(nodule)].mean())
+    return {
+        "removed_rim_hu": round(float(np.mean(rim)), 1),
+        "lung_hu": round(float(np.mean(lung)), 1),
+        "core_max_hu": round(core_max, 1),
+        "sites_with_a_nodule": len(rim),
+    }
+
+
+def figure(rows: list[tuple[tuple[float, float, float], list[np.ndarray]]], path: Path) -> None:
+    """One row per site, ``(scan spacing mm, [pristine slice, slice after each rule])``: the axial slice through it
+    at the scan's own pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1 + len(RULES), figsize=(3 * (1 + len(RULES)), 3 * len(rows)), squeeze=False)
+    for row, (spacing, slices) in zip(axes, rows):
+        for ax, image, title in zip(row, slices, ("pristine", *(f"paste: {rule}" for rule in RULES))):
+            ax.imshow(image, cmap="gray", vmin=-1000, vmax=200)
+            ax.set_title(f"{title} ({spacing[0]:.2f} mm slices)", fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("\n\n") + 2 :],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--phantoms", type=int, default=20, help="held-out phantoms (the evaluation's: 20)")
+    parser.add_argument("--seed", type=int, default=2024, help="held-out phantom seed (the evaluation's: 2024)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "paste_check_cpu.json")
+    parser.add_argument("--figure", type=Path, help="also draw the first sites' slices here (a .png)")
+    args = parser.parse_args(argv)
+    if args.phantoms < 1:
+        parser.error(f"--phantoms must be at least 1; got {args.phantoms}")
+    cubes, scans = held_out_cubes(args.phantoms, args.seed)
+    if not len(cubes["remove"]):
+        parser.error(f"{args.phantoms} phantoms of seed {args.seed} give no removal site")
+    filled = np.where(hole_mask(), np.float32(FLAT_LUNG_HU), cubes["remove"]).astype(np.float32)
+    sites = [(case, location) for case, locations in scans for location in locations["remove"]]
+    recut: dict[str, list[np.ndarray]] = {rule: [] for rule in RULES}
+    rows = []
+    for index, ((case, location), fill) in enumerate(zip(sites, filled)):
+        slices = [case.volume.hu]
+        for rule in RULES:
+            tampered, again = pasted(case, location, fill, rule)
+            recut[rule].append(again)
+            slices.append(tampered.hu)
+        if index < FIGURE_SITES:
+            k, i, j = np.rint(case.volume.world_to_voxel(location)).astype(int)
+            half = int(FIGURE_HALF_WIDTH_MM / case.volume.spacing_mm[1])
+            rows.append((case.volume.spacing_mm, [hu[k, i - half : i + half, j - half : j + half] for hu in slices]))
+    report = {
+        "device": describe_device("cpu"),
+        "torch": torch.__version__,
+        "phantoms": args.phantoms,
+        "seed": args.seed,
+        "removal_sites": len(sites),
+        "flat_lung_hu": FLAT_LUNG_HU,
+        "core_margin_voxels": CORE_MARGIN_VOXELS,
+        "rules": {rule: left_of_the_scan(np.stack(recut[rule]), cubes["remove"]) for rule in RULES},
+    }
+    write_json_atomic(args.out, report, trailing_newline=True, sort_keys=False)
+    if args.figure is not None:
+        figure(rows, args.figure)
+    print(json.dumps(report["rules"], indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
