@@ -21,7 +21,14 @@ one-voxel shell of the pristine cube's central nodule, `central_nodule_mask`); `
 lung (below ``LUNG_MAX_HU``) 2 voxels or more from the nodule; and ``core_max_hu``, the largest anywhere in the
 hole's core (``CORE_MARGIN_VOXELS`` inside its faces, beyond the two resamplings' reach), 0 when nothing of the scan
 is left there. ``--figure`` draws the first sites' axial slices through the site, pristine and after each rule, at
-the scan's own pixels. Results: ``benchmarks/results/paste_check_cpu.json``.
+the scan's own pixels.
+
+``exact_fills``: the spectral peak (`spectral_peak_ratio`) in the cube and, pasted by each rule, in the scan, of
+exact fills, the evaluation's oracles (draw 0): real lung feathered into the removal holes (`oracle_removals`,
+replaced by the feather) and real nodules > 10 mm of ``--ceiling-phantoms`` other phantoms in the injection holes
+(`oracle_injections`, replaced where they change the cube), beside the pristine cubes' (``pristine_peak``): in the
+scan, a generator's peak is to be read against what an exact one gets there.
+Results: ``benchmarks/results/paste_check_cpu.json``.
 """
 
 from __future__ import annotations
@@ -38,11 +45,20 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from eval_demo_pipelines import central_nodule_mask, held_out_cubes  # noqa: E402  (the script beside this one)
+from eval_demo_pipelines import (  # noqa: E402  (the script beside this one)
+    central_nodule_mask,
+    ceiling_nodules,
+    held_out_cubes,
+    oracle_injections,
+    oracle_removals,
+    spectral_peak_ratio,
+)
 
+from m3d.dataset_builder.generate import DEFAULT_PHANTOMS  # noqa: E402
 from m3d.devices import describe_device  # noqa: E402
 from m3d.files import write_json_atomic  # noqa: E402
 from m3d.tamper.cube import extract_cube, hole_mask, paste_cube  # noqa: E402
+from m3d.tamper.touch_up import hole_feather  # noqa: E402
 
 RULES = ("change_added", "replaced")
 FLAT_LUNG_HU = -850.0
@@ -52,12 +68,26 @@ FIGURE_SITES = 3
 FIGURE_HALF_WIDTH_MM = 18.0
 
 
-def pasted(case, location: np.ndarray, filled_hu: np.ndarray, rule: str):
-    """The site's scan with ``filled_hu`` pasted by ``rule``, and the 1 mm cube cut there again."""
+def pasted(case, location: np.ndarray, filled_hu: np.ndarray, replaced: np.ndarray, rule: str):
+    """The site's scan with ``filled_hu`` pasted by ``rule`` (``replaced`` the fill's weights, used by the rule
+    ``replaced``), and the 1 mm cube cut there again."""
     site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
-    share = hole_mask().astype(np.float32) if rule == "replaced" else np.zeros_like(filled_hu)
+    share = replaced if rule == "replaced" else np.zeros_like(filled_hu)
     tampered, _ = paste_cube(case.volume, site, filled_hu, replaced=share)
     return tampered, extract_cube(tampered, location, lung_mask=case.lung_mask).hu
+
+
+def exact_fill_peaks(filled_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str) -> dict:
+    """`spectral_peak_ratio` of exact fills ``filled_hu`` of ``task``'s sites in the cube and, pasted by each rule
+    (``replaced``: their weights), in the scan."""
+    sites = [(case, location) for case, locations in scans for location in locations[task]]
+    peaks = {"cube": round(spectral_peak_ratio(filled_hu), 2)}
+    for rule in RULES:
+        recut = [
+            pasted(case, spot, fill, share, rule)[1] for (case, spot), fill, share in zip(sites, filled_hu, replaced)
+        ]
+        peaks[f"in_the_scan_{rule}"] = round(spectral_peak_ratio(np.stack(recut)), 2)
+    return peaks
 
 
 def left_of_the_scan(recut: np.ndarray, pristine: np.ndarray) -> dict:
@@ -109,13 +139,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--phantoms", type=int, default=20, help="held-out phantoms (the evaluation's: 20)")
     parser.add_argument("--seed", type=int, default=2024, help="held-out phantom seed (the evaluation's: 2024)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "paste_check_cpu.json")
+    parser.add_argument(
+        "--ceiling-phantoms",
+        type=int,
+        default=160,
+        help="phantoms (seed + 1) whose real nodules > 10 mm fill the injection sites exactly (the evaluation's: 160)",
+    )
     parser.add_argument("--figure", type=Path, help="also draw the first sites' slices here (a .png)")
     args = parser.parse_args(argv)
-    if args.phantoms < 1:
-        parser.error(f"--phantoms must be at least 1; got {args.phantoms}")
+    if args.phantoms < 1 or args.ceiling_phantoms < 1:
+        parser.error(
+            f"--phantoms and --ceiling-phantoms must be at least 1; got {args.phantoms}, {args.ceiling_phantoms}"
+        )
     cubes, scans = held_out_cubes(args.phantoms, args.seed)
-    if not len(cubes["remove"]):
-        parser.error(f"{args.phantoms} phantoms of seed {args.seed} give no removal site")
+    if not len(cubes["remove"]) or not len(cubes["inject"]):
+        parser.error(f"{args.phantoms} phantoms of seed {args.seed} give no removal or no injection site")
+    real_nodules = ceiling_nodules(
+        args.ceiling_phantoms, args.seed + 1, *(DEFAULT_PHANTOMS[key] for key in ("size", "max_slices", "spacing"))
+    )
+    if not len(real_nodules):
+        parser.error(f"{args.ceiling_phantoms} phantoms of seed {args.seed + 1} hold no real nodule > 10 mm")
     filled = np.where(hole_mask(), np.float32(FLAT_LUNG_HU), cubes["remove"]).astype(np.float32)
     sites = [(case, location) for case, locations in scans for location in locations["remove"]]
     recut: dict[str, list[np.ndarray]] = {rule: [] for rule in RULES}
@@ -123,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     for index, ((case, location), fill) in enumerate(zip(sites, filled)):
         slices = [case.volume.hu]
         for rule in RULES:
-            tampered, again = pasted(case, location, fill, rule)
+            tampered, again = pasted(case, location, fill, hole_mask().astype(np.float32), rule)
             recut[rule].append(again)
             slices.append(tampered.hu)
         if index < FIGURE_SITES:
@@ -139,11 +182,19 @@ def main(argv: list[str] | None = None) -> dict:
         "flat_lung_hu": FLAT_LUNG_HU,
         "core_margin_voxels": CORE_MARGIN_VOXELS,
         "rules": {rule: left_of_the_scan(np.stack(recut[rule]), cubes["remove"]) for rule in RULES},
+        "pristine_peak": {task: round(spectral_peak_ratio(cubes[task]), 2) for task in ("inject", "remove")},
+    }
+    removals = oracle_removals(cubes["remove"], cubes["inject"], seed=0)
+    injections = oracle_injections(cubes["inject"], real_nodules, seed=0)
+    report["exact_fills"] = {
+        "remove": exact_fill_peaks(removals, np.broadcast_to(hole_feather(), removals.shape), scans, "remove"),
+        "inject": exact_fill_peaks(injections, (injections != cubes["inject"]).astype(np.float32), scans, "inject"),
+        "real_nodules": len(real_nodules),
     }
     write_json_atomic(args.out, report, trailing_newline=True, sort_keys=False)
     if args.figure is not None:
         figure(rows, args.figure)
-    print(json.dumps(report["rules"], indent=2))
+    print(json.dumps({key: report[key] for key in ("rules", "pristine_peak", "exact_fills")}, indent=2))
     return report
 
 

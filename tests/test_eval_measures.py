@@ -442,10 +442,23 @@ def test_paste_check_finds_what_adding_the_change_leaves_of_a_removed_nodule():
     pristine = extract_cube(case.volume, location, lung_mask=case.lung_mask).hu
     flat = np.where(hole_mask(), np.float32(paste_check.FLAT_LUNG_HU), pristine).astype(np.float32)
     figures = {
-        rule: paste_check.left_of_the_scan(paste_check.pasted(case, location, flat, rule)[1][None], pristine[None])
+        rule: paste_check.left_of_the_scan(
+            paste_check.pasted(case, location, flat, hole_mask().astype(np.float32), rule)[1][None], pristine[None]
+        )
         for rule in paste_check.RULES
     }
     added, replaced = figures["change_added"], figures["replaced"]
     assert replaced["core_max_hu"] == 0.0 and added["core_max_hu"] > 100
     assert added["removed_rim_hu"] > 2 * added["lung_hu"] and added["removed_rim_hu"] > 3 * replaced["removed_rim_hu"]
     assert added["sites_with_a_nodule"] == replaced["sites_with_a_nodule"] == 1
+
+
+def test_paste_check_measures_exact_fills_in_the_cube_and_by_each_rule_in_the_scan():
+    """A 40 HU stripe at the slice period peaks in the cube; pasted into the scan of 2.5 mm slices by either rule,
+    the slices keep little of it (the lung alone: about 12 everywhere)."""
+    scans, sites = _scan_with_removal_sites(seed=0, sites=4)
+    filled = _slice_striped(sites, [0.3] * len(sites))
+    peaks = paste_check.exact_fill_peaks(filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove")
+    assert set(peaks) == {"cube", "in_the_scan_change_added", "in_the_scan_replaced"}
+    assert peaks["cube"] > 10_000
+    assert max(peaks["in_the_scan_change_added"], peaks["in_the_scan_replaced"]) < peaks["cube"] / 100
