@@ -10,13 +10,17 @@
 5. ``cards``: model cards of the trained detectors (with their benchmark results) and the CAD scorer;
 6. ``report``: ``OUT/results/report.html`` (`m3d.report`).
 
-Every step resumes: the builder and the benchmark skip what they finished, a trained CAD model is kept.
+Every step resumes: the builder and the benchmark skip what they finished, a trained CAD model is kept. A run
+made with other m3d code or shipped weights (``OUT/inputs.json``: `inputs_fingerprint`) is not resumed but started
+again, so that a report never mixes fakes or detectors of two versions.
 Timings and settings go to ``OUT/results/run.json``. ``--device cuda`` runs the same steps on a GPU
 with larger settings (`SCALES`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import shutil
 import time
@@ -40,7 +44,10 @@ DEMO_WITHOUT_DDPM = (
 # --phantoms 16 --max-steps 400 --seed 0 --cpu`: 430 s on these 2 cores, validation AUC 0.72; its card says
 # so) and is fine-tuned briefly: training it from scratch took half of the demo's budget.
 DEMO_CAD = Path(__file__).resolve().parent / "cad" / "demo"
-DEMO_OUTPUTS = ("cad_model", "m3dsynth", "results", "datasets_cache")  # what a run writes in its --out folder
+INPUTS_RECORD = "inputs.json"  # in --out: the code and weights the run was made with
+DEMO_OUTPUTS = ("cad_model", "m3dsynth", "results", "datasets_cache", INPUTS_RECORD)  # what a run writes in --out
+# the packages whose files make a run: m3d's code, its shipped detector and CAD weights, the demo pipelines
+FINGERPRINTED_PACKAGES = ("m3d", "m3d.pipelines", "m3d.dataset_builder", "m3d.model_cards")
 SCALES: dict[str, dict[str, Any]] = {
     # 2 CPU cores: about 12 minutes in all (README, "make demo")
     "cpu": dict(
@@ -92,8 +99,42 @@ def clear_outputs(out: Path) -> None:
             "pass another --out"
         )
     for name in DEMO_OUTPUTS:
-        if (out / name).exists():
+        if (out / name).is_dir():
             shutil.rmtree(out / name)
+        elif (out / name).exists():
+            (out / name).unlink()
+
+
+def inputs_fingerprint(pipelines_dir: str | Path | None = None) -> str:
+    """SHA-256 of every file of m3d's packages (`FINGERPRINTED_PACKAGES`: code, shipped weights, card templates) and
+    of ``pipelines_dir``'s when given, each named by its path inside its package: what a demo run is made with."""
+    roots = {
+        name: Path(location)
+        for name in FINGERPRINTED_PACKAGES
+        for location in importlib.util.find_spec(name).submodule_search_locations
+    }
+    if pipelines_dir is not None:
+        roots["--pipelines"] = Path(pipelines_dir)
+    digest = hashlib.sha256()
+    for name, root in roots.items():
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(f"{name}/{path.relative_to(root).as_posix()}".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def start_again_if_made_otherwise(out: Path, record: dict[str, Any]) -> bool:
+    """Clear ``out`` (`clear_outputs`) when it holds a run that was not made with ``record`` (its `INPUTS_RECORD`
+    differs, or a run from before the record); returns whether it did."""
+    recorded = out / INPUTS_RECORD
+    if not any((out / name).exists() for name in DEMO_OUTPUTS):
+        return False
+    if recorded.is_file() and json.loads(recorded.read_text()) == record:
+        return False
+    print(f"[m3d demo] {out} holds a run made with other m3d code or weights: starting again", flush=True)
+    clear_outputs(out)
+    return True
 
 
 def run_demo(
@@ -132,6 +173,9 @@ def run_demo(
     check_pipelines(pipelines_dir, generators, TASKS)  # before any step: a wrong --pipelines fails at once
     if overwrite:
         clear_outputs(out)
+    record = {"inputs_sha256": inputs_fingerprint(pipelines_dir)}
+    start_again_if_made_otherwise(out, record)
+    write_json_atomic(out / INPUTS_RECORD, record)
 
     def train_scorer() -> None:
         if not (cad_model / "model" / "config.json").is_file():

@@ -6,7 +6,15 @@ import pytest
 
 from m3d.cli import main
 from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, phantom_jobs
-from m3d.demo import DEMO_OUTPUTS, SCALES, clear_outputs, run_demo
+from m3d.demo import (
+    DEMO_OUTPUTS,
+    INPUTS_RECORD,
+    SCALES,
+    clear_outputs,
+    inputs_fingerprint,
+    run_demo,
+    start_again_if_made_otherwise,
+)
 
 TOY_SCALE = dict(
     # tiny scans (the real field of view on 64 pixels); random nets fail the quality check
@@ -57,6 +65,8 @@ def test_demo_runs_every_step_and_resumes(tmp_path, tiny_pipelines_dir, datasets
         *sorted((out / "m3dsynth" / "data").rglob("*.parquet")),
     ]
     before = [path.stat().st_mtime_ns for path in kept]
+    record = json.loads((out / INPUTS_RECORD).read_text())
+    assert record == {"inputs_sha256": inputs_fingerprint(tiny_pipelines_dir)}
     run_demo(out, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False)
     assert [path.stat().st_mtime_ns for path in kept] == before  # resumed: nothing finished was redone
     with pytest.raises(ValueError, match="built with other options.*--overwrite"):
@@ -65,7 +75,7 @@ def test_demo_runs_every_step_and_resumes(tmp_path, tiny_pipelines_dir, datasets
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.txt, which m3d demo does not write"):
         run_demo(out, overwrite=True, pipelines_dir=tiny_pipelines_dir, scale=TOY_SCALE, progress=False, seed=1)
-    assert all((out / name).is_dir() for name in DEMO_OUTPUTS)  # refused before anything was deleted
+    assert all((out / name).exists() for name in DEMO_OUTPUTS)  # refused before anything was deleted
     (out / "notes.txt").unlink()
     clear_outputs(out)
     assert not any(out.iterdir())
@@ -85,3 +95,20 @@ def test_the_cpu_demo_builds_its_scans_at_native_resolution():
     spacings = [job.load().spacing_mm for job in jobs]
     assert spacings and all(0.45 <= min(s[1:]) and max(s[1:]) < 1.0 for s in spacings)
     assert "ddpm" not in SCALES["cpu"]["build"]["generators"]  # left out of the CPU demo, and the report says why
+
+
+def test_a_run_made_with_other_code_or_weights_starts_again(tmp_path, tiny_pipelines_dir, capsys):
+    """The record names the code and weights: another pipelines folder changes it; an out folder whose record
+    differs, or that holds a run from before the record, is cleared; one made with the same inputs is kept."""
+    record = {"inputs_sha256": inputs_fingerprint(tiny_pipelines_dir)}
+    assert record["inputs_sha256"] == inputs_fingerprint(tiny_pipelines_dir) != inputs_fingerprint()
+    out = tmp_path / "demo"
+    assert not start_again_if_made_otherwise(out, record)  # nothing there yet
+    (out / "results").mkdir(parents=True)
+    (out / INPUTS_RECORD).write_text(json.dumps(record))
+    assert not start_again_if_made_otherwise(out, record) and (out / "results").is_dir()
+    (out / INPUTS_RECORD).write_text(json.dumps({"inputs_sha256": "made with other weights"}))
+    assert start_again_if_made_otherwise(out, record) and not any(out.iterdir())
+    assert "holds a run made with other m3d code or weights: starting again" in capsys.readouterr().out
+    (out / "results").mkdir()  # a run from before the record
+    assert start_again_if_made_otherwise(out, record) and not any(out.iterdir())
