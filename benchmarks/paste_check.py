@@ -27,7 +27,10 @@ the scan's own pixels.
 exact fills, the evaluation's oracles (draw 0): real lung feathered into the removal holes (`oracle_removals`,
 replaced by the feather) and real nodules > 10 mm of ``--ceiling-phantoms`` other phantoms in the injection holes
 (`oracle_injections`, replaced where they change the cube), beside the pristine cubes' (``pristine_peak``): in the
-scan, a generator's peak is to be read against what an exact one gets there.
+scan, a generator's peak is to be read against what an exact one gets there. With each, ``finest_grain_ratio``
+(`finest_grain_ratio`, medians over the sites): the scan's finest in-plane grain at the site against its grain
+elsewhere, pristine and after each rule: a replaced region holds only what the 1 mm cube holds, and loses the grain
+of the scan's finer pixels.
 Results: ``benchmarks/results/paste_check_cpu.json``.
 """
 
@@ -64,6 +67,9 @@ RULES = ("change_added", "replaced")
 FLAT_LUNG_HU = -850.0
 LUNG_MAX_HU = -600.0
 CORE_MARGIN_VOXELS = 4  # linear resampling onto slices up to 3 mm apart and back reaches this far
+GRAIN_BLUR_PIXELS = 0.7  # the finest in-plane grain: what a blur of 0.7 pixels removes
+GRAIN_CORE_MM, GRAIN_FAR_MM = 5.0, 25.0
+GRAIN_MIN_VOXELS = 20
 FIGURE_SITES = 3
 FIGURE_HALF_WIDTH_MM = 18.0
 
@@ -77,17 +83,46 @@ def pasted(case, location: np.ndarray, filled_hu: np.ndarray, replaced: np.ndarr
     return tampered, extract_cube(tampered, location, lung_mask=case.lung_mask).hu
 
 
+def finest_grain_ratio(volume_hu: np.ndarray, case, location: np.ndarray) -> float | None:
+    """The finest in-plane grain at a site, against the scan's elsewhere: the std of HU minus its in-plane Gaussian
+    blur (``GRAIN_BLUR_PIXELS``) on the lung (below ``LUNG_MAX_HU``) within ``GRAIN_CORE_MM`` of the site in-plane, on
+    its slice and the two beside it, over the same on the lung of those slices ``GRAIN_FAR_MM`` or more away. None
+    when either holds too little lung."""
+    k, i, j = np.rint(case.volume.world_to_voxel(location)).astype(int)
+    core, far = (int(mm / case.volume.spacing_mm[1]) for mm in (GRAIN_CORE_MM, GRAIN_FAR_MM))
+    slices = slice(max(k - 1, 0), k + 2)
+    slab = volume_hu[slices].astype(np.float32)
+    fine = slab - ndimage.gaussian_filter(slab, (0, GRAIN_BLUR_PIXELS, GRAIN_BLUR_PIXELS))
+    lung = (slab < LUNG_MAX_HU) & case.lung_mask[slices]
+    near = np.zeros_like(lung)
+    near[:, max(i - core, 0) : i + core, max(j - core, 0) : j + core] = True
+    away = np.ones_like(lung)
+    away[:, max(i - far, 0) : i + far, max(j - far, 0) : j + far] = False
+    if (lung & near).sum() < GRAIN_MIN_VOXELS or (lung & away).sum() < 10 * GRAIN_MIN_VOXELS:
+        return None
+    return float(fine[lung & near].std() / fine[lung & away].std())
+
+
+def median_of_found(values: list[float | None]) -> float:
+    return round(float(np.median([value for value in values if value is not None])), 2)
+
+
 def exact_fill_peaks(filled_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str) -> dict:
     """`spectral_peak_ratio` of exact fills ``filled_hu`` of ``task``'s sites in the cube and, pasted by each rule
-    (``replaced``: their weights), in the scan."""
+    (``replaced``: their weights), in the scan; and the median over the sites of `finest_grain_ratio` in the pristine
+    scan and after each rule's paste."""
     sites = [(case, location) for case, locations in scans for location in locations[task]]
     peaks = {"cube": round(spectral_peak_ratio(filled_hu), 2)}
+    grain = {"pristine": median_of_found([finest_grain_ratio(case.volume.hu, case, spot) for case, spot in sites])}
     for rule in RULES:
-        recut = [
-            pasted(case, spot, fill, share, rule)[1] for (case, spot), fill, share in zip(sites, filled_hu, replaced)
-        ]
+        tampered, recut = zip(
+            *(pasted(case, spot, fill, share, rule) for (case, spot), fill, share in zip(sites, filled_hu, replaced))
+        )
         peaks[f"in_the_scan_{rule}"] = round(spectral_peak_ratio(np.stack(recut)), 2)
-    return peaks
+        grain[rule] = median_of_found(
+            [finest_grain_ratio(volume.hu, case, spot) for volume, (case, spot) in zip(tampered, sites)]
+        )
+    return {**peaks, "finest_grain_ratio": grain}
 
 
 def left_of_the_scan(recut: np.ndarray, pristine: np.ndarray) -> dict:

@@ -459,6 +459,22 @@ def test_paste_check_measures_exact_fills_in_the_cube_and_by_each_rule_in_the_sc
     scans, sites = _scan_with_removal_sites(seed=0, sites=4)
     filled = _slice_striped(sites, [0.3] * len(sites))
     peaks = paste_check.exact_fill_peaks(filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove")
-    assert set(peaks) == {"cube", "in_the_scan_change_added", "in_the_scan_replaced"}
+    assert set(peaks) == {"cube", "in_the_scan_change_added", "in_the_scan_replaced", "finest_grain_ratio"}
     assert peaks["cube"] > 10_000
     assert max(peaks["in_the_scan_change_added"], peaks["in_the_scan_replaced"]) < peaks["cube"] / 100
+
+
+def test_paste_check_finds_the_grain_a_replaced_region_loses_on_fine_pixels():
+    """White lung noise on 0.5 mm pixels: the 1 mm cube holds little of its grain, so a fill of the cube's own
+    content replaced into the scan is smoother than the scan around it; added as a change it keeps the scan's."""
+    shape, spacing = (16, 200, 200), (2.5, 0.5, 0.5)
+    hu = np.random.default_rng(0).normal(-850.0, 40.0, shape).round().astype(np.int16)
+    case = SimpleNamespace(volume=CTVolume(hu, spacing_mm=spacing), lung_mask=np.ones(shape, bool))
+    location = case.volume.voxel_to_world((8, 100, 100))
+    site = extract_cube(case.volume, location, lung_mask=case.lung_mask).hu
+    figures = paste_check.exact_fill_peaks(
+        site[None], hole_mask()[None].astype(np.float32), [(case, {"remove": [location]})], "remove"
+    )
+    grain = figures["finest_grain_ratio"]
+    assert 0.9 < grain["pristine"] < 1.1 and 0.9 < grain["change_added"] < 1.1
+    assert grain["replaced"] < 0.6
