@@ -173,7 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--phantoms", type=int, default=20, help="held-out phantoms (the evaluation's: 20)")
     parser.add_argument("--seed", type=int, default=2024, help="held-out phantom seed (the evaluation's: 2024)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "paste_check_cpu.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "paste_check_cpu.json",
+        help="the results JSON (default: the committed one)",
+    )
     parser.add_argument(
         "--ceiling-phantoms",
         type=int,
