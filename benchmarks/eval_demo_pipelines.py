@@ -99,6 +99,7 @@ import torch
 from scipy import ndimage
 
 from m3d.constants import FAKE_GENERATORS as GENERATORS, TASKS
+from m3d.data.ct import CTVolume
 from m3d.data.phantom import make_phantom
 from m3d.devices import describe_device
 from m3d.files import write_json_atomic
@@ -205,6 +206,16 @@ def scan_cubes_per_s(pipe: M3DTamperPipeline, scans: list) -> float:
     return count / (time.perf_counter() - start)
 
 
+def pasted_at_site(
+    case, location: np.ndarray, cube_hu: np.ndarray, replaced: np.ndarray
+) -> tuple[CTVolume, np.ndarray]:
+    """``cube_hu`` pasted into the scan of ``case`` at ``location`` as the builder saves a fake (`paste_cube`,
+    replacing the scan by ``replaced``), and the 1 mm cube cut again there."""
+    site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
+    tampered, _ = paste_cube(case.volume, site, cube_hu, replaced=replaced)
+    return tampered, extract_cube(tampered, location, lung_mask=case.lung_mask).hu
+
+
 def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str) -> np.ndarray:
     """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
     order as the cubes), replacing the scan by its ``replaced`` weights (`paste_cube`; the pipeline's output gives
@@ -215,12 +226,12 @@ def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: s
             f"{len(cubes_hu)} cubes and {len(replaced)} replaced weights for the {len(sites)} {task} sites of the "
             "scans"
         )
-    recut = []
-    for (case, location), cube_hu, share in zip(sites, cubes_hu, replaced):
-        site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
-        tampered, _ = paste_cube(case.volume, site, cube_hu, replaced=share)
-        recut.append(extract_cube(tampered, location, lung_mask=case.lung_mask).hu)
-    return np.stack(recut)
+    return np.stack(
+        [
+            pasted_at_site(case, location, cube_hu, share)[1]
+            for (case, location), cube_hu, share in zip(sites, cubes_hu, replaced)
+        ]
+    )
 
 
 def seam_ratio(cube_hu: np.ndarray) -> float:

@@ -54,13 +54,14 @@ from eval_demo_pipelines import (  # noqa: E402  (the script beside this one)
     held_out_cubes,
     oracle_injections,
     oracle_removals,
+    pasted_at_site,
     spectral_peak_ratio,
 )
 
 from m3d.dataset_builder.generate import DEFAULT_PHANTOMS  # noqa: E402
 from m3d.devices import describe_device  # noqa: E402
 from m3d.files import write_json_atomic  # noqa: E402
-from m3d.tamper.cube import extract_cube, hole_mask, paste_cube  # noqa: E402
+from m3d.tamper.cube import hole_mask  # noqa: E402
 from m3d.tamper.touch_up import hole_feather  # noqa: E402
 
 RULES = ("change_added", "replaced")
@@ -77,10 +78,7 @@ FIGURE_HALF_WIDTH_MM = 18.0
 def pasted(case, location: np.ndarray, filled_hu: np.ndarray, replaced: np.ndarray, rule: str):
     """The site's scan with ``filled_hu`` pasted by ``rule`` (``replaced`` the fill's weights, used by the rule
     ``replaced``), and the 1 mm cube cut there again."""
-    site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
-    share = replaced if rule == "replaced" else np.zeros_like(filled_hu)
-    tampered, _ = paste_cube(case.volume, site, filled_hu, replaced=share)
-    return tampered, extract_cube(tampered, location, lung_mask=case.lung_mask).hu
+    return pasted_at_site(case, location, filled_hu, replaced if rule == "replaced" else np.zeros_like(filled_hu))
 
 
 def finest_grain_ratio(volume_hu: np.ndarray, case, location: np.ndarray) -> float | None:
