@@ -207,19 +207,21 @@ def scan_cubes_per_s(pipe: M3DTamperPipeline, scans: list) -> float:
 
 
 def pasted_at_site(
-    case, location: np.ndarray, cube_hu: np.ndarray, replaced: np.ndarray
+    case, location: np.ndarray, cube_hu: np.ndarray, replaced: np.ndarray, grain_rng: np.random.Generator | None
 ) -> tuple[CTVolume, np.ndarray]:
     """``cube_hu`` pasted into the scan of ``case`` at ``location`` as the builder saves a fake (`paste_cube`,
-    replacing the scan by ``replaced``), and the 1 mm cube cut again there."""
+    replacing the scan by ``replaced``, with the grain finer than the cube drawn by ``grain_rng``), and the 1 mm cube
+    cut again there."""
     site = extract_cube(case.volume, location, lung_mask=case.lung_mask)
-    tampered, _ = paste_cube(case.volume, site, cube_hu, replaced=replaced)
+    tampered, _ = paste_cube(case.volume, site, cube_hu, replaced=replaced, grain_rng=grain_rng)
     return tampered, extract_cube(tampered, location, lung_mask=case.lung_mask).hu
 
 
-def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str) -> np.ndarray:
+def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str, seed: int) -> np.ndarray:
     """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
     order as the cubes), replacing the scan by its ``replaced`` weights (`paste_cube`; the pipeline's output gives
-    them), and the 1 mm cube cut again there: what the tampered scan holds, one site at a time."""
+    them) with the grain finer than the cube drawn anew (seeds ``(seed, site)``), and the 1 mm cube cut again there:
+    what the tampered scan holds, one site at a time."""
     sites = [(case, location) for case, locations in scans for location in locations[task]]
     if len(sites) != len(cubes_hu) or len(replaced) != len(cubes_hu):
         raise ValueError(
@@ -228,8 +230,8 @@ def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: s
         )
     return np.stack(
         [
-            pasted_at_site(case, location, cube_hu, share)[1]
-            for (case, location), cube_hu, share in zip(sites, cubes_hu, replaced)
+            pasted_at_site(case, location, cube_hu, share, np.random.default_rng([seed, index]))[1]
+            for index, ((case, location), cube_hu, share) in enumerate(zip(sites, cubes_hu, replaced))
         ]
     )
 
@@ -444,7 +446,7 @@ def measure_draw(
         raw = generate(pipe, pristine_hu, seed=seed, touch_up=False)[0]
         figures["seam_ratio_raw"] = round(float(np.mean([seam_ratio(cube) for cube in raw])), 3)
     if scans is not None:
-        recut = in_the_scan(generated, replaced, scans, task)
+        recut = in_the_scan(generated, replaced, scans, task, seed)
         figures["in_the_scan"] = {
             **summarize(recut, task, hu_range, pristine_hu),
             "two_sample_accuracy": two_sample_accuracy(recut, real_hu, seed=0)["accuracy"],
@@ -612,7 +614,7 @@ def spectral_peak_oracle(sites_hu: np.ndarray, real_lung_hu: np.ndarray, scans: 
     for seed in range(draws):
         filled = oracle_removals(sites_hu, real_lung_hu, seed)
         peaks["cube"].append(round(spectral_peak_ratio(filled), 2))
-        recut = in_the_scan(filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove")
+        recut = in_the_scan(filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove", seed)
         peaks["in_the_scan"].append(round(spectral_peak_ratio(recut), 2))
     return {
         **mean_and_range("cube", peaks["cube"], 2),

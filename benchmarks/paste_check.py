@@ -6,18 +6,21 @@
 A 1 mm cube holds a scan of 0.5-0.98 mm pixels and 1.25-3 mm slices only in part: cut from the scan and resampled
 back, it misses what lies between its planes and below 1 mm in-plane, the sharp edge of a nodule above all. At the
 evaluation's held-out removal sites (`eval_demo_pipelines.held_out_cubes`), the hole of each pristine cube is filled
-with flat lung (``FLAT_LUNG_HU``), pasted into its scan (`m3d.tamper.cube.paste_cube`) by two rules, and the 1 mm
+with flat lung (``FLAT_LUNG_HU``), pasted into its scan (`m3d.tamper.cube.paste_cube`) by three rules, and the 1 mm
 cube cut there again:
 
 * ``change_added``: ``replaced`` 0, the change added to the scan's own voxels (the paste until 2026-12-06): what the
   cube did not hold of the removed nodule stays;
-* ``replaced``: ``replaced`` 1 over the hole, as the pipelines paste what they draw since: the scan beneath the hole
-  is replaced.
+* ``replaced``: ``replaced`` 1 over the hole, as the pipelines pasted what they draw from then on: the scan beneath
+  the hole is replaced;
+* ``replaced_with_grain``: the same with the scan's grain finer than the cube drawn anew (``grain_rng``, seeded by
+  the site's number), as the pipelines paste since the end of 2026-12-06.
 
-Anything but flat lung in the hole comes from the pristine scan: under either rule, near the hole's faces, what
-the resamplings carry in from the context (the same for both); under ``change_added`` also what the cube did not
-hold. Per rule, in the hole: ``removed_rim_hu``, the mean |HU - flat lung| on the removed nodule's rim (the
-one-voxel shell of the pristine cube's central nodule, `central_nodule_mask`); ``lung_hu``, the same on the pristine
+Anything but flat lung in the hole comes from the pristine scan or the drawn grain: under every rule, near the
+hole's faces, what the resamplings carry in from the context (the same for all); under ``change_added`` also what
+the cube did not hold; under ``replaced_with_grain`` also the grain. Per rule, in the hole: ``removed_rim_hu``, the
+mean |HU - flat lung| on the removed nodule's rim (the one-voxel shell of the pristine cube's central nodule,
+`central_nodule_mask`); ``lung_hu``, the same on the pristine
 lung (below ``LUNG_MAX_HU``) 2 voxels or more from the nodule; and ``core_max_hu``, the largest anywhere in the
 hole's core (``CORE_MARGIN_VOXELS`` inside its faces, beyond the two resamplings' reach), 0 when nothing of the scan
 is left there. ``--figure`` draws the first sites' axial slices through the site, pristine and after each rule, at
@@ -30,7 +33,7 @@ replaced by the feather) and real nodules > 10 mm of ``--ceiling-phantoms`` othe
 scan, a generator's peak is to be read against what an exact one gets there. With each, ``finest_grain_ratio``
 (`finest_grain_ratio`, medians over the sites): the scan's finest in-plane grain at the site against its grain
 elsewhere, pristine and after each rule: a replaced region holds only what the 1 mm cube holds, and loses the grain
-of the scan's finer pixels.
+of the scan's finer pixels unless the paste draws it anew.
 Results: ``benchmarks/results/paste_check_cpu.json``.
 """
 
@@ -64,7 +67,7 @@ from m3d.files import write_json_atomic  # noqa: E402
 from m3d.tamper.cube import hole_mask  # noqa: E402
 from m3d.tamper.touch_up import hole_feather  # noqa: E402
 
-RULES = ("change_added", "replaced")
+RULES = ("change_added", "replaced", "replaced_with_grain")
 FLAT_LUNG_HU = -850.0
 LUNG_MAX_HU = -600.0
 CORE_MARGIN_VOXELS = 4  # linear resampling onto slices up to 3 mm apart and back reaches this far
@@ -75,10 +78,12 @@ FIGURE_SITES = 3
 FIGURE_HALF_WIDTH_MM = 18.0
 
 
-def pasted(case, location: np.ndarray, filled_hu: np.ndarray, replaced: np.ndarray, rule: str):
-    """The site's scan with ``filled_hu`` pasted by ``rule`` (``replaced`` the fill's weights, used by the rule
-    ``replaced``), and the 1 mm cube cut there again."""
-    return pasted_at_site(case, location, filled_hu, replaced if rule == "replaced" else np.zeros_like(filled_hu))
+def pasted(case, location: np.ndarray, filled_hu: np.ndarray, replaced: np.ndarray, rule: str, site_number: int):
+    """The site's scan with ``filled_hu`` pasted by ``rule`` (``replaced`` the fill's weights, used by the rules that
+    replace; the grain seeded by ``site_number``), and the 1 mm cube cut there again."""
+    share = np.zeros_like(filled_hu) if rule == "change_added" else replaced
+    grain_rng = np.random.default_rng(site_number) if rule == "replaced_with_grain" else None
+    return pasted_at_site(case, location, filled_hu, share, grain_rng)
 
 
 def finest_grain_ratio(volume_hu: np.ndarray, case, location: np.ndarray) -> float | None:
@@ -114,7 +119,10 @@ def exact_fill_peaks(filled_hu: np.ndarray, replaced: np.ndarray, scans: list, t
     grain = {"pristine": median_of_found([finest_grain_ratio(case.volume.hu, case, spot) for case, spot in sites])}
     for rule in RULES:
         tampered, recut = zip(
-            *(pasted(case, spot, fill, share, rule) for (case, spot), fill, share in zip(sites, filled_hu, replaced))
+            *(
+                pasted(case, spot, fill, share, rule, number)
+                for number, ((case, spot), fill, share) in enumerate(zip(sites, filled_hu, replaced))
+            )
         )
         peaks[f"in_the_scan_{rule}"] = round(spectral_peak_ratio(np.stack(recut)), 2)
         grain[rule] = median_of_found(
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     for index, ((case, location), fill) in enumerate(zip(sites, filled)):
         slices = [case.volume.hu]
         for rule in RULES:
-            tampered, again = pasted(case, location, fill, hole_mask().astype(np.float32), rule)
+            tampered, again = pasted(case, location, fill, hole_mask().astype(np.float32), rule, index)
             recut[rule].append(again)
             slices.append(tampered.hu)
         if index < FIGURE_SITES:

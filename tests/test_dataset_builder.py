@@ -185,7 +185,9 @@ class _SavedScanDiffers:
         radius = np.linalg.norm(np.indices(cube.hu.shape) - 15.5, axis=0)
         returned = np.where(radius <= 6.0, -100.0, cube.hu).astype(np.float32)
         pasted = np.where(radius <= self.pasted_radius_mm, -100.0, cube.hu).astype(np.float32)
-        tampered, mask = paste_cube(volume, cube, pasted, replaced=(pasted != cube.hu).astype(np.float32))
+        tampered, mask = paste_cube(
+            volume, cube, pasted, replaced=(pasted != cube.hu).astype(np.float32), grain_rng=None
+        )
         self.saved.append((locations_lps_mm[0], tampered))
         return M3DPipelineOutput(cubes=hu_to_unit(returned)[None, None], volumes=[tampered], masks=[mask])
 

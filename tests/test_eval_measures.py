@@ -127,14 +127,14 @@ def test_in_the_scan_resamples_a_fixed_pattern_onto_each_scans_slices(lung_cubes
     every hole is sampled by the scan's 2.5 mm slices at the same point of its period on every slice: a constant
     per site, so what the scan holds keeps almost nothing of the stripe."""
     scans, pristine = _scan_with_removal_sites(seed=0, sites=8)
-    assert np.array_equal(eval_demo.in_the_scan(pristine, np.zeros_like(pristine), scans, "remove"), pristine)
+    assert np.array_equal(eval_demo.in_the_scan(pristine, np.zeros_like(pristine), scans, "remove", 0), pristine)
     striped = _slice_striped(pristine, [0.3] * len(pristine))
     assert slice_phase.phase_concentration(slice_phase.plane_modulation(striped)) > 0.95
     hole = np.broadcast_to(hole_mask(), striped.shape)
-    recut = slice_phase.plane_modulation(eval_demo.in_the_scan(striped, hole, scans, "remove"))
+    recut = slice_phase.plane_modulation(eval_demo.in_the_scan(striped, hole, scans, "remove", 0))
     assert np.median(np.abs(recut)) < 2.0  # of the 40 HU stripe
     with pytest.raises(ValueError, match="7 cubes and 8 replaced weights for the 8 remove sites"):
-        eval_demo.in_the_scan(striped[:7], hole, scans, "remove")
+        eval_demo.in_the_scan(striped[:7], hole, scans, "remove", 0)
 
 
 def test_measure_draw_also_measures_what_the_scan_holds():
@@ -150,7 +150,7 @@ def test_measure_draw_also_measures_what_the_scan_holds():
     assert in_scan["seam_ratio_mean"] != figures["seam_ratio_mean"]
     replaced = eval_demo.generate(pipe, pristine, seed=0)[1]
     assert replaced.shape == pristine.shape and replaced[:, ~hole_mask()].max() == 0.0
-    recut = eval_demo.in_the_scan(generated, replaced, scans, "remove")
+    recut = eval_demo.in_the_scan(generated, replaced, scans, "remove", 0)
     assert in_scan["seam_ratio_mean"] == pytest.approx(
         np.mean([eval_demo.seam_ratio(cube) for cube in recut]), abs=1e-3
     )
@@ -349,8 +349,8 @@ def test_oracle_removals_feather_real_lung_into_the_holes_and_measure_their_peak
     cube = [round(eval_demo.spectral_peak_ratio(cubes), 2) for cubes in filled]
     feather = np.broadcast_to(hole_feather(), removal_sites.shape)
     scan = [
-        round(eval_demo.spectral_peak_ratio(eval_demo.in_the_scan(cubes, feather, scans, "remove")), 2)
-        for cubes in filled
+        round(eval_demo.spectral_peak_ratio(eval_demo.in_the_scan(cubes, feather, scans, "remove", seed)), 2)
+        for seed, cubes in enumerate(filled)
     ]
     assert peaks == {
         "cube": round(float(np.mean(cube)), 2),
@@ -430,7 +430,7 @@ def test_evaluation_refuses_a_file_as_its_output_folder(tmp_path, capsys):
 def test_paste_check_finds_what_adding_the_change_leaves_of_a_removed_nodule():
     """A dense 12 mm nodule in a scan of 2.5 mm slices and 0.7 mm pixels, its hole filled with flat lung: added as a
     change, the fill leaves part of the nodule where the 1 mm cube could not hold it, most on its rim; replacing the
-    scan leaves nothing in the hole's core."""
+    scan leaves nothing in the hole's core, and with the grain drawn anew nothing but the grain."""
     shape, spacing = (24, 80, 80), (2.5, 0.7, 0.7)
     centre = np.array([12, 40, 40])
     distance_mm = np.linalg.norm((np.indices(shape).T - centre).T * np.reshape(spacing, (3, 1, 1, 1)), axis=0)
@@ -443,7 +443,7 @@ def test_paste_check_finds_what_adding_the_change_leaves_of_a_removed_nodule():
     flat = np.where(hole_mask(), np.float32(paste_check.FLAT_LUNG_HU), pristine).astype(np.float32)
     figures = {
         rule: paste_check.left_of_the_scan(
-            paste_check.pasted(case, location, flat, hole_mask().astype(np.float32), rule)[1][None], pristine[None]
+            paste_check.pasted(case, location, flat, hole_mask().astype(np.float32), rule, 0)[1][None], pristine[None]
         )
         for rule in paste_check.RULES
     }
@@ -451,6 +451,8 @@ def test_paste_check_finds_what_adding_the_change_leaves_of_a_removed_nodule():
     assert replaced["core_max_hu"] == 0.0 and added["core_max_hu"] > 100
     assert added["removed_rim_hu"] > 2 * added["lung_hu"] and added["removed_rim_hu"] > 3 * replaced["removed_rim_hu"]
     assert added["sites_with_a_nodule"] == replaced["sites_with_a_nodule"] == 1
+    grained = figures["replaced_with_grain"]  # the drawn grain alone: as much on the rim as on the lung
+    assert grained["removed_rim_hu"] < 1.5 * grained["lung_hu"] and grained["core_max_hu"] < added["core_max_hu"]
 
 
 def test_paste_check_measures_exact_fills_in_the_cube_and_by_each_rule_in_the_scan():
@@ -459,14 +461,16 @@ def test_paste_check_measures_exact_fills_in_the_cube_and_by_each_rule_in_the_sc
     scans, sites = _scan_with_removal_sites(seed=0, sites=4)
     filled = _slice_striped(sites, [0.3] * len(sites))
     peaks = paste_check.exact_fill_peaks(filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove")
-    assert set(peaks) == {"cube", "in_the_scan_change_added", "in_the_scan_replaced", "finest_grain_ratio"}
+    rules = ("change_added", "replaced", "replaced_with_grain")
+    assert set(peaks) == {"cube", *(f"in_the_scan_{rule}" for rule in rules), "finest_grain_ratio"}
     assert peaks["cube"] > 10_000
-    assert max(peaks["in_the_scan_change_added"], peaks["in_the_scan_replaced"]) < peaks["cube"] / 100
+    assert max(peaks[f"in_the_scan_{rule}"] for rule in rules) < peaks["cube"] / 100
 
 
 def test_paste_check_finds_the_grain_a_replaced_region_loses_on_fine_pixels():
     """White lung noise on 0.5 mm pixels: the 1 mm cube holds little of its grain, so a fill of the cube's own
-    content replaced into the scan is smoother than the scan around it; added as a change it keeps the scan's."""
+    content replaced into the scan is smoother than the scan around it; added as a change it keeps the scan's, and
+    replaced with the grain drawn anew it gets it back."""
     shape, spacing = (16, 200, 200), (2.5, 0.5, 0.5)
     hu = np.random.default_rng(0).normal(-850.0, 40.0, shape).round().astype(np.int16)
     case = SimpleNamespace(volume=CTVolume(hu, spacing_mm=spacing), lung_mask=np.ones(shape, bool))
@@ -477,4 +481,4 @@ def test_paste_check_finds_the_grain_a_replaced_region_loses_on_fine_pixels():
     )
     grain = figures["finest_grain_ratio"]
     assert 0.9 < grain["pristine"] < 1.1 and 0.9 < grain["change_added"] < 1.1
-    assert grain["replaced"] < 0.6
+    assert grain["replaced"] < 0.6 and 0.8 < grain["replaced_with_grain"] < 1.2

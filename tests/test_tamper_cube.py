@@ -3,6 +3,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from m3d.data.ct import CTVolume
 from m3d.data.lungs import segment_lungs
@@ -70,7 +71,7 @@ def test_paste_changes_only_the_cube_and_leaves_no_seam():
     generated = cube.hu.copy()
     z, y, x = np.indices(generated.shape) - (CUBE_SIZE - 1) / 2
     generated[z**2 + y**2 + x**2 < 36] = 30  # a 12 mm solid nodule
-    tampered, changed = paste_cube(volume, cube, generated, replaced=hole_mask().astype(np.float32))
+    tampered, changed = paste_cube(volume, cube, generated, replaced=hole_mask().astype(np.float32), grain_rng=None)
     assert tampered.hu.dtype == np.int16 and tampered.shape == volume.shape
     assert tampered.hu[30, 48, 27] > -100  # the nodule is there
     footprint_vox = np.ceil(CUBE_SIZE / 2 / np.asarray(volume.spacing_mm)).astype(int) + 1
@@ -89,7 +90,7 @@ def test_paste_changes_only_the_cube_and_leaves_no_seam():
 def test_identity_paste_changes_nothing():
     volume = chest_box()
     cube = extract_cube(volume, lung_center(volume))
-    tampered, changed = paste_cube(volume, cube, cube.hu, replaced=np.zeros_like(cube.hu))
+    tampered, changed = paste_cube(volume, cube, cube.hu, replaced=np.zeros_like(cube.hu), grain_rng=None)
     np.testing.assert_array_equal(tampered.hu, volume.hu)
     assert not changed.any()
 
@@ -98,7 +99,7 @@ def test_what_is_not_replaced_keeps_the_scans_noise():
     volume = chest_box()
     cube = extract_cube(volume, lung_center(volume))
     smooth_fill = np.full_like(cube.hu, -850.0)  # a generator output without any noise, added as a change only
-    tampered, _ = paste_cube(volume, cube, smooth_fill, replaced=np.zeros_like(cube.hu))
+    tampered, _ = paste_cube(volume, cube, smooth_fill, replaced=np.zeros_like(cube.hu), grain_rng=None)
     region = (slice(27, 33), slice(42, 54), slice(22, 32))
     assert np.std(tampered.hu[region]) > 0.5 * np.std(volume.hu[region])
 
@@ -114,11 +115,37 @@ def test_a_replaced_nodule_leaves_no_outline_in_the_scan():
     volume = volume.with_hu(np.where(distance_mm < 5.0, 40, volume.hu).astype(np.int16))  # a 10 mm solid nodule
     cube = extract_cube(volume, lung_center(volume))
     lung_fill = np.where(hole_mask(), -850.0, cube.hu).astype(np.float32)
-    replaced, _ = paste_cube(volume, cube, lung_fill, replaced=hole_mask().astype(np.float32))
-    added, _ = paste_cube(volume, cube, lung_fill, replaced=np.zeros_like(cube.hu))
+    replaced, _ = paste_cube(volume, cube, lung_fill, replaced=hole_mask().astype(np.float32), grain_rng=None)
+    added, _ = paste_cube(volume, cube, lung_fill, replaced=np.zeros_like(cube.hu), grain_rng=None)
     near_centre = distance_mm < 6.0  # the nodule and its edge, well inside the 20 mm hole
     assert (replaced.hu[near_centre] == -850).all()
     assert np.abs(added.hu[near_centre] + 850).max() > 200
+
+
+def test_a_replaced_region_gets_the_scans_finest_grain_back():
+    """Replaced voxels hold the 1 mm cube resampled; with a ``grain_rng`` the paste draws the grain finer than the
+    cube anew at the scan's own level (same seed, same grain), where without one they are as smooth as the fill."""
+    volume = chest_box()
+    cube = extract_cube(volume, lung_center(volume))
+    smooth_fill = np.where(hole_mask(), -850.0, cube.hu).astype(np.float32)
+
+    def finest_grain(hu: np.ndarray) -> np.ndarray:
+        return hu - ndimage.gaussian_filter(hu.astype(np.float32), (0, 0.7, 0.7))
+
+    core = (slice(27, 34), slice(42, 55), slice(21, 34))  # within 5 mm of the hole's centre (30, 48, 27)
+    other_lung = (slice(27, 34), slice(42, 55), slice(62, 75))
+    scan_grain = finest_grain(volume.hu)[other_lung].std()
+
+    def pasted(seed: int | None) -> np.ndarray:
+        rng = None if seed is None else np.random.default_rng(seed)
+        return paste_cube(volume, cube, smooth_fill, replaced=hole_mask().astype(np.float32), grain_rng=rng)[0].hu
+
+    assert finest_grain(pasted(None))[core].std() < 0.05 * scan_grain
+    grains = [finest_grain(pasted(seed))[core].std() / scan_grain for seed in (0, 1)]
+    assert all(0.7 < ratio < 1.3 for ratio in grains), grains
+    assert abs(pasted(0)[core].mean() + 850) < 2
+    np.testing.assert_array_equal(pasted(0), pasted(0))
+    assert not np.array_equal(pasted(0), pasted(1))
 
 
 @pytest.mark.parametrize(
@@ -129,7 +156,7 @@ def test_paste_refuses_replaced_weights_of_another_shape_or_range(replaced, mess
     volume = chest_box()
     cube = extract_cube(volume, lung_center(volume))
     with pytest.raises(ValueError, match=message):
-        paste_cube(volume, cube, cube.hu, replaced=replaced)
+        paste_cube(volume, cube, cube.hu, replaced=replaced, grain_rng=None)
 
 
 @pytest.mark.parametrize(

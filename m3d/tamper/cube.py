@@ -7,8 +7,10 @@ the scan's grid and blends it in with weights that fall smoothly to zero before 
 the generator kept of the cube goes back as the scan's own voxels (only the change is added), and what it
 drew anew replaces the scan beneath it, detail finer than the 1 mm cube included: a 1 mm cube holds a scan
 of 0.5-0.98 mm pixels and 1.25-3 mm slices only in part, and adding the change alone would leave the rest
-of the replaced content behind (the sharp outline of a removed nodule, up to hundreds of HU). Voxels
-outside the cube are left untouched.
+of the replaced content behind (the sharp outline of a removed nodule, up to hundreds of HU). The replaced
+voxels then lack the scan's grain finer than the cube; given a random generator, the paste draws it anew, white
+noise with its part the cube could hold taken out, at the level of the scan's own finest grain on the lung
+around the hole. Voxels outside the cube are left untouched.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ HU_WINDOW = (-1000.0, 600.0)
 SCAN_HU_RANGE = (-1024, 3071)
 BLEND_FLAT_HALF_MM = HOLE_SIZE / 2  # full weight over the hole ...
 BLEND_ZERO_HALF_MM = CUBE_SIZE / 2 - 1.5  # ... falling to zero 1.5 mm inside the faces
+GRAIN_HIGHPASS_SIGMA_VOXELS = 0.7  # the finest grain: what an in-plane Gaussian of 0.7 scan pixels removes ...
+GRAIN_LUNG_MAX_HU = -600.0  # ... measured on the lung voxels the paste keeps ...
+GRAIN_MIN_VOXELS = 100  # ... where there are at least this many (else no grain is drawn)
 
 
 class TamperLocationError(ValueError):
@@ -148,8 +153,17 @@ def _blend_weights() -> np.ndarray:
     return (profile[:, None, None] * profile[None, :, None] * profile[None, None, :]).astype(np.float32)
 
 
+def _grain_highpass(scan_hu: np.ndarray) -> np.ndarray:
+    return scan_hu - ndimage.gaussian_filter(scan_hu, (0, GRAIN_HIGHPASS_SIGMA_VOXELS, GRAIN_HIGHPASS_SIGMA_VOXELS))
+
+
 def paste_cube(
-    volume: CTVolume, cube: Cube, generated_hu: np.ndarray, *, replaced: np.ndarray
+    volume: CTVolume,
+    cube: Cube,
+    generated_hu: np.ndarray,
+    *,
+    replaced: np.ndarray,
+    grain_rng: np.random.Generator | None,
 ) -> tuple[CTVolume, np.ndarray]:
     """Paste a generated cube (HU, ``(32, 32, 32)``, same grid as ``cube``) back into ``volume``.
 
@@ -157,8 +171,12 @@ def paste_cube(
     1 where the generator drew the voxel anew (a generated hole; `m3d.tamper.touch_up.replacement_weight` after
     CT-GAN's touch-ups), 0 where it kept the scan and at most added to it. There the scan ends up as the generated
     cube resampled onto its grid; elsewhere the change is added to the scan's own voxels, so an unchanged cube
-    with ``replaced`` 0 pastes back bit-identical. Returns the tampered volume and the boolean ``(z, y, x)`` mask
-    of the voxels that changed. Voxels outside the cube's footprint are bit-identical to the input.
+    with ``replaced`` 0 pastes back bit-identical. With ``grain_rng`` the replaced voxels also get grain finer
+    than the cube: white noise less what the cube could hold of it, scaled so that its finest grain (an in-plane
+    high-pass of 0.7 scan pixels) matches the scan's own on the lung that the paste keeps around the hole (none
+    where that lung is under 100 voxels); None leaves them as smooth as the resampled cube. Returns the
+    tampered volume and the boolean ``(z, y, x)`` mask of the voxels that changed. Voxels outside the cube's
+    footprint are bit-identical to the input.
     """
     generated = np.asarray(generated_hu, np.float32)
     share = np.asarray(replaced, np.float32)
@@ -179,10 +197,19 @@ def paste_cube(
         return sample_grid(array, cube.affine, region_affine, shape, order=1, cval=0.0)
 
     weights = on_scan_grid(_blend_weights())
+    share_on_scan = on_scan_grid(share)
     change = on_scan_grid(generated - cube.hu)
     original = volume.hu[region].astype(np.float32)
     finer_than_cube = original - on_scan_grid(cube.hu)  # the scan's content that the 1 mm cube does not hold
-    replacement = weights * (change - on_scan_grid(share) * finer_than_cube)
+    grain = np.zeros_like(original)
+    if grain_rng is not None:
+        noise = grain_rng.standard_normal(shape).astype(np.float32)
+        noise -= on_scan_grid(sample_grid(noise, region_affine, cube.affine, (CUBE_SIZE,) * 3, order=1))
+        kept_lung = (weights > 0.5) & (share_on_scan < 0.01) & (original < GRAIN_LUNG_MAX_HU)
+        if kept_lung.sum() >= GRAIN_MIN_VOXELS:
+            scan_level = _grain_highpass(finer_than_cube)[kept_lung].std()
+            grain = noise * scan_level / max(float(_grain_highpass(noise)[kept_lung].std()), 1e-6)
+    replacement = weights * (change - share_on_scan * (finer_than_cube - grain))
     blended = np.clip(np.rint(original + replacement), *SCAN_HU_RANGE)
     blended = np.where(weights > 0, blended, original).astype(np.int16)
     tampered = volume.hu.copy()
