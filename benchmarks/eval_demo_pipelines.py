@@ -67,14 +67,17 @@ between seeds, more than one site's worth.
 
 ``in_the_scan``: the same figures (two-sample folds left out) for what the tampered scan holds: each generated cube
 pasted into its own scan (`m3d.tamper.cube.paste_cube`, as the builder saves a fake: resampled onto the scan's
-voxels and slices, replacing the scan by the pipeline's ``replaced`` weights) and the 1 mm cube cut there again
-(`in_the_scan`). A pristine cube pasted back with nothing replaced comes back exactly, so the pristine references
-and the real cubes of the two-sample test are the same for both views; what the scan's
+voxels and slices, replacing the scan by the pipeline's ``replaced`` weights with the grain finer than the cube
+drawn anew) and the 1 mm cube cut there again (`in_the_scan`); with it ``finest_grain_ratio``, the tampered scan's
+finest in-plane grain at the site against elsewhere (`finest_grain_ratio`, median over the sites; the pristine
+scans' in ``pristine_finest_grain_ratio``). A pristine cube pasted back with nothing replaced comes back exactly, so
+the pristine references and the real cubes of the two-sample test are the same for both views; what the scan's
 resampling keeps or loses of a generator's traces is what an examiner of the scan can see.
 ``spectral_peak_oracle``: the spectral peak of an exact remover (`oracle_removals`: the holes of the injection
 sites' pristine cubes, real lung around a small benign nodule, feathered into the removal sites' holes, ``--draws``
 draws), in the cube and in the scan: pasted into the scan, even real lung is resampled onto the scan's slices,
-so in the scan a remover's peak is measured against this rather than against the pristine cube, never pasted.
+so in the scan a remover's peak is measured against this rather than against the pristine cube, never pasted. Its
+``finest_grain_ratio_in_the_scan`` is what real lung replaced into the scan gets.
 
 The targets of issue 13: ``kept_fraction`` >= 0.90; injections ``real_looking_fraction`` >= 0.80; seam
 ratio <= 1.20; no spectral peak (``spectral_peak_ratio``, ``nyquist_power_fraction``) above the pristine
@@ -146,6 +149,10 @@ RANGED_FIGURES = (
     "two_sample_accuracy",
     "two_sample_vs_oracle",
 )  # also given as their range
+GRAIN_BLUR_PIXELS = 0.7  # the finest in-plane grain: what a blur of 0.7 scan pixels removes, ...
+GRAIN_LUNG_MAX_HU = -600.0  # ... on the lung ...
+GRAIN_CORE_MM, GRAIN_FAR_MM = 5.0, 25.0  # ... within 5 mm of a site in-plane, over 25 mm or more away
+GRAIN_MIN_VOXELS = 20
 CHEST_WALL_SITE_FRACTION = 0.3  # a site "at the chest wall": its cube's context is at least this much wall
 
 
@@ -217,23 +224,63 @@ def pasted_at_site(
     return tampered, extract_cube(tampered, location, lung_mask=case.lung_mask).hu
 
 
+def finest_grain_ratio(volume_hu: np.ndarray, case, location: np.ndarray) -> float | None:
+    """The finest in-plane grain at a site, against the scan's elsewhere: the std of HU minus its in-plane Gaussian
+    blur (``GRAIN_BLUR_PIXELS``) on the lung (below ``GRAIN_LUNG_MAX_HU``) within ``GRAIN_CORE_MM`` of the site
+    in-plane, on its slice and the two beside it, over the same on the lung of those slices ``GRAIN_FAR_MM`` or more
+    away. None when either holds too little lung."""
+    k, i, j = np.rint(case.volume.world_to_voxel(location)).astype(int)
+    core, far = (int(mm / case.volume.spacing_mm[1]) for mm in (GRAIN_CORE_MM, GRAIN_FAR_MM))
+    slices = slice(max(k - 1, 0), k + 2)
+    slab = volume_hu[slices].astype(np.float32)
+    fine = slab - ndimage.gaussian_filter(slab, (0, GRAIN_BLUR_PIXELS, GRAIN_BLUR_PIXELS))
+    lung = (slab < GRAIN_LUNG_MAX_HU) & case.lung_mask[slices]
+    near = np.zeros_like(lung)
+    near[:, max(i - core, 0) : i + core, max(j - core, 0) : j + core] = True
+    away = np.ones_like(lung)
+    away[:, max(i - far, 0) : i + far, max(j - far, 0) : j + far] = False
+    if (lung & near).sum() < GRAIN_MIN_VOXELS or (lung & away).sum() < 10 * GRAIN_MIN_VOXELS:
+        return None
+    return float(fine[lung & near].std() / fine[lung & away].std())
+
+
+def median_of_found(values: list[float | None]) -> float | None:
+    """The median (2 decimals) of the values that are not None; None if none is."""
+    found = [value for value in values if value is not None]
+    return round(float(np.median(found)), 2) if found else None
+
+
+def task_sites(scans: list, task: str) -> list[tuple]:
+    """``[(case, location)]`` of ``task``'s sites in ``scans`` (as `held_out_cubes` gives them), in the cubes'
+    order."""
+    return [(case, location) for case, locations in scans for location in locations[task]]
+
+
 def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str, seed: int) -> np.ndarray:
+    """The 1 mm cubes cut again from the tampered scans of `pasted_in_the_scan`."""
+    return pasted_in_the_scan(cubes_hu, replaced, scans, task, seed)[0]
+
+
+def pasted_in_the_scan(
+    cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str, seed: int
+) -> tuple[np.ndarray, float | None]:
     """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
     order as the cubes), replacing the scan by its ``replaced`` weights (`paste_cube`; the pipeline's output gives
     them) with the grain finer than the cube drawn anew (seeds ``(seed, site)``), and the 1 mm cube cut again there:
-    what the tampered scan holds, one site at a time."""
-    sites = [(case, location) for case, locations in scans for location in locations[task]]
+    what the tampered scan holds, one site at a time; with the median over the sites of the tampered scan's
+    `finest_grain_ratio` (None where no site has the lung to measure it)."""
+    sites = task_sites(scans, task)
     if len(sites) != len(cubes_hu) or len(replaced) != len(cubes_hu):
         raise ValueError(
             f"{len(cubes_hu)} cubes and {len(replaced)} replaced weights for the {len(sites)} {task} sites of the "
             "scans"
         )
-    return np.stack(
-        [
-            pasted_at_site(case, location, cube_hu, share, np.random.default_rng([seed, index]))[1]
-            for index, ((case, location), cube_hu, share) in enumerate(zip(sites, cubes_hu, replaced))
-        ]
-    )
+    recut, grain = [], []
+    for index, ((case, location), cube_hu, share) in enumerate(zip(sites, cubes_hu, replaced)):
+        tampered, again = pasted_at_site(case, location, cube_hu, share, np.random.default_rng([seed, index]))
+        recut.append(again)
+        grain.append(finest_grain_ratio(tampered.hu, case, location))
+    return np.stack(recut), median_of_found(grain)
 
 
 def seam_ratio(cube_hu: np.ndarray) -> float:
@@ -432,8 +479,8 @@ def measure_draw(
     sampling noise): the generated cubes and their figures (`summarize`, the two-sample test against ``real_hu``;
     with ``oracle_hu``, real nodules pasted into the same sites (`oracle_injections`), the paired test against them,
     ``two_sample_vs_oracle``; for a pipeline whose touch-ups are on by default, the seam without them,
-    ``seam_ratio_raw``; with the sites' ``scans``, the same figures of the cubes `in_the_scan`), and the seconds the
-    generation took."""
+    ``seam_ratio_raw``; with the sites' ``scans``, the same figures of the cubes `in_the_scan` and the tampered scans'
+    ``finest_grain_ratio``, `pasted_in_the_scan`), and the seconds the generation took."""
     task = pipe.config.task
     generated, replaced, seconds = generate(pipe, pristine_hu, seed=seed)
     figures = {"seed": seed, **summarize(generated, task, hu_range, pristine_hu)}
@@ -446,10 +493,11 @@ def measure_draw(
         raw = generate(pipe, pristine_hu, seed=seed, touch_up=False)[0]
         figures["seam_ratio_raw"] = round(float(np.mean([seam_ratio(cube) for cube in raw])), 3)
     if scans is not None:
-        recut = in_the_scan(generated, replaced, scans, task, seed)
+        recut, grain = pasted_in_the_scan(generated, replaced, scans, task, seed)
         figures["in_the_scan"] = {
             **summarize(recut, task, hu_range, pristine_hu),
             "two_sample_accuracy": two_sample_accuracy(recut, real_hu, seed=0)["accuracy"],
+            "finest_grain_ratio": grain,
         }
     return generated, figures, seconds
 
@@ -605,20 +653,26 @@ def oracle_removals(sites_hu: np.ndarray, real_lung_hu: np.ndarray, seed: int) -
 def spectral_peak_oracle(sites_hu: np.ndarray, real_lung_hu: np.ndarray, scans: list, draws: int) -> dict | None:
     """`spectral_peak_ratio` of `oracle_removals` at the removal sites ``sites_hu``, in the cube and in the scan
     (`in_the_scan`; ``scans`` as `held_out_cubes` gives them), the mean of ``draws`` draws (seeds 0, 1, ...: other
-    real lung per site): what a remover whose fill is real lung scores. The pristine cube is the reference in the
+    real lung per site): what a remover whose fill is real lung scores; with the median over the draws of the
+    tampered scans' `finest_grain_ratio`. The pristine cube is the reference in the
     cube; in the scan it was never pasted, while a fill replaces the scan over the feather, resampled onto the scan's
     slices, and is cut again. None without sites or real lung."""
     if not len(sites_hu) or not len(real_lung_hu):
         return None
     peaks: dict[str, list[float]] = {"cube": [], "in_the_scan": []}
+    grain = []
     for seed in range(draws):
         filled = oracle_removals(sites_hu, real_lung_hu, seed)
         peaks["cube"].append(round(spectral_peak_ratio(filled), 2))
-        recut = in_the_scan(filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove", seed)
+        recut, site_grain = pasted_in_the_scan(
+            filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove", seed
+        )
         peaks["in_the_scan"].append(round(spectral_peak_ratio(recut), 2))
+        grain.append(site_grain)
     return {
         **mean_and_range("cube", peaks["cube"], 2),
         **mean_and_range("in_the_scan", peaks["in_the_scan"], 2),
+        "finest_grain_ratio_in_the_scan": median_of_found(grain),
         "draws": draws,
         "real_lung_cubes": len(real_lung_hu),
     }
@@ -728,6 +782,12 @@ def main(argv: list[str] | None = None) -> dict:
         "real_nodule_mean_hu_range": list(hu_range),
         "real_looking_ceiling": ceiling,
         "pristine": {task: summarize(pristine[task], task, hu_range, pristine[task]) for task in TASKS},
+        "pristine_finest_grain_ratio": {
+            task: median_of_found(
+                [finest_grain_ratio(case.volume.hu, case, location) for case, location in task_sites(scans, task)]
+            )
+            for task in TASKS
+        },
         "two_sample_control": {
             task: two_sample_accuracy(*halves(pristine[task], args.seed), seed=0) for task in TASKS
         },
@@ -744,6 +804,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     references = (
         "pristine",
+        "pristine_finest_grain_ratio",
         "two_sample_control",
         "two_sample_oracle",
         "two_sample_oracle_control",

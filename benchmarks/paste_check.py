@@ -54,7 +54,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from eval_demo_pipelines import (  # noqa: E402  (the script beside this one)
     central_nodule_mask,
     ceiling_nodules,
+    finest_grain_ratio,
     held_out_cubes,
+    median_of_found,
     oracle_injections,
     oracle_removals,
     pasted_at_site,
@@ -71,9 +73,6 @@ RULES = ("change_added", "replaced", "replaced_with_grain")
 FLAT_LUNG_HU = -850.0
 LUNG_MAX_HU = -600.0
 CORE_MARGIN_VOXELS = 4  # linear resampling onto slices up to 3 mm apart and back reaches this far
-GRAIN_BLUR_PIXELS = 0.7  # the finest in-plane grain: what a blur of 0.7 pixels removes
-GRAIN_CORE_MM, GRAIN_FAR_MM = 5.0, 25.0
-GRAIN_MIN_VOXELS = 20
 FIGURE_SITES = 3
 FIGURE_HALF_WIDTH_MM = 18.0
 
@@ -84,30 +83,6 @@ def pasted(case, location: np.ndarray, filled_hu: np.ndarray, replaced: np.ndarr
     share = np.zeros_like(filled_hu) if rule == "change_added" else replaced
     grain_rng = np.random.default_rng(site_number) if rule == "replaced_with_grain" else None
     return pasted_at_site(case, location, filled_hu, share, grain_rng)
-
-
-def finest_grain_ratio(volume_hu: np.ndarray, case, location: np.ndarray) -> float | None:
-    """The finest in-plane grain at a site, against the scan's elsewhere: the std of HU minus its in-plane Gaussian
-    blur (``GRAIN_BLUR_PIXELS``) on the lung (below ``LUNG_MAX_HU``) within ``GRAIN_CORE_MM`` of the site in-plane, on
-    its slice and the two beside it, over the same on the lung of those slices ``GRAIN_FAR_MM`` or more away. None
-    when either holds too little lung."""
-    k, i, j = np.rint(case.volume.world_to_voxel(location)).astype(int)
-    core, far = (int(mm / case.volume.spacing_mm[1]) for mm in (GRAIN_CORE_MM, GRAIN_FAR_MM))
-    slices = slice(max(k - 1, 0), k + 2)
-    slab = volume_hu[slices].astype(np.float32)
-    fine = slab - ndimage.gaussian_filter(slab, (0, GRAIN_BLUR_PIXELS, GRAIN_BLUR_PIXELS))
-    lung = (slab < LUNG_MAX_HU) & case.lung_mask[slices]
-    near = np.zeros_like(lung)
-    near[:, max(i - core, 0) : i + core, max(j - core, 0) : j + core] = True
-    away = np.ones_like(lung)
-    away[:, max(i - far, 0) : i + far, max(j - far, 0) : j + far] = False
-    if (lung & near).sum() < GRAIN_MIN_VOXELS or (lung & away).sum() < 10 * GRAIN_MIN_VOXELS:
-        return None
-    return float(fine[lung & near].std() / fine[lung & away].std())
-
-
-def median_of_found(values: list[float | None]) -> float:
-    return round(float(np.median([value for value in values if value is not None])), 2)
 
 
 def exact_fill_peaks(filled_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str) -> dict:
