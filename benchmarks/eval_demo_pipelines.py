@@ -67,12 +67,13 @@ between seeds, more than one site's worth.
 
 ``in_the_scan``: the same figures (two-sample folds left out) for what the tampered scan holds: each generated cube
 pasted into its own scan (`m3d.tamper.cube.paste_cube`, as the builder saves a fake: resampled onto the scan's
-voxels and slices, replacing the scan by the pipeline's ``replaced`` weights with the grain finer than the cube
-drawn anew) and the 1 mm cube cut there again (`in_the_scan`); with it ``finest_grain_ratio``, the tampered scan's
-finest in-plane grain at the site against elsewhere (`finest_grain_ratio`, median over the sites; the pristine
-scans' in ``pristine_finest_grain_ratio``). A pristine cube pasted back with nothing replaced comes back exactly, so
-the pristine references and the real cubes of the two-sample test are the same for both views; what the scan's
-resampling keeps or loses of a generator's traces is what an examiner of the scan can see.
+voxels and slices, replacing the scan by the pipeline's ``replaced`` weights) and the 1 mm cube cut there again
+(`in_the_scan`); with it ``finest_grain_ratio``, the tampered scan's finest in-plane grain at the site against
+elsewhere (`finest_grain_ratio`, median over the sites; the pristine scans' in ``pristine_finest_grain_ratio``): a
+replaced region holds only what the 1 mm cube holds, without the grain of the scan's finer pixels. A pristine cube
+pasted back with nothing replaced comes back exactly, so the pristine references and the real cubes of the two-sample
+test are the same for both views; what the scan's resampling keeps or loses of a generator's traces is what an
+examiner of the scan can see.
 ``spectral_peak_oracle``: the spectral peak of an exact remover (`oracle_removals`: the holes of the injection
 sites' pristine cubes, real lung around a small benign nodule, feathered into the removal sites' holes, ``--draws``
 draws), in the cube and in the scan: pasted into the scan, even real lung is resampled onto the scan's slices,
@@ -256,18 +257,18 @@ def task_sites(scans: list, task: str) -> list[tuple]:
     return [(case, location) for case, locations in scans for location in locations[task]]
 
 
-def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str, seed: int) -> np.ndarray:
+def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str) -> np.ndarray:
     """The 1 mm cubes cut again from the tampered scans of `pasted_in_the_scan`."""
-    return pasted_in_the_scan(cubes_hu, replaced, scans, task, seed)[0]
+    return pasted_in_the_scan(cubes_hu, replaced, scans, task)[0]
 
 
 def pasted_in_the_scan(
-    cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str, seed: int
+    cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str
 ) -> tuple[np.ndarray, float | None]:
     """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
     order as the cubes), replacing the scan by its ``replaced`` weights (`paste_cube`; the pipeline's output gives
-    them) with the grain finer than the cube drawn anew (seeds ``(seed, site)``), and the 1 mm cube cut again there:
-    what the tampered scan holds, one site at a time; with the median over the sites of the tampered scan's
+    them; no grain drawn, as the pipelines paste), and the 1 mm cube cut again there: what the tampered scan holds,
+    one site at a time; with the median over the sites of the tampered scan's
     `finest_grain_ratio` (None where no site has the lung to measure it)."""
     sites = task_sites(scans, task)
     if len(sites) != len(cubes_hu) or len(replaced) != len(cubes_hu):
@@ -276,8 +277,8 @@ def pasted_in_the_scan(
             "scans"
         )
     recut, grain = [], []
-    for index, ((case, location), cube_hu, share) in enumerate(zip(sites, cubes_hu, replaced)):
-        tampered, again = pasted_at_site(case, location, cube_hu, share, np.random.default_rng([seed, index]))
+    for (case, location), cube_hu, share in zip(sites, cubes_hu, replaced):
+        tampered, again = pasted_at_site(case, location, cube_hu, share, grain_rng=None)
         recut.append(again)
         grain.append(finest_grain_ratio(tampered.hu, case, location))
     return np.stack(recut), median_of_found(grain)
@@ -493,7 +494,7 @@ def measure_draw(
         raw = generate(pipe, pristine_hu, seed=seed, touch_up=False)[0]
         figures["seam_ratio_raw"] = round(float(np.mean([seam_ratio(cube) for cube in raw])), 3)
     if scans is not None:
-        recut, grain = pasted_in_the_scan(generated, replaced, scans, task, seed)
+        recut, grain = pasted_in_the_scan(generated, replaced, scans, task)
         figures["in_the_scan"] = {
             **summarize(recut, task, hu_range, pristine_hu),
             "two_sample_accuracy": two_sample_accuracy(recut, real_hu, seed=0)["accuracy"],
@@ -664,9 +665,7 @@ def spectral_peak_oracle(sites_hu: np.ndarray, real_lung_hu: np.ndarray, scans: 
     for seed in range(draws):
         filled = oracle_removals(sites_hu, real_lung_hu, seed)
         peaks["cube"].append(round(spectral_peak_ratio(filled), 2))
-        recut, site_grain = pasted_in_the_scan(
-            filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove", seed
-        )
+        recut, site_grain = pasted_in_the_scan(filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove")
         peaks["in_the_scan"].append(round(spectral_peak_ratio(recut), 2))
         grain.append(site_grain)
     return {

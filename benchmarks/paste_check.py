@@ -14,7 +14,8 @@ cube cut there again:
 * ``replaced``: ``replaced`` 1 over the hole, as the pipelines pasted what they draw from then on: the scan beneath
   the hole is replaced;
 * ``replaced_with_grain``: the same with the scan's grain finer than the cube drawn anew (``grain_rng``, seeded by
-  the site's number), as the pipelines paste since the end of 2026-12-06.
+  the site's number): white noise at the scan's finest-grain level, which the pipelines do not draw (its texture is
+  not the scan's, and detectors localized it; README).
 
 Anything but flat lung in the hole comes from the pristine scan or the drawn grain: under every rule, near the
 hole's faces, what the resamplings carry in from the context (the same for all); under ``change_added`` also what

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["pipelines"][folder.name] = {
                 "task": task,
                 "cube": figures(generated),
-                "in_the_scan": figures(in_the_scan(generated, replaced, scans, task, seed=0)),
+                "in_the_scan": figures(in_the_scan(generated, replaced, scans, task)),
                 "without_slices": figures(generate(pipe, slice_free[: len(cubes[task])], seed=0)[0]),
             }
     write_json_atomic(args.out, report, trailing_newline=True, sort_keys=False)

@@ -274,7 +274,7 @@ class CubeProcessor:
         else:
             replaced = [region.astype(np.float32) for _ in range(len(inputs))]
         if inputs.volume is not None:
-            volumes, masks = self.paste_back(inputs, out, replaced, keep_context, generators)
+            volumes, masks = self.paste_back(inputs, out, replaced, keep_context)
         else:
             volumes, masks = None, [region.copy() for _ in range(len(inputs))]
         return M3DPipelineOutput(
@@ -299,25 +299,19 @@ class CubeProcessor:
         return torch.where(self.hole, touched, inputs.cubes)
 
     def paste_back(
-        self,
-        inputs: CubeInputs,
-        cubes: torch.Tensor,
-        replaced: list[np.ndarray],
-        keep_context: bool,
-        generators: list[torch.Generator],
+        self, inputs: CubeInputs, cubes: torch.Tensor, replaced: list[np.ndarray], keep_context: bool
     ) -> tuple[list[CTVolume], list[np.ndarray]]:
         """``[tampered scan]`` with every cube pasted at its site in turn, replacing the scan by each cube's
-        ``replaced`` weights with the scan's grain finer than the cube drawn anew there (`paste_cube`, seeded by the
-        cube's generator; outside the hole, with ``keep_context``, the scan's own unclipped HU), and ``[mask of the
-        voxels that changed]``."""
+        ``replaced`` weights (outside the hole, with ``keep_context``, the scan's own unclipped HU; no grain drawn:
+        `paste_cube`'s white grain is a trace of its own), and ``[mask of the voxels that changed]``."""
         hole = self.hole[0, 0].numpy()
         tampered, changed_any = inputs.volume, np.zeros(inputs.volume.shape, bool)
-        for site, generated, share, stream in zip(inputs.sites, cubes[:, 0].numpy(), replaced, generators):
+        for site, generated, share in zip(inputs.sites, cubes[:, 0].numpy(), replaced):
             generated_hu = unit_to_hu(generated)
             if keep_context:
                 generated_hu = np.where(hole, generated_hu, site.hu)
             tampered, changed = paste_cube(
-                tampered, site, generated_hu.astype(np.float32), replaced=share, grain_rng=numpy_rng(stream)
+                tampered, site, generated_hu.astype(np.float32), replaced=share, grain_rng=None
             )
             changed_any |= changed
         return [tampered], [changed_any]

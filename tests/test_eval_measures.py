@@ -127,14 +127,14 @@ def test_in_the_scan_resamples_a_fixed_pattern_onto_each_scans_slices(lung_cubes
     every hole is sampled by the scan's 2.5 mm slices at the same point of its period on every slice: a constant
     per site, so what the scan holds keeps almost nothing of the stripe."""
     scans, pristine = _scan_with_removal_sites(seed=0, sites=8)
-    assert np.array_equal(eval_demo.in_the_scan(pristine, np.zeros_like(pristine), scans, "remove", 0), pristine)
+    assert np.array_equal(eval_demo.in_the_scan(pristine, np.zeros_like(pristine), scans, "remove"), pristine)
     striped = _slice_striped(pristine, [0.3] * len(pristine))
     assert slice_phase.phase_concentration(slice_phase.plane_modulation(striped)) > 0.95
     hole = np.broadcast_to(hole_mask(), striped.shape)
-    recut = slice_phase.plane_modulation(eval_demo.in_the_scan(striped, hole, scans, "remove", 0))
+    recut = slice_phase.plane_modulation(eval_demo.in_the_scan(striped, hole, scans, "remove"))
     assert np.median(np.abs(recut)) < 2.0  # of the 40 HU stripe
     with pytest.raises(ValueError, match="7 cubes and 8 replaced weights for the 8 remove sites"):
-        eval_demo.in_the_scan(striped[:7], hole, scans, "remove", 0)
+        eval_demo.in_the_scan(striped[:7], hole, scans, "remove")
 
 
 def test_measure_draw_also_measures_what_the_scan_holds():
@@ -150,7 +150,7 @@ def test_measure_draw_also_measures_what_the_scan_holds():
     assert in_scan["seam_ratio_mean"] != figures["seam_ratio_mean"]
     replaced = eval_demo.generate(pipe, pristine, seed=0)[1]
     assert replaced.shape == pristine.shape and replaced[:, ~hole_mask()].max() == 0.0
-    recut = eval_demo.in_the_scan(generated, replaced, scans, "remove", 0)
+    recut = eval_demo.in_the_scan(generated, replaced, scans, "remove")
     assert in_scan["seam_ratio_mean"] == pytest.approx(
         np.mean([eval_demo.seam_ratio(cube) for cube in recut]), abs=1e-3
     )
@@ -348,9 +348,7 @@ def test_oracle_removals_feather_real_lung_into_the_holes_and_measure_their_peak
     filled = [eval_demo.oracle_removals(removal_sites, real_lung, seed) for seed in (0, 1)]
     cube = [round(eval_demo.spectral_peak_ratio(cubes), 2) for cubes in filled]
     feather = np.broadcast_to(hole_feather(), removal_sites.shape)
-    recut, grain = zip(
-        *(eval_demo.pasted_in_the_scan(cubes, feather, scans, "remove", seed) for seed, cubes in enumerate(filled))
-    )
+    recut, grain = zip(*(eval_demo.pasted_in_the_scan(cubes, feather, scans, "remove") for cubes in filled))
     scan = [round(eval_demo.spectral_peak_ratio(cubes), 2) for cubes in recut]
     assert peaks == {
         "cube": round(float(np.mean(cube)), 2),

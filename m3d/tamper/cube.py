@@ -8,9 +8,11 @@ the generator kept of the cube goes back as the scan's own voxels (only the chan
 drew anew replaces the scan beneath it, detail finer than the 1 mm cube included: a 1 mm cube holds a scan
 of 0.5-0.98 mm pixels and 1.25-3 mm slices only in part, and adding the change alone would leave the rest
 of the replaced content behind (the sharp outline of a removed nodule, up to hundreds of HU). The replaced
-voxels then lack the scan's grain finer than the cube; given a random generator, the paste draws it anew, white
+voxels then lack the scan's grain finer than the cube. Given a random generator, the paste draws it anew: white
 noise with its part the cube could hold taken out, at the level of the scan's own finest grain on the lung
-around the hole. Voxels outside the cube are left untouched.
+around the hole. That restores the grain's level, not its texture (a scan's grain is band-limited, this is
+white), and the demo's detectors localized fakes made with it better (README), so the pipelines paste without it.
+Voxels outside the cube are left untouched.
 """
 
 from __future__ import annotations
