@@ -111,9 +111,11 @@ from m3d.dataset_builder.generate import DEFAULT_PHANTOMS, PHANTOM_NODULES, PHAN
 from m3d.pipelines import M3DTamperPipeline, load_pipeline
 from m3d.tamper.cube import (
     CUBE_SIZE,
+    GRAIN_LUNG_MAX_HU,
     HOLE_SIZE,
     TamperLocationError,
     extract_cube,
+    finest_grain,
     hole_mask,
     hu_to_unit,
     paste_cube,
@@ -150,8 +152,7 @@ RANGED_FIGURES = (
     "two_sample_accuracy",
     "two_sample_vs_oracle",
 )  # also given as their range
-GRAIN_BLUR_PIXELS = 0.7  # the finest in-plane grain: what a blur of 0.7 scan pixels removes, ...
-GRAIN_LUNG_MAX_HU = -600.0  # ... on the lung ...
+# the finest in-plane grain (m3d.tamper.cube.finest_grain) on the lung (its GRAIN_LUNG_MAX_HU) ...
 GRAIN_CORE_MM, GRAIN_FAR_MM = 5.0, 25.0  # ... within 5 mm of a site in-plane, over 25 mm or more away
 GRAIN_MIN_VOXELS = 20
 CHEST_WALL_SITE_FRACTION = 0.3  # a site "at the chest wall": its cube's context is at least this much wall
@@ -226,15 +227,15 @@ def pasted_at_site(
 
 
 def finest_grain_ratio(volume_hu: np.ndarray, case, location: np.ndarray) -> float | None:
-    """The finest in-plane grain at a site, against the scan's elsewhere: the std of HU minus its in-plane Gaussian
-    blur (``GRAIN_BLUR_PIXELS``) on the lung (below ``GRAIN_LUNG_MAX_HU``) within ``GRAIN_CORE_MM`` of the site
-    in-plane, on its slice and the two beside it, over the same on the lung of those slices ``GRAIN_FAR_MM`` or more
-    away. None when either holds too little lung."""
+    """The finest in-plane grain at a site, against the scan's elsewhere: the std of `finest_grain` (HU minus a
+    0.7-pixel in-plane blur) on the lung (below ``GRAIN_LUNG_MAX_HU``) within ``GRAIN_CORE_MM`` of the site in-plane,
+    on its slice and the two beside it, over the same on the lung of those slices ``GRAIN_FAR_MM`` or more away. None
+    when either holds too little lung."""
     k, i, j = np.rint(case.volume.world_to_voxel(location)).astype(int)
     core, far = (int(mm / case.volume.spacing_mm[1]) for mm in (GRAIN_CORE_MM, GRAIN_FAR_MM))
     slices = slice(max(k - 1, 0), k + 2)
     slab = volume_hu[slices].astype(np.float32)
-    fine = slab - ndimage.gaussian_filter(slab, (0, GRAIN_BLUR_PIXELS, GRAIN_BLUR_PIXELS))
+    fine = finest_grain(slab)
     lung = (slab < GRAIN_LUNG_MAX_HU) & case.lung_mask[slices]
     near = np.zeros_like(lung)
     near[:, max(i - core, 0) : i + core, max(j - core, 0) : j + core] = True
@@ -268,8 +269,8 @@ def pasted_in_the_scan(
     """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
     order as the cubes), replacing the scan by its ``replaced`` weights (`paste_cube`; the pipeline's output gives
     them; no grain drawn, as the pipelines paste), and the 1 mm cube cut again there: what the tampered scan holds,
-    one site at a time; with the median over the sites of the tampered scan's
-    `finest_grain_ratio` (None where no site has the lung to measure it)."""
+    one site at a time; with the median over the sites of the tampered scans' `finest_grain_ratio` (None where no
+    site has the lung to measure it)."""
     sites = task_sites(scans, task)
     if len(sites) != len(cubes_hu) or len(replaced) != len(cubes_hu):
         raise ValueError(

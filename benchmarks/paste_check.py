@@ -62,6 +62,7 @@ from eval_demo_pipelines import (  # noqa: E402  (the script beside this one)
     oracle_removals,
     pasted_at_site,
     spectral_peak_ratio,
+    task_sites,
 )
 
 from m3d.dataset_builder.generate import DEFAULT_PHANTOMS  # noqa: E402
@@ -90,7 +91,7 @@ def exact_fill_peaks(filled_hu: np.ndarray, replaced: np.ndarray, scans: list, t
     """`spectral_peak_ratio` of exact fills ``filled_hu`` of ``task``'s sites in the cube and, pasted by each rule
     (``replaced``: their weights), in the scan; and the median over the sites of `finest_grain_ratio` in the pristine
     scan and after each rule's paste."""
-    sites = [(case, location) for case, locations in scans for location in locations[task]]
+    sites = task_sites(scans, task)
     peaks = {"cube": round(spectral_peak_ratio(filled_hu), 2)}
     grain = {"pristine": median_of_found([finest_grain_ratio(case.volume.hu, case, spot) for case, spot in sites])}
     for rule in RULES:
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not len(real_nodules):
         parser.error(f"{args.ceiling_phantoms} phantoms of seed {args.seed + 1} hold no real nodule > 10 mm")
     filled = np.where(hole_mask(), np.float32(FLAT_LUNG_HU), cubes["remove"]).astype(np.float32)
-    sites = [(case, location) for case, locations in scans for location in locations["remove"]]
+    sites = task_sites(scans, "remove")
     recut: dict[str, list[np.ndarray]] = {rule: [] for rule in RULES}
     rows = []
     for index, ((case, location), fill) in enumerate(zip(sites, filled)):

@@ -155,7 +155,9 @@ def _blend_weights() -> np.ndarray:
     return (profile[:, None, None] * profile[None, :, None] * profile[None, None, :]).astype(np.float32)
 
 
-def _grain_highpass(scan_hu: np.ndarray) -> np.ndarray:
+def finest_grain(scan_hu: np.ndarray) -> np.ndarray:
+    """The finest in-plane grain of ``(z, y, x)`` scan voxels: HU minus an in-plane Gaussian blur of
+    ``GRAIN_HIGHPASS_SIGMA_VOXELS`` pixels."""
     return scan_hu - ndimage.gaussian_filter(scan_hu, (0, GRAIN_HIGHPASS_SIGMA_VOXELS, GRAIN_HIGHPASS_SIGMA_VOXELS))
 
 
@@ -209,8 +211,8 @@ def paste_cube(
         noise -= on_scan_grid(sample_grid(noise, region_affine, cube.affine, (CUBE_SIZE,) * 3, order=1))
         kept_lung = (weights > 0.5) & (share_on_scan < 0.01) & (original < GRAIN_LUNG_MAX_HU)
         if kept_lung.sum() >= GRAIN_MIN_VOXELS:
-            scan_level = _grain_highpass(finer_than_cube)[kept_lung].std()
-            grain = noise * scan_level / max(float(_grain_highpass(noise)[kept_lung].std()), 1e-6)
+            scan_level = finest_grain(finer_than_cube)[kept_lung].std()
+            grain = noise * scan_level / max(float(finest_grain(noise)[kept_lung].std()), 1e-6)
     replacement = weights * (change - share_on_scan * (finer_than_cube - grain))
     blended = np.clip(np.rint(original + replacement), *SCAN_HU_RANGE)
     blended = np.where(weights > 0, blended, original).astype(np.int16)
