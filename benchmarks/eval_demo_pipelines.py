@@ -67,18 +67,18 @@ between seeds, more than one site's worth.
 
 ``in_the_scan``: the same figures (two-sample folds left out) for what the tampered scan holds: each generated cube
 pasted into its own scan (`m3d.tamper.cube.paste_cube`, as the builder saves a fake: resampled onto the scan's
-voxels and slices, replacing the scan by the pipeline's ``replaced`` weights) and the 1 mm cube cut there again
-(`in_the_scan`); with it ``finest_grain_ratio``, the tampered scan's finest in-plane grain at the site against
-elsewhere (`finest_grain_ratio`, median over the sites; the pristine scans' in ``pristine_finest_grain_ratio``): a
-replaced region holds only what the 1 mm cube holds, without the grain of the scan's finer pixels. A pristine cube
-pasted back with nothing replaced comes back exactly, so the pristine references and the real cubes of the two-sample
-test are the same for both views; what the scan's resampling keeps or loses of a generator's traces is what an
-examiner of the scan can see.
+voxels and slices, replacing the scan by the pipeline's ``replaced`` weights, no grain drawn) and the 1 mm cube cut
+there again (`in_the_scan`); with it ``finest_grain``, the tampered scan's finest in-plane grain at the site
+(`finest_grain_at_site`, medians over the sites: its ``ratio`` to the grain elsewhere, the same of its noise alone
+``noise_ratio``, its texture ``in_plane`` and ``through_plane``; the pristine scans' in ``pristine_finest_grain``).
+A pristine cube pasted back with nothing replaced comes back exactly, so the pristine references and the real cubes
+of the two-sample test are the same for both views; what the scan's resampling keeps or loses of a generator's
+traces is what an examiner of the scan can see.
 ``spectral_peak_oracle``: the spectral peak of an exact remover (`oracle_removals`: the holes of the injection
 sites' pristine cubes, real lung around a small benign nodule, feathered into the removal sites' holes, ``--draws``
 draws), in the cube and in the scan: pasted into the scan, even real lung is resampled onto the scan's slices,
 so in the scan a remover's peak is measured against this rather than against the pristine cube, never pasted. Its
-``finest_grain_ratio_in_the_scan`` is what real lung replaced into the scan gets.
+``finest_grain_in_the_scan`` is what real lung replaced into the scan gets.
 
 The targets of issue 13: ``kept_fraction`` >= 0.90; injections ``real_looking_fraction`` >= 0.80; seam
 ratio <= 1.20; no spectral peak (``spectral_peak_ratio``, ``nyquist_power_fraction``) above the pristine
@@ -113,12 +113,16 @@ from m3d.tamper.cube import (
     CUBE_SIZE,
     GRAIN_LUNG_MAX_HU,
     HOLE_SIZE,
+    IN_PLANE,
+    THROUGH_PLANE,
     TamperLocationError,
     extract_cube,
     finest_grain,
     hole_mask,
     hu_to_unit,
+    neighbour_correlation,
     paste_cube,
+    robust_variance,
     unit_to_hu,
 )
 from m3d.tamper.plan import plan_scan
@@ -226,11 +230,13 @@ def pasted_at_site(
     return tampered, extract_cube(tampered, location, lung_mask=case.lung_mask).hu
 
 
-def finest_grain_ratio(volume_hu: np.ndarray, case, location: np.ndarray) -> float | None:
-    """The finest in-plane grain at a site, against the scan's elsewhere: the std of `finest_grain` (HU minus a
-    0.7-pixel in-plane blur) on the lung (below ``GRAIN_LUNG_MAX_HU``) within ``GRAIN_CORE_MM`` of the site in-plane,
-    on its slice and the two beside it, over the same on the lung of those slices ``GRAIN_FAR_MM`` or more away. None
-    when either holds too little lung."""
+def finest_grain_at_site(volume_hu: np.ndarray, case, location: np.ndarray) -> dict[str, float] | None:
+    """The finest in-plane grain at a site (`finest_grain`: HU minus a 0.7-pixel in-plane blur) on the lung (below
+    ``GRAIN_LUNG_MAX_HU``) within ``GRAIN_CORE_MM`` of the site in-plane, on its slice and the two beside it:
+    ``ratio``, its std over the same on the lung of those slices ``GRAIN_FAR_MM`` or more away (noise and the fine
+    structure of vessel and nodule edges); ``noise_ratio``, the same of its `robust_variance` (the noise's level);
+    its texture, ``in_plane`` and ``through_plane`` (`neighbour_correlation`: 0 for white noise). None when either
+    holds too little lung."""
     k, i, j = np.rint(case.volume.world_to_voxel(location)).astype(int)
     core, far = (int(mm / case.volume.spacing_mm[1]) for mm in (GRAIN_CORE_MM, GRAIN_FAR_MM))
     slices = slice(max(k - 1, 0), k + 2)
@@ -243,13 +249,20 @@ def finest_grain_ratio(volume_hu: np.ndarray, case, location: np.ndarray) -> flo
     away[:, max(i - far, 0) : i + far, max(j - far, 0) : j + far] = False
     if (lung & near).sum() < GRAIN_MIN_VOXELS or (lung & away).sum() < 10 * GRAIN_MIN_VOXELS:
         return None
-    return float(fine[lung & near].std() / fine[lung & away].std())
+    return {
+        "ratio": float(fine[lung & near].std() / fine[lung & away].std()),
+        "noise_ratio": float(np.sqrt(robust_variance(fine[lung & near]) / robust_variance(fine[lung & away]))),
+        "in_plane": neighbour_correlation(fine, lung & near, IN_PLANE),
+        "through_plane": neighbour_correlation(fine, lung & near, THROUGH_PLANE),
+    }
 
 
-def median_of_found(values: list[float | None]) -> float | None:
-    """The median (2 decimals) of the values that are not None; None if none is."""
-    found = [value for value in values if value is not None]
-    return round(float(np.median(found)), 2) if found else None
+def median_of_found(figures: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Each figure's median (2 decimals) over the dicts that are not None (NaN figures left out); None if none is."""
+    found = [site for site in figures if site is not None]
+    if not found:
+        return None
+    return {key: round(float(np.nanmedian([site[key] for site in found])), 2) for key in found[0]}
 
 
 def task_sites(scans: list, task: str) -> list[tuple]:
@@ -265,11 +278,11 @@ def in_the_scan(cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: s
 
 def pasted_in_the_scan(
     cubes_hu: np.ndarray, replaced: np.ndarray, scans: list, task: str
-) -> tuple[np.ndarray, float | None]:
+) -> tuple[np.ndarray, dict[str, float] | None]:
     """Each cube of ``task``'s sites pasted into its own scan (``scans`` as `held_out_cubes` gives them, in the same
     order as the cubes), replacing the scan by its ``replaced`` weights (`paste_cube`; the pipeline's output gives
     them; no grain drawn, as the pipelines paste), and the 1 mm cube cut again there: what the tampered scan holds,
-    one site at a time; with the median over the sites of the tampered scans' `finest_grain_ratio` (None where no
+    one site at a time; with the medians over the sites of the tampered scans' `finest_grain_at_site` (None where no
     site has the lung to measure it)."""
     sites = task_sites(scans, task)
     if len(sites) != len(cubes_hu) or len(replaced) != len(cubes_hu):
@@ -281,7 +294,7 @@ def pasted_in_the_scan(
     for (case, location), cube_hu, share in zip(sites, cubes_hu, replaced):
         tampered, again = pasted_at_site(case, location, cube_hu, share, grain_rng=None)
         recut.append(again)
-        grain.append(finest_grain_ratio(tampered.hu, case, location))
+        grain.append(finest_grain_at_site(tampered.hu, case, location))
     return np.stack(recut), median_of_found(grain)
 
 
@@ -482,7 +495,7 @@ def measure_draw(
     with ``oracle_hu``, real nodules pasted into the same sites (`oracle_injections`), the paired test against them,
     ``two_sample_vs_oracle``; for a pipeline whose touch-ups are on by default, the seam without them,
     ``seam_ratio_raw``; with the sites' ``scans``, the same figures of the cubes `in_the_scan` and the tampered scans'
-    ``finest_grain_ratio``, `pasted_in_the_scan`), and the seconds the generation took."""
+    ``finest_grain``, `pasted_in_the_scan`), and the seconds the generation took."""
     task = pipe.config.task
     generated, replaced, seconds = generate(pipe, pristine_hu, seed=seed)
     figures = {"seed": seed, **summarize(generated, task, hu_range, pristine_hu)}
@@ -499,7 +512,7 @@ def measure_draw(
         figures["in_the_scan"] = {
             **summarize(recut, task, hu_range, pristine_hu),
             "two_sample_accuracy": two_sample_accuracy(recut, real_hu, seed=0)["accuracy"],
-            "finest_grain_ratio": grain,
+            "finest_grain": grain,
         }
     return generated, figures, seconds
 
@@ -655,8 +668,8 @@ def oracle_removals(sites_hu: np.ndarray, real_lung_hu: np.ndarray, seed: int) -
 def spectral_peak_oracle(sites_hu: np.ndarray, real_lung_hu: np.ndarray, scans: list, draws: int) -> dict | None:
     """`spectral_peak_ratio` of `oracle_removals` at the removal sites ``sites_hu``, in the cube and in the scan
     (`in_the_scan`; ``scans`` as `held_out_cubes` gives them), the mean of ``draws`` draws (seeds 0, 1, ...: other
-    real lung per site): what a remover whose fill is real lung scores; with the median over the draws of the
-    tampered scans' `finest_grain_ratio`. The pristine cube is the reference in the
+    real lung per site): what a remover whose fill is real lung scores; with the medians over the draws of the
+    tampered scans' `finest_grain_at_site`. The pristine cube is the reference in the
     cube; in the scan it was never pasted, while a fill replaces the scan over the feather, resampled onto the scan's
     slices, and is cut again. None without sites or real lung."""
     if not len(sites_hu) or not len(real_lung_hu):
@@ -672,7 +685,7 @@ def spectral_peak_oracle(sites_hu: np.ndarray, real_lung_hu: np.ndarray, scans: 
     return {
         **mean_and_range("cube", peaks["cube"], 2),
         **mean_and_range("in_the_scan", peaks["in_the_scan"], 2),
-        "finest_grain_ratio_in_the_scan": median_of_found(grain),
+        "finest_grain_in_the_scan": median_of_found(grain),
         "draws": draws,
         "real_lung_cubes": len(real_lung_hu),
     }
@@ -782,9 +795,9 @@ def main(argv: list[str] | None = None) -> dict:
         "real_nodule_mean_hu_range": list(hu_range),
         "real_looking_ceiling": ceiling,
         "pristine": {task: summarize(pristine[task], task, hu_range, pristine[task]) for task in TASKS},
-        "pristine_finest_grain_ratio": {
+        "pristine_finest_grain": {
             task: median_of_found(
-                [finest_grain_ratio(case.volume.hu, case, location) for case, location in task_sites(scans, task)]
+                [finest_grain_at_site(case.volume.hu, case, location) for case, location in task_sites(scans, task)]
             )
             for task in TASKS
         },
@@ -804,7 +817,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     references = (
         "pristine",
-        "pristine_finest_grain_ratio",
+        "pristine_finest_grain",
         "two_sample_control",
         "two_sample_oracle",
         "two_sample_oracle_control",

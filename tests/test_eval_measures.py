@@ -355,7 +355,7 @@ def test_oracle_removals_feather_real_lung_into_the_holes_and_measure_their_peak
         "cube_range": sorted(cube),
         "in_the_scan": round(float(np.mean(scan)), 2),
         "in_the_scan_range": sorted(scan),
-        "finest_grain_ratio_in_the_scan": eval_demo.median_of_found(list(grain)),
+        "finest_grain_in_the_scan": eval_demo.median_of_found(list(grain)),
         "draws": 2,
         "real_lung_cubes": 5,
     }
@@ -461,7 +461,7 @@ def test_paste_check_measures_exact_fills_in_the_cube_and_by_each_rule_in_the_sc
     filled = _slice_striped(sites, [0.3] * len(sites))
     peaks = paste_check.exact_fill_peaks(filled, np.broadcast_to(hole_feather(), filled.shape), scans, "remove")
     rules = ("change_added", "replaced", "replaced_with_grain")
-    assert set(peaks) == {"cube", *(f"in_the_scan_{rule}" for rule in rules), "finest_grain_ratio"}
+    assert set(peaks) == {"cube", *(f"in_the_scan_{rule}" for rule in rules), "finest_grain"}
     assert peaks["cube"] > 10_000
     assert max(peaks[f"in_the_scan_{rule}"] for rule in rules) < peaks["cube"] / 100
 
@@ -478,6 +478,8 @@ def test_paste_check_finds_the_grain_a_replaced_region_loses_on_fine_pixels():
     figures = paste_check.exact_fill_peaks(
         site[None], hole_mask()[None].astype(np.float32), [(case, {"remove": [location]})], "remove"
     )
-    grain = figures["finest_grain_ratio"]
+    grain = {rule: site["ratio"] for rule, site in figures["finest_grain"].items()}
     assert 0.9 < grain["pristine"] < 1.1 and 0.9 < grain["change_added"] < 1.1
     assert grain["replaced"] < 0.6 and 0.8 < grain["replaced_with_grain"] < 1.2
+    texture = figures["finest_grain"]["replaced_with_grain"]  # the scan's texture, here white noise's
+    assert abs(texture["in_plane"] - figures["finest_grain"]["pristine"]["in_plane"]) < 0.15

@@ -3,17 +3,21 @@ import re
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from m3d.data.ct import CTVolume
 from m3d.data.lungs import segment_lungs
 from m3d.tamper.cube import (
     CUBE_SIZE,
     HOLE_SIZE,
+    IN_PLANE,
+    THROUGH_PLANE,
     TamperLocationError,
     extract_cube,
     finest_grain,
     hole_mask,
     hu_to_unit,
+    neighbour_correlation,
     paste_cube,
     unit_to_hu,
 )
@@ -143,6 +147,51 @@ def test_a_replaced_region_gets_the_scans_finest_grain_back():
     assert abs(pasted(0)[core].mean() + 850) < 2
     np.testing.assert_array_equal(pasted(0), pasted(0))
     assert not np.array_equal(pasted(0), pasted(1))
+
+
+def test_the_drawn_grain_has_the_scans_texture():
+    """On a scan whose noise is correlated in-plane and across slices (a reconstruction kernel, overlapping
+    slices), the grain drawn into a replaced region has the scan's neighbour correlations, not white noise's."""
+    volume = chest_box()
+    rng = np.random.default_rng(3)
+    textured_noise = ndimage.gaussian_filter(rng.standard_normal(volume.shape), (0.9, 1.0, 1.0))
+    volume = volume.with_hu(np.where(volume.hu < -500, -850 + 40 * textured_noise / textured_noise.std(), volume.hu))
+    cube = extract_cube(volume, lung_center(volume))
+    smooth_fill = np.where(hole_mask(), -850.0, cube.hu).astype(np.float32)
+    tampered = paste_cube(
+        volume, cube, smooth_fill, replaced=hole_mask().astype(np.float32), grain_rng=np.random.default_rng(0)
+    )[0]
+
+    core = np.zeros(volume.shape, bool)
+    core[27:34, 42:55, 21:34] = True  # within 5 mm of the hole's centre (30, 48, 27)
+    other_lung = np.zeros(volume.shape, bool)
+    other_lung[27:34, 42:55, 62:75] = True
+    scan_grain = finest_grain(volume.hu.astype(np.float32))
+    pasted_grain = finest_grain(tampered.hu.astype(np.float32))
+    for axes in (IN_PLANE, THROUGH_PLANE):
+        scan_texture = neighbour_correlation(scan_grain, other_lung, axes)
+        assert scan_texture > 0.3, scan_texture
+        assert abs(neighbour_correlation(pasted_grain, core, axes) - scan_texture) < 0.1, axes
+    assert 0.7 < pasted_grain[core].std() / scan_grain[other_lung].std() < 1.3
+
+
+def test_the_drawn_grain_is_the_scans_noise_not_its_fine_structure():
+    """Bright single voxels in the lung (structure finer than the 1 mm cube, as vessel edges) fill the variance of the
+    scan's finest grain; the paste draws the noise's level beneath them, not theirs."""
+    quiet = chest_box()
+    rng = np.random.default_rng(5)
+    specks = (quiet.hu < -500) & (rng.random(quiet.shape) < 0.03)
+    volume = quiet.with_hu(np.where(specks, quiet.hu + 400, quiet.hu))
+    cube = extract_cube(volume, lung_center(volume))
+    smooth_fill = np.where(hole_mask(), -850.0, cube.hu).astype(np.float32)
+    tampered = paste_cube(
+        volume, cube, smooth_fill, replaced=hole_mask().astype(np.float32), grain_rng=np.random.default_rng(0)
+    )[0]
+    core = (slice(27, 34), slice(42, 55), slice(21, 34))  # within 5 mm of the hole's centre (30, 48, 27)
+    other_lung = (slice(27, 34), slice(42, 55), slice(62, 75))
+    noise_level = finest_grain(quiet.hu.astype(np.float32))[other_lung].std()
+    assert finest_grain(volume.hu.astype(np.float32))[other_lung].std() > 3 * noise_level
+    assert 0.7 < finest_grain(tampered.hu.astype(np.float32))[core].std() / noise_level < 1.3
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,12 @@ the generator kept of the cube goes back as the scan's own voxels (only the chan
 drew anew replaces the scan beneath it, detail finer than the 1 mm cube included: a 1 mm cube holds a scan
 of 0.5-0.98 mm pixels and 1.25-3 mm slices only in part, and adding the change alone would leave the rest
 of the replaced content behind (the sharp outline of a removed nodule, up to hundreds of HU). The replaced
-voxels then lack the scan's grain finer than the cube. Given a random generator, the paste draws it anew: white
-noise with its part the cube could hold taken out, at the level of the scan's own finest grain on the lung
-around the hole. That restores the grain's level, not its texture (a scan's grain is band-limited, this is
-white), and the demo's detectors localized fakes made with it better (README), so the pipelines paste without it.
-Voxels outside the cube are left untouched.
+voxels then lack the scan's noise finer than the cube. Given a random generator, the paste draws it anew: noise
+on the scan's grid with the scan's texture (the neighbour correlations of its finest residual, `finest_grain`,
+in-plane and across slices, on the lung the paste keeps around the hole) and, in each of two in-plane bands finer
+than the cube (`in_plane_bands`), the noise level that the replaced lung lacks against that kept lung. Levels are
+robust (`robust_variance`): the fine structure a 1 mm cube cannot hold (vessel and nodule edges) is not noise,
+and noise of its variance would be a trace of its own. Voxels outside the cube are left untouched.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ BLEND_ZERO_HALF_MM = CUBE_SIZE / 2 - 1.5  # ... falling to zero 1.5 mm inside th
 GRAIN_HIGHPASS_SIGMA_VOXELS = 0.7  # the finest grain: what an in-plane Gaussian of 0.7 scan pixels removes ...
 GRAIN_LUNG_MAX_HU = -600.0  # ... measured on the lung voxels the paste keeps ...
 GRAIN_MIN_VOXELS = 100  # ... where there are at least this many (else no grain is drawn)
+GRAIN_BAND_EDGES_VOXELS = (0.0, 0.7, 1.5)  # in-plane Gaussian blurs (scan pixels) bounding the grain's bands
+GRAIN_BLURS_VOXELS = np.round(np.arange(0.0, 2.01, 0.1), 1)  # blurs tried for its texture, across slices and in-plane
+GRAIN_FIT_ROUNDS = 3  # rounds of fitting the drawn grain's band powers (the bands overlap a little)
 
 
 class TamperLocationError(ValueError):
@@ -161,6 +165,62 @@ def finest_grain(scan_hu: np.ndarray) -> np.ndarray:
     return scan_hu - ndimage.gaussian_filter(scan_hu, (0, GRAIN_HIGHPASS_SIGMA_VOXELS, GRAIN_HIGHPASS_SIGMA_VOXELS))
 
 
+def neighbour_correlation(values: np.ndarray, mask: np.ndarray, axes: tuple[int, ...]) -> float:
+    """The correlation of ``(z, y, x)`` values with their next neighbour along each of ``axes`` (the mean over
+    them), over the pairs of voxels that both lie in ``mask``: the texture of a grain, 0 for white noise."""
+    correlations = []
+    for axis in axes:
+        ahead, behind = [slice(None)] * 3, [slice(None)] * 3
+        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+        pairs = mask[tuple(ahead)] & mask[tuple(behind)]
+        correlations.append(np.corrcoef(values[tuple(ahead)][pairs], values[tuple(behind)][pairs])[0, 1])
+    return float(np.mean(correlations))
+
+
+IN_PLANE, THROUGH_PLANE = (1, 2), (0,)
+
+
+def in_plane_bands(values: np.ndarray) -> list[np.ndarray]:
+    """``(z, y, x)`` values split in-plane into the bands between successive Gaussian blurs of
+    ``GRAIN_BAND_EDGES_VOXELS`` pixels, finest first (the first is `finest_grain`)."""
+    blurred = [
+        ndimage.gaussian_filter(values, (0, sigma, sigma)) if sigma else values for sigma in GRAIN_BAND_EDGES_VOXELS
+    ]
+    return [finer - coarser for finer, coarser in zip(blurred, blurred[1:])]
+
+
+def robust_variance(values: np.ndarray) -> float:
+    """The variance of Gaussian noise with the median absolute deviation of ``values``: the noise's level, which the
+    edges of vessels and of the chest wall in a band do not inflate."""
+    return float((1.4826 * np.median(np.abs(values - np.median(values)))) ** 2)
+
+
+def matched_grain(
+    white: np.ndarray, band_variances: np.ndarray, correlations: dict[tuple[int, ...], float]
+) -> np.ndarray:
+    """Noise with the given variance in each of the `in_plane_bands` whose finest band has the
+    `neighbour_correlation` ``correlations[axes]`` across slices and in-plane: ``white`` noise blurred across
+    slices, then in-plane, by the ``GRAIN_BLURS_VOXELS`` nearest those, split into the bands and each band scaled
+    (refitted ``GRAIN_FIT_ROUNDS`` times, as the bands overlap a little)."""
+    everywhere = np.ones(white.shape, bool)
+    noise = white
+    for axes in (THROUGH_PLANE, IN_PLANE):
+        candidates = [
+            ndimage.gaussian_filter(noise, [sigma if axis in axes else 0.0 for axis in range(3)])
+            for sigma in GRAIN_BLURS_VOXELS
+        ]
+        misses = [
+            abs(neighbour_correlation(finest_grain(c), everywhere, axes) - correlations[axes]) for c in candidates
+        ]
+        noise = candidates[int(np.argmin(misses))]
+    bands = in_plane_bands(noise)
+    gains = np.sqrt(band_variances / np.array([band.var() for band in bands]))
+    for _ in range(GRAIN_FIT_ROUNDS):
+        drawn = np.array([band.var() for band in in_plane_bands(sum(gain * band for gain, band in zip(gains, bands)))])
+        gains = np.where(drawn > 0, gains * np.sqrt(band_variances / np.maximum(drawn, 1e-12)), 0.0)
+    return sum(gain * band for gain, band in zip(gains, bands))
+
+
 def paste_cube(
     volume: CTVolume,
     cube: Cube,
@@ -175,10 +235,11 @@ def paste_cube(
     1 where the generator drew the voxel anew (a generated hole; `m3d.tamper.touch_up.replacement_weight` after
     CT-GAN's touch-ups), 0 where it kept the scan and at most added to it. There the scan ends up as the generated
     cube resampled onto its grid; elsewhere the change is added to the scan's own voxels, so an unchanged cube
-    with ``replaced`` 0 pastes back bit-identical. With ``grain_rng`` the replaced voxels also get grain finer
-    than the cube: white noise less what the cube could hold of it, scaled so that its finest grain (an in-plane
-    high-pass of 0.7 scan pixels) matches the scan's own on the lung that the paste keeps around the hole (none
-    where that lung is under 100 voxels); None leaves them as smooth as the resampled cube. Returns the
+    with ``replaced`` 0 pastes back bit-identical. With ``grain_rng`` the replaced voxels also get the scan's noise
+    finer than the cube (`matched_grain`): in each of the `in_plane_bands`, the `robust_variance` of the scan on the
+    lung that the paste keeps around the hole less that of the replaced lung (all of it where that lung is under
+    100 voxels), in the texture of the kept lung's `finest_grain`; no grain where the kept lung is under 100
+    voxels. None leaves the replaced voxels as smooth as the resampled cube. Returns the
     tampered volume and the boolean ``(z, y, x)`` mask of the voxels that changed. Voxels outside the cube's
     footprint are bit-identical to the input.
     """
@@ -205,16 +266,25 @@ def paste_cube(
     change = on_scan_grid(generated - cube.hu)
     original = volume.hu[region].astype(np.float32)
     finer_than_cube = original - on_scan_grid(cube.hu)  # the scan's content that the 1 mm cube does not hold
-    grain = np.zeros_like(original)
+    smooth = original + weights * (change - share_on_scan * finer_than_cube)
+    pasted = smooth
     if grain_rng is not None:
-        noise = grain_rng.standard_normal(shape).astype(np.float32)
-        noise -= on_scan_grid(sample_grid(noise, region_affine, cube.affine, (CUBE_SIZE,) * 3, order=1))
         kept_lung = (weights > 0.5) & (share_on_scan < 0.01) & (original < GRAIN_LUNG_MAX_HU)
+        replaced_lung = (weights * share_on_scan > 0.5) & (smooth < GRAIN_LUNG_MAX_HU)
         if kept_lung.sum() >= GRAIN_MIN_VOXELS:
-            scan_level = finest_grain(finer_than_cube)[kept_lung].std()
-            grain = noise * scan_level / max(float(finest_grain(noise)[kept_lung].std()), 1e-6)
-    replacement = weights * (change - share_on_scan * (finer_than_cube - grain))
-    blended = np.clip(np.rint(original + replacement), *SCAN_HU_RANGE)
+            lacking = np.array([robust_variance(band[kept_lung]) for band in in_plane_bands(original)])
+            if replaced_lung.sum() >= GRAIN_MIN_VOXELS:  # less what the replaced lung holds already
+                lacking -= np.array([robust_variance(band[replaced_lung]) for band in in_plane_bands(smooth)])
+            noise = matched_grain(
+                grain_rng.standard_normal(shape).astype(np.float32),
+                np.maximum(lacking, 0.0),
+                {
+                    axes: neighbour_correlation(finest_grain(original), kept_lung, axes)
+                    for axes in (THROUGH_PLANE, IN_PLANE)
+                },
+            )
+            pasted = smooth + weights * share_on_scan * noise
+    blended = np.clip(np.rint(pasted), *SCAN_HU_RANGE)
     blended = np.where(weights > 0, blended, original).astype(np.int16)
     tampered = volume.hu.copy()
     tampered[region] = blended
