@@ -247,13 +247,14 @@ def finest_grain_at_site(volume_hu: np.ndarray, case, location: np.ndarray) -> d
     near[:, max(i - core, 0) : i + core, max(j - core, 0) : j + core] = True
     away = np.ones_like(lung)
     away[:, max(i - far, 0) : i + far, max(j - far, 0) : j + far] = False
-    if (lung & near).sum() < GRAIN_MIN_VOXELS or (lung & away).sum() < 10 * GRAIN_MIN_VOXELS:
+    near_lung, far_lung = lung & near, lung & away
+    if near_lung.sum() < GRAIN_MIN_VOXELS or far_lung.sum() < 10 * GRAIN_MIN_VOXELS:
         return None
     return {
-        "ratio": float(fine[lung & near].std() / fine[lung & away].std()),
-        "noise_ratio": float(np.sqrt(robust_variance(fine[lung & near]) / robust_variance(fine[lung & away]))),
-        "in_plane": neighbour_correlation(fine, lung & near, IN_PLANE),
-        "through_plane": neighbour_correlation(fine, lung & near, THROUGH_PLANE),
+        "ratio": float(fine[near_lung].std() / fine[far_lung].std()),
+        "noise_ratio": float(np.sqrt(robust_variance(fine[near_lung]) / robust_variance(fine[far_lung]))),
+        "in_plane": neighbour_correlation(fine, near_lung, IN_PLANE),
+        "through_plane": neighbour_correlation(fine, near_lung, THROUGH_PLANE),
     }
 
 

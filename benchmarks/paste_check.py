@@ -33,9 +33,9 @@ replaced by the feather) and real nodules > 10 mm of ``--ceiling-phantoms`` othe
 (`oracle_injections`, replaced where they change the cube), beside the pristine cubes' (``pristine_peak``): in the
 scan, a generator's peak is to be read against what an exact one gets there. With each, ``finest_grain``
 (`finest_grain_at_site`, medians over the sites): the scan's finest in-plane grain at the site against its grain
-elsewhere (``ratio``) and its texture (``in_plane``, ``through_plane``), pristine and after each rule: a replaced
-region holds only what the 1 mm cube holds, and loses the grain of the scan's finer pixels unless the paste draws it
-anew.
+elsewhere (``ratio``; of its noise alone, ``noise_ratio``) and its texture (``in_plane``, ``through_plane``),
+pristine and after each rule: a replaced region holds only what the 1 mm cube holds, and loses the grain of the
+scan's finer pixels unless the paste draws it anew.
 Results: ``benchmarks/results/paste_check_cpu.json``.
 """
 

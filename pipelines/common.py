@@ -303,7 +303,8 @@ class CubeProcessor:
     ) -> tuple[list[CTVolume], list[np.ndarray]]:
         """``[tampered scan]`` with every cube pasted at its site in turn, replacing the scan by each cube's
         ``replaced`` weights (outside the hole, with ``keep_context``, the scan's own unclipped HU; no grain drawn:
-        `paste_cube`'s white grain is a trace of its own), and ``[mask of the voxels that changed]``."""
+        every grain `paste_cube` has drawn made the fakes easier to localize, README), and ``[mask of the voxels
+        that changed]``."""
         hole = self.hole[0, 0].numpy()
         tampered, changed_any = inputs.volume, np.zeros(inputs.volume.shape, bool)
         for site, generated, share in zip(inputs.sites, cubes[:, 0].numpy(), replaced):

@@ -38,7 +38,7 @@ BLEND_ZERO_HALF_MM = CUBE_SIZE / 2 - 1.5  # ... falling to zero 1.5 mm inside th
 GRAIN_HIGHPASS_SIGMA_VOXELS = 0.7  # the finest grain: what an in-plane Gaussian of 0.7 scan pixels removes ...
 GRAIN_LUNG_MAX_HU = -600.0  # ... measured on the lung voxels the paste keeps ...
 GRAIN_MIN_VOXELS = 100  # ... where there are at least this many (else no grain is drawn)
-GRAIN_BAND_EDGES_VOXELS = (0.0, 0.7, 1.5)  # in-plane Gaussian blurs (scan pixels) bounding the grain's bands
+GRAIN_BAND_EDGES_VOXELS = (0.0, GRAIN_HIGHPASS_SIGMA_VOXELS, 1.5)  # in-plane blurs (pixels) bounding the grain's bands
 GRAIN_BLURS_VOXELS = np.round(np.arange(0.0, 2.01, 0.1), 1)  # blurs tried for its texture, across slices and in-plane
 GRAIN_FIT_ROUNDS = 3  # rounds of fitting the drawn grain's band powers (the bands overlap a little)
 
@@ -272,16 +272,14 @@ def paste_cube(
         kept_lung = (weights > 0.5) & (share_on_scan < 0.01) & (original < GRAIN_LUNG_MAX_HU)
         replaced_lung = (weights * share_on_scan > 0.5) & (smooth < GRAIN_LUNG_MAX_HU)
         if kept_lung.sum() >= GRAIN_MIN_VOXELS:
-            lacking = np.array([robust_variance(band[kept_lung]) for band in in_plane_bands(original)])
+            scan_bands = in_plane_bands(original)  # the first is the scan's finest grain
+            lacking = np.array([robust_variance(band[kept_lung]) for band in scan_bands])
             if replaced_lung.sum() >= GRAIN_MIN_VOXELS:  # less what the replaced lung holds already
                 lacking -= np.array([robust_variance(band[replaced_lung]) for band in in_plane_bands(smooth)])
             noise = matched_grain(
                 grain_rng.standard_normal(shape).astype(np.float32),
                 np.maximum(lacking, 0.0),
-                {
-                    axes: neighbour_correlation(finest_grain(original), kept_lung, axes)
-                    for axes in (THROUGH_PLANE, IN_PLANE)
-                },
+                {axes: neighbour_correlation(scan_bands[0], kept_lung, axes) for axes in (THROUGH_PLANE, IN_PLANE)},
             )
             pasted = smooth + weights * share_on_scan * noise
     blended = np.clip(np.rint(pasted), *SCAN_HU_RANGE)
